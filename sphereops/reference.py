@@ -1,0 +1,321 @@
+"""Unfused pure-PyTorch SphereConv: the float64 oracle, the CPU path and the executable spec.
+
+Everything here works in any floating dtype; low-precision inputs are computed in float32 and the
+outputs cast back, float64 stays float64. Arguments arrive already normalised by the functional
+layer (see docs/ARCHITECTURE.md): ``stride``/``padding``/``dilation`` are 2-tuples of ints,
+``k`` is ``None`` or a ``[C_out]`` tensor, ``operator`` is one of :data:`OPERATORS`.
+
+Forward (DESIGN §1)::
+
+    s = conv2d(x, w)            q = boxsum(sum_{c in group} x^2)       r_x = sqrt(q + eps)
+    r_w = sqrt(||w_o||^2 + eps)  c = clamp(s / (r_x r_w), -1, 1)        y = g(arccos c) + b
+
+Three implementations share the same arithmetic:
+
+* :func:`conv2d_forward` / :func:`conv2d_backward` -- closed form, the CPU path and the
+  specification the Triton kernels must match (saved state: ``c`` in the input dtype and ``r_x``
+  in fp32, exactly what the kernels save);
+* :func:`conv2d_autograd` -- the same forward written with differentiable PyTorch primitives, so
+  ``torch.autograd`` derives the gradients independently (the float64 gradient oracle);
+* the ``linear_*`` twins, where a patch is one row of the input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+OPERATORS = ("linear", "cosine", "sigmoid")
+DEFAULT_EPS = 1e-4
+# dtheta/dc = -1/sqrt(1 - c^2) is unbounded at |c| = 1 (a patch parallel to its filter). We use
+# -1/sqrt(max(1 - c^2, ARCCOS_DELTA)): |dtheta/dc| <= 1000. 1e-6 sits above float32's resolution of
+# 1 - c^2 near |c| = 1 (~1.2e-7) so fp32 and fp64 paths agree on which points are bounded, and it
+# only touches angles below ~1e-3 rad (0.06 degrees). Kernels read this constant, never a copy.
+ARCCOS_DELTA = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Angular functions g(theta) and their derivatives (the PyTorch twin of kernels/angular.py).
+# ---------------------------------------------------------------------------------------------
+
+def _k_view(k: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+    shape = [1] * like.dim()
+    shape[channel_dim] = -1
+    return k.to(like.dtype).reshape(shape)
+
+
+def g_of_c(c: Tensor, operator: str, k: Optional[Tensor] = None) -> Tensor:
+    """g(arccos c) for clamped cosines ``c``; ``k`` already broadcastable to ``c`` (sigmoid)."""
+    if operator == "cosine":
+        return c
+    theta = torch.acos(c)
+    if operator == "linear":
+        return 1.0 - theta * (2.0 / math.pi)
+    a = math.pi / (4.0 * k)
+    b = (math.pi / 2.0 - theta) / (2.0 * k)
+    return torch.tanh(b) / torch.tanh(a)
+
+
+def dtheta_dc(c: Tensor) -> Tensor:
+    """The bounded arccos derivative: ``-1/sqrt(max(1 - c^2, ARCCOS_DELTA))``."""
+    return -torch.rsqrt(torch.clamp(1.0 - c * c, min=ARCCOS_DELTA))
+
+
+def dg_dtheta(c: Tensor, operator: str, k: Optional[Tensor] = None) -> Tensor:
+    if operator == "linear":
+        return torch.full_like(c, -2.0 / math.pi)
+    if operator == "cosine":
+        return -torch.sqrt(torch.clamp(1.0 - c * c, min=0.0))
+    theta = torch.acos(c)
+    a = math.pi / (4.0 * k)
+    b = (math.pi / 2.0 - theta) / (2.0 * k)
+    sech2_b = 1.0 - torch.tanh(b) ** 2
+    return -sech2_b / (torch.tanh(a) * 2.0 * k)
+
+
+def dg_dc(c: Tensor, operator: str, k: Optional[Tensor] = None) -> Tensor:
+    """dg/dc = g'(theta) * dtheta/dc with the bounded arccos rule; exactly 1 for cosine."""
+    if operator == "cosine":
+        return torch.ones_like(c)
+    return dg_dtheta(c, operator, k) * dtheta_dc(c)
+
+
+def dg_dk(c: Tensor, k: Tensor) -> Tensor:
+    """d g_sigmoid / dk at fixed theta (DESIGN §1):
+    ``(A csch^2(A) tanh(B) - B coth(A) sech^2(B)) / k`` with ``A = pi/4k``, ``B = (pi/2-theta)/2k``."""
+    theta = torch.acos(c)
+    a = math.pi / (4.0 * k)
+    b = (math.pi / 2.0 - theta) / (2.0 * k)
+    tanh_a, tanh_b = torch.tanh(a), torch.tanh(b)
+    csch2_a = 1.0 / torch.sinh(a) ** 2
+    sech2_b = 1.0 - tanh_b * tanh_b
+    return (a * csch2_a * tanh_b - b * sech2_b / tanh_a) / k
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------------------------
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _ones_box(groups: int, kh: int, kw: int, like: Tensor) -> Tensor:
+    return torch.ones(groups, 1, kh, kw, dtype=like.dtype, device=like.device)
+
+
+def _group_square_sum(x: Tensor, groups: int) -> Tensor:
+    n, cin, h, w = x.shape
+    return (x * x).reshape(n, groups, cin // groups, h, w).sum(dim=2)
+
+
+def patch_norms(x: Tensor, groups: int, kh: int, kw: int, stride, padding, dilation, eps: float) -> Tensor:
+    """r_x [N, G, Ho, Wo] = sqrt(box-sum of the group's channel-summed squares + eps).
+
+    The cheap way: one pass for sum_c x^2 per group, then a ones box filter (grouped conv) --
+    never an unfold."""
+    q = F.conv2d(_group_square_sum(x, groups), _ones_box(groups, kh, kw, x), None,
+                 stride, padding, dilation, groups)
+    return torch.sqrt(q + eps)
+
+
+def filter_norms(w: Tensor, eps: float) -> Tensor:
+    """r_w [C_out] = sqrt(||w_o||^2 + eps)."""
+    return torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(dim=1) + eps)
+
+
+def _divide_by_norms(s: Tensor, r_x: Tensor, r_w: Tensor, groups: int) -> Tensor:
+    """c = s / (r_x r_w) with r_x per (pixel, group) broadcast over the group's channels."""
+    n, cout, ho, wo = s.shape
+    s5 = s.reshape(n, groups, cout // groups, ho, wo)
+    c = s5 / (r_x.unsqueeze(2) * r_w.reshape(1, groups, cout // groups, 1, 1))
+    return c.reshape(n, cout, ho, wo)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
+                   stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
+                   groups: int, operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Closed-form forward. Returns ``(y, c, r_x)`` (see docs/ARCHITECTURE.md for the saved state)."""
+    out_dtype, fmt = x.dtype, _memory_format(x)
+    cd = compute_dtype(x.dtype)
+    xc, wc = x.to(cd), w.to(cd)
+    kh, kw = w.shape[2], w.shape[3]
+    s = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
+    r_x = patch_norms(xc, groups, kh, kw, stride, padding, dilation, eps)
+    r_w = filter_norms(wc, eps)
+    c = torch.clamp(_divide_by_norms(s, r_x, r_w, groups), -1.0, 1.0)
+    kk = _k_view(k, c, 1) if k is not None else None
+    y = g_of_c(c, operator, kk)
+    if bias is not None:
+        y = y + bias.to(cd).reshape(1, -1, 1, 1)
+    y = y.to(out_dtype).contiguous(memory_format=fmt)
+    c = c.to(out_dtype).contiguous(memory_format=fmt)
+    return y, c, r_x.contiguous()
+
+
+def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
+                    stride, padding, dilation, groups: int, operator: str, eps: float,
+                    output_mask: Sequence[bool] = (True, True, True, True)):
+    """Closed-form backward (DESIGN §1). Returns ``(dx, dw, db, dk)``; unrequested ones are None.
+
+    ``G = dy * dg/dc``, ``H = G / (r_x r_w)``, ``A = sum_{o in group} G c / r_x^2``,
+    ``S_o = sum G c``; ``dx = dgrad(H) - x * boxsum^T(A)``, ``dw = wgrad(H) - w S / r_w^2``."""
+    need_dx, need_dw, need_db, need_dk = output_mask
+    cd = compute_dtype(x.dtype)
+    dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
+    r_x = r_x.to(cd)
+    n, cout, ho, wo = dy.shape
+    kh, kw = w.shape[2], w.shape[3]
+    kk = _k_view(k, cc, 1) if k is not None else None
+    db = dyc.sum(dim=(0, 2, 3)).to(w.dtype) if need_db else None
+    dk = None
+    if need_dk and operator == "sigmoid":
+        dk = (dyc * dg_dk(cc, kk)).sum(dim=(0, 2, 3)).to(k.dtype)
+    dx = dw = None
+    if need_dx or need_dw:
+        r_w = filter_norms(wc, eps)
+        grad_c = dyc * dg_dc(cc, operator, kk)
+        h = _divide_by_norms(grad_c, r_x, r_w, groups)
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            h, xc, wc, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_dx, need_dw, False])
+        gc = grad_c * cc
+        if need_dx:
+            a = gc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2) / (r_x * r_x)
+            box_t, _, _ = torch.ops.aten.convolution_backward(
+                a, xc[:, :groups], _ones_box(groups, kh, kw, xc), None, list(stride),
+                list(padding), list(dilation), False, [0, 0], groups, [True, False, False])
+            nb, cin, hh, ww = xc.shape
+            dx = dx - (xc.reshape(nb, groups, cin // groups, hh, ww) * box_t.unsqueeze(2)).reshape(xc.shape)
+            dx = dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+        if need_dw:
+            s_o = gc.sum(dim=(0, 2, 3))
+            dw = (dw - wc * (s_o / (r_w * r_w)).reshape(-1, 1, 1, 1)).to(w.dtype)
+    return dx, dw, db, dk
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-autograd versions (the gradient oracle): every step a differentiable PyTorch primitive.
+# ---------------------------------------------------------------------------------------------
+
+class _BoundedArccos(torch.autograd.Function):
+    """theta = arccos(clamp(c, -1, 1)) with the bounded derivative -1/sqrt(max(1-c^2, DELTA))."""
+
+    @staticmethod
+    def forward(ctx, c):
+        cl = torch.clamp(c, -1.0, 1.0)
+        ctx.save_for_backward(cl)
+        return torch.acos(cl)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cl,) = ctx.saved_tensors
+        return grad * dtheta_dc(cl)
+
+
+class _UnitClampStraightThrough(torch.autograd.Function):
+    """clamp(c, -1, 1) whose gradient is the identity (cosine: dL/dc = dy exactly)."""
+
+    @staticmethod
+    def forward(ctx, c):
+        return torch.clamp(c, -1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _g_autograd(c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
+    if operator == "cosine":
+        return _UnitClampStraightThrough.apply(c)
+    theta = _BoundedArccos.apply(c)
+    if operator == "linear":
+        return 1.0 - theta * (2.0 / math.pi)
+    a = math.pi / (4.0 * k)
+    b = (math.pi / 2.0 - theta) / (2.0 * k)
+    return torch.tanh(b) / torch.tanh(a)
+
+
+def conv2d_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
+                    stride, padding, dilation, groups: int, operator: str, eps: float) -> Tensor:
+    """SphereConv2d through differentiable primitives; autograd gives the reference gradients.
+
+    Uses an independent patch norm (unfold) so that it also cross-checks the box-filter path."""
+    kh, kw = w.shape[2], w.shape[3]
+    n, cin = x.shape[0], x.shape[1]
+    s = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    ho, wo = s.shape[2], s.shape[3]
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    q = cols.reshape(n, groups, (cin // groups) * kh * kw, ho * wo).pow(2).sum(dim=2)
+    r_x = torch.sqrt(q + eps).reshape(n, groups, ho, wo)
+    r_w = torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(dim=1) + eps)
+    c = _divide_by_norms(s, r_x, r_w, groups)
+    y = _g_autograd(c, operator, _k_view(k, c, 1) if k is not None else None)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: a patch is one row of x [M, in]; r_x is [M].
+# ---------------------------------------------------------------------------------------------
+
+def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
+                   operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    cd = compute_dtype(x.dtype)
+    xc, wc = x.to(cd), w.to(cd)
+    r_x = torch.sqrt(xc.pow(2).sum(dim=1) + eps)
+    r_w = filter_norms(wc, eps)
+    c = torch.clamp((xc @ wc.t()) / (r_x[:, None] * r_w[None, :]), -1.0, 1.0)
+    y = g_of_c(c, operator, _k_view(k, c, 1) if k is not None else None)
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype), c.to(x.dtype), r_x
+
+
+def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
+                    operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True)):
+    need_dx, need_dw, need_db, need_dk = output_mask
+    cd = compute_dtype(x.dtype)
+    dyc, xc, wc, cc, r_x = dy.to(cd), x.to(cd), w.to(cd), c.to(cd), r_x.to(cd)
+    kk = _k_view(k, cc, 1) if k is not None else None
+    db = dyc.sum(dim=0).to(w.dtype) if need_db else None
+    dk = (dyc * dg_dk(cc, kk)).sum(dim=0).to(k.dtype) if (need_dk and operator == "sigmoid") else None
+    dx = dw = None
+    if need_dx or need_dw:
+        r_w = filter_norms(wc, eps)
+        grad_c = dyc * dg_dc(cc, operator, kk)
+        h = grad_c / (r_x[:, None] * r_w[None, :])
+        gc = grad_c * cc
+        if need_dx:
+            a = gc.sum(dim=1) / (r_x * r_x)
+            dx = (h @ wc - xc * a[:, None]).to(x.dtype)
+        if need_dw:
+            dw = (h.t() @ xc - wc * (gc.sum(dim=0) / (r_w * r_w))[:, None]).to(w.dtype)
+    return dx, dw, db, dk
+
+
+def linear_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
+                    operator: str, eps: float) -> Tensor:
+    r_x = torch.sqrt(x.pow(2).sum(dim=1) + eps)
+    r_w = torch.sqrt(w.pow(2).sum(dim=1) + eps)
+    c = (x @ w.t()) / (r_x[:, None] * r_w[None, :])
+    y = _g_autograd(c, operator, _k_view(k, c, 1) if k is not None else None)
+    if bias is not None:
+        y = y + bias
+    return y
