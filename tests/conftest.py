@@ -1,0 +1,32 @@
+"""Test configuration.
+
+Without CUDA the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
+triton decorates the kernels, i.e. before ``sphereops_kernels`` is first imported, hence here.
+With CUDA (``make gpu-check``) the variable is left alone so the real compiler is tested.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The same floating-point contraction on every triton version.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run by `make gpu-check`)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """A different seed each run (fresh random inputs), printed on failure for reproduction."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed

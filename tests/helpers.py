@@ -1,0 +1,147 @@
+"""Input builders and comparison helpers shared by the tests and the benchmark suite.
+
+What the benchmark times is built by the same functions the tests check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from sphereops import reference as R
+
+# (dtype, rtol on the relative norm error, atol added to the max-abs bound) per dtype. The
+# low-precision bounds are loose on purpose: the main check is `assert_close_to_reference`,
+# which compares with how far the same-dtype rounding of the float64 answer already is.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (4e-3, 4e-3),
+}
+
+@dataclass
+class ConvInputs:
+    x: torch.Tensor
+    w: torch.Tensor
+    bias: Optional[torch.Tensor]
+    k: Optional[torch.Tensor]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    operator: str
+
+    def args(self):
+        """Positional arguments of the ``conv2d_forward`` contract (without eps)."""
+        return (self.x, self.w, self.bias, self.k, self.stride, self.padding, self.dilation,
+                self.groups, self.operator)
+
+    def to(self, dtype=None, device=None):
+        def cv(t):
+            if t is None:
+                return None
+            fmt = torch.channels_last if _is_channels_last(t) else torch.contiguous_format
+            return t.to(dtype=dtype, device=device).contiguous(memory_format=fmt)
+        return ConvInputs(cv(self.x), cv(self.w), cv(self.bias), cv(self.k), self.stride,
+                          self.padding, self.dilation, self.groups, self.operator)
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+def make_conv_inputs(n=2, c_in=8, h=9, w=9, c_out=16, kernel=3, stride=1, padding=1, dilation=1,
+                     groups=1, operator="cosine", bias=True, per_channel_k=True,
+                     dtype=torch.float32, device="cpu", channels_last=False, scale=1.0,
+                     generator: Optional[torch.Generator] = None) -> ConvInputs:
+    """Fresh random SphereConv2d inputs (never zeros). ``k`` in [0.2, 0.8] for sigmoid."""
+    kh, kw = _pair(kernel)
+    x = torch.randn(n, c_in, h, w, generator=generator, dtype=torch.float64) * scale
+    wt = torch.randn(c_out, c_in // groups, kh, kw, generator=generator, dtype=torch.float64)
+    b = torch.randn(c_out, generator=generator, dtype=torch.float64) * 0.1 if bias else None
+    k = None
+    if operator == "sigmoid":
+        k = (0.2 + 0.6 * torch.rand(c_out, generator=generator, dtype=torch.float64)
+             if per_channel_k else torch.full((c_out,), 0.3, dtype=torch.float64))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(dtype=dtype, device=device).contiguous(memory_format=fmt)
+    wt = wt.to(dtype=dtype, device=device)
+    b = b.to(dtype=dtype, device=device) if b is not None else None
+    k = k.to(dtype=dtype, device=device) if k is not None else None
+    return ConvInputs(x, wt, b, k, _pair(stride), _pair(padding), _pair(dilation), groups, operator)
+
+def make_near_parallel_conv_inputs(noise=1e-4, **kw) -> ConvInputs:
+    """Filters copied from input patches (plus tiny noise): c -> 1 at those pixels."""
+    inp = make_conv_inputs(**kw)
+    x64 = inp.x.double()
+    kh, kw_ = inp.w.shape[2], inp.w.shape[3]
+    cg = inp.w.shape[1]
+    w = inp.w.double().clone()
+    hp, wp = x64.shape[2] - (kh - 1) * inp.dilation[0], x64.shape[3] - (kw_ - 1) * inp.dilation[1]
+    for o in range(w.shape[0]):
+        g = o // (w.shape[0] // inp.groups)
+        i, j = o % max(hp, 1), (3 * o) % max(wp, 1)
+        patch = x64[0, g * cg:(g + 1) * cg, i:i + (kh - 1) * inp.dilation[0] + 1:inp.dilation[0],
+                    j:j + (kw_ - 1) * inp.dilation[1] + 1:inp.dilation[1]]
+        w[o] = patch * (1.0 + 0.5 * o) + noise * torch.randn_like(patch)
+    inp.w = w.to(inp.w.dtype)
+    return inp
+
+def make_linear_inputs(m=16, in_features=32, out_features=24, operator="cosine", bias=True,
+                       per_channel_k=True, dtype=torch.float32, device="cpu", scale=1.0,
+                       generator: Optional[torch.Generator] = None):
+    """Fresh random SphereLinear inputs ``(x [m, in], w [out, in], bias, k)``."""
+    x = torch.randn(m, in_features, generator=generator, dtype=torch.float64) * scale
+    w = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
+    b = torch.randn(out_features, generator=generator, dtype=torch.float64) * 0.1 if bias else None
+    k = None
+    if operator == "sigmoid":
+        k = (0.2 + 0.6 * torch.rand(out_features, generator=generator, dtype=torch.float64)
+             if per_channel_k else torch.full((out_features,), 0.3, dtype=torch.float64))
+    cv = (lambda t: t.to(dtype=dtype, device=device) if t is not None else None)
+    return cv(x), cv(w), cv(b), cv(k)
+
+def _describe_mismatch(out: torch.Tensor, ref: torch.Tensor, bad: torch.Tensor) -> str:
+    n_bad = int(bad.sum())
+    idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if n_bad else None
+    nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
+    msg = f"{n_bad}/{out.numel()} elements mismatch"
+    if idx is not None:
+        msg += f"; first at {idx}: out={out[idx].item()!r} ref={ref[idx].item()!r}"
+    if bool((nan_out != nan_ref).any()):
+        msg += (f"; NaN on one side only: out has {int((nan_out & ~nan_ref).sum())}, "
+                f"ref has {int((nan_ref & ~nan_out).sum())}")
+    return msg
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float, name: str = "output"):
+    """``max|out-ref| <= atol + rtol*max|ref|`` and relative-norm error <= rtol; NaN where ref is NaN.
+
+    ``ref`` is normally the float64 reference; ``out`` is compared in float64."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    nan_o, nan_r = torch.isnan(o), torch.isnan(r)
+    assert torch.equal(nan_o, nan_r), f"{name}: NaN pattern differs: " + _describe_mismatch(o, r, nan_o != nan_r)
+    o, r = torch.where(nan_r, 0.0, o), torch.where(nan_r, 0.0, r)
+    assert bool(torch.isfinite(o).all() == torch.isfinite(r).all()), f"{name}: Inf pattern differs"
+    scale = r.abs().max().item() if r.numel() else 0.0
+    bound = atol + rtol * scale
+    bad = (o - r).abs() > bound
+    assert not bool(bad.any()), f"{name}: max-abs bound {bound:.3g} exceeded: " + _describe_mismatch(o, r, bad)
+    if r.numel():
+        rel = ((o - r).norm() / r.norm().clamp_min(1e-300)).item()
+        assert rel <= max(rtol, 1e-12) or r.norm().item() < atol, f"{name}: relative norm error {rel:.3g} > {rtol:.3g}"
+
+def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor,
+                              atol: float, name: str = "output"):
+    """STYLE's adaptive bound for low precision:
+    ``max|out - ref64| <= 2 * max|ref_same_dtype - ref64| + atol`` (and the same NaN pattern)."""
+    o, r, s = (t.detach().double().cpu() for t in (out, ref64, ref_same_dtype))
+    nan_o, nan_r = torch.isnan(o), torch.isnan(r)
+    assert torch.equal(nan_o, nan_r), f"{name}: NaN pattern differs: " + _describe_mismatch(o, r, nan_o != nan_r)
+    o, r, s = (torch.where(nan_r, 0.0, t) for t in (o, r, s))
+    bound = 2.0 * (s - r).abs().max().item() + atol if r.numel() else atol
+    bad = (o - r).abs() > bound
+    assert not bool(bad.any()), f"{name}: bound {bound:.3g} exceeded: " + _describe_mismatch(o, r, bad)
