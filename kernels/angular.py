@@ -1,0 +1,179 @@
+"""Shared ``@triton.jit`` device functions for the angular part of SphereConv / SphereLinear.
+
+Every kernel (conv forward, conv backward, linear) computes the cosine ``c`` of the angle
+between a patch and a filter in fp32 and then needs ``g(theta)``, ``dg/dc`` and (learnable
+sigmoid) ``dg/dk``, with ``theta = arccos(clamp(c, -1, 1))``.  This file is the single Triton
+copy of that math; ``sphereops.reference`` holds the PyTorch copy and the tests hold them to
+each other.
+
+Operators are selected by a ``tl.constexpr`` int so that the unused branches compile away:
+
+    OPERATOR_CODES = {"linear": 0, "cosine": 1, "sigmoid": 2}
+
+    linear   g = 1 - 2 theta / pi
+    cosine   g = cos(theta) = c            (no arccos at all)
+    sigmoid  g = coth(A) * tanh(B),  A = pi / (4k),  B = (pi/2 - theta) / (2k)
+
+All functions take and return fp32 blocks (callers upcast before calling).  Only core ``tl``
+operations are used (no libdevice): the Triton CPU interpreter cannot run libdevice, and the
+same code must compile unchanged for the GPU.
+
+NaN rule: a NaN cosine gives a NaN result from every function here.  Clamping is written with
+``tl.where`` on ordered comparisons (false for NaN), never with ``tl.minimum``/``tl.maximum``,
+whose default NaN handling returns the non-NaN operand on the GPU.
+"""
+
+import triton
+import triton.language as tl
+
+OPERATOR_CODES = {"linear": 0, "cosine": 1, "sigmoid": 2}
+"""Operator name -> value of the ``OPERATOR`` constexpr taken by the device functions."""
+
+_PI = tl.constexpr(3.141592653589793)
+_HALF_PI = tl.constexpr(1.5707963267948966)
+_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+_QUARTER_PI = tl.constexpr(0.7853981633974483)
+
+# Below this |x| tanh is evaluated by its Taylor series: the exp form 1 - e^{-2|x|} loses
+# relative precision by cancellation for small |x|; the 7th-order series has a relative
+# truncation error < 62/2835 * x^8 ~ 1.3e-9 at |x| = 0.125.
+_TANH_SERIES_LIMIT = tl.constexpr(0.125)
+
+
+@triton.jit
+def clamp_cos(c):
+    """Clamp a cosine to [-1, 1], leaving NaN as NaN (ordered comparisons are false for NaN)."""
+    c = tl.where(c > 1.0, 1.0, c)
+    c = tl.where(c < -1.0, -1.0, c)
+    return c
+
+
+@triton.jit
+def acos_f32(c):
+    """arccos of an fp32 block with core tl ops only; max error 4.2e-7 rad (< 2 ulp) over [-1, 1].
+
+    For a = |c| the classic minimax form acos(a) = sqrt(1 - a) * P7(a) (Abramowitz & Stegun
+    4.4.46, truncation error <= 2e-8) carries the sqrt singularity at a = 1 exactly, so it stays
+    accurate where the angle is small; negative inputs use the reflection acos(-a) = pi - acos(a).
+    Inputs outside [-1, 1] give NaN (sqrt of a negative number); NaN gives NaN.
+    """
+    a = tl.abs(c)
+    p = -0.0012624911
+    p = p * a + 0.0066700901
+    p = p * a - 0.0170881256
+    p = p * a + 0.0308918810
+    p = p * a - 0.0501743046
+    p = p * a + 0.0889789874
+    p = p * a - 0.2145988016
+    p = p * a + 1.5707963050
+    r = tl.sqrt(1.0 - a) * p
+    return tl.where(c < 0.0, _PI - r, r)
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh(x) in fp32 without overflow for any |x| and with full relative precision near 0.
+
+    Uses e = exp(-2|x|) in (0, 1] (never overflows): tanh|x| = (1 - e) / (1 + e), sign restored
+    after; small |x| takes the odd Taylor series instead to avoid the cancellation in 1 - e.
+    """
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    t_exp = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    t_series = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
+                                                             - x2 * 0.05396825396825397)))
+    t = tl.where(ax < _TANH_SERIES_LIMIT, t_series, t_exp)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def coth_f32(x):
+    """coth(x) = 1 / tanh(x) (x != 0), accurate for small and large |x| through tanh_f32."""
+    return 1.0 / tanh_f32(x)
+
+
+@triton.jit
+def sech2_f32(x):
+    """sech^2(x) = 4 e / (1 + e)^2 with e = exp(-2|x|): no overflow, and no cancellation for
+    large |x| (where the form 1 - tanh^2 would lose every digit)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    d = 1.0 + e
+    return 4.0 * e / (d * d)
+
+
+@triton.jit
+def csch2_f32(x):
+    """csch^2(x) = sech^2(x) / tanh^2(x) (x != 0): both factors are stable, whereas
+    coth^2 - 1 cancels for large |x| and 4e/(1-e)^2 cancels for small |x|."""
+    t = tanh_f32(x)
+    return sech2_f32(x) / (t * t)
+
+
+@triton.jit
+def g_of_c(c, k, OPERATOR: tl.constexpr):
+    """g(theta) for theta = arccos(clamp(c, -1, 1)).
+
+    c: fp32 block of cosines (clamped here, NaN kept).
+    k: fp32 sigmoid steepness, a scalar or a block broadcastable against c; ignored unless
+       OPERATOR == 2 (callers may pass any dummy value then).
+    OPERATOR: constexpr int, 0 linear, 1 cosine, 2 sigmoid (see OPERATOR_CODES).
+    """
+    c = clamp_cos(c)
+    if OPERATOR == 0:
+        g = 1.0 - _TWO_OVER_PI * acos_f32(c)
+    elif OPERATOR == 1:
+        g = c
+    else:
+        theta = acos_f32(c)
+        a = _QUARTER_PI / k
+        b = (_HALF_PI - theta) / (2.0 * k)
+        g = coth_f32(a) * tanh_f32(b)
+    return g
+
+
+@triton.jit
+def dg_dc(c, k, OPERATOR: tl.constexpr, DELTA: tl.constexpr):
+    """dg/dc = g'(theta) * dtheta/dc with the bounded dtheta/dc = -1 / sqrt(max(1 - c^2, DELTA)).
+
+    c: fp32 block of cosines (clamped to [-1, 1] here, NaN kept).
+    k: fp32 sigmoid steepness (scalar or block broadcastable against c), ignored unless sigmoid.
+    OPERATOR: constexpr int, 0 linear, 1 cosine, 2 sigmoid.
+    DELTA: constexpr float, ``sphereops.reference.ARCCOS_DELTA`` passed in by the launcher.
+
+    Cosine returns exactly 1 (straight-through clamp: dL/dc = dy).  1 - c^2 is formed as
+    (1 - c)(1 + c), which keeps its relative precision for |c| near 1.
+    """
+    c = clamp_cos(c)
+    if OPERATOR == 1:
+        d = tl.zeros_like(c) + 1.0
+    else:
+        one_minus_c2 = (1.0 - c) * (1.0 + c)
+        # max(., DELTA) written with where so that a NaN c stays NaN
+        inv_sin = 1.0 / tl.sqrt(tl.where(one_minus_c2 < DELTA, DELTA, one_minus_c2))
+        if OPERATOR == 0:
+            # g' = -2/pi, dtheta/dc = -inv_sin
+            d = _TWO_OVER_PI * inv_sin
+        else:
+            theta = acos_f32(c)
+            a = _QUARTER_PI / k
+            b = (_HALF_PI - theta) / (2.0 * k)
+            # g' = -coth(A) sech^2(B) / (2k), dtheta/dc = -inv_sin
+            d = coth_f32(a) * sech2_f32(b) / (2.0 * k) * inv_sin
+    return d
+
+
+@triton.jit
+def dg_dk(c, k):
+    """dg/dk of the sigmoid operator at theta = arccos(clamp(c, -1, 1)):
+
+        A = pi/(4k), B = (pi/2 - theta)/(2k),
+        dg/dk = (A csch^2(A) tanh(B) - B coth(A) sech^2(B)) / k
+
+    c: fp32 block of cosines; k: fp32 steepness (scalar or block broadcastable against c), > 0.
+    """
+    c = clamp_cos(c)
+    theta = acos_f32(c)
+    a = _QUARTER_PI / k
+    b = (_HALF_PI - theta) / (2.0 * k)
+    return (a * csch2_f32(a) * tanh_f32(b) - b * coth_f32(a) * sech2_f32(b)) / k
