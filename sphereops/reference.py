@@ -165,6 +165,8 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
         y = y + bias.to(cd).reshape(1, -1, 1, 1)
     y = y.to(out_dtype).contiguous(memory_format=fmt)
     c = c.to(out_dtype).contiguous(memory_format=fmt)
+    if c is y:  # cosine without bias: y == c, but op outputs must not alias each other
+        c = c.clone()
     return y, c, r_x.contiguous()
 
 
@@ -285,7 +287,10 @@ def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
     y = g_of_c(c, operator, _k_view(k, c, 1) if k is not None else None)
     if bias is not None:
         y = y + bias.to(cd)
-    return y.to(x.dtype), c.to(x.dtype), r_x
+    y, c = y.to(x.dtype), c.to(x.dtype)
+    if c is y:  # cosine without bias: op outputs must not alias each other
+        c = c.clone()
+    return y, c, r_x
 
 
 def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,

@@ -1,0 +1,269 @@
+"""Functional SphereConv API: argument checking and normalisation, then the ops.
+
+``sphere_conv2d`` takes the arguments of ``torch.nn.functional.conv2d`` plus the angular
+operator; ``sphere_linear`` those of ``torch.nn.functional.linear``. Everything a user can get
+wrong is checked here, with an error that names the argument; the ops below assume clean input.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.sphereops.*)
+from .reference import DEFAULT_EPS, OPERATORS
+
+BACKENDS = ("auto", "triton", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+KType = Union[None, float, Tensor]
+IntPair = Union[int, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend resolution
+# ---------------------------------------------------------------------------------------------
+
+_triton_found: Optional[bool] = None
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported (looked up once; never imports it)."""
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors when triton is installed, else ``"reference"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend == "auto":
+        return "triton" if (x.is_cuda and triton_available() and x.dtype in _TRITON_DTYPES) else "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x.dtype}; "
+                        "use backend='reference' for float64")
+    if not x.is_cuda and not interpreter_enabled():
+        raise RuntimeError("backend='triton' on a CPU tensor needs the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before importing sphereops, or use backend='reference'")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_operator(operator: str) -> None:
+    if operator not in OPERATORS:
+        raise ValueError(f"operator must be one of {OPERATORS}, got {operator!r}")
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def _check_same(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
+    if t is None:
+        return
+    _check_float(name, t)
+    if t.device != ref.device:
+        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def _pair(name: str, v: IntPair) -> Tuple[int, int]:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v), int(v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, numbers.Integral) for i in v):
+        return int(v[0]), int(v[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def _check_eps(eps: float) -> None:
+    if not isinstance(eps, numbers.Real) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+
+
+def prepare_k(operator: str, k: KType, n_out: int, weight: Tensor, check_values: bool = True) -> Optional[Tensor]:
+    """Check ``k`` and return it as a ``[n_out]`` tensor (sigmoid) or ``None``.
+
+    A float or a one-element tensor is expanded to every output channel (differentiably)."""
+    if operator != "sigmoid":
+        if k is not None:
+            raise ValueError(f"k is a parameter of operator='sigmoid' only; got k={k!r} with operator={operator!r}")
+        return None
+    if k is None:
+        raise ValueError("operator='sigmoid' needs k: a positive float or a tensor of shape "
+                         f"[{n_out}] (one k per output channel); the official release uses k=0.3")
+    if isinstance(k, numbers.Real) and not isinstance(k, bool):
+        if not (k > 0 and math.isfinite(k)):
+            raise ValueError(f"k must be positive and finite, got {k!r}")
+        return torch.full((n_out,), float(k), dtype=weight.dtype, device=weight.device)
+    if not isinstance(k, Tensor):
+        raise TypeError(f"k must be a float or a tensor, got {type(k).__name__}")
+    _check_same("k", k, weight, "weight")
+    if k.numel() == 1:
+        k = k.reshape(1).expand(n_out).contiguous()
+    elif k.shape != (n_out,):
+        raise ValueError(f"k must be a scalar or have shape [{n_out}] (one per output channel), got {tuple(k.shape)}")
+    if check_values and not torch.compiler.is_compiling():
+        if bool((k.detach() <= 0).any()):
+            raise ValueError("k must be positive in every output channel")
+    return k
+
+
+def _autocast(device_type: str, *tensors):
+    """Follow autocast like F.conv2d/F.linear do: cast the float operands to the autocast dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if (isinstance(t, Tensor) and t.is_floating_point()) else t for t in tensors)
+
+
+def _same_padding(kernel: Tuple[int, int], dilation: Tuple[int, int]):
+    """PyTorch's 'same': total d*(k-1) per dim, the odd extra on the right/bottom."""
+    pads = []
+    for kk, d in zip(kernel, dilation):
+        total = d * (kk - 1)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+def sphere_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                  padding: Union[str, IntPair] = 0, dilation: IntPair = 1, groups: int = 1, *,
+                  operator: str = "cosine", k: KType = None, eps: float = DEFAULT_EPS,
+                  backend: str = "auto") -> Tensor:
+    """Hyperspherical 2-D convolution: ``y = g(angle(w_o, x_patch)) + b``.
+
+    Arguments as :func:`torch.nn.functional.conv2d` (``padding`` may be an int, a pair,
+    ``"same"`` or ``"valid"``; 3-D unbatched input is accepted). ``operator`` picks g:
+    ``"linear"`` (1 - 2θ/π), ``"cosine"`` (cos θ), ``"sigmoid"`` (needs ``k`` > 0: a float or a
+    per-output-channel tensor, differentiable). ``eps`` is added inside both norms' square roots.
+    ``backend``: ``"auto"`` (fused Triton kernels for CUDA tensors, the PyTorch reference
+    otherwise), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
+    """
+    return _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, operator, k, eps,
+                          backend, check_k=True)
+
+
+def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, operator, k, eps, backend,
+                   check_k: bool) -> Tensor:
+    _check_operator(operator)
+    _check_eps(eps)
+    _check_float("input", input)
+    _check_float("weight", weight)
+    if input.device.type in ("cuda", "cpu"):
+        input, weight, bias, k = _autocast(input.device.type, input, weight, bias, k)
+    _check_same("weight", weight, input, "input")
+    _check_same("bias", bias, input, "input")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if c_out % groups:
+        raise ValueError(f"out channels ({c_out}, weight.shape[0]) must be divisible by groups={groups}")
+    if c_in % groups:
+        raise ValueError(f"in channels ({c_in}, input.shape[1]) must be divisible by groups={groups}")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"weight expects {weight.shape[1] * groups} input channels "
+                         f"(weight.shape[1]={weight.shape[1]} x groups={groups}) but input has {c_in}")
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
+    k_t = prepare_k(operator, k, c_out, weight, check_values=check_k)
+    stride_p, dilation_p = _pair("stride", stride), _pair("dilation", dilation)
+    if min(stride_p) < 1 or min(dilation_p) < 1:
+        raise ValueError(f"stride and dilation must be >= 1, got stride={stride!r}, dilation={dilation!r}")
+    kernel = (weight.shape[2], weight.shape[3])
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding_p = (0, 0)
+        elif padding == "same":
+            if stride_p != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in torch)")
+            (top, bottom), (left, right) = _same_padding(kernel, dilation_p)
+            if top != bottom or left != right:
+                x = F.pad(x, (left, right, top, bottom))
+                padding_p = (0, 0)
+            else:
+                padding_p = (top, left)
+        else:
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        padding_p = _pair("padding", padding)
+        if min(padding_p) < 0:
+            raise ValueError(f"padding must be >= 0, got {padding!r}")
+    for i, name in enumerate(("height", "width")):
+        span = dilation_p[i] * (kernel[i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding_p[i] < span:
+            raise ValueError(f"input {name} {x.shape[2 + i]} (+ padding) is smaller than the dilated kernel ({span})")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()  # the kernels take NCHW or NHWC strides, not arbitrary views
+    be = resolve_backend(backend, x)
+    y, _, _ = torch.ops.sphereops.conv2d_fwd(x, weight, bias, k_t, list(stride_p), list(padding_p),
+                                             list(dilation_p), int(groups), operator, float(eps), be)
+    return y.squeeze(0) if unbatched else y
+
+
+def sphere_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                  operator: str = "cosine", k: KType = None, eps: float = DEFAULT_EPS,
+                  backend: str = "auto") -> Tensor:
+    """Hyperspherical fully connected layer: ``y = g(angle(w_o, x_row)) + b``.
+
+    ``input`` is ``[..., in_features]`` (any leading dims, or 1-D), ``weight``
+    ``[out_features, in_features]``; other arguments as :func:`sphere_conv2d`."""
+    return _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k=True)
+
+
+def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool) -> Tensor:
+    _check_operator(operator)
+    _check_eps(eps)
+    _check_float("input", input)
+    _check_float("weight", weight)
+    if input.device.type in ("cuda", "cpu"):
+        input, weight, bias, k = _autocast(input.device.type, input, weight, bias, k)
+    _check_same("weight", weight, input, "input")
+    _check_same("bias", bias, input, "input")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if input.dim() < 1:
+        raise ValueError("input must have at least 1 dimension (..., in_features)")
+    n_out, n_in = weight.shape
+    if input.shape[-1] != n_in:
+        raise ValueError(f"input.shape[-1] = {input.shape[-1]} does not match weight's in_features = {n_in}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias must have shape [{n_out}], got {tuple(bias.shape)}")
+    k_t = prepare_k(operator, k, n_out, weight, check_values=check_k)
+    lead = input.shape[:-1]
+    x2 = input.reshape(-1, n_in).contiguous()
+    be = resolve_backend(backend, x2)
+    y, _, _ = torch.ops.sphereops.linear_fwd(x2, weight, bias, k_t, operator, float(eps), be)
+    return y.reshape(*lead, n_out)

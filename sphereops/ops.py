@@ -1,0 +1,154 @@
+"""torch.library registration of the SphereConv ops, their autograd, and backend dispatch.
+
+Four ops, each returning fresh tensors (see docs/ARCHITECTURE.md for the contract):
+
+* ``sphereops::conv2d_fwd(x, w, bias?, k?, stride, padding, dilation, groups, operator, eps, backend) -> (y, c, r_x)``
+* ``sphereops::conv2d_bwd(dy, x, w, k?, c, r_x, stride, padding, dilation, groups, operator, eps, backend, output_mask) -> (dx, dw, db, dk)``
+* ``sphereops::linear_fwd`` / ``sphereops::linear_bwd``: the same with a patch = a row.
+
+They are ``torch.library.triton_op``s: eager calls run the Python body, and under
+``torch.compile`` Inductor traces into the body and sees the Triton kernels (launched through
+``wrap_triton``) or, for the reference backend, the plain aten ops. ``backend`` reaching an op is
+``"reference"`` or ``"triton"`` -- the functional layer resolves ``"auto"``. Gradients that are not
+needed come back as empty tensors and the autograd layer turns them into ``None``.
+
+Only ``y`` is differentiable; ``c`` and ``r_x`` are the saved state for the backward op.
+"""
+from __future__ import annotations
+
+import types
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_TRITON_IMPL: Optional[types.SimpleNamespace] = None
+
+
+def triton_impl() -> types.SimpleNamespace:
+    """The Triton launchers, imported on first use (triton is optional for ``import sphereops``)."""
+    global _TRITON_IMPL
+    if _TRITON_IMPL is None:
+        from sphereops_kernels import conv_bwd, conv_fwd  # noqa: WPS433 (lazy on purpose)
+        try:
+            from sphereops_kernels import linear
+            linear_fwd, linear_bwd = linear.sphere_linear_fwd, linear.sphere_linear_bwd
+        except ImportError:  # the fused linear kernels may be absent; use the reference then
+            linear_fwd, linear_bwd = reference.linear_forward, reference.linear_backward
+        _TRITON_IMPL = types.SimpleNamespace(
+            conv2d_forward=conv_fwd.sphere_conv2d_fwd,
+            conv2d_backward=conv_bwd.sphere_conv2d_bwd,
+            linear_forward=linear_fwd,
+            linear_backward=linear_bwd,
+        )
+    return _TRITON_IMPL
+
+
+def _impl(backend: str):
+    if backend == "reference":
+        return reference
+    if backend == "triton":
+        return triton_impl()
+    raise ValueError(f"backend must be 'reference' or 'triton' at the op level, got {backend!r}")
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _none_if_empty(t: Tensor, needed: bool) -> Optional[Tensor]:
+    return t if needed else None
+
+
+def _memory_format_of(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.triton_op("sphereops::conv2d_fwd", mutates_args=())
+def conv2d_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], stride: List[int],
+               padding: List[int], dilation: List[int], groups: int, operator: str, eps: float,
+               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    y, c, r_x = _impl(backend).conv2d_forward(x, w, bias, k, tuple(stride), tuple(padding),
+                                              tuple(dilation), groups, operator, eps)
+    return y, c, r_x
+
+
+@torch.library.triton_op("sphereops::conv2d_bwd", mutates_args=())
+def conv2d_bwd(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
+               stride: List[int], padding: List[int], dilation: List[int], groups: int, operator: str,
+               eps: float, backend: str, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _impl(backend).conv2d_backward(dy, x, w, k, c, r_x, tuple(stride), tuple(padding),
+                                           tuple(dilation), groups, operator, eps, tuple(output_mask))
+    return tuple(_empty_if_none(g, x) for g in grads)
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend = inputs
+    _, c, r_x = output
+    ctx.save_for_backward(x, w, k, c, r_x)
+    ctx.config = (stride, padding, dilation, groups, operator, eps, backend)
+
+
+def _conv2d_backward(ctx, dy, _dc, _dr_x):
+    x, w, k, c, r_x = ctx.saved_tensors
+    stride, padding, dilation, groups, operator, eps, backend = ctx.config
+    need = [bool(n) for n in ctx.needs_input_grad[:4]]
+    if not any(need):
+        return (None,) * 11
+    dy = dy.contiguous(memory_format=_memory_format_of(c))
+    dx, dw, db, dk = torch.ops.sphereops.conv2d_bwd(dy, x, w, k, c, r_x, stride, padding, dilation,
+                                                     groups, operator, eps, backend, need)
+    return (_none_if_empty(dx, need[0]), _none_if_empty(dw, need[1]), _none_if_empty(db, need[2]),
+            _none_if_empty(dk, need[3] and operator == "sigmoid")) + (None,) * 7
+
+
+conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.triton_op("sphereops::linear_fwd", mutates_args=())
+def linear_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], operator: str,
+               eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    y, c, r_x = _impl(backend).linear_forward(x, w, bias, k, operator, eps)
+    return y, c, r_x
+
+
+@torch.library.triton_op("sphereops::linear_bwd", mutates_args=())
+def linear_bwd(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
+               operator: str, eps: float, backend: str,
+               output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _impl(backend).linear_backward(dy, x, w, k, c, r_x, operator, eps, tuple(output_mask))
+    return tuple(_empty_if_none(g, x) for g in grads)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, w, bias, k, operator, eps, backend = inputs
+    _, c, r_x = output
+    ctx.save_for_backward(x, w, k, c, r_x)
+    ctx.config = (operator, eps, backend)
+
+
+def _linear_backward(ctx, dy, _dc, _dr_x):
+    x, w, k, c, r_x = ctx.saved_tensors
+    operator, eps, backend = ctx.config
+    need = [bool(n) for n in ctx.needs_input_grad[:4]]
+    if not any(need):
+        return (None,) * 7
+    dx, dw, db, dk = torch.ops.sphereops.linear_bwd(dy.contiguous(), x, w, k, c, r_x, operator, eps,
+                                                     backend, need)
+    return (_none_if_empty(dx, need[0]), _none_if_empty(dw, need[1]), _none_if_empty(db, need[2]),
+            _none_if_empty(dk, need[3] and operator == "sigmoid")) + (None,) * 3
+
+
+linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
