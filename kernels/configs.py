@@ -1,0 +1,72 @@
+"""Autotune config sets of the sphereops kernels (Hopper first, valid on Ampere).
+
+Each family has one named function that builds its configs, with a comment saying why each
+config is there, and (where useful) a pruning function that drops configs the shape cannot use.
+The backward kernels append their own sets here.
+
+Rules for the implicit-GEMM conv kernels: power-of-two blocks >= 16 (tl.dot), num_warps 4
+(one warpgroup: 8 warps spill on non-1x1 convs, whose address arithmetic is register heavy),
+num_stages 3-4 so that the global->shared pipeline hides the latency of the gathered input loads.
+"""
+
+import triton
+
+# Problem dims the implicit-GEMM forward is tuned on; they are also the autotune key (the
+# kernel-size constexprs KH/KW and the dtype already give separate specialisations).
+CONV_FWD_AUTOTUNE_KEY = ["n_pixels", "c_out_per_group", "c_in_per_group"]
+
+
+def _cfg(block_m, block_n, block_k, num_stages, group_m=8, num_warps=4):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_warps=num_warps, num_stages=num_stages)
+
+
+def conv_fwd_configs():
+    """Configs for ``_sphere_conv_fwd_kernel`` (M = N*Ho*Wo pixels x C_out/G filters x K)."""
+    return [
+        # Large square tile: the workhorse for wide layers (C_out/G >= 128), highest MMA reuse;
+        # 3 stages keep fp32 (tf32) operands within Hopper's 228 KB of shared memory.
+        _cfg(128, 128, 64, num_stages=3),
+        # Same tile, shorter K step, one more stage: better when C_in/G is 32 (a 64-wide K
+        # step would be half padding in the channel-chunk loop) and for latency hiding.
+        _cfg(128, 128, 32, num_stages=4),
+        # Tall tile for C_out/G = 64 (common in ResNet stems/stage 1): no wasted N columns.
+        _cfg(128, 64, 64, num_stages=4),
+        # Wide tile for few pixels (late stages, small batch) and many filters.
+        _cfg(64, 128, 64, num_stages=4),
+        # Small tile: more programs for small problems so that all 132 SMs get work.
+        _cfg(64, 64, 64, num_stages=4),
+        # Narrow N for C_out/G <= 32 (grouped convs, thin layers) and small-K first layers.
+        _cfg(128, 32, 32, num_stages=4),
+        # Minimum-N tile for depthwise-like shapes (C_out/G <= 16) with tiny K.
+        _cfg(128, 16, 16, num_stages=3),
+    ]
+
+
+def prune_conv_fwd_configs(configs, named_args, **kwargs):
+    """Drop configs whose N or K block is far larger than the problem needs (pure padding).
+
+    Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)) and, for the channel-chunk loop
+    (C_in/G >= 16), BLOCK_K <= max(16, next_pow2(C_in/G)); always keeps at least one config.
+    """
+    def arg(name, default=None):
+        # positional launch arguments arrive in named_args, keyword ones (constexprs) in kwargs
+        return named_args.get(name, kwargs.get(name, default))
+
+    c_out_g = int(arg("c_out_per_group"))
+    c_in_g = int(arg("c_in_per_group"))
+    n_cap = max(16, triton.next_power_of_2(c_out_g))
+    k_cap = max(16, triton.next_power_of_2(c_in_g * int(arg("KH", 1)) * int(arg("KW", 1))))
+    if c_in_g >= 16:
+        k_cap = max(16, triton.next_power_of_2(c_in_g))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    if not kept:
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+    return kept
+
+
+def conv_fwd_interpreter_config():
+    """The single config used under TRITON_INTERPRET=1 (CPU tests): small blocks, so that the
+    tiny test shapes still cover several M/N tiles, several K steps and the tile masks."""
+    return _cfg(32, 16, 16, num_stages=1, group_m=2, num_warps=4)

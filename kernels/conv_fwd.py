@@ -1,0 +1,523 @@
+"""Fused SphereConv2d forward: one launch computes y = g(arccos c) + b, c and r_x.
+
+    s[o, p]  = <w_o, x_p>                      (implicit GEMM, tl.dot, fp32 accumulation)
+    q[g, p]  = ||x_p||^2                       (from the same loaded input tiles)
+    r_x      = sqrt(q + eps),  r_w = sqrt(||w_o||^2 + eps)
+    c        = clamp(s / (r_x r_w), -1, 1),    y = g(c) + b
+
+GEMM view, per group g: M = N*Ho*Wo output pixels, N = C_out/G filters, K = C_in/G*kh*kw.
+K is ordered (kh, kw, c) so that, for channels_last inputs, every K step of the channel-chunk
+loop reads BLOCK_K consecutive channels of one input pixel (contiguous, vectorised loads).  The
+filters are repacked once per call to the same order, ``w_packed [C_out, kh, kw, C_in/G]``
+(free when the weight is already channels_last), and their norms are computed once per call.
+
+Two kernels:
+* ``_sphere_conv_fwd_kernel`` -- implicit GEMM for every conv.  Constexpr ``CHANNEL_CHUNKS``
+  picks the K loop: chunks of BLOCK_K channels at one (r, s) filter tap (C_in/G >= 16: cheap
+  scalar index math per step, contiguous loads), or a flat loop over k = (r*kw + s)*C_in/G + c
+  decomposed per element (C_in/G < 16: first layers, grouped convs with few channels, depthwise
+  with a channel multiplier), which wastes no K padding.
+* ``_sphere_conv_dw_fwd_kernel`` -- pure depthwise (C_in/G == C_out/G == 1): a [pixels x
+  channels] tile with elementwise FMAs over the kh*kw taps (a GEMM would be 15/16 padding).
+
+The launcher ``sphere_conv2d_fwd`` follows docs/ARCHITECTURE.md exactly.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .angular import OPERATOR_CODES, clamp_cos, g_of_c
+from .configs import (
+    CONV_FWD_AUTOTUNE_KEY,
+    conv_fwd_configs,
+    conv_fwd_interpreter_config,
+    prune_conv_fwd_configs,
+)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# Channel counts per group at or above which the channel-chunk K loop is used.
+_CHANNEL_CHUNK_MIN = 16
+
+
+@triton.jit
+def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
+                       bias_ptr, k_ptr, y_ptr, c_ptr,
+                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Epilogue shared by both kernels: c = clamp(acc / denom), y = g(c) + b, store y and c.
+
+    acc: [BM, BN] fp32 dot products; denom: r_x * r_w broadcastable to acc (fp32).
+    o_glob: [BN] global output-channel index; mask_n: [BN] channel mask.
+    out_offs: [BM, BN] int64 element offsets into y and c (same strides); out_mask: [BM, BN].
+    bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
+    """
+    c = clamp_cos(acc / denom)
+    if OPERATOR == 2:
+        k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
+        g = g_of_c(c, k[None, :], OPERATOR)
+    else:
+        g = g_of_c(c, 1.0, OPERATOR)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + o_glob, mask=mask_n, other=0.0).to(tl.float32)
+        g = g + b[None, :]
+    tl.store(y_ptr + out_offs, g.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(c_ptr + out_offs, c.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _sphere_conv_fwd_kernel(
+    x_ptr, w_ptr, w_norm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
+    n_pixels, c_out_per_group, c_in_per_group, groups,
+    in_h, in_w, out_h, out_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    eps,
+    KH: tl.constexpr, KW: tl.constexpr,
+    OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
+
+    Pointers (Cg = C_in/G, Og = C_out/G):
+      x_ptr      [N, C_in, H, W] input, any strides (stride_xn, stride_xc, stride_xh, stride_xw);
+                 channels_last (stride_xc == 1) gives contiguous K loads.
+      w_ptr      [C_out, KH, KW, Cg] packed filters, contiguous (row o at o*KH*KW*Cg), same
+                 dtype as x.
+      w_norm_ptr [C_out] fp32, ||w_o||_2 (contiguous).
+      bias_ptr   [C_out] contiguous, read only if HAS_BIAS.
+      k_ptr      [C_out] contiguous sigmoid steepness, read only if OPERATOR == 2.
+      y_ptr, c_ptr [N, C_out, Ho, Wo] outputs in x's dtype, both with strides
+                 (stride_yn, stride_yc, stride_yh, stride_yw).
+      rx_ptr     [N, G, Ho, Wo] fp32, contiguous; written by the N-tile-0 programs only.
+    Scalars: n_pixels = N*Ho*Wo (< 2^31), Og, Cg, G, H, W, Ho, Wo, conv stride / padding /
+      dilation, eps (inside both square roots).
+    Constexprs:
+      KH, KW          filter size.
+      OPERATOR        0 linear, 1 cosine, 2 sigmoid (angular.OPERATOR_CODES).
+      HAS_BIAS        add bias after g.
+      CHANNEL_CHUNKS  True: K loop over (tap, chunk of BLOCK_K channels), needs Cg >= 16 to be
+                      efficient; False: flat K loop with per-element (r, s, c) decomposition.
+      DOT_PRECISION   tl.dot input_precision, "tf32" or "ieee" (matters for fp32 only).
+      UPCAST_DOT      upcast dot operands to fp32 (bf16 under the CPU interpreter only, whose
+                      bf16 dot is wrong; never set for GPU compiles).
+      BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
+    """
+    pid = tl.program_id(0)
+    # group index fastest: neighbouring programs read neighbouring channels (grouped convs)
+    g = pid % groups
+    pid_mn = pid // groups
+    num_pid_m = tl.cdiv(n_pixels, BLOCK_M)
+    num_pid_n = tl.cdiv(c_out_per_group, BLOCK_N)
+    # swizzle: GROUP_M consecutive M tiles sweep all N tiles before moving on, so the input
+    # rows of a GROUP_M band stay in L2 while every filter tile passes over them
+    num_pid_in_band = GROUP_M * num_pid_n
+    band = pid_mn // num_pid_in_band
+    first_pid_m = band * GROUP_M
+    band_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid_mn % num_pid_in_band) % band_m
+    pid_n = (pid_mn % num_pid_in_band) // band_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32: n_pixels < 2^31 (launcher)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < n_pixels
+    mask_n = offs_n < c_out_per_group
+
+    hw_out = out_h * out_w
+    n_idx = offs_m // hw_out
+    pix = offs_m % hw_out
+    ho = pix // out_w
+    wo = pix % out_w
+    h_base = ho * conv_stride_h - pad_h
+    w_base = wo * conv_stride_w - pad_w
+
+    x_rows = (x_ptr + n_idx.to(tl.int64) * stride_xn
+              + (g * c_in_per_group).to(tl.int64) * stride_xc)  # [BM] pointers
+    o_glob = g * c_out_per_group + offs_n
+    k_total = KH * KW * c_in_per_group
+    w_cols = w_ptr + o_glob.to(tl.int64) * k_total  # [BN] pointers
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    if CHANNEL_CHUNKS:
+        n_chunks = tl.cdiv(c_in_per_group, BLOCK_K)
+        # one flat loop over (tap, chunk) so the software pipeliner sees a single K loop
+        for it in range(0, KH * KW * n_chunks):
+            tap = it // n_chunks
+            c0 = (it - tap * n_chunks) * BLOCK_K
+            r = tap // KW
+            s = tap - r * KW
+            hi = h_base + r * dil_h
+            wi = w_base + s * dil_w
+            valid_m = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < c_in_per_group
+            x_ptrs = (x_rows[:, None]
+                      + (hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None]
+                      + offs_c.to(tl.int64)[None, :] * stride_xc)
+            x_tile = tl.load(x_ptrs, mask=valid_m[:, None] & mask_c[None, :], other=0.0)
+            w_ptrs = w_cols[None, :] + (tap * c_in_per_group + offs_c)[:, None]
+            w_tile = tl.load(w_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            x_f32 = x_tile.to(tl.float32)
+            sumsq += tl.sum(x_f32 * x_f32, axis=1)
+            if UPCAST_DOT:
+                acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+    else:
+        for k0 in range(0, k_total, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_total
+            cin = offs_k % c_in_per_group
+            tap = offs_k // c_in_per_group
+            r = tap // KW
+            s = tap - r * KW
+            hi = h_base[:, None] + (r * dil_h)[None, :]
+            wi = w_base[:, None] + (s * dil_w)[None, :]
+            valid = (mask_m[:, None] & mask_k[None, :]
+                     & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w))
+            x_ptrs = (x_rows[:, None] + hi.to(tl.int64) * stride_xh
+                      + wi.to(tl.int64) * stride_xw + cin.to(tl.int64)[None, :] * stride_xc)
+            x_tile = tl.load(x_ptrs, mask=valid, other=0.0)
+            w_ptrs = w_cols[None, :] + offs_k[:, None]
+            w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            x_f32 = x_tile.to(tl.float32)
+            sumsq += tl.sum(x_f32 * x_f32, axis=1)
+            if UPCAST_DOT:
+                acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+
+    r_x = tl.sqrt(sumsq + eps)
+    w_norm = tl.load(w_norm_ptr + o_glob, mask=mask_n, other=1.0)
+    r_w = tl.sqrt(w_norm * w_norm + eps)
+
+    out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
+               + wo.to(tl.int64) * stride_yw)
+    out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    _store_sphere_tile(acc, r_x[:, None] * r_w[None, :], o_glob, mask_n, out_offs, out_mask,
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS)
+
+    if pid_n == 0:
+        # r_x is the same for every N tile of this M tile: one writer
+        rx_offs = (n_idx.to(tl.int64) * groups + g) * hw_out + pix
+        tl.store(rx_ptr + rx_offs, r_x, mask=mask_m)
+
+
+@triton.jit
+def _sphere_conv_dw_fwd_kernel(
+    x_ptr, w_ptr, w_norm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
+    n_pixels, channels,
+    in_h, in_w, out_h, out_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    eps,
+    KH: tl.constexpr, KW: tl.constexpr,
+    OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Depthwise SphereConv2d forward (G = C_in = C_out); program = (M tile, channel tile).
+
+    Pointers (C = channels = G):
+      x_ptr      [N, C, H, W] input, strides (stride_xn, stride_xc, stride_xh, stride_xw);
+                 channels_last makes the BLOCK_C channels of a pixel contiguous.
+      w_ptr      [C, KH, KW] filters, contiguous, x's dtype.
+      w_norm_ptr [C] fp32 ||w_c||_2.   bias_ptr [C] (if HAS_BIAS).   k_ptr [C] (if sigmoid).
+      y_ptr, c_ptr [N, C, Ho, Wo], strides (stride_yn, stride_yc, stride_yh, stride_yw).
+      rx_ptr     [N, C, Ho, Wo] fp32 contiguous (r_x has one value per (pixel, group)).
+    Scalars: n_pixels = N*Ho*Wo (< 2^31), C, H, W, Ho, Wo, conv stride/padding/dilation, eps.
+    Constexprs: KH, KW filter size (taps unrolled); OPERATOR 0 linear / 1 cosine / 2 sigmoid;
+      HAS_BIAS; BLOCK_M pixels and BLOCK_C channels per program.
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < n_pixels
+    mask_c = offs_c < channels
+
+    hw_out = out_h * out_w
+    n_idx = offs_m // hw_out
+    pix = offs_m % hw_out
+    ho = pix // out_w
+    wo = pix % out_w
+    h_base = ho * conv_stride_h - pad_h
+    w_base = wo * conv_stride_w - pad_w
+    x_tile_base = (x_ptr + n_idx.to(tl.int64)[:, None] * stride_xn
+                   + offs_c.to(tl.int64)[None, :] * stride_xc)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        hi = h_base + (tap // KW) * dil_h
+        wi = w_base + (tap % KW) * dil_w
+        valid_m = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
+        x_ptrs = x_tile_base + (hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None]
+        x_f32 = tl.load(x_ptrs, mask=valid_m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        w_f32 = tl.load(w_ptr + offs_c * (KH * KW) + tap, mask=mask_c, other=0.0).to(tl.float32)
+        acc += x_f32 * w_f32[None, :]
+        sumsq += x_f32 * x_f32
+
+    r_x = tl.sqrt(sumsq + eps)
+    w_norm = tl.load(w_norm_ptr + offs_c, mask=mask_c, other=1.0)
+    r_w = tl.sqrt(w_norm * w_norm + eps)
+
+    out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
+               + wo.to(tl.int64) * stride_yw)
+    out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
+    out_mask = mask_m[:, None] & mask_c[None, :]
+    _store_sphere_tile(acc, r_x * r_w[None, :], offs_c, mask_c, out_offs, out_mask,
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS)
+    rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
+        + pix.to(tl.int64)[:, None]
+    tl.store(rx_ptr + rx_offs, r_x, mask=out_mask)
+
+
+def _dw_configs():
+    """Depthwise tiles: memory bound, so wide channel tiles (contiguous in channels_last) and
+    enough pixels per program to amortise the index math."""
+    return [
+        # 64 channels x 64 pixels: 128-byte fp16 rows per pixel, 4 warps.
+        triton.Config({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+        # 32 channels x 128 pixels: for C < 64 (fewer masked lanes).
+        triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+        # 128 channels x 32 pixels: wide layers (MobileNet late stages), small spatial size.
+        triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4, num_stages=1),
+    ]
+
+
+def _dw_interpreter_config():
+    return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1)
+
+
+if _INTERPRET:
+    _gemm_configs, _dw_cfgs = [conv_fwd_interpreter_config()], [_dw_interpreter_config()]
+else:
+    _gemm_configs, _dw_cfgs = conv_fwd_configs(), _dw_configs()
+
+_sphere_conv_fwd_autotuned = triton.autotune(
+    configs=_gemm_configs, key=CONV_FWD_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_conv_fwd_configs},
+)(_sphere_conv_fwd_kernel)
+
+_sphere_conv_dw_fwd_autotuned = triton.autotune(
+    configs=_dw_cfgs, key=["n_pixels", "channels"],
+)(_sphere_conv_dw_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+def _check_pair(name, value, minimum):
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be a 2-tuple of ints, got {value!r}")
+    if any(v < minimum for v in value):
+        raise ValueError(f"{name} must be >= {minimum} in both dims, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def _output_memory_format(x):
+    # the reference's rule: a tensor that is both (e.g. C == 1) counts as contiguous
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [N, C_in, H, W], got "
+                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    if not isinstance(w, torch.Tensor) or w.dim() != 4:
+        raise ValueError("w must be a 4-D tensor [C_out, C_in/groups, kh, kw]")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported by the Triton forward "
+                        f"(float16, bfloat16, float32; use the reference backend for float64)")
+    if w.dtype != x.dtype:
+        raise TypeError(f"w dtype {w.dtype} must equal x dtype {x.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"w is on {w.device} but x is on {x.device}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_in, c_out = x.shape[1], w.shape[0]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    if w.shape[1] * groups != c_in:
+        raise ValueError(f"w.shape[1]={w.shape[1]} must be C_in/groups={c_in // groups}")
+    if operator not in OPERATOR_CODES:
+        raise ValueError(f"operator must be one of {tuple(OPERATOR_CODES)}, got {operator!r}")
+    for name, t in (("bias", bias), ("k", k)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (c_out,):
+            raise ValueError(f"{name} must be a tensor of shape [{c_out}]")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if operator == "sigmoid" and k is None:
+        raise ValueError("k is required for operator='sigmoid'")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    stride = _check_pair("stride", stride, 1)
+    padding = _check_pair("padding", padding, 0)
+    dilation = _check_pair("dilation", dilation, 1)
+    return stride, padding, dilation
+
+
+def _launch(kernel, grid, args, kwargs, on_cuda):
+    if on_cuda:
+        # visible to torch.compile / Inductor when the op is registered as a triton_op
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
+    """Fused SphereConv2d forward on the GPU (or CPU under TRITON_INTERPRET=1).
+
+    Same contract and results as ``sphereops.reference.conv2d_forward``: returns ``(y, c, r_x)``
+    with y, c ``[N, C_out, Ho, Wo]`` in x's dtype and memory format (c clamped to [-1, 1]) and
+    r_x ``[N, G, Ho, Wo]`` float32 contiguous.  fp32 inputs use TF32 tensor cores exactly when
+    ``torch.backends.cudnn.allow_tf32`` is true.
+    """
+    return _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator,
+                                   eps)
+
+
+def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator, eps,
+                            config=None, force_gemm=False):
+    """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
+    depthwise shapes to the implicit-GEMM kernel (both for tests)."""
+    (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
+                                             operator, eps)
+    n, c_in, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
+    c_out_g = c_out // groups
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"output size would be {ho}x{wo}: input {h}x{wd} is smaller than the "
+                         f"dilated filter {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} plus padding")
+    fmt = _output_memory_format(x)
+    y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    c = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
+    n_pixels = n * ho * wo
+    if n_pixels == 0 or c_out == 0:
+        return y, c, r_x
+    if n_pixels >= 2 ** 31:
+        raise ValueError(f"N*Ho*Wo = {n_pixels} output pixels exceeds 2^31 - 1; split the batch")
+    if c_in_g == 0:
+        raise ValueError("C_in/groups must be >= 1")
+
+    # filters in K order (kh, kw, c): a no-op for channels_last weights
+    w_packed = w.permute(0, 2, 3, 1).contiguous()
+    w_norm = torch.linalg.vector_norm(w_packed.view(c_out, -1), dim=1, dtype=torch.float32)
+    bias_arg = bias.contiguous() if bias is not None else w_norm
+    k_arg = k.contiguous() if (operator == "sigmoid") else w_norm
+    on_cuda = x.is_cuda
+    common_tail = (
+        h, wd, ho, wo,
+        *x.stride(), *y.stride(),
+        sh, sw, ph, pw, dh, dw,
+        float(eps),
+    )
+    flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None)
+
+    if c_in_g == 1 and c_out_g == 1 and not force_gemm:
+        kernel = _sphere_conv_dw_fwd_autotuned
+        if config is not None:
+            kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
+                                                          "num_warps": config.num_warps}
+        args = (x, w_packed, w_norm, bias_arg, k_arg, y, c, r_x, n_pixels, c_out) + common_tail
+
+        def grid(meta):
+            return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
+
+        _launch(kernel, grid, args, flags, on_cuda)
+        return y, c, r_x
+
+    if x.dtype == torch.float32:
+        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    else:
+        precision = "ieee"
+    flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, DOT_PRECISION=precision,
+                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16)
+    kernel = _sphere_conv_fwd_autotuned
+    if config is not None:
+        kernel = _sphere_conv_fwd_kernel
+        flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    args = (x, w_packed, w_norm, bias_arg, k_arg, y, c, r_x,
+            n_pixels, c_out_g, c_in_g, groups) + common_tail
+
+    def grid(meta):
+        return (groups * triton.cdiv(n_pixels, meta["BLOCK_M"])
+                * triton.cdiv(c_out_g, meta["BLOCK_N"]),)
+
+    _launch(kernel, grid, args, flags, on_cuda)
+    return y, c, r_x
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (docs/ARCHITECTURE.md, "The AOT compile check contract")
+# ---------------------------------------------------------------------------------------------
+
+def _signature(fn, dtype_name, constexprs):
+    """ASTSource signature of ``fn`` in parameter order; constexprs appear as "constexpr"."""
+    sig = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a in ("w_norm_ptr", "rx_ptr"):
+            sig[a] = "*fp32"
+        elif a.endswith("_ptr"):
+            sig[a] = "*" + dtype_name
+        elif a == "eps":
+            sig[a] = "fp32"
+        else:
+            sig[a] = "i32"
+    return sig
+
+
+def aot_specs():
+    """Compile specs for ``make aot-check``: every GEMM config x dtype (x tf32/ieee for fp32),
+    plus the depthwise configs per dtype.  They model the fast path: a 3x3 channels_last conv
+    (input channel stride 1), sigmoid operator (the heaviest epilogue) with bias."""
+    specs = []
+    for cfg in conv_fwd_configs():
+        bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        for dtype_name in ("fp16", "bf16", "fp32"):
+            for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
+                constexprs = dict(
+                    stride_xc=1, stride_yc=1, KH=3, KW=3, OPERATOR=OPERATOR_CODES["sigmoid"],
+                    HAS_BIAS=True, CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
+                    UPCAST_DOT=False, **cfg.kwargs)
+                name = (f"conv_fwd_gemm_{bm}x{bn}x{bk}_s{cfg.num_stages}_{dtype_name}"
+                        + (f"_{precision}" if dtype_name == "fp32" else ""))
+                specs.append(dict(name=name, fn=_sphere_conv_fwd_kernel,
+                                  signature=_signature(_sphere_conv_fwd_kernel, dtype_name, constexprs),
+                                  constexprs=constexprs, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages, dtype=dtype_name, gemm=True))
+    for cfg in _dw_configs():
+        for dtype_name in ("fp16", "bf16", "fp32"):
+            constexprs = dict(stride_xc=1, stride_yc=1, KH=3, KW=3,
+                              OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True, **cfg.kwargs)
+            name = f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}_{dtype_name}"
+            specs.append(dict(name=name, fn=_sphere_conv_dw_fwd_kernel,
+                              signature=_signature(_sphere_conv_dw_fwd_kernel, dtype_name,
+                                                   constexprs),
+                              constexprs=constexprs, num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages, dtype=dtype_name, gemm=False))
+    return specs
