@@ -1,0 +1,643 @@
+"""Fused SphereLinear kernels: forward and backward launchers for ``x [M, in] @ w [out, in]^T``.
+
+The math (DESIGN §1, with a patch = one row of ``x``)::
+
+    r_x[m] = sqrt(sum_k x[m,k]^2 + eps)        r_w[o] = sqrt(sum_k w[o,k]^2 + eps)
+    c[m,o] = clamp(<x_m, w_o> / (r_x[m] r_w[o]), -1, 1)       y = g(arccos c) + b[o]
+
+Forward: one GEMM kernel. The K-loop feeds the same ``x`` tiles to ``tl.dot`` and to the row sums
+of squares, so ``r_x`` costs no extra read of ``x``; the epilogue forms ``c``, ``g`` and the bias.
+``r_w`` (one scalar per filter) comes from a tiny row-norm kernel first, so the GEMM programs do not
+each redo the filters' sums of squares.
+
+Backward, with ``G = dy * dg/dc`` (``kernels/angular.py``)::
+
+    A[m] = sum_o G c / r_x^2        S[o] = sum_m G c
+    dx   = (G @ (w / r_w)) / r_x - x * A
+    dw   = (G^T @ (x / r_x)) / r_w - w * S / r_w^2
+    db   = sum_m dy                 dk[o] = sum_m dy * dg/dk
+
+Three kernels: (1) an elementwise pass over ``[M, out]`` tiles writes ``G`` (input dtype) and
+fp32 per-tile partial sums of ``G c`` (per row and per column), ``dy`` and ``dy dg/dk``;
+(2) the dx GEMM and (3) the dw GEMM read ``G`` and finish by summing the partials in a fixed
+order (deterministic: no atomics anywhere). Scaling the *other* GEMM operand by its inverse norm
+inside the K-loop (``w / r_w`` for dx, ``x / r_x`` for dw) keeps the fp16/bf16 operands of
+``tl.dot`` well scaled (rows of unit norm) instead of storing ``G / (r_x r_w)``, which underflows
+in fp16 for large inputs (|x| ~ 300), and lets the remaining per-row factor leave the GEMM.
+
+Dtypes: float32 (tf32 tensor cores iff ``torch.backends.cuda.matmul.allow_tf32``, else exact
+fp32), float16, bfloat16. Accumulation and the epilogue are fp32; outputs in the input dtype,
+``r_x`` in fp32. float64 is the reference backend's job (TypeError here).
+
+Launch: ``torch.library.wrap_triton(kernel)[grid](...)`` on CUDA (so ``torch.compile`` can trace
+the launchers inside a ``triton_op``); plain ``kernel[grid](...)`` under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .angular import OPERATOR_CODES, dg_dc, dg_dk, g_of_c
+
+# Kept equal to sphereops.reference.ARCCOS_DELTA (a test holds them equal); not imported from
+# there because kernels/ must not depend on the PyTorch package above it.
+ARCCOS_DELTA = 1e-6
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_norm_kernel(a_ptr, out_ptr, R, C, stride_ar, stride_ac, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r] = sqrt(sum_c a[r, c]^2 + eps) in fp32 (the filter norms r_w).
+
+    a_ptr:   [R, C] any float dtype, strides (stride_ar, stride_ac).
+    out_ptr: [R] float32, contiguous.
+    eps:     fp32 scalar added under the square root.
+    BLOCK_R: rows per program; BLOCK_C: columns per loop step.
+    Grid: (cdiv(R, BLOCK_R),).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols[None, :] < C)
+        a = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac,
+                    mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(a * a, axis=1)
+    tl.store(out_ptr + rows, tl.sqrt(acc + eps), mask=row_mask)
+
+
+@triton.jit
+def _sphere_linear_fwd_kernel(
+        x_ptr, w_ptr, r_w_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, r_x_ptr,
+        M, N, K,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+        eps,
+        OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Forward GEMM with fused row norms and the angular epilogue.
+
+    x_ptr:    [M, K] input rows (fp32/fp16/bf16), strides (stride_xm, stride_xk).
+    w_ptr:    [N, K] filters, same dtype, strides (stride_wn, stride_wk).
+    r_w_ptr:  [N] float32 filter norms sqrt(||w_o||^2 + eps), contiguous.
+    bias_ptr: [N] bias (w dtype), contiguous; read only if HAS_BIAS (else any valid pointer).
+    k_ptr:    [N] sigmoid steepness (w dtype), contiguous; read only if OPERATOR == 2.
+    y_ptr:    [M, N] output g(theta) + b in the input dtype, strides (stride_ym, stride_yn).
+    c_ptr:    [M, N] clamped cosine in the input dtype, same strides as y.
+    r_x_ptr:  [M] float32 row norms sqrt(||x_m||^2 + eps), contiguous; written by pid_n == 0.
+    eps:      fp32 scalar.
+    OPERATOR: 0 linear, 1 cosine, 2 sigmoid (angular.OPERATOR_CODES).
+    HAS_BIAS: add bias[o] after g.
+    DOT_PRECISION: "tf32" or "ieee", tl.dot input precision for fp32 operands.
+    UPCAST_DOT: cast the dot operands to fp32 (interpreter only: bf16 tl.dot is wrong there).
+    BLOCK_M, BLOCK_N, BLOCK_K: tile sizes (powers of two >= 16).
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+        xf = x.to(tl.float32)
+        # fp32 squares: fp16 x^2 overflows for |x| > 256
+        sumsq += tl.sum(xf * xf, axis=1)
+        if UPCAST_DOT:
+            acc = tl.dot(xf, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    r_x = tl.sqrt(sumsq + eps)
+    r_w = tl.load(r_w_ptr + cols, mask=col_mask, other=1.0)
+    c = acc / (r_x[:, None] * r_w[None, :])
+    # clamp with ordered comparisons so that NaN stays NaN
+    c = tl.where(c > 1.0, 1.0, c)
+    c = tl.where(c < -1.0, -1.0, c)
+    if OPERATOR == 2:
+        kk = tl.load(k_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+        y = g_of_c(c, kk[None, :], OPERATOR)
+    else:
+        y = g_of_c(c, 1.0, OPERATOR)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    out_offsets = rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(y_ptr + out_offsets, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(c_ptr + out_offsets, c.to(c_ptr.dtype.element_ty), mask=out_mask)
+    if pid_n == 0:
+        tl.store(r_x_ptr + rows, r_x, mask=row_mask)
+
+
+@triton.jit
+def _sphere_linear_bwd_grad_c_kernel(
+        dy_ptr, c_ptr, k_ptr, grad_c_ptr, row_part_ptr, col_part_ptr,
+        M, N,
+        stride_dym, stride_dyn, stride_cm, stride_cn,
+        OPERATOR: tl.constexpr, DELTA: tl.constexpr,
+        NEED_GRAD_C: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Elementwise backward pass: G = dy * dg/dc and the per-tile partial reductions.
+
+    dy_ptr:       [M, N] incoming gradient (input dtype), strides (stride_dym, stride_dyn).
+    c_ptr:        [M, N] saved clamped cosine (input dtype), strides (stride_cm, stride_cn).
+    k_ptr:        [N] sigmoid steepness, contiguous; read only if OPERATOR == 2.
+    grad_c_ptr:   [M, N] output G in the input dtype, contiguous (row stride N).
+    row_part_ptr: [cdiv(N, BLOCK_N), M] float32, contiguous: sum over this program's columns
+                  of G * c (the A numerator), one row of partials per column tile.
+    col_part_ptr: [3, cdiv(M, BLOCK_M), N] float32, contiguous: per row tile, the column sums
+                  of G * c (S), of dy (db) and of dy * dg/dk (dk).
+    OPERATOR:     0 linear, 1 cosine, 2 sigmoid.  DELTA: the arccos derivative bound.
+    NEED_GRAD_C:  write G and the G*c partials (dx or dw requested).
+    NEED_DB, NEED_DK: write the dy and dy*dg/dk column partials.
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                 mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                mask=mask, other=0.0).to(tl.float32)
+    if OPERATOR == 2:
+        kk = tl.load(k_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        kk = 1.0
+    num_m_tiles = tl.num_programs(0).to(tl.int64)
+    if NEED_GRAD_C:
+        grad_c = dy * dg_dc(c, kk, OPERATOR, DELTA)
+        tl.store(grad_c_ptr + rows[:, None] * N + cols[None, :],
+                 grad_c.to(grad_c_ptr.dtype.element_ty), mask=mask)
+        gc = grad_c * c
+        tl.store(row_part_ptr + pid_n * M + rows, tl.sum(gc, axis=1), mask=row_mask)
+        tl.store(col_part_ptr + pid_m * N + cols, tl.sum(gc, axis=0), mask=col_mask)
+    if NEED_DB:
+        tl.store(col_part_ptr + (num_m_tiles + pid_m) * N + cols, tl.sum(dy, axis=0),
+                 mask=col_mask)
+    if NEED_DK:
+        ddk = dy * dg_dk(c, kk)
+        # out-of-range lanes must add exactly 0 whatever dg/dk evaluates to there
+        ddk = tl.where(mask, ddk, 0.0)
+        tl.store(col_part_ptr + (2 * num_m_tiles + pid_m) * N + cols, tl.sum(ddk, axis=0),
+                 mask=col_mask)
+
+
+@triton.jit
+def _sphere_linear_bwd_dx_kernel(
+        grad_c_ptr, w_ptr, r_w_ptr, x_ptr, r_x_ptr, row_part_ptr, dx_ptr,
+        M, N, K, num_n_tiles,
+        stride_wn, stride_wk, stride_xm, stride_xk, stride_dxm, stride_dxk,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx = (G @ (w / r_w)) / r_x - x * A,  A = (sum of row partials) / r_x^2.
+
+    grad_c_ptr:   [M, N] G (input dtype), contiguous.
+    w_ptr:        [N, K] filters, strides (stride_wn, stride_wk).
+    r_w_ptr:      [N] float32 filter norms.
+    x_ptr:        [M, K] input, strides (stride_xm, stride_xk).
+    r_x_ptr:      [M] float32 row norms saved by the forward.
+    row_part_ptr: [num_n_tiles, M] float32 partial sums of G*c, summed here in tile order.
+    dx_ptr:       [M, K] output (input dtype), strides (stride_dxm, stride_dxk).
+    num_n_tiles:  number of rows of row_part (cdiv(N, BLOCK_N) of the grad_c pass).
+    DOT_PRECISION / UPCAST_DOT: as in the forward kernel.
+    BLOCK_M, BLOCK_N (reduction), BLOCK_K: tile sizes.
+    Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    k_mask = ks < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_mask = ns < N
+        g = tl.load(grad_c_ptr + rows[:, None] * N + ns[None, :],
+                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        inv_r_w = 1.0 / tl.load(r_w_ptr + ns, mask=n_mask, other=1.0)
+        w_unit = w.to(tl.float32) * inv_r_w[:, None]
+        if UPCAST_DOT:
+            acc = tl.dot(g.to(tl.float32), w_unit, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(g, w_unit.to(w.dtype), acc, input_precision=DOT_PRECISION)
+    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(0, num_n_tiles):
+        a_sum += tl.load(row_part_ptr + t * M + rows, mask=row_mask, other=0.0)
+    r_x = tl.load(r_x_ptr + rows, mask=row_mask, other=1.0)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    dx = acc / r_x[:, None] - x * (a_sum / (r_x * r_x))[:, None]
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+             dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _sphere_linear_bwd_dw_kernel(
+        grad_c_ptr, x_ptr, r_x_ptr, w_ptr, r_w_ptr, col_part_ptr, dw_ptr,
+        M, N, K, num_m_tiles,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_dwn, stride_dwk,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dw = (G^T @ (x / r_x)) / r_w - w * S / r_w^2,  S = sum of column partials.
+
+    grad_c_ptr:   [M, N] G (input dtype), contiguous.
+    x_ptr:        [M, K] input, strides (stride_xm, stride_xk).
+    r_x_ptr:      [M] float32 row norms saved by the forward.
+    w_ptr:        [N, K] filters, strides (stride_wn, stride_wk).
+    r_w_ptr:      [N] float32 filter norms.
+    col_part_ptr: [num_m_tiles, N] float32 partial column sums of G*c (first slab of the grad_c
+                  pass's col_part), summed here in tile order.
+    dw_ptr:       [N, K] output (w dtype), strides (stride_dwn, stride_dwk).
+    num_m_tiles:  number of rows of the partial slab.
+    DOT_PRECISION / UPCAST_DOT: as in the forward kernel.
+    BLOCK_M (reduction), BLOCK_N, BLOCK_K: tile sizes.
+    Grid: (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)).
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = ns < N
+    k_mask = ks < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
+        m_mask = ms < M
+        g_t = tl.load(grad_c_ptr + ms[None, :] * N + ns[:, None],
+                      mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        inv_r_x = 1.0 / tl.load(r_x_ptr + ms, mask=m_mask, other=1.0)
+        x_unit = x.to(tl.float32) * inv_r_x[:, None]
+        if UPCAST_DOT:
+            acc = tl.dot(g_t.to(tl.float32), x_unit, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(g_t, x_unit.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(0, num_m_tiles):
+        s_sum += tl.load(col_part_ptr + t * N + ns, mask=n_mask, other=0.0)
+    r_w = tl.load(r_w_ptr + ns, mask=n_mask, other=1.0)
+    w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
+                mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    dw = acc / r_w[:, None] - w * (s_sum / (r_w * r_w))[:, None]
+    tl.store(dw_ptr + ns[:, None] * stride_dwn + ks[None, :] * stride_dwk,
+             dw.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------
+
+def _gemm_config(dtype: torch.dtype, precision: str) -> dict:
+    """Tiles of the forward GEMM: output tile BLOCK_M x BLOCK_N, reduction step BLOCK_K.
+
+    Tensor cores (16-bit, tf32): 128x128 output tiles with 8 warps give wgmma enough work per
+    load; BLOCK_K 64 (16-bit) or 32 (fp32, twice the bytes) keeps 3 stages near 32-64 KiB of
+    shared memory. Exact fp32 ("ieee") runs on the FMA units, whose dot layout keeps the operands
+    in registers: 64x64 tiles with 4 warps compile without spills. Large tiles also keep the
+    interpreter's program count (its main cost) low at test shapes.
+    """
+    if dtype == torch.float32 and precision == "ieee":
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _bwd_gemm_config(dtype: torch.dtype, precision: str) -> dict:
+    """Tiles of the dx and dw GEMMs: BLOCK_OUT_ROWS x BLOCK_OUT_COLS output tiles and a reduction
+    step BLOCK_RED (over out_features for dx, over rows for dw). Tensor cores: 128x128 outputs,
+    BLOCK_RED 64 (16-bit) or 32 (fp32), so 3 stages of (G tile + operand tile) stay near 96 KiB of
+    shared memory (a 128-wide fp32 step would need 240 KiB, more than an H100 SM has). Exact
+    fp32: 64x64 outputs, 4 warps, as in the forward."""
+    if dtype == torch.float32 and precision == "ieee":
+        return dict(BLOCK_OUT_ROWS=64, BLOCK_OUT_COLS=64, BLOCK_RED=32, num_warps=4, num_stages=3)
+    red = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_OUT_ROWS=128, BLOCK_OUT_COLS=128, BLOCK_RED=red, num_warps=8, num_stages=3)
+
+
+def _elementwise_config() -> dict:
+    """The grad_c pass is memory bound: 64x64 tiles; 8 warps (16 elements a thread) leave the
+    sigmoid derivative's temporaries room in registers (4 warps spill)."""
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+_ROW_NORM_CONFIG = dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """wrap_triton on CUDA (traceable by torch.compile), a plain launch under the interpreter."""
+    if _interpreting():
+        kernel[grid](*args, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check_operator(operator: str) -> int:
+    if operator not in OPERATOR_CODES:
+        raise ValueError(f"operator must be one of {sorted(OPERATOR_CODES)}, got {operator!r}")
+    return OPERATOR_CODES[operator]
+
+
+def _check_vector(name: str, t: Optional[torch.Tensor], n: int, like: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape [{n}], got {list(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+
+
+def _check_inputs(x: torch.Tensor, w: torch.Tensor, operator: str, k: Optional[torch.Tensor]):
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {list(t.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported by the Triton linear kernels "
+                        f"(float32, float16, bfloat16; use the reference backend otherwise)")
+    if w.dtype != x.dtype:
+        raise TypeError(f"w has dtype {w.dtype} but x has {x.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"w is on {w.device} but x is on {x.device}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but w expects {w.shape[1]}")
+    if x.shape[1] == 0:
+        raise ValueError("x: in_features must be positive")
+    code = _check_operator(operator)
+    if code == OPERATOR_CODES["sigmoid"]:
+        if k is None:
+            raise ValueError("k is required (shape [out_features]) for operator 'sigmoid'")
+        _check_vector("k", k, w.shape[0], x)
+    return code
+
+
+def filter_norms(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """r_w [out] = sqrt(||w_o||^2 + eps) in float32, by the row-norm kernel."""
+    n, kdim = w.shape
+    r_w = torch.empty(n, dtype=torch.float32, device=w.device)
+    if n == 0:
+        return r_w
+    cfg = _ROW_NORM_CONFIG
+    grid = (triton.cdiv(n, cfg["BLOCK_R"]),)
+    _launch(_row_norm_kernel, grid, w, r_w, n, kdim, w.stride(0), w.stride(1), float(eps),
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+    return r_w
+
+
+def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+                      k: Optional[torch.Tensor], operator: str, eps: float
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SphereLinear forward. ``x [M, in]``, ``w [out, in]``, ``bias [out]`` or None, ``k [out]``
+    (sigmoid) or None. Returns ``(y [M, out], c [M, out], r_x [M] float32)``."""
+    code = _check_inputs(x, w, operator, k)
+    m, kdim = x.shape
+    n = w.shape[0]
+    _check_vector("bias", bias, n, x)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    r_x = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        if m:
+            r_x.copy_(torch.sqrt(x.float().pow(2).sum(1) + eps))
+        return y, c, r_x
+    r_w = filter_norms(w, eps)
+    bias_arg = bias.contiguous() if bias is not None else r_w
+    k_arg = k.contiguous() if code == OPERATOR_CODES["sigmoid"] else r_w
+    precision = _dot_precision(x.dtype)
+    cfg = _gemm_config(x.dtype, precision)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _launch(_sphere_linear_fwd_kernel, grid,
+            x, w, r_w, bias_arg, k_arg, y, c, r_x,
+            m, n, kdim,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+            float(eps),
+            OPERATOR=code, HAS_BIAS=bias is not None, DOT_PRECISION=precision,
+            UPCAST_DOT=_interpreting() and x.dtype != torch.float32,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y, c, r_x
+
+
+def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                      k: Optional[torch.Tensor], c: torch.Tensor, r_x: torch.Tensor,
+                      operator: str, eps: float,
+                      output_mask: Sequence[bool] = (True, True, True, True)):
+    """SphereLinear backward. Returns ``(dx [M, in], dw [out, in], db [out], dk [out])``; a
+    gradient not requested by ``output_mask = (dx, dw, db, dk)`` is None (dk also for operators
+    other than sigmoid). ``c`` and ``r_x`` are the forward's saved state."""
+    code = _check_inputs(x, w, operator, k)
+    m, kdim = x.shape
+    n = w.shape[0]
+    for name, t in (("dy", dy), ("c", c)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.shape != (m, n):
+            raise ValueError(f"{name} must have shape [{m}, {n}], got {list(t.shape)}")
+    if not isinstance(r_x, torch.Tensor) or r_x.shape != (m,):
+        raise ValueError(f"r_x must be a tensor of shape [{m}]")
+    if len(output_mask) != 4:
+        raise ValueError(f"output_mask must have 4 entries (dx, dw, db, dk), got {output_mask!r}")
+    need_dx, need_dw, need_db, need_dk = (bool(v) for v in output_mask)
+    need_dk = need_dk and code == OPERATOR_CODES["sigmoid"]
+
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    if m == 0 or n == 0:
+        if dx is not None:
+            dx.zero_()
+        if dw is not None:
+            dw.zero_()
+        db = torch.zeros(n, dtype=w.dtype, device=w.device) if need_db else None
+        dk = torch.zeros(n, dtype=k.dtype, device=k.device) if need_dk else None
+        return dx, dw, db, dk
+
+    ew = _elementwise_config()
+    num_m_tiles = triton.cdiv(m, ew["BLOCK_M"])
+    num_n_tiles = triton.cdiv(n, ew["BLOCK_N"])
+    need_grad_c = need_dx or need_dw
+    grad_c = torch.empty((m, n) if need_grad_c else (1, 1), dtype=x.dtype, device=x.device)
+    row_part = torch.empty((num_n_tiles, m) if need_grad_c else (1,),
+                           dtype=torch.float32, device=x.device)
+    col_part = torch.empty((3, num_m_tiles, n), dtype=torch.float32, device=x.device)
+    k_arg = k.contiguous() if code == OPERATOR_CODES["sigmoid"] else col_part
+    if need_grad_c or need_db or need_dk:
+        _launch(_sphere_linear_bwd_grad_c_kernel, (num_m_tiles, num_n_tiles),
+                dy, c, k_arg, grad_c, row_part, col_part,
+                m, n, dy.stride(0), dy.stride(1), c.stride(0), c.stride(1),
+                OPERATOR=code, DELTA=ARCCOS_DELTA,
+                NEED_GRAD_C=need_grad_c, NEED_DB=need_db, NEED_DK=need_dk,
+                BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"],
+                num_warps=ew["num_warps"], num_stages=ew["num_stages"])
+
+    # fixed-order reductions of the weight-sized partials: deterministic run to run
+    db = col_part[1].sum(dim=0).to(w.dtype) if need_db else None
+    dk = col_part[2].sum(dim=0).to(k.dtype) if need_dk else None
+
+    if need_grad_c:
+        r_w = filter_norms(w, eps)
+        r_x = r_x.to(torch.float32).contiguous()
+        precision = _dot_precision(x.dtype)
+        cfg = _bwd_gemm_config(x.dtype, precision)
+        upcast = _interpreting() and x.dtype != torch.float32
+        if need_dx:
+            grid = (triton.cdiv(m, cfg["BLOCK_OUT_ROWS"]), triton.cdiv(kdim, cfg["BLOCK_OUT_COLS"]))
+            _launch(_sphere_linear_bwd_dx_kernel, grid,
+                    grad_c, w, r_w, x, r_x, row_part, dx,
+                    m, n, kdim, num_n_tiles,
+                    w.stride(0), w.stride(1), x.stride(0), x.stride(1),
+                    dx.stride(0), dx.stride(1),
+                    DOT_PRECISION=precision, UPCAST_DOT=upcast,
+                    BLOCK_M=cfg["BLOCK_OUT_ROWS"], BLOCK_N=cfg["BLOCK_RED"],
+                    BLOCK_K=cfg["BLOCK_OUT_COLS"],
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if need_dw:
+            grid = (triton.cdiv(n, cfg["BLOCK_OUT_ROWS"]), triton.cdiv(kdim, cfg["BLOCK_OUT_COLS"]))
+            _launch(_sphere_linear_bwd_dw_kernel, grid,
+                    grad_c, x, r_x, w, r_w, col_part, dw,
+                    m, n, kdim, num_m_tiles,
+                    x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                    dw.stride(0), dw.stride(1),
+                    DOT_PRECISION=precision, UPCAST_DOT=upcast,
+                    BLOCK_M=cfg["BLOCK_RED"], BLOCK_N=cfg["BLOCK_OUT_ROWS"],
+                    BLOCK_K=cfg["BLOCK_OUT_COLS"],
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dx, dw, db, dk
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ---------------------------------------------------------------------------------------------
+
+def aot_specs() -> list:
+    """One spec per (kernel, config, dtype) for ``sphereops_kernels.aot`` (see ARCHITECTURE.md).
+
+    Sigmoid is the heaviest epilogue (it exercises every angular device function), so every
+    dtype is compiled with it; the fp32 GEMMs are compiled once with tf32 and once exact.
+    """
+    specs = []
+    ew = _elementwise_config()
+    for dtype in _SUPPORTED_DTYPES:
+        t = "*" + _TL_DTYPES[dtype]
+        # exact fp32 ("ieee") runs on the FMA units by design: no mma expected
+        on_tensor_cores = dtype != torch.float32
+        precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
+        for precision in precisions:
+            cfg = _gemm_config(dtype, precision)
+            blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+            bcfg = _bwd_gemm_config(dtype, precision)
+            dx_blocks = dict(BLOCK_M=bcfg["BLOCK_OUT_ROWS"], BLOCK_N=bcfg["BLOCK_RED"],
+                             BLOCK_K=bcfg["BLOCK_OUT_COLS"])
+            dw_blocks = dict(BLOCK_M=bcfg["BLOCK_RED"], BLOCK_N=bcfg["BLOCK_OUT_ROWS"],
+                             BLOCK_K=bcfg["BLOCK_OUT_COLS"])
+            tag = f"{_TL_DTYPES[dtype]}" + (f"_{precision}" if dtype == torch.float32 else "")
+            gemm = on_tensor_cores or precision == "tf32"
+            specs.append(dict(
+                name=f"linear_fwd_sigmoid_{tag}", fn=_sphere_linear_fwd_kernel,
+                signature={"x_ptr": t, "w_ptr": t, "r_w_ptr": "*fp32", "bias_ptr": t, "k_ptr": t,
+                           "y_ptr": t, "c_ptr": t, "r_x_ptr": "*fp32",
+                           "M": "i32", "N": "i32", "K": "i32",
+                           "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32",
+                           "stride_wk": "i32", "stride_ym": "i32", "stride_yn": "i32",
+                           "eps": "fp32",
+                           "OPERATOR": "constexpr", "HAS_BIAS": "constexpr",
+                           "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
+                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
+                                DOT_PRECISION=precision, UPCAST_DOT=False, **blocks),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm))
+            common = {"M": "i32", "N": "i32", "K": "i32"}
+            specs.append(dict(
+                name=f"linear_bwd_dx_{tag}", fn=_sphere_linear_bwd_dx_kernel,
+                signature={"grad_c_ptr": t, "w_ptr": t, "r_w_ptr": "*fp32", "x_ptr": t,
+                           "r_x_ptr": "*fp32", "row_part_ptr": "*fp32", "dx_ptr": t,
+                           **common, "num_n_tiles": "i32",
+                           "stride_wn": "i32", "stride_wk": "i32", "stride_xm": "i32",
+                           "stride_xk": "i32", "stride_dxm": "i32", "stride_dxk": "i32",
+                           "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
+                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **dx_blocks),
+                num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype, gemm=gemm))
+            specs.append(dict(
+                name=f"linear_bwd_dw_{tag}", fn=_sphere_linear_bwd_dw_kernel,
+                signature={"grad_c_ptr": t, "x_ptr": t, "r_x_ptr": "*fp32", "w_ptr": t,
+                           "r_w_ptr": "*fp32", "col_part_ptr": "*fp32", "dw_ptr": t,
+                           **common, "num_m_tiles": "i32",
+                           "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32",
+                           "stride_wk": "i32", "stride_dwn": "i32", "stride_dwk": "i32",
+                           "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
+                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+                constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **dw_blocks),
+                num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype, gemm=gemm))
+        specs.append(dict(
+            name=f"linear_bwd_grad_c_sigmoid_{_TL_DTYPES[dtype]}",
+            fn=_sphere_linear_bwd_grad_c_kernel,
+            signature={"dy_ptr": t, "c_ptr": t, "k_ptr": t, "grad_c_ptr": t,
+                       "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "M": "i32", "N": "i32",
+                       "stride_dym": "i32", "stride_dyn": "i32", "stride_cm": "i32",
+                       "stride_cn": "i32",
+                       "OPERATOR": "constexpr", "DELTA": "constexpr", "NEED_GRAD_C": "constexpr",
+                       "NEED_DB": "constexpr", "NEED_DK": "constexpr",
+                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+            constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=ARCCOS_DELTA,
+                            NEED_GRAD_C=True, NEED_DB=True, NEED_DK=True,
+                            BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"]),
+            num_warps=ew["num_warps"], num_stages=ew["num_stages"], dtype=dtype, gemm=False))
+        specs.append(dict(
+            name=f"linear_row_norm_{_TL_DTYPES[dtype]}", fn=_row_norm_kernel,
+            signature={"a_ptr": t, "out_ptr": "*fp32", "R": "i32", "C": "i32",
+                       "stride_ar": "i32", "stride_ac": "i32", "eps": "fp32",
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs=dict(BLOCK_R=_ROW_NORM_CONFIG["BLOCK_R"],
+                            BLOCK_C=_ROW_NORM_CONFIG["BLOCK_C"]),
+            num_warps=_ROW_NORM_CONFIG["num_warps"], num_stages=_ROW_NORM_CONFIG["num_stages"],
+            dtype=dtype, gemm=False))
+    return specs
