@@ -1,0 +1,207 @@
+"""The reference implementation against plain float64 autograd and independent formulas."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close, make_conv_inputs, make_linear_inputs, make_near_parallel_conv_inputs
+from sphereops import reference as R
+
+EPS = 1e-4
+CONV_OPTIONS = [
+    # kernel, stride, padding, dilation, groups, c_in, c_out
+    pytest.param(3, 1, 1, 1, 1, 4, 6, id="3x3"),
+    pytest.param(3, 2, 1, 1, 1, 4, 6, id="3x3-s2"),
+    pytest.param((3, 2), (2, 1), (0, 1), (2, 1), 2, 4, 6, id="3x2-s21-d21-g2"),
+    pytest.param(1, 1, 0, 1, 1, 5, 7, id="1x1"),
+    pytest.param(3, 1, 2, 2, 4, 4, 4, id="depthwise-d2"),
+    pytest.param(5, 3, 2, 1, 2, 4, 8, id="5x5-s3-g2"),
+]
+
+
+def _inputs64(operator, kernel, stride, padding, dilation, groups, c_in, c_out, **kw):
+    return make_conv_inputs(n=2, c_in=c_in, h=8, w=7, c_out=c_out, kernel=kernel, stride=stride,
+                            padding=padding, dilation=dilation, groups=groups, operator=operator,
+                            dtype=torch.float64, **kw)
+
+
+def _independent_forward(inp, eps=EPS):
+    """Forward from the DESIGN formulas with unfold (no shared code with reference.conv2d_forward)."""
+    x, w = inp.x, inp.w
+    kh, kw = w.shape[2:]
+    n, cin = x.shape[:2]
+    cols = F.unfold(x, (kh, kw), dilation=inp.dilation, padding=inp.padding, stride=inp.stride)
+    L = cols.shape[-1]
+    g = inp.groups
+    cols = cols.reshape(n, g, cin // g * kh * kw, L)
+    wg = w.reshape(g, w.shape[0] // g, -1)
+    s = torch.einsum("gok,ngkl->ngol", wg, cols)
+    rx = torch.sqrt((cols ** 2).sum(2) + eps)[:, :, None]
+    rw = torch.sqrt((wg ** 2).sum(-1) + eps)[None, :, :, None]
+    c = (s / (rx * rw)).clamp(-1, 1).reshape(n, w.shape[0], L)
+    theta = torch.acos(c)
+    if inp.operator == "linear":
+        y = 1 - 2 * theta / math.pi
+    elif inp.operator == "cosine":
+        y = torch.cos(theta)
+    else:
+        kk = inp.k[None, :, None]
+        # the paper's form, not the tanh form the code uses
+        e = torch.exp(-math.pi / (2 * kk))
+        y = (1 + e) / (1 - e) * (1 - torch.exp(theta / kk - math.pi / (2 * kk))) / (1 + torch.exp(theta / kk - math.pi / (2 * kk)))
+    if inp.bias is not None:
+        y = y + inp.bias[None, :, None]
+    ho = (x.shape[2] + 2 * inp.padding[0] - inp.dilation[0] * (kh - 1) - 1) // inp.stride[0] + 1
+    return y.reshape(n, w.shape[0], ho, -1)
+
+
+@pytest.mark.parametrize("operator", R.OPERATORS)
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,c_in,c_out", CONV_OPTIONS)
+def test_conv_forward_matches_independent_formula(operator, kernel, stride, padding, dilation, groups, c_in, c_out):
+    inp = _inputs64(operator, kernel, stride, padding, dilation, groups, c_in, c_out)
+    y, c, r_x = R.conv2d_forward(*inp.args(), EPS)
+    assert_close(y, _independent_forward(inp), 1e-12, 1e-12, "y")
+    assert c.shape == y.shape and r_x.shape == (y.shape[0], groups, y.shape[2], y.shape[3])
+    assert bool((c.abs() <= 1).all())
+
+
+@pytest.mark.parametrize("operator", R.OPERATORS)
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,c_in,c_out", CONV_OPTIONS)
+def test_conv_closed_form_backward_matches_autograd(operator, kernel, stride, padding, dilation, groups, c_in, c_out):
+    inp = _inputs64(operator, kernel, stride, padding, dilation, groups, c_in, c_out)
+    leaves = [inp.x, inp.w, inp.bias] + ([inp.k] if inp.k is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    y = R.conv2d_autograd(*inp.args(), EPS)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, leaves, dy)
+    with torch.no_grad():
+        y2, c, r_x = R.conv2d_forward(*inp.args(), EPS)
+        got = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding,
+                                inp.dilation, groups, operator, EPS)
+    assert_close(y2, y, 1e-12, 1e-12, "y")
+    for name, e, g in zip(("dx", "dw", "db", "dk"), expected, got):
+        assert_close(g, e, 1e-10, 1e-11, name)
+
+
+@pytest.mark.parametrize("operator", R.OPERATORS)
+def test_conv_autograd_gradcheck(operator):
+    inp = make_conv_inputs(n=1, c_in=2, h=5, w=4, c_out=3, kernel=(2, 3), stride=(1, 2), padding=1,
+                           dilation=1, groups=1, operator=operator, dtype=torch.float64)
+    leaves = [inp.x, inp.w, inp.bias] + ([inp.k] if inp.k is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def fn(*ts):
+        x, w, b = ts[:3]
+        k = ts[3] if len(ts) > 3 else None
+        return R.conv2d_autograd(x, w, b, k, inp.stride, inp.padding, inp.dilation, 1, operator, EPS)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("operator", R.OPERATORS)
+def test_linear_closed_form_matches_autograd(operator):
+    x, w, b, k = make_linear_inputs(m=7, in_features=5, out_features=4, operator=operator, dtype=torch.float64)
+    leaves = [x, w, b] + ([k] if k is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    y = R.linear_autograd(x, w, b, k, operator, EPS)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, leaves, dy)
+    with torch.no_grad():
+        y2, c, r_x = R.linear_forward(x, w, b, k, operator, EPS)
+        got = R.linear_backward(dy, x, w, k, c, r_x, operator, EPS)
+    assert_close(y2, y, 1e-12, 1e-12, "y")
+    for name, e, g in zip(("dx", "dw", "db", "dk"), expected, got):
+        assert_close(g, e, 1e-10, 1e-11, name)
+
+
+def test_linear_equals_1x1_conv():
+    """A linear layer is a 1x1 convolution on a 1x1 image: the two paths must agree."""
+    x, w, b, _ = make_linear_inputs(m=6, in_features=9, out_features=5, dtype=torch.float64)
+    yl, _, _ = R.linear_forward(x, w, b, None, "linear", EPS)
+    yc, _, _ = R.conv2d_forward(x[:, :, None, None], w[:, :, None, None], b, None, (1, 1), (0, 0), (1, 1), 1, "linear", EPS)
+    assert_close(yl, yc[:, :, 0, 0], 1e-13, 1e-13)
+
+
+def test_angular_functions_endpoints_and_derivatives():
+    """g maps [0, pi] onto [1, -1] with g(pi/2) = 0; derivatives agree with finite differences."""
+    c = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    k = torch.tensor([0.3, 0.3, 0.3], dtype=torch.float64)
+    for op in R.OPERATORS:
+        g = R.g_of_c(c, op, k if op == "sigmoid" else None)
+        assert_close(g, torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), 1e-12, 1e-12, op)
+    cs = torch.linspace(-0.95, 0.95, 41, dtype=torch.float64)
+    kk = torch.rand(41, dtype=torch.float64) + 0.2
+    h = 1e-6
+    for op in R.OPERATORS:
+        kv = kk if op == "sigmoid" else None
+        fd = (R.g_of_c(cs + h, op, kv) - R.g_of_c(cs - h, op, kv)) / (2 * h)
+        assert_close(R.dg_dc(cs, op, kv), fd, 1e-6, 1e-7, f"dg/dc {op}")
+    fd_k = (R.g_of_c(cs, "sigmoid", kk + h) - R.g_of_c(cs, "sigmoid", kk - h)) / (2 * h)
+    assert_close(R.dg_dk(cs, kk), fd_k, 1e-6, 1e-7, "dg/dk")
+
+
+def test_bounded_arccos_derivative():
+    c = torch.tensor([1.0, -1.0, 1 - 1e-12, 0.5], dtype=torch.float64)
+    d = R.dtheta_dc(c)
+    bound = 1 / math.sqrt(R.ARCCOS_DELTA)
+    assert bool(torch.isfinite(d).all())
+    assert d[0].item() == pytest.approx(-bound) and d[1].item() == pytest.approx(-bound)
+    assert d[3].item() == pytest.approx(-1 / math.sqrt(0.75))
+
+
+@pytest.mark.parametrize("operator", R.OPERATORS)
+def test_near_parallel_patches_give_finite_gradients(operator):
+    # scale 30: ||patch||^2 >> eps, so 1 - c^2 falls below ARCCOS_DELTA and the bound is exercised
+    inp = make_near_parallel_conv_inputs(noise=0.0, n=1, c_in=3, h=6, w=6, c_out=4, kernel=3,
+                                         padding=0, operator=operator, dtype=torch.float64, scale=30.0)
+    y, c, r_x = R.conv2d_forward(*inp.args(), EPS)
+    assert 1 - c.max().item() ** 2 < R.ARCCOS_DELTA, "the builder should make some patches parallel to a filter"
+    dy = torch.randn_like(y)
+    grads = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding, inp.dilation,
+                              1, operator, EPS)
+    for g in grads:
+        if g is not None:
+            assert bool(torch.isfinite(g).all())
+    # the autograd oracle uses the same bounded rule, so the two still agree there
+    leaves = [inp.x, inp.w]
+    for t in leaves:
+        t.requires_grad_(True)
+    ya = R.conv2d_autograd(*inp.args(), EPS)
+    ex = torch.autograd.grad(ya, leaves, dy)
+    assert_close(grads[0], ex[0], 1e-9, 1e-9, "dx")
+    assert_close(grads[1], ex[1], 1e-9, 1e-9, "dw")
+
+
+def test_zero_input_gives_half_pi():
+    """An all-zero patch has c = 0, theta = pi/2, g = 0: the output is the bias."""
+    for op in R.OPERATORS:
+        inp = make_conv_inputs(n=1, c_in=3, h=5, w=5, c_out=4, operator=op, dtype=torch.float64)
+        y, c, _ = R.conv2d_forward(torch.zeros_like(inp.x), inp.w, inp.bias, inp.k, inp.stride,
+                                   inp.padding, inp.dilation, 1, op, EPS)
+        assert_close(y, inp.bias.reshape(1, -1, 1, 1).expand_as(y), 1e-12, 1e-12, op)
+        assert float(c.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_paths_compute_in_fp32(dtype):
+    """fp16 inputs with |x| ~ 300 (x^2 overflows fp16) still give the float64 answer."""
+    inp = make_conv_inputs(n=1, c_in=4, h=6, w=6, c_out=4, operator="linear", dtype=dtype, scale=300.0)
+    y, c, r_x = R.conv2d_forward(*inp.args(), EPS)
+    y64, _, _ = R.conv2d_forward(*inp.to(torch.float64).args(), EPS)
+    assert y.dtype == dtype and c.dtype == dtype and r_x.dtype == torch.float32
+    assert bool(torch.isfinite(y).all())
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert_close(y, y64, tol, tol)
+
+
+def test_nan_propagates_only_to_affected_outputs():
+    inp = make_conv_inputs(n=1, c_in=2, h=8, w=8, c_out=3, kernel=3, padding=0, operator="sigmoid", dtype=torch.float64)
+    inp.x[0, 1, 0, 0] = float("nan")
+    y, _, _ = R.conv2d_forward(*inp.args(), EPS)
+    assert bool(torch.isnan(y[0, :, 0, 0]).all())
+    assert not bool(torch.isnan(y[0, :, 1:, :]).any()) and not bool(torch.isnan(y[0, :, :, 1:]).any())
