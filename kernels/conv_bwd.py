@@ -1,0 +1,717 @@
+"""Fused backward of SphereConv2d: Triton kernels and the launcher ``sphere_conv2d_bwd``.
+
+The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executable spec)::
+
+    G   = dy * dg/dc(c)                       (fp32, never stored)
+    A   = sum_{o in group} G c / r_x^2        [N, G, Ho, Wo] fp32
+    S_o = sum_{n,p} G c,  db = sum dy,  dk = sum dy * dg/dk
+    dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
+    dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
+
+Kernels and passes (one launch each, in this order):
+
+1. ``_filter_norm_kernel``: r_w [C_out] fp32 and the unit filters ``w_hat = w / r_w`` (input
+   dtype, laid out [KH, KW, C_out, C_in/G] so dgrad reads contiguous rows).
+2. ``_prep_kernel``: one pass over dy and the saved c. Stores the ONE output-sized intermediate
+   ``Hn = G / r_x`` in the input dtype, channels-last ([N*Ho*Wo, C_out] row-major) whatever the
+   input layout, plus ``A`` and per-program fp32 partial sums of S, db and dk.
+   *Why Hn = G/r_x and not H = G/(r_x r_w)*: the 1/r_w factor moves onto the (tiny) filters in
+   dgrad and into the fp32 epilogue in wgrad. H itself can fall into fp16's subnormal range
+   (|x|~300 with 64 channels gives H ~ 1e-6), where fp16 keeps only a few bits; Hn is r_w
+   (~sqrt(fan_in) * |w|) times larger. Computing the partial sums here rather than inside the
+   GEMM operand loads keeps the GEMM main loops pure loads + tl.dot (G needs an arccos for the
+   sigmoid operator, which would be recomputed KH*KW times in dgrad).
+3. ``_reduce_partials_kernel``: sums the partials of step 2 in a fixed order -> S (fp32), db, dk.
+4. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
+   correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
+   the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
+   (kh, kw) is the same for every pixel, so it loops over exactly those taps (no zero-stuffing,
+   no masked-out MMAs).
+5. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
+   ranges that write fp32 partials; ``_dw_finalize_kernel`` sums the partials in split order and
+   applies ``/ r_w - w S / r_w^2``. No atomics anywhere: same inputs -> bitwise same gradients.
+
+Numerics: fp32 accumulation everywhere; fp32 inputs use tf32 tensor cores iff
+``torch.backends.cudnn.allow_tf32`` (PyTorch's switch for convolutions). Pixel offsets are int64.
+Under the interpreter (``TRITON_INTERPRET=1``) 16-bit ``tl.dot`` operands are upcast to fp32
+(the interpreter's 16-bit dot is wrong); the GPU build is unchanged (constexpr ``UPCAST_DOT``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .angular import OPERATOR_CODES, dg_dc, dg_dk
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _to_dtype_of(v, dst_ptr, EMULATE_RTNE: tl.constexpr):
+    """Cast the fp32 block v to dst_ptr's element type for storing.
+
+    EMULATE_RTNE (interpreter only): the interpreter's fp32 -> bf16 conversion does not round to
+    nearest-even as the GPU's cvt.rn does (half the values come out one ulp off, with a bias),
+    which would inflate every bf16 error in the tests; round in fp32 first so the final cast is
+    exact. NaN is passed through untouched (adding to its bits could turn it into Inf).
+    """
+    if EMULATE_RTNE and dst_ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        v = tl.where(v == v, rounded, v)
+    return v.to(dst_ptr.dtype.element_ty)
+
+@triton.jit
+def _filter_norm_kernel(
+    w_ptr, rw_ptr, what_ptr,
+    C_out, CG_IN,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    eps,
+    KH: tl.constexpr, KW: tl.constexpr,
+    STORE_W_HAT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """r_w = sqrt(||w_o||^2 + eps) and w_hat = w / r_w.
+
+    w_ptr:    [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
+    rw_ptr:   [C_out] fp32, contiguous.
+    what_ptr: [KH, KW, C_out, CG_IN] in w's dtype, contiguous (written iff STORE_W_HAT).
+    eps: the epsilon inside the square root.
+    KH, KW: filter size. STORE_W_HAT: also write w_hat (only dgrad needs it).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    BLOCK_O: filters per program. BLOCK_F: filter elements (ci, kh, kw) per loop step.
+    Grid: (cdiv(C_out, BLOCK_O),).
+    """
+    pid = tl.program_id(0)
+    offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < C_out
+    o64 = offs_o.to(tl.int64)
+    n_f = CG_IN * KH * KW
+    sumsq = tl.zeros([BLOCK_O, BLOCK_F], dtype=tl.float32)
+    for f0 in range(0, n_f, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        ci = offs_f // (KH * KW)
+        tap = offs_f % (KH * KW)
+        kh = tap // KW
+        kw = tap % KW
+        mask = o_mask[:, None] & (offs_f < n_f)[None, :]
+        ptrs = (w_ptr + o64[:, None] * stride_wo
+                + (ci * stride_wc + kh * stride_wh + kw * stride_ww)[None, :])
+        wv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        sumsq += wv * wv
+    r_w = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
+    tl.store(rw_ptr + offs_o, r_w, mask=o_mask)
+    if STORE_W_HAT:
+        inv_rw = 1.0 / r_w
+        for f0 in range(0, n_f, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            ci = offs_f // (KH * KW)
+            tap = offs_f % (KH * KW)
+            kh = tap // KW
+            kw = tap % KW
+            mask = o_mask[:, None] & (offs_f < n_f)[None, :]
+            ptrs = (w_ptr + o64[:, None] * stride_wo
+                    + (ci * stride_wc + kh * stride_wh + kw * stride_ww)[None, :])
+            wv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            dst = what_ptr + (tap.to(tl.int64)[None, :] * C_out + o64[:, None]) * CG_IN + ci[None, :]
+            tl.store(dst, _to_dtype_of(wv * inv_rw[:, None], what_ptr, EMULATE_RTNE), mask=mask)
+
+
+@triton.jit
+def _prep_kernel(
+    dy_ptr, c_ptr, rx_ptr, k_ptr, hn_ptr, a_ptr, part_ptr,
+    M, HoWo, Wo, C_out, CG_OUT, G, R,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_cn, stride_cc, stride_ch, stride_cw,
+    OPERATOR: tl.constexpr, DELTA: tl.constexpr,
+    STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Elementwise/row pass over dy and c for one block of output pixels and one group.
+
+    dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
+    c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...).
+    rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
+    k_ptr:  [C_out] sigmoid steepness (any float dtype); only read when OPERATOR == 2.
+    hn_ptr: [M = N*Ho*Wo, C_out] contiguous, input dtype: Hn = G / r_x (written iff STORE_HN).
+    a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
+    part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
+              row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
+    M = N*Ho*Wo, HoWo = Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M) = grid axis 0.
+    OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
+    STORE_HN, STORE_A, NEED_S, NEED_DB, NEED_DK: which outputs to write (output_mask).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
+    Grid: (R, G).
+    """
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    n = (offs_m // HoWo).to(tl.int64)
+    hw = offs_m % HoWo
+    ho = hw // Wo
+    wo = hw % Wo
+    dy_row = n * stride_dyn + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
+    c_row = n * stride_cn + ho.to(tl.int64) * stride_ch + wo.to(tl.int64) * stride_cw
+    rx_offs = (n * G + g) * HoWo + hw
+    r_x = tl.load(rx_ptr + rx_offs, mask=m_mask, other=1.0)
+    inv_rx = 1.0 / r_x
+    a_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, CG_OUT, BLOCK_C):
+        offs_cl = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_cl < CG_OUT
+        offs_o = g * CG_OUT + offs_cl
+        o64 = offs_o.to(tl.int64)
+        mask = m_mask[:, None] & c_mask[None, :]
+        dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        if OPERATOR == 2:
+            kv = tl.load(k_ptr + offs_o, mask=c_mask, other=1.0).to(tl.float32)[None, :]
+        else:
+            kv = 1.0
+        grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
+        gc = grad_c * cv
+        if STORE_HN:
+            hn = grad_c * inv_rx[:, None]
+            hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + offs_o[None, :]
+            tl.store(hn_ptrs, _to_dtype_of(hn, hn_ptr, EMULATE_RTNE), mask=mask)
+        if STORE_A:
+            a_acc += tl.sum(gc, axis=1)
+        if NEED_S:
+            tl.store(part_ptr + pid_m * C_out + offs_o, tl.sum(gc, axis=0), mask=c_mask)
+        if NEED_DB:
+            tl.store(part_ptr + (R + pid_m) * C_out + offs_o, tl.sum(dy, axis=0), mask=c_mask)
+        if NEED_DK:
+            dk = tl.where(mask, dy * dg_dk(cv, kv), 0.0)
+            tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
+    if STORE_A:
+        tl.store(a_ptr + rx_offs, a_acc * inv_rx * inv_rx, mask=m_mask)
+
+
+@triton.jit
+def _reduce_partials_kernel(
+    part_ptr, s_ptr, db_ptr, dk_ptr,
+    R, C_out,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Deterministic column sums of the prep partials (fixed order, no atomics).
+
+    part_ptr: [3, R, C_out] fp32 contiguous (rows S, db, dk; see _prep_kernel).
+    s_ptr:  [C_out] fp32 (iff NEED_S). db_ptr: [C_out] in the bias dtype (iff NEED_DB).
+    dk_ptr: [C_out] in k's dtype (iff NEED_DK).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    BLOCK_R: partial rows per loop step. BLOCK_C: channels per program.
+    Grid: (cdiv(C_out, BLOCK_C),).
+    """
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_out
+    acc_s = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_dk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask = (offs_r < R)[:, None] & c_mask[None, :]
+        offs = offs_r.to(tl.int64)[:, None] * C_out + offs_c[None, :]
+        if NEED_S:
+            acc_s += tl.load(part_ptr + offs, mask=mask, other=0.0)
+        if NEED_DB:
+            acc_db += tl.load(part_ptr + R * C_out + offs, mask=mask, other=0.0)
+        if NEED_DK:
+            acc_dk += tl.load(part_ptr + 2 * R * C_out + offs, mask=mask, other=0.0)
+    if NEED_S:
+        tl.store(s_ptr + offs_c, tl.sum(acc_s, axis=0), mask=c_mask)
+    if NEED_DB:
+        tl.store(db_ptr + offs_c, _to_dtype_of(tl.sum(acc_db, axis=0), db_ptr, EMULATE_RTNE), mask=c_mask)
+    if NEED_DK:
+        tl.store(dk_ptr + offs_c, _to_dtype_of(tl.sum(acc_dk, axis=0), dk_ptr, EMULATE_RTNE), mask=c_mask)
+
+
+@triton.jit
+def _dgrad_kernel(
+    hn_ptr, what_ptr, a_ptr, x_ptr, dx_ptr,
+    N, H, W, Ho, Wo, C_out, CG_IN, CG_OUT, G, HP, WP,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr, STEP_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx = sum_{taps, o} Hn[pixel(tap), o] * w_hat[tap, o, ci] - x * boxsum^T(A).
+
+    hn_ptr:   [N*Ho*Wo, C_out] contiguous (Hn = G / r_x, input dtype).
+    what_ptr: [KH, KW, C_out, CG_IN] contiguous (w / r_w, input dtype).
+    a_ptr:    [N, G, Ho, Wo] fp32 contiguous.
+    x_ptr:    [N, G*CG_IN, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
+    dx_ptr:   [N, G*CG_IN, H, W], strides (stride_dxn, ...); every element written once.
+    HP = cdiv(H, SH), WP = cdiv(W, SW): pixels per stride phase (upper bound).
+    KH, KW: filter size. SH, SW: stride. PH, PW: padding. DH, DW: dilation.
+    STEP_H = SH / gcd(SH, DH) (STEP_W likewise): distance between contributing taps of a phase.
+    UPCAST_DOT: upcast 16-bit operands to fp32 before tl.dot (interpreter only).
+    DOT_PRECISION: "tf32" or "ieee" for fp32 operands.
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    BLOCK_M: input pixels of one phase per program. BLOCK_N: input channels per program.
+    BLOCK_K: output channels per reduction step.
+    Grid: (cdiv(N*HP*WP, BLOCK_M), cdiv(CG_IN, BLOCK_N), G*SH*SW).
+
+    Phase decomposition: input row hi = ph + SH*i receives output row ho from tap kh iff
+    hi + PH - kh*DH = SH*ho, i.e. iff (ph + PH - kh*DH) % SH == 0, which does not depend on i.
+    The contributing kh of a phase are kh_first, kh_first + STEP_H, ... < KH, and then
+    ho = i + (ph + PH - kh*DH) / SH (an exact division).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_gp = tl.program_id(2)
+    g = pid_gp // (SH * SW)
+    phase = pid_gp % (SH * SW)
+    ph = phase // SW
+    pw = phase % SW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = offs_m // (HP * WP)
+    rem = offs_m % (HP * WP)
+    i = rem // WP
+    j = rem % WP
+    hi = ph + SH * i
+    wi = pw + SW * j
+    m_mask = (offs_m < N * HP * WP) & (hi < H) & (wi < W)
+    n64 = n.to(tl.int64)
+
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = offs_ci < CG_IN
+
+    # First contributing tap of this phase in each direction (KH / KW: none contributes).
+    kh_first = KH
+    for q in tl.static_range(STEP_H):
+        cand = STEP_H - 1 - q
+        # (ph + PH - cand*DH) mod SH, written with a non-negative left operand.
+        kh_first = tl.where((ph + PH + cand * DH * (SH - 1)) % SH == 0, cand, kh_first)
+    kw_first = KW
+    for q in tl.static_range(STEP_W):
+        cand = STEP_W - 1 - q
+        kw_first = tl.where((pw + PW + cand * DW * (SW - 1)) % SW == 0, cand, kw_first)
+    taps_h = tl.where(kh_first < KH, (KH - kh_first + STEP_H - 1) // STEP_H, 0)
+    taps_w = tl.where(kw_first < KW, (KW - kw_first + STEP_W - 1) // STEP_W, 0)
+    n_kc = tl.cdiv(CG_OUT, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    box = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t in range(0, taps_h * taps_w * n_kc):
+        tap = t // n_kc
+        kc = t % n_kc
+        kh = kh_first + (tap // taps_w) * STEP_H
+        kw = kw_first + (tap % taps_w) * STEP_W
+        ho = i + (ph + PH - kh * DH) // SH
+        wo = j + (pw + PW - kw * DW) // SW
+        valid = m_mask & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+        pix = (n64 * Ho + ho) * Wo + wo
+        offs_kl = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_kl < CG_OUT
+        offs_o = g * CG_OUT + offs_kl
+        h_tile = tl.load(hn_ptr + pix[:, None] * C_out + offs_o[None, :],
+                         mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w_rows = (kh * KW + kw).to(tl.int64) * C_out + offs_o
+        w_tile = tl.load(what_ptr + w_rows[:, None] * CG_IN + offs_ci[None, :],
+                         mask=k_mask[:, None] & ci_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            h_tile = h_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PRECISION)
+        # The box-sum of A over the taps that reach this pixel: once per tap (first chunk).
+        box += tl.load(a_ptr + ((n64 * G + g) * Ho + ho) * Wo + wo,
+                       mask=valid & ((ho * 0 + kc) == 0), other=0.0)
+
+    c64 = (g * CG_IN + offs_ci).to(tl.int64)
+    out_mask = m_mask[:, None] & ci_mask[None, :]
+    x_offs = (n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None] \
+        + (c64 * stride_xc)[None, :]
+    xv = tl.load(x_ptr + x_offs, mask=out_mask, other=0.0).to(tl.float32)
+    dx = acc - xv * box[:, None]
+    dx_offs = (n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw)[:, None] \
+        + (c64 * stride_dxc)[None, :]
+    tl.store(dx_ptr + dx_offs, _to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    hn_ptr, x_ptr, part_ptr,
+    M, HoWo, Wo, H, W, C_out, CG_IN, CG_OUT, M_PER_SPLIT, SPLIT,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Partial weight gradient sum_{m in split} Hn[m, o] * x_patch[m, ci, kh, kw].
+
+    hn_ptr:   [M = N*Ho*Wo, C_out] contiguous (Hn = G / r_x, input dtype).
+    x_ptr:    [N, G*CG_IN, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
+    part_ptr: [SPLIT, C_out, CG_IN, KH, KW] fp32 contiguous; this program writes its
+              [BLOCK_O, BLOCK_CI] tile of split s, tap (kh, kw). Still to be divided by r_w.
+    M_PER_SPLIT: output pixels per split (a multiple of BLOCK_M).
+    KH, KW: filter size. SH, SW: stride. PH, PW: padding. DH, DW: dilation.
+    UPCAST_DOT, DOT_PRECISION: see _dgrad_kernel.
+    BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
+    BLOCK_M: output pixels per reduction step.
+    Grid: (cdiv(CG_OUT, BLOCK_O) * cdiv(CG_IN, BLOCK_CI), KH*KW, SPLIT * G).
+    """
+    pid_oc = tl.program_id(0)
+    tap = tl.program_id(1)
+    pid_sg = tl.program_id(2)
+    s = pid_sg % SPLIT
+    g = pid_sg // SPLIT
+    n_ci_blocks = tl.cdiv(CG_IN, BLOCK_CI)
+    pid_o = pid_oc // n_ci_blocks
+    pid_ci = pid_oc % n_ci_blocks
+    kh = tap // KW
+    kw = tap % KW
+
+    offs_ol = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_ol < CG_OUT
+    offs_o = g * CG_OUT + offs_ol
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_mask = offs_ci < CG_IN
+    x_chan = ((g * CG_IN + offs_ci).to(tl.int64) * stride_xc)[None, :]
+
+    m_start = s * M_PER_SPLIT
+    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    acc = tl.zeros([BLOCK_O, BLOCK_CI], dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        n = offs_m // HoWo
+        hw = offs_m % HoWo
+        ho = hw // Wo
+        wo = hw % Wo
+        hi = ho * SH - PH + kh * DH
+        wi = wo * SW - PW + kw * DW
+        valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        ht = tl.load(hn_ptr + offs_m.to(tl.int64)[None, :] * C_out + offs_o[:, None],
+                     mask=o_mask[:, None] & m_mask[None, :], other=0.0)
+        x_row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+        xt = tl.load(x_ptr + x_row[:, None] + x_chan, mask=valid[:, None] & ci_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            ht = ht.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(ht, xt, acc, input_precision=DOT_PRECISION)
+
+    dst = (((s * C_out + offs_o).to(tl.int64)[:, None] * CG_IN + offs_ci[None, :]) * (KH * KW)
+           + kh * KW + kw)
+    tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & ci_mask[None, :])
+
+
+@triton.jit
+def _dw_finalize_kernel(
+    part_ptr, w_ptr, rw_ptr, s_ptr, dw_ptr,
+    C_out, CG_IN, SPLIT,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_dwo, stride_dwc, stride_dwh, stride_dww,
+    KH: tl.constexpr, KW: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dw = (sum over splits of the partials) / r_w - w * S / r_w^2, splits summed in order.
+
+    part_ptr: [SPLIT, C_out, CG_IN, KH, KW] fp32 contiguous (from _wgrad_kernel).
+    w_ptr:  [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
+    rw_ptr: [C_out] fp32. s_ptr: [C_out] fp32 (S_o = sum G c).
+    dw_ptr: [C_out, CG_IN, KH, KW] in w's dtype, strides (stride_dwo, ...).
+    KH, KW: filter size. BLOCK: weight elements per program.
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    Grid: (cdiv(C_out*CG_IN*KH*KW, BLOCK),).
+    """
+    pid = tl.program_id(0)
+    numel = C_out * CG_IN * KH * KW
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    o = offs // (CG_IN * KH * KW)
+    f = offs % (CG_IN * KH * KW)
+    ci = f // (KH * KW)
+    tap = f % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+    wv = tl.load(w_ptr + o * stride_wo + ci * stride_wc + kh * stride_wh + kw * stride_ww,
+                 mask=mask, other=0.0).to(tl.float32)
+    r_w = tl.load(rw_ptr + o, mask=mask, other=1.0)
+    s_o = tl.load(s_ptr + o, mask=mask, other=0.0)
+    inv_rw = 1.0 / r_w
+    dw = acc * inv_rw - wv * (s_o * inv_rw * inv_rw)
+    tl.store(dw_ptr + o * stride_dwo + ci * stride_dwc + kh * stride_dwh + kw * stride_dww,
+             _to_dtype_of(dw, dw_ptr, EMULATE_RTNE), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs (fixed per shape: no autotuning, so that results never depend on timing noise and
+# torch.compile sees plain launches)
+# ---------------------------------------------------------------------------------------------
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def dgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
+    """Tiles for _dgrad_kernel. 128 input pixels x up to 128 input channels: one Hopper
+    warpgroup (num_warps=4) holds the fp32 accumulator in 128 registers/thread; BLOCK_K 64
+    (16-bit) = 128-byte rows for the swizzled shared-memory operands; fp32 operands take
+    BLOCK_K 32 so 3 stages stay within shared memory. Never 8 warps (non-1x1 implicit GEMM)."""
+    max_k = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=128, BLOCK_N=_pow2_clamp(cg_in, 16, 128), BLOCK_K=_pow2_clamp(cg_out, 16, max_k),
+                num_warps=4, num_stages=3)
+
+
+def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
+    """Tiles for _wgrad_kernel: up to 128x128 (o x ci) per program per tap, reducing over 64
+    (16-bit) or 32 (fp32) output pixels per step with 3 pipeline stages."""
+    block_m = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_O=_pow2_clamp(cg_out, 16, 128), BLOCK_CI=_pow2_clamp(cg_in, 16, 128), BLOCK_M=block_m,
+                num_warps=4, num_stages=3)
+
+
+PREP_CONFIG = dict(BLOCK_M=64, BLOCK_C=64, num_warps=4)
+FILTER_CONFIG = dict(BLOCK_O=16, BLOCK_F=128, num_warps=4)
+REDUCE_CONFIG = dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
+FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
+
+
+def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.device) -> int:
+    """Number of contiguous reduction ranges for wgrad: enough programs to fill the GPU
+    (about 4 per SM), each range at least 8 reduction steps long so the partials traffic stays
+    small next to the GEMM. Under the interpreter: up to 3, so the split path is always tested."""
+    steps = triton.cdiv(m_out, block_m)
+    if device.type != "cuda":
+        return max(1, min(3, steps))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(4 * sms, max(base_programs, 1))
+    return max(1, min(want, steps // 8, 256))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(kernel, grid, args, **kwargs):
+    if args[0].is_cuda:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def _pair(v, name: str) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def _check_tensor(t, name: str, ndim: int):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Optional[torch.Tensor],
+                      c: torch.Tensor, r_x: torch.Tensor, stride, padding, dilation, groups: int,
+                      operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True)):
+    """Backward of SphereConv2d (contract: docs/ARCHITECTURE.md, ``conv2d_backward``).
+
+    Args:
+        dy: [N, C_out, Ho, Wo] incoming gradient (any layout).
+        x: [N, C_in, H, W] the forward input (NCHW or channels_last), fp32/fp16/bf16.
+        w: [C_out, C_in/groups, KH, KW] filters, same dtype as x.
+        k: None (linear, cosine) or [C_out] sigmoid steepness.
+        c, r_x: the saved state of the forward: c [N, C_out, Ho, Wo] (input dtype),
+            r_x [N, groups, Ho, Wo] float32.
+        stride, padding, dilation: pairs of ints (padding symmetric). groups: int.
+        operator: "linear" | "cosine" | "sigmoid". eps: the epsilon of the norms.
+        output_mask: (need_dx, need_dw, need_db, need_dk).
+
+    Returns:
+        (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
+        dk [C_out] in k's dtype (sigmoid only); a gradient not needed is None.
+    """
+    from sphereops.reference import ARCCOS_DELTA  # the single source of the constant
+
+    for t, name, nd in ((dy, "dy", 4), (x, "x", 4), (w, "w", 4), (c, "c", 4), (r_x, "r_x", 4)):
+        _check_tensor(t, name, nd)
+    if operator not in OPERATOR_CODES:
+        raise ValueError(f"operator must be one of {tuple(OPERATOR_CODES)}, got {operator!r}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    for t, name in ((w, "w"), (dy, "dy"), (c, "c")):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if r_x.dtype != torch.float32:
+        raise TypeError(f"r_x must be float32, got {r_x.dtype}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw_ = _pair(dilation, "dilation")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"stride must be positive, got {stride!r}")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    if dh < 1 or dw_ < 1:
+        raise ValueError(f"dilation must be positive, got {dilation!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if len(output_mask) != 4:
+        raise ValueError(f"output_mask must have 4 entries, got {output_mask!r}")
+    need_dx, need_dw, need_db, need_dk = (bool(v) for v in output_mask)
+
+    n, c_in, h, wd = x.shape
+    c_out, cg_in, kh, kw = w.shape
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    if cg_in != c_in // groups:
+        raise ValueError(f"w must have C_in/groups={c_in // groups} input channels, got {cg_in}")
+    cg_out = c_out // groups
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw_ * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x of spatial size {(h, wd)} is too small for the filter/padding/dilation")
+    if tuple(dy.shape) != (n, c_out, ho, wo):
+        raise ValueError(f"dy must have shape {(n, c_out, ho, wo)}, got {tuple(dy.shape)}")
+    if tuple(c.shape) != (n, c_out, ho, wo):
+        raise ValueError(f"c must have shape {(n, c_out, ho, wo)}, got {tuple(c.shape)}")
+    if tuple(r_x.shape) != (n, groups, ho, wo):
+        raise ValueError(f"r_x must have shape {(n, groups, ho, wo)}, got {tuple(r_x.shape)}")
+    if operator == "sigmoid":
+        if not isinstance(k, torch.Tensor) or k.dim() != 1 or k.shape[0] != c_out:
+            raise ValueError(f"k must be a [C_out={c_out}] tensor for the sigmoid operator")
+        if not k.is_floating_point():
+            raise TypeError(f"k must be a floating tensor, got {k.dtype}")
+    for t, name in ((dy, "dy"), (w, "w"), (c, "c"), (r_x, "r_x")) + (((k, "k"),) if operator == "sigmoid" else ()):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError("sphere_conv2d_bwd needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    m_out = n * ho * wo
+    if max(m_out, n * h * wd) > _INT32_MAX:
+        raise ValueError("more than 2^31-1 pixels in one batch is not supported; split the batch")
+
+    need_dk = need_dk and operator == "sigmoid"
+    need_grads = need_dx or need_dw
+    dev, dtype = x.device, x.dtype
+    dx = dw = db = dk = None
+    if not (need_grads or need_db or need_dk):
+        return dx, dw, db, dk
+
+    upcast = _interpreting() and dtype != torch.float32
+    rtne = _interpreting()
+    precision = _dot_precision(dtype)
+    r_x = r_x.contiguous()
+    k_arg = k if operator == "sigmoid" else r_x  # never read unless sigmoid
+
+    # 1. filter norms (and unit filters for dgrad)
+    if need_grads:
+        r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
+        w_hat = torch.empty((kh, kw, c_out, cg_in) if need_dx else (1,), device=dev, dtype=dtype)
+        cfg = FILTER_CONFIG
+        _launch(_filter_norm_kernel, (triton.cdiv(c_out, cfg["BLOCK_O"]),),
+                (w, r_w, w_hat, c_out, cg_in, *w.stride(), float(eps)),
+                KH=kh, KW=kw, STORE_W_HAT=need_dx, EMULATE_RTNE=rtne, BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"],
+                num_warps=cfg["num_warps"])
+
+    # 2. the elementwise pass over dy and c
+    cfg = PREP_CONFIG
+    r_rows = triton.cdiv(m_out, cfg["BLOCK_M"])
+    hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
+    a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
+    partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
+    _launch(_prep_kernel, (r_rows, groups),
+            (dy, c, r_x, k_arg, hn, a_buf, partials, m_out, ho * wo, wo, c_out, cg_out, groups, r_rows,
+             *dy.stride(), *c.stride()),
+            OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
+            STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
+            EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]),
+            num_warps=cfg["num_warps"])
+
+    # 3. deterministic sums of the partials
+    s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
+    db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
+    dk = torch.empty(c_out, device=dev, dtype=k.dtype) if need_dk else None
+    if need_dw or need_db or need_dk:
+        cfg = REDUCE_CONFIG
+        _launch(_reduce_partials_kernel, (triton.cdiv(c_out, cfg["BLOCK_C"]),),
+                (partials, s_sum, db if need_db else s_sum, dk if need_dk else s_sum, r_rows, c_out),
+                NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
+                BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+
+    # 4. dgrad fused with the norm correction
+    if need_dx:
+        dx = torch.empty_like(x)  # preserves NCHW / channels_last
+        cfg = dgrad_config(cg_in, cg_out, dtype)
+        hp, wp = triton.cdiv(h, sh), triton.cdiv(wd, sw)
+        grid = (triton.cdiv(n * hp * wp, cfg["BLOCK_M"]), triton.cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
+        _launch(_dgrad_kernel, grid,
+                (hn, w_hat, a_buf, x, dx, n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, hp, wp,
+                 *x.stride(), *dx.stride()),
+                KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_,
+                STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
+                UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    # 5. wgrad: split reduction into fp32 partials, then the ordered finalize pass
+    if need_dw:
+        cfg = wgrad_config(cg_in, cg_out, dtype)
+        base = groups * triton.cdiv(cg_out, cfg["BLOCK_O"]) * triton.cdiv(cg_in, cfg["BLOCK_CI"]) * kh * kw
+        split = _wgrad_split(m_out, base, cfg["BLOCK_M"], dev)
+        m_per_split = triton.cdiv(triton.cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+        split = triton.cdiv(m_out, m_per_split)
+        w_part = torch.empty((split, c_out, cg_in, kh, kw), device=dev, dtype=torch.float32)
+        grid = (triton.cdiv(cg_out, cfg["BLOCK_O"]) * triton.cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
+        _launch(_wgrad_kernel, grid,
+                (hn, x, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, m_per_split, split,
+                 *x.stride()),
+                KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_,
+                UPCAST_DOT=upcast, DOT_PRECISION=precision,
+                BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        dw = torch.empty_like(w)
+        cfg = FINALIZE_CONFIG
+        _launch(_dw_finalize_kernel, (triton.cdiv(w.numel(), cfg["BLOCK"]),),
+                (w_part, w, r_w, s_sum, dw, c_out, cg_in, split, *w.stride(), *dw.stride()),
+                KH=kh, KW=kw, EMULATE_RTNE=rtne, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+
+    return dx, dw, db, dk
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
