@@ -5,7 +5,8 @@ config is there, and (where useful) a pruning function that drops configs the sh
 The backward kernels append their own sets here.
 
 Rules for the implicit-GEMM conv kernels: power-of-two blocks >= 16 (tl.dot), num_warps 4
-(one warpgroup: 8 warps spill on non-1x1 convs, whose address arithmetic is register heavy),
+(one warpgroup: 8 warps spill on non-1x1 convs, whose address arithmetic is register heavy;
+8-warp configs are pruned unless the filter is 1x1),
 num_stages 3-4 so that the global->shared pipeline hides the latency of the gathered input loads.
 """
 
@@ -41,14 +42,18 @@ def conv_fwd_configs():
         _cfg(128, 32, 32, num_stages=4),
         # Minimum-N tile for depthwise-like shapes (C_out/G <= 16) with tiny K.
         _cfg(128, 16, 16, num_stages=3),
+        # 1x1 convs only (pruned otherwise): a plain GEMM with light address math, so two
+        # warpgroups can share a 128x128 tile and halve the per-thread accumulator.
+        _cfg(128, 128, 64, num_stages=3, num_warps=8),
     ]
 
 
 def prune_conv_fwd_configs(configs, named_args, **kwargs):
     """Drop configs whose N or K block is far larger than the problem needs (pure padding).
 
-    Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)) and, for the channel-chunk loop
-    (C_in/G >= 16), BLOCK_K <= max(16, next_pow2(C_in/G)); always keeps at least one config.
+    Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)), BLOCK_K <= max(32, next_pow2(K
+    step range)) (C_in/G for the channel-chunk loop, C_in/G*kh*kw for the flat loop), and
+    num_warps < 8 unless the filter is 1x1; always keeps at least one config.
     """
     def arg(name, default=None):
         # positional launch arguments arrive in named_args, keyword ones (constexprs) in kwargs
@@ -60,7 +65,10 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
     k_cap = max(16, triton.next_power_of_2(c_in_g * int(arg("KH", 1)) * int(arg("KW", 1))))
     if c_in_g >= 16:
         k_cap = max(16, triton.next_power_of_2(c_in_g))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    one_by_one = int(arg("KH", 1)) * int(arg("KW", 1)) == 1
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= max(32, k_cap)
+            and (c.num_warps < 8 or one_by_one)]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
     return kept

@@ -58,6 +58,9 @@ def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
     bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
     """
     c = clamp_cos(acc / denom)
+    # c is stored before g is formed so that it can die element by element inside g: keeping
+    # both full tiles live at once pushes a 128x128 tile past 255 registers
+    tl.store(c_ptr + out_offs, c.to(c_ptr.dtype.element_ty), mask=out_mask)
     if OPERATOR == 2:
         k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
         g = g_of_c(c, k[None, :], OPERATOR)
@@ -67,7 +70,6 @@ def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
         b = tl.load(bias_ptr + o_glob, mask=mask_n, other=0.0).to(tl.float32)
         g = g + b[None, :]
     tl.store(y_ptr + out_offs, g.to(y_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(c_ptr + out_offs, c.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -287,12 +289,13 @@ def _dw_configs():
     """Depthwise tiles: memory bound, so wide channel tiles (contiguous in channels_last) and
     enough pixels per program to amortise the index math."""
     return [
-        # 64 channels x 64 pixels: 128-byte fp16 rows per pixel, 4 warps.
-        triton.Config({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+        # 64 channels x 64 pixels: 128-byte fp16 rows per pixel.  8 warps (no tensor cores
+        # here): with 4, the unrolled taps' loads in flight push the tile to 255 registers.
+        triton.Config({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
         # 32 channels x 128 pixels: for C < 64 (fewer masked lanes).
-        triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=8, num_stages=1),
         # 128 channels x 32 pixels: wide layers (MobileNet late stages), small spatial size.
-        triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=8, num_stages=1),
     ]
 
 
@@ -491,6 +494,19 @@ def _signature(fn, dtype_name, constexprs):
     return sig
 
 
+# Integer arguments that the runtime specialises as multiples of 16 on the modelled fast path
+# (channels_last 3x3 conv, 64 channels per group, 56x56): pointers are 16-byte aligned too.
+_AOT_DIVISIBLE_INTS = ("c_out_per_group", "c_in_per_group", "channels", "stride_xn", "stride_xh",
+                       "stride_xw", "stride_yn", "stride_yh", "stride_yw")
+
+
+def _attrs(fn, signature):
+    """Divisibility attributes as the JIT would infer them at run time (``attrs`` of ASTSource):
+    without them an AOT compile cannot see the 16-byte aligned rows and emits scalar loads."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+            if signature[a].startswith("*") or (a in _AOT_DIVISIBLE_INTS and signature[a] == "i32")}
+
+
 def aot_specs():
     """Compile specs for ``make aot-check``: every GEMM config x dtype (x tf32/ieee for fp32),
     plus the depthwise configs per dtype.  They model the fast path: a 3x3 channels_last conv
@@ -506,8 +522,9 @@ def aot_specs():
                     UPCAST_DOT=False, **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{bm}x{bn}x{bk}_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
-                specs.append(dict(name=name, fn=_sphere_conv_fwd_kernel,
-                                  signature=_signature(_sphere_conv_fwd_kernel, dtype_name, constexprs),
+                sig = _signature(_sphere_conv_fwd_kernel, dtype_name, constexprs)
+                specs.append(dict(name=name, fn=_sphere_conv_fwd_kernel, signature=sig,
+                                  attrs=_attrs(_sphere_conv_fwd_kernel, sig),
                                   constexprs=constexprs, num_warps=cfg.num_warps,
                                   num_stages=cfg.num_stages, dtype=dtype_name, gemm=True))
     for cfg in _dw_configs():
@@ -515,9 +532,9 @@ def aot_specs():
             constexprs = dict(stride_xc=1, stride_yc=1, KH=3, KW=3,
                               OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True, **cfg.kwargs)
             name = f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}_{dtype_name}"
-            specs.append(dict(name=name, fn=_sphere_conv_dw_fwd_kernel,
-                              signature=_signature(_sphere_conv_dw_fwd_kernel, dtype_name,
-                                                   constexprs),
+            sig = _signature(_sphere_conv_dw_fwd_kernel, dtype_name, constexprs)
+            specs.append(dict(name=name, fn=_sphere_conv_dw_fwd_kernel, signature=sig,
+                              attrs=_attrs(_sphere_conv_dw_fwd_kernel, sig),
                               constexprs=constexprs, num_warps=cfg.num_warps,
                               num_stages=cfg.num_stages, dtype=dtype_name, gemm=False))
     return specs
