@@ -133,18 +133,42 @@ def filter_norms(w: Tensor, eps: float) -> Tensor:
     return torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(dim=1) + eps)
 
 
-def _divide_by_norms(s: Tensor, r_x: Tensor, r_w: Tensor, groups: int) -> Tensor:
-    """c = s / (r_x r_w) with r_x per (pixel, group) broadcast over the group's channels."""
+def _divide_by_norms(s: Tensor, r_x: Tensor, r_w: Tensor, groups: int, inplace: bool = False) -> Tensor:
+    """``s / (r_x r_w)`` with r_x per (pixel, group) broadcast over the group's channels.
+
+    Two broadcast multiplies by the (small) reciprocals, in place on ``s`` when ``inplace`` (the
+    CPU path's full-size temporaries are what it pays for beyond the convolution)."""
     n, cout, ho, wo = s.shape
+    inv_rw = r_w.reciprocal().reshape(1, groups, cout // groups, 1, 1)
+    inv_rx = r_x.reciprocal().unsqueeze(2)
     s5 = s.reshape(n, groups, cout // groups, ho, wo)
-    c = s5 / (r_x.unsqueeze(2) * r_w.reshape(1, groups, cout // groups, 1, 1))
-    return c.reshape(n, cout, ho, wo)
+    out5 = s5.mul_(inv_rw) if inplace else torch.mul(s5, inv_rw)
+    return out5.mul_(inv_rx).reshape(n, cout, ho, wo)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _g_of_c_inplace(c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
+    """g(arccos c) as a new tensor in few passes (the CPU path's hot loop)."""
+    if operator == "linear":
+        return torch.acos(c).mul_(-2.0 / math.pi).add_(1.0)
+    return g_of_c(c, operator, k)
+
+
+def _dg_dc_times(dy: Tensor, c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
+    """``dy * dg/dc`` (a new tensor, or ``dy`` itself for cosine, where dg/dc = 1).
+
+    Linear folds into ``(2/pi) * dy / sqrt(max(1 - c^2, DELTA))`` -- four passes."""
+    if operator == "cosine":
+        return dy
+    if operator == "linear":
+        t = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1.0)
+        return t.clamp_(min=ARCCOS_DELTA).rsqrt_().mul_(dy).mul_(2.0 / math.pi)
+    return dg_dc(c, operator, k).mul_(dy)
 
 
 def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
@@ -158,15 +182,16 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
     s = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
     r_x = patch_norms(xc, groups, kh, kw, stride, padding, dilation, eps)
     r_w = filter_norms(wc, eps)
-    c = torch.clamp(_divide_by_norms(s, r_x, r_w, groups), -1.0, 1.0)
+    c = _divide_by_norms(s, r_x, r_w, groups, inplace=True).clamp_(-1.0, 1.0)
     kk = _k_view(k, c, 1) if k is not None else None
-    y = g_of_c(c, operator, kk)
-    if bias is not None:
-        y = y + bias.to(cd).reshape(1, -1, 1, 1)
+    if operator == "cosine":
+        y = c.clone() if bias is None else torch.add(c, bias.to(cd).reshape(1, -1, 1, 1))
+    else:
+        y = _g_of_c_inplace(c, operator, kk)
+        if bias is not None:
+            y.add_(bias.to(cd).reshape(1, -1, 1, 1))
     y = y.to(out_dtype).contiguous(memory_format=fmt)
     c = c.to(out_dtype).contiguous(memory_format=fmt)
-    if c is y:  # cosine without bias: y == c, but op outputs must not alias each other
-        c = c.clone()
     return y, c, r_x.contiguous()
 
 
@@ -191,23 +216,26 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     dx = dw = None
     if need_dx or need_dw:
         r_w = filter_norms(wc, eps)
-        grad_c = dyc * dg_dc(cc, operator, kk)
-        h = _divide_by_norms(grad_c, r_x, r_w, groups)
+        grad_c = _dg_dc_times(dyc, cc, operator, kk)
+        gc = grad_c * cc
+        a = gc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).div_(r_x * r_x) if need_dx else None
+        s_o = gc.sum(dim=(0, 2, 3)) if need_dw else None
+        del gc
+        # H may overwrite G unless G is the caller's dy (cosine)
+        h = _divide_by_norms(grad_c, r_x, r_w, groups, inplace=grad_c is not dyc)
         dx, dw, _ = torch.ops.aten.convolution_backward(
             h, xc, wc, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [need_dx, need_dw, False])
-        gc = grad_c * cc
         if need_dx:
-            a = gc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2) / (r_x * r_x)
             box_t, _, _ = torch.ops.aten.convolution_backward(
                 a, xc[:, :groups], _ones_box(groups, kh, kw, xc), None, list(stride),
                 list(padding), list(dilation), False, [0, 0], groups, [True, False, False])
             nb, cin, hh, ww = xc.shape
-            dx = dx - (xc.reshape(nb, groups, cin // groups, hh, ww) * box_t.unsqueeze(2)).reshape(xc.shape)
-            dx = dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+            dx5 = dx.reshape(nb, groups, cin // groups, hh, ww)
+            dx5.addcmul_(xc.reshape(nb, groups, cin // groups, hh, ww), box_t.unsqueeze(2), value=-1.0)
+            dx = dx5.reshape(xc.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
         if need_dw:
-            s_o = gc.sum(dim=(0, 2, 3))
-            dw = (dw - wc * (s_o / (r_w * r_w)).reshape(-1, 1, 1, 1)).to(w.dtype)
+            dw = dw.addcmul_(wc, (s_o / (r_w * r_w)).reshape(-1, 1, 1, 1), value=-1.0).to(w.dtype)
     return dx, dw, db, dk
 
 
