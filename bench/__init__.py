@@ -1,0 +1,1 @@
+"""sphereops benchmark suite: `python -m bench` (see bench/__main__.py)."""

@@ -1,0 +1,249 @@
+"""End-to-end rows: a SphereResNet-32 training step, and issue 2's CPU criterion layer.
+
+Training step (issue 5): batch 128, bf16 autocast, channels_last on CUDA -- fused (sphereops
+kernels) vs unfused (reference backend) vs the plain ResNet-32 with cuDNN convs, time and peak
+memory.  The model is ``sphereops.models.SphereResNet32`` (``operator=None`` is the plain
+baseline built from the same code); if the models package is missing, a residual stack of the
+same layout defined here stands in.  On CPU a narrow, small-batch version in fp32 is timed
+(the Triton interpreter is far too slow for a training step).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import timing as T
+
+
+def _noop(msg: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class _FallbackUnit(nn.Module):
+    def __init__(self, conv: Callable, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = conv(c_in, c_out, stride)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = conv(c_out, c_out, 1)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.proj = None
+        if stride != 1 or c_in != c_out:
+            self.proj = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                      nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.proj is None else self.proj(x)))
+
+
+class FallbackResNet(nn.Module):
+    """SphereResNet-32's layout (root conv, 3 stages of ``units`` basic units, stride 2 at the
+    start of stages 2 and 3, 1x1 plain projections), used only if sphereops.models is absent."""
+
+    def __init__(self, operator: Optional[str], widths=(96, 192, 384), units: int = 5,
+                 num_classes: int = 10, backend: str = "auto"):
+        super().__init__()
+        import sphereops.nn as snn
+
+        def conv(c_in, c_out, stride):
+            if operator is None:
+                return nn.Conv2d(c_in, c_out, 3, stride, 1)
+            sig = operator in ("sigmoid", "learnable")
+            return snn.SphereConv2d(c_in, c_out, 3, stride, 1,
+                                    operator="sigmoid" if sig else operator,
+                                    learnable_k=(operator == "learnable"), backend=backend)
+        self.root = nn.Sequential(conv(3, widths[0], 1), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, c = [], widths[0]
+        for stage, width in enumerate(widths):
+            for unit in range(units):
+                layers.append(_FallbackUnit(conv, c, width, 2 if (stage > 0 and unit == 0) else 1))
+                c = width
+        self.stages = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.stages(self.root(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build_model(operator: Optional[str], backend: str, widths, units: int):
+    """``sphereops.models.SphereResNet32`` if it exists, else :class:`FallbackResNet`."""
+    try:
+        from sphereops.models import SphereResNet32
+    except Exception:  # noqa: BLE001 - the models package is optional for the benchmark
+        return FallbackResNet(operator, widths, units, backend=backend), "bench.e2e.FallbackResNet"
+    model = SphereResNet32(num_classes=10, operator=operator, widths=tuple(widths),
+                           units_per_stage=units, backend=backend)
+    return model, "sphereops.models.SphereResNet32"
+
+
+def _sphere_output_dtypes(model: nn.Module, x: torch.Tensor, autocast_dtype) -> list:
+    """The dtypes the SphereConv layers produce under the step's autocast (a fairness check:
+    a Sphere layer that silently runs in fp32 under bf16 autocast pays twice the bytes)."""
+    seen = []
+    hooks = []
+    for mod in model.modules():
+        if type(mod).__name__.startswith("SphereConv"):
+            hooks.append(mod.register_forward_hook(lambda m, i, o: seen.append(str(o.dtype))))
+            break
+    try:
+        with torch.no_grad(), _autocast(x.device, autocast_dtype):
+            model(x[:2])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
+            units: Optional[int] = None, target_s: float = 0.2, log=_noop, budget=None,
+            sphereops_backend: Optional[str] = None) -> list:
+    """Time one optimizer step (forward, loss, backward, SGD) for each variant; one dict each."""
+    cuda = device.type == "cuda"
+    batch = batch or (128 if cuda else 8)
+    widths = tuple(widths or ((96, 192, 384) if cuda else (16, 32, 64)))
+    units = units or (5 if cuda else 2)
+    amp_dtype = torch.bfloat16 if cuda else None
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fused_backend = sphereops_backend or ("triton" if cuda else "auto")
+    variants = [("plain", None, "auto"), ("sphereops", "linear", fused_backend)]
+    if cuda or (sphereops_backend not in (None, "auto", "reference")):
+        variants.append(("unfused_best", "linear", "reference"))
+    rows = []
+    for name, operator, backend in variants:
+        row = {"variant": name, "operator": operator or "-", "backend": backend, "batch": batch,
+               "widths": list(widths), "units_per_stage": units,
+               "precision": "bf16 autocast" if amp_dtype else "fp32",
+               "layout": "channels_last" if cuda else "nchw", "status": "pending"}
+        if budget is not None and budget.exhausted():
+            row.update(status="skipped", reason="time budget spent")
+            budget.skipped += 1
+            rows.append(row)
+            continue
+        try:
+            torch.manual_seed(0)
+            model, source = build_model(operator, backend, widths, units)
+            model = model.to(device).to(memory_format=fmt)
+            row["model"] = source
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            copies = 2 if cuda else 1
+            xs = [torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+                  for _ in range(copies)]
+            ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(copies)]
+            if operator is not None:
+                row["sphere_layer_dtype"] = _sphere_output_dtypes(model, xs[0], amp_dtype)
+
+            def step(i):
+                opt.zero_grad(set_to_none=True)
+                with _autocast(device, amp_dtype):
+                    loss = F.cross_entropy(model(xs[i]), ys[i])
+                loss.backward()
+                opt.step()
+                return loss
+
+            loss0 = float(step(0).detach())
+            if not math.isfinite(loss0):
+                raise FloatingPointError(f"non-finite loss {loss0}")
+            res = T.measure(step, device, copies, warmup=2, min_reps=3, max_reps=30,
+                            target_s=max(target_s, 0.3))
+            row.update(status="ok", **res, loss=loss0)
+            row["peak_mem_mb"] = T.peak_memory_mb(lambda: step(0), device)
+            if cuda:
+                row["peak_mem_total_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                       if str(exc) else type(exc).__name__)
+        finally:
+            model = opt = None
+            if cuda:
+                torch.cuda.empty_cache()
+        log(f"e2e    {name:14s} {row['status']:7s} "
+            + (f"{row['median_ms']:.2f} ms/step" if row["status"] == "ok" else row.get("error", "")))
+        rows.append(row)
+    plain = next((r for r in rows if r["variant"] == "plain" and r["status"] == "ok"), None)
+    for r in rows:
+        if plain is not None and r["status"] == "ok" and r is not plain:
+            r["time_ratio_to_plain"] = r["median_ms"] / plain["median_ms"]
+            if r.get("peak_mem_mb") and plain.get("peak_mem_mb"):
+                r["mem_ratio_to_plain"] = r["peak_mem_mb"] / plain["peak_mem_mb"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 2's criterion: reference SphereConv2d fwd+bwd vs nn.Conv2d fwd+bwd on CPU
+# ---------------------------------------------------------------------------------------------
+
+def run_criterion(device: torch.device, *, rounds: int = 9, operators=("linear",), log=_noop,
+                  shape=None) -> list:
+    """Interleaved timing (A, B, A, B, ...) so that load from other processes hits both sides
+    alike; the ratio is median(SphereConv2d) / median(nn.Conv2d)."""
+    from . import shapes as S
+    import sphereops.nn as snn
+
+    shape = shape or S.CRITERION
+    rows = []
+    x = torch.randn(shape.n, shape.c_in, shape.h, shape.w, device=device, requires_grad=True)
+    plain = nn.Conv2d(shape.c_in, shape.c_out, (shape.kh, shape.kw), shape.stride,
+                      shape.padding).to(device)
+    ho, wo = shape.out_hw
+    dy = torch.randn(shape.n, shape.c_out, ho, wo, device=device)
+
+    def fwd_bwd(mod):
+        params = [p for p in mod.parameters() if p.requires_grad]
+        return lambda: torch.autograd.grad(mod(x), [x] + params, dy)
+
+    for op in operators:
+        row = {"operator": op, "shape": shape.as_dict(), "device": str(device), "rounds": rounds,
+               "target": S.CRITERION_TARGET, "long_run_target": S.CRITERION_LONG_RUN}
+        try:
+            sig = op in ("sigmoid", "learnable")
+            sphere = snn.SphereConv2d(shape.c_in, shape.c_out, (shape.kh, shape.kw), shape.stride,
+                                      shape.padding, operator="sigmoid" if sig else op,
+                                      learnable_k=(op == "learnable"),
+                                      backend="reference").to(device)
+            with torch.no_grad():
+                sphere.weight.copy_(plain.weight)
+            fa, fb = fwd_bwd(sphere), fwd_bwd(plain)
+            for _ in range(2):
+                fa(), fb()
+            ta, tb = [], []
+            for _ in range(rounds):
+                for f, acc in ((fa, ta), (fb, tb)):
+                    T.synchronize(device)
+                    t0 = time.perf_counter()
+                    f()
+                    T.synchronize(device)
+                    acc.append((time.perf_counter() - t0) * 1e3)
+            ma, mb = statistics.median(ta), statistics.median(tb)
+            ratio = ma / mb
+            row.update(status="ok", sphere_ms=ma, conv_ms=mb, ratio=ratio,
+                       passes=ratio <= S.CRITERION_TARGET,
+                       passes_long_run=ratio <= S.CRITERION_LONG_RUN)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+        log(f"criterion {op:9s} " + (f"SphereConv2d {row['sphere_ms']:.1f} ms vs nn.Conv2d "
+                                     f"{row['conv_ms']:.1f} ms: {row['ratio']:.2f}x"
+                                     if row["status"] == "ok" else row["error"]))
+        rows.append(row)
+    return rows
