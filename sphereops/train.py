@@ -241,16 +241,20 @@ def _make_head(config: TrainConfig, in_features: int, num_classes: int) -> Optio
         return None
     ga_softmax = _ga_softmax_class()
     operator = "cosine" if config.operator in (None, "learnable") else config.operator
-    return ga_softmax(in_features, num_classes, margin=config.margin, operator=operator, k=config.k)
+    # A margin above 1 needs SphereFace's annealing (start near W-Softmax, tighten gradually).
+    return ga_softmax(in_features, num_classes, margin=config.margin, operator=operator, k=config.k,
+                      lambda_schedule="sphereface" if config.margin > 1 else None)
 
 
 def _head_loss_and_logits(head: nn.Module, features: torch.Tensor, y: torch.Tensor):
     """(loss, logits for prediction) from a GA-softmax head, whatever it returns."""
     out = head(features, y)
     if isinstance(out, tuple):
-        loss, logits = out[0], out[1]
-        return loss, logits
-    return out, _head_logits(head, features)
+        return out[0], out[1]
+    logits = getattr(head, "last_logits", None)  # GASoftmaxLoss keeps the margin-free logits
+    if not isinstance(logits, torch.Tensor) or logits.shape[0] != features.shape[0]:
+        logits = _head_logits(head, features)
+    return out, logits
 
 
 def _head_logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -544,7 +548,7 @@ def _train(config: TrainConfig, dist_info: _Dist, on_log) -> TrainResult:
         done = iteration + 1
         if bar is not None:
             bar.update(1)
-        evaluate_now = done % eval_every == 0 or done == total or done == stop
+        evaluate_now = done % eval_every == 0 or done == total
         if done % config.log_every == 0 or evaluate_now:
             sums = _all_reduce_sum([window_loss, window_correct, window_count], dist_info, device)
             test_acc = float("nan")
@@ -566,8 +570,8 @@ def _train(config: TrainConfig, dist_info: _Dist, on_log) -> TrainResult:
                     postfix["test"] = row["test_acc"]
                 bar.set_postfix(postfix, refresh=False)
             window_loss = window_correct = window_count = 0.0
-            if evaluate_now:
-                checkpoint(done, elapsed)
+        if evaluate_now or done == stop:
+            checkpoint(done, elapsed_before + time.perf_counter() - started)
     if bar is not None:
         bar.close()
 
@@ -642,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     g.add_argument("--stop-at", type=int, default=0,
-                   help="stop after this iteration as if interrupted (the schedule still follows the full run)")
+                   help="stop after this iteration (checkpointed; the schedule still follows the "
+                        "full run, so --resume continues it exactly)")
     _bool_flag(g, "progress", d.progress, "tqdm progress bar")
     g.add_argument("--save-rank-state", action="store_true",
                    help="write each rank's final parameters and last gradients to <out-dir>/rank<r>.pt")
