@@ -1,0 +1,315 @@
+"""Fused SphereLinear Triton kernels (interpreter on CPU, real compiler with `-m gpu`) against the
+float64 reference: forward (y, c, r_x) and every gradient, all operators, hard cases."""
+import os
+
+import pytest
+import torch
+
+from sphereops import reference as R
+from tests.helpers import assert_close, make_linear_inputs
+
+triton = pytest.importorskip("triton")
+from sphereops_kernels import linear as KL  # noqa: E402  (after TRITON_INTERPRET is set)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-4
+OPERATORS = ("linear", "cosine", "sigmoid")
+# (dtype, atol as a fraction of the reference's max |value|) for the adaptive bound
+DTYPES = [
+    (torch.float32, 2e-5),
+    (torch.float16, 2e-3),
+    (torch.bfloat16, 1.6e-2),
+]
+# (M, in, out): one tile; several tiles of every kernel with ragged edges
+SHAPES = [(19, 33, 24), (150, 40, 70)]
+
+
+def _clone64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+def _reference_forward(x, w, b, k, operator):
+    """(float64 answer on the same rounded inputs, same-dtype reference answer)."""
+    ref64 = R.linear_forward(*_clone64(x, w, b, k), operator, EPS)
+    ref_lp = R.linear_forward(x, w, b, k, operator, EPS)
+    return ref64, ref_lp
+
+
+# unit roundoff of the GEMM operands (fp32 operands of an exact-fp32 dot are still rounded
+# when they are formed, e.g. w / r_w)
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _check(out, ref64, ref_lp, dtype, rel_atol, name, extra_bound=None):
+    """Elementwise ``|out - ref64| <= 2 |ref_same_dtype - ref64| + atol (+ extra_bound)``.
+
+    STYLE's adaptive bound, elementwise so that a well-conditioned element cannot hide behind an
+    ill-conditioned one; ``extra_bound`` adds a first-order model of the GEMM operand rounding
+    (see :func:`_gemm_rounding_bounds`)."""
+    o, r, same = (t.detach().double().cpu() for t in (out, ref64, ref_lp))
+    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+    nan_o, nan_r = torch.isnan(o), torch.isnan(r)
+    assert torch.equal(nan_o, nan_r), f"{name}: NaN pattern differs ({int((nan_o & ~nan_r).sum())} " \
+                                      f"NaN only in out, {int((nan_r & ~nan_o).sum())} only in ref)"
+    o, r, same = (torch.where(nan_r, 0.0, t) for t in (o, r, same))
+    scale = r.abs().max().item() if r.numel() else 0.0
+    bound = 2.0 * (same - r).abs() + rel_atol * scale
+    if extra_bound is not None:
+        bound = bound + extra_bound.detach().double().cpu()
+    err = (o - r).abs()
+    bad = err > bound
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        worst = tuple(int(i) for i in torch.nonzero(err - bound == (err - bound).max())[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{o.numel()} elements out of bound; first at {idx}: "
+            f"out={o[idx].item()!r} ref={r[idx].item()!r} bound={bound[idx].item():.3g}; worst "
+            f"excess at {worst}: |err|={err[worst].item():.3g} bound={bound[worst].item():.3g}")
+
+
+def _gemm_rounding_bounds(dy, x, w, k, c, r_x, operator, dtype):
+    """First-order bounds on what rounding G and the unit-norm operand to ``dtype`` costs the
+    dx and dw GEMMs: ``2u sum_o |G| |w_o / r_w| / r_x`` and ``2u sum_m |G| |x_m / r_x| / r_w``.
+    Near-parallel rows make G ~ 1000 dy (the bounded arccos derivative), so this term, not the
+    output rounding, dominates there in fp16/bf16."""
+    u = UNIT_ROUNDOFF[dtype]
+    dy64, x64, w64, c64, r64 = _clone64(dy, x, w, c, r_x)
+    kk = k.double().reshape(1, -1) if k is not None else None
+    g = (dy64 * R.dg_dc(c64, operator, kk)).abs()
+    r_w = R.filter_norms(w64, EPS)
+    dx_bound = 2 * u * (g @ (w64 / r_w[:, None]).abs()) / r64[:, None]
+    dw_bound = 2 * u * (g.t() @ (x64 / r64[:, None]).abs()) / r_w[:, None]
+    return dx_bound, dw_bound
+
+
+def _run_backward_check(x, w, b, k, operator, dtype, rel_atol, dy=None, mask=(True,) * 4):
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, operator, EPS)
+    if dy is None:
+        dy = torch.randn(y.shape, dtype=torch.float64).to(dtype=dtype, device=x.device)
+    grads = KL.sphere_linear_bwd(dy, x, w, k, c, r_x, operator, EPS, mask)
+    # float64 oracle: plain autograd through PyTorch primitives on the same rounded inputs
+    x64, w64, b64, k64 = (t.detach().double().requires_grad_(True) if t is not None else None
+                          for t in (x, w, b, k))
+    y64 = R.linear_autograd(x64, w64, b64, k64, operator, EPS)
+    wanted = [t for t in (x64, w64, b64, k64) if t is not None]
+    g64 = dict(zip([id(t) for t in wanted],
+                   torch.autograd.grad(y64, wanted, dy.double(), allow_unused=True)))
+    ref64 = [g64.get(id(t)) if t is not None else None for t in (x64, w64, b64, k64)]
+    # same-dtype closed-form reference (for the adaptive low-precision bound)
+    _, c_lp, r_lp = R.linear_forward(x, w, b, k, operator, EPS)
+    ref_lp = R.linear_backward(dy, x, w, k, c_lp, r_lp, operator, EPS, (True,) * 4)
+    # db does not depend on the bias existing: its oracle is sum_m dy
+    ref64[2] = dy.double().sum(dim=0)
+    extra = _gemm_rounding_bounds(dy, x, w, k, c, r_x, operator, dtype) + (None, None)
+    names = ("dx", "dw", "db", "dk")
+    for i, (got, want, same, name) in enumerate(zip(grads, ref64, ref_lp, names)):
+        expected_present = mask[i] and (name != "dk" or operator == "sigmoid")
+        if not expected_present:
+            assert got is None, f"{name} was not requested / not defined but came back"
+            continue
+        assert got is not None, f"{name} missing"
+        assert got.dtype == (k.dtype if name == "dk" else (w.dtype if name != "dx" else x.dtype))
+        _check(got, want, same, dtype, rel_atol, name, extra[i])
+    return y, c, r_x, grads
+
+
+@pytest.mark.parametrize("dtype,rel_atol", DTYPES)
+@pytest.mark.parametrize("operator", OPERATORS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference(dtype, rel_atol, operator, shape):
+    m, n_in, n_out = shape
+    x, w, b, k = make_linear_inputs(m, n_in, n_out, operator=operator, dtype=dtype, device=DEVICE)
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, operator, EPS)
+    assert y.dtype == dtype and c.dtype == dtype and r_x.dtype == torch.float32
+    assert y.shape == (m, n_out) and c.shape == (m, n_out) and r_x.shape == (m,)
+    (y64, c64, r64), (y_lp, c_lp, r_lp) = _reference_forward(x, w, b, k, operator)
+    _check(y, y64, y_lp, dtype, rel_atol, "y")
+    _check(c, c64, c_lp, dtype, rel_atol, "c")
+    assert_close(r_x, r64, rtol=1e-6, atol=0.0, name="r_x")
+
+
+@pytest.mark.parametrize("dtype,rel_atol", DTYPES)
+@pytest.mark.parametrize("operator", OPERATORS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_matches_float64_autograd(dtype, rel_atol, operator, shape):
+    m, n_in, n_out = shape
+    x, w, b, k = make_linear_inputs(m, n_in, n_out, operator=operator, dtype=dtype, device=DEVICE)
+    _run_backward_check(x, w, b, k, operator, dtype, rel_atol)
+
+
+@pytest.mark.parametrize("operator", ["cosine", "sigmoid"])
+@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, True), (False, True, True, False)])
+def test_backward_output_mask(operator, mask):
+    x, w, b, k = make_linear_inputs(21, 18, 13, operator=operator, device=DEVICE)
+    _run_backward_check(x, w, b, k, operator, torch.float32, 2e-5, mask=mask)
+
+
+def test_no_bias_shared_k_and_noncontiguous_inputs():
+    base, w, _, _ = make_linear_inputs(30, 50, 17, operator="sigmoid", device=DEVICE)
+    x = base[:, ::2]                     # row stride 50, column stride 2
+    w = w[:, ::2].t().contiguous().t()   # column-major filters
+    k = torch.full((17,), 0.3, device=DEVICE)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    _run_backward_check(x, w, None, k, "sigmoid", torch.float32, 2e-5)
+    y, _, _ = KL.sphere_linear_fwd(x, w, None, k, "sigmoid", EPS)
+    y64, _, _ = R.linear_forward(*_clone64(x, w, None, k), "sigmoid", EPS)
+    assert_close(y, y64, 2e-5, 2e-5, name="y (strided)")
+
+
+@pytest.mark.parametrize("dtype,rel_atol", DTYPES)
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_hard_cases(dtype, rel_atol, operator):
+    """Near-parallel rows, an all-zero row and large fp16 magnitudes (|x| ~ 300)."""
+    m, n_in, n_out = 12, 24, 10
+    x, w, b, k = make_linear_inputs(m, n_in, n_out, operator=operator, dtype=dtype, device=DEVICE)
+    x64 = x.double()
+    x64[0] = 0.0
+    x64[1:4] *= 300.0
+    w64 = w.double()
+    for o in range(4):  # filters parallel (up to 1e-4 noise) to rows 4..7, and one anti-parallel
+        w64[o] = x64[4 + o] * (0.5 + o) + 1e-4 * torch.randn(n_in, dtype=torch.float64)
+    w64[4] = -x64[8] * 2.0
+    x, w = x64.to(dtype), w64.to(dtype)
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, operator, EPS)
+    assert torch.isfinite(y).all() and torch.isfinite(c).all()
+    assert (c[0] == 0).all(), "a zero row has c = 0"
+    (y64, c64, _), (y_lp, c_lp, _) = _reference_forward(x, w, b, k, operator)
+    _check(y, y64, y_lp, dtype, rel_atol, "y")
+    _check(c, c64, c_lp, dtype, rel_atol, "c")
+    # backward from the kernel's own saved c: isolates the backward from arccos conditioning
+    dy = torch.randn(m, n_out, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    grads = KL.sphere_linear_bwd(dy, x, w, k, c, r_x, operator, EPS, (True,) * 4)
+    ref64 = R.linear_backward(*_clone64(dy, x, w, k, c, r_x), operator, EPS, (True,) * 4)
+    ref_lp = R.linear_backward(dy, x, w, k, c, r_x, operator, EPS, (True,) * 4)
+    extra = _gemm_rounding_bounds(dy, x, w, k, c, r_x, operator, dtype) + (None, None)
+    for got, want, same, bound, name in zip(grads, ref64, ref_lp, extra, ("dx", "dw", "db", "dk")):
+        if want is None:
+            assert got is None
+            continue
+        assert torch.isfinite(got).all(), f"{name} not finite"
+        _check(got, want, same, dtype, rel_atol, name, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_propagates(dtype):
+    x, w, b, k = make_linear_inputs(9, 16, 20, operator="sigmoid", dtype=dtype, device=DEVICE)
+    x[3, 5] = float("nan")
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, "sigmoid", EPS)
+    assert torch.isnan(y[3]).all() and torch.isnan(c[3]).all() and torch.isnan(r_x[3])
+    others = [i for i in range(9) if i != 3]
+    assert torch.isfinite(y[others]).all()
+    dy = torch.randn_like(y)
+    dx, dw, db, dk = KL.sphere_linear_bwd(dy, x, w, k, c, r_x, "sigmoid", EPS, (True,) * 4)
+    assert torch.isnan(dx[3]).all() and torch.isfinite(dx[others]).all()
+    assert torch.isnan(dw).all() and torch.isnan(dk).all()  # every filter sees the NaN row
+    assert torch.isfinite(db).all()
+
+
+def test_backward_is_deterministic():
+    x, w, b, k = make_linear_inputs(150, 40, 70, operator="sigmoid", device=DEVICE)
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, "sigmoid", EPS)
+    dy = torch.randn_like(y)
+    first = KL.sphere_linear_bwd(dy, x, w, k, c, r_x, "sigmoid", EPS)
+    second = KL.sphere_linear_bwd(dy, x, w, k, c, r_x, "sigmoid", EPS)
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+def test_empty_batch():
+    x, w, b, _ = make_linear_inputs(4, 8, 5, device=DEVICE)
+    x = x[:0]
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, None, "cosine", EPS)
+    assert y.shape == (0, 5) and r_x.shape == (0,)
+    dx, dw, db, dk = KL.sphere_linear_bwd(y, x, w, None, c, r_x, "cosine", EPS)
+    assert dx.shape == (0, 8) and (dw == 0).all() and (db == 0).all() and dk is None
+
+
+def test_delta_matches_reference():
+    assert KL.ARCCOS_DELTA == R.ARCCOS_DELTA
+
+
+def test_bad_inputs():
+    x, w, b, k = make_linear_inputs(4, 8, 5, operator="sigmoid", device=DEVICE)
+    with pytest.raises(TypeError, match="x"):
+        KL.sphere_linear_fwd(x.double(), w.double(), None, None, "cosine", EPS)
+    with pytest.raises(TypeError, match="w"):
+        KL.sphere_linear_fwd(x, w.half(), None, None, "cosine", EPS)
+    with pytest.raises(ValueError, match="features"):
+        KL.sphere_linear_fwd(x, w[:, :-1], None, None, "cosine", EPS)
+    with pytest.raises(ValueError, match="2-D"):
+        KL.sphere_linear_fwd(x[0], w, None, None, "cosine", EPS)
+    with pytest.raises(ValueError, match="operator"):
+        KL.sphere_linear_fwd(x, w, None, None, "tanh", EPS)
+    with pytest.raises(ValueError, match="k"):
+        KL.sphere_linear_fwd(x, w, None, None, "sigmoid", EPS)
+    with pytest.raises(ValueError, match="k"):
+        KL.sphere_linear_fwd(x, w, None, k[:-1], "sigmoid", EPS)
+    with pytest.raises(ValueError, match="bias"):
+        KL.sphere_linear_fwd(x, w, b[:-1], k, "sigmoid", EPS)
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, "sigmoid", EPS)
+    with pytest.raises(ValueError, match="dy"):
+        KL.sphere_linear_bwd(y[:-1], x, w, k, c, r_x, "sigmoid", EPS)
+    with pytest.raises(ValueError, match="output_mask"):
+        KL.sphere_linear_bwd(y, x, w, k, c, r_x, "sigmoid", EPS, (True, True))
+
+
+def test_aot_specs_are_well_formed():
+    specs = KL.aot_specs()
+    keys = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "dtype", "gemm"}
+    assert specs and all(set(s) == keys for s in specs)
+    assert len({s["name"] for s in specs}) == len(specs)
+    for s in specs:
+        params = s["fn"].arg_names
+        assert list(s["signature"]) == params, s["name"]
+        constexpr_names = [p for p, t in s["signature"].items() if t == "constexpr"]
+        assert sorted(constexpr_names) == sorted(s["constexprs"]), s["name"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SPHEREOPS_AOT_LINEAR") != "1",
+                    reason="set SPHEREOPS_AOT_LINEAR=1 (the project-wide check is `make aot-check`)")
+@pytest.mark.parametrize("capability", [90, 80])
+def test_aot_compiles(capability):
+    from triton.backends.compiler import GPUTarget
+    for s in KL.aot_specs():
+        kernel = triton.compile(triton.compiler.ASTSource(s["fn"], s["signature"], s["constexprs"]),
+                                target=GPUTarget("cuda", capability, 32),
+                                options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+        ptx = kernel.asm["ptx"]
+        if s["gemm"]:
+            assert ("wgmma" in ptx) if capability == 90 else ("mma.sync" in ptx), s["name"]
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU (make gpu-check): real compiler, larger shapes, tf32
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,rel_atol", DTYPES)
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_gpu_large_shapes(dtype, rel_atol, operator):
+    x, w, b, k = make_linear_inputs(1000, 520, 390, operator=operator, dtype=dtype, device="cuda")
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, operator, EPS)
+    (y64, _, _), (y_lp, _, _) = _reference_forward(x, w, b, k, operator)
+    _check(y, y64, y_lp, dtype, rel_atol, "y")
+    _run_backward_check(x, w, b, k, operator, dtype, rel_atol)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32():
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x, w, b, k = make_linear_inputs(512, 256, 384, operator="sigmoid", device="cuda")
+        y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, "sigmoid", EPS)
+        y64, _, _ = R.linear_forward(*_clone64(x, w, b, k), "sigmoid", EPS)
+        # tf32 keeps 10 mantissa bits: a relative error of a few 1e-3 on the cosine
+        assert_close(y, y64, rtol=1e-2, atol=1e-2, name="y (tf32)")
+        dy = torch.randn_like(y)
+        dx, dw, _, _ = KL.sphere_linear_bwd(dy, x, w, k, c, r_x, "sigmoid", EPS)
+        rdx, rdw, _, _ = R.linear_backward(*_clone64(dy, x, w, k, c, r_x), "sigmoid", EPS)
+        assert_close(dx, rdx, rtol=1e-2, atol=1e-2 * rdx.abs().max().item(), name="dx (tf32)")
+        assert_close(dw, rdw, rtol=1e-2, atol=1e-2 * rdw.abs().max().item(), name="dw (tf32)")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
