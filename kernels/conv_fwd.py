@@ -339,11 +339,14 @@ def _output_memory_format(x):
 
 
 def _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [N, C_in, H, W], got "
-                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
-    if not isinstance(w, torch.Tensor) or w.dim() != 4:
-        raise ValueError("w must be a 4-D tensor [C_out, C_in/groups, kh, kw]")
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [N, C_in, H, W], got shape {tuple(x.shape)}")
+    if w.dim() != 4:
+        raise ValueError(f"w must be a 4-D tensor [C_out, C_in/groups, kh, kw], got shape "
+                         f"{tuple(w.shape)}")
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"x dtype {x.dtype} is not supported by the Triton forward "
                         f"(float16, bfloat16, float32; use the reference backend for float64)")
@@ -509,24 +512,34 @@ def _attrs(fn, signature):
 
 def aot_specs():
     """Compile specs for ``make aot-check``: every GEMM config x dtype (x tf32/ieee for fp32),
-    plus the depthwise configs per dtype.  They model the fast path: a 3x3 channels_last conv
-    (input channel stride 1), sigmoid operator (the heaviest epilogue) with bias."""
+    plus the depthwise configs per dtype (8-warp GEMM configs as 1x1 convs, the only filters
+    they run on).  ``gemm`` is False for fp32-ieee (allow_tf32 off:
+    there is no full-fp32 tensor-core instruction) and for the depthwise kernel (no dot).
+    Each spec also carries ``attrs`` (ASTSource's fourth argument: the 16-divisibility the JIT
+    infers at run time); compiling without them still works but shows scalar loads and no
+    cp.async pipeline, which is not what runs.  They model the fast path: a 3x3 channels_last conv
+    (input channel stride 1, 64 channels), sigmoid operator (the heaviest epilogue) with bias."""
     specs = []
     for cfg in conv_fwd_configs():
         bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         for dtype_name in ("fp16", "bf16", "fp32"):
             for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
+                # 8-warp configs are pruned at run time unless the filter is 1x1
+                taps = 1 if cfg.num_warps >= 8 else 3
                 constexprs = dict(
-                    stride_xc=1, stride_yc=1, KH=3, KW=3, OPERATOR=OPERATOR_CODES["sigmoid"],
+                    stride_xc=1, stride_yc=1, KH=taps, KW=taps, OPERATOR=OPERATOR_CODES["sigmoid"],
                     HAS_BIAS=True, CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
                     UPCAST_DOT=False, **cfg.kwargs)
-                name = (f"conv_fwd_gemm_{bm}x{bn}x{bk}_s{cfg.num_stages}_{dtype_name}"
+                name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                        f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
                 sig = _signature(_sphere_conv_fwd_kernel, dtype_name, constexprs)
                 specs.append(dict(name=name, fn=_sphere_conv_fwd_kernel, signature=sig,
                                   attrs=_attrs(_sphere_conv_fwd_kernel, sig),
                                   constexprs=constexprs, num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages, dtype=dtype_name, gemm=True))
+                                  num_stages=cfg.num_stages, dtype=dtype_name,
+                                  # full-precision fp32 has no tensor-core instruction: FMA
+                                  gemm=precision != "ieee" or dtype_name != "fp32"))
     for cfg in _dw_configs():
         for dtype_name in ("fp16", "bf16", "fp32"):
             constexprs = dict(stride_xc=1, stride_yc=1, KH=3, KW=3,

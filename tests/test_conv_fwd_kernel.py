@@ -1,0 +1,473 @@
+"""The fused SphereConv2d forward kernel and the shared angular device functions.
+
+Everything is compared with the float64 reference (``sphereops.reference``) on fresh random
+inputs.  Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so shapes
+are tiny; with CUDA (``make gpu-check``) the same tests run the compiled kernels.
+"""
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need triton")
+tl = pytest.importorskip("triton.language")
+
+from sphereops import reference as R  # noqa: E402
+from sphereops_kernels import angular, configs  # noqa: E402
+from sphereops_kernels import conv_fwd as F  # noqa: E402
+
+from helpers import (  # noqa: E402
+    assert_close,
+    assert_close_to_reference,
+    make_conv_inputs,
+    make_near_parallel_conv_inputs,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = R.DEFAULT_EPS
+
+# (dtype, rtol, atol).  fp32: the kernel accumulates the same products in fp32 as the float64
+# reference does exactly, so the error is a few ulps of c amplified by at most |g'| ~ 3.
+# fp16/bf16: the adaptive bound (2x the error of the same-dtype reference, which is the output
+# rounding) plus atol, one output ulp near |y| ~ 1.
+DTYPE_TOLS = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 0.0, 1e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 0.0, 8e-3, id="bf16"),
+]
+# r_x is accumulated in fp32 from exactly representable inputs whatever the input dtype.
+RX_RTOL, RX_ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_fp32():
+    """fp32 tests check full precision: TF32 off unless a test turns it on explicitly."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def _run_kernel(inp, **impl_kwargs):
+    return F._sphere_conv2d_fwd_impl(*inp.args(), EPS, **impl_kwargs)
+
+
+def _references(inp):
+    """(float64 reference on float64 copies, same-dtype reference on the inputs as given)."""
+    ref64 = R.conv2d_forward(*inp.to(torch.float64).args(), EPS)
+    ref_same = R.conv2d_forward(*inp.args(), EPS)
+    return ref64, ref_same
+
+
+def _check_against_reference(inp, out, dtype, rtol, atol):
+    y, c, r_x = out
+    (y64, c64, rx64), (y_same, c_same, _) = _references(inp)
+    fmt = torch.channels_last if F._output_memory_format(inp.x) is torch.channels_last \
+        else torch.contiguous_format
+    for name, t in (("y", y), ("c", c)):
+        assert t.shape == y64.shape, f"{name} shape {tuple(t.shape)} != {tuple(y64.shape)}"
+        assert t.dtype == dtype, f"{name} dtype {t.dtype} != {dtype}"
+        assert t.is_contiguous(memory_format=fmt), f"{name} does not follow x's memory format"
+    assert r_x.dtype == torch.float32 and r_x.is_contiguous()
+    assert r_x.shape == rx64.shape
+    if dtype == torch.float32:
+        assert_close(y, y64, rtol, atol, "y")
+        assert_close(c, c64, rtol, atol, "c")
+    else:
+        assert_close_to_reference(y, y64, y_same, atol, "y")
+        assert_close_to_reference(c, c64, c_same, atol, "c")
+    _check_rx(r_x, rx64)
+
+
+def _check_rx(r_x, rx64):
+    """r_x against the reference; an Inf input gives r_x = Inf (c is then NaN), compared as a
+    pattern because Inf - Inf is no error measure."""
+    r_x = r_x.cpu()
+    assert torch.equal(torch.isinf(r_x), torch.isinf(rx64)), "r_x Inf pattern differs"
+    finite = ~torch.isinf(rx64)
+    assert_close(r_x[finite], rx64[finite], RX_RTOL, RX_ATOL, "r_x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Angular device functions
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _angular_probe_kernel(c_ptr, k_ptr, out_ptr, n, OPERATOR: tl.constexpr, WHAT: tl.constexpr,
+                          DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    """Evaluates one angular function elementwise.  c_ptr, k_ptr, out_ptr: [n] fp32 contiguous.
+    WHAT: 0 acos_f32, 1 g_of_c, 2 dg_dc, 3 dg_dk.  OPERATOR: angular.OPERATOR_CODES value.
+    DELTA: the arccos-derivative bound.  BLOCK: elements per program."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    k = tl.load(k_ptr + offs, mask=mask, other=1.0)
+    if WHAT == 0:
+        r = angular.acos_f32(c)
+    elif WHAT == 1:
+        r = angular.g_of_c(c, k, OPERATOR)
+    elif WHAT == 2:
+        r = angular.dg_dc(c, k, OPERATOR, DELTA)
+    else:
+        r = angular.dg_dk(c, k)
+    tl.store(out_ptr + offs, r, mask=mask)
+
+
+_WHAT = {"acos": 0, "g": 1, "dg_dc": 2, "dg_dk": 3}
+
+
+def _probe(what, c, k, operator="linear"):
+    c = c.to(device=DEVICE, dtype=torch.float32).contiguous()
+    k = k.to(device=DEVICE, dtype=torch.float32).contiguous()
+    out = torch.empty_like(c)
+    block = 4096
+    _angular_probe_kernel[(triton.cdiv(c.numel(), block),)](
+        c, k, out, c.numel(), angular.OPERATOR_CODES[operator], _WHAT[what], R.ARCCOS_DELTA,
+        BLOCK=block)
+    return out.cpu()
+
+
+def _cosine_samples(n_random=20000):
+    """Fresh random cosines over [-1, 1], dense near +-1 (where arccos is steep), plus the ends."""
+    u = torch.rand(n_random, dtype=torch.float64) * 2 - 1
+    near_one = 1 - torch.rand(n_random // 4, dtype=torch.float64) ** 4 * 1e-3
+    grid = torch.linspace(-1, 1, 20001, dtype=torch.float64)
+    ends = torch.tensor([-1.0, 1.0, 0.0, -0.5, 0.5], dtype=torch.float64)
+    c = torch.cat([u, near_one, -near_one, grid, ends]).float()
+    return c  # fp32 inputs; references evaluate these exact values in float64
+
+
+def test_operator_codes():
+    assert angular.OPERATOR_CODES == {"linear": 0, "cosine": 1, "sigmoid": 2}
+    assert set(angular.OPERATOR_CODES) == set(R.OPERATORS)
+
+
+def test_acos_f32_max_error():
+    c = _cosine_samples()
+    out = _probe("acos", c, torch.ones_like(c)).double()
+    err = (out - torch.acos(c.double())).abs()
+    # < 2 ulp of the result (ulp(pi) = 2.4e-7)
+    assert err.max().item() <= 5e-7, f"max |acos_f32 - acos| = {err.max().item():.3g} at c = {c[err.argmax()].item()!r}"
+    nan = _probe("acos", torch.tensor([float("nan")]), torch.ones(1))
+    assert torch.isnan(nan).all()
+
+
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("what", ["g", "dg_dc", "dg_dk"])
+def test_angular_functions_match_reference(operator, what):
+    if what == "dg_dk" and operator != "sigmoid":
+        pytest.skip("dg/dk exists for the sigmoid operator only")
+    c = _cosine_samples()
+    # per-element k: the helper's learnable range [0.2, 0.8] plus steep and flat extremes
+    k = torch.cat([0.2 + 0.6 * torch.rand(c.numel() - 2000, dtype=torch.float64),
+                   torch.full((1000,), 0.05, dtype=torch.float64),
+                   torch.full((1000,), 5.0, dtype=torch.float64)])[torch.randperm(c.numel())].float()
+    out = _probe(what, c, k, operator).double()
+    cd, kd = c.double(), (k.double() if operator == "sigmoid" else None)
+    if what == "g":
+        ref = R.g_of_c(cd, operator, kd)
+    elif what == "dg_dc":
+        ref = R.dg_dc(cd, operator, kd)
+    else:
+        ref = R.dg_dk(cd, kd)
+    # fp32 evaluation: relative 2e-5 of the function's scale, pointwise relative 1e-4 where
+    # dg/dc is large (|c| -> 1), the shape of fp32 rounding in 1 - c^2
+    scale = ref.abs().max().item()
+    bound = 2e-5 * scale + 1e-4 * ref.abs()
+    bad = (out - ref).abs() > bound
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} mismatches; worst at c={c[(out - ref).abs().argmax()].item()!r}: "
+        f"out={out[(out - ref).abs().argmax()].item()!r} ref={ref[(out - ref).abs().argmax()].item()!r}")
+
+
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])
+def test_angular_functions_propagate_nan(operator):
+    c = torch.tensor([float("nan"), 0.3, float("nan")])
+    k = torch.full_like(c, 0.3)
+    assert torch.isnan(_probe("g", c, k, operator)[[0, 2]]).all()
+    assert torch.isfinite(_probe("g", c, k, operator)[1])
+    if operator != "cosine":  # cosine: dg/dc is exactly 1 (straight-through), NaN-free
+        assert torch.isnan(_probe("dg_dc", c, k, operator)[[0, 2]]).all()
+    assert torch.isnan(_probe("dg_dk", c, k, operator)[[0, 2]]).all()
+
+
+def test_angular_dg_dc_bounded_at_parallel():
+    """|c| = 1 gives the DELTA-bounded derivative, never Inf."""
+    c = torch.tensor([1.0, -1.0, 0.9999999])
+    k = torch.full_like(c, 0.3)
+    for operator in ("linear", "sigmoid"):
+        out = _probe("dg_dc", c, k, operator).double()
+        ref = R.dg_dc(c.double(), operator, k.double() if operator == "sigmoid" else None)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, ref, rtol=1e-4, atol=0), (operator, out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernel vs the float64 reference over the option grid
+# ---------------------------------------------------------------------------------------------
+
+# Tiny shapes; comments name the kernel path each case exercises.
+CONV_CASES = {
+    # flat K loop (C_in/G = 6 < 16), partial N tile, odd sizes
+    "3x3": dict(n=2, c_in=6, h=7, w=6, c_out=20, kernel=3, padding=1),
+    # channel-chunk K loop (C_in/G = 24: a full and a partial chunk), partial N tile
+    "3x3_chunks": dict(n=1, c_in=24, h=6, w=5, c_out=24, kernel=3, padding=1),
+    # stride + dilation + padding larger than the dilated half-filter
+    "strided_dilated": dict(n=2, c_in=4, h=9, w=8, c_out=16, kernel=3, stride=2, padding=3,
+                            dilation=2),
+    # rectangular filter with per-dimension stride/padding/dilation, no padding on one side
+    "rect_5x3": dict(n=1, c_in=4, h=9, w=7, c_out=16, kernel=(5, 3), stride=(2, 1),
+                     padding=(2, 0), dilation=(1, 2)),
+    # groups in the flat loop: C_in/G = 2, C_out/G = 3
+    "grouped": dict(n=2, c_in=8, h=6, w=6, c_out=12, kernel=3, padding=1, groups=4),
+    # groups in the channel-chunk loop: C_in/G = 16
+    "grouped_chunks": dict(n=1, c_in=32, h=5, w=5, c_out=8, kernel=3, padding=1, groups=2),
+    # depthwise: the dedicated kernel
+    "depthwise": dict(n=2, c_in=20, h=6, w=7, c_out=20, kernel=3, padding=1, groups=20),
+    # depthwise with a channel multiplier: implicit GEMM with C_in/G = 1, C_out/G = 2
+    "depthwise_mult": dict(n=1, c_in=6, h=6, w=6, c_out=12, kernel=3, stride=2, padding=1,
+                           groups=6),
+    # 1x1 in the channel-chunk loop, strided
+    "1x1": dict(n=2, c_in=16, h=5, w=6, c_out=16, kernel=1, stride=2, padding=0),
+    # no bias, no padding
+    "no_bias_valid": dict(n=1, c_in=3, h=8, w=8, c_out=16, kernel=3, padding=0, bias=False),
+}
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_forward_matches_reference(case, operator, channels_last, dtype, rtol, atol):
+    inp = make_conv_inputs(**CONV_CASES[case], operator=operator, dtype=dtype, device=DEVICE,
+                           channels_last=channels_last)
+    _check_against_reference(inp, _run_kernel(inp), dtype, rtol, atol)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+def test_forward_arbitrary_strides(dtype, rtol, atol):
+    """A non-contiguous view (every other row, channels permuted in memory) is read through its
+    strides; outputs come back contiguous (NCHW)."""
+    base = make_conv_inputs(n=2, c_in=8, h=12, w=5, c_out=16, operator="sigmoid", dtype=dtype,
+                            device=DEVICE)
+    x = base.x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[:, :, ::2, :]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    base.x = x
+    y, c, r_x = _run_kernel(base)
+    assert y.is_contiguous() and c.is_contiguous()
+    _check_against_reference(base, (y, c, r_x), dtype, rtol, atol)
+
+
+def test_forward_sigmoid_scalar_like_k_and_channels_last_weight():
+    """k equal for every channel (the fixed-sigmoid case) and a channels_last weight (the packed
+    layout is then a view)."""
+    inp = make_conv_inputs(n=1, c_in=16, h=5, w=5, c_out=16, operator="sigmoid",
+                           per_channel_k=False, device=DEVICE, channels_last=True)
+    inp.w = inp.w.contiguous(memory_format=torch.channels_last)
+    _check_against_reference(inp, _run_kernel(inp), torch.float32, 1e-5, 1e-5)
+
+
+def test_forward_tf32_when_allowed():
+    """fp32 uses TF32 exactly when cudnn.allow_tf32 is set (only observable on a GPU: the
+    interpreter computes the dot in full fp32).  TF32 keeps 10 mantissa bits: c within ~2e-3."""
+    torch.backends.cudnn.allow_tf32 = True
+    inp = make_conv_inputs(n=1, c_in=32, h=6, w=6, c_out=16, operator="linear", device=DEVICE)
+    y, c, r_x = _run_kernel(inp)
+    (y64, c64, rx64), _ = _references(inp)
+    assert_close(c, c64, 2e-3, 2e-3, "c")
+    assert_close(y, y64, 3e-3, 3e-3, "y")
+    assert_close(r_x, rx64, RX_RTOL, RX_ATOL, "r_x")  # sum of squares never goes through TF32
+
+
+# Every GPU autotune config (and the depthwise ones), forced, on shapes where the tiles are
+# mostly masked: the masks and the grid swizzle are right for every tile shape.
+@pytest.mark.parametrize("cfg", configs.conv_fwd_configs(),
+                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x"
+                                       f"{c.kwargs['BLOCK_K']}w{c.num_warps}")
+@pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
+def test_forward_every_gpu_config(cfg, case):
+    inp = make_conv_inputs(**CONV_CASES[case], operator="sigmoid", device=DEVICE,
+                           channels_last=True)
+    out = _run_kernel(inp, config=cfg, force_gemm=True)
+    _check_against_reference(inp, out, torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("cfg", F._dw_configs(), ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}")
+def test_forward_every_depthwise_config(cfg):
+    inp = make_conv_inputs(**CONV_CASES["depthwise"], operator="linear", device=DEVICE,
+                           channels_last=True)
+    _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard cases
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("noise", [0.0, 1e-4], ids=["exact", "noisy"])
+def test_forward_near_parallel_patches(noise, operator, dtype, rtol, atol):
+    """Filters equal to (scaled) input patches: c -> 1, where arccos turns an ulp of c into
+    ~sqrt(ulp) of angle.  Bound: the same-dtype reference's own error (2x) plus atol, in fp32
+    too, since the amplification is a property of the function, not of the kernel."""
+    inp = make_near_parallel_conv_inputs(noise=noise, n=1, c_in=4, h=6, w=6, c_out=16,
+                                         kernel=3, padding=0, operator=operator, dtype=dtype,
+                                         device=DEVICE)
+    y, c, r_x = _run_kernel(inp)
+    (y64, c64, rx64), (y_same, c_same, _) = _references(inp)
+    assert c64.max().item() > 1 - 1e-5, "the inputs do not reach the near-parallel regime"
+    assert torch.isfinite(y).all() and torch.isfinite(c).all()
+    assert c.abs().max().item() <= 1.0
+    assert_close_to_reference(c, c64, c_same, atol, "c")
+    # near c = 1, |dy| = |dg/dtheta| * |dtheta| with dtheta ~ sqrt(2 |dc|)
+    y_atol = atol + 2.0 * math.sqrt(2 * 2.0 ** -23 * 4)
+    assert_close_to_reference(y, y64, y_same, y_atol, "y")
+    assert_close(r_x, rx64, RX_RTOL, RX_ATOL, "r_x")
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
+def test_forward_zero_patches(case, dtype, rtol, atol):
+    """All-zero patches: r_x = sqrt(eps), c = 0, y = g(pi/2) + b = b."""
+    inp = make_conv_inputs(**CONV_CASES[case], operator="sigmoid", dtype=dtype, device=DEVICE,
+                           channels_last=True)
+    x = inp.x.clone()
+    x[0] = 0  # a whole image: every patch of image 0 is zero
+    inp.x = x
+    y, c, r_x = _run_kernel(inp)
+    _check_against_reference(inp, (y, c, r_x), dtype, rtol, atol)
+    assert (c[0] == 0).all()
+    assert torch.allclose(r_x[0], torch.full_like(r_x[0], math.sqrt(EPS)), rtol=1e-6, atol=0)
+    assert torch.allclose(y[0].double(), inp.bias.double().view(-1, 1, 1).expand_as(y[0]),
+                          rtol=0, atol=atol + 1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
+def test_forward_fp16_large_magnitude(case, channels_last):
+    """fp16 with |x| ~ 300: x^2 overflows fp16 (65504), so the norms must be summed in fp32."""
+    inp = make_conv_inputs(**CONV_CASES[case], operator="linear", dtype=torch.float16,
+                           device=DEVICE, channels_last=channels_last, scale=300.0)
+    assert inp.x.abs().max().item() > 256
+    y, c, r_x = _run_kernel(inp)
+    assert torch.isfinite(r_x).all() and torch.isfinite(y).all()
+    _check_against_reference(inp, (y, c, r_x), torch.float16, 0.0, 1e-3)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "grouped", "depthwise"])
+def test_forward_nonfinite_input_poisons_only_affected_outputs(case, bad, dtype, rtol, atol):
+    """A NaN/Inf input pixel gives NaN in exactly the outputs whose patch contains it (all
+    filters of its group, the windows covering it, its image) and nowhere else."""
+    inp = make_conv_inputs(**CONV_CASES[case], operator="sigmoid", dtype=dtype, device=DEVICE,
+                           channels_last=True)
+    x = inp.x.clone()
+    x[0, 1, 2, 3] = bad
+    inp.x = x
+    y, c, r_x = _run_kernel(inp)
+    (y64, c64, rx64), _ = _references(inp)
+    nan_ref = torch.isnan(y64)
+    assert 0 < int(nan_ref.sum()) < y64.numel(), "the reference must have both NaN and finite outputs"
+    assert torch.equal(torch.isnan(y).cpu(), nan_ref), "y NaN pattern differs from the reference"
+    assert torch.equal(torch.isnan(c).cpu(), torch.isnan(c64)), "c NaN pattern differs"
+    _check_against_reference(inp, (y, c, r_x), dtype, rtol, atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, empty inputs, argument checking, AOT specs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_forward_empty_batch(groups):
+    inp = make_conv_inputs(n=0, c_in=8, h=5, w=5, c_out=8, groups=groups, device=DEVICE,
+                           channels_last=True)
+    y, c, r_x = F.sphere_conv2d_fwd(*inp.args(), EPS)
+    assert y.shape == c.shape == (0, 8, 5, 5) and r_x.shape == (0, groups, 5, 5)
+    assert y.dtype == c.dtype == torch.float32 and r_x.dtype == torch.float32
+
+
+def _good_args():
+    inp = make_conv_inputs(n=1, c_in=4, h=5, w=5, c_out=8, operator="sigmoid", device=DEVICE)
+    return dict(x=inp.x, w=inp.w, bias=inp.bias, k=inp.k, stride=(1, 1), padding=(1, 1),
+                dilation=(1, 1), groups=1, operator="sigmoid", eps=EPS)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x="x"), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.zeros(4, 5, 5)), ValueError, "x must be a 4-D"),
+    (dict(x=torch.zeros(1, 4, 5, 5, dtype=torch.float64)), TypeError, "x dtype"),
+    (dict(x=torch.zeros(1, 4, 5, 5, dtype=torch.int32)), TypeError, "x dtype"),
+    (dict(w=torch.zeros(8, 4, 3, 3, dtype=torch.float16)), TypeError, "w dtype"),
+    (dict(w=torch.zeros(8, 3, 3, 3)), ValueError, "w.shape"),
+    (dict(groups=3), ValueError, "groups"),
+    (dict(groups=0), ValueError, "groups"),
+    (dict(bias=torch.zeros(7)), ValueError, "bias"),
+    (dict(k=None), ValueError, "k is required"),
+    (dict(k=torch.zeros(3)), ValueError, "k must"),
+    (dict(operator="tanh"), ValueError, "operator"),
+    (dict(stride=(0, 1)), ValueError, "stride"),
+    (dict(stride=2), TypeError, "stride"),
+    (dict(padding=(-1, 0)), ValueError, "padding"),
+    (dict(dilation=(1.5, 1)), TypeError, "dilation"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(padding=(0, 0), dilation=(3, 3)), ValueError, "output size"),
+])
+def test_forward_bad_arguments(change, exc, match):
+    args = _good_args()
+    for key, value in change.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(DEVICE)
+        args[key] = value
+    with pytest.raises(exc, match=match):
+        F.sphere_conv2d_fwd(**args)
+
+
+def test_aot_specs_are_well_formed():
+    specs = F.aot_specs()
+    names = [s["name"] for s in specs]
+    assert len(names) == len(set(names))
+    n_gemm = len(configs.conv_fwd_configs())
+    assert sum(s["gemm"] for s in specs) == n_gemm * 3  # fp16, bf16, fp32-tf32
+    for s in specs:
+        assert set(s) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages",
+                          "dtype", "gemm"}
+        # a JITFunction (an interpreter function when TRITON_INTERPRET=1, as here on CPU)
+        assert callable(s["fn"]) and hasattr(s["fn"], "arg_names")
+        assert list(s["signature"]) == list(s["fn"].arg_names)
+        for name, value in s["signature"].items():
+            assert (value == "constexpr") == (name in s["constexprs"]), name
+        ptr_types = {v for v in s["signature"].values() if v.startswith("*")}
+        assert ptr_types <= {"*" + s["dtype"], "*fp32"}
+
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sphereops_kernels.conv_fwd import aot_specs
+spec = next(s for s in aot_specs() if s["name"] == {name!r})
+assert isinstance(spec["fn"], triton.JITFunction)
+kernel = triton.compile(ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec["attrs"]),
+                        target=GPUTarget("cuda", 90, 32),
+                        options={{"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}})
+ptx = kernel.asm["ptx"]
+print("WGMMA" if "wgmma" in ptx else "NO-WGMMA", "CP_ASYNC" if "cp.async" in ptx else "NO-CP_ASYNC")
+"""
+
+
+def test_aot_compile_smallest_gemm_config_emits_wgmma():
+    """The compiler (not the interpreter) accepts the kernel, uses Hopper tensor cores and
+    pipelines the loads.  In a subprocess: with TRITON_INTERPRET=1 set, @triton.jit yields
+    interpreter functions that cannot be compiled."""
+    import os
+    import subprocess
+    import sys
+    name = next(s["name"] for s in F.aot_specs()
+                if s["name"].startswith("conv_fwd_gemm_3x3_128x16x16") and s["dtype"] == "bf16")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT.format(name=name)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WGMMA CP_ASYNC" in proc.stdout, proc.stdout
