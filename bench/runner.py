@@ -340,6 +340,12 @@ class Inputs:
     def copies(self) -> int:
         return len(self.sets)
 
+    def without_k(self) -> "Inputs":
+        """The same copies with ``k`` dropped from the differentiated inputs (a plain conv does
+        not use k; asking autograd for its gradient would be an error)."""
+        diff = [tuple(t for t in d if t is not s[3]) for d, s in zip(self.diff, self.sets)]
+        return Inputs(self.sets, self.dys, diff)
+
 
 def _set_requires_grad(x, w, b, k, learnable: bool):
     x.requires_grad_(True)
@@ -675,6 +681,8 @@ class Runner:
         if self.budget.exhausted():
             finish_all(status="skipped", reason="time budget spent")
             return
+        if not sphere:
+            inputs = inputs.without_k()
         spec.notes.clear()
         try:
             fn = P.make_conv(prov, spec) if kind == "conv" else P.make_linear(prov, spec)
@@ -871,6 +879,8 @@ def prepare_case(kind: str, shape, dtype: str, layout: str, operator: str, provi
     if kind == "conv":
         inputs = build_conv_inputs(shape, dtype_t, spec.channels_last, operator, device)
         fn = P.make_conv(provider, spec)
+        if not P.provider_computes_sphere(provider):
+            inputs = inputs.without_k()
         ref = conv_reference(inputs, spec, P.provider_computes_sphere(provider))
     else:
         inputs = build_linear_inputs(shape, dtype_t, operator, device)

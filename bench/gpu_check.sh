@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# make gpu-check: one prepared run on a GPU machine that has torch and triton preinstalled and no
+# package registry.  Installs the project offline, runs the CUDA-marked tests, the quick
+# benchmark suite and the profiler, and writes everything into $OUT (else bench/results/).
+#
+# Wall-time plan (H100/H200, total under ~6 minutes):
+#   install ~20 s | gpu tests <= GPU_TESTS_TIMEOUT (150 s) | benchmark: what is left of
+#   TOTAL_BUDGET_S minus a profiler reserve, enforced inside the benchmark (it stops starting
+#   new measurements and says so) and by a hard timeout | profiler <= PROFILE_TIMEOUT (45 s).
+#
+# Files written (flat, at most 8, so they all come back from a lent machine):
+#   <date>_<device>_<commit>.{json,md,png}, gpu_check.log, gpu_tests.log, profile.txt, env.txt
+set -u
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-$REPO/bench/results}"
+mkdir -p "$OUT_DIR"
+TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-330}"
+GPU_TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-150}"
+PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-45}"
+START=$(date +%s)
+LOG="$OUT_DIR/gpu_check.log"
+: > "$LOG"
+
+# The real compiler, never the interpreter; the same FMA contraction on every triton version.
+unset TRITON_INTERPRET
+export TRITON_DEFAULT_FP_FUSION=1
+export PYTHONUNBUFFERED=1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+say() { echo "[gpu-check $(elapsed)s] $*" | tee -a "$LOG"; }
+
+# --- environment -------------------------------------------------------------------------
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse --short=10 HEAD 2>/dev/null || echo unknown)"
+  git status --porcelain --untracked-files=no 2>/dev/null | head -20 | sed 's/^/dirty: /'
+  nvidia-smi 2>&1 | head -25
+  "$PY" - <<'EOF' 2>&1
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "sm", p.multi_processor_count, "mem GiB", round(p.total_memory / 2**30, 1))
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton import failed:", exc)
+EOF
+} > "$OUT_DIR/env.txt" 2>&1
+say "environment written to env.txt"
+cat "$OUT_DIR/env.txt" | grep -E "^(torch|triton|device|cuda available)" | tee -a "$LOG"
+
+# --- offline install ---------------------------------------------------------------------
+say "pip install --no-build-isolation --no-deps -e ."
+if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+  # Fall back to an import path that maps kernels/ to sphereops_kernels without installing.
+  say "pip install failed (see log); using PYTHONPATH with a sphereops_kernels link instead"
+  SHIM="$(mktemp -d)"
+  ln -s "$REPO/kernels" "$SHIM/sphereops_kernels"
+  export PYTHONPATH="$REPO:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PY" -c "import sphereops, sphereops_kernels" >> "$LOG" 2>&1; then
+  say "WARNING: 'import sphereops, sphereops_kernels' fails (continuing: rows record errors)"
+fi
+
+# --- CUDA test tier ----------------------------------------------------------------------
+say "pytest -m gpu tests (timeout ${GPU_TESTS_TIMEOUT}s)"
+timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests -x -q -p no:cacheprovider \
+    > "$OUT_DIR/gpu_tests.log" 2>&1
+rc=$?
+case $rc in
+  0) say "gpu tests passed" ;;
+  5) say "no gpu-marked tests collected (tier absent): nothing to run" ;;
+  124|130|137) say "gpu tests hit the ${GPU_TESTS_TIMEOUT}s limit (rc $rc)" ;;
+  *) say "gpu tests FAILED (rc $rc)" ;;
+esac
+tail -5 "$OUT_DIR/gpu_tests.log" | tee -a "$LOG"
+
+# --- benchmark (quick suite) -------------------------------------------------------------
+left=$(( TOTAL_BUDGET_S - $(elapsed) - PROFILE_TIMEOUT ))
+(( left < 60 )) && left=60
+bench_budget=$(( left - 25 ))        # measurements stop here; the rest writes the report
+say "benchmark: quick suite, budget ${bench_budget}s (hard limit ${left}s)"
+timeout -s INT -k 20 "$left" "$PY" -m bench --budget "$bench_budget" --out "$OUT_DIR" \
+    > "$OUT_DIR/bench_stdout.txt" 2>> "$LOG"
+rc=$?
+say "benchmark exit code $rc"
+# The summary goes to the log (and the tail of this script's output).
+cat "$OUT_DIR/bench_stdout.txt" >> "$LOG"
+rm -f "$OUT_DIR/bench_stdout.txt"
+
+# --- profiler ----------------------------------------------------------------------------
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('sphereops.profile') else 1)" 2>/dev/null; then
+  say "python -m sphereops.profile (timeout ${PROFILE_TIMEOUT}s)"
+  (cd "$OUT_DIR" && timeout -s INT -k 5 "$PROFILE_TIMEOUT" "$PY" -m sphereops.profile) \
+      > "$OUT_DIR/profile.txt" 2>&1
+  say "profile exit code $? (profile.txt)"
+  if [ -n "${OUT:-}" ]; then
+    # On a lent machine files over 16 MB do not come back: say so instead of failing silently.
+    find "$OUT_DIR" -mindepth 1 -size +15M -print 2>/dev/null | sed 's/^/too large to return: /' | tee -a "$LOG"
+  fi
+else
+  say "sphereops.profile does not exist: skipped"
+fi
+
+say "done in $(elapsed)s; files in $OUT_DIR:"
+ls -la "$OUT_DIR" | tee -a "$LOG"
+# Print the benchmark summary last so it ends up in the visible tail.
+md=$(ls -t "$OUT_DIR"/*.md 2>/dev/null | head -1)
+[ -n "$md" ] && sed -n '1,80p' "$md"
+exit 0

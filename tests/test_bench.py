@@ -1,0 +1,354 @@
+"""Tests of the benchmark suite (bench/): shapes, providers, spot checks, runner, report.
+
+CPU only, tiny shapes.  Every provider is run for real (no stubs) and compared with the float64
+reference; the stubs below exist only to prove that the runner refuses to time a wrong provider
+and survives a crashing one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import e2e as E
+from bench import providers as P
+from bench import report as REP
+from bench import runner as RN
+from bench import shapes as S
+from bench import timing as T
+from sphereops import reference as R
+from tests.helpers import assert_close
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes file
+# ---------------------------------------------------------------------------------------------
+
+def test_shapes_file_is_valid():
+    S.validate_all()
+    assert {s.net for s in S.FULL} >= {"spherenet9", "sphereresnet32", "resnet18", "resnet50", "edge"}
+    for subset in (S.QUICK, S.SWEEP):
+        assert all(S.BY_NAME[s.name] == s for s in subset)
+    # The edge cases the issue asks for are present.
+    assert any(s.c_in == 3 for s in S.FULL)
+    assert any(s.kh == 1 and s.kw == 1 for s in S.FULL)
+    assert any(s.stride == 2 for s in S.FULL)
+    assert any(s.groups == s.c_in == s.c_out for s in S.FULL)          # depthwise
+    assert any(s.h % 2 == 1 and s.dilation > 1 for s in S.FULL)         # odd, dilated
+    assert S.CRITERION.label() == "32x64x32x32->64 3x3 p1"
+
+
+@pytest.mark.parametrize("shape", S.FULL + S.TINY, ids=lambda s: s.name)
+def test_shape_counts_match_torch(shape):
+    """Output size and FLOPs agree with what torch itself computes (on meta tensors: free)."""
+    x = torch.empty(shape.n, shape.c_in, shape.h, shape.w, device="meta", requires_grad=True)
+    w = torch.empty(shape.c_out, shape.c_in // shape.groups, shape.kh, shape.kw, device="meta",
+                    requires_grad=True)
+    with FlopCounterMode(display=False) as fwd_counter:
+        y = F.conv2d(x, w, None, shape.stride, shape.padding, shape.dilation, shape.groups)
+    assert tuple(y.shape[2:]) == shape.out_hw
+    assert fwd_counter.get_total_flops() == shape.flops("fwd")
+    with FlopCounterMode(display=False) as bwd_counter:
+        y.backward(torch.empty_like(y))
+    if shape.groups == 1:
+        assert bwd_counter.get_total_flops() == shape.flops("bwd")
+    else:
+        # torch's counter ignores groups in convolution_backward; dgrad + wgrad = 2 forwards.
+        assert shape.flops("bwd") == 2 * fwd_counter.get_total_flops()
+    item = 2
+    ho, wo = shape.out_hw
+    x_b, w_b, y_b = x.numel() * item, w.numel() * item, shape.n * shape.c_out * ho * wo * item
+    assert shape.min_bytes("fwd", item) == x_b + w_b + y_b
+    assert shape.min_bytes("fwd+bwd", item) == (x_b + w_b + y_b) + (y_b + 2 * x_b + 2 * w_b)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(groups=3), "groups"), (dict(padding=-1), "padding"), (dict(n=0), "n"),
+    (dict(h=1, w=1, padding=0), "empty output"),
+])
+def test_shape_validation_names_the_problem(bad, field):
+    import dataclasses
+    shape = dataclasses.replace(S.TINY[0], **bad)
+    with pytest.raises(ValueError, match=field):
+        shape.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: each one for real, against the float64 reference
+# ---------------------------------------------------------------------------------------------
+
+def _provider_vs_reference(provider, operator, dtype_name, shape, layout="nchw", backend=None):
+    dtype, tf32 = RN.DTYPES[dtype_name]
+    spec = P.RowSpec(shape=shape, dtype=dtype, device=CPU, operator=operator,
+                     channels_last=(layout == "channels_last"), tf32=tf32, sphereops_backend=backend)
+    inputs = RN.build_conv_inputs(shape, dtype, spec.channels_last, operator, CPU, copies=2)
+    fn = P.make_conv(provider, spec)
+    x, w, b, k = inputs.sets[1]
+    y = fn(x, w, b, k)
+    grads = torch.autograd.grad(y, inputs.diff[1], inputs.dys[1])
+    # Independent oracle: float64 autograd through PyTorch primitives.
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+              for t in (x, w, b, k)]
+    if P.provider_computes_sphere(provider):
+        y64 = R.conv2d_autograd(*leaves, spec.stride, spec.padding, spec.dilation, shape.groups,
+                                spec.sphere_operator, spec.eps)
+    else:
+        y64 = F.conv2d(leaves[0], leaves[1], leaves[2], spec.stride, spec.padding, spec.dilation,
+                       shape.groups)
+    want = [t for t in leaves if t is not None and t.requires_grad]
+    grads64 = torch.autograd.grad(y64, want, inputs.dys[1].double())
+    rtol = {"fp64": 1e-9, "fp32": 2e-4}[dtype_name]
+    assert_close(y, y64, rtol=rtol, atol=rtol, name=f"{provider} y")
+    names = ["dx", "dw", "db", "dk"]
+    for name, g, g64 in zip(names, grads, grads64):
+        assert_close(g, g64, rtol=10 * rtol, atol=10 * rtol, name=f"{provider} {name}")
+    return spec
+
+
+@pytest.mark.parametrize("provider", ["unfused_official", "unfused_best", "conv2d", "sphereops"])
+@pytest.mark.parametrize("operator", P.BENCH_OPERATORS)
+@pytest.mark.parametrize("dtype_name", ["fp64", "fp32"])
+def test_eager_providers_match_float64(provider, operator, dtype_name):
+    if provider == "conv2d" and operator != "linear":
+        pytest.skip("the plain conv has no operator: tested once")
+    shape = S.TINY[1] if operator in ("sigmoid", "learnable") else S.TINY[0]
+    layout = "channels_last" if operator == "cosine" else "nchw"
+    _provider_vs_reference(provider, operator, dtype_name, shape, layout)
+
+
+def test_sphereops_provider_with_triton_interpreter():
+    """The fused provider on CPU through the interpreter, when the kernels exist."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not set")
+    try:
+        import sphereops_kernels.conv_fwd  # noqa: F401
+        import sphereops_kernels.conv_bwd  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the Triton conv kernels are not there yet: {exc}")
+    spec = _provider_vs_reference("sphereops", "linear", "fp32", S.TINY[0], backend="triton")
+    assert spec.notes["sphereops_backend"] == "triton"
+
+
+def test_compiled_provider_matches_float64():
+    """torch.compile of the closed-form path: traced whole (fullgraph) and correct."""
+    spec = _provider_vs_reference("compiled_best", "learnable", "fp64", S.TINY[0])
+    assert spec.notes.get("compiled_variant") == "closed_form", spec.notes
+
+
+@pytest.mark.parametrize("provider", ["sphereops", "unfused_official", "linear"])
+@pytest.mark.parametrize("operator", ["linear", "learnable"])
+def test_linear_providers_match_float64(provider, operator):
+    if provider == "linear" and operator != "linear":
+        pytest.skip("F.linear has no operator: tested once")
+    spec = P.RowSpec(shape=S.LINEAR_TINY[0], dtype=torch.float64, device=CPU, operator=operator)
+    inputs = RN.build_linear_inputs(S.LINEAR_TINY[0], torch.float64, operator, CPU, copies=1)
+    fn = P.make_linear(provider, spec)
+    ref = RN.linear_reference(inputs, spec, P.provider_computes_sphere(provider))
+    ok, errors = RN.spot_check(fn, inputs, ref, "fp64")
+    assert ok, errors
+    assert set(errors) >= {"y", "dx", "dw", "db"} | ({"dk"} if operator == "learnable" else set())
+
+
+def test_official_unfused_is_the_papers_sigmoid():
+    """The official-style sigmoid (paper form) equals the reference's tanh form in float64."""
+    c = torch.linspace(-0.999, 0.999, 101, dtype=torch.float64).reshape(1, -1, 1, 1)
+    k = torch.full((101,), 0.3, dtype=torch.float64)
+    # A 1x1 conv with an identity filter on unit-norm "patches" reproduces c exactly.
+    x = torch.stack([c, torch.sqrt(1 - c * c)], dim=1).reshape(1, 2, 101, 1)
+    w = torch.tensor([[1.0, 0.0]], dtype=torch.float64).reshape(1, 2, 1, 1)
+    y = P.official_unfused_conv2d(x, w, None, k[:1], (1, 1), (0, 0), (1, 1), 1, "sigmoid", 0.0)
+    want = R.g_of_c(c.reshape(1, 1, 101, 1), "sigmoid", torch.tensor(0.3, dtype=torch.float64))
+    assert torch.allclose(y, want, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spot check, errors, budget
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_cfg(**kw):
+    base = dict(device=CPU, budget_s=None, compile=False, e2e=False, linear=False, criterion=False,
+                conv_shapes=[S.TINY[0]], configs=[("fp32", "nchw", "linear")], target_s=0.01,
+                verbose=False)
+    base.update(kw)
+    return RN.RunConfig(**base)
+
+
+def test_wrong_provider_is_never_timed(monkeypatch):
+    # A provider that computes the cosine operator when "linear" is asked for: plausible numbers,
+    # wrong function.
+    def wrong_factory(spec):
+        return lambda x, w, b, k: P.official_unfused_conv2d(x, w, b, k, spec.stride, spec.padding,
+                                                            spec.dilation, spec.shape.groups,
+                                                            "cosine", spec.eps)
+    monkeypatch.setitem(P.CONV_FACTORIES, "unfused_official", wrong_factory)
+    run = RN.Runner(_tiny_cfg(providers=("unfused_official", "conv2d")))
+    res = run.run()
+    wrong = [r for r in res["records"] if r["provider"] == "unfused_official"]
+    assert len(wrong) == 3 and all(r["status"] == "wrong" for r in wrong)
+    assert all("median_ms" not in r for r in wrong)
+    assert float(wrong[0]["check"]["y"]) > RN.SPOT_RTOL["fp32"]
+    assert all(r["status"] == "ok" for r in res["records"] if r["provider"] == "conv2d")
+
+
+def test_crashing_provider_is_recorded_and_run_goes_on(monkeypatch):
+    def crash(spec):
+        def call(x, w, b, k):
+            raise RuntimeError("kernel exploded")
+        return call
+    monkeypatch.setitem(P.CONV_FACTORIES, "unfused_official", crash)
+    res = RN.Runner(_tiny_cfg(providers=("unfused_official", "conv2d"))).run()
+    errs = [r for r in res["records"] if r["provider"] == "unfused_official"]
+    assert errs and all(r["status"] == "error" and "kernel exploded" in r["error"] for r in errs)
+    assert {r["mode"] for r in res["records"] if r["provider"] == "conv2d" and r["status"] == "ok"} == set(S.MODES)
+    assert "kernel exploded" in REP.summary_markdown(res)
+
+
+def test_spent_budget_skips_and_says_so():
+    res = RN.Runner(_tiny_cfg(budget_s=0.0, providers=("conv2d",))).run()
+    assert res["records"] and all(r["status"] == "skipped" for r in res["records"])
+    assert res["config"]["skipped_for_budget"] == len(res["records"])
+    assert "skipped for the budget" in REP.summary_markdown(res)
+
+
+def test_measure_times_what_it_runs():
+    import time
+    res = T.measure(lambda i: time.sleep(0.004), CPU, 2, warmup=1, min_reps=3, max_reps=5,
+                    target_s=0.01)
+    assert 3.5 <= res["median_ms"] < 200 and 3 <= res["reps"] <= 5 and res["copies"] == 2
+    assert res["p20_ms"] <= res["median_ms"] <= res["p80_ms"]
+
+
+def test_floor_is_the_larger_of_compute_and_bytes():
+    ceilings = {"matmul_tflops_bf16": 100.0, "copy_gbs": 1000.0}
+    # 1 TFLOP at 100 TFLOP/s = 10 ms; 1 GB at 1000 GB/s = 1 ms -> compute-bound.
+    assert math.isclose(T.floor_ms(1e12, 1e9, ceilings, torch.bfloat16, False), 10.0)
+    assert math.isclose(T.floor_ms(1e9, 1e11, ceilings, torch.bfloat16, False), 100.0)
+    assert T.floor_ms(1e9, 1e9, ceilings, torch.float32, False) is None   # fp32 peak unmeasured
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole (tiny) run, its files, the report and the comparison
+# ---------------------------------------------------------------------------------------------
+
+def test_tiny_run_writes_json_markdown_png_and_compares(tmp_path, capsys):
+    cfg = _tiny_cfg(configs=[("fp32", "nchw", "linear"), ("fp32", "channels_last", "learnable")],
+                    linear=True, linear_shapes=S.LINEAR_TINY, e2e=True, e2e_batch=2,
+                    e2e_widths=(4, 8, 8), e2e_units=1, criterion=True,
+                    criterion_shape=S.TINY[0], criterion_rounds=2, criterion_operators=("linear",))
+    jobs = RN.plan(cfg) + ["e2e", "criterion"]
+    res = RN.Runner(cfg).run(jobs)
+    ok = [r for r in res["records"] if r["status"] == "ok"]
+    by = {(r["kind"], r["operator"], r["provider"], r["mode"]) for r in ok}
+    for mode in S.MODES:
+        for prov in ("sphereops", "unfused_official", "conv2d"):
+            op = "-" if prov == "conv2d" else "linear"
+            assert ("conv", op, prov, mode) in by
+        assert ("conv", "learnable", "sphereops", mode) in by
+        assert ("linear", "linear", "sphereops", mode) in by
+    for r in ok:
+        assert r["median_ms"] > 0 and r["reps"] >= 5 and r["tflops"] > 0 and "check" in r
+        if r["provider"] != "conv2d" and r["kind"] == "conv":
+            assert "conv2d" in r["ratio_to"]
+    assert {e["variant"] for e in res["e2e"] if e["status"] == "ok"} == {"plain", "sphereops"}
+    assert res["criterion"][0]["status"] == "ok" and res["criterion"][0]["ratio"] > 0
+    meta = res["meta"]
+    for key in ("device_name", "torch", "triton", "commit", "tf32_flags_at_start", "date"):
+        assert key in meta
+
+    path = RN.write_json(res, tmp_path / f"{RN.output_stem(res)}.json")
+    assert path.name.endswith(".json") and "_cpu_" in path.name
+    loaded = json.loads(path.read_text())
+    paths = REP.write_report(loaded, path)
+    md = paths["md"].read_text()
+    assert "Geomean time ratio" in md and "All rows" in md and "criterion" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The CLI regenerates the report from the JSON alone, and compares two runs.
+    other = json.loads(path.read_text())
+    for r in other["records"]:
+        if r.get("status") == "ok":
+            r["median_ms"] *= 2.0
+    other_path = tmp_path / "older.json"
+    other_path.write_text(json.dumps(other))
+    assert REP.main([str(path), "--out-dir", str(tmp_path / "again"), "--no-plot"]) == 0
+    assert (tmp_path / "again" / f"{path.stem}.md").exists()
+    assert REP.main([str(path), "--compare", str(other_path)]) == 0
+    text = capsys.readouterr().out
+    assert "0.500x" in text          # every row is exactly twice as fast in the "new" run
+
+
+def test_report_geomeans_and_goals_from_a_hand_made_json():
+    def rec(shape, provider, mode, ms, op="linear"):
+        return {"kind": "conv", "shape": shape, "net": "x", "label": shape, "dtype": "bf16",
+                "layout": "channels_last", "operator": op, "provider": provider, "mode": mode,
+                "status": "ok", "median_ms": ms}
+    records = []
+    for shape, fused in (("a", 2.0), ("b", 8.0)):
+        for mode in S.MODES:
+            records += [rec(shape, "conv2d", mode, 1.0, "-"), rec(shape, "sphereops", mode, fused),
+                        rec(shape, "unfused_official", mode, 3 * fused)]
+    results = {"meta": {"device_name": "Fake GPU", "device_type": "cuda"},
+               "config": {"headline": RN.HEADLINE}, "records": records, "e2e": [], "criterion": []}
+    md = REP.summary_markdown(results)
+    # geomean(2, 8) = 4 vs the conv; official-style is exactly 3x slower everywhere.
+    assert "4.00x (2)" in md and "3.00x (2)" in md
+    goals = {g[0].split(" (")[0]: g for g in REP.goal_rows(results)}
+    assert goals["fused fwd+bwd time / cuDNN fwd+bwd"][3] == "FAIL"
+    assert goals["speed-up over eager official-style unfused"][3] == "PASS"
+    assert goals["speed-up over torch.compile(best unfused)"][3] == "not measured"
+
+
+def test_e2e_model_builds_from_the_models_package_when_present():
+    model, source = E.build_model("linear", "reference", (4, 8, 8), 1)
+    out = model(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert source in ("sphereops.models.SphereResNet32", "bench.e2e.FallbackResNet")
+    fallback = E.FallbackResNet("learnable", (4, 8, 8), 1, backend="reference")
+    assert fallback(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_rejects_bad_arguments(capsys):
+    from bench.__main__ import main
+    assert main(["--shapes", "no.such.layer", "--device", "cpu"]) == 2
+    assert "unknown layer" in capsys.readouterr().err
+    assert main(["--providers", "cudnn9000", "--device", "cpu"]) == 2
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = REPO / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "unset TRITON_INTERPRET" in text and "--no-build-isolation --no-deps -e ." in text
+    assert "-m gpu tests" in text and "-m bench" in text
+
+
+def test_pytest_benchmark_entry_point_writes_its_json(tmp_path):
+    """``pytest bench/ --benchmark-json`` works (tiny suite, a few rounds)."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "bench/test_conv_bench.py", "-q", "-p", "no:cacheprovider",
+           "--bench-suite=tiny", "-k", "test_conv and (conv2d or unfused_official) and fwd",
+           "--benchmark-json", str(out), "--benchmark-max-time=0.01", "--benchmark-min-rounds=2",
+           "--benchmark-warmup=off"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    names = {b["extra_info"]["provider"] for b in data["benchmarks"]}
+    assert names == {"conv2d", "unfused_official"}
+    assert all(b["stats"]["median"] > 0 and b["extra_info"]["spot_check"] for b in data["benchmarks"])
