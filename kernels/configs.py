@@ -12,9 +12,10 @@ num_stages 3-4 so that the global->shared pipeline hides the latency of the gath
 
 import triton
 
-# Problem dims the implicit-GEMM forward is tuned on; they are also the autotune key (the
-# kernel-size constexprs KH/KW and the dtype already give separate specialisations).
-CONV_FWD_AUTOTUNE_KEY = ["n_pixels", "c_out_per_group", "c_in_per_group"]
+# The autotune key of the implicit-GEMM forward: the GEMM dims (M = pixels, N = C_out/G,
+# K = C_in/G * KH * KW) and the filter size, which also decides which configs are legal (8-warp
+# configs are 1x1 only).  The autotuner adds the tensors' dtypes itself.
+CONV_FWD_AUTOTUNE_KEY = ["n_pixels", "c_out_per_group", "c_in_per_group", "KH", "KW"]
 
 
 def _cfg(block_m, block_n, block_k, num_stages, group_m=8, num_warps=4):
@@ -72,6 +73,12 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
     return kept
+
+
+def conv_fwd_default_config():
+    """The one config used when autotuning is switched off (SPHEREOPS_AUTOTUNE=0): valid for
+    every shape (masks), a mid-size Hopper tile that neither spills nor starves small problems."""
+    return _cfg(128, 64, 64, num_stages=3)
 
 
 def conv_fwd_interpreter_config():

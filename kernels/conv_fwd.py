@@ -33,6 +33,7 @@ from .angular import OPERATOR_CODES, clamp_cos, g_of_c
 from .configs import (
     CONV_FWD_AUTOTUNE_KEY,
     conv_fwd_configs,
+    conv_fwd_default_config,
     conv_fwd_interpreter_config,
     prune_conv_fwd_configs,
 )
@@ -303,8 +304,14 @@ def _dw_interpreter_config():
     return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1)
 
 
+# SPHEREOPS_AUTOTUNE=0 skips autotuning (one fixed config per kernel): first-call latency of
+# a few compiles instead of one per config, e.g. for test runs on a GPU.
+_AUTOTUNE = os.environ.get("SPHEREOPS_AUTOTUNE", "1") not in ("", "0")
+
 if _INTERPRET:
     _gemm_configs, _dw_cfgs = [conv_fwd_interpreter_config()], [_dw_interpreter_config()]
+elif not _AUTOTUNE:
+    _gemm_configs, _dw_cfgs = [conv_fwd_default_config()], _dw_configs()[:1]
 else:
     _gemm_configs, _dw_cfgs = conv_fwd_configs(), _dw_configs()
 
