@@ -192,7 +192,7 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
 # Issue 2's criterion: reference SphereConv2d fwd+bwd vs nn.Conv2d fwd+bwd on CPU
 # ---------------------------------------------------------------------------------------------
 
-def run_criterion(device: torch.device, *, rounds: int = 9, operators=("linear",), log=_noop,
+def run_criterion(device: torch.device, *, rounds: int = 5, operators=("linear",), log=_noop,
                   shape=None) -> list:
     """Interleaved timing (A, B, A, B, ...) so that load from other processes hits both sides
     alike; the ratio is median(SphereConv2d) / median(nn.Conv2d)."""
@@ -223,8 +223,7 @@ def run_criterion(device: torch.device, *, rounds: int = 9, operators=("linear",
             with torch.no_grad():
                 sphere.weight.copy_(plain.weight)
             fa, fb = fwd_bwd(sphere), fwd_bwd(plain)
-            for _ in range(2):
-                fa(), fb()
+            fa(), fb()                      # warm-up (allocator, first-call dispatch)
             ta, tb = [], []
             for _ in range(rounds):
                 for f, acc in ((fa, ta), (fb, tb)):

@@ -88,7 +88,7 @@ class RunConfig:
     e2e_batch: Optional[int] = None
     e2e_widths: Optional[tuple] = None
     e2e_units: Optional[int] = None
-    criterion_rounds: int = 9
+    criterion_rounds: int = 5
     criterion_operators: tuple = P.BENCH_OPERATORS
     criterion_shape: Optional[S.ConvShape] = None   # None: shapes.CRITERION
     verbose: bool = True
@@ -616,6 +616,7 @@ class Runner:
         self._run_row("linear", job.shape, job.dtype, "-", job.operator, job.providers, job.tier)
 
     def _run_row(self, kind, shape, dtype, layout, operator, providers, tier) -> None:
+        """Check every provider of one row, then time the ones that passed, interleaved."""
         cfg, device = self.cfg, self.device
         dtype_t, tf32 = DTYPES[dtype]
         plain_name = "conv2d" if kind == "conv" else "linear"
@@ -629,14 +630,27 @@ class Runner:
             todo.append(prov)
         if not todo:
             return
+
+        def op_label(prov):
+            return operator if P.provider_computes_sphere(prov) else "-"
+
+        def record(prov, mode, **fields):
+            rec = self._base_record(kind, shape, dtype, layout, op_label(prov), prov, mode, None)
+            rec.update(tier=tier, **fields)
+            if rec["status"] == "ok":
+                if rec.get("flops"):
+                    rec["tflops"] = rec["flops"] / (rec["median_ms"] * 1e-3) / 1e12
+                if rec.get("floor_ms"):
+                    rec["pct_floor"] = 100.0 * rec["floor_ms"] / rec["median_ms"]
+            if rec["status"] == "skipped":
+                self.budget.skipped += 1
+            self._add(rec)
+            return rec
+
         if self.budget.exhausted():
             for prov in todo:
                 for mode in cfg.modes:
-                    rec = self._base_record(kind, shape, dtype, layout,
-                                            "-" if prov == plain_name else operator, prov, mode, None)
-                    rec.update(status="skipped", reason="time budget spent", tier=tier)
-                    self.budget.skipped += 1
-                    self.records.append(rec)
+                    record(prov, mode, status="skipped", reason="time budget spent")
             return
 
         spec = P.RowSpec(shape=shape, dtype=dtype_t, device=device, operator=operator,
@@ -648,91 +662,95 @@ class Runner:
             else:
                 inputs = build_linear_inputs(shape, dtype_t, operator, device)
             refs: dict = {}
+            ready = {}          # provider -> (fn, inputs, check errors, notes, first-call seconds)
             for prov in todo:
                 sphere = P.provider_computes_sphere(prov)
-                op_label = operator if sphere else "-"
-                unsupported = (P.conv_unsupported(prov, spec) if kind == "conv"
-                               else P.linear_unsupported(prov, spec))
-                if unsupported is not None:
-                    rec = self._base_record(kind, shape, dtype, layout, op_label, prov, "all", spec)
-                    rec.update(status="unsupported", reason=unsupported, tier=tier)
-                    self._add(rec)
+                why = (P.conv_unsupported(prov, spec) if kind == "conv"
+                       else P.linear_unsupported(prov, spec))
+                if why is not None:
+                    record(prov, "all", status="unsupported", reason=why)
                     continue
-                self._run_provider(kind, shape, dtype, layout, op_label, prov, spec, inputs, refs,
-                                   sphere, tier)
-                _free(device)
-        del inputs, refs
+                if self.budget.exhausted():
+                    for mode in cfg.modes:
+                        record(prov, mode, status="skipped", reason="time budget spent")
+                    continue
+                prov_inputs = inputs if sphere else inputs.without_k()
+                spec.notes.clear()
+                try:
+                    fn = P.make_conv(prov, spec) if kind == "conv" else P.make_linear(prov, spec)
+                    if sphere not in refs:
+                        refs[sphere] = (conv_reference if kind == "conv" else linear_reference)(
+                            inputs, spec, sphere)
+                    t0 = time.perf_counter()
+                    ok, errors = spot_check(fn, prov_inputs, refs[sphere], dtype)
+                    first_call_s = round(time.perf_counter() - t0, 3)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    for mode in cfg.modes:
+                        record(prov, mode, status="error", error=_short_error(exc),
+                               stage="spot check", notes=dict(spec.notes))
+                    _free(device)
+                    continue
+                if not ok:
+                    for mode in cfg.modes:
+                        record(prov, mode, status="wrong", check=errors, notes=dict(spec.notes),
+                               error="spot check vs float64 reference failed: not timed")
+                    continue
+                ready[prov] = (fn, prov_inputs, errors, dict(spec.notes), first_call_s)
+            refs.clear()
+            _free(device)
+            for mode in cfg.modes:
+                if not ready:
+                    break
+                if self.budget.exhausted():
+                    for prov in ready:
+                        record(prov, mode, status="skipped", reason="time budget spent")
+                    continue
+                self._time_mode(mode, ready, inputs.copies, record)
+        del inputs
         _free(device)
 
-    def _run_provider(self, kind, shape, dtype, layout, op_label, prov, spec, inputs, refs,
-                      sphere, tier) -> None:
-        cfg, device = self.cfg, self.device
-        base = dict(tier=tier)
-        records = {m: {**self._base_record(kind, shape, dtype, layout, op_label, prov, m, spec),
-                       **base} for m in cfg.modes}
-
-        def finish_all(**fields):
-            for m in cfg.modes:
-                records[m].update(fields)
-                if records[m]["status"] == "skipped":
-                    self.budget.skipped += 1
-                self._add(records[m])
-
-        if self.budget.exhausted():
-            finish_all(status="skipped", reason="time budget spent")
-            return
-        if not sphere:
-            inputs = inputs.without_k()
-        spec.notes.clear()
-        try:
-            fn = P.make_conv(prov, spec) if kind == "conv" else P.make_linear(prov, spec)
-            if sphere not in refs:
-                refs[sphere] = (conv_reference if kind == "conv" else linear_reference)(
-                    inputs, spec, sphere)
-            t0 = time.perf_counter()
-            ok, errors = spot_check(fn, inputs, refs[sphere], dtype)
-            first_call_s = time.perf_counter() - t0
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            finish_all(status="error", error=_short_error(exc), stage="spot check")
-            _free(device)
-            return
-        notes = dict(spec.notes)
-        if not ok:
-            finish_all(status="wrong", check=errors, notes=notes,
-                       error="spot check vs float64 reference failed: not timed")
-            return
-        for mode in cfg.modes:
-            rec = records[mode]
-            rec.update(check=errors, notes=notes, first_call_s=round(first_call_s, 3))
-            if self.budget.exhausted():
-                rec.update(status="skipped", reason="time budget spent")
-                self.budget.skipped += 1
-                self._add(rec)
-                continue
-            keep = None
+    def _time_mode(self, mode, ready, copies, record) -> None:
+        """Time ``mode`` for every ready provider (interleaved), then each one's peak memory."""
+        device = self.device
+        steps, keep, failed = {}, [], {}
+        for prov, (fn, inputs, _, _, _) in ready.items():
             try:
-                step, keep = make_steps(fn, inputs, mode)
-                res = T.measure(step, device, inputs.copies,
-                                target_s=cfg.measurement_target_s())
-                rec.update(status="ok", **res)
-                if rec.get("flops"):
-                    rec["tflops"] = rec["flops"] / (res["median_ms"] * 1e-3) / 1e12
-                if rec.get("floor_ms"):
-                    rec["pct_floor"] = 100.0 * rec["floor_ms"] / res["median_ms"]
-                if mode == "fwd+bwd":
-                    del keep
-                    keep = None
-                    rec["peak_mem_mb"] = T.peak_memory_mb(lambda: step(0), device)
+                step, kept = make_steps(fn, inputs, mode)
+                steps[prov] = step
+                keep.append(kept)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001
-                rec.update(status="error", error=_short_error(exc), stage=mode)
-            finally:
-                del keep
+                failed[prov] = _short_error(exc)
+        try:
+            stats = T.measure_group(steps, device, copies, target_s=self.cfg.measurement_target_s())
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error poisoning the context
+            stats = {prov: {"error": _short_error(exc)} for prov in steps}
+        keep.clear()
+        _free(device)
+        for prov, (fn, inputs, errors, notes, first_call_s) in ready.items():
+            common = dict(check=errors, notes=notes, first_call_s=first_call_s)
+            if prov in failed:
+                record(prov, mode, status="error", error=failed[prov], stage=mode, **common)
+                continue
+            res = stats.get(prov, {"error": "not measured"})
+            if "error" in res:
+                record(prov, mode, status="error", error=res["error"], stage=mode, **common)
+                continue
+            rec = record(prov, mode, status="ok", **common, **res)
+            if mode == "fwd+bwd" and device.type == "cuda":
+                try:
+                    step, _ = make_steps(fn, inputs, mode)
+                    rec["peak_mem_mb"] = T.peak_memory_mb(lambda: step(0), device)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    rec["peak_mem_error"] = _short_error(exc)
                 _free(device)
-            self._add(rec)
 
     # -- end to end and the CPU criterion --------------------------------------------------------
     def _run_e2e(self) -> None:

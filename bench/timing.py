@@ -198,3 +198,87 @@ def floor_ms(flops: float, n_bytes: float, ceilings: dict, dtype: torch.dtype, t
     if not peak or not bw:
         return None
     return max(flops / (peak * 1e12), n_bytes / (bw * 1e9)) * 1e3
+
+
+def measure_group(steps: dict, device: torch.device, copies: int, *, warmup: int = 2,
+                  min_reps: int = 5, max_reps: int = 100, target_s: float = 0.15) -> dict:
+    """Time several providers' ``step(i)`` *interleaved*: round r runs every provider once (in
+    a rotating order), so a slow-down from the machine (other processes, clocks) hits all of them
+    alike and the ratios stay honest.  ``target_s`` is per provider.
+
+    Returns ``{name: stats}`` like :func:`measure`, or ``{name: {"error": message}}`` for a
+    provider whose step raised (it is dropped from the remaining rounds)."""
+    results: dict = {}
+    active = dict(steps)
+
+    def call(name, i):
+        try:
+            active[name](i)
+            return True
+        except Exception as exc:  # noqa: BLE001 - one provider's failure must not end the group
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                             if str(exc) else type(exc).__name__}
+            del active[name]
+            return False
+
+    i = 0
+    for name in list(active):
+        for _ in range(max(1, warmup)):
+            if not call(name, i % copies):
+                break
+            i += 1
+    est = {}
+    for name in list(active):
+        synchronize(device)
+        t0 = time.perf_counter()
+        if call(name, i % copies):
+            synchronize(device)
+            est[name] = max(time.perf_counter() - t0, 1e-6)
+        i += 1
+    if not active:
+        return results
+    total_est = sum(est.get(n, 1e-6) for n in active)
+    reps = int(min(max_reps, max(min_reps, target_s * len(active) / total_est)))
+    names = list(active)
+    times = {n: [] for n in names}
+    cuda = device.type == "cuda"
+    pending = []
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if name not in active:
+                continue
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                ok = call(name, i % copies)
+                end.record()
+                if ok:
+                    pending.append((name, start, end))
+            else:
+                t = time.perf_counter()
+                ok = call(name, i % copies)
+                if ok:
+                    times[name].append((time.perf_counter() - t) * 1e3)
+            i += 1
+    if cuda:
+        torch.cuda.synchronize(device)
+        for name, start, end in pending:
+            times[name].append(start.elapsed_time(end))
+    for name in names:
+        if name in results:          # failed part-way: an error, not a partial timing
+            continue
+        ts = sorted(times[name])
+        if not ts:
+            results[name] = {"error": "no successful timed call"}
+            continue
+        results[name] = {
+            "median_ms": statistics.median(ts),
+            "p20_ms": ts[int(0.2 * (len(ts) - 1))],
+            "p80_ms": ts[int(0.8 * (len(ts) - 1))],
+            "min_ms": ts[0],
+            "reps": len(ts),
+            "copies": copies,
+            "interleaved_with": [n for n in names if n != name],
+        }
+    return results
