@@ -38,6 +38,7 @@ Under the interpreter (``TRITON_INTERPRET=1``) 16-bit ``tl.dot`` operands are up
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -131,7 +132,7 @@ def _filter_norm_kernel(
 @triton.jit
 def _prep_kernel(
     dy_ptr, c_ptr, rx_ptr, k_ptr, hn_ptr, a_ptr, part_ptr,
-    M, HoWo, Wo, C_out, CG_OUT, G, R,
+    M, HoWo, Wo, C_out, CG_OUT, G, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr,
@@ -144,7 +145,8 @@ def _prep_kernel(
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...).
     rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
-    k_ptr:  [C_out] sigmoid steepness (any float dtype); only read when OPERATOR == 2.
+    k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
+            dtype); only read when OPERATOR == 2.
     hn_ptr: [M = N*Ho*Wo, C_out] contiguous, input dtype: Hn = G / r_x (written iff STORE_HN).
     a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
     part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
@@ -181,7 +183,7 @@ def _prep_kernel(
         cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
                      mask=mask, other=0.0).to(tl.float32)
         if OPERATOR == 2:
-            kv = tl.load(k_ptr + offs_o, mask=c_mask, other=1.0).to(tl.float32)[None, :]
+            kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
         else:
             kv = 1.0
         grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
@@ -629,6 +631,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     dx = dw = db = dk = None
     if not (need_grads or need_db or need_dk):
         return dx, dw, db, dk
+    if m_out == 0:  # empty batch: every sum is empty (dw = -w * 0 / r_w^2 = 0)
+        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(w) if need_dw else None,
+                torch.zeros(c_out, device=dev, dtype=w.dtype) if need_db else None,
+                torch.zeros(c_out, device=dev, dtype=k.dtype) if need_dk else None)
 
     upcast = _interpreting() and dtype != torch.float32
     rtne = _interpreting()
@@ -654,6 +660,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
     _launch(_prep_kernel, (r_rows, groups),
             (dy, c, r_x, k_arg, hn, a_buf, partials, m_out, ho * wo, wo, c_out, cg_out, groups, r_rows,
+             k.stride(0) if operator == "sigmoid" else 0,
              *dy.stride(), *c.stride()),
             OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
@@ -715,3 +722,110 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (sphereops_kernels.aot, docs/ARCHITECTURE.md)
+# ---------------------------------------------------------------------------------------------
+
+def _signature(fn, pointers: dict, floats=()) -> dict:
+    """Type every parameter of ``fn``: pointers from ``pointers`` (name -> "*fp16"...), the
+    names in ``floats`` as fp32, constexprs as "constexpr" (by annotation), the rest i32."""
+    # Read the annotations off the Python function (works for a JITFunction and for the
+    # interpreter's wrapper alike; annotations are strings under `from __future__ import annotations`).
+    params = inspect.signature(fn.fn).parameters
+    sig = {}
+    for name in fn.arg_names:
+        if "constexpr" in str(params[name].annotation):
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def aot_specs() -> list:
+    """One spec per (kernel, config, dtype) for the AOT compile check.
+
+    The GEMM kernels are compiled for the shapes that matter for speed: bf16/fp16 with 128
+    channels per group (the big tiles), a 64-channel config, stride 2 (phase-decomposed dgrad,
+    STEP 2) and 1x1; fp32 both with tf32 (tensor cores) and exact ("ieee": FMA units by design,
+    so ``gemm`` is False there). Example integers describe a channels_last [32, 128, 56, 56]
+    input (unit channel stride, the layout the GPU target is measured on).
+    """
+    n, c, h, w = 32, 128, 56, 56
+    x_strides_cl = dict(stride_xn=h * w * c, stride_xc=1, stride_xh=w * c, stride_xw=c)
+    specs = []
+    for dtype in _SUPPORTED_DTYPES:
+        t = "*" + _TRITON_DTYPE_NAMES[dtype]
+        tag = _TRITON_DTYPE_NAMES[dtype]
+        precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
+        gemm_cases = [  # (label, C/G, KH, stride, padding)
+            ("3x3_c128", 128, 3, 1, 1),
+            ("3x3_c64", 64, 3, 1, 1),
+            ("3x3_s2_c128", 128, 3, 2, 1),
+            ("1x1_c128", 128, 1, 1, 0),
+        ] if dtype != torch.float32 else [("3x3_c128", 128, 3, 1, 1)]
+        for precision in precisions:
+            gemm = dtype != torch.float32 or precision == "tf32"
+            ptag = tag + (f"_{precision}" if dtype == torch.float32 else "")
+            for label, cg, kk, st, pad in gemm_cases:
+                geo = dict(KH=kk, KW=kk, SH=st, SW=st, PH=pad, PW=pad, DH=1, DW=1)
+                cfg = dgrad_config(cg, cg, dtype)
+                specs.append(dict(
+                    name=f"conv_bwd_dgrad_{label}_{ptag}", fn=_dgrad_kernel,
+                    signature=_signature(_dgrad_kernel, {"hn_ptr": t, "what_ptr": t, "a_ptr": "*fp32",
+                                                         "x_ptr": t, "dx_ptr": t}),
+                    constexprs=dict(**geo, STEP_H=st, STEP_W=st, UPCAST_DOT=False,
+                                    DOT_PRECISION=precision, EMULATE_RTNE=False,
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
+                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, **x_strides_cl,
+                                      stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c, stride_dxw=c)))
+                cfg = wgrad_config(cg, cg, dtype)
+                specs.append(dict(
+                    name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
+                    signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
+                    constexprs=dict(**geo, UPCAST_DOT=False, DOT_PRECISION=precision,
+                                    BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
+                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096, **x_strides_cl)))
+        # the memory-bound passes, once per dtype (sigmoid: the heaviest prep epilogue)
+        cfg = PREP_CONFIG
+        specs.append(dict(
+            name=f"conv_bwd_prep_sigmoid_{tag}", fn=_prep_kernel,
+            signature=_signature(_prep_kernel, {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t,
+                                                "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}),
+            constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6, STORE_HN=True, STORE_A=True,
+                            NEED_S=True, NEED_DB=True, NEED_DK=True, EMULATE_RTNE=False,
+                            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
+            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
+            example_args=dict(C_out=c, CG_OUT=c, stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c,
+                              stride_dyw=c, stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)))
+        cfg = FILTER_CONFIG
+        specs.append(dict(
+            name=f"conv_bwd_filter_norm_{tag}", fn=_filter_norm_kernel,
+            signature=_signature(_filter_norm_kernel, {"w_ptr": t, "rw_ptr": "*fp32", "what_ptr": t},
+                                 floats=("eps",)),
+            constexprs=dict(KH=3, KW=3, STORE_W_HAT=True, EMULATE_RTNE=False,
+                            BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"]),
+            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False))
+        cfg = REDUCE_CONFIG
+        specs.append(dict(
+            name=f"conv_bwd_reduce_partials_{tag}", fn=_reduce_partials_kernel,
+            signature=_signature(_reduce_partials_kernel, {"part_ptr": "*fp32", "s_ptr": "*fp32",
+                                                           "db_ptr": t, "dk_ptr": t}),
+            constexprs=dict(NEED_S=True, NEED_DB=True, NEED_DK=True, EMULATE_RTNE=False,
+                            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"]),
+            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False))
+        cfg = FINALIZE_CONFIG
+        specs.append(dict(
+            name=f"conv_bwd_dw_finalize_{tag}", fn=_dw_finalize_kernel,
+            signature=_signature(_dw_finalize_kernel, {"part_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
+                                                       "s_ptr": "*fp32", "dw_ptr": t}),
+            constexprs=dict(KH=3, KW=3, EMULATE_RTNE=False, BLOCK=cfg["BLOCK"]),
+            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False))
+    return specs
