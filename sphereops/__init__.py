@@ -4,8 +4,12 @@
 no CUDA device is queried at import time.
 """
 from . import nn, reference
+from .convert import convert
 from .functional import sphere_conv2d, sphere_linear
+from .loss import ga_softmax_logits
+from .orthogonality import orthogonality_penalty
 from .reference import OPERATORS
 
 __version__ = "0.1.0"
-__all__ = ["sphere_conv2d", "sphere_linear", "nn", "reference", "OPERATORS"]
+__all__ = ["sphere_conv2d", "sphere_linear", "ga_softmax_logits", "convert", "orthogonality_penalty",
+           "nn", "reference", "OPERATORS"]
