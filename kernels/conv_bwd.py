@@ -489,7 +489,16 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
                 num_warps=4, num_stages=3)
 
 
-PREP_CONFIG = dict(BLOCK_M=64, BLOCK_C=64, num_warps=4)
+def prep_config(operator: str) -> dict:
+    """Tiles for _prep_kernel (memory-bound). The sigmoid epilogue (arccos + several exp per
+    element) needs ~220 registers/thread at 16 elements/thread and spills beyond: 32x32 keeps
+    it at ~160 with no spill; the light operators take 64x64 (wider channels_last rows, half
+    the partial-sum rows)."""
+    if operator == "sigmoid":
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4)
+
+
 FILTER_CONFIG = dict(BLOCK_O=16, BLOCK_F=128, num_warps=4)
 REDUCE_CONFIG = dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
 FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
@@ -653,7 +662,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 num_warps=cfg["num_warps"])
 
     # 2. the elementwise pass over dy and c
-    cfg = PREP_CONFIG
+    cfg = prep_config(operator)
     r_rows = triton.cdiv(m_out, cfg["BLOCK_M"])
     hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
@@ -794,7 +803,7 @@ def aot_specs() -> list:
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096, **x_strides_cl)))
         # the memory-bound passes, once per dtype (sigmoid: the heaviest prep epilogue)
-        cfg = PREP_CONFIG
+        cfg = prep_config("sigmoid")
         specs.append(dict(
             name=f"conv_bwd_prep_sigmoid_{tag}", fn=_prep_kernel,
             signature=_signature(_prep_kernel, {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t,
