@@ -557,6 +557,11 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 # Ahead-of-time compile specs
 # ---------------------------------------------------------------------------------------------
 
+# A typical launch (contiguous tensors, sizes divisible by 16) for the check's specialisation:
+# unit strides become compile-time constants at launch, as they do here.
+_EX_M, _EX_N, _EX_K = 8192, 4096, 4096
+
+
 def aot_specs() -> list:
     """One spec per (kernel, config, dtype) for ``sphereops_kernels.aot`` (see ARCHITECTURE.md).
 
@@ -593,6 +598,8 @@ def aot_specs() -> list:
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
                 constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
                                 DOT_PRECISION=precision, UPCAST_DOT=False, **blocks),
+                example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, stride_xm=_EX_K, stride_xk=1,
+                                  stride_wn=_EX_K, stride_wk=1, stride_ym=_EX_N, stride_yn=1),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm))
             common = {"M": "i32", "N": "i32", "K": "i32"}
             specs.append(dict(
@@ -605,6 +612,9 @@ def aot_specs() -> list:
                            "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
                 constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **dx_blocks),
+                example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, num_n_tiles=_EX_N // 64,
+                                  stride_wn=_EX_K, stride_wk=1, stride_xm=_EX_K, stride_xk=1,
+                                  stride_dxm=_EX_K, stride_dxk=1),
                 num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype, gemm=gemm))
             specs.append(dict(
                 name=f"linear_bwd_dw_{tag}", fn=_sphere_linear_bwd_dw_kernel,
@@ -616,6 +626,9 @@ def aot_specs() -> list:
                            "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
                 constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **dw_blocks),
+                example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, num_m_tiles=_EX_M // 64,
+                                  stride_xm=_EX_K, stride_xk=1, stride_wn=_EX_K, stride_wk=1,
+                                  stride_dwn=_EX_K, stride_dwk=1),
                 num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype, gemm=gemm))
         specs.append(dict(
             name=f"linear_bwd_grad_c_sigmoid_{_TL_DTYPES[dtype]}",
@@ -630,6 +643,8 @@ def aot_specs() -> list:
             constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=ARCCOS_DELTA,
                             NEED_GRAD_C=True, NEED_DB=True, NEED_DK=True,
                             BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"]),
+            example_args=dict(M=_EX_M, N=_EX_N, stride_dym=_EX_N, stride_dyn=1, stride_cm=_EX_N,
+                              stride_cn=1),
             num_warps=ew["num_warps"], num_stages=ew["num_stages"], dtype=dtype, gemm=False))
         specs.append(dict(
             name=f"linear_row_norm_{_TL_DTYPES[dtype]}", fn=_row_norm_kernel,
@@ -638,6 +653,7 @@ def aot_specs() -> list:
                        "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
             constexprs=dict(BLOCK_R=_ROW_NORM_CONFIG["BLOCK_R"],
                             BLOCK_C=_ROW_NORM_CONFIG["BLOCK_C"]),
+            example_args=dict(R=_EX_N, C=_EX_K, stride_ar=_EX_K, stride_ac=1),
             num_warps=_ROW_NORM_CONFIG["num_warps"], num_stages=_ROW_NORM_CONFIG["num_stages"],
             dtype=dtype, gemm=False))
     return specs

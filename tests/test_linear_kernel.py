@@ -257,13 +257,15 @@ def test_bad_inputs():
 def test_aot_specs_are_well_formed():
     specs = KL.aot_specs()
     keys = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "dtype", "gemm"}
-    assert specs and all(set(s) == keys for s in specs)
+    assert specs and all(keys <= set(s) <= keys | {"example_args"} for s in specs)
     assert len({s["name"] for s in specs}) == len(specs)
     for s in specs:
         params = s["fn"].arg_names
         assert list(s["signature"]) == params, s["name"]
         constexpr_names = [p for p, t in s["signature"].items() if t == "constexpr"]
         assert sorted(constexpr_names) == sorted(s["constexprs"]), s["name"]
+        for arg in s.get("example_args", {}):
+            assert s["signature"][arg] == "i32", (s["name"], arg)
 
 
 @pytest.mark.slow
