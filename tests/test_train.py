@@ -281,3 +281,25 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
         assert (ddp_grad - grad).abs().max().item() <= 1e-5 * scale + 1e-8, key
     for key, value in single["params"].items():
         assert torch.allclose(ranks[0]["params"][key], value, rtol=1e-5, atol=1e-7), key
+
+
+# ----------------------------------------------------------------------------- compare
+def test_compare_tables_and_plot(tmp_path):
+    from sphereops import compare
+
+    assert compare.iterations_to_reach([(10, 0.5), (20, 0.85), (30, 0.8)], 0.8) == 20
+    assert compare.iterations_to_reach([(10, 0.5)], 0.8) is None
+    md, png = tmp_path / "docs" / "compare.md", tmp_path / "docs" / "compare.png"
+    # A throughput section written earlier survives the redraw of the convergence part.
+    compare._write_throughput_section(str(md), "## Training throughput\n\n| a | b |\n")
+    assert compare.main(["--data", "synthetic", "--variants", "cnn,cosine", "--seeds", "0,1",
+                         "--iterations", "4", "--eval-every", "2", "--batch-size", "32",
+                         "--width-mult", str(1 / 32), "--threads", "1", "--no-progress",
+                         "--backend", "reference", "--targets", "0.0,1.01",
+                         "--runs-dir", str(tmp_path / "runs"), "--md", str(md), "--png", str(png)]) == 0
+    text = md.read_text()
+    assert "| CNN (plain) | 2 | - |" in text and "| cosine | 2 | - |" in text
+    assert text.count("| cnn | ") == 2 and "## Training throughput" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="variants"):
+        compare.main(["--variants", "cnn,tanh", "--runs-dir", str(tmp_path / "r2")])

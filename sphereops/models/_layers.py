@@ -87,7 +87,7 @@ class ConvFactory:
                              bias=bias, operator=self.operator, k=self.k, backend=self.backend)
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
+def make_norm(kind: str, channels: int, backend: str = "auto") -> nn.Module:
     """The normalisation after a convolution.
 
     ``"batch"``: BatchNorm2d (the official models); ``"none"``: identity; ``"sphere"``:
@@ -106,7 +106,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
             f"norm={kind!r} needs sphereops.nn.SphereNorm2d (sphereops/nn/norm.py), which is not "
             "available in this build; use norm='batch' or norm='none'"
         ) from exc
-    sphere_norm = SphereNorm2d(channels)
+    sphere_norm = SphereNorm2d(channels, backend=backend)
     if kind == "sphere":
         return sphere_norm
     return nn.Sequential(sphere_norm, nn.BatchNorm2d(channels, eps=BATCHNORM_EPS))
