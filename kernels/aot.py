@@ -70,7 +70,7 @@ REQUIRED_SPEC_KEYS = {
     "constexprs": dict,
     "num_warps": int,
     "num_stages": int,
-    "dtype": str,
+    "dtype": (str, "dtype"),  # a name ("fp16") or a torch.dtype
     "gemm": bool,
 }
 
@@ -139,6 +139,8 @@ def _validate_spec(module_name, index, spec):
             raise AotSpecError(f"{where}: {key!r} must be an int, got {value!r}")
         if expected in (str, dict, bool) and not isinstance(value, expected):
             raise AotSpecError(f"{where}: {key!r} must be a {expected.__name__}, got {value!r}")
+        if key == "dtype" and not (isinstance(value, str) or type(value).__name__ == "dtype"):
+            raise AotSpecError(f"{where}: 'dtype' must be a str or torch.dtype, got {value!r}")
     fn = spec["fn"]
     arg_names = getattr(fn, "arg_names", None)
     if arg_names is None:
@@ -174,9 +176,14 @@ def _describe(module_name, index, spec):
         (tile if is_tile else switches).append(f"{key}={value}")
     tile.append(f"w{spec['num_warps']} s{spec['num_stages']}")
     return SpecInfo(module=module_name, index=index, name=spec["name"], kernel=spec["fn"].__name__,
-                    config=" ".join(tile), switches=" ".join(switches), dtype=spec["dtype"],
+                    config=" ".join(tile), switches=" ".join(switches),
+                    dtype=_DTYPE_NAMES.get(str(spec["dtype"]).replace("torch.", ""),
+                                           str(spec["dtype"]).replace("torch.", "")),
                     gemm=spec["gemm"])
 
+
+# One spelling in the table whether a module gives "fp16" or torch.float16.
+_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
 _SPEC_CACHE: dict = {}
 
@@ -332,16 +339,29 @@ def _worker_init():
 # --------------------------------------------------------------------------------------------
 # The whole check
 # --------------------------------------------------------------------------------------------
+def _tile_volume(info):
+    volume = 1
+    for item in info.config.split():
+        key, _, value = item.partition("=")
+        if value.isdigit() and "GROUP" not in key:
+            volume *= int(value)
+    return volume
+
+
 def representative_subset(infos, targets):
-    """A small set of jobs covering every kernel: for each (module, kernel, dtype) its first spec
-    on the first target; for each (module, kernel) its first spec on the other targets."""
-    jobs, seen = [], set()
+    """A small, cheap set of jobs that still covers every kernel and dtype: for each
+    (module, kernel, dtype) its smallest-tile spec on the first target, and for each
+    (module, kernel) its smallest-tile spec on the other targets. Small tiles compile fastest
+    (large ones with spills take ptxas minutes); the full matrix is ``make aot-check``."""
+    cheapest = {}
     for info in infos:
-        for t_index, capability in enumerate(targets):
-            key = (info.module, info.kernel, info.dtype if t_index == 0 else None, capability)
-            if key not in seen:
-                seen.add(key)
-                jobs.append((info, capability))
+        for key in ((info.module, info.kernel, info.dtype), (info.module, info.kernel)):
+            if key not in cheapest or _tile_volume(info) < _tile_volume(cheapest[key]):
+                cheapest[key] = info
+    jobs = []
+    for key, info in cheapest.items():
+        for capability in (targets[:1] if len(key) == 3 else targets[1:]):
+            jobs.append((info, capability))
     return jobs
 
 
