@@ -207,29 +207,39 @@ def _prep_kernel(
 
 @triton.jit
 def _reduce_partials_kernel(
-    part_ptr, s_ptr, db_ptr, dk_ptr,
-    R, C_out,
-    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    part_ptr, out_ptr, s_ptr, db_ptr, dk_ptr,
+    R, C_out, ROWS_PER_PROGRAM,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, FINAL: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Deterministic column sums of the prep partials (fixed order, no atomics).
+    """Deterministic column sums of the prep partials (fixed order, no atomics), in one or two
+    levels: a single program per channel block would walk all R rows serially (thousands on a
+    big batch), so the first level splits the rows over grid axis 1.
 
     part_ptr: [3, R, C_out] fp32 contiguous (rows S, db, dk; see _prep_kernel).
-    s_ptr:  [C_out] fp32 (iff NEED_S). db_ptr: [C_out] in the bias dtype (iff NEED_DB).
-    dk_ptr: [C_out] in k's dtype (iff NEED_DK).
+    out_ptr:  [3, num_programs(1), C_out] fp32 contiguous: this level's sums (iff not FINAL).
+    s_ptr:  [C_out] fp32 (iff FINAL and NEED_S). db_ptr: [C_out] in the bias dtype (iff FINAL
+    and NEED_DB). dk_ptr: [C_out] in k's dtype (iff FINAL and NEED_DK).
+    ROWS_PER_PROGRAM: rows summed by one program (a multiple of BLOCK_R; >= R when FINAL).
+    FINAL: write the gradients instead of next-level partials.
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
     BLOCK_R: partial rows per loop step. BLOCK_C: channels per program.
-    Grid: (cdiv(C_out, BLOCK_C),).
+    Grid: (cdiv(C_out, BLOCK_C), cdiv(R, ROWS_PER_PROGRAM)).
     """
     pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    n_out_rows = tl.num_programs(1)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C_out
     acc_s = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_dk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    r_start = pid_r * ROWS_PER_PROGRAM
+    r_end = tl.minimum(r_start + ROWS_PER_PROGRAM, R)
+    for r0 in range(r_start, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask = (offs_r < R)[:, None] & c_mask[None, :]
+        mask = (offs_r < r_end)[:, None] & c_mask[None, :]
         offs = offs_r.to(tl.int64)[:, None] * C_out + offs_c[None, :]
         if NEED_S:
             acc_s += tl.load(part_ptr + offs, mask=mask, other=0.0)
@@ -237,12 +247,21 @@ def _reduce_partials_kernel(
             acc_db += tl.load(part_ptr + R * C_out + offs, mask=mask, other=0.0)
         if NEED_DK:
             acc_dk += tl.load(part_ptr + 2 * R * C_out + offs, mask=mask, other=0.0)
-    if NEED_S:
-        tl.store(s_ptr + offs_c, tl.sum(acc_s, axis=0), mask=c_mask)
-    if NEED_DB:
-        tl.store(db_ptr + offs_c, _to_dtype_of(tl.sum(acc_db, axis=0), db_ptr, EMULATE_RTNE), mask=c_mask)
-    if NEED_DK:
-        tl.store(dk_ptr + offs_c, _to_dtype_of(tl.sum(acc_dk, axis=0), dk_ptr, EMULATE_RTNE), mask=c_mask)
+    if FINAL:
+        if NEED_S:
+            tl.store(s_ptr + offs_c, tl.sum(acc_s, axis=0), mask=c_mask)
+        if NEED_DB:
+            tl.store(db_ptr + offs_c, _to_dtype_of(tl.sum(acc_db, axis=0), db_ptr, EMULATE_RTNE), mask=c_mask)
+        if NEED_DK:
+            tl.store(dk_ptr + offs_c, _to_dtype_of(tl.sum(acc_dk, axis=0), dk_ptr, EMULATE_RTNE), mask=c_mask)
+    else:
+        out_offs = pid_r * C_out + offs_c
+        if NEED_S:
+            tl.store(out_ptr + out_offs, tl.sum(acc_s, axis=0), mask=c_mask)
+        if NEED_DB:
+            tl.store(out_ptr + n_out_rows * C_out + out_offs, tl.sum(acc_db, axis=0), mask=c_mask)
+        if NEED_DK:
+            tl.store(out_ptr + 2 * n_out_rows * C_out + out_offs, tl.sum(acc_dk, axis=0), mask=c_mask)
 
 
 @triton.jit
@@ -500,7 +519,8 @@ def prep_config(operator: str) -> dict:
 
 
 FILTER_CONFIG = dict(BLOCK_O=16, BLOCK_F=128, num_warps=4)
-REDUCE_CONFIG = dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
+# 512 rows per first-level program (8 steps of 64): ~25 programs for a 64x56x56 batch
+REDUCE_CONFIG = dict(BLOCK_R=64, BLOCK_C=32, ROWS_PER_PROGRAM=512, num_warps=4)
 FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
 
 
@@ -682,10 +702,20 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     dk = torch.empty(c_out, device=dev, dtype=k.dtype) if need_dk else None
     if need_dw or need_db or need_dk:
         cfg = REDUCE_CONFIG
-        _launch(_reduce_partials_kernel, (triton.cdiv(c_out, cfg["BLOCK_C"]),),
-                (partials, s_sum, db if need_db else s_sum, dk if need_dk else s_sum, r_rows, c_out),
-                NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
-                BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        flags = dict(NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
+                     BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        outs = (s_sum, db if need_db else s_sum, dk if need_dk else s_sum)
+        c_blocks = triton.cdiv(c_out, cfg["BLOCK_C"])
+        rows, level = r_rows, partials
+        if rows > cfg["ROWS_PER_PROGRAM"]:  # first level: split the rows over programs
+            n_split = triton.cdiv(rows, cfg["ROWS_PER_PROGRAM"])
+            nxt = torch.empty((3, n_split, c_out), device=dev, dtype=torch.float32)
+            _launch(_reduce_partials_kernel, (c_blocks, n_split),
+                    (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False, **flags)
+            rows, level = n_split, nxt
+        _launch(_reduce_partials_kernel, (c_blocks, 1),
+                (level, level, *outs, rows, c_out, triton.cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
+                FINAL=True, **flags)
 
     # 4. dgrad fused with the norm correction
     if need_dx:
@@ -825,9 +855,9 @@ def aot_specs() -> list:
         cfg = REDUCE_CONFIG
         specs.append(dict(
             name=f"conv_bwd_reduce_partials_{tag}", fn=_reduce_partials_kernel,
-            signature=_signature(_reduce_partials_kernel, {"part_ptr": "*fp32", "s_ptr": "*fp32",
-                                                           "db_ptr": t, "dk_ptr": t}),
-            constexprs=dict(NEED_S=True, NEED_DB=True, NEED_DK=True, EMULATE_RTNE=False,
+            signature=_signature(_reduce_partials_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32",
+                                                           "s_ptr": "*fp32", "db_ptr": t, "dk_ptr": t}),
+            constexprs=dict(NEED_S=True, NEED_DB=True, NEED_DK=True, FINAL=True, EMULATE_RTNE=False,
                             BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"]),
             num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False))
         cfg = FINALIZE_CONFIG

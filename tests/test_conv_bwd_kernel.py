@@ -411,3 +411,16 @@ def test_aot_specs_are_well_formed():
         assert set(s["constexprs"]) <= names, s["name"]
         assert all(s["signature"][k] == "constexpr" for k in s["constexprs"]), s["name"]
         assert s["num_warps"] < 8, s["name"]
+
+
+@pytest.mark.parametrize("operator", ["linear", "sigmoid"])
+def test_two_level_partial_reduction(monkeypatch, operator):
+    """Big batches sum the prep partials in two levels (rows split over programs); shrink the
+    level size so the tiny test shapes take that path, with a ragged last split."""
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_R", 2)
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "ROWS_PER_PROGRAM", 2)
+    inp, c, r_x, dy = _case(torch.float32, operator=operator, n=3, h=7, w=7)
+    rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // conv_bwd.prep_config(operator)["BLOCK_M"])
+    assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows > 2, got {rows}"
+    out = _kernel(dy, inp, c, r_x, (False, True, True, True))
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, (False, True, True, True))
