@@ -216,7 +216,6 @@ def plot(results: dict, png_path: str, targets) -> None:
         ax_acc.set_ylim(max(0.0, min(0.5, min(lows)) - 0.02), 1.0)
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("training loss (mean since the previous point)")
-    ax_loss.set_yscale("log")
     ax_loss.set_title("Training loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)

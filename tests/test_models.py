@@ -378,3 +378,22 @@ def test_orthogonality_penalty_zero_for_orthonormal_filters_and_layer_choice():
     with pytest.raises(ValueError, match="weight"):
         filter_orthogonality(torch.randn(3))
     assert math.isnan(filter_orthogonality(torch.full((2, 2), float("nan"))).item())
+
+
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid", "learnable"])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 2e-3, 1e-5)])
+def test_zero_and_nan_images(operator, dtype, rtol, atol, _fresh_seed):
+    """A black image (all patches zero: c = 0, theta = pi/2) gives the oracle's finite logits;
+    a NaN pixel makes that image's logits NaN (eval mode: no batch mixing), never a finite lie."""
+    generator = torch.Generator().manual_seed(_fresh_seed)
+    model, size = tiny_model("spherenet9", operator)
+    _perturb(model, generator)
+    model.eval()
+    x = torch.randn(3, 3, size, size, generator=generator, dtype=torch.float64)
+    x[0] = 0.0
+    x[2, 1, 3, 4] = float("nan")
+    oracle = float64_oracle(model)
+    out = model.to(dtype)(x.to(dtype))
+    ref = oracle(x)
+    assert bool(torch.isfinite(out[:2]).all()) and bool(torch.isnan(out[2]).all())
+    assert_close(out, ref, rtol=rtol, atol=atol, name=f"{operator} zero/NaN images")
