@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--iterations", type=int, default=400)
+    p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width-mult", type=float, default=0.125)
     p.add_argument("--image-size", type=int, default=16)
@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--test-subset", type=int, default=2000, help="test images per evaluation (0: all)")
     p.add_argument("--targets", default=None, help="test accuracies, e.g. 0.8,0.85 (default per dataset)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--orth", type=float, default=0.0, help="orthogonality penalty for every variant")
+    p.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="start no further seed pass that would end past this (0: no limit)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--runs-dir", default=os.path.join("runs", "compare"))
@@ -107,13 +110,21 @@ def run_all(args) -> dict:
         "data": data, "model": "spherenet9", "width_mult": args.width_mult,
         "image_size": args.image_size, "batch_size": args.batch_size, "iterations": args.iterations,
         "lr": args.lr, "optimizer": "adam", "lr_schedule": "constant", "eval_every": args.eval_every,
+        "orth": args.orth,
         "test_subset": test_size, "seeds": list(seeds), "device": args.device,
         "threads": torch.get_num_threads() if not args.threads else args.threads,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }, "runs": []}
     total_runs = len(seeds) * len(variants)
     started = time.perf_counter()
+    passes_done = 0
     for seed in seeds:  # seed-major: after one pass every variant has a curve
+        spent = time.perf_counter() - started
+        if args.budget_minutes and passes_done and spent + spent / passes_done > 60 * args.budget_minutes:
+            print(f"[compare] budget of {args.budget_minutes:g} min reached: seeds "
+                  f"{list(seeds[passes_done:])} not run", file=sys.stderr, flush=True)
+            break
+        passes_done += 1
         for variant in variants:
             config = TrainConfig(
                 model="spherenet9", operator=None if variant == "cnn" else variant, data=data,
@@ -121,6 +132,7 @@ def run_all(args) -> dict:
                 batch_size=args.batch_size, iterations=args.iterations, lr=args.lr,
                 lr_schedule="constant", eval_every=args.eval_every, log_every=args.eval_every,
                 test_subset=args.test_subset, seed=seed, device=args.device, backend=args.backend,
+                orth=args.orth,
                 threads=args.threads, progress=args.progress,
                 out_dir=os.path.join(args.runs_dir, f"{variant}-s{seed}"))
             t0 = time.perf_counter()
@@ -138,6 +150,7 @@ def run_all(args) -> dict:
             with open(os.path.join(args.runs_dir, "results.json"), "w") as handle:
                 json.dump(results, handle)
     results["setup"]["wall_seconds"] = time.perf_counter() - started
+    results["setup"]["seeds"] = sorted({run["seed"] for run in results["runs"]})
     with open(os.path.join(args.runs_dir, "results.json"), "w") as handle:
         json.dump(results, handle)
     return results
@@ -270,7 +283,9 @@ def write_markdown(results: dict, rows: list, targets, md_path: str, png_path: s
         f"fc6 SphereConv, plain classifier) at width x{setup['width_mult']:g}; the CNN is the "
         "same network with plain convolutions; all start from the same filters per seed",
         f"* training: Adam lr {setup['lr']:g} constant, batch {setup['batch_size']}, "
-        f"{setup['iterations']} iterations, softmax loss, no orthogonality penalty, seeds "
+        f"{setup['iterations']} iterations, softmax loss, "
+        + (f"orthogonality penalty {setup['orth']:g}" if setup.get("orth") else "no orthogonality penalty")
+        + ", seeds "
         f"{', '.join(str(s) for s in setup['seeds'])}",
         f"* machine: {setup['device']} ({setup['machine']}, {setup['threads']} torch threads, "
         f"shared), torch {setup['torch']}, SphereConv reference backend"
