@@ -465,9 +465,9 @@ def _train(config: TrainConfig, dist_info: _Dist, on_log) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on CPU
         if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start_iteration, elapsed_before = state["iteration"], state["elapsed"]
         # Rows logged after the checkpoint belong to the interrupted tail: drop them.
         rows = [r for r in _read_csv(csv_path) if int(r["iteration"]) <= start_iteration]
