@@ -1,0 +1,263 @@
+"""The CUDA tier (``make gpu-check``; every test is marked ``gpu`` and skipped without CUDA).
+
+The compiled fused kernels at realistic sizes (N=32, C=128, 32x32, 3x3 and its relatives)
+against the float64 reference ``sphereops.reference.conv2d_autograd`` on the same GPU, forward
+and every gradient (dx, dw, db, dk), through the public ``sphereops.sphere_conv2d(...,
+backend="triton")`` and autograd; plus a > 2^31-element input (int64 indexing), bitwise
+determinism, hard inputs (fp16 with |x| ~ 300, NaN) and ``torch.compile(fullgraph=True)``
+keeping the Triton kernels.
+
+Compile time dominates this tier (every (dtype, operator, layout, geometry) is a separate
+specialisation of several kernels), so the operator x precision x layout matrix is a covering
+design rather than the full product: every operator, every precision (fp32 with tf32 off and on,
+fp16, bf16), both layouts and five geometries each appear, every (operator, layout) and
+(precision, layout) pair appears, and the extra tests reuse those compiled specialisations.
+
+``SPHEREOPS_GPU_REPORT=<file.json>`` records the measured error of every comparison next to its
+bound, so a run shows the margins, not only pass/fail.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import sphereops
+from sphereops import reference
+
+from helpers import assert_close
+
+pytestmark = pytest.mark.gpu
+
+EPS = 1e-4
+DEVICE = "cuda"
+
+# (relative-norm tolerance, absolute tolerance) of assert_close per precision. tf32 rounds the
+# GEMM operands to 10 mantissa bits; fp16/bf16 round inputs, saved state and outputs.
+TOLERANCES = {
+    "fp32": (1e-4, 1e-4),
+    "tf32": (5e-3, 5e-3),
+    "fp16": (5e-3, 5e-3),
+    "bf16": (3e-2, 3e-2),
+}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
+          "bf16": torch.bfloat16}
+
+# name -> (N, C_in, C_out, H=W, kernel, stride, padding, groups)
+GEOMETRIES = {
+    "3x3": (32, 128, 128, 32, 3, 1, 1, 1),
+    "3x3_s2": (32, 128, 256, 32, 3, 2, 1, 1),
+    "1x1": (32, 128, 256, 32, 1, 1, 0, 1),
+    "depthwise": (32, 128, 128, 32, 3, 1, 1, 128),
+    "grouped": (32, 128, 128, 32, 3, 1, 1, 4),
+}
+
+# (operator, precision, channels_last, geometry): the covering design described above.
+CASES = [
+    ("cosine", "fp32", False, "3x3"),
+    ("linear", "tf32", True, "3x3"),
+    ("sigmoid", "fp16", False, "3x3"),
+    ("sigmoid", "bf16", True, "3x3"),
+    ("cosine", "bf16", False, "3x3_s2"),
+    ("linear", "fp16", True, "1x1"),
+    ("sigmoid", "tf32", False, "depthwise"),
+    ("cosine", "fp32", True, "grouped"),
+    ("linear", "bf16", False, "grouped"),
+    ("cosine", "fp16", True, "3x3_s2"),
+]
+
+_RECORDS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _error_report():
+    yield
+    path = os.environ.get("SPHEREOPS_GPU_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                       "records": _RECORDS}, f, indent=1)
+
+
+@pytest.fixture
+def precision(request):
+    """Sets PyTorch's tf32 switches (which the kernels follow) for one test, then restores."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    name = request.param
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
+    yield name
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _check(test, name, out, ref, rtol, atol):
+    """assert_close, after recording the error and its bound."""
+    o, r = out.detach().double(), ref.detach().double()
+    finite = torch.isfinite(r)
+    diff = (o - r).abs()[finite]
+    scale = r[finite].abs().max().item() if finite.any() else 0.0
+    rel = ((o - r)[finite].norm() / r[finite].norm().clamp_min(1e-300)).item()
+    _RECORDS.append({"test": test, "name": name, "rel_norm_err": rel, "rtol": rtol,
+                     "max_abs_err": diff.max().item() if diff.numel() else 0.0,
+                     "max_abs_bound": atol + rtol * scale})
+    assert_close(out, ref, rtol=rtol, atol=atol, name=f"{test}: {name}")
+
+
+def _make_inputs(operator, dtype, channels_last, geometry, scale=1.0):
+    n, c_in, c_out, hw, kernel, stride, padding, groups = GEOMETRIES[geometry]
+    x = torch.randn(n, c_in, hw, hw, device=DEVICE, dtype=torch.float64) * scale
+    w = torch.randn(c_out, c_in // groups, kernel, kernel, device=DEVICE, dtype=torch.float64)
+    b = 0.1 * torch.randn(c_out, device=DEVICE, dtype=torch.float64)
+    k = (0.2 + 0.6 * torch.rand(c_out, device=DEVICE, dtype=torch.float64)
+         if operator == "sigmoid" else None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    w, b = w.to(dtype), b.to(dtype)
+    k = k.to(dtype) if k is not None else None
+    return x, w, b, k, dict(stride=stride, padding=padding, groups=groups)
+
+
+def _fused_and_reference(x, w, b, k, conv, operator, dy=None):
+    """Fused forward + backward and the float64 autograd reference on the same inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
+              for t in (x, w, b, k)]
+    y = sphereops.sphere_conv2d(*leaves[:3], operator=operator, k=leaves[3], eps=EPS,
+                                backend="triton", **conv)
+    if dy is None:
+        dy = torch.randn_like(y, dtype=torch.float64)
+    y.backward(dy.to(y.dtype))
+    fused = [y] + [t.grad for t in leaves if t is not None]
+
+    leaves64 = [t.detach().double().requires_grad_(True) if t is not None else None
+                for t in (x, w, b, k)]
+    y64 = reference.conv2d_autograd(*leaves64[:3], leaves64[3], (conv["stride"],) * 2,
+                                    (conv["padding"],) * 2, (1, 1), conv["groups"], operator, EPS)
+    y64.backward(dy.double())
+    ref = [y64] + [t.grad for t in leaves64 if t is not None]
+    names = ["y", "dx", "dw", "db"] + (["dk"] if k is not None else [])
+    return names, fused, ref
+
+
+@pytest.mark.parametrize("operator, precision, channels_last, geometry", CASES,
+                         indirect=["precision"],
+                         ids=[f"{o}-{p}-{'nhwc' if cl else 'nchw'}-{g}" for o, p, cl, g in CASES])
+def test_forward_backward_vs_float64(operator, precision, channels_last, geometry, request):
+    x, w, b, k, conv = _make_inputs(operator, DTYPES[precision], channels_last, geometry)
+    names, fused, ref = _fused_and_reference(x, w, b, k, conv, operator)
+    y, dx = fused[0], fused[1]
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    rtol, atol = TOLERANCES[precision]
+    for name, out, expected in zip(names, fused, ref):
+        _check(request.node.name, name, out, expected, rtol, atol)
+
+
+@pytest.mark.parametrize("precision", ["fp16"], indirect=True)
+def test_fp16_large_magnitude_and_nan(precision, request):
+    """|x| ~ 300 (x^2 overflows fp16: the norms must accumulate in fp32) and a NaN pixel that
+    must come out as NaN exactly where its windows reach (the float64 reference says where)."""
+    x, w, b, k, conv = _make_inputs("sigmoid", torch.float16, False, "3x3", scale=300.0)
+    assert x.abs().max().item() > 256  # x^2 > fp16 max somewhere
+    names, fused, ref = _fused_and_reference(x, w, b, k, conv, "sigmoid")
+    rtol, atol = TOLERANCES["fp16"]
+    for name, out, expected in zip(names, fused, ref):
+        _check(request.node.name + "[x300]", name, out, expected, rtol, atol)
+
+    x = x / 300
+    x[3, 5, 7, 9] = float("nan")
+    y = sphereops.sphere_conv2d(x, w, b, operator="sigmoid", k=k, eps=EPS, backend="triton",
+                                **conv)
+    y64 = reference.conv2d_autograd(x.double(), w.double(), b.double(), k.double(), (1, 1),
+                                    (1, 1), (1, 1), 1, "sigmoid", EPS)
+    assert int(torch.isnan(y64).sum()) == w.shape[0] * 9  # all channels, 3x3 neighbourhood
+    _check(request.node.name + "[nan]", "y", y, y64, rtol, atol)  # checks the NaN pattern too
+
+
+@pytest.mark.parametrize("precision", ["fp16"], indirect=True)
+def test_bitwise_deterministic(precision):
+    """Two identical fwd+bwd runs give bitwise identical outputs and gradients (no atomics)."""
+    x, w, b, k, conv = _make_inputs("sigmoid", torch.float16, False, "3x3")
+    dy = torch.randn(x.shape[0], w.shape[0], x.shape[2], x.shape[3], device=DEVICE,
+                     dtype=torch.float64)
+    runs = []
+    for _ in range(2):
+        names, fused, _ = _fused_and_reference(x, w, b, k, conv, "sigmoid", dy=dy)
+        runs.append(fused)
+    for name, first, second in zip(names, *runs):
+        assert torch.equal(first, second), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+def test_input_over_2_31_elements(precision, request):
+    """x [2049, 64, 128, 128] bf16 (2^31 + 2^20 elements): the last image starts past 2^31."""
+    n, c_in, c_out, hw = 2049, 64, 16, 128
+    assert n * c_in * hw * hw > 2 ** 31
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs a GPU with >= 40 GiB")
+    _check_batch_edges(request.node.name, n, c_in, c_out, hw)
+
+
+def _check_batch_edges(test, n, c_in, c_out, hw):
+    """Sigmoid 3x3 conv of x [n, c_in, hw, hw] bf16; the first and last images are checked.
+
+    dy is zero except on the last image, so dx must vanish elsewhere and dw/db/dk come from the
+    last image alone: each is checked against the float64 reference of that one image, which
+    exercises the int64 offsets of the forward, dgrad and wgrad kernels."""
+    x = torch.empty(n, c_in, hw, hw, device=DEVICE, dtype=torch.bfloat16).normal_()
+    w = torch.randn(c_out, c_in, 3, 3, device=DEVICE, dtype=torch.bfloat16)
+    b = (0.1 * torch.randn(c_out, device=DEVICE)).to(torch.bfloat16)
+    k = (0.2 + 0.6 * torch.rand(c_out, device=DEVICE)).to(torch.bfloat16)
+    leaves = [t.requires_grad_(True) for t in (x, w, b, k)]
+    y = sphereops.sphere_conv2d(*leaves[:3], padding=1, operator="sigmoid", k=leaves[3],
+                                eps=EPS, backend="triton")
+    dy = torch.zeros_like(y)
+    dy[-1] = torch.randn_like(dy[-1])
+    y.backward(dy)
+    rtol, atol = TOLERANCES["bf16"]
+    for image in (0, n - 1):
+        y64 = reference.conv2d_autograd(x[image:image + 1].detach().double(), w.detach().double(),
+                                        b.detach().double(), k.detach().double(), (1, 1), (1, 1),
+                                        (1, 1), 1, "sigmoid", EPS)
+        _check(test, f"y[{image}]", y[image:image + 1], y64, rtol, atol)
+    assert not bool(x.grad[:-1].any()), "dx is non-zero on images whose dy is zero"
+
+    last = [t.detach()[-1:].double().requires_grad_(True) if i == 0 else
+            t.detach().double().requires_grad_(True) for i, t in enumerate((x, w, b, k))]
+    y64 = reference.conv2d_autograd(*last[:3], last[3], (1, 1), (1, 1), (1, 1), 1, "sigmoid", EPS)
+    y64.backward(dy[-1:].double())
+    for name, out, t64 in zip(("dx[-1]", "dw", "db", "dk"),
+                              (x.grad[-1:], w.grad, b.grad, k.grad), last):
+        _check(test, name, out, t64.grad, rtol, atol)
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+def test_torch_compile_fullgraph_keeps_triton_kernels(precision, request):
+    """Inductor traces the triton_op and emits our kernels (forward and backward) in its code."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    x, w, b, k, conv = _make_inputs("cosine", torch.bfloat16, True, "3x3")
+    dy = torch.randn(x.shape[0], w.shape[0], x.shape[2], x.shape[3], device=DEVICE,
+                     dtype=torch.bfloat16)
+
+    def layer(x, w, b):
+        return sphereops.sphere_conv2d(x, w, b, operator="cosine", eps=EPS, backend="triton",
+                                       **conv)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+
+    def step():
+        y = compiled(*leaves)
+        y.backward(dy)
+        return y
+
+    y, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    for kernel in ("_sphere_conv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel"):
+        assert kernel in code, f"{kernel} not in Inductor's output code"
+
+    names, eager, ref = _fused_and_reference(x, w, b, None, conv, "cosine", dy=dy.double())
+    rtol, atol = TOLERANCES["bf16"]
+    for name, out, expected, same in zip(names, [y] + [t.grad for t in leaves], ref, eager):
+        _check(request.node.name, name, out, expected, rtol, atol)
+        torch.testing.assert_close(out, same, rtol=2e-2, atol=2e-2)  # compiled ~ eager
