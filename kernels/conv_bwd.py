@@ -486,8 +486,17 @@ def _dw_finalize_kernel(
 # torch.compile sees plain launches)
 # ---------------------------------------------------------------------------------------------
 
+def _cdiv(a: int, b: int) -> int:
+    # plain Python: triton.cdiv is a jit-callable whose argument unwrapping costs microseconds
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+    return max(lo, min(hi, _next_pow2(max(int(v), 1))))
 
 
 def dgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
@@ -528,11 +537,11 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
     """Number of contiguous reduction ranges for wgrad: enough programs to fill the GPU
     (about 4 per SM), each range at least 8 reduction steps long so the partials traffic stays
     small next to the GEMM. Under the interpreter: up to 3, so the split path is always tested."""
-    steps = triton.cdiv(m_out, block_m)
+    steps = _cdiv(m_out, block_m)
     if device.type != "cuda":
         return max(1, min(3, steps))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(4 * sms, max(base_programs, 1))
+    want = _cdiv(4 * sms, max(base_programs, 1))
     return max(1, min(want, steps // 8, 256))
 
 
@@ -676,14 +685,14 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
         w_hat = torch.empty((kh, kw, c_out, cg_in) if need_dx else (1,), device=dev, dtype=dtype)
         cfg = FILTER_CONFIG
-        _launch(_filter_norm_kernel, (triton.cdiv(c_out, cfg["BLOCK_O"]),),
+        _launch(_filter_norm_kernel, (_cdiv(c_out, cfg["BLOCK_O"]),),
                 (w, r_w, w_hat, c_out, cg_in, *w.stride(), float(eps)),
                 KH=kh, KW=kw, STORE_W_HAT=need_dx, EMULATE_RTNE=rtne, BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"],
                 num_warps=cfg["num_warps"])
 
     # 2. the elementwise pass over dy and c
     cfg = prep_config(operator)
-    r_rows = triton.cdiv(m_out, cfg["BLOCK_M"])
+    r_rows = _cdiv(m_out, cfg["BLOCK_M"])
     hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
@@ -705,24 +714,24 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         flags = dict(NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
                      BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
         outs = (s_sum, db if need_db else s_sum, dk if need_dk else s_sum)
-        c_blocks = triton.cdiv(c_out, cfg["BLOCK_C"])
+        c_blocks = _cdiv(c_out, cfg["BLOCK_C"])
         rows, level = r_rows, partials
         if rows > cfg["ROWS_PER_PROGRAM"]:  # first level: split the rows over programs
-            n_split = triton.cdiv(rows, cfg["ROWS_PER_PROGRAM"])
+            n_split = _cdiv(rows, cfg["ROWS_PER_PROGRAM"])
             nxt = torch.empty((3, n_split, c_out), device=dev, dtype=torch.float32)
             _launch(_reduce_partials_kernel, (c_blocks, n_split),
                     (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False, **flags)
             rows, level = n_split, nxt
         _launch(_reduce_partials_kernel, (c_blocks, 1),
-                (level, level, *outs, rows, c_out, triton.cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
+                (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
                 FINAL=True, **flags)
 
     # 4. dgrad fused with the norm correction
     if need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
         cfg = dgrad_config(cg_in, cg_out, dtype)
-        hp, wp = triton.cdiv(h, sh), triton.cdiv(wd, sw)
-        grid = (triton.cdiv(n * hp * wp, cfg["BLOCK_M"]), triton.cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
+        hp, wp = _cdiv(h, sh), _cdiv(wd, sw)
+        grid = (_cdiv(n * hp * wp, cfg["BLOCK_M"]), _cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
         _launch(_dgrad_kernel, grid,
                 (hn, w_hat, a_buf, x, dx, n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, hp, wp,
                  *x.stride(), *dx.stride()),
@@ -735,12 +744,12 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # 5. wgrad: split reduction into fp32 partials, then the ordered finalize pass
     if need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype)
-        base = groups * triton.cdiv(cg_out, cfg["BLOCK_O"]) * triton.cdiv(cg_in, cfg["BLOCK_CI"]) * kh * kw
+        base = groups * _cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]) * kh * kw
         split = _wgrad_split(m_out, base, cfg["BLOCK_M"], dev)
-        m_per_split = triton.cdiv(triton.cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        split = triton.cdiv(m_out, m_per_split)
+        m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+        split = _cdiv(m_out, m_per_split)
         w_part = torch.empty((split, c_out, cg_in, kh, kw), device=dev, dtype=torch.float32)
-        grid = (triton.cdiv(cg_out, cfg["BLOCK_O"]) * triton.cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
+        grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
         _launch(_wgrad_kernel, grid,
                 (hn, x, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, m_per_split, split,
                  *x.stride()),
@@ -750,7 +759,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dw = torch.empty_like(w)
         cfg = FINALIZE_CONFIG
-        _launch(_dw_finalize_kernel, (triton.cdiv(w.numel(), cfg["BLOCK"]),),
+        _launch(_dw_finalize_kernel, (_cdiv(w.numel(), cfg["BLOCK"]),),
                 (w_part, w, r_w, s_sum, dw, c_out, cg_in, split, *w.stride(), *dw.stride()),
                 KH=kh, KW=kw, EMULATE_RTNE=rtne, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
 
