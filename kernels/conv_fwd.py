@@ -9,7 +9,8 @@ GEMM view, per group g: M = N*Ho*Wo output pixels, N = C_out/G filters, K = C_in
 K is ordered (kh, kw, c) so that, for channels_last inputs, every K step of the channel-chunk
 loop reads BLOCK_K consecutive channels of one input pixel (contiguous, vectorised loads).  The
 filters are repacked once per call to the same order, ``w_packed [C_out, kh, kw, C_in/G]``
-(free when the weight is already channels_last), and their norms are computed once per call.
+(a view when the weight is already channels_last), and their squared norms are computed in the
+same small launch (``_pack_filters_kernel``).
 
 Two kernels:
 * ``_sphere_conv_fwd_kernel`` -- implicit GEMM for every conv.  Constexpr ``CHANNEL_CHUNKS``
@@ -75,7 +76,7 @@ def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
 
 @triton.jit
 def _sphere_conv_fwd_kernel(
-    x_ptr, w_ptr, w_norm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
+    x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
     n_pixels, c_out_per_group, c_in_per_group, groups,
     in_h, in_w, out_h, out_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -94,7 +95,7 @@ def _sphere_conv_fwd_kernel(
                  channels_last (stride_xc == 1) gives contiguous K loads.
       w_ptr      [C_out, KH, KW, Cg] packed filters, contiguous (row o at o*KH*KW*Cg), same
                  dtype as x.
-      w_norm_ptr [C_out] fp32, ||w_o||_2 (contiguous).
+      w_sqnorm_ptr [C_out] fp32, ||w_o||^2 (contiguous).
       bias_ptr   [C_out] contiguous, read only if HAS_BIAS.
       k_ptr      [C_out] contiguous sigmoid steepness, read only if OPERATOR == 2.
       y_ptr, c_ptr [N, C_out, Ho, Wo] outputs in x's dtype, both with strides
@@ -200,8 +201,7 @@ def _sphere_conv_fwd_kernel(
                 acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
 
     r_x = tl.sqrt(sumsq + eps)
-    w_norm = tl.load(w_norm_ptr + o_glob, mask=mask_n, other=1.0)
-    r_w = tl.sqrt(w_norm * w_norm + eps)
+    r_w = tl.sqrt(tl.load(w_sqnorm_ptr + o_glob, mask=mask_n, other=1.0) + eps)
 
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
@@ -218,7 +218,7 @@ def _sphere_conv_fwd_kernel(
 
 @triton.jit
 def _sphere_conv_dw_fwd_kernel(
-    x_ptr, w_ptr, w_norm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
+    x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
     n_pixels, channels,
     in_h, in_w, out_h, out_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -235,7 +235,7 @@ def _sphere_conv_dw_fwd_kernel(
       x_ptr      [N, C, H, W] input, strides (stride_xn, stride_xc, stride_xh, stride_xw);
                  channels_last makes the BLOCK_C channels of a pixel contiguous.
       w_ptr      [C, KH, KW] filters, contiguous, x's dtype.
-      w_norm_ptr [C] fp32 ||w_c||_2.   bias_ptr [C] (if HAS_BIAS).   k_ptr [C] (if sigmoid).
+      w_sqnorm_ptr [C] fp32 ||w_c||^2.   bias_ptr [C] (if HAS_BIAS).   k_ptr [C] (if sigmoid).
       y_ptr, c_ptr [N, C, Ho, Wo], strides (stride_yn, stride_yc, stride_yh, stride_yw).
       rx_ptr     [N, C, Ho, Wo] fp32 contiguous (r_x has one value per (pixel, group)).
     Scalars: n_pixels = N*Ho*Wo (< 2^31), C, H, W, Ho, Wo, conv stride/padding/dilation, eps.
@@ -272,8 +272,7 @@ def _sphere_conv_dw_fwd_kernel(
         sumsq += x_f32 * x_f32
 
     r_x = tl.sqrt(sumsq + eps)
-    w_norm = tl.load(w_norm_ptr + offs_c, mask=mask_c, other=1.0)
-    r_w = tl.sqrt(w_norm * w_norm + eps)
+    r_w = tl.sqrt(tl.load(w_sqnorm_ptr + offs_c, mask=mask_c, other=1.0) + eps)
 
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
@@ -284,6 +283,59 @@ def _sphere_conv_dw_fwd_kernel(
     rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
         + pix.to(tl.int64)[:, None]
     tl.store(rx_ptr + rx_offs, r_x, mask=out_mask)
+
+
+@triton.jit
+def _pack_filters_kernel(
+    w_ptr, packed_ptr, sqnorm_ptr,
+    c_in_per_group,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    KH: tl.constexpr, KW: tl.constexpr, WRITE_PACKED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-call filter preparation in one launch; program o handles filter o.
+
+    Pointers (Cg = C_in/G, K = KH*KW*Cg):
+      w_ptr       [C_out, Cg, KH, KW] filters, any strides (stride_wo, stride_wc, stride_wh,
+                  stride_ww).
+      packed_ptr  [C_out, KH, KW, Cg] contiguous output in w's dtype (row o at o*K), the K order
+                  of the GEMM kernel; written only if WRITE_PACKED.
+      sqnorm_ptr  [C_out] fp32 output, ||w_o||^2 summed in fp32.
+    Constexprs: KH, KW filter size; WRITE_PACKED False when w is already in packed order
+      (channels_last weight), so only the norms are computed; BLOCK elements per step.
+    """
+    o = tl.program_id(0).to(tl.int64)
+    k_total = KH * KW * c_in_per_group
+    sumsq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, k_total, BLOCK):
+        offs_k = k0 + tl.arange(0, BLOCK)
+        mask = offs_k < k_total
+        cin = offs_k % c_in_per_group
+        tap = offs_k // c_in_per_group
+        r = tap // KW
+        s = tap - r * KW
+        vals = tl.load(w_ptr + o * stride_wo + cin.to(tl.int64) * stride_wc
+                       + r.to(tl.int64) * stride_wh + s.to(tl.int64) * stride_ww,
+                       mask=mask, other=0.0)
+        if WRITE_PACKED:
+            tl.store(packed_ptr + o * k_total + offs_k, vals, mask=mask)
+        v = vals.to(tl.float32)
+        sumsq += v * v
+    tl.store(sqnorm_ptr + o, tl.sum(sumsq, axis=0))
+
+
+def _prepare_filters(w):
+    """(w_packed [C_out, KH, KW, Cg] contiguous, ||w_o||^2 [C_out] fp32) in one launch."""
+    c_out, c_in_g, kh, kw = w.shape
+    # the packed order is the memory order of a channels_last weight: then no copy is needed
+    already_packed = w.permute(0, 2, 3, 1).is_contiguous()
+    packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
+        (c_out, kh, kw, c_in_g), dtype=w.dtype, device=w.device)
+    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
+    block = min(1024, max(16, triton.next_power_of_2(kh * kw * c_in_g)))
+    args = (w, packed, sqnorm, c_in_g, *w.stride())
+    flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, BLOCK=block, num_warps=4)
+    _launch(_pack_filters_kernel, (c_out,), args, flags, w.is_cuda)
+    return packed, sqnorm
 
 
 def _dw_configs():
@@ -436,10 +488,9 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         raise ValueError("C_in/groups must be >= 1")
 
     # filters in K order (kh, kw, c): a no-op for channels_last weights
-    w_packed = w.permute(0, 2, 3, 1).contiguous()
-    w_norm = torch.linalg.vector_norm(w_packed.view(c_out, -1), dim=1, dtype=torch.float32)
-    bias_arg = bias.contiguous() if bias is not None else w_norm
-    k_arg = k.contiguous() if (operator == "sigmoid") else w_norm
+    w_packed, w_sqnorm = _prepare_filters(w)
+    bias_arg = bias.contiguous() if bias is not None else w_sqnorm
+    k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
     on_cuda = x.is_cuda
     common_tail = (
         h, wd, ho, wo,
@@ -454,7 +505,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         if config is not None:
             kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
                                                           "num_warps": config.num_warps}
-        args = (x, w_packed, w_norm, bias_arg, k_arg, y, c, r_x, n_pixels, c_out) + common_tail
+        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c, r_x, n_pixels, c_out) + common_tail
 
         def grid(meta):
             return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
@@ -472,7 +523,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
         flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, w_packed, w_norm, bias_arg, k_arg, y, c, r_x,
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c, r_x,
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):
@@ -493,7 +544,7 @@ def _signature(fn, dtype_name, constexprs):
     for a in fn.arg_names:
         if a in constexprs:
             sig[a] = "constexpr"
-        elif a in ("w_norm_ptr", "rx_ptr"):
+        elif a in ("w_sqnorm_ptr", "rx_ptr", "sqnorm_ptr"):
             sig[a] = "*fp32"
         elif a.endswith("_ptr"):
             sig[a] = "*" + dtype_name
@@ -519,7 +570,7 @@ def _attrs(fn, signature):
 
 def aot_specs():
     """Compile specs for ``make aot-check``: every GEMM config x dtype (x tf32/ieee for fp32),
-    plus the depthwise configs per dtype (8-warp GEMM configs as 1x1 convs, the only filters
+    plus the depthwise configs and the filter-packing kernel per dtype (8-warp GEMM configs as 1x1 convs, the only filters
     they run on).  ``gemm`` is False for fp32-ieee (allow_tf32 off:
     there is no full-fp32 tensor-core instruction) and for the depthwise kernel (no dot).
     Each spec also carries ``attrs`` (ASTSource's fourth argument: the 16-divisibility the JIT
@@ -557,4 +608,11 @@ def aot_specs():
                               attrs=_attrs(_sphere_conv_dw_fwd_kernel, sig),
                               constexprs=constexprs, num_warps=cfg.num_warps,
                               num_stages=cfg.num_stages, dtype=dtype_name, gemm=False))
+    for dtype_name in ("fp16", "bf16", "fp32"):
+        constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=1024)
+        sig = _signature(_pack_filters_kernel, dtype_name, constexprs)
+        specs.append(dict(name=f"conv_fwd_pack_filters_{dtype_name}", fn=_pack_filters_kernel,
+                          signature=sig, attrs=_attrs(_pack_filters_kernel, sig),
+                          constexprs=constexprs, num_warps=4, num_stages=1, dtype=dtype_name,
+                          gemm=False))
     return specs

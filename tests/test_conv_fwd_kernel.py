@@ -299,6 +299,27 @@ def test_forward_every_depthwise_config(cfg):
     _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_prepare_filters(layout, dtype):
+    """Packing into (kh, kw, C_in/G) order is an exact copy (a view for channels_last weights)
+    and ||w_o||^2 is summed in fp32 (fp16 weights of ~300: their squares overflow fp16)."""
+    w = (torch.randn(12, 5, 3, 2, dtype=torch.float64) * 300).to(dtype).to(DEVICE)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        w = torch.randn(12, 10, 3, 4, dtype=torch.float64).to(dtype).to(DEVICE)[:, ::2, :, 1:3]
+    packed, sqnorm = F._prepare_filters(w)
+    assert packed.shape == (12, 3, 2, 5) and packed.is_contiguous()
+    assert torch.equal(packed, w.permute(0, 2, 3, 1))
+    if layout == "channels_last":
+        assert packed.data_ptr() == w.data_ptr(), "a channels_last weight must not be copied"
+    ref = w.double().pow(2).sum(dim=(1, 2, 3))
+    assert sqnorm.dtype == torch.float32 and torch.isfinite(sqnorm).all()
+    assert_close(sqnorm, ref, 1e-6, 0.0, "||w||^2")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hard cases
 # ---------------------------------------------------------------------------------------------
