@@ -29,8 +29,8 @@ Dtypes: float32 (tf32 tensor cores iff ``torch.backends.cuda.matmul.allow_tf32``
 fp32), float16, bfloat16. Accumulation and the epilogue are fp32; outputs in the input dtype,
 ``r_x`` in fp32. float64 is the reference backend's job (TypeError here).
 
-Launch: ``torch.library.wrap_triton(kernel)[grid](...)`` on CUDA (so ``torch.compile`` can trace
-the launchers inside a ``triton_op``); plain ``kernel[grid](...)`` under ``TRITON_INTERPRET=1``.
+Launch: always ``torch.library.wrap_triton(kernel)[grid](...)`` (CUDA and the interpreter alike), so
+``torch.compile`` traces the launchers inside a ``triton_op`` and fake tensors never reach a kernel.
 """
 from __future__ import annotations
 
@@ -364,11 +364,9 @@ def _interpreting() -> bool:
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """wrap_triton on CUDA (traceable by torch.compile), a plain launch under the interpreter."""
-    if _interpreting():
-        kernel[grid](*args, **kwargs)
-    else:
-        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    """Launch through ``torch.library.wrap_triton`` (traceable by torch.compile inside a
+    ``triton_op``; under the interpreter it simply runs the kernel)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
