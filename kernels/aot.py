@@ -1,4 +1,4 @@
-"""Ahead-of-time compile check: every Triton kernel, config and dtype, for Hopper and Ampere, no GPU.
+"""Ahead-of-time compile check: every Triton kernel x config x dtype for Hopper and Ampere, no GPU.
 
 Run as ``python -m sphereops_kernels.aot --out docs/aot_table.md`` (``make aot-check``).
 
@@ -70,7 +70,7 @@ REQUIRED_SPEC_KEYS = {
     "constexprs": dict,
     "num_warps": int,
     "num_stages": int,
-    "dtype": (str, "dtype"),  # a name ("fp16") or a torch.dtype
+    "dtype": object,  # a name ("fp16") or a torch.dtype; checked below
     "gemm": bool,
 }
 

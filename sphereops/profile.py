@@ -381,8 +381,9 @@ def format_result(result: ProfileResult, top: int, on_gpu: bool) -> str:
     lines += ["", f"Convolution families{inclusive}:", "",
               "| conv family | GFLOP per step | total ms | % of step | TFLOP/s |",
               "| --- | ---: | ---: | ---: | ---: |"]
-    families = sorted(set(result.family_us) | {f for f in result.flops
-                                                if not (not on_gpu and f.endswith(("dgrad", "wgrad")))})
+    # On CPU backward is one operator per conv (dgrad + wgrad together): list "bwd" only.
+    with_flops = {f for f in result.flops if on_gpu or not f.endswith(("dgrad", "wgrad"))}
+    families = sorted(set(result.family_us) | with_flops)
     for family in families:
         flops = _family_flops(result, family)
         spent = result.family_us.get(family, 0.0)
