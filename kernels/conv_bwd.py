@@ -132,7 +132,7 @@ def _filter_norm_kernel(
 @triton.jit
 def _prep_kernel(
     dy_ptr, c_ptr, rx_ptr, k_ptr, hn_ptr, a_ptr, part_ptr,
-    M, HoWo, Wo, C_out, CG_OUT, G, R, stride_k,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr,
@@ -151,7 +151,9 @@ def _prep_kernel(
     a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
     part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
               row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
-    M = N*Ho*Wo, HoWo = Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M) = grid axis 0.
+    M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M) = grid axis 0.
+    HoWo = Ho*Wo, Wo: constexpr so that the pixel -> (n, ho, wo) divisions become multiply-shifts
+    (one specialisation per output size; a network has a handful).
     OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
     STORE_HN, STORE_A, NEED_S, NEED_DB, NEED_DK: which outputs to write (output_mask).
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
@@ -267,7 +269,7 @@ def _reduce_partials_kernel(
 @triton.jit
 def _dgrad_kernel(
     hn_ptr, what_ptr, a_ptr, x_ptr, dx_ptr,
-    N, H, W, Ho, Wo, C_out, CG_IN, CG_OUT, G, HP, WP,
+    N, H, W, Ho, Wo, C_out, CG_IN, CG_OUT, G, HP: tl.constexpr, WP: tl.constexpr,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -283,7 +285,8 @@ def _dgrad_kernel(
     a_ptr:    [N, G, Ho, Wo] fp32 contiguous.
     x_ptr:    [N, G*CG_IN, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
     dx_ptr:   [N, G*CG_IN, H, W], strides (stride_dxn, ...); every element written once.
-    HP = cdiv(H, SH), WP = cdiv(W, SW): pixels per stride phase (upper bound).
+    HP = cdiv(H, SH), WP = cdiv(W, SW): pixels per stride phase (upper bound); constexpr so the
+    pixel-index divisions compile to multiply-shifts.
     KH, KW: filter size. SH, SW: stride. PH, PW: padding. DH, DW: dilation.
     STEP_H = SH / gcd(SH, DH) (STEP_W likewise): distance between contributing taps of a phase.
     UPCAST_DOT: upcast 16-bit operands to fp32 before tl.dot (interpreter only).
@@ -374,7 +377,7 @@ def _dgrad_kernel(
 @triton.jit
 def _wgrad_kernel(
     hn_ptr, x_ptr, part_ptr,
-    M, HoWo, Wo, H, W, C_out, CG_IN, CG_OUT, M_PER_SPLIT, SPLIT,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, M_PER_SPLIT, SPLIT,
     stride_xn, stride_xc, stride_xh, stride_xw,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -389,6 +392,7 @@ def _wgrad_kernel(
     part_ptr: [SPLIT, C_out, CG_IN, KH, KW] fp32 contiguous; this program writes its
               [BLOCK_O, BLOCK_CI] tile of split s, tap (kh, kw). Still to be divided by r_w.
     M_PER_SPLIT: output pixels per split (a multiple of BLOCK_M).
+    HoWo = Ho*Wo, Wo: constexpr (divisions by constants in the main loop).
     KH, KW: filter size. SH, SW: stride. PH, PW: padding. DH, DW: dilation.
     UPCAST_DOT, DOT_PRECISION: see _dgrad_kernel.
     BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
@@ -527,7 +531,9 @@ def prep_config(operator: str) -> dict:
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4)
 
 
-FILTER_CONFIG = dict(BLOCK_O=16, BLOCK_F=128, num_warps=4)
+# 4 filters x 512 elements per step: few serial steps (a 3x3x128 filter is 3), C_out/4 programs.
+# (Measured on H200 with 16 x 128: 34 us for a 128x128x3x3 weight, latency-bound.)
+FILTER_CONFIG = dict(BLOCK_O=4, BLOCK_F=512, num_warps=4)
 # 512 rows per first-level program (8 steps of 64): ~25 programs for a 64x56x56 batch
 REDUCE_CONFIG = dict(BLOCK_R=64, BLOCK_C=32, ROWS_PER_PROGRAM=512, num_warps=4)
 FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
@@ -535,13 +541,15 @@ FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
 
 def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.device) -> int:
     """Number of contiguous reduction ranges for wgrad: enough programs to fill the GPU
-    (about 4 per SM), each range at least 8 reduction steps long so the partials traffic stays
-    small next to the GEMM. Under the interpreter: up to 3, so the split path is always tested."""
+    (about 2 per SM), each range at least 8 reduction steps long so the partials traffic stays
+    small next to the GEMM. Two per SM: a 128x128 program holds ~250 registers/thread and
+    ~97 KB of shared memory, so two fit at once; more splits only add partial traffic.
+    Under the interpreter: up to 3, so the split path is always tested."""
     steps = _cdiv(m_out, block_m)
     if device.type != "cuda":
         return max(1, min(3, steps))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = _cdiv(4 * sms, max(base_programs, 1))
+    want = _cdiv(2 * sms, max(base_programs, 1))
     return max(1, min(want, steps // 8, 256))
 
 
@@ -827,7 +835,7 @@ def aot_specs() -> list:
                     name=f"conv_bwd_dgrad_{label}_{ptag}", fn=_dgrad_kernel,
                     signature=_signature(_dgrad_kernel, {"hn_ptr": t, "what_ptr": t, "a_ptr": "*fp32",
                                                          "x_ptr": t, "dx_ptr": t}),
-                    constexprs=dict(**geo, STEP_H=st, STEP_W=st, UPCAST_DOT=False,
+                    constexprs=dict(**geo, STEP_H=st, STEP_W=st, HP=_cdiv(h, st), WP=_cdiv(w, st), UPCAST_DOT=False,
                                     DOT_PRECISION=precision, EMULATE_RTNE=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
@@ -837,8 +845,8 @@ def aot_specs() -> list:
                 specs.append(dict(
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
                     signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
-                    constexprs=dict(**geo, UPCAST_DOT=False, DOT_PRECISION=precision,
-                                    BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
+                    constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
+                                    DOT_PRECISION=precision, BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096, **x_strides_cl)))
         # the memory-bound passes, once per dtype (sigmoid: the heaviest prep epilogue)
@@ -847,7 +855,7 @@ def aot_specs() -> list:
             name=f"conv_bwd_prep_sigmoid_{tag}", fn=_prep_kernel,
             signature=_signature(_prep_kernel, {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t,
                                                 "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}),
-            constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6, STORE_HN=True, STORE_A=True,
+            constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6, STORE_HN=True, STORE_A=True,
                             NEED_S=True, NEED_DB=True, NEED_DK=True, EMULATE_RTNE=False,
                             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
             num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
