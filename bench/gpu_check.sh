@@ -34,7 +34,7 @@ say() { echo "[gpu-check $(elapsed)s] $*" | tee -a "$LOG"; }
 # --- environment -------------------------------------------------------------------------
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse --short=10 HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $(git rev-parse --short=10 HEAD 2>/dev/null || echo "${SPHEREOPS_COMMIT:-unknown (no .git; set SPHEREOPS_COMMIT)}")"
   git status --porcelain --untracked-files=no 2>/dev/null | head -20 | sed 's/^/dirty: /'
   nvidia-smi 2>&1 | head -25
   "$PY" - <<'EOF' 2>&1

@@ -35,6 +35,14 @@ TITLES = {
 # Small helpers
 # ---------------------------------------------------------------------------------------------
 
+def titles_for(results: dict) -> dict:
+    """Provider titles; on CPU the sphereops provider is the package's CPU (reference) path."""
+    titles = dict(TITLES)
+    if results.get("meta", {}).get("device_type") not in (None, "cuda"):
+        titles["sphereops"] = "sphereops (CPU path = reference)"
+    return titles
+
+
 def load(path) -> dict:
     with open(path) as fh:
         return json.load(fh)
@@ -204,6 +212,7 @@ def _meta_lines(results: dict) -> list:
 
 def summary_markdown(results: dict) -> str:
     """The short summary printed at the end of a run (and the top of the .md file)."""
+    TITLES = titles_for(results)  # noqa: N806 - shadows the module table on purpose
     _recompute_ratios(results)
     records = results.get("records", [])
     out = [f"# sphereops benchmark — {results.get('meta', {}).get('device_name', '?')}", ""]
@@ -271,10 +280,14 @@ def summary_markdown(results: dict) -> str:
         recs.sort(key=lambda r: -r["ratio_to"]["conv2d"])
         if recs:
             out += [f"## Worst layers (sphereops fwd+bwd vs plain conv, {head[1]} {head[2]} {head[3]})", ""]
-            out += _table(["layer", "shape", "ratio to conv", "TFLOP/s", "% of floor"],
+            out += _table(["layer", "shape", "ratio to conv", "ms", "host ms to issue",
+                           "TFLOP/s", "% of floor"],
                           [[r["shape"], r["label"], _fmt(r["ratio_to"]["conv2d"], 2, "x"),
+                            _ms(r.get("median_ms")), _ms(r.get("host_ms")),
                             _fmt(r.get("tflops"), 1), _fmt(r.get("pct_floor"), 0, "%")]
-                           for r in recs[:5]]) + [""]
+                           for r in recs[:5]])
+            out += ["", "(host ms close to ms: the call is bound by Python/dispatch/launch "
+                    "overhead, not by the kernels)", ""]
 
     e2e = results.get("e2e", [])
     if e2e:
@@ -323,6 +336,7 @@ def _problem_lines(records) -> list:
 
 def detail_markdown(results: dict) -> str:
     """Every timed row, one line per (layer, config, mode), providers side by side."""
+    TITLES = titles_for(results)  # noqa: N806 - shadows the module table on purpose
     _recompute_ratios(results)
     records = results.get("records", [])
     providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in records)]
@@ -381,6 +395,7 @@ def full_markdown(results: dict) -> str:
 
 def plot(results: dict, path) -> Path:
     """Ratio to the plain conv per layer and mode (headline config) + a time breakdown."""
+    TITLES = titles_for(results)  # noqa: N806 - shadows the module table on purpose
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -457,6 +472,7 @@ def plot(results: dict, path) -> Path:
 
 def compare_markdown(new: dict, old: dict, top: int = 10) -> str:
     """Time ratio new/old for every record timed in both runs (< 1: the new run is faster)."""
+    TITLES = titles_for(new)  # noqa: N806 - shadows the module table on purpose
     def index(res):
         return {(r["kind"], r["shape"], r["dtype"], r["layout"], r["operator"], r["provider"],
                  r["mode"]): r for r in res.get("records", []) if r.get("status") == "ok"}

@@ -134,7 +134,9 @@ def _run(cmd: list, timeout: float = 10.0) -> Optional[str]:
 
 
 def git_info() -> dict:
-    commit = _run(["git", "rev-parse", "--short=10", "HEAD"])
+    # A copy of the tree without .git (a lent GPU machine) can name its commit through the
+    # environment.
+    commit = _run(["git", "rev-parse", "--short=10", "HEAD"]) or os.environ.get("SPHEREOPS_COMMIT")
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     return {"commit": commit or "unknown", "dirty": bool(status) if status is not None else None,
             "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"])}
@@ -257,11 +259,16 @@ def plan(cfg: RunConfig) -> list:
                 jobs.append(ConvJob(shape, dtype, layout, op, providers, "custom"))
         return jobs + _linear_jobs(cfg)
 
+    # torch.compile rows take ~10-30 s each to build: a few right after the eager headline rows
+    # (so even a short budget gets the compile comparison), the rest after the training step.
+    early_compile = 0 if cfg.full else 3
     if cfg.conv:
         (dtype, layout, op), = tiers["headline"]
-        # Eager providers first over the whole layer list, torch.compile (slow to build) after.
         for shape in main_shapes:
             jobs.append(ConvJob(shape, dtype, layout, op, eager, "headline"))
+        if compiled:
+            for shape in main_shapes[:early_compile]:
+                jobs.append(ConvJob(shape, dtype, layout, op, compiled, "headline"))
     if cfg.e2e:
         jobs.append("e2e")
     if cfg.criterion and not cfg.is_cuda:
@@ -269,7 +276,7 @@ def plan(cfg: RunConfig) -> list:
     jobs.extend(_linear_jobs(cfg))
     if cfg.conv:
         if compiled:
-            for shape in main_shapes:
+            for shape in main_shapes[early_compile:]:
                 jobs.append(ConvJob(shape, dtype, layout, op, compiled, "headline"))
         for tier in [t for t in tiers if t != "headline"]:
             for dtype_, layout_, op_ in tiers[tier]:
@@ -483,13 +490,29 @@ def make_steps(fn: Callable, inputs: Inputs, mode: str):
             return torch.autograd.grad(y, inputs.diff[i], inputs.dys[i])
         return step, None
     if mode == "bwd":
-        # One forward per copy, graphs kept; each timed call runs only the backward.
-        ys = [fn(*s) for s in inputs.sets]
-
-        def step(i):
-            return torch.autograd.grad(ys[i], inputs.diff[i], inputs.dys[i], retain_graph=True)
-        return step, ys
+        return BackwardStep(fn, inputs), None
     raise ValueError(f"mode must be one of {S.MODES}, got {mode!r}")
+
+
+class BackwardStep:
+    """The backward mode: ``prepare(i)`` builds a fresh forward graph on copy ``i`` (untimed),
+    ``step(i)`` runs only its backward.  A fresh graph per call instead of ``retain_graph``:
+    torch.compile's backward donates its buffers and refuses to run twice on one graph.
+
+    On CUDA the timer's start event is recorded after ``prepare`` in the same stream, so the
+    measured interval starts when the forward kernels have finished."""
+
+    def __init__(self, fn: Callable, inputs: "Inputs"):
+        self.fn, self.inputs, self.graphs = fn, inputs, {}
+
+    def prepare(self, i: int) -> None:
+        self.graphs[i] = self.fn(*self.inputs.sets[i])
+
+    def __call__(self, i: int):
+        y = self.graphs.pop(i, None)
+        if y is None:                       # not prepared (e.g. a memory probe): build it now
+            y = self.fn(*self.inputs.sets[i])
+        return torch.autograd.grad(y, self.inputs.diff[i], self.inputs.dys[i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -869,8 +892,8 @@ class PreparedCase:
     def step(self, mode: str) -> Callable[[], object]:
         """A no-argument callable running one ``mode`` call on the next input copy and waiting
         for the device (so a wall-clock timer measures the work)."""
-        inner, keep = make_steps(self.fn, self.inputs, mode)
-        counter = {"i": 0, "keep": keep}
+        inner, _ = make_steps(self.fn, self.inputs, mode)
+        counter = {"i": 0}
 
         def call():
             i = counter["i"] % self.inputs.copies
@@ -878,6 +901,13 @@ class PreparedCase:
             out = inner(i)
             T.synchronize(self.device)
             return out
+
+        def prepare():
+            """Untimed set-up of the next call (the forward graph of a backward-only call)."""
+            if hasattr(inner, "prepare"):
+                inner.prepare(counter["i"] % self.inputs.copies)
+                T.synchronize(self.device)
+        call.prepare = prepare
         return call
 
 

@@ -44,19 +44,26 @@ def measure(step: Callable[[int], object], device: torch.device, copies: int, *,
     The first calls (compilation, autotuning, allocator growth) are warm-up and not timed; the
     number of repeats is chosen from a short estimate so each measurement takes ~``target_s``.
     """
+    prepare = getattr(step, "prepare", None)
     i = 0
     for _ in range(max(1, warmup)):
+        if prepare is not None:
+            prepare(i % copies)
         step(i % copies)
         i += 1
     synchronize(device)
     # Estimate the per-call time from a short burst.
-    t0 = time.perf_counter()
-    burst = 2
+    burst, est = 2, 0.0
     for _ in range(burst):
+        if prepare is not None:
+            prepare(i % copies)
+            synchronize(device)
+        t0 = time.perf_counter()
         step(i % copies)
+        synchronize(device)
+        est += time.perf_counter() - t0
         i += 1
-    synchronize(device)
-    est = max((time.perf_counter() - t0) / burst, 1e-6)
+    est = max(est / burst, 1e-6)
     reps = int(min(max_reps, max(min_reps, target_s / est)))
 
     times_ms = []
@@ -64,6 +71,8 @@ def measure(step: Callable[[int], object], device: torch.device, copies: int, *,
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for r in range(reps):
+            if prepare is not None:
+                prepare(i % copies)
             starts[r].record()
             step(i % copies)
             ends[r].record()
@@ -72,6 +81,8 @@ def measure(step: Callable[[int], object], device: torch.device, copies: int, *,
         times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
         for _ in range(reps):
+            if prepare is not None:
+                prepare(i % copies)
             t = time.perf_counter()
             step(i % copies)
             times_ms.append((time.perf_counter() - t) * 1e3)
@@ -211,7 +222,20 @@ def measure_group(steps: dict, device: torch.device, copies: int, *, warmup: int
     results: dict = {}
     active = dict(steps)
 
+    def prepare(name, i):
+        """Untimed set-up (a backward-only step builds its forward graph here)."""
+        step = active.get(name)
+        if step is not None and hasattr(step, "prepare"):
+            try:
+                step.prepare(i)
+            except Exception as exc:  # noqa: BLE001
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                                 if str(exc) else type(exc).__name__}
+                del active[name]
+
     def call(name, i):
+        if name not in active:
+            return False
         try:
             active[name](i)
             return True
@@ -224,11 +248,13 @@ def measure_group(steps: dict, device: torch.device, copies: int, *, warmup: int
     i = 0
     for name in list(active):
         for _ in range(max(1, warmup)):
+            prepare(name, i % copies)
             if not call(name, i % copies):
                 break
             i += 1
     est = {}
     for name in list(active):
+        prepare(name, i % copies)
         synchronize(device)
         t0 = time.perf_counter()
         if call(name, i % copies):
@@ -241,6 +267,7 @@ def measure_group(steps: dict, device: torch.device, copies: int, *, warmup: int
     reps = int(min(max_reps, max(min_reps, target_s * len(active) / total_est)))
     names = list(active)
     times = {n: [] for n in names}
+    host = {n: [] for n in names}
     cuda = device.type == "cuda"
     pending = []
     for r in range(reps):
@@ -248,13 +275,20 @@ def measure_group(steps: dict, device: torch.device, copies: int, *, warmup: int
         for name in order:
             if name not in active:
                 continue
+            prepare(name, i % copies)
+            if name not in active:
+                continue
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t = time.perf_counter()
                 start.record()
                 ok = call(name, i % copies)
                 end.record()
                 if ok:
                     pending.append((name, start, end))
+                    # Host time to issue the call: when it is close to the device time, the
+                    # provider is launch/dispatch-bound, not kernel-bound.
+                    host[name].append((time.perf_counter() - t) * 1e3)
             else:
                 t = time.perf_counter()
                 ok = call(name, i % copies)
@@ -281,4 +315,6 @@ def measure_group(steps: dict, device: torch.device, copies: int, *, warmup: int
             "copies": copies,
             "interleaved_with": [n for n in names if n != name],
         }
+        if host[name]:
+            results[name]["host_ms"] = statistics.median(host[name])
     return results

@@ -140,10 +140,17 @@ def test_sphereops_provider_with_triton_interpreter():
     assert spec.notes["sphereops_backend"] == "triton"
 
 
-def test_compiled_provider_matches_float64():
-    """torch.compile of the closed-form path: traced whole (fullgraph) and correct."""
-    spec = _provider_vs_reference("compiled_best", "learnable", "fp64", S.TINY[0])
-    assert spec.notes.get("compiled_variant") == "closed_form", spec.notes
+def test_compiled_provider_is_checked_and_timed_in_every_mode():
+    """torch.compile of the closed-form path: traced whole (fullgraph), passes the float64 spot
+    check (learnable k: dk too), and times fwd, bwd (a fresh graph per call: compiled backwards
+    refuse retain_graph) and fwd+bwd."""
+    cfg = _tiny_cfg(providers=("compiled_best",), compile=True,
+                    configs=[("fp32", "nchw", "learnable")])
+    res = RN.Runner(cfg).run()
+    recs = [r for r in res["records"] if r["provider"] == "compiled_best"]
+    assert {r["mode"]: r["status"] for r in recs} == {m: "ok" for m in S.MODES}, recs
+    assert recs[0]["notes"].get("compiled_variant") == "closed_form", recs[0]["notes"]
+    assert set(recs[0]["check"]) == {"y", "dx", "dw", "db", "dk"}
 
 
 @pytest.mark.parametrize("provider", ["sphereops", "unfused_official", "linear"])
@@ -343,7 +350,7 @@ def test_pytest_benchmark_entry_point_writes_its_json(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "bench/test_conv_bench.py", "-q", "-p", "no:cacheprovider",
-           "--bench-suite=tiny", "-k", "test_conv and (conv2d or unfused_official) and fwd",
+           "--bench-suite=tiny", "-k", "test_conv and (conv2d or unfused_official)",
            "--benchmark-json", str(out), "--benchmark-max-time=0.01", "--benchmark-min-rounds=2",
            "--benchmark-warmup=off"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
