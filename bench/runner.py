@@ -259,18 +259,19 @@ def plan(cfg: RunConfig) -> list:
                 jobs.append(ConvJob(shape, dtype, layout, op, providers, "custom"))
         return jobs + _linear_jobs(cfg)
 
-    # torch.compile rows take ~10-30 s each to build: a few right after the eager headline rows
-    # (so even a short budget gets the compile comparison), the rest after the training step.
+    # Priority: eager headline rows, the training step, then a few torch.compile rows (~10-30 s
+    # each to build, so even a short budget gets the compile comparison), SphereLinear, the
+    # remaining compile rows, the sweeps.
     early_compile = 0 if cfg.full else 3
+    (dtype, layout, op), = tiers["headline"]
     if cfg.conv:
-        (dtype, layout, op), = tiers["headline"]
         for shape in main_shapes:
             jobs.append(ConvJob(shape, dtype, layout, op, eager, "headline"))
-        if compiled:
-            for shape in main_shapes[:early_compile]:
-                jobs.append(ConvJob(shape, dtype, layout, op, compiled, "headline"))
     if cfg.e2e:
         jobs.append("e2e")
+    if cfg.conv and compiled:
+        for shape in main_shapes[:early_compile]:
+            jobs.append(ConvJob(shape, dtype, layout, op, compiled, "headline"))
     if cfg.criterion and not cfg.is_cuda:
         jobs.insert(0, "criterion")
     jobs.extend(_linear_jobs(cfg))

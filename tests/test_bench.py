@@ -359,3 +359,28 @@ def test_pytest_benchmark_entry_point_writes_its_json(tmp_path):
     names = {b["extra_info"]["provider"] for b in data["benchmarks"]}
     assert names == {"conv2d", "unfused_official"}
     assert all(b["stats"]["median"] > 0 and b["extra_info"]["spot_check"] for b in data["benchmarks"])
+
+
+def test_gpu_plan_puts_the_headline_first_and_covers_every_config():
+    """The quick CUDA plan (built without a GPU: planning touches no device)."""
+    cfg = RN.RunConfig(device=torch.device("cuda"))
+    jobs = RN.plan(cfg)
+    conv = [j for j in jobs if isinstance(j, RN.ConvJob)]
+    n = len(S.QUICK)
+    head = jobs[:n]
+    assert all(isinstance(j, RN.ConvJob) and (j.dtype, j.layout, j.operator) ==
+               ("bf16", "channels_last", "linear") and "compiled_best" not in j.providers
+               and {"sphereops", "conv2d", "unfused_official", "unfused_best"} <= set(j.providers)
+               for j in head)
+    assert [j.shape for j in head] == S.QUICK
+    assert jobs[n] == "e2e"
+    compiled = [j for j in conv if j.providers == ("compiled_best",)]
+    assert [j.shape for j in compiled] == S.QUICK
+    assert any(isinstance(j, RN.LinearJob) for j in jobs)
+    configs = {(j.dtype, j.layout, j.operator) for j in conv}
+    assert configs >= {("bf16", "channels_last", op) for op in P.BENCH_OPERATORS}
+    assert configs >= {("fp16", "channels_last", "linear"), ("tf32", "channels_last", "linear"),
+                       ("fp32", "channels_last", "linear"), ("bf16", "nchw", "linear")}
+    full = RN.plan(RN.RunConfig(device=torch.device("cuda"), full=True))
+    assert {j.shape.name for j in full if isinstance(j, RN.ConvJob)} == {s.name for s in S.FULL}
+    assert "criterion" not in jobs and RN.plan(_tiny_cfg(configs=None, criterion=True))[0] == "criterion"
