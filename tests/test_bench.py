@@ -18,16 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import e2e as E
-from bench import providers as P
-from bench import report as REP
-from bench import runner as RN
-from bench import shapes as S
-from bench import timing as T
-from sphereops import reference as R
-from tests.helpers import assert_close
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:          # `bench` is a folder of the repository, not installed
+    sys.path.insert(0, str(REPO))
+
+from bench import e2e as E  # noqa: E402
+from bench import providers as P  # noqa: E402
+from bench import report as REP  # noqa: E402
+from bench import runner as RN  # noqa: E402
+from bench import shapes as S  # noqa: E402
+from bench import timing as T  # noqa: E402
+from sphereops import reference as R  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
 CPU = torch.device("cpu")
 
 
