@@ -71,7 +71,7 @@ def _row_norm_kernel(a_ptr, out_ptr, R, C, stride_ar, stride_ac, eps,
     row_mask = rows < R
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = row_mask[:, None] & (cols[None, :] < C)
         a = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac,
                     mask=mask, other=0.0).to(tl.float32)
@@ -116,7 +116,7 @@ def _sphere_linear_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)   # ks * stride can pass 2^31 (strided w)
         k_mask = ks < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -238,7 +238,8 @@ def _sphere_linear_bwd_dx_kernel(
     k_mask = ks < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
+        # int64: ns * stride_wn and rows * N can pass 2^31 for large layers
+        ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = ns < N
         g = tl.load(grad_c_ptr + rows[:, None] * N + ns[None, :],
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
@@ -251,8 +252,10 @@ def _sphere_linear_bwd_dx_kernel(
         else:
             acc = tl.dot(g, w_unit.to(w.dtype), acc, input_precision=DOT_PRECISION)
     a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for t in range(0, num_n_tiles):
-        a_sum += tl.load(row_part_ptr + t * M + rows, mask=row_mask, other=0.0)
+    part_ptrs = row_part_ptr + rows          # pointer steps stay 64-bit: t * M may pass 2^31
+    for _ in range(0, num_n_tiles):
+        a_sum += tl.load(part_ptrs, mask=row_mask, other=0.0)
+        part_ptrs += M
     r_x = tl.load(r_x_ptr + rows, mask=row_mask, other=1.0)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                 mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -291,7 +294,8 @@ def _sphere_linear_bwd_dw_kernel(
     k_mask = ks < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        ms = m0 + tl.arange(0, BLOCK_M)
+        # int64: ms * N and ms * stride_xm can pass 2^31 for large batches
+        ms = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = ms < M
         g_t = tl.load(grad_c_ptr + ms[None, :] * N + ns[:, None],
                       mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
@@ -304,8 +308,10 @@ def _sphere_linear_bwd_dw_kernel(
         else:
             acc = tl.dot(g_t, x_unit.to(x.dtype), acc, input_precision=DOT_PRECISION)
     s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t in range(0, num_m_tiles):
-        s_sum += tl.load(col_part_ptr + t * N + ns, mask=n_mask, other=0.0)
+    part_ptrs = col_part_ptr + ns            # pointer steps stay 64-bit: t * N may pass 2^31
+    for _ in range(0, num_m_tiles):
+        s_sum += tl.load(part_ptrs, mask=n_mask, other=0.0)
+        part_ptrs += N
     r_w = tl.load(r_w_ptr + ns, mask=n_mask, other=1.0)
     w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
                 mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)

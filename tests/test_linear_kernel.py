@@ -288,8 +288,10 @@ def test_aot_compiles(capability):
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,rel_atol", DTYPES)
-@pytest.mark.parametrize("operator", OPERATORS)
+@pytest.mark.parametrize("dtype,rel_atol,operator", [
+    # every dtype and every operator once: each combination costs ~5 kernel compiles
+    (torch.bfloat16, 1.6e-2, "sigmoid"), (torch.float16, 2e-3, "linear"),
+    (torch.float32, 2e-5, "cosine"), (torch.float32, 2e-5, "sigmoid")])
 def test_gpu_large_shapes(dtype, rel_atol, operator):
     x, w, b, k = make_linear_inputs(1000, 520, 390, operator=operator, dtype=dtype, device="cuda")
     y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, operator, EPS)
