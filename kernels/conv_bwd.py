@@ -389,8 +389,9 @@ def _wgrad_kernel(
 
     hn_ptr:   [M = N*Ho*Wo, C_out] contiguous (Hn = G / r_x, input dtype).
     x_ptr:    [N, G*CG_IN, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
-    part_ptr: [SPLIT, C_out, CG_IN, KH, KW] fp32 contiguous; this program writes its
-              [BLOCK_O, BLOCK_CI] tile of split s, tap (kh, kw). Still to be divided by r_w.
+    part_ptr: [SPLIT, KH*KW, C_out, CG_IN] fp32 contiguous (tap-major so that the tile store is
+              contiguous along ci; the partials are the bulk of wgrad's writes); this program
+              writes its [BLOCK_O, BLOCK_CI] tile of split s, tap (kh, kw). Still / r_w.
     M_PER_SPLIT: output pixels per split (a multiple of BLOCK_M).
     HoWo = Ho*Wo, Wo: constexpr (divisions by constants in the main loop).
     KH, KW: filter size. SH, SW: stride. PH, PW: padding. DH, DW: dilation.
@@ -439,8 +440,7 @@ def _wgrad_kernel(
             xt = xt.to(tl.float32)
         acc = tl.dot(ht, xt, acc, input_precision=DOT_PRECISION)
 
-    dst = (((s * C_out + offs_o).to(tl.int64)[:, None] * CG_IN + offs_ci[None, :]) * (KH * KW)
-           + kh * KW + kw)
+    dst = ((s * (KH * KW) + tap) * C_out + offs_o).to(tl.int64)[:, None] * CG_IN + offs_ci[None, :]
     tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & ci_mask[None, :])
 
 
@@ -454,13 +454,14 @@ def _dw_finalize_kernel(
 ):
     """dw = (sum over splits of the partials) / r_w - w * S / r_w^2, splits summed in order.
 
-    part_ptr: [SPLIT, C_out, CG_IN, KH, KW] fp32 contiguous (from _wgrad_kernel).
+    part_ptr: [SPLIT, KH*KW, C_out, CG_IN] fp32 contiguous (from _wgrad_kernel); programs walk
+              it in that order (coalesced), the small dw is written through its strides.
     w_ptr:  [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
     rw_ptr: [C_out] fp32. s_ptr: [C_out] fp32 (S_o = sum G c).
     dw_ptr: [C_out, CG_IN, KH, KW] in w's dtype, strides (stride_dwo, ...).
     KH, KW: filter size. BLOCK: weight elements per program.
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
-    Grid: (cdiv(C_out*CG_IN*KH*KW, BLOCK),).
+    Grid: (cdiv(KH*KW*C_out*CG_IN, BLOCK),).
     """
     pid = tl.program_id(0)
     numel = C_out * CG_IN * KH * KW
@@ -469,10 +470,10 @@ def _dw_finalize_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLIT):
         acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
-    o = offs // (CG_IN * KH * KW)
-    f = offs % (CG_IN * KH * KW)
-    ci = f // (KH * KW)
-    tap = f % (KH * KW)
+    tap = offs // (C_out * CG_IN)
+    f = offs % (C_out * CG_IN)
+    o = f // CG_IN
+    ci = f % CG_IN
     kh = tap // KW
     kw = tap % KW
     wv = tl.load(w_ptr + o * stride_wo + ci * stride_wc + kh * stride_wh + kw * stride_ww,
@@ -756,7 +757,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         split = _wgrad_split(m_out, base, cfg["BLOCK_M"], dev)
         m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
         split = _cdiv(m_out, m_per_split)
-        w_part = torch.empty((split, c_out, cg_in, kh, kw), device=dev, dtype=torch.float32)
+        w_part = torch.empty((split, kh * kw, c_out, cg_in), device=dev, dtype=torch.float32)
         grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
         _launch(_wgrad_kernel, grid,
                 (hn, x, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, m_per_split, split,
