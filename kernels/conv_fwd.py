@@ -555,64 +555,74 @@ def _signature(fn, dtype_name, constexprs):
     return sig
 
 
-# Integer arguments that the runtime specialises as multiples of 16 on the modelled fast path
-# (channels_last 3x3 conv, 64 channels per group, 56x56): pointers are 16-byte aligned too.
-_AOT_DIVISIBLE_INTS = ("c_out_per_group", "c_in_per_group", "channels", "stride_xn", "stride_xh",
-                       "stride_xw", "stride_yn", "stride_yh", "stride_yw")
+# Typical launches that the AOT specs model (``example_args``): a channels_last bf16 3x3 conv,
+# N=32, 64 -> 64 channels, 56x56, stride/padding/dilation 1 (ResNet stage 1); the depthwise
+# kernel on 256 channels at 28x28; the filter packing of a contiguous 64x64x3x3 weight.
+_GEMM_EXAMPLE = dict(
+    n_pixels=32 * 56 * 56, c_out_per_group=64, c_in_per_group=64, groups=1,
+    in_h=56, in_w=56, out_h=56, out_w=56,
+    stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64,
+    stride_yn=56 * 56 * 64, stride_yc=1, stride_yh=56 * 64, stride_yw=64,
+    conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+_DW_EXAMPLE = dict(
+    n_pixels=32 * 28 * 28, channels=256, in_h=28, in_w=28, out_h=28, out_w=28,
+    stride_xn=28 * 28 * 256, stride_xc=1, stride_xh=28 * 256, stride_xw=256,
+    stride_yn=28 * 28 * 256, stride_yc=1, stride_yh=28 * 256, stride_yw=256,
+    conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+_PACK_EXAMPLE = dict(c_in_per_group=64, stride_wo=64 * 9, stride_wc=9, stride_wh=3, stride_ww=1)
 
 
-def _attrs(fn, signature):
-    """Divisibility attributes as the JIT would infer them at run time (``attrs`` of ASTSource):
-    without them an AOT compile cannot see the 16-byte aligned rows and emits scalar loads."""
-    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-            if signature[a].startswith("*") or (a in _AOT_DIVISIBLE_INTS and signature[a] == "i32")}
+def _spec(name, fn, dtype_name, constexprs, example_args, num_warps, num_stages, gemm):
+    """One AOT spec, specialised as the JIT launcher would for ``example_args``: integers equal
+    to 1 become constexprs, pointers and integers divisible by 16 get ``tt.divisibility=16``
+    (``attrs``, ASTSource's fourth argument).  Without those hints a compile shows scalar loads
+    and no cp.async pipeline, which is not what runs."""
+    constexprs = dict(constexprs)
+    constexprs.update({a: 1 for a, v in example_args.items() if v == 1})
+    sig = _signature(fn, dtype_name, constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or (sig[a] == "i32" and example_args.get(a, 1) % 16 == 0)}
+    runtime_examples = {a: v for a, v in example_args.items() if a not in constexprs}
+    return dict(name=name, fn=fn, signature=sig, constexprs=constexprs, attrs=attrs,
+                example_args=runtime_examples, num_warps=num_warps, num_stages=num_stages,
+                dtype=dtype_name, gemm=gemm)
 
 
 def aot_specs():
-    """Compile specs for ``make aot-check``: every GEMM config x dtype (x tf32/ieee for fp32),
-    plus the depthwise configs and the filter-packing kernel per dtype (8-warp GEMM configs as 1x1 convs, the only filters
-    they run on).  ``gemm`` is False for fp32-ieee (allow_tf32 off:
-    there is no full-fp32 tensor-core instruction) and for the depthwise kernel (no dot).
-    Each spec also carries ``attrs`` (ASTSource's fourth argument: the 16-divisibility the JIT
-    infers at run time); compiling without them still works but shows scalar loads and no
-    cp.async pipeline, which is not what runs.  They model the fast path: a 3x3 channels_last conv
-    (input channel stride 1, 64 channels), sigmoid operator (the heaviest epilogue) with bias."""
+    """Compile specs for ``make aot-check`` (docs/ARCHITECTURE.md), one per kernel x config x
+    dtype: every GEMM config x fp16/bf16/fp32 (x tf32/ieee for fp32), the depthwise configs and
+    the filter-packing kernel per dtype.  They model the typical launches above with the
+    heaviest epilogue (sigmoid, with bias); 8-warp GEMM configs are compiled as 1x1 convs, the
+    only filters they run on.  ``gemm`` is False for fp32-ieee (allow_tf32 off: there is no
+    full-fp32 tensor-core instruction), the depthwise kernel and the packing kernel (no dot).
+    Extra keys: ``example_args`` (the modelled launch's runtime integers; those equal to 1 are
+    already constexprs) and ``attrs`` (the divisibility hints derived from them)."""
     specs = []
+    sigmoid = OPERATOR_CODES["sigmoid"]
     for cfg in conv_fwd_configs():
         bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        taps = 1 if cfg.num_warps >= 8 else 3
+        example = dict(_GEMM_EXAMPLE, pad_h=taps // 2, pad_w=taps // 2)
         for dtype_name in ("fp16", "bf16", "fp32"):
             for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
-                # 8-warp configs are pruned at run time unless the filter is 1x1
-                taps = 1 if cfg.num_warps >= 8 else 3
-                constexprs = dict(
-                    stride_xc=1, stride_yc=1, KH=taps, KW=taps, OPERATOR=OPERATOR_CODES["sigmoid"],
-                    HAS_BIAS=True, CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
-                    UPCAST_DOT=False, **cfg.kwargs)
+                constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
+                                  CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
+                                  UPCAST_DOT=False, **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
-                sig = _signature(_sphere_conv_fwd_kernel, dtype_name, constexprs)
-                specs.append(dict(name=name, fn=_sphere_conv_fwd_kernel, signature=sig,
-                                  attrs=_attrs(_sphere_conv_fwd_kernel, sig),
-                                  constexprs=constexprs, num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages, dtype=dtype_name,
-                                  # full-precision fp32 has no tensor-core instruction: FMA
-                                  gemm=precision != "ieee" or dtype_name != "fp32"))
+                specs.append(_spec(name, _sphere_conv_fwd_kernel, dtype_name, constexprs,
+                                   example, cfg.num_warps, cfg.num_stages,
+                                   gemm=not (dtype_name == "fp32" and precision == "ieee")))
     for cfg in _dw_configs():
         for dtype_name in ("fp16", "bf16", "fp32"):
-            constexprs = dict(stride_xc=1, stride_yc=1, KH=3, KW=3,
-                              OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True, **cfg.kwargs)
-            name = f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}_{dtype_name}"
-            sig = _signature(_sphere_conv_dw_fwd_kernel, dtype_name, constexprs)
-            specs.append(dict(name=name, fn=_sphere_conv_dw_fwd_kernel, signature=sig,
-                              attrs=_attrs(_sphere_conv_dw_fwd_kernel, sig),
-                              constexprs=constexprs, num_warps=cfg.num_warps,
-                              num_stages=cfg.num_stages, dtype=dtype_name, gemm=False))
+            name = (f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}"
+                    f"_{dtype_name}")
+            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, **cfg.kwargs)
+            specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
+                               _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):
         constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=1024)
-        sig = _signature(_pack_filters_kernel, dtype_name, constexprs)
-        specs.append(dict(name=f"conv_fwd_pack_filters_{dtype_name}", fn=_pack_filters_kernel,
-                          signature=sig, attrs=_attrs(_pack_filters_kernel, sig),
-                          constexprs=constexprs, num_warps=4, num_stages=1, dtype=dtype_name,
-                          gemm=False))
+        specs.append(_spec(f"conv_fwd_pack_filters_{dtype_name}", _pack_filters_kernel,
+                           dtype_name, constexprs, _PACK_EXAMPLE, 4, 1, gemm=False))
     return specs
