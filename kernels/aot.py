@@ -236,12 +236,14 @@ def _resource_usage(cubin: bytes, kernel_name: str):
         path.write_bytes(cubin)
         text = subprocess.run([str(_cuda_bin("cuobjdump")), "--dump-resource-usage", str(path)],
                               check=True, capture_output=True, text=True).stdout
-    usage = {}
+    usage, function = {}, None
     for line in text.splitlines():
-        if "REG:" in line:
+        header = re.match(r"\s*Function (\S+):", line)
+        if header:
+            function = header.group(1)
+        elif "REG:" in line and function == kernel_name:
             usage = {key: int(val) for key, val in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)}
-            if kernel_name in text:
-                break
+            break
     if not usage:
         raise RuntimeError(f"cuobjdump printed no resource usage for {kernel_name}:\n{text}")
     return usage
@@ -452,6 +454,12 @@ def format_table(results, skipped, errors):
         f"{', '.join(f'`{m}`' for m in skipped) or 'none'}.",
         "",
     ]
+    stacked = [r for r in results if r.stack_bytes > 0]
+    if stacked:
+        worst = max(stacked, key=lambda r: r.stack_bytes)
+        lines += [f"Stack (register spills or local arrays, informational): {len(stacked)} of "
+                  f"{len(results)} compiles; largest {worst.stack_bytes} B per thread in "
+                  f"`{worst.spec.name}` on sm_{worst.target}.", ""]
     if errors:
         lines += ["## Module errors", ""] + [f"* {e}" for e in errors] + [""]
     lines += [
