@@ -332,7 +332,9 @@ def _prepare_filters(w):
         (c_out, kh, kw, c_in_g), dtype=w.dtype, device=w.device)
     sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
     block = min(1024, max(16, triton.next_power_of_2(kh * kw * c_in_g)))
-    args = (w, packed, sqnorm, c_in_g, *w.stride())
+    # never hand the kernel a view of w as an output pointer, even an unwritten one: a
+    # torch.compile mutation analysis must not see the op's input as written
+    args = (w, sqnorm if already_packed else packed, sqnorm, c_in_g, *w.stride())
     flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, BLOCK=block, num_warps=4)
     _launch(_pack_filters_kernel, (c_out,), args, flags, w.is_cuda)
     return packed, sqnorm
@@ -443,10 +445,32 @@ def _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
 
 def _launch(kernel, grid, args, kwargs, on_cuda):
     if on_cuda:
-        # visible to torch.compile / Inductor when the op is registered as a triton_op
-        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-    else:
+        # the tensors' device, not the current one; wrap_triton makes the launch visible to
+        # torch.compile / Inductor when the op is registered as a triton_op
+        with torch.cuda.device(args[0].device):
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    elif not _is_fake(args[0]):
         kernel[grid](*args, **kwargs)
+    elif _is_graph_tracing():
+        # CPU under TRITON_INTERPRET=1: wrap_triton does not wrap interpreter functions, so a
+        # traced graph would hold the allocations but not the kernel: refuse, never run wrong
+        raise NotImplementedError(
+            "the Triton interpreter (CPU) path of sphere_conv2d_fwd cannot be traced into a "
+            "graph (torch.compile / make_fx); use the reference backend on CPU")
+    # else: fake-tensor propagation only (shape/dtype inference): outputs are already allocated
+
+
+def _is_fake(t):
+    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _is_graph_tracing():
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # pragma: no cover - older/newer torch without the helper
+        return True
+    return get_proxy_mode() is not None
 
 
 def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator, eps):

@@ -408,6 +408,28 @@ def test_forward_empty_batch(groups):
     assert y.dtype == c.dtype == torch.float32 and r_x.dtype == torch.float32
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU interpreter path; on CUDA wrap_triton traces")
+def test_forward_fake_tensors_propagate_metadata_only():
+    """Fake tensors (shape inference, opcheck's fake-tensor test) get correctly shaped outputs
+    without a kernel launch; graph tracing of the interpreter path is refused, not run wrong."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    inp = make_conv_inputs(n=2, c_in=8, h=6, w=6, c_out=12, groups=4, stride=2,
+                           operator="sigmoid", channels_last=True)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = [mode.from_tensor(t) for t in (inp.x, inp.w, inp.bias, inp.k)]
+        y, c, r_x = F.sphere_conv2d_fwd(*fake, inp.stride, inp.padding, inp.dilation,
+                                        inp.groups, "sigmoid", EPS)
+    assert y.shape == c.shape == (2, 12, 3, 3) and r_x.shape == (2, 4, 3, 3)
+    assert y.is_contiguous(memory_format=torch.channels_last) and r_x.dtype == torch.float32
+
+    def traced(x, w, b, k):
+        return F.sphere_conv2d_fwd(x, w, b, k, inp.stride, inp.padding, inp.dilation,
+                                   inp.groups, "sigmoid", EPS)[0]
+    with pytest.raises(NotImplementedError, match="cannot be traced"):
+        make_fx(traced, tracing_mode="fake")(inp.x, inp.w, inp.bias, inp.k)
+
+
 def _good_args():
     inp = make_conv_inputs(n=1, c_in=4, h=5, w=5, c_out=8, operator="sigmoid", device=DEVICE)
     return dict(x=inp.x, w=inp.w, bias=inp.bias, k=inp.k, stride=(1, 1), padding=(1, 1),
