@@ -67,6 +67,12 @@ def _fmt(v, digits=2, suffix="") -> str:
     return f"{v:.{digits}f}{suffix}"
 
 
+def _t(rec: dict) -> float:
+    """The time a record is compared by: ``time_ms`` (the run's statistic: median on CUDA,
+    minimum on a shared CPU) or, for older files, the median."""
+    return rec.get("time_ms", rec.get("median_ms"))
+
+
 def _ms(v) -> str:
     if v is None:
         return "-"
@@ -199,7 +205,8 @@ def _meta_lines(results: dict) -> list:
         f"- TF32 flags at start: {m.get('tf32_flags_at_start')}",
         f"- suite: {'full' if c.get('full') else 'quick'}; budget "
         f"{c.get('budget_s') or 'none'} s; elapsed {c.get('elapsed_s')} s; "
-        f"{c.get('skipped_for_budget', 0)} measurements skipped for the budget"
+        f"{c.get('skipped_for_budget', 0)} measurements skipped for the budget; times compared "
+        f"by their {c.get('statistic', 'median')}"
         + ("; **run interrupted**" if c.get("interrupted") else ""),
     ]
     parts = [f"{k.replace('matmul_tflops_', '')} matmul {v:.3g} TFLOP/s" for k, v in ce.items()
@@ -224,13 +231,19 @@ def summary_markdown(results: dict) -> str:
         out += ["```"]
         for c in crit:
             if c.get("status") == "ok":
+                other = ("median" if c.get("statistic") == "min" else "min")
+                other_ratio = c.get(f"ratio_{other}")
                 out.append(f"  {c['operator']:9s}  SphereConv2d {c['sphere_ms']:8.1f} ms   "
                            f"nn.Conv2d {c['conv_ms']:8.1f} ms   ratio {c['ratio']:.2f}x   "
                            f"target <= {c['target']}x: {'PASS' if c['passes'] else 'FAIL'}   "
                            f"(long-run {c['long_run_target']}x: "
-                           f"{'met' if c['passes_long_run'] else 'not yet'})")
+                           f"{'met' if c['passes_long_run'] else 'not yet'})"
+                           + (f"   [{other} ratio {other_ratio:.2f}x]" if other_ratio else ""))
             else:
                 out.append(f"  {c['operator']:9s}  ERROR {c.get('error')}")
+        stat = next((c.get("statistic") for c in crit if c.get("statistic")), "median")
+        out.append(f"  ({stat} of {crit[0].get('rounds', '?')} interleaved fwd+bwd calls each; "
+                   "x is a leaf that needs its gradient, as in a hidden layer)")
         out += ["```", ""]
 
     goals = goal_rows(results)
@@ -283,7 +296,7 @@ def summary_markdown(results: dict) -> str:
             out += _table(["layer", "shape", "ratio to conv", "ms", "host ms to issue",
                            "TFLOP/s", "% of floor"],
                           [[r["shape"], r["label"], _fmt(r["ratio_to"]["conv2d"], 2, "x"),
-                            _ms(r.get("median_ms")), _ms(r.get("host_ms")),
+                            _ms(_t(r)), _ms(r.get("host_ms")),
                             _fmt(r.get("tflops"), 1), _fmt(r.get("pct_floor"), 0, "%")]
                            for r in recs[:5]])
             out += ["", "(host ms close to ms: the call is bound by Python/dispatch/launch "
@@ -296,7 +309,7 @@ def summary_markdown(results: dict) -> str:
         for r in e2e:
             rows.append([r.get("variant", "-"), r.get("model", "-"), r.get("batch", "-"),
                          r.get("precision", "-"), r.get("layout", "-"), r.get("status"),
-                         _ms(r.get("median_ms")), _fmt(r.get("time_ratio_to_plain"), 2, "x"),
+                         _ms(_t(r)), _fmt(r.get("time_ratio_to_plain"), 2, "x"),
                          _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("mem_ratio_to_plain"), 2, "x"),
                          ",".join(r.get("sphere_layer_dtype", [])) or "-",
                          r.get("error", r.get("reason", ""))])
@@ -371,7 +384,7 @@ def detail_markdown(results: dict) -> str:
                 row.append("")
             elif r.get("status") == "ok":
                 ratio = r.get("ratio_to", {}).get("conv2d" if kind == "conv" else "linear")
-                row.append(_ms(r["median_ms"]) + (f" ({ratio:.2f}x)" if ratio else ""))
+                row.append(_ms(_t(r)) + (f" ({ratio:.2f}x)" if ratio else ""))
             else:
                 row.append(r.get("status"))
         s = cells[key].get("sphereops")
@@ -444,9 +457,9 @@ def plot(results: dict, path) -> Path:
     ax = axes[1][1]
     names, fwd, bwd = [], [], []
     for prov in providers + [plain]:
-        f = sum(r["median_ms"] for r in recs if r["provider"] == prov and r["mode"] == "fwd"
+        f = sum(_t(r) for r in recs if r["provider"] == prov and r["mode"] == "fwd"
                 and r.get("status") == "ok")
-        b = sum(r["median_ms"] for r in recs if r["provider"] == prov and r["mode"] == "bwd"
+        b = sum(_t(r) for r in recs if r["provider"] == prov and r["mode"] == "bwd"
                 and r.get("status") == "ok")
         if f or b:
             names.append(TITLES.get(prov, prov))
@@ -489,16 +502,16 @@ def compare_markdown(new: dict, old: dict, top: int = 10) -> str:
         out += ["**Warning: different devices — the ratios compare cards, not code.**", ""]
     by = defaultdict(list)
     for key in common:
-        by[(key[5], key[6])].append(a[key]["median_ms"] / b[key]["median_ms"])
+        by[(key[5], key[6])].append(_t(a[key]) / _t(b[key]))
     rows = [[TITLES.get(p, p), m, _fmt(geomean(v), 3, "x"), len(v)]
             for (p, m), v in sorted(by.items())]
     out += _table(["provider", "mode", "geomean new/old", "rows"], rows) + [""]
-    changes = sorted(((a[k]["median_ms"] / b[k]["median_ms"], k) for k in common), reverse=True)
+    changes = sorted(((_t(a[k]) / _t(b[k]), k) for k in common), reverse=True)
     if changes:
         out += [f"Largest slow-downs (top {top}):", ""]
         out += _table(["ratio", "provider", "layer", "dtype", "layout", "op", "mode", "new ms", "old ms"],
                       [[_fmt(r, 3, "x"), k[5], k[1], k[2], k[3], k[4], k[6],
-                        _ms(a[k]["median_ms"]), _ms(b[k]["median_ms"])] for r, k in changes[:top]])
+                        _ms(_t(a[k])), _ms(_t(b[k]))] for r, k in changes[:top]])
         out += [""]
     e_new = {r.get("variant"): r for r in new.get("e2e", []) if r.get("status") == "ok"}
     e_old = {r.get("variant"): r for r in old.get("e2e", []) if r.get("status") == "ok"}
@@ -506,8 +519,8 @@ def compare_markdown(new: dict, old: dict, top: int = 10) -> str:
     if both:
         out += ["End-to-end step:", ""]
         out += _table(["variant", "new ms", "old ms", "new/old"],
-                      [[v, _ms(e_new[v]["median_ms"]), _ms(e_old[v]["median_ms"]),
-                        _fmt(e_new[v]["median_ms"] / e_old[v]["median_ms"], 3, "x")] for v in both])
+                      [[v, _ms(_t(e_new[v])), _ms(_t(e_old[v])),
+                        _fmt(_t(e_new[v]) / _t(e_old[v]), 3, "x")] for v in both])
         out += [""]
     return "\n".join(out)
 
