@@ -136,3 +136,48 @@ def test_unknown_layer(tmp_path, capsys):
     assert profile.main(["--device", "cpu", "--layer", "no.such.layer", "--out",
                          str(tmp_path)]) == 2
     assert "--layer: unknown layer 'no.such.layer'" in capsys.readouterr().err
+
+
+def test_gpu_table_from_synthetic_kernels(tmp_path):
+    """The GPU formatting path (no GPU here): per-kernel TFLOP/s only where a family has a
+    single kernel, family TFLOP/s = FLOPs / summed kernel time, shares of the wall time."""
+    workload = profile.Workload("synthetic", "synthetic step", torch.nn.Identity(), lambda: None,
+                                lambda *a: None)
+    us = 1e3  # 1 ms
+    rows = [profile.Row("_sphere_conv_fwd_kernel", 4, 2 * us, "sphere.fwd"),
+            profile.Row("_dgrad_kernel", 4, 3 * us, "sphere.dgrad"),
+            profile.Row("sm90_xmma_wgrad_a", 2, 1 * us, "conv.wgrad"),
+            profile.Row("sm90_xmma_wgrad_b", 2, 1 * us, "conv.wgrad"),
+            profile.Row("void at::native::elementwise_kernel", 8, 0.5 * us, None)]
+    flops = {"sphere.fwd": int(4e12), "sphere.dgrad": int(3e12), "conv.wgrad": int(1e12)}
+    family_us = {"sphere.fwd": 2 * us, "sphere.dgrad": 3 * us, "conv.wgrad": 2 * us}
+    result = profile.ProfileResult(workload, rows, step_us=5 * us, steps=2, flops=flops,
+                                   family_us=family_us, trace=tmp_path / "t.json")
+    lines = profile.format_result(result, top=10, on_gpu=True).splitlines()
+
+    def cells(prefix):
+        row = next(line for line in lines if line.startswith(prefix))
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    # 4e12 FLOP/step x 2 steps in 2 ms = 4000 TFLOP/s (synthetic numbers)
+    assert cells("| `_sphere_conv_fwd_kernel`") == ["`_sphere_conv_fwd_kernel`", "4", "2.000",
+                                                    "500.0", "20.0", "4000.00"]
+    assert cells("| `_dgrad_kernel`")[-1] == "2000.00"
+    assert cells("| `sm90_xmma_wgrad_a`")[-1] == "-"  # two kernels share the family
+    assert cells("| conv.wgrad |") == ["conv.wgrad", "1000", "2.000", "20.0", "1e+03"]
+    assert cells("| `void at::native::elementwise_kernel`")[-1] == "-"
+
+
+def test_device_event_filters():
+    class Kind:
+        def __init__(self, name):
+            self.name = name
+
+    class Event:
+        def __init__(self, kind, time):
+            self.device_type, self.self_device_time_total = Kind(kind), time
+
+    assert profile._is_device_kernel(Event("CUDA", 12.5))
+    assert not profile._is_device_kernel(Event("CPU", 12.5))
+    assert not profile._is_device_kernel(Event("CUDA", 0.0))
+    assert profile._device_time(Event("CUDA", 7.0)) == 7.0
