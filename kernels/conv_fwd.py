@@ -58,6 +58,8 @@ def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
     o_glob: [BN] global output-channel index; mask_n: [BN] channel mask.
     out_offs: [BM, BN] int64 element offsets into y and c (same strides); out_mask: [BM, BN].
     bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
+    y_ptr, c_ptr: the [N, C_out, Ho, Wo] outputs (x's dtype) addressed through out_offs.
+    Constexprs: OPERATOR 0 linear / 1 cosine / 2 sigmoid; HAS_BIAS adds the bias after g.
     """
     c = clamp_cos(acc / denom)
     # c is stored before g is formed so that it can die element by element inside g: keeping
@@ -375,7 +377,7 @@ _sphere_conv_fwd_autotuned = triton.autotune(
 )(_sphere_conv_fwd_kernel)
 
 _sphere_conv_dw_fwd_autotuned = triton.autotune(
-    configs=_dw_cfgs, key=["n_pixels", "channels"],
+    configs=_dw_cfgs, key=["n_pixels", "channels", "KH", "KW", "stride_xc"],
 )(_sphere_conv_dw_fwd_kernel)
 
 
