@@ -154,6 +154,11 @@ def _validate_spec(module_name, index, spec):
     untyped = [a for a in arg_names if a not in spec["signature"] and a not in spec["constexprs"]]
     if untyped:
         raise AotSpecError(f"{where}: {spec['name']!r}: no type or constexpr value for {untyped}")
+    valueless = [a for a, ty in spec["signature"].items()
+                 if ty == "constexpr" and a not in spec["constexprs"]]
+    if valueless:
+        raise AotSpecError(f"{where}: {spec['name']!r}: constexpr arguments without a value in "
+                           f"'constexprs': {valueless}")
     examples = spec.get("example_args", {})
     if not isinstance(examples, dict):
         raise AotSpecError(f"{where}: 'example_args' must be a dict of int arguments")

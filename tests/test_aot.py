@@ -141,13 +141,36 @@ def aot_specs():
     return [spec]
 '''
 
+_VALUELESS_MODULE = '''
+from aot_fixture_gemm import gemm_spec
+
+
+def aot_specs():
+    spec = gemm_spec("fixture_valueless", "*fp16", "fp16", 64, 64, 32, 4, 3)
+    spec["signature"]["BLOCK_K"] = "constexpr"
+    del spec["constexprs"]["BLOCK_K"]
+    return [spec]
+'''
+
+_NOT_JIT_MODULE = '''
+def plain_python(x_ptr):
+    return x_ptr
+
+
+def aot_specs():
+    return [{"name": "fixture_not_jit", "fn": plain_python, "signature": {"x_ptr": "*fp32"},
+             "constexprs": {}, "num_warps": 4, "num_stages": 1, "dtype": "fp32", "gemm": False}]
+'''
+
 
 @pytest.fixture(scope="module")
 def fixture_modules(tmp_path_factory):
     root = tmp_path_factory.mktemp("aot_modules")
     for name, text in {"aot_fixture_gemm": _GEMM_MODULE, "aot_fixture_bad": _BAD_MODULE,
                        "aot_fixture_raises": _RAISING_MODULE,
-                       "aot_fixture_malformed": _MALFORMED_MODULE}.items():
+                       "aot_fixture_malformed": _MALFORMED_MODULE,
+                       "aot_fixture_valueless": _VALUELESS_MODULE,
+                       "aot_fixture_not_jit": _NOT_JIT_MODULE}.items():
         (root / f"{name}.py").write_text(textwrap.dedent(text))
     return root
 
@@ -208,7 +231,8 @@ def test_fixture_gemm_passes_with_tensor_cores(fixture_modules, tmp_path):
 def test_check_fails_on_each_rule(fixture_modules, tmp_path):
     out = tmp_path / "table.md"
     proc = _run_aot("--modules", "aot_fixture_gemm", "aot_fixture_bad", "aot_fixture_raises",
-                    "aot_fixture_malformed", "--jobs", "1", "--out", str(out),
+                    "aot_fixture_malformed", "aot_fixture_valueless", "aot_fixture_not_jit",
+                    "--jobs", "1", "--out", str(out),
                     extra_path=fixture_modules)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     text = out.read_text()
@@ -225,6 +249,9 @@ def test_check_fails_on_each_rule(fixture_modules, tmp_path):
         assert broken.startswith("FAIL: compile error"), broken
     assert "aot_fixture_raises.aot_specs() raised RuntimeError: config table out of date" in text
     assert "aot_fixture_malformed.aot_specs()[0]: missing keys ['gemm']" in text
+    assert ("aot_fixture_valueless.aot_specs()[0]: 'fixture_valueless': constexpr arguments "
+            "without a value in 'constexprs': ['BLOCK_K']") in text
+    assert "aot_fixture_not_jit.aot_specs()[0]: 'fn' must be a @triton.jit function" in text
     assert "MODULE ERROR" in proc.stdout
 
 
