@@ -107,8 +107,11 @@ def official_unfused_conv2d(x, w, bias, k, stride, padding, dilation, groups, op
 
     The patch norm is a convolution of ``x^2`` with an all-ones ``[G, C_in/G, kh, kw]`` kernel
     (one output channel per group); the filter norm a reduction over each filter; then the
-    cosine, its clamp, ``arccos`` and g, all in the input dtype (no fp32 upcast, no bounded
-    arccos derivative: this is the baseline, not the specification).
+    cosine, its clamp, ``arccos`` and g (no bounded arccos derivative: this is the baseline, not
+    the specification).  The convolutions and the cosine run in the input dtype; for fp16/bf16
+    the chain after the cosine runs in fp32 and y is cast back, as autocast would run
+    ``acos``/``exp`` -- in bf16 the learnable-k gradient (a sum of many cancelling terms) is off
+    by ~20 % and would fail the spot check.
     """
     kh, kw = w.shape[2], w.shape[3]
     c_in = x.shape[1]
@@ -122,12 +125,15 @@ def official_unfused_conv2d(x, w, bias, k, stride, padding, dilation, groups, op
     x_norm = x_norm.repeat_interleave(per_group, dim=1) if groups > 1 else x_norm
     cos = dot / x_norm / w_norm.reshape(1, -1, 1, 1)
     cos = torch.clamp(cos, -1.0, 1.0)
+    out_dtype = cos.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        cos = cos.float()
     if operator == "cosine":
         y = cos
     elif operator == "linear":
         y = 1.0 - (2.0 / math.pi) * torch.acos(cos)
     elif operator == "sigmoid":
-        kk = k.reshape(1, -1, 1, 1)
+        kk = k.reshape(1, -1, 1, 1).to(cos.dtype)
         # The paper's form: (1+e^{-pi/2k})/(1-e^{-pi/2k}) * (1-e^{theta/k-pi/2k})/(1+e^{theta/k-pi/2k})
         edge = torch.exp(-math.pi / (2.0 * kk))
         scale = (1.0 + edge) / (1.0 - edge)
@@ -137,7 +143,7 @@ def official_unfused_conv2d(x, w, bias, k, stride, padding, dilation, groups, op
         raise ValueError(f"operator must be one of {R.OPERATORS}, got {operator!r}")
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
-    return y
+    return y.to(out_dtype)
 
 
 def official_unfused_linear(x, w, bias, k, operator, eps):
@@ -146,6 +152,10 @@ def official_unfused_linear(x, w, bias, k, operator, eps):
     x_norm = torch.sqrt((x * x).sum(dim=1, keepdim=True) + eps)
     w_norm = torch.sqrt((w * w).sum(dim=1) + eps)
     cos = torch.clamp(dot / x_norm / w_norm, -1.0, 1.0)
+    out_dtype = cos.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        cos = cos.float()
+        k = k.float() if k is not None else None
     if operator == "cosine":
         y = cos
     elif operator == "linear":
@@ -158,7 +168,7 @@ def official_unfused_linear(x, w, bias, k, operator, eps):
         raise ValueError(f"operator must be one of {R.OPERATORS}, got {operator!r}")
     if bias is not None:
         y = y + bias
-    return y
+    return y.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
