@@ -388,3 +388,28 @@ def test_gpu_plan_puts_the_headline_first_and_covers_every_config():
     full = RN.plan(RN.RunConfig(device=torch.device("cuda"), full=True))
     assert {j.shape.name for j in full if isinstance(j, RN.ConvJob)} == {s.name for s in S.FULL}
     assert "criterion" not in jobs and RN.plan(_tiny_cfg(configs=None, criterion=True))[0] == "criterion"
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("operator", ["linear", "learnable"])
+@pytest.mark.parametrize("provider", ["unfused_official", "sphereops", "conv2d"])
+def test_low_precision_providers_pass_the_spot_check(provider, operator, dtype_name):
+    """The spot-check bounds let every honest low-precision provider through (a baseline that
+    fails them on the GPU would silently lose its rows)."""
+    if provider == "conv2d" and operator != "linear":
+        pytest.skip("the plain conv has no operator: tested once")
+    shape = S.TINY[1]
+    dtype, _ = RN.DTYPES[dtype_name]
+    spec = P.RowSpec(shape=shape, dtype=dtype, device=CPU, operator=operator, channels_last=True)
+    inputs = RN.build_conv_inputs(shape, dtype, True, operator, CPU, copies=1)
+    if provider == "conv2d":
+        inputs = inputs.without_k()
+    ref = RN.conv_reference(inputs, spec, P.provider_computes_sphere(provider))
+    ok, errors = RN.spot_check(P.make_conv(provider, spec), inputs, ref, dtype_name)
+    assert ok, errors
+    # ... and the bound is not vacuous: the same provider's result with the bias dropped fails.
+    x, w, b, k = inputs.sets[0]
+    fn = P.make_conv(provider, spec)
+    ok_wrong, _ = RN.spot_check(lambda x_, w_, b_, k_: fn(x_, w_, None, k_) + 0 * b_.sum(),
+                                inputs, ref, dtype_name)
+    assert not ok_wrong
