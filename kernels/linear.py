@@ -43,10 +43,6 @@ import triton.language as tl
 
 from .angular import OPERATOR_CODES, dg_dc, dg_dk, g_of_c
 
-# Kept equal to sphereops.reference.ARCCOS_DELTA (a test holds them equal); not imported from
-# there because kernels/ must not depend on the PyTorch package above it.
-ARCCOS_DELTA = 1e-6
-
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -375,6 +371,13 @@ def _launch(kernel, grid, *args, **kwargs):
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def _arccos_delta() -> float:
+    """The arccos-derivative bound, read from its single source (imported lazily: the launchers
+    are only reached through sphereops, and importing this module must stay light)."""
+    from sphereops.reference import ARCCOS_DELTA
+    return float(ARCCOS_DELTA)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -517,7 +520,7 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
         _launch(_sphere_linear_bwd_grad_c_kernel, (num_m_tiles, num_n_tiles),
                 dy, c, k_arg, grad_c, row_part, col_part,
                 m, n, dy.stride(0), dy.stride(1), c.stride(0), c.stride(1),
-                OPERATOR=code, DELTA=ARCCOS_DELTA,
+                OPERATOR=code, DELTA=_arccos_delta(),
                 NEED_GRAD_C=need_grad_c, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"],
                 num_warps=ew["num_warps"], num_stages=ew["num_stages"])
@@ -644,7 +647,7 @@ def aot_specs() -> list:
                        "OPERATOR": "constexpr", "DELTA": "constexpr", "NEED_GRAD_C": "constexpr",
                        "NEED_DB": "constexpr", "NEED_DK": "constexpr",
                        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=ARCCOS_DELTA,
+            constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=_arccos_delta(),
                             NEED_GRAD_C=True, NEED_DB=True, NEED_DK=True,
                             BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"]),
             example_args=dict(M=_EX_M, N=_EX_N, stride_dym=_EX_N, stride_dyn=1, stride_cm=_EX_N,
