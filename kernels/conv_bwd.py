@@ -8,7 +8,7 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes (one launch each, in this order):
+Kernels and passes (in this order; 6-7 launches):
 
 1. ``_filter_norm_kernel``: r_w [C_out] fp32 and the unit filters ``w_hat = w / r_w`` (input
    dtype, laid out [KH, KW, C_out, C_in/G] so dgrad reads contiguous rows).
@@ -21,7 +21,8 @@ Kernels and passes (one launch each, in this order):
    (~sqrt(fan_in) * |w|) times larger. Computing the partial sums here rather than inside the
    GEMM operand loads keeps the GEMM main loops pure loads + tl.dot (G needs an arccos for the
    sigmoid operator, which would be recomputed KH*KW times in dgrad).
-3. ``_reduce_partials_kernel``: sums the partials of step 2 in a fixed order -> S (fp32), db, dk.
+3. ``_reduce_partials_kernel``: sums the partials of step 2 in a fixed order -> S (fp32), db, dk
+   (two levels, i.e. two launches, once there are more than 512 partial rows).
 4. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
@@ -39,7 +40,14 @@ stays O(dy): the dgrad term and x * boxsum(A) cancel, so there the 16-bit error 
 2u * dgrad(|Hn|, |w_hat|) rather than by the output rounding (tests/test_conv_bwd_kernel.py
 checks exactly that bound); fp32 is unaffected.
 Under the interpreter (``TRITON_INTERPRET=1``) 16-bit ``tl.dot`` operands are upcast to fp32
-(the interpreter's 16-bit dot is wrong); the GPU build is unchanged (constexpr ``UPCAST_DOT``).
+(the interpreter's 16-bit dot is wrong) and fp32 -> bf16 stores are rounded to nearest-even by
+hand (the interpreter's cast is not); the GPU build is unchanged (constexprs ``UPCAST_DOT``,
+``EMULATE_RTNE``).
+
+Known limits: grouped convolutions with few channels per group (depthwise) run through the same
+GEMM kernels with 16-wide padded tiles: correct, but far from memory speed (no dedicated
+depthwise path yet). Eager launches cost host time per kernel (6-7 launches per call); under
+CUDA graphs / torch.compile that disappears.
 """
 from __future__ import annotations
 
