@@ -29,8 +29,8 @@ Dtypes: float32 (tf32 tensor cores iff ``torch.backends.cuda.matmul.allow_tf32``
 fp32), float16, bfloat16. Accumulation and the epilogue are fp32; outputs in the input dtype,
 ``r_x`` in fp32. float64 is the reference backend's job (TypeError here).
 
-Launch: always ``torch.library.wrap_triton(kernel)[grid](...)`` (CUDA and the interpreter alike), so
-``torch.compile`` traces the launchers inside a ``triton_op`` and fake tensors never reach a kernel.
+Launch: ``torch.library.wrap_triton(kernel)[grid](...)`` on CUDA, so ``torch.compile`` traces the
+launchers inside a ``triton_op``; a plain launch under ``TRITON_INTERPRET=1`` (see ``_launch``).
 """
 from __future__ import annotations
 
@@ -366,9 +366,38 @@ def _interpreting() -> bool:
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """Launch through ``torch.library.wrap_triton`` (traceable by torch.compile inside a
-    ``triton_op``; under the interpreter it simply runs the kernel)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    """Launch one kernel; ``args[0]`` is a tensor on the launch device.
+
+    CUDA: under the tensors' device guard, through ``torch.library.wrap_triton`` so that the
+    launch is visible to torch.compile / Inductor inside a ``triton_op`` (fake tensors skip it).
+    CPU (``TRITON_INTERPRET=1``): a plain launch; fake tensors (shape inference) skip it, and a
+    graph trace is refused, because the traced graph would hold the allocations but not the
+    kernel. The same rules as ``conv_fwd._launch``.
+    """
+    first = args[0]
+    if first.is_cuda:
+        with torch.cuda.device(first.device):
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    elif not _is_fake(first):
+        kernel[grid](*args, **kwargs)
+    elif _is_graph_tracing():
+        raise NotImplementedError(
+            "the Triton interpreter (CPU) path of the SphereLinear kernels cannot be traced into "
+            "a graph (torch.compile / make_fx); use the reference backend on CPU")
+    # else: fake-tensor propagation only: the outputs are already allocated
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _is_graph_tracing() -> bool:
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # pragma: no cover - a torch without the helper: refuse to be safe
+        return True
+    return get_proxy_mode() is not None
 
 
 def _arccos_delta() -> float:
