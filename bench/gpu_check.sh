@@ -6,10 +6,12 @@
 # Wall-time plan (H100/H200, total under ~6 minutes):
 #   install ~20 s | gpu tests <= GPU_TESTS_TIMEOUT (120 s) | benchmark: what is left of
 #   TOTAL_BUDGET_S minus a profiler reserve, enforced inside the benchmark (it stops starting
-#   new measurements and says so) and by a hard timeout | profiler <= PROFILE_TIMEOUT (45 s).
+#   new measurements and says so) and by a hard timeout | profiler <= PROFILE_TIMEOUT (60 s).
 #
 # Files written (flat, at most 8, so they all come back from a lent machine):
-#   <date>_<device>_<commit>.{json,md,png}, gpu_check.log, gpu_tests.log, profile.txt, env.txt
+#   <date>_<device>_<commit>.{json,md,png}, gpu_check.log (environment, install, summary),
+#   gpu_tests.log, profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
+#   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large)
 set -u
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -18,7 +20,8 @@ OUT_DIR="${OUT:-$REPO/bench/results}"
 mkdir -p "$OUT_DIR"
 TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-335}"
 GPU_TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-120}"
-PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-45}"
+PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
+PROFILE_DIR="${PROFILE_DIR:-/tmp/sphereops_profile}"
 START=$(date +%s)
 LOG="$OUT_DIR/gpu_check.log"
 : > "$LOG"
@@ -50,9 +53,11 @@ try:
 except Exception as exc:
     print("triton import failed:", exc)
 EOF
-} > "$OUT_DIR/env.txt" 2>&1
-say "environment written to env.txt"
-cat "$OUT_DIR/env.txt" | grep -E "^(torch|triton|device|cuda available)" | tee -a "$LOG"
+} > "$OUT_DIR/env.txt.tmp" 2>&1
+grep -E "^(commit|torch|triton|device|cuda available)" "$OUT_DIR/env.txt.tmp"
+cat "$OUT_DIR/env.txt.tmp" >> "$LOG"
+rm -f "$OUT_DIR/env.txt.tmp"
+say "environment written to gpu_check.log"
 
 # --- offline install ---------------------------------------------------------------------
 say "pip install --no-build-isolation --no-deps -e ."
@@ -95,10 +100,14 @@ rm -f "$OUT_DIR/bench_stdout.txt"
 
 # --- profiler ----------------------------------------------------------------------------
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('sphereops.profile') else 1)" 2>/dev/null; then
-  say "python -m sphereops.profile (timeout ${PROFILE_TIMEOUT}s)"
-  (cd "$OUT_DIR" && timeout -s INT -k 5 "$PROFILE_TIMEOUT" "$PY" -m sphereops.profile) \
-      > "$OUT_DIR/profile.txt" 2>&1
-  say "profile exit code $? (profile.txt)"
+  # Same precision/layout/operator as the benchmark's training step, so the Triton kernels it
+  # needs are already in triton's on-disk cache (a fresh tf32 compile did not fit 45 s).
+  say "python -m sphereops.profile --precision bf16 --channels-last --operator linear (timeout ${PROFILE_TIMEOUT}s)"
+  mkdir -p "$PROFILE_DIR"
+  timeout -s INT -k 5 "$PROFILE_TIMEOUT" "$PY" -m sphereops.profile --precision bf16 \
+      --channels-last --operator linear --out "$PROFILE_DIR" > "$OUT_DIR/profile.txt" 2>&1
+  say "profile exit code $? (profile.txt; traces in $PROFILE_DIR)"
+  [ -f "$PROFILE_DIR/profile.md" ] && cp "$PROFILE_DIR/profile.md" "$OUT_DIR/profile.md"
   if [ -n "${OUT:-}" ]; then
     # On a lent machine files over 16 MB do not come back: say so instead of failing silently.
     find "$OUT_DIR" -mindepth 1 -size +15M -print 2>/dev/null | sed 's/^/too large to return: /' | tee -a "$LOG"
@@ -110,6 +119,7 @@ fi
 say "done in $(elapsed)s; files in $OUT_DIR:"
 ls -la "$OUT_DIR" | tee -a "$LOG"
 # Print the benchmark summary last so it ends up in the visible tail.
-md=$(ls -t "$OUT_DIR"/*.md 2>/dev/null | head -1)
-[ -n "$md" ] && sed -n '1,80p' "$md"
+json=$(ls -t "$OUT_DIR"/*_*_*.json 2>/dev/null | head -1)
+md="${json%.json}.md"
+[ -n "$json" ] && [ -f "$md" ] && sed -n '1,80p' "$md"
 exit 0
