@@ -49,9 +49,21 @@ _CHANNEL_CHUNK_MIN = 16
 
 
 @triton.jit
+def _round_bf16_rtne(v):
+    """fp32 -> fp32 holding the bf16 value nearest to v (ties to even), so that the truncating
+    fp32->bf16 cast of the CPU interpreter rounds like the GPU's cvt.rn.  NaN stays NaN (adding
+    the rounding bias could carry a NaN's low payload into an Inf pattern)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded)
+
+
+@triton.jit
 def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
                        bias_ptr, k_ptr, y_ptr, c_ptr,
-                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr):
+                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       EMULATE_RTNE: tl.constexpr):
     """Epilogue shared by both kernels: c = clamp(acc / denom), y = g(c) + b, store y and c.
 
     acc: [BM, BN] fp32 dot products; denom: r_x * r_w broadcastable to acc (fp32).
@@ -59,12 +71,17 @@ def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
     out_offs: [BM, BN] int64 element offsets into y and c (same strides); out_mask: [BM, BN].
     bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
     y_ptr, c_ptr: the [N, C_out, Ho, Wo] outputs (x's dtype) addressed through out_offs.
-    Constexprs: OPERATOR 0 linear / 1 cosine / 2 sigmoid; HAS_BIAS adds the bias after g.
+    Constexprs: OPERATOR 0 linear / 1 cosine / 2 sigmoid; HAS_BIAS adds the bias after g;
+      EMULATE_RTNE rounds to bf16 by hand before the store (CPU interpreter with bf16 outputs
+      only: its cast truncates; never set for GPU compiles, where the cast rounds to nearest).
     """
     c = clamp_cos(acc / denom)
     # c is stored before g is formed so that it can die element by element inside g: keeping
     # both full tiles live at once pushes a 128x128 tile past 255 registers
-    tl.store(c_ptr + out_offs, c.to(c_ptr.dtype.element_ty), mask=out_mask)
+    if EMULATE_RTNE:
+        tl.store(c_ptr + out_offs, _round_bf16_rtne(c).to(c_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(c_ptr + out_offs, c.to(c_ptr.dtype.element_ty), mask=out_mask)
     if OPERATOR == 2:
         k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
         g = g_of_c(c, k[None, :], OPERATOR)
@@ -73,6 +90,8 @@ def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
     if HAS_BIAS:
         b = tl.load(bias_ptr + o_glob, mask=mask_n, other=0.0).to(tl.float32)
         g = g + b[None, :]
+    if EMULATE_RTNE:
+        g = _round_bf16_rtne(g)
     tl.store(y_ptr + out_offs, g.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -87,7 +106,7 @@ def _sphere_conv_fwd_kernel(
     eps,
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
@@ -114,6 +133,8 @@ def _sphere_conv_fwd_kernel(
       DOT_PRECISION   tl.dot input_precision, "tf32" or "ieee" (matters for fp32 only).
       UPCAST_DOT      upcast dot operands to fp32 (bf16 under the CPU interpreter only, whose
                       bf16 dot is wrong; never set for GPU compiles).
+      EMULATE_RTNE    round bf16 outputs to nearest by hand (CPU interpreter only, whose cast
+                      truncates; never set for GPU compiles).
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     pid = tl.program_id(0)
@@ -210,7 +231,7 @@ def _sphere_conv_fwd_kernel(
     out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
     out_mask = mask_m[:, None] & mask_n[None, :]
     _store_sphere_tile(acc, r_x[:, None] * r_w[None, :], o_glob, mask_n, out_offs, out_mask,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS)
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
 
     if pid_n == 0:
         # r_x is the same for every N tile of this M tile: one writer
@@ -228,7 +249,7 @@ def _sphere_conv_dw_fwd_kernel(
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     eps,
     KH: tl.constexpr, KW: tl.constexpr,
-    OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Depthwise SphereConv2d forward (G = C_in = C_out); program = (M tile, channel tile).
@@ -242,7 +263,8 @@ def _sphere_conv_dw_fwd_kernel(
       rx_ptr     [N, C, Ho, Wo] fp32 contiguous (r_x has one value per (pixel, group)).
     Scalars: n_pixels = N*Ho*Wo (< 2^31), C, H, W, Ho, Wo, conv stride/padding/dilation, eps.
     Constexprs: KH, KW filter size (taps unrolled); OPERATOR 0 linear / 1 cosine / 2 sigmoid;
-      HAS_BIAS; BLOCK_M pixels and BLOCK_C channels per program.
+      HAS_BIAS; EMULATE_RTNE (CPU interpreter + bf16 only: round outputs to nearest by hand);
+      BLOCK_M pixels and BLOCK_C channels per program.
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -281,7 +303,7 @@ def _sphere_conv_dw_fwd_kernel(
     out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
     out_mask = mask_m[:, None] & mask_c[None, :]
     _store_sphere_tile(acc, r_x * r_w[None, :], offs_c, mask_c, out_offs, out_mask,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS)
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
     rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
         + pix.to(tl.int64)[:, None]
     tl.store(rx_ptr + rx_offs, r_x, mask=out_mask)
@@ -524,7 +546,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         sh, sw, ph, pw, dh, dw,
         float(eps),
     )
-    flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None)
+    flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None,
+                 EMULATE_RTNE=_INTERPRET and x.dtype == torch.bfloat16)
 
     if c_in_g == 1 and c_out_g == 1 and not force_gemm:
         kernel = _sphere_conv_dw_fwd_autotuned
@@ -633,7 +656,7 @@ def aot_specs():
             for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
-                                  UPCAST_DOT=False, **cfg.kwargs)
+                                  UPCAST_DOT=False, EMULATE_RTNE=False, **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -644,7 +667,8 @@ def aot_specs():
         for dtype_name in ("fp16", "bf16", "fp32"):
             name = (f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}"
                     f"_{dtype_name}")
-            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, **cfg.kwargs)
+            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, EMULATE_RTNE=False,
+                              **cfg.kwargs)
             specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
                                _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):

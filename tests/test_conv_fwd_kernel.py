@@ -29,11 +29,12 @@ EPS = R.DEFAULT_EPS
 # (dtype, rtol, atol).  fp32: the kernel accumulates the same products in fp32 as the float64
 # reference does exactly, so the error is a few ulps of c amplified by at most |g'| ~ 3.
 # fp16/bf16: the adaptive bound (2x the error of the same-dtype reference, which is the output
-# rounding) plus atol, one output ulp near |y| ~ 1.
+# rounding) plus atol, one output ulp just below |y| = 1 (bf16 outputs are rounded to nearest
+# like the GPU's cast also under the interpreter, whose own cast truncates: EMULATE_RTNE).
 DTYPE_TOLS = [
     pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
     pytest.param(torch.float16, 0.0, 1e-3, id="fp16"),
-    pytest.param(torch.bfloat16, 0.0, 8e-3, id="bf16"),
+    pytest.param(torch.bfloat16, 0.0, 4e-3, id="bf16"),
 ]
 # r_x is accumulated in fp32 from exactly representable inputs whatever the input dtype.
 RX_RTOL, RX_ATOL = 1e-5, 1e-6
