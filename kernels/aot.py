@@ -176,8 +176,8 @@ def _describe(module_name, index, spec):
     tile, switches = [], []
     for key, value in spec["constexprs"].items():
         # Tile sizes and launch-shape constants go in "config"; behaviour switches apart.
-        is_tile = isinstance(value, int) and not isinstance(value, bool) and (
-            "BLOCK" in key.upper() or "GROUP" in key.upper() or "SPLIT" in key.upper())
+        is_tile = isinstance(value, int) and not isinstance(value, bool) and bool(
+            re.match(r"(BLOCK|GROUP_|SPLIT)", key.upper()))
         (tile if is_tile else switches).append(f"{key}={value}")
     tile.append(f"w{spec['num_warps']} s{spec['num_stages']}")
     return SpecInfo(module=module_name, index=index, name=spec["name"], kernel=spec["fn"].__name__,
