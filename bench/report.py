@@ -40,6 +40,7 @@ def titles_for(results: dict) -> dict:
     titles = dict(TITLES)
     if results.get("meta", {}).get("device_type") not in (None, "cuda"):
         titles["sphereops"] = "sphereops (CPU path = reference)"
+        titles["conv2d"] = "F.conv2d (CPU)"
     return titles
 
 
@@ -207,6 +208,8 @@ def _meta_lines(results: dict) -> list:
         f"{c.get('budget_s') or 'none'} s; elapsed {c.get('elapsed_s')} s; "
         f"{c.get('skipped_for_budget', 0)} measurements skipped for the budget; times compared "
         f"by their {c.get('statistic', 'median')}"
+        + (f"; load average {m.get('loadavg_at_start')} at start, {m.get('loadavg_at_end')} at end "
+           f"on {m.get('cpu_count')} CPUs" if m.get("loadavg_at_start") else "")
         + ("; **run interrupted**" if c.get("interrupted") else ""),
     ]
     parts = [f"{k.replace('matmul_tflops_', '')} matmul {v:.3g} TFLOP/s" for k, v in ce.items()

@@ -152,6 +152,9 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        # Other processes' load makes CPU timings noisy: keep it next to the numbers.
+        "loadavg_at_start": _loadavg(),
         "device_type": device.type,
         "tf32_flags_at_start": T.tf32_flags(),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
@@ -175,6 +178,13 @@ def environment(device: torch.device) -> dict:
         env["device_name"] = _cpu_name()
         env["driver"] = None
     return env
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _cpu_name() -> str:
@@ -602,6 +612,8 @@ class Runner:
 
     def results(self) -> dict:
         compute_ratios(self.records)
+        if self.env:
+            self.env["loadavg_at_end"] = _loadavg()
         return {
             "schema": SCHEMA_VERSION,
             "meta": self.env,
