@@ -224,7 +224,7 @@ CONV_CASES = {
     # groups in the channel-chunk loop: C_in/G = 16
     "grouped_chunks": dict(n=1, c_in=32, h=5, w=5, c_out=8, kernel=3, padding=1, groups=2),
     # depthwise: the dedicated kernel
-    "depthwise": dict(n=2, c_in=20, h=6, w=7, c_out=20, kernel=3, padding=1, groups=20),
+    "depthwise": dict(n=2, c_in=12, h=6, w=7, c_out=12, kernel=3, padding=1, groups=12),
     # depthwise with a channel multiplier: implicit GEMM with C_in/G = 1, C_out/G = 2
     "depthwise_mult": dict(n=1, c_in=6, h=6, w=6, c_out=12, kernel=3, stride=2, padding=1,
                            groups=6),
