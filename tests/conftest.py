@@ -25,8 +25,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """A different seed each run (fresh random inputs), printed on failure for reproduction."""
+def _fresh_seed(request):
+    """A different seed each run (fresh random inputs), shown in a failing test's report so the
+    failure can be reproduced with ``torch.manual_seed``."""
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    request.node.add_report_section("setup", "seed", f"torch.manual_seed({seed})")
     yield seed
