@@ -42,7 +42,6 @@ from .configs import (
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # Channel counts per group at or above which the channel-chunk K loop is used.
 _CHANNEL_CHUNK_MIN = 16

@@ -148,7 +148,9 @@ def test_acos_f32_max_error():
     out = _probe("acos", c, torch.ones_like(c)).double()
     err = (out - torch.acos(c.double())).abs()
     # < 2 ulp of the result (ulp(pi) = 2.4e-7)
-    assert err.max().item() <= 5e-7, f"max |acos_f32 - acos| = {err.max().item():.3g} at c = {c[err.argmax()].item()!r}"
+    worst = int(err.argmax())
+    assert err[worst].item() <= 5e-7, \
+        f"max |acos_f32 - acos| = {err[worst].item():.3g} at c = {c[worst].item()!r}"
     nan = _probe("acos", torch.tensor([float("nan")]), torch.ones(1))
     assert torch.isnan(nan).all()
 
@@ -162,7 +164,8 @@ def test_angular_functions_match_reference(operator, what):
     # per-element k: the helper's learnable range [0.2, 0.8] plus steep and flat extremes
     k = torch.cat([0.2 + 0.6 * torch.rand(c.numel() - 2000, dtype=torch.float64),
                    torch.full((1000,), 0.05, dtype=torch.float64),
-                   torch.full((1000,), 5.0, dtype=torch.float64)])[torch.randperm(c.numel())].float()
+                   torch.full((1000,), 5.0, dtype=torch.float64)])
+    k = k[torch.randperm(c.numel())].float()
     out = _probe(what, c, k, operator).double()
     cd, kd = c.double(), (k.double() if operator == "sigmoid" else None)
     if what == "g":
@@ -176,9 +179,10 @@ def test_angular_functions_match_reference(operator, what):
     scale = ref.abs().max().item()
     bound = 2e-5 * scale + 1e-4 * ref.abs()
     bad = (out - ref).abs() > bound
+    i = int(((out - ref).abs() - bound).argmax())
     assert not bool(bad.any()), (
-        f"{int(bad.sum())} mismatches; worst at c={c[(out - ref).abs().argmax()].item()!r}: "
-        f"out={out[(out - ref).abs().argmax()].item()!r} ref={ref[(out - ref).abs().argmax()].item()!r}")
+        f"{int(bad.sum())} mismatches; worst at c={c[i].item()!r}, k={k[i].item()!r}: "
+        f"out={out[i].item()!r} ref={ref[i].item()!r}")
 
 
 @pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])
@@ -293,7 +297,8 @@ def test_forward_every_gpu_config(cfg, case):
     _check_against_reference(inp, out, torch.float32, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("cfg", F._dw_configs(), ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}")
+@pytest.mark.parametrize("cfg", F._dw_configs(),
+                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}")
 def test_forward_every_depthwise_config(cfg):
     inp = make_conv_inputs(**CONV_CASES["depthwise"], operator="linear", device=DEVICE,
                            channels_last=True)
@@ -390,7 +395,7 @@ def test_forward_nonfinite_input_poisons_only_affected_outputs(case, bad, dtype,
     y, c, r_x = _run_kernel(inp)
     (y64, c64, rx64), _ = _references(inp)
     nan_ref = torch.isnan(y64)
-    assert 0 < int(nan_ref.sum()) < y64.numel(), "the reference must have both NaN and finite outputs"
+    assert 0 < int(nan_ref.sum()) < y64.numel(), "the reference must have NaN and finite outputs"
     assert torch.equal(torch.isnan(y).cpu(), nan_ref), "y NaN pattern differs from the reference"
     assert torch.equal(torch.isnan(c).cpu(), torch.isnan(c64)), "c NaN pattern differs"
     _check_against_reference(inp, (y, c, r_x), dtype, rtol, atol)
@@ -492,9 +497,9 @@ from triton.compiler import ASTSource
 from sphereops_kernels.conv_fwd import aot_specs
 spec = next(s for s in aot_specs() if s["name"] == {name!r})
 assert isinstance(spec["fn"], triton.JITFunction)
-kernel = triton.compile(ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec["attrs"]),
-                        target=GPUTarget("cuda", 90, 32),
-                        options={{"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}})
+source = ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec["attrs"])
+options = {{"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}}
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 ptx = kernel.asm["ptx"]
 print("WGMMA" if "wgmma" in ptx else "NO-WGMMA", "CP_ASYNC" if "cp.async" in ptx else "NO-CP_ASYNC")
 """
