@@ -13,7 +13,6 @@ path vs nn.Conv2d, including issue 2's criterion layer, printed first.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
