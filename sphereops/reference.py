@@ -152,44 +152,60 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _g_of_c_inplace(c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
-    """g(arccos c) as a new tensor in few passes (the CPU path's hot loop)."""
-    if operator == "linear":
-        return torch.acos(c).mul_(-2.0 / math.pi).add_(1.0)
-    return g_of_c(c, operator, k)
+def _g_plus_bias(c: Tensor, operator: str, k: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``g(arccos c) + b`` as a new tensor in as few full-size passes as possible (CPU hot loop).
 
-
-def _dg_dc_times(dy: Tensor, c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
-    """``dy * dg/dc`` (a new tensor, or ``dy`` itself for cosine, where dg/dc = 1).
-
-    Linear folds into ``(2/pi) * dy / sqrt(max(1 - c^2, DELTA))`` -- four passes."""
+    linear: ``(1 + b) - (2/pi) * acos(c)`` is two passes (acos, then one fused add with alpha);
+    cosine: ``c + b`` one pass."""
+    b = bias.to(c.dtype).reshape(1, -1, 1, 1) if bias is not None else None
     if operator == "cosine":
-        return dy
+        return c.clone() if b is None else torch.add(c, b)
+    if operator == "linear":
+        theta = torch.acos(c)
+        one_plus_b = (1.0 + b) if b is not None else torch.ones((), dtype=c.dtype, device=c.device)
+        return torch.add(one_plus_b, theta, alpha=-2.0 / math.pi) if b is not None else \
+            theta.mul_(-2.0 / math.pi).add_(1.0)
+    y = g_of_c(c, operator, k)
+    return y.add_(b) if b is not None else y
+
+
+def _grad_c_unscaled(dy: Tensor, c: Tensor, operator: str, k: Optional[Tensor]) -> Tuple[Tensor, float]:
+    """``(t, scale)`` with ``dL/dc = scale * t`` (``t`` is ``dy`` itself for cosine: dg/dc = 1).
+
+    Linear is ``(2/pi) * dy / sqrt(max(1 - c^2, DELTA))``: the constant is returned separately so
+    it can ride on a small tensor later instead of costing a full-size pass."""
+    if operator == "cosine":
+        return dy, 1.0
     if operator == "linear":
         t = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1.0)
-        return t.clamp_(min=ARCCOS_DELTA).rsqrt_().mul_(dy).mul_(2.0 / math.pi)
-    return dg_dc(c, operator, k).mul_(dy)
+        return t.clamp_(min=ARCCOS_DELTA).rsqrt_().mul_(dy), 2.0 / math.pi
+    return dg_dc(c, operator, k).mul_(dy), 1.0
+
+
+def _scale_by_patch(t: Tensor, per_pixel: Tensor, groups: int, inplace: bool) -> Tensor:
+    """``t * per_pixel`` with ``per_pixel [N, G, Ho, Wo]`` broadcast over each group's channels."""
+    n, cout, ho, wo = t.shape
+    t5 = t.reshape(n, groups, cout // groups, ho, wo)
+    out5 = t5.mul_(per_pixel.unsqueeze(2)) if inplace else torch.mul(t5, per_pixel.unsqueeze(2))
+    return out5.reshape(n, cout, ho, wo)
 
 
 def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
                    stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
                    groups: int, operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Closed-form forward. Returns ``(y, c, r_x)`` (see docs/ARCHITECTURE.md for the saved state)."""
+    """Closed-form forward. Returns ``(y, c, r_x)`` (see docs/ARCHITECTURE.md for the saved state).
+
+    The filter norm is folded into the (small) weight before the convolution, so beyond the conv
+    the full-size work is: c = s' / r_x, the clamp, and g."""
     out_dtype, fmt = x.dtype, _memory_format(x)
     cd = compute_dtype(x.dtype)
     xc, wc = x.to(cd), w.to(cd)
     kh, kw = w.shape[2], w.shape[3]
-    s = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
     r_x = patch_norms(xc, groups, kh, kw, stride, padding, dilation, eps)
-    r_w = filter_norms(wc, eps)
-    c = _divide_by_norms(s, r_x, r_w, groups, inplace=True).clamp_(-1.0, 1.0)
-    kk = _k_view(k, c, 1) if k is not None else None
-    if operator == "cosine":
-        y = c.clone() if bias is None else torch.add(c, bias.to(cd).reshape(1, -1, 1, 1))
-    else:
-        y = _g_of_c_inplace(c, operator, kk)
-        if bias is not None:
-            y.add_(bias.to(cd).reshape(1, -1, 1, 1))
+    w_unit = wc / filter_norms(wc, eps).reshape(-1, 1, 1, 1)
+    s_unit = F.conv2d(xc, w_unit, None, stride, padding, dilation, groups)
+    c = _scale_by_patch(s_unit, r_x.reciprocal(), groups, inplace=True).clamp_(-1.0, 1.0)
+    y = _g_plus_bias(c, operator, _k_view(k, c, 1) if k is not None else None, bias)
     y = y.to(out_dtype).contiguous(memory_format=fmt)
     c = c.to(out_dtype).contiguous(memory_format=fmt)
     return y, c, r_x.contiguous()
@@ -201,7 +217,9 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     """Closed-form backward (DESIGN §1). Returns ``(dx, dw, db, dk)``; unrequested ones are None.
 
     ``G = dy * dg/dc``, ``H = G / (r_x r_w)``, ``A = sum_{o in group} G c / r_x^2``,
-    ``S_o = sum G c``; ``dx = dgrad(H) - x * boxsum^T(A)``, ``dw = wgrad(H) - w S / r_w^2``."""
+    ``S_o = sum G c``; ``dx = dgrad(H) - x * boxsum^T(A)``, ``dw = wgrad(H) - w S / r_w^2``.
+    As in the forward, r_w rides on the filters: ``dgrad(H, w) = dgrad(G/r_x, w/r_w)`` and
+    ``wgrad(x, H)_o = wgrad(x, G/r_x)_o / r_w[o]``."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
     dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
@@ -216,16 +234,17 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     dx = dw = None
     if need_dx or need_dw:
         r_w = filter_norms(wc, eps)
-        grad_c = _dg_dc_times(dyc, cc, operator, kk)
+        grad_c, scale = _grad_c_unscaled(dyc, cc, operator, kk)
         gc = grad_c * cc
-        a = gc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).div_(r_x * r_x) if need_dx else None
-        s_o = gc.sum(dim=(0, 2, 3)) if need_dw else None
+        a = (gc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).mul_(scale).div_(r_x * r_x)
+             if need_dx else None)
+        s_o = gc.sum(dim=(0, 2, 3)).mul_(scale) if need_dw else None
         del gc
-        # H may overwrite G unless G is the caller's dy (cosine)
-        h = _divide_by_norms(grad_c, r_x, r_w, groups, inplace=grad_c is not dyc)
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            h, xc, wc, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_dx, need_dw, False])
+        # G / r_x, in place unless G is the caller's dy (cosine)
+        h_unit = _scale_by_patch(grad_c, scale / r_x, groups, inplace=grad_c is not dyc)
+        dx, dw_unit, _ = torch.ops.aten.convolution_backward(
+            h_unit, xc, wc / r_w.reshape(-1, 1, 1, 1), None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, [need_dx, need_dw, False])
         if need_dx:
             box_t, _, _ = torch.ops.aten.convolution_backward(
                 a, xc[:, :groups], _ones_box(groups, kh, kw, xc), None, list(stride),
@@ -235,7 +254,8 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
             dx5.addcmul_(xc.reshape(nb, groups, cin // groups, hh, ww), box_t.unsqueeze(2), value=-1.0)
             dx = dx5.reshape(xc.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
         if need_dw:
-            dw = dw.addcmul_(wc, (s_o / (r_w * r_w)).reshape(-1, 1, 1, 1), value=-1.0).to(w.dtype)
+            inv_rw = r_w.reciprocal().reshape(-1, 1, 1, 1)
+            dw = (dw_unit.addcmul_(wc, s_o.reshape(-1, 1, 1, 1) * inv_rw, value=-1.0) * inv_rw).to(w.dtype)
     return dx, dw, db, dk
 
 
