@@ -147,9 +147,10 @@ def test_acos_f32_max_error():
     c = _cosine_samples()
     out = _probe("acos", c, torch.ones_like(c)).double()
     err = (out - torch.acos(c.double())).abs()
-    # < 2 ulp of the result (ulp(pi) = 2.4e-7)
+    # about one ulp of the result where it is largest (ulp(2..pi) = 2.4e-7), with headroom for
+    # the GPU's fused multiply-adds
     worst = int(err.argmax())
-    assert err[worst].item() <= 5e-7, \
+    assert err[worst].item() <= 3.5e-7, \
         f"max |acos_f32 - acos| = {err[worst].item():.3g} at c = {c[worst].item()!r}"
     nan = _probe("acos", torch.tensor([float("nan")]), torch.ones(1))
     assert torch.isnan(nan).all()
