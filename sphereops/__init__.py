@@ -1,7 +1,8 @@
 """sphereops: fused Triton kernels for hyperspherical convolution (SphereConv).
 
-``import sphereops`` needs only torch: triton is imported on first use of the Triton backend, and
-no CUDA device is queried at import time.
+``import sphereops`` needs only torch (triton is optional; the kernels package
+``sphereops_kernels`` is imported on first use of the Triton backend), and no CUDA device is
+queried at import time.
 """
 from . import nn, reference
 from .convert import convert

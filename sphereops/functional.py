@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.sphereops.*)
+from . import ops
 from .reference import DEFAULT_EPS, OPERATORS
 
 BACKENDS = ("auto", "triton", "reference")
@@ -228,8 +228,8 @@ def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, opera
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()  # the kernels take NCHW or NHWC strides, not arbitrary views
     be = resolve_backend(backend, x)
-    y, _, _ = torch.ops.sphereops.conv2d_fwd(x, weight, bias, k_t, list(stride_p), list(padding_p),
-                                             list(dilation_p), int(groups), operator, float(eps), be)
+    y = ops.conv2d(x, weight, bias, k_t, stride_p, padding_p, dilation_p, int(groups), operator,
+                   float(eps), be)
     return y.squeeze(0) if unbatched else y
 
 
@@ -265,5 +265,5 @@ def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool
     lead = input.shape[:-1]
     x2 = input.reshape(-1, n_in).contiguous()
     be = resolve_backend(backend, x2)
-    y, _, _ = torch.ops.sphereops.linear_fwd(x2, weight, bias, k_t, operator, float(eps), be)
+    y = ops.linear(x2, weight, bias, k_t, operator, float(eps), be)
     return y.reshape(*lead, n_out)

@@ -13,9 +13,17 @@ They are ``torch.library.triton_op``s: eager calls run the Python body, and unde
 needed come back as empty tensors and the autograd layer turns them into ``None``.
 
 Only ``y`` is differentiable; ``c`` and ``r_x`` are the saved state for the backward op.
+
+Eager fast path: the Python dispatch of a custom op with registered autograd costs about a
+millisecond of host time per call (more than the kernels of a typical layer), so eager calls go
+through :func:`conv2d` / :func:`linear`, plain ``torch.autograd.Function``s that call the same
+implementations directly; under ``torch.compile`` (and for ``opcheck``) the registered ops are
+used, so Inductor still sees the kernels. Both paths run the same functions with the same
+arguments, and the tests hold them to each other.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import List, Optional, Tuple
 
@@ -44,6 +52,13 @@ def triton_impl() -> types.SimpleNamespace:
             linear_backward=linear_bwd,
         )
     return _TRITON_IMPL
+
+
+try:  # eager launches go straight to the kernel, not through the wrap_triton HOP (~1 ms)
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover - older torch: wrap_triton dispatch in eager too
+    def _set_wrap_triton_enabled(enabled):
+        return contextlib.nullcontext()
 
 
 def _impl(backend: str):
@@ -152,3 +167,70 @@ def _linear_backward(ctx, dy, _dc, _dr_x):
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast path (see the module docstring): same implementations, no custom-op dispatch.
+# ---------------------------------------------------------------------------------------------
+
+class _Conv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend):
+        with _set_wrap_triton_enabled(False):
+            y, c, r_x = _impl(backend).conv2d_forward(x, w, bias, k, stride, padding, dilation,
+                                                      groups, operator, eps)
+        ctx.save_for_backward(x, w, k, c, r_x)
+        ctx.config = (stride, padding, dilation, groups, operator, eps, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, k, c, r_x = ctx.saved_tensors
+        stride, padding, dilation, groups, operator, eps, backend = ctx.config
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+        dy = dy.contiguous(memory_format=_memory_format_of(c))
+        with _set_wrap_triton_enabled(False):
+            dx, dw, db, dk = _impl(backend).conv2d_backward(dy, x, w, k, c, r_x, stride, padding,
+                                                            dilation, groups, operator, eps, need)
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                dk if need[3] and operator == "sigmoid" else None) + (None,) * 7
+
+
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, k, operator, eps, backend):
+        with _set_wrap_triton_enabled(False):
+            y, c, r_x = _impl(backend).linear_forward(x, w, bias, k, operator, eps)
+        ctx.save_for_backward(x, w, k, c, r_x)
+        ctx.config = (operator, eps, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, k, c, r_x = ctx.saved_tensors
+        operator, eps, backend = ctx.config
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+        with _set_wrap_triton_enabled(False):
+            dx, dw, db, dk = _impl(backend).linear_backward(dy.contiguous(), x, w, k, c, r_x,
+                                                            operator, eps, need)
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                dk if need[3] and operator == "sigmoid" else None) + (None,) * 3
+
+
+def conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], stride: Tuple[int, int],
+           padding: Tuple[int, int], dilation: Tuple[int, int], groups: int, operator: str, eps: float,
+           backend: str) -> Tensor:
+    """SphereConv2d output ``y``: the registered op under torch.compile, the fast path in eager."""
+    if torch.compiler.is_compiling():
+        return torch.ops.sphereops.conv2d_fwd(x, w, bias, k, list(stride), list(padding),
+                                              list(dilation), groups, operator, eps, backend)[0]
+    return _Conv2dFunction.apply(x, w, bias, k, tuple(stride), tuple(padding), tuple(dilation),
+                                 groups, operator, eps, backend)
+
+
+def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], operator: str, eps: float,
+           backend: str) -> Tensor:
+    """SphereLinear output ``y`` for 2-D ``x``: the registered op under torch.compile, else the fast path."""
+    if torch.compiler.is_compiling():
+        return torch.ops.sphereops.linear_fwd(x, w, bias, k, operator, eps, backend)[0]
+    return _LinearFunction.apply(x, w, bias, k, operator, eps, backend)
