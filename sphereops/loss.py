@@ -41,38 +41,6 @@ __all__ = ["ga_softmax_logits", "GASoftmaxLoss", "SphereFaceLambda"]
 _TINY_NORM = 1e-12
 
 
-class _BoundedArccos(torch.autograd.Function):
-    """theta = arccos(clamp(c, -1, 1)) with the project's bounded derivative (reference.dtheta_dc)."""
-
-    @staticmethod
-    def forward(ctx, c):
-        clamped = torch.clamp(c, -1.0, 1.0)
-        ctx.save_for_backward(clamped)
-        return torch.acos(clamped)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (clamped,) = ctx.saved_tensors
-        return grad * R.dtheta_dc(clamped)
-
-
-def _clamp_straight_through(c: Tensor) -> Tensor:
-    """clamp(c, -1, 1) whose gradient is the identity (as the reference's cosine operator)."""
-    return c + (torch.clamp(c, -1.0, 1.0) - c).detach()
-
-
-def _g_of_angle(phi: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
-    """g at an angle phi in [0, pi] for linear and sigmoid (cosine is handled through c).
-
-    Written on the angle rather than on its cosine because psi evaluates g at m*theta - j*pi, an
-    angle that is known directly; the formulas are DESIGN §1's table."""
-    if operator == "linear":
-        return 1.0 - phi * (2.0 / math.pi)
-    a = math.pi / (4.0 * k)
-    b = (math.pi / 2.0 - phi) / (2.0 * k)
-    return torch.tanh(b) / torch.tanh(a)
-
-
 def _chebyshev(c: Tensor, m: int) -> Tensor:
     """T_m(c) = cos(m arccos c) by the three-term recurrence (exact polynomial gradient)."""
     prev, cur = torch.ones_like(c), c
@@ -178,7 +146,7 @@ def _angular_logits(input: Tensor, weight: Tensor, target: Optional[Tensor], mar
     if operator == "cosine":
         plain = s                   # ||x|| cos(theta), exactly, with no clamp needed
     else:
-        plain = x_norm * _g_of_angle(_BoundedArccos.apply(c), operator, kk)
+        plain = x_norm * R.g_of_theta(R.BoundedArccos.apply(c), operator, kk)
     if target is None:
         return None, plain
 
@@ -192,11 +160,11 @@ def _angular_logits(input: Tensor, weight: Tensor, target: Optional[Tensor], mar
         psi_norm = plain.gather(1, idx)
     elif operator == "cosine":
         sign = 1.0 - 2.0 * torch.remainder(j, 2.0)                    # (-1)^j
-        psi_norm = x_norm * (sign * _chebyshev(_clamp_straight_through(c_y), margin) - 2.0 * j)
+        psi_norm = x_norm * (sign * _chebyshev(R.UnitClampStraightThrough.apply(c_y), margin) - 2.0 * j)
     else:
-        theta = _BoundedArccos.apply(c_y)
+        theta = R.BoundedArccos.apply(c_y)
         k_y = kk if kk is None or kk.dim() == 0 else kk.reshape(-1)[target].reshape(-1, 1)
-        psi_norm = x_norm * (_g_of_angle(margin * theta - j * math.pi, operator, k_y) - 2.0 * j)
+        psi_norm = x_norm * (R.g_of_theta(margin * theta - j * math.pi, operator, k_y) - 2.0 * j)
     if lambda_ != 0.0:
         f_y = (lambda_ * plain.gather(1, idx) + psi_norm) / (1.0 + lambda_)
     else:

@@ -53,16 +53,25 @@ def _k_view(k: Tensor, like: Tensor, channel_dim: int) -> Tensor:
     return k.to(like.dtype).reshape(shape)
 
 
-def g_of_c(c: Tensor, operator: str, k: Optional[Tensor] = None) -> Tensor:
-    """g(arccos c) for clamped cosines ``c``; ``k`` already broadcastable to ``c`` (sigmoid)."""
+def g_of_theta(theta: Tensor, operator: str, k: Optional[Tensor] = None) -> Tensor:
+    """g at an angle ``theta`` in [0, pi] (DESIGN §1's table); ``k`` broadcastable (sigmoid).
+
+    Sigmoid is written ``tanh(B) / tanh(A)`` (= ``coth(A) tanh(B)``), the numerically stable form
+    of the paper's expression."""
     if operator == "cosine":
-        return c
-    theta = torch.acos(c)
+        return torch.cos(theta)
     if operator == "linear":
         return 1.0 - theta * (2.0 / math.pi)
     a = math.pi / (4.0 * k)
     b = (math.pi / 2.0 - theta) / (2.0 * k)
     return torch.tanh(b) / torch.tanh(a)
+
+
+def g_of_c(c: Tensor, operator: str, k: Optional[Tensor] = None) -> Tensor:
+    """g(arccos c) for clamped cosines ``c``; ``k`` already broadcastable to ``c`` (sigmoid)."""
+    if operator == "cosine":
+        return c
+    return g_of_theta(torch.acos(c), operator, k)
 
 
 def dtheta_dc(c: Tensor) -> Tensor:
@@ -263,7 +272,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
 # Plain-autograd versions (the gradient oracle): every step a differentiable PyTorch primitive.
 # ---------------------------------------------------------------------------------------------
 
-class _BoundedArccos(torch.autograd.Function):
+class BoundedArccos(torch.autograd.Function):
     """theta = arccos(clamp(c, -1, 1)) with the bounded derivative -1/sqrt(max(1-c^2, DELTA))."""
 
     @staticmethod
@@ -278,7 +287,7 @@ class _BoundedArccos(torch.autograd.Function):
         return grad * dtheta_dc(cl)
 
 
-class _UnitClampStraightThrough(torch.autograd.Function):
+class UnitClampStraightThrough(torch.autograd.Function):
     """clamp(c, -1, 1) whose gradient is the identity (cosine: dL/dc = dy exactly)."""
 
     @staticmethod
@@ -292,13 +301,8 @@ class _UnitClampStraightThrough(torch.autograd.Function):
 
 def _g_autograd(c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
     if operator == "cosine":
-        return _UnitClampStraightThrough.apply(c)
-    theta = _BoundedArccos.apply(c)
-    if operator == "linear":
-        return 1.0 - theta * (2.0 / math.pi)
-    a = math.pi / (4.0 * k)
-    b = (math.pi / 2.0 - theta) / (2.0 * k)
-    return torch.tanh(b) / torch.tanh(a)
+        return UnitClampStraightThrough.apply(c)
+    return g_of_theta(BoundedArccos.apply(c), operator, k)
 
 
 def conv2d_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
