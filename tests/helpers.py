@@ -9,8 +9,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from sphereops import reference as R
-
 # (dtype, rtol on the relative norm error, atol added to the max-abs bound) per dtype. The
 # low-precision bounds are loose on purpose: the main check is `assert_close_to_reference`,
 # which compares with how far the same-dtype rounding of the float64 answer already is.
