@@ -1,5 +1,4 @@
 """The reference implementation against plain float64 autograd and independent formulas."""
-import itertools
 import math
 
 import pytest
