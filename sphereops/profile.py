@@ -15,7 +15,8 @@ FLOPs follow DESIGN.md section 5: ``2*N*Ho*Wo*C_out*(C_in/G)*kh*kw`` per convolu
 GEMM in forward, dgrad and wgrad each (no dgrad for a layer whose input needs no gradient). They
 are recorded by forward hooks on every conv module and attributed to kernel families by name:
 the fused Triton kernels (forward, dgrad, wgrad), cuDNN's fprop/dgrad/wgrad kernels and, on CPU,
-the ``sphereops::conv2d_fwd`` / ``conv2d_bwd`` ops (inclusive time) and aten's convolution ops.
+a profiler range around each SphereConv2d forward and the autograd node of its backward
+(inclusive time), and aten's convolution ops.
 A family's TFLOP/s is printed on every row when the family has a single kernel; otherwise on the
 family line of the summary. Epilogue work (norms, arccos, g) is not counted as FLOPs.
 """
@@ -59,8 +60,15 @@ SPHERE_GEMM_KERNELS = {
 }
 
 
+#: The profiler range the FlopCounter opens around every SphereConv2d forward: eager calls go
+#: through an autograd.Function straight to the implementation, with no operator event of their
+#: own (only ``torch.compile`` goes through the registered ``sphereops::conv2d_fwd`` op).
+SPHERE_FORWARD_RANGE = "sphereops.SphereConv2d.forward"
+
+
 class FlopCounter:
-    """Per-step convolution FLOPs by family, recorded by forward hooks on conv modules."""
+    """Per-step convolution FLOPs by family, recorded by forward hooks on conv modules; also
+    marks every SphereConv2d forward with a :data:`SPHERE_FORWARD_RANGE` profiler range."""
 
     def __init__(self):
         self.per_family: Dict[str, int] = defaultdict(int)
@@ -71,10 +79,23 @@ class FlopCounter:
 
         for module in model.modules():
             if isinstance(module, SphereConv2d):
+                self._handles.append(module.register_forward_pre_hook(self._open_range))
+                self._handles.append(module.register_forward_hook(self._close_range))
                 self._handles.append(module.register_forward_hook(self._hook("sphere")))
             elif isinstance(module, nn.Conv2d):
                 self._handles.append(module.register_forward_hook(self._hook("conv")))
         return self
+
+    @staticmethod
+    def _open_range(module, inputs):
+        module._sphereops_profile_range = torch.autograd.profiler.record_function(
+            SPHERE_FORWARD_RANGE)
+        module._sphereops_profile_range.__enter__()
+
+    @staticmethod
+    def _close_range(module, inputs, output):
+        module._sphereops_profile_range.__exit__(None, None, None)
+        del module._sphereops_profile_range
 
     def _hook(self, kind):
         def record(module, inputs, output):
@@ -100,9 +121,10 @@ def kernel_family(name: str, on_gpu: bool) -> Optional[str]:
     """The FLOP family of a profiled kernel / operator name, or None when it does no conv GEMM.
 
     GPU: the fused Triton kernels by their @triton.jit names, cuDNN / CUTLASS kernels by the
-    fprop/dgrad/wgrad words NVIDIA's kernel names carry. CPU: the sphereops custom ops and aten's
+    fprop/dgrad/wgrad words NVIDIA's kernel names carry. CPU: the SphereConv2d forward range,
+    the autograd node of its backward (or the sphereops ops under torch.compile) and aten's
     convolution ops (the reference path of a SphereConv also calls aten convolutions, which is
-    why CPU sphere rows use the inclusive time of the sphereops op instead).
+    why CPU sphere rows use the inclusive time of the outermost sphere event instead).
     """
     lowered = name.lower()
     if on_gpu:
@@ -115,9 +137,9 @@ def kernel_family(name: str, on_gpu: bool) -> Optional[str]:
         if "fprop" in lowered or "implicit_convolve" in lowered or "conv2d_" in lowered:
             return "conv.fwd"
         return None
-    if name == "sphereops::conv2d_fwd":
+    if name in ("sphereops::conv2d_fwd", SPHERE_FORWARD_RANGE):
         return "sphere.fwd"
-    if name == "sphereops::conv2d_bwd":
+    if name == "sphereops::conv2d_bwd" or name.endswith("_Conv2dFunctionBackward"):
         return "sphere.bwd"
     if name in ("aten::convolution", "aten::mkldnn_convolution", "aten::_convolution"):
         return "conv.fwd"
