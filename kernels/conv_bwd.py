@@ -579,9 +579,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_WRAPPED_KERNELS: dict = {}
+
+
 def _launch(kernel, grid, args, **kwargs):
+    """CUDA: through torch.library.wrap_triton (traceable by torch.compile inside a triton_op;
+    the wrapper is built once per kernel). CPU (interpreter): a plain launch."""
     if args[0].is_cuda:
-        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        wrapped = _WRAPPED_KERNELS.get(kernel)
+        if wrapped is None:
+            wrapped = _WRAPPED_KERNELS[kernel] = torch.library.wrap_triton(kernel)
+        wrapped[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
 
