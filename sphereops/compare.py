@@ -314,7 +314,7 @@ def write_markdown(results: dict, rows: list, targets, md_path: str, png_path: s
         lines.append(f"| {name} | " + " | ".join(cells) +
                      f" | {row['final_mean']:.2%} ± {row['final_std']:.2%} | {row['seconds']:.0f} |")
     lines += ["", "## Reading", ""]
-    lines += _verdict(rows, targets)
+    lines += _verdict(rows, targets, setup)
     lines += ["", "## Per seed", "", "| variant | seed | final test acc | " +
               " | ".join(f"iters to {t:.0%}" for t in targets) + " |",
               "|" + " --- |" * (len(targets) + 3)]
@@ -329,32 +329,53 @@ def write_markdown(results: dict, rows: list, targets, md_path: str, png_path: s
     return text
 
 
-def _verdict(rows, targets) -> list:
+def _verdict(rows, targets, setup=None) -> list:
     """Plain statements computed from the table (no claim beyond what was measured)."""
     cnn = next((r for r in rows if r["variant"] == "cnn"), None)
     if cnn is None:
         return ["No CNN baseline in this run."]
-    out = [
-        "The paper reports SphereNets reaching 80 % on CIFAR-10 at 3-4.5k iterations vs 11.5k for "
-        "the CNN. Here, at the highest target the CNN reached on every seed:"
-    ]
     full = [i for i, reach in enumerate(cnn["reach"]) if reach["reached"] == reach["of"]]
     if not full:
-        return out[:0] + ["The CNN did not reach any target on every seed within the budget."]
+        return ["The CNN did not reach any target on every seed within the budget."]
     index = full[-1]
-    base = cnn["reach"][index]["median"]
+    target, base = targets[index], cnn["reach"][index]["median"]
+    resolution = f" (accuracy is measured every {setup['eval_every']} iterations)" if setup else ""
+    out = ["The paper reports SphereNets reaching 80 % on CIFAR-10 at 3-4.5k iterations vs 11.5k "
+           f"for the CNN. Here, iterations to {target:.0%}, the highest target the CNN reached on "
+           f"every seed{resolution}:", ""]
+    faster, ratios = 0, []
     for row in rows:
         if row["variant"] == "cnn":
             continue
         reach = row["reach"][index]
         if reach["median"] is None:
-            out.append(f"* {row['variant']}: did not reach {targets[index]:.0%} (CNN: {base:g} iterations).")
+            out.append(f"* {row['variant']}: did not reach {target:.0%} (CNN: {base:g} iterations).")
+            continue
+        median = reach["median"]
+        ratios.append(median / base)
+        if median < base:
+            faster += 1
+            how = f"{base / median:.2f}x fewer than the CNN's {base:g}"
+        elif median > base:
+            how = f"{median / base:.2f}x more than the CNN's {base:g}"
         else:
-            ratio = base / reach["median"]
-            out.append(f"* {row['variant']}: {reach['median']:g} iterations to {targets[index]:.0%} "
-                       f"vs {base:g} for the CNN ({ratio:.2f}x{' fewer' if ratio >= 1 else ''}; "
-                       f"{reach['reached']}/{reach['of']} seeds); final "
-                       f"{row['final_mean']:.2%} vs {cnn['final_mean']:.2%}.")
+            how = f"the same as the CNN's {base:g}"
+        out.append(f"* {row['variant']}: {median:g} iterations, {how} ({reach['reached']}/"
+                   f"{reach['of']} seeds); final accuracy {row['final_mean']:.2%} vs "
+                   f"{cnn['final_mean']:.2%}.")
+    out.append("")
+    gap = max(abs(r["final_mean"] - cnn["final_mean"]) for r in rows)
+    if faster == 0 and ratios:
+        out.append(f"In this budget no SphereConv variant converged faster than the CNN: they "
+                   f"needed {min(ratios):.2f}-{max(ratios):.2f}x the CNN's iterations to reach "
+                   f"{target:.0%}, and the final accuracies agree within {gap * 100:.1f} percentage points. The "
+                   "paper's speed-up is not reproduced at this scale; it was measured on CIFAR-10 "
+                   "with full-width networks over thousands of iterations, which a shared 2-core "
+                   "CPU cannot run.")
+    else:
+        out.append(f"{faster} of {len(rows) - 1} SphereConv variants reached {target:.0%} in fewer "
+                   "iterations than the CNN (medians over the seeds; compare the spread in the "
+                   "per-seed table before reading much into small differences).")
     return out
 
 
