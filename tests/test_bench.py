@@ -351,8 +351,10 @@ def test_gpu_check_script_is_valid_bash():
 def test_pytest_benchmark_entry_point_writes_its_json(tmp_path):
     """``pytest bench/ --benchmark-json`` works (tiny suite, a few rounds)."""
     out = tmp_path / "bench.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
+    # the child is a fresh pytest: drop the interpreter switch and pytest-xdist's worker variables
+    # (pytest-benchmark disables itself when it believes it runs under xdist)
+    env = {k: v for k, v in os.environ.items()
+           if k != "TRITON_INTERPRET" and not k.startswith(("PYTEST_", "PYTEST_XDIST"))}
     cmd = [sys.executable, "-m", "pytest", "bench/test_conv_bench.py", "-q", "-p", "no:cacheprovider",
            "--bench-suite=tiny", "-k", "test_conv and (conv2d or unfused_official)",
            "--benchmark-json", str(out), "--benchmark-max-time=0.01", "--benchmark-min-rounds=2",
