@@ -43,10 +43,10 @@ profile: $(STAMP)
 	$(PY) -m sphereops.profile
 
 train: $(STAMP)
-	$(PY) -m sphereops.train
+	$(PY) -m sphereops.train $(ARGS)
 
 compare: $(STAMP)
-	$(PY) -m sphereops.compare
+	$(PY) -m sphereops.compare $(ARGS)
 
 data:
 	-apt-get install -y dataset-fashion-mnist

@@ -34,11 +34,24 @@ import torch
 from sphereops import data as sdata
 from sphereops.train import TrainConfig, train
 
-VARIANTS = ("cnn", "linear", "cosine", "sigmoid", "learnable")
+# A variant is "<operator>" (BatchNorm after every conv, as the official SphereNet-9) or
+# "<operator>+spherenorm" (SphereNorm2d instead of BatchNorm: no batch statistics, which is what
+# matters at small batch sizes, e.g. `make compare ARGS="--batch-size 4"`).
+DEFAULT_VARIANTS = ("cnn", "linear", "cosine", "sigmoid", "learnable", "cnn+spherenorm",
+                    "cosine+spherenorm")
+VARIANTS = DEFAULT_VARIANTS + tuple(f"{v}+spherenorm" for v in ("linear", "sigmoid", "learnable"))
+
+
+def _variant_model_args(variant: str):
+    """``(operator, norm)`` of a variant name."""
+    base, _, suffix = variant.partition("+")
+    return (None if base == "cnn" else base), ("sphere" if suffix == "spherenorm" else "batch")
 DEFAULT_TARGETS = {"fashion-mnist": (0.70, 0.75, 0.80, 0.85), "mnist": (0.90, 0.95, 0.97),
                    "digits": (0.80, 0.90, 0.95), "synthetic": (0.5, 0.8)}
 _COLORS = {"cnn": "black", "linear": "tab:blue", "cosine": "tab:orange", "sigmoid": "tab:green",
-           "learnable": "tab:red"}
+           "learnable": "tab:red", "cnn+spherenorm": "tab:gray", "linear+spherenorm": "tab:cyan",
+           "cosine+spherenorm": "tab:brown", "sigmoid+spherenorm": "tab:olive",
+           "learnable+spherenorm": "tab:pink"}
 
 
 def _pick_data(name: str, data_dir) -> str:
@@ -60,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="auto", help="auto: fashion-mnist when installed, else digits")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, among {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
@@ -126,8 +140,9 @@ def run_all(args) -> dict:
             break
         passes_done += 1
         for variant in variants:
+            operator, norm = _variant_model_args(variant)
             config = TrainConfig(
-                model="spherenet9", operator=None if variant == "cnn" else variant, data=data,
+                model="spherenet9", operator=operator, norm=norm, data=data,
                 data_dir=args.data_dir, image_size=args.image_size, width_mult=args.width_mult,
                 batch_size=args.batch_size, iterations=args.iterations, lr=args.lr,
                 lr_schedule="constant", eval_every=args.eval_every, log_every=args.eval_every,
@@ -211,7 +226,8 @@ def plot(results: dict, png_path: str, targets) -> None:
         by_variant.setdefault(run["variant"], []).append(run)
     for variant in [v for v in VARIANTS if v in by_variant]:
         runs = by_variant[variant]
-        label = "CNN (plain conv)" if variant == "cnn" else f"SphereConv {variant}"
+        label = {"cnn": "CNN (plain conv)", "cnn+spherenorm": "CNN + SphereNorm2d"}.get(
+            variant, f"SphereConv {variant}")
         style = dict(color=_COLORS[variant], lw=2.2 if variant == "cnn" else 1.6,
                      ls="--" if variant == "cnn" else "-")
         for ax, key in ((ax_acc, "test_acc"), (ax_loss, "loss")):

@@ -292,13 +292,16 @@ def test_compare_tables_and_plot(tmp_path):
     md, png = tmp_path / "docs" / "compare.md", tmp_path / "docs" / "compare.png"
     # A throughput section written earlier survives the redraw of the convergence part.
     compare._write_throughput_section(str(md), "## Training throughput\n\n| a | b |\n")
-    assert compare.main(["--data", "synthetic", "--variants", "cnn,cosine", "--seeds", "0,1",
+    assert compare._variant_model_args("cosine+spherenorm") == ("cosine", "sphere")
+    assert compare._variant_model_args("cnn") == (None, "batch")
+    assert compare.main(["--data", "synthetic", "--variants", "cnn,cosine,cnn+spherenorm", "--seeds", "0,1",
                          "--iterations", "4", "--eval-every", "2", "--batch-size", "32",
                          "--width-mult", str(1 / 32), "--threads", "1", "--no-progress",
                          "--backend", "reference", "--targets", "0.0,1.01",
                          "--runs-dir", str(tmp_path / "runs"), "--md", str(md), "--png", str(png)]) == 0
     text = md.read_text()
     assert "| CNN (plain) | 2 | - |" in text and "| cosine | 2 | - |" in text
+    assert "| cnn+spherenorm | 2 | - |" in text
     assert text.count("| cnn | ") == 2 and "## Training throughput" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="variants"):
