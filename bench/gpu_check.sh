@@ -74,7 +74,7 @@ fi
 
 # --- CUDA test tier ----------------------------------------------------------------------
 say "pytest -m gpu tests (timeout ${GPU_TESTS_TIMEOUT}s)"
-timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests -x -q -p no:cacheprovider \
+timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests --maxfail=25 -q -rf -p no:cacheprovider \
     > "$OUT_DIR/gpu_tests.log" 2>&1
 rc=$?
 case $rc in
