@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, dg_dc, dg_dk, g_of_c
+from .angular import OPERATOR_CODES, clamp_cos, dg_dc, dg_dk, g_of_c
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -129,9 +129,7 @@ def _sphere_linear_fwd_kernel(
     r_x = tl.sqrt(sumsq + eps)
     r_w = tl.load(r_w_ptr + cols, mask=col_mask, other=1.0)
     c = acc / (r_x[:, None] * r_w[None, :])
-    # clamp with ordered comparisons so that NaN stays NaN
-    c = tl.where(c > 1.0, 1.0, c)
-    c = tl.where(c < -1.0, -1.0, c)
+    c = clamp_cos(c)  # NaN stays NaN
     if OPERATOR == 2:
         kk = tl.load(k_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
         y = g_of_c(c, kk[None, :], OPERATOR)

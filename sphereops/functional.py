@@ -170,8 +170,8 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
                           backend, check_k=True)
 
 
-def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, operator, k, eps, backend,
-                   check_k: bool) -> Tensor:
+def _check_operands(input, weight, bias, k, operator, eps):
+    """Checks shared by the conv and linear entry points; returns the operands after autocast."""
     _check_operator(operator)
     _check_eps(eps)
     _check_float("input", input)
@@ -180,6 +180,12 @@ def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, opera
         input, weight, bias, k = _autocast(input.device.type, input, weight, bias, k)
     _check_same("weight", weight, input, "input")
     _check_same("bias", bias, input, "input")
+    return input, weight, bias, k
+
+
+def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, operator, k, eps, backend,
+                   check_k: bool) -> Tensor:
+    input, weight, bias, k = _check_operands(input, weight, bias, k, operator, eps)
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D shape {tuple(input.shape)}")
     if weight.dim() != 4:
@@ -244,14 +250,7 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
 
 
 def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool) -> Tensor:
-    _check_operator(operator)
-    _check_eps(eps)
-    _check_float("input", input)
-    _check_float("weight", weight)
-    if input.device.type in ("cuda", "cpu"):
-        input, weight, bias, k = _autocast(input.device.type, input, weight, bias, k)
-    _check_same("weight", weight, input, "input")
-    _check_same("bias", bias, input, "input")
+    input, weight, bias, k = _check_operands(input, weight, bias, k, operator, eps)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if input.dim() < 1:
