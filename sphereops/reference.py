@@ -182,16 +182,14 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 def _g_plus_bias(c: Tensor, operator: str, k: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """``g(arccos c) + b`` as a new tensor in as few full-size passes as possible (CPU hot loop).
 
-    linear: ``(1 + b) - (2/pi) * acos(c)`` is two passes (acos, then one fused add with alpha);
-    cosine: ``c + b`` one pass."""
+    linear: ``(1 + b) - (2/pi) * acos(c)`` in the acos buffer; cosine: ``c + b`` one pass."""
     b = bias.to(c.dtype).reshape(1, -1, 1, 1) if bias is not None else None
     if operator == "cosine":
         return c.clone() if b is None else torch.add(c, b)
     if operator == "linear":
-        theta = torch.acos(c)
-        one_plus_b = (1.0 + b) if b is not None else torch.ones((), dtype=c.dtype, device=c.device)
-        return torch.add(one_plus_b, theta, alpha=-2.0 / math.pi) if b is not None else \
-            theta.mul_(-2.0 / math.pi).add_(1.0)
+        # in place on the acos buffer: a fresh full-size output costs more than a pass on CPU
+        y = torch.acos(c).mul_(-2.0 / math.pi)
+        return y.add_(1.0 + b) if b is not None else y.add_(1.0)
     # sigmoid: coth(A) * tanh(B) + b with B = pi/(4k) - theta/(2k), all in the one new buffer
     # (on CPU a fresh full-size allocation costs about as much as a pass: page faults)
     a = math.pi / (4.0 * k)
@@ -288,16 +286,18 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     if need_dx or need_dw:
         r_w = filter_norms(wc, eps)
         grad_c, scale = _grad_c_unscaled(dyc, cc, operator, kk, terms)
-        gc = grad_c * cc
-        a = (gc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).mul_(scale).div_(r_x * r_x)
-             if need_dx else None)
-        s_o = gc.sum(dim=(0, 2, 3)).mul_(scale) if need_dw else None
-        del gc
-        # G / r_x, in place unless G is the caller's dy (cosine)
+        # H' = G / r_x (r_w rides on the filters), in place unless G is the caller's dy (cosine)
         h_unit = _scale_by_patch(grad_c, scale / r_x, groups, inplace=grad_c is not dyc)
         dx, dw_unit, _ = torch.ops.aten.convolution_backward(
             h_unit, xc, wc / r_w.reshape(-1, 1, 1, 1), None, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, [need_dx, need_dw, False])
+        # The norm terms reuse H's buffer once the convolution is done with it (one full-size
+        # temporary fewer): G c = H' c r_x, so A = sum_{o in group} H' c / r_x, S = sum H' c r_x.
+        hc = h_unit.mul_(cc) if h_unit is not dyc else h_unit * cc
+        a = (hc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).div_(r_x)
+             if need_dx else None)
+        s_o = _scale_by_patch(hc, r_x, groups, inplace=True).sum(dim=(0, 2, 3)) if need_dw else None
+        del hc, h_unit
         if need_dx:
             nb, cin, hh, ww = xc.shape
             box_t = box_filter_transposed(a, (hh, ww), kh, kw, stride, padding, dilation, groups)
