@@ -150,9 +150,14 @@ class _SphereRNNBase(nn.Module):
     _cell_type = None
     _num_states = 1
 
-    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                 bidirectional, sphere_kwargs):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 operator: str = "cosine", k: float = 0.3, learnable_k: bool = False,
+                 k_init: float = 0.5, eps: float = DEFAULT_EPS, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
+        sphere_kwargs = dict(operator=operator, k=k, learnable_k=learnable_k, k_init=k_init,
+                             eps=eps, backend=backend, device=device, dtype=dtype)
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.num_layers = _check_size("num_layers", num_layers)
@@ -238,16 +243,6 @@ class SphereLSTM(_SphereRNNBase):
     _cell_type = SphereLSTMCell
     _num_states = 2
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
-                 operator: str = "cosine", k: float = 0.3, learnable_k: bool = False,
-                 k_init: float = 0.5, eps: float = DEFAULT_EPS, backend: str = "auto",
-                 device=None, dtype=None):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, dict(operator=operator, k=k, learnable_k=learnable_k,
-                                             k_init=k_init, eps=eps, backend=backend,
-                                             device=device, dtype=dtype))
-
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
         output, (h_n, c_n) = self._run(input, hx)
         return output, (h_n, c_n)
@@ -259,16 +254,6 @@ class SphereGRU(_SphereRNNBase):
 
     _cell_type = SphereGRUCell
     _num_states = 1
-
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
-                 operator: str = "cosine", k: float = 0.3, learnable_k: bool = False,
-                 k_init: float = 0.5, eps: float = DEFAULT_EPS, backend: str = "auto",
-                 device=None, dtype=None):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, dict(operator=operator, k=k, learnable_k=learnable_k,
-                                             k_init=k_init, eps=eps, backend=backend,
-                                             device=device, dtype=dtype))
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None):
         output, (h_n,) = self._run(input, hx)
