@@ -87,8 +87,11 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _none_if_empty(t: Tensor, needed: bool) -> Optional[Tensor]:
-    return t if needed else None
+def _input_grads(grads, need, operator: str, n_nondiff: int) -> tuple:
+    """Autograd's answer from ``(dx, dw, db, dk)``: ``None`` where a gradient was not requested
+    (dk exists for sigmoid only), then ``None`` for the ``n_nondiff`` non-tensor arguments."""
+    needed = (need[0], need[1], need[2], need[3] and operator == "sigmoid")
+    return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * n_nondiff
 
 
 def _memory_format_of(t: Tensor) -> torch.memory_format:
@@ -136,8 +139,7 @@ def _conv2d_backward(ctx, dy, _dc, _dr_x):
     dy = dy.contiguous(memory_format=_memory_format_of(c))
     dx, dw, db, dk = torch.ops.sphereops.conv2d_bwd(dy, x, w, k, c, r_x, stride, padding, dilation,
                                                      groups, operator, eps, backend, need)
-    return (_none_if_empty(dx, need[0]), _none_if_empty(dw, need[1]), _none_if_empty(db, need[2]),
-            _none_if_empty(dk, need[3] and operator == "sigmoid")) + (None,) * 7
+    return _input_grads((dx, dw, db, dk), need, operator, 7)
 
 
 conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
@@ -177,8 +179,7 @@ def _linear_backward(ctx, dy, _dc, _dr_x):
         return (None,) * 7
     dx, dw, db, dk = torch.ops.sphereops.linear_bwd(dy.contiguous(), x, w, k, c, r_x, operator, eps,
                                                      backend, need)
-    return (_none_if_empty(dx, need[0]), _none_if_empty(dw, need[1]), _none_if_empty(db, need[2]),
-            _none_if_empty(dk, need[3] and operator == "sigmoid")) + (None,) * 3
+    return _input_grads((dx, dw, db, dk), need, operator, 3)
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -208,8 +209,7 @@ class _Conv2dFunction(torch.autograd.Function):
             impl = _conv2d_backward_impl(backend, x, w, groups)
             dx, dw, db, dk = impl.conv2d_backward(dy, x, w, k, c, r_x, stride, padding, dilation,
                                                   groups, operator, eps, need)
-        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-                dk if need[3] and operator == "sigmoid" else None) + (None,) * 7
+        return _input_grads((dx, dw, db, dk), need, operator, 7)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -229,8 +229,7 @@ class _LinearFunction(torch.autograd.Function):
         with _set_wrap_triton_enabled(False):
             dx, dw, db, dk = _impl(backend).linear_backward(dy.contiguous(), x, w, k, c, r_x,
                                                             operator, eps, need)
-        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-                dk if need[3] and operator == "sigmoid" else None) + (None,) * 3
+        return _input_grads((dx, dw, db, dk), need, operator, 3)
 
 
 def conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], stride: Tuple[int, int],
