@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -193,11 +193,54 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
 # Issue 2's criterion: reference SphereConv2d fwd+bwd vs nn.Conv2d fwd+bwd on CPU
 # ---------------------------------------------------------------------------------------------
 
-def run_criterion(device: torch.device, *, rounds: int = 5, operators=("linear",), log=_noop,
-                  shape=None, statistic: str = "median") -> list:
+def _minor_faults() -> Optional[int]:
+    """This process's minor page faults so far (None where getrusage does not exist)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def steady_glibc_allocator() -> bool:
+    """Make glibc keep freed memory instead of unmapping and re-faulting it (harness-only).
+
+    By default glibc serves blocks above a dynamic threshold with fresh mmap()s and trims the
+    heap top when more than twice that is free, so a training step's large temporaries are
+    page-faulted again on every step (~2 us per 4 KiB page measured on the 2-core CI VM: as
+    much as the arithmetic of an elementwise pass). PyTorch's CPU performance guide recommends
+    jemalloc/tcmalloc for the same reason. This sets the equivalent glibc knobs with mallopt --
+    M_MMAP_THRESHOLD at its 32 MiB maximum, no trimming, 256 MiB top pad -- for the benchmark
+    process only (the library never touches the allocator). Returns False where it cannot
+    (not glibc)."""
+    import ctypes
+    import ctypes.util
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 32 << 20) == 1
+    ok &= mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+    ok &= mallopt(m_top_pad, 256 << 20) == 1
+    return bool(ok)
+
+
+def run_criterion(device: torch.device, *, rounds: int = 11, operators=("cosine",), log=_noop,
+                  shape=None, statistic: str = "median",
+                  allocators: Sequence[str] = ("default", "steady")) -> list:
     """Interleaved timing (A, B, A, B, ...) so that load from other processes hits both sides
     alike; the ratio is stat(SphereConv2d) / stat(nn.Conv2d) with ``statistic`` "median" or
-    "min" (both ratios are recorded)."""
+    "min" (both ratios are recorded), with the minor page faults per call of each side.
+
+    ``allocators``: "default" measures under the allocator as the process found it (what a
+    user gets; with glibc its page faulting depends on the process's allocation history, so it
+    varies between runs), then "steady" under :func:`steady_glibc_allocator` (the arithmetic
+    alone: no page faults on either side). The order matters: once set, the knobs stay."""
     from . import shapes as S
     import sphereops.nn as snn
 
@@ -213,41 +256,55 @@ def run_criterion(device: torch.device, *, rounds: int = 5, operators=("linear",
         params = [p for p in mod.parameters() if p.requires_grad]
         return lambda: torch.autograd.grad(mod(x), [x] + params, dy)
 
-    for op in operators:
-        row = {"operator": op, "shape": shape.as_dict(), "device": str(device), "rounds": rounds,
-               "target": S.CRITERION_TARGET, "long_run_target": S.CRITERION_LONG_RUN}
-        try:
-            sig = op in ("sigmoid", "learnable")
-            sphere = snn.SphereConv2d(shape.c_in, shape.c_out, (shape.kh, shape.kw), shape.stride,
-                                      shape.padding, operator="sigmoid" if sig else op,
-                                      learnable_k=(op == "learnable"),
-                                      backend="reference").to(device)
-            with torch.no_grad():
-                sphere.weight.copy_(plain.weight)
-            fa, fb = fwd_bwd(sphere), fwd_bwd(plain)
-            fa(), fb()                      # warm-up (allocator, first-call dispatch)
-            ta, tb = [], []
-            for _ in range(rounds):
-                for f, acc in ((fa, ta), (fb, tb)):
-                    T.synchronize(device)
-                    t0 = time.perf_counter()
-                    f()
-                    T.synchronize(device)
-                    acc.append((time.perf_counter() - t0) * 1e3)
-            pick = min if statistic == "min" else statistics.median
-            ma, mb = pick(ta), pick(tb)
-            ratio = ma / mb
-            row.update(status="ok", sphere_ms=ma, conv_ms=mb, ratio=ratio, statistic=statistic,
-                       ratio_median=statistics.median(ta) / statistics.median(tb),
-                       ratio_min=min(ta) / min(tb), sphere_times_ms=ta, conv_times_ms=tb,
-                       passes=ratio <= S.CRITERION_TARGET,
-                       passes_long_run=ratio <= S.CRITERION_LONG_RUN)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
-        log(f"criterion {op:9s} " + (f"SphereConv2d {row['sphere_ms']:.1f} ms vs nn.Conv2d "
-                                     f"{row['conv_ms']:.1f} ms: {row['ratio']:.2f}x"
-                                     if row["status"] == "ok" else row["error"]))
-        rows.append(row)
+    for allocator in allocators:
+        if allocator == "steady" and (device.type != "cpu" or not steady_glibc_allocator()):
+            log("criterion: steady allocator not available here (not glibc on CPU); skipped")
+            continue
+        for op in operators:
+            row = {"operator": op, "allocator": allocator, "shape": shape.as_dict(),
+                   "device": str(device), "rounds": rounds,
+                   "target": S.CRITERION_TARGET, "long_run_target": S.CRITERION_LONG_RUN}
+            try:
+                row.update(_time_criterion_pair(snn, shape, op, plain, fwd_bwd, rounds,
+                                                statistic, device))
+                row.update(passes=row["ratio"] <= S.CRITERION_TARGET,
+                           passes_long_run=row["ratio"] <= S.CRITERION_LONG_RUN)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+            log(f"criterion {op:9s} {allocator:7s} allocator: "
+                + (f"SphereConv2d {row['sphere_ms']:.1f} ms vs nn.Conv2d {row['conv_ms']:.1f} ms: "
+                   f"{row['ratio']:.2f}x" if row["status"] == "ok" else row["error"]))
+            rows.append(row)
     return rows
+
+
+def _time_criterion_pair(snn, shape, op: str, plain: nn.Module, fwd_bwd, rounds: int,
+                         statistic: str, device: torch.device) -> dict:
+    sig = op in ("sigmoid", "learnable")
+    sphere = snn.SphereConv2d(shape.c_in, shape.c_out, (shape.kh, shape.kw), shape.stride,
+                              shape.padding, operator="sigmoid" if sig else op,
+                              learnable_k=(op == "learnable"), backend="reference").to(device)
+    with torch.no_grad():
+        sphere.weight.copy_(plain.weight)
+    fa, fb = fwd_bwd(sphere), fwd_bwd(plain)
+    fa(), fb()                      # warm-up (allocator, first-call dispatch)
+    ta, tb, pa, pb = [], [], [], []
+    for _ in range(rounds):
+        for f, acc, faults in ((fa, ta, pa), (fb, tb, pb)):
+            T.synchronize(device)
+            f0 = _minor_faults()
+            t0 = time.perf_counter()
+            f()
+            T.synchronize(device)
+            acc.append((time.perf_counter() - t0) * 1e3)
+            if f0 is not None:
+                faults.append(_minor_faults() - f0)
+    pick = min if statistic == "min" else statistics.median
+    ma, mb = pick(ta), pick(tb)
+    return dict(status="ok", sphere_ms=ma, conv_ms=mb, ratio=ma / mb, statistic=statistic,
+                ratio_median=statistics.median(ta) / statistics.median(tb),
+                ratio_min=min(ta) / min(tb), sphere_times_ms=ta, conv_times_ms=tb,
+                sphere_faults=statistics.median(pa) if pa else None,
+                conv_faults=statistics.median(pb) if pb else None)

@@ -181,8 +181,9 @@ def goal_rows(results: dict) -> list:
                      "not measured" if m is None else ("PASS" if m <= 1.10 else "FAIL")))
     for c in results.get("criterion", []):
         if c.get("status") == "ok":
-            rows.append((f"issue-2 criterion, {c['operator']}: reference SphereConv2d fwd+bwd / "
-                         f"nn.Conv2d on 32x64x32x32 3x3 64 filters fp32 CPU",
+            alloc = c.get("allocator", "default")
+            rows.append((f"issue-2 criterion, {c['operator']} ({alloc} allocator): reference "
+                         f"SphereConv2d fwd+bwd / nn.Conv2d on 32x64x32x32 3x3 64 filters fp32 CPU",
                          _fmt(c["ratio"], 2, "x"), f"≤ {c['target']}x (long run {c['long_run_target']}x)",
                          ("PASS" if c["passes"] else "FAIL")
                          + (" (long-run goal met)" if c.get("passes_long_run") else "")))
@@ -233,20 +234,26 @@ def summary_markdown(results: dict) -> str:
         out += ["## Issue-2 criterion (CPU): reference SphereConv2d vs nn.Conv2d, fwd+bwd", ""]
         out += ["```"]
         for c in crit:
+            label = f"{c['operator']:9s}  {c.get('allocator', 'default'):7s}"
             if c.get("status") == "ok":
                 other = ("median" if c.get("statistic") == "min" else "min")
                 other_ratio = c.get(f"ratio_{other}")
-                out.append(f"  {c['operator']:9s}  SphereConv2d {c['sphere_ms']:8.1f} ms   "
-                           f"nn.Conv2d {c['conv_ms']:8.1f} ms   ratio {c['ratio']:.2f}x   "
-                           f"target <= {c['target']}x: {'PASS' if c['passes'] else 'FAIL'}   "
+                faults = ("" if c.get("sphere_faults") is None else
+                          f"   page faults/call {c['sphere_faults']:.0f} vs {c['conv_faults']:.0f}")
+                out.append(f"  {label}  SphereConv2d {c['sphere_ms']:6.1f} ms   "
+                           f"nn.Conv2d {c['conv_ms']:6.1f} ms   ratio {c['ratio']:.2f}x   "
+                           f"<= {c['target']}x: {'PASS' if c['passes'] else 'FAIL'}   "
                            f"(long-run {c['long_run_target']}x: "
                            f"{'met' if c['passes_long_run'] else 'not yet'})"
-                           + (f"   [{other} ratio {other_ratio:.2f}x]" if other_ratio else ""))
+                           + (f"   [{other} {other_ratio:.2f}x]" if other_ratio else "") + faults)
             else:
-                out.append(f"  {c['operator']:9s}  ERROR {c.get('error')}")
+                out.append(f"  {label}  ERROR {c.get('error')}")
         stat = next((c.get("statistic") for c in crit if c.get("statistic")), "median")
         out.append(f"  ({stat} of {crit[0].get('rounds', '?')} interleaved fwd+bwd calls each; "
-                   "x is a leaf that needs its gradient, as in a hidden layer)")
+                   "x is a leaf that needs its gradient, as in a hidden layer. 'default': glibc "
+                   "as the process found it, whose page faulting depends on allocation history; "
+                   "'steady': the benchmark set mallopt so neither side re-faults its "
+                   "temporaries -- the arithmetic alone)")
         out += ["```", ""]
 
     goals = goal_rows(results)

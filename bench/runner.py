@@ -88,7 +88,7 @@ class RunConfig:
     e2e_batch: Optional[int] = None
     e2e_widths: Optional[tuple] = None
     e2e_units: Optional[int] = None
-    criterion_rounds: int = 5
+    criterion_rounds: int = 11
     criterion_operators: tuple = P.BENCH_OPERATORS
     criterion_shape: Optional[S.ConvShape] = None   # None: shapes.CRITERION
     verbose: bool = True
@@ -295,6 +295,9 @@ def plan(cfg: RunConfig) -> list:
                     # torch.compile runs on the headline config only (each compiled row costs
                     # ~10-30 s to build; the sweeps ask how the fused kernels vary, not Inductor).
                     jobs.append(ConvJob(shape, dtype_, layout_, op_, eager, tier))
+    if cfg.criterion and not cfg.is_cuda:
+        # last: it changes glibc's knobs for the rest of the process (e2e.steady_glibc_allocator)
+        jobs.append("criterion_steady")
     return jobs
 
 
@@ -594,8 +597,8 @@ class Runner:
         try:
             if job == "e2e":
                 self._run_e2e()
-            elif job == "criterion":
-                self._run_criterion()
+            elif job in ("criterion", "criterion_steady"):
+                self._run_criterion("steady" if job == "criterion_steady" else "default")
             elif isinstance(job, ConvJob):
                 self.run_conv_row(job)
             elif isinstance(job, LinearJob):
@@ -807,9 +810,10 @@ class Runner:
                                     target_s=self.cfg.measurement_target_s(), log=self.log,
                                     budget=self.budget, sphereops_backend=self.cfg.sphereops_backend))
 
-    def _run_criterion(self) -> None:
+    def _run_criterion(self, allocator: str) -> None:
         from . import e2e
         self.criterion.extend(e2e.run_criterion(self.device, rounds=self.cfg.criterion_rounds,
+                                                allocators=(allocator,),
                                                 statistic=self.statistic_key.replace("_ms", ""),
                                                 operators=self.cfg.criterion_operators,
                                                 log=self.log, shape=self.cfg.criterion_shape))

@@ -28,6 +28,7 @@ import types
 from typing import List, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from . import reference
@@ -200,6 +201,7 @@ class _Conv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, k, c, r_x = ctx.saved_tensors
         stride, padding, dilation, groups, operator, eps, backend = ctx.config
@@ -222,6 +224,7 @@ class _LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, k, c, r_x = ctx.saved_tensors
         operator, eps, backend = ctx.config

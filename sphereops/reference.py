@@ -12,8 +12,8 @@ Forward (DESIGN §1)::
 
 Three implementations share the same arithmetic:
 
-* :func:`conv2d_forward` / :func:`conv2d_backward` -- closed form, the CPU path and the
-  specification the Triton kernels must match (saved state: ``c`` in the input dtype and ``r_x``
+* :func:`conv2d_forward` / :func:`conv2d_backward` -- closed form (run under ``no_grad``: not
+  themselves differentiable), the CPU path and the specification the Triton kernels must match (saved state: ``c`` in the input dtype and ``r_x``
   in fp32, exactly what the kernels save);
 * :func:`conv2d_autograd` -- the same forward written with differentiable PyTorch primitives, so
   ``torch.autograd`` derives the gradients independently (the float64 gradient oracle);
@@ -123,21 +123,26 @@ def _ones_box(groups: int, kh: int, kw: int, like: Tensor) -> Tensor:
 
 
 # Full-size temporaries cost page faults on CPU (glibc maps and trims large blocks: ~2 us per
-# 4 KiB page here, as much as the arithmetic); the channel-sum of squares runs over batch slices
-# whose square stays below this many elements.
-_SQUARE_CHUNK = 1 << 18
+# 4 KiB page measured here, as much as the arithmetic of a pass), so the elementwise chains of the
+# CPU path run over batch slices whose temporaries stay below this many elements.
+_SLICE_ELEMS = 1 << 18
+
+
+def _batch_slices(n: int, per_sample: int):
+    """Batch slices whose full-size temporaries stay below _SLICE_ELEMS elements."""
+    step = max(1, _SLICE_ELEMS // max(1, per_sample))
+    return [slice(n0, n0 + step) for n0 in range(0, n, step)]
 
 
 def _group_square_sum(x: Tensor, groups: int) -> Tensor:
     """sum over each group's channels of x^2: ``[N, G, H, W]``, in batch slices (see
-    _SQUARE_CHUNK; x*x then a sum is ~10x faster on CPU than torch.linalg.vector_norm over the
+    _SLICE_ELEMS; x*x then a sum is ~10x faster on CPU than torch.linalg.vector_norm over the
     channel dim)."""
     n, cin, h, w = x.shape
     out = x.new_empty(n, groups, h, w)
-    step = max(1, _SQUARE_CHUNK // max(1, cin * h * w))
-    for n0 in range(0, n, step):
-        xs = x[n0:n0 + step]
-        torch.sum((xs * xs).reshape(-1, groups, cin // groups, h, w), dim=2, out=out[n0:n0 + step])
+    for rows in _batch_slices(n, cin * h * w):
+        xs = x[rows]
+        torch.sum((xs * xs).reshape(-1, groups, cin // groups, h, w), dim=2, out=out[rows])
     return out
 
 
@@ -211,55 +216,75 @@ def _g_plus_bias(c: Tensor, operator: str, k: Optional[Tensor], bias: Optional[T
     return y.sub_(coth_a - b) if b is not None else y.sub_(coth_a)
 
 
-def _grad_c(dy: Tensor, c: Tensor, operator: str, k: Optional[Tensor], need_grad: bool,
-            need_dk: bool, sum_dy: Optional[Tensor]):
-    """``(t, scale, dk)`` with ``dL/dc = scale * t`` (``scale`` a float or a per-channel tensor;
-    ``t`` is ``dy`` itself for cosine, where dg/dc = 1) and, for sigmoid, ``dk``.
+def _grad_h(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: Optional[Tensor],
+            need_grad: bool, need_dk: bool, sum_dy: Optional[Tensor]):
+    """``(H', dk)``: ``H' = (dL/dc) / r_x`` (what the convolution's backward takes; r_w rides on
+    the filters) in one fresh buffer, or None if ``not need_grad``; ``dk`` for sigmoid.
 
-    CPU hot path: every fresh full-size buffer costs page faults comparable to a pass here, so the
-    sigmoid terms live in two buffers (plus one scratch for dk's products), written in place:
+    CPU hot path: every fresh full-size buffer costs page faults comparable to a pass here, so
+    the per-element chains run over batch slices (small temporaries, cache-resident) and write
+    only ``H'``. Sigmoid, with ``2B = (pi/2 - theta)/k = asin(c)/k`` and ``sigma = sigmoid(2B)``
+    (tanh B = 2 sigma - 1, sech^2 B = 4 sigma(1 - sigma); float32 tanh is ~8x slower than sigmoid):
 
-    * ``2B = asin(c)/k``, ``sigma = sigmoid(2B)``: tanh B = 2 sigma - 1, sech^2 B = 4 sigma(1-sigma);
     * ``dL/dc = (2 coth(A) / k) * dy * sigma(1-sigma) / sqrt(max(1 - c^2, DELTA))``;
     * ``dk = alpha sum(dy tanh B) - beta sum(dy B sech^2 B)`` with ``alpha = A csch^2(A) / k``,
       ``beta = coth(A) / k``, i.e. ``alpha (2 sum(dy sigma) - sum(dy)) - 2 beta sum(dy 2B sigma(1-sigma))``.
     """
+    n = dy.shape[0]
+    inv_rx = r_x.reciprocal()
     dk = None
     if operator == "cosine":
-        return dy, 1.0, dk
+        return (_scale_by_patch(dy, inv_rx, groups) if need_grad else None), dk
+    h = torch.empty_like(dy) if need_grad else None
     one = torch.ones((), dtype=c.dtype, device=c.device)
+    per_sample = dy[0].numel()
     if operator == "linear":
-        if not need_grad:
-            return None, None, dk
-        t = torch.addcmul(one, c, c, value=-1.0).clamp_(min=ARCCOS_DELTA).rsqrt_().mul_(dy)
-        return t, 2.0 / math.pi, dk
-    two_b = torch.asin(c).mul_(1.0 / k)
-    sig = torch.sigmoid(two_b)
-    scratch = torch.mul(dy, sig) if need_dk else None
-    sum_ds = scratch.sum(dim=(0, 2, 3)) if need_dk else None
-    sig.addcmul_(sig, sig, value=-1.0)                       # sigma (1 - sigma)
+        if need_grad:
+            for rows in _batch_slices(n, per_sample):
+                t = torch.addcmul(one, c[rows], c[rows], value=-1.0).clamp_(min=ARCCOS_DELTA).rsqrt_()
+                t.mul_(dy[rows]).mul_(2.0 / math.pi)
+                _scale_by_patch(t, inv_rx[rows], groups, out=h[rows])
+        return h, dk
+    kv = k.reshape(-1)
+    inv_k = (1.0 / kv).reshape(1, -1, 1, 1)
+    scale = (2.0 / (kv * torch.tanh(math.pi / (4.0 * kv)))).reshape(1, -1, 1, 1)
+    sum_ds = sum_bs = 0.0
+    for rows in _batch_slices(n, per_sample):
+        c_s, dy_s = c[rows], dy[rows]
+        two_b = torch.asin(c_s).mul_(inv_k)
+        sig = torch.sigmoid(two_b)
+        if need_dk:
+            sum_ds = sum_ds + (dy_s * sig).sum(dim=(0, 2, 3))
+        sig.addcmul_(sig, sig, value=-1.0)                   # sigma (1 - sigma)
+        if need_dk:
+            sum_bs = sum_bs + two_b.mul_(sig).mul_(dy_s).sum(dim=(0, 2, 3))
+        if need_grad:
+            t = torch.addcmul(one, c_s, c_s, value=-1.0, out=two_b).clamp_(min=ARCCOS_DELTA).rsqrt_()
+            t.mul_(sig).mul_(dy_s).mul_(scale)
+            _scale_by_patch(t, inv_rx[rows], groups, out=h[rows])
     if need_dk:
-        sum_bs = torch.mul(two_b.mul_(sig), dy, out=scratch).sum(dim=(0, 2, 3))
-        del scratch
-        kv = k.reshape(-1)
         a = math.pi / (4.0 * kv)
         alpha = a / torch.sinh(a) ** 2 / kv
         beta = 1.0 / (torch.tanh(a) * kv)
         dk = alpha * (2.0 * sum_ds - sum_dy) - 2.0 * beta * sum_bs
-    if not need_grad:
-        return None, None, dk
-    t = torch.addcmul(one, c, c, value=-1.0, out=two_b).clamp_(min=ARCCOS_DELTA).rsqrt_()
-    return t.mul_(dy).mul_(sig), 2.0 / (k * torch.tanh(math.pi / (4.0 * k))), dk
+    return h, dk
 
 
-def _scale_by_patch(t: Tensor, per_pixel: Tensor, groups: int, inplace: bool) -> Tensor:
-    """``t * per_pixel`` with ``per_pixel [N, G, Ho, Wo]`` broadcast over each group's channels."""
-    n, cout, ho, wo = t.shape
-    t5 = t.reshape(n, groups, cout // groups, ho, wo)
-    out5 = t5.mul_(per_pixel.unsqueeze(2)) if inplace else torch.mul(t5, per_pixel.unsqueeze(2))
-    return out5.reshape(n, cout, ho, wo)
+def _scale_by_patch(t: Tensor, per_pixel: Tensor, groups: int, out: Optional[Tensor] = None) -> Tensor:
+    """``t * per_pixel`` with ``per_pixel [N, G, Ho, Wo]`` broadcast over each group's channels,
+    written into ``out`` when given (``out`` may be ``t``: in place), any memory format."""
+    if groups == 1:
+        return torch.mul(t, per_pixel, out=out) if out is not None else t * per_pixel
+    n, cout = t.shape[:2]
+    shape5 = (n, groups, cout // groups, *t.shape[2:])
+    if out is not None and out.is_contiguous():
+        torch.mul(t.reshape(shape5), per_pixel.unsqueeze(2), out=out.view(shape5))
+        return out
+    res = (t.reshape(shape5) * per_pixel.unsqueeze(2)).reshape(t.shape)
+    return out.copy_(res) if out is not None else res
 
 
+@torch.no_grad()
 def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
                    stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
                    groups: int, operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -274,13 +299,14 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
     r_x = patch_norms(xc, groups, kh, kw, stride, padding, dilation, eps)
     w_unit = wc / filter_norms(wc, eps).reshape(-1, 1, 1, 1)
     s_unit = F.conv2d(xc, w_unit, None, stride, padding, dilation, groups)
-    c = _scale_by_patch(s_unit, r_x.reciprocal(), groups, inplace=True).clamp_(-1.0, 1.0)
+    c = _scale_by_patch(s_unit, r_x.reciprocal(), groups, out=s_unit).clamp_(-1.0, 1.0)
     y = _g_plus_bias(c, operator, _k_view(k, c, 1) if k is not None else None, bias)
     y = y.to(out_dtype).contiguous(memory_format=fmt)
     c = c.to(out_dtype).contiguous(memory_format=fmt)
     return y, c, r_x.contiguous()
 
 
+@torch.no_grad()
 def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                     stride, padding, dilation, groups: int, operator: str, eps: float,
                     output_mask: Sequence[bool] = (True, True, True, True)):
@@ -300,25 +326,20 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     need_dk = need_dk and operator == "sigmoid"
     sum_dy = dyc.sum(dim=(0, 2, 3)) if (need_db or need_dk) else None
     db = sum_dy.to(w.dtype) if need_db else None
-    grad_c, scale, dk = _grad_c(dyc, cc, operator, kk, need_dx or need_dw, need_dk, sum_dy)
+    h_unit, dk = _grad_h(dyc, cc, r_x, groups, operator, kk, need_dx or need_dw, need_dk, sum_dy)
     dk = dk.to(k.dtype) if dk is not None else None
     dx = dw = None
     if need_dx or need_dw:
         r_w = filter_norms(wc, eps)
-        # H' = G / r_x (r_w rides on the filters), in place unless G is the caller's dy (cosine)
-        if isinstance(scale, Tensor):
-            grad_c.mul_(scale)
-            scale = 1.0
-        h_unit = _scale_by_patch(grad_c, scale / r_x, groups, inplace=grad_c is not dyc)
         dx, dw_unit, _ = torch.ops.aten.convolution_backward(
             h_unit, xc, wc / r_w.reshape(-1, 1, 1, 1), None, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, [need_dx, need_dw, False])
         # The norm terms reuse H's buffer once the convolution is done with it (one full-size
         # temporary fewer): G c = H' c r_x, so A = sum_{o in group} H' c / r_x, S = sum H' c r_x.
-        hc = h_unit.mul_(cc) if h_unit is not dyc else h_unit * cc
+        hc = h_unit.mul_(cc)
         a = (hc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).div_(r_x)
              if need_dx else None)
-        s_o = _scale_by_patch(hc, r_x, groups, inplace=True).sum(dim=(0, 2, 3)) if need_dw else None
+        s_o = _scale_by_patch(hc, r_x, groups, out=hc).sum(dim=(0, 2, 3)) if need_dw else None
         del hc, h_unit
         if need_dx:
             nb, cin, hh, ww = xc.shape
@@ -393,6 +414,7 @@ def conv2d_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Te
 # Linear: a patch is one row of x [M, in]; r_x is [M].
 # ---------------------------------------------------------------------------------------------
 
+@torch.no_grad()
 def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
                    operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     cd = compute_dtype(x.dtype)
@@ -409,6 +431,7 @@ def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
     return y, c, r_x
 
 
+@torch.no_grad()
 def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                     operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True)):
     need_dx, need_dw, need_db, need_dk = output_mask

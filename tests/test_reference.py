@@ -86,6 +86,35 @@ def test_conv_closed_form_backward_matches_autograd(operator, kernel, stride, pa
 
 
 @pytest.mark.parametrize("operator", R.OPERATORS)
+@pytest.mark.parametrize("groups,channels_last", [(1, False), (1, True), (2, False), (2, True)])
+@pytest.mark.parametrize("mask", [(True, True, True, True), (False, True, False, True), (True, False, False, False)],
+                         ids=["all", "dw-dk", "dx"])
+def test_conv_closed_form_batch_slices(monkeypatch, operator, groups, channels_last, mask):
+    """The CPU path's batch-sliced chains (one sample per slice here) in both memory formats and
+    with partial output masks give autograd's gradients; what was not asked for stays None."""
+    monkeypatch.setattr(R, "_SLICE_ELEMS", 1)
+    inp = make_conv_inputs(n=3, c_in=4, h=6, w=5, c_out=6, kernel=3, stride=1, padding=1, groups=groups,
+                           operator=operator, dtype=torch.float64, channels_last=channels_last)
+    leaves = [inp.x, inp.w, inp.bias] + ([inp.k] if inp.k is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    y = R.conv2d_autograd(*inp.args(), EPS)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, leaves, dy)
+    y2, c, r_x = R.conv2d_forward(*inp.args(), EPS)
+    assert_close(y2, y, 1e-12, 1e-12, "y")
+    got = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding, inp.dilation,
+                            groups, operator, EPS, mask)
+    for name, want, e, g in zip(("dx", "dw", "db", "dk"), mask, expected, got):
+        if want and (name != "dk" or operator == "sigmoid"):
+            assert_close(g, e, 1e-10, 1e-11, name)
+        else:
+            assert g is None, name
+    if mask[0] and channels_last:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("operator", R.OPERATORS)
 def test_conv_autograd_gradcheck(operator):
     inp = make_conv_inputs(n=1, c_in=2, h=5, w=4, c_out=3, kernel=(2, 3), stride=(1, 2), padding=1,
                            dilation=1, groups=1, operator=operator, dtype=torch.float64)
