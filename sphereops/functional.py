@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from . import reference
 from .reference import DEFAULT_EPS, OPERATORS
 
 BACKENDS = ("auto", "triton", "reference")
@@ -266,3 +267,41 @@ def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool
     be = resolve_backend(backend, x2)
     y = ops.linear(x2, weight, bias, k_t, operator, float(eps), be)
     return y.reshape(*lead, n_out)
+
+
+def sphere_norm2d(input: Tensor, kernel_size: int = 1, *, operator: str = "cosine", k: KType = None,
+                  eps: float = DEFAULT_EPS) -> Tensor:
+    """SphereConv used as a normalisation: ``u[n, o, i, j] = g(theta)`` with
+
+    ``cos theta = x[n, o, i, j] / (sqrt(sum_c sum_window x[n, c]^2 + eps) * sqrt(1 + eps))``,
+
+    i.e. the SphereConv of ``input`` with the fixed unit filter ``e_(o, centre)`` (a delta on
+    channel ``o`` at the centre of a ``kernel_size`` x ``kernel_size`` window, same zero
+    padding): each output is the angle between the local patch -- all channels of the window --
+    and one of its axes. ``kernel_size=1`` projects each pixel's channel vector onto the unit
+    sphere. The output is bounded in [-1, 1] and depends on the sample's own pixels only.
+
+    Computed in closed form (the filters are fixed, so no GEMM: a channel-sum of squares, a box
+    sum and an elementwise g), in float32 for half inputs, differentiable by autograd with the
+    bounded arccos derivative of the SphereConv ops. ``k``: as :func:`sphere_conv2d` (sigmoid),
+    one per channel.
+    """
+    _check_float("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) \
+            or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer (same padding), got {kernel_size!r}")
+    _check_operator(operator)
+    _check_eps(eps)
+    k_t = prepare_k(operator, k, input.shape[1], input)
+    cd = reference.compute_dtype(input.dtype)
+    x = input.to(cd)
+    energy = (x * x).sum(dim=1, keepdim=True)
+    if kernel_size > 1:
+        # box sum with zero padding: the mean over the window (pads counted) times its size
+        energy = F.avg_pool2d(energy, kernel_size, 1, kernel_size // 2,
+                              count_include_pad=True) * (kernel_size * kernel_size)
+    c = x * torch.rsqrt(energy + eps) * (1.0 / math.sqrt(1.0 + eps))
+    k_view = k_t.to(cd).reshape(1, -1, 1, 1) if k_t is not None else None
+    return reference.g_autograd(c, operator, k_view).to(input.dtype)

@@ -384,7 +384,9 @@ class UnitClampStraightThrough(torch.autograd.Function):
         return grad
 
 
-def _g_autograd(c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
+def g_autograd(c: Tensor, operator: str, k: Optional[Tensor]) -> Tensor:
+    """g(arccos c) through autograd-differentiable primitives with the bounded arccos rule (and
+    the identity gradient of the unit clamp for cosine); ``k`` broadcastable to ``c``."""
     if operator == "cosine":
         return UnitClampStraightThrough.apply(c)
     return g_of_theta(BoundedArccos.apply(c), operator, k)
@@ -404,7 +406,7 @@ def conv2d_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Te
     r_x = torch.sqrt(q + eps).reshape(n, groups, ho, wo)
     r_w = torch.sqrt(w.reshape(w.shape[0], -1).pow(2).sum(dim=1) + eps)
     c = _divide_by_norms(s, r_x, r_w, groups)
-    y = _g_autograd(c, operator, _k_view(k, c, 1) if k is not None else None)
+    y = g_autograd(c, operator, _k_view(k, c, 1) if k is not None else None)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     return y
@@ -459,7 +461,7 @@ def linear_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Te
     r_x = torch.sqrt(x.pow(2).sum(dim=1) + eps)
     r_w = torch.sqrt(w.pow(2).sum(dim=1) + eps)
     c = (x @ w.t()) / (r_x[:, None] * r_w[None, :])
-    y = _g_autograd(c, operator, _k_view(k, c, 1) if k is not None else None)
+    y = g_autograd(c, operator, _k_view(k, c, 1) if k is not None else None)
     if bias is not None:
         y = y + bias
     return y

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from ..nn import SphereNorm2d
+
 # "learnable" is the sigmoid operator with one learned k per output channel (the official
 # "lr_sigmoid"); the other three are the fixed SphereConv operators of sphereops.reference.
 OPERATOR_CHOICES = (None, "linear", "cosine", "sigmoid", "learnable")
@@ -87,7 +89,7 @@ class ConvFactory:
                              bias=bias, operator=self.operator, k=self.k, backend=self.backend)
 
 
-def make_norm(kind: str, channels: int, backend: str = "auto") -> nn.Module:
+def make_norm(kind: str, channels: int) -> nn.Module:
     """The normalisation after a convolution.
 
     ``"batch"``: BatchNorm2d (the official models); ``"none"``: identity; ``"sphere"``:
@@ -99,17 +101,9 @@ def make_norm(kind: str, channels: int, backend: str = "auto") -> nn.Module:
         return nn.BatchNorm2d(channels, eps=BATCHNORM_EPS)
     if kind == "none":
         return nn.Identity()
-    try:
-        from sphereops.nn import SphereNorm2d
-    except ImportError as exc:
-        raise ImportError(
-            f"norm={kind!r} needs sphereops.nn.SphereNorm2d (sphereops/nn/norm.py), which is not "
-            "available in this build; use norm='batch' or norm='none'"
-        ) from exc
-    sphere_norm = SphereNorm2d(channels, backend=backend)
     if kind == "sphere":
-        return sphere_norm
-    return nn.Sequential(sphere_norm, nn.BatchNorm2d(channels, eps=BATCHNORM_EPS))
+        return SphereNorm2d(channels)
+    return nn.Sequential(SphereNorm2d(channels), nn.BatchNorm2d(channels, eps=BATCHNORM_EPS))
 
 
 def init_weights(model: nn.Module) -> None:

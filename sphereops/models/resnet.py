@@ -18,10 +18,10 @@ class BasicUnit(nn.Module):
                  norm: str):
         super().__init__()
         self.conv1 = factory.conv(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.norm1 = make_norm(norm, out_channels, factory.backend)
+        self.norm1 = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = factory.conv(out_channels, out_channels, 3, padding=1)
-        self.norm2 = make_norm(norm, out_channels, factory.backend)
+        self.norm2 = make_norm(norm, out_channels)
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 factory.conv(in_channels, out_channels, 1, stride=stride, sphere=False),
@@ -80,7 +80,7 @@ class SphereResNet32(_ResidualNet):
         factory = ConvFactory(operator, k=k, k_init=k_init, backend=backend)
         self.operator = factory.operator
         self.stem = nn.Sequential(factory.conv(in_channels, widths[0], 3, padding=1),
-                                  make_norm(norm, widths[0], factory.backend), nn.ReLU(inplace=True))
+                                  make_norm(norm, widths[0]), nn.ReLU(inplace=True))
         self.stages, channels = self._build_stages(factory, widths[0], widths,
                                                    (units_per_stage,) * 3, (1, 2, 2), norm)
         self.embedding_dim = channels
@@ -111,11 +111,11 @@ class ResNet18(_ResidualNet):
         self.operator = factory.operator
         if stem == "imagenet":
             self.stem = nn.Sequential(factory.conv(in_channels, widths[0], 7, stride=2, padding=3),
-                                      make_norm(norm, widths[0], factory.backend), nn.ReLU(inplace=True),
+                                      make_norm(norm, widths[0]), nn.ReLU(inplace=True),
                                       nn.MaxPool2d(3, stride=2, padding=1))
         elif stem == "cifar":
             self.stem = nn.Sequential(factory.conv(in_channels, widths[0], 3, padding=1),
-                                      make_norm(norm, widths[0], factory.backend), nn.ReLU(inplace=True))
+                                      make_norm(norm, widths[0]), nn.ReLU(inplace=True))
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         strides = (1,) + (2,) * (len(widths) - 1)

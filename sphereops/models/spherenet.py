@@ -48,14 +48,14 @@ class SphereNet9(nn.Module):
         for width in widths:
             for _ in range(convs_per_stage):
                 layers += [factory.conv(channels, width, 3, padding=1),
-                           make_norm(norm, width, factory.backend), nn.ReLU(inplace=True)]
+                           make_norm(norm, width), nn.ReLU(inplace=True)]
                 channels = width
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
             spatial = math.ceil(spatial / 2)
         self.features = nn.Sequential(*layers)
         self.fc6_kernel = spatial
         self.fc6 = factory.conv(channels, fc6_width, spatial)
-        self.fc6_norm = make_norm(norm, fc6_width, factory.backend)
+        self.fc6_norm = make_norm(norm, fc6_width)
         self.embedding_dim = fc6_width
         self.classifier = nn.Linear(fc6_width, num_classes)
         init_weights(self)

@@ -1,57 +1,63 @@
 """SphereNorm2d: SphereConv used as a normalisation layer (DESIGN §1, "SphereNorm").
 
-Design: a *depthwise* SphereConv (``groups = C``, ``kernel_size x kernel_size``, same padding)
-whose filter starts as a centre delta, followed by a per-channel affine map::
+Design (see :func:`sphereops.functional.sphere_norm2d`): output channel ``o`` at a pixel is
+g(angle) between the local patch -- *all* channels of a ``kernel_size`` x ``kernel_size``
+window, same padding -- and the patch's axis ``(o, centre)``, i.e. the SphereConv with the
+fixed unit filters ``e_(o, centre)``, followed by a per-channel affine map::
 
-    u[n, ch, i, j] = g(angle(f_ch, patch_ch(n, i, j)))      in [-1, 1]
-    y              = weight[ch] * u + bias[ch]
+    u[n, o, i, j] = g(arccos(x[n, o, i, j] / (r(n, i, j) * sqrt(1 + eps))))     in [-1, 1]
+    r(n, i, j)    = sqrt(sum_c sum_window x[n, c]^2 + eps)
+    y             = weight[o] * u + bias[o]
 
-Why depthwise and why a centre-delta filter:
+Why this patch, and not the channel's own window (the first version of this layer):
 
-* A normalisation keeps channel identity (output channel ``ch`` is "input channel ``ch``,
-  normalised"); a full SphereConv would mix channels and cost ``C^2 k^2`` per pixel, i.e. it
-  would be another conv layer, not a normalisation. Depthwise costs ``C k^2`` per pixel.
-* The norm is taken over a ``k x k`` spatial window of the channel, not over a single value:
-  with a 1x1 window ``c = x / sqrt(x^2 + eps)`` is just ``sign(x)`` (a binariser).
-* With the centre-delta filter the cosine is ``x[i, j] / sqrt(sum_window x^2 + eps)``: the value
-  divided by its local energy, i.e. local contrast normalisation, bounded in [-1, 1]. The filter
-  is learnable by default (it can learn which direction of the local patch to measure); pass
-  ``learnable_filter=False`` to keep the plain normalisation.
-* Only the sample's own pixels enter each output: no batch statistics, identical in training and
-  evaluation, valid at batch size 1 and with any batch composition.
-* ``weight``/``bias`` (init 1 and 0, like BatchNorm's affine) let the layer leave [-1, 1]; the
-  layer can be used in place of or after a BatchNorm.
+* The patch spans the channels, like a SphereConv's: the layer keeps the relative magnitudes of
+  the channels at a pixel (and, with a window, of its neighbours) and removes only the local
+  overall scale. A per-channel window binarises: with one pixel in it (a 1x1 map, e.g. after
+  the last pooling) ``x / sqrt(x^2 + eps)`` is ``sign(x)`` with a gradient of ~1/sqrt(eps) near
+  0 and ~0 elsewhere -- SphereNet-9 with that layer stayed at chance at batch size 4.
+* The filters are fixed, so the angle has a closed form: no GEMM (a learnable filter would make
+  this a full SphereConv layer, which is what SphereConv2d is). Cost: a channel-sum of squares,
+  a box sum and an elementwise g -- memory-bound PyTorch ops, not a Triton kernel.
+* Only the sample's own pixels enter each output: no batch statistics, identical in training
+  and evaluation, valid at batch size 1 and with any batch composition.
+* The affine ``weight`` starts at ``sqrt(C * kernel_size^2)``: a patch whose energy is spread
+  evenly over its ``C * kernel_size^2`` entries then gives unit-RMS outputs, the scale a
+  BatchNorm hands the next layer (starting at 1 trained worse: the outputs are ~1/sqrt(C)).
+  ``bias`` starts at 0. Without ``affine`` the output lies in [-1, 1].
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor, nn
 
+from .. import functional as SF
 from ..reference import DEFAULT_EPS
-from .conv import SphereConv2d
+from .conv import K_FLOOR, check_operator_args
 
 __all__ = ["SphereNorm2d"]
 
 
 class SphereNorm2d(nn.Module):
-    """Normalisation by a depthwise SphereConv (see the module docstring for the design).
+    """Normalisation by SphereConv with fixed axis filters (see the module docstring).
 
     Args:
         num_features: channels ``C`` of the ``[N, C, H, W]`` input.
-        kernel_size: odd window size of the local norm (default 3).
-        operator, k, learnable_k, k_init, eps, backend: as :class:`sphereops.nn.SphereConv2d`.
-        affine: learn the per-channel ``weight`` (scale) and ``bias`` (shift).
-        learnable_filter: learn the depthwise filter (initialised as a centre delta).
+        kernel_size: odd window size of the patch (default 1: each pixel's channel vector).
+        operator, k, learnable_k, k_init, eps: as :class:`sphereops.nn.SphereConv2d`
+            (learnable k: one ``k = |kappa| + 0.05`` per channel).
+        affine: learn the per-channel ``weight`` (scale, initially ``sqrt(C * kernel_size^2)``)
+            and ``bias`` (shift, initially 0).
 
     Shape: ``[N, C, H, W] -> [N, C, H, W]``; without ``affine`` the output lies in [-1, 1].
     """
 
-    def __init__(self, num_features: int, kernel_size: int = 3, *, operator: str = "cosine",
+    def __init__(self, num_features: int, kernel_size: int = 1, *, operator: str = "cosine",
                  k: float = 0.3, learnable_k: bool = False, k_init: float = 0.5,
-                 eps: float = DEFAULT_EPS, affine: bool = True, learnable_filter: bool = True,
-                 backend: str = "auto", device=None, dtype=None):
+                 eps: float = DEFAULT_EPS, affine: bool = True, device=None, dtype=None):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
                 or num_features < 1:
@@ -60,14 +66,16 @@ class SphereNorm2d(nn.Module):
                 or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer (same padding), got "
                              f"{kernel_size!r}")
+        check_operator_args(operator, k, learnable_k, k_init, eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.kernel_size = int(num_features), int(kernel_size)
-        self.affine, self.learnable_filter = bool(affine), bool(learnable_filter)
-        self.sphere = SphereConv2d(self.num_features, self.num_features, self.kernel_size,
-                                   padding=self.kernel_size // 2, groups=self.num_features,
-                                   bias=False, operator=operator, k=k, learnable_k=learnable_k,
-                                   k_init=k_init, eps=eps, backend=backend, **factory)
-        self.sphere.weight.requires_grad_(self.learnable_filter)
+        self.operator, self.eps, self.affine = operator, float(eps), bool(affine)
+        self.learnable_k, self.k_init = bool(learnable_k), float(k_init)
+        self.k = float(k) if operator == "sigmoid" and not learnable_k else None
+        if self.learnable_k:
+            self.kappa = nn.Parameter(torch.empty(self.num_features, **factory))
+        else:
+            self.register_parameter("kappa", None)
         if self.affine:
             self.weight = nn.Parameter(torch.empty(self.num_features, **factory))
             self.bias = nn.Parameter(torch.empty(self.num_features, **factory))
@@ -78,12 +86,15 @@ class SphereNorm2d(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.sphere.weight.zero_()
-            centre = self.kernel_size // 2
-            self.sphere.weight[:, 0, centre, centre] = 1.0
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.kappa is not None:
+                self.kappa.fill_(self.k_init - K_FLOOR)
+            if self.affine:
+                self.weight.fill_(math.sqrt(self.num_features * self.kernel_size ** 2))
+                self.bias.zero_()
+
+    def effective_k(self):
+        """k as the norm sees it: None, a float, or the per-channel ``|kappa| + 0.05``."""
+        return self.kappa.abs() + K_FLOOR if self.kappa is not None else self.k
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() != 4:
@@ -92,15 +103,18 @@ class SphereNorm2d(nn.Module):
         if input.shape[1] != self.num_features:
             raise ValueError(f"SphereNorm2d({self.num_features}) got an input with "
                              f"{input.shape[1]} channels")
-        u = self.sphere(input)
+        k = self.effective_k()
+        if isinstance(k, Tensor):
+            k = k.to(input.dtype)
+        u = SF.sphere_norm2d(input, self.kernel_size, operator=self.operator, k=k, eps=self.eps)
         if not self.affine:
             return u
         return u * self.weight.view(1, -1, 1, 1).to(u.dtype) + self.bias.view(1, -1, 1, 1).to(u.dtype)
 
     def extra_repr(self) -> str:
-        s = f"{self.num_features}, kernel_size={self.kernel_size}, operator={self.sphere.operator}"
+        s = f"{self.num_features}, kernel_size={self.kernel_size}, operator={self.operator}"
+        if self.operator == "sigmoid":
+            s += f", learnable_k=True, k_init={self.k_init}" if self.learnable_k else f", k={self.k}"
         if not self.affine:
             s += ", affine=False"
-        if not self.learnable_filter:
-            s += ", learnable_filter=False"
         return s
