@@ -10,6 +10,7 @@ Rules for the implicit-GEMM conv kernels: power-of-two blocks >= 16 (tl.dot), nu
 num_stages 3-4 so that the global->shared pipeline hides the latency of the gathered input loads.
 """
 
+import torch
 import triton
 
 # The autotune key of the implicit-GEMM forward: the GEMM dims (M = pixels, N = C_out/G,
@@ -50,12 +51,23 @@ def conv_fwd_configs():
     ]
 
 
+def fits_fma_dot(config) -> bool:
+    """Whether a GEMM config suits exact fp32 (``input_precision="ieee"``: no tensor-core
+    instruction, the dot runs on the FMA units with both operand tiles in registers).
+
+    make aot-check: tiles above 64x64x64 spill 1-14 KB a thread there (sm_80 and sm_90), while
+    64x64x64, 128x32x32 and 128x16x16 stay in registers on sm_90."""
+    kw = config.kwargs
+    return kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] <= 64 * 64 * 64
+
+
 def prune_conv_fwd_configs(configs, named_args, **kwargs):
     """Drop configs whose N or K block is far larger than the problem needs (pure padding).
 
     Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)), BLOCK_K <= max(32, next_pow2(K
-    step range)) (C_in/G for the channel-chunk loop, C_in/G*kh*kw for the flat loop), and
-    num_warps < 8 unless the filter is 1x1; always keeps at least one config.
+    step range)) (C_in/G for the channel-chunk loop, C_in/G*kh*kw for the flat loop),
+    num_warps < 8 unless the filter is 1x1, and, for exact fp32, the tile fits the FMA dot
+    (:func:`fits_fma_dot`); always keeps at least one config.
     """
     def arg(name, default=None):
         # positional launch arguments arrive in named_args, keyword ones (constexprs) in kwargs
@@ -68,9 +80,11 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
     if c_in_g >= 16:
         k_cap = max(16, triton.next_power_of_2(c_in_g))
     one_by_one = int(arg("KH", 1)) * int(arg("KW", 1)) == 1
+    x = arg("x_ptr")
+    exact_fp32 = arg("DOT_PRECISION") == "ieee" and getattr(x, "dtype", None) == torch.float32
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= max(32, k_cap)
-            and (c.num_warps < 8 or one_by_one)]
+            and (c.num_warps < 8 or one_by_one) and (fits_fma_dot(c) or not exact_fp32)]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
     return kept

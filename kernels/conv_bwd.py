@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, dg_dc, dg_dk
+from .epilogue import to_dtype_of
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -69,22 +70,6 @@ _INT32_MAX = 2**31 - 1
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _to_dtype_of(v, dst_ptr, EMULATE_RTNE: tl.constexpr):
-    """Cast the fp32 block v to dst_ptr's element type for storing.
-
-    EMULATE_RTNE (interpreter only): the interpreter's fp32 -> bf16 conversion does not round to
-    nearest-even as the GPU's cvt.rn does (half the values come out one ulp off, with a bias),
-    which would inflate every bf16 error in the tests; round in fp32 first so the final cast is
-    exact. NaN is passed through untouched (adding to its bits could turn it into Inf).
-    """
-    if EMULATE_RTNE and dst_ptr.dtype.element_ty == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-        v = tl.where(v == v, rounded, v)
-    return v.to(dst_ptr.dtype.element_ty)
 
 @triton.jit
 def _filter_norm_kernel(
@@ -103,7 +88,7 @@ def _filter_norm_kernel(
     what_ptr: [KH, KW, C_out, CG_IN] in w's dtype, contiguous (written iff STORE_W_HAT).
     eps: the epsilon inside the square root.
     KH, KW: filter size. STORE_W_HAT: also write w_hat (only dgrad needs it).
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_O: filters per program. BLOCK_F: filter elements (ci, kh, kw) per loop step.
     Grid: (cdiv(C_out, BLOCK_O),).
     """
@@ -139,7 +124,7 @@ def _filter_norm_kernel(
                     + (ci * stride_wc + kh * stride_wh + kw * stride_ww)[None, :])
             wv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             dst = what_ptr + (tap.to(tl.int64)[None, :] * C_out + o64[:, None]) * CG_IN + ci[None, :]
-            tl.store(dst, _to_dtype_of(wv * inv_rw[:, None], what_ptr, EMULATE_RTNE), mask=mask)
+            tl.store(dst, to_dtype_of(wv * inv_rw[:, None], what_ptr, EMULATE_RTNE), mask=mask)
 
 
 @triton.jit
@@ -169,7 +154,7 @@ def _prep_kernel(
     (one specialisation per output size; a network has a handful).
     OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
     STORE_HN, STORE_A, NEED_S, NEED_DB, NEED_DK: which outputs to write (output_mask).
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
     Grid: (R, G).
     """
@@ -206,7 +191,7 @@ def _prep_kernel(
         if STORE_HN:
             hn = grad_c * inv_rx[:, None]
             hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + offs_o[None, :]
-            tl.store(hn_ptrs, _to_dtype_of(hn, hn_ptr, EMULATE_RTNE), mask=mask)
+            tl.store(hn_ptrs, to_dtype_of(hn, hn_ptr, EMULATE_RTNE), mask=mask)
         if STORE_A:
             a_acc += tl.sum(gc, axis=1)
         if NEED_S:
@@ -238,7 +223,7 @@ def _reduce_partials_kernel(
     and NEED_DB). dk_ptr: [C_out] in k's dtype (iff FINAL and NEED_DK).
     ROWS_PER_PROGRAM: rows summed by one program (a multiple of BLOCK_R; >= R when FINAL).
     FINAL: write the gradients instead of next-level partials.
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_R: partial rows per loop step. BLOCK_C: channels per program.
     Grid: (cdiv(C_out, BLOCK_C), cdiv(R, ROWS_PER_PROGRAM)).
     """
@@ -266,9 +251,9 @@ def _reduce_partials_kernel(
         if NEED_S:
             tl.store(s_ptr + offs_c, tl.sum(acc_s, axis=0), mask=c_mask)
         if NEED_DB:
-            tl.store(db_ptr + offs_c, _to_dtype_of(tl.sum(acc_db, axis=0), db_ptr, EMULATE_RTNE), mask=c_mask)
+            tl.store(db_ptr + offs_c, to_dtype_of(tl.sum(acc_db, axis=0), db_ptr, EMULATE_RTNE), mask=c_mask)
         if NEED_DK:
-            tl.store(dk_ptr + offs_c, _to_dtype_of(tl.sum(acc_dk, axis=0), dk_ptr, EMULATE_RTNE), mask=c_mask)
+            tl.store(dk_ptr + offs_c, to_dtype_of(tl.sum(acc_dk, axis=0), dk_ptr, EMULATE_RTNE), mask=c_mask)
     else:
         out_offs = pid_r * C_out + offs_c
         if NEED_S:
@@ -304,7 +289,7 @@ def _dgrad_kernel(
     STEP_H = SH / gcd(SH, DH) (STEP_W likewise): distance between contributing taps of a phase.
     UPCAST_DOT: upcast 16-bit operands to fp32 before tl.dot (interpreter only).
     DOT_PRECISION: "tf32" or "ieee" for fp32 operands.
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_M: input pixels of one phase per program. BLOCK_N: input channels per program.
     BLOCK_K: output channels per reduction step.
     Grid: (cdiv(N*HP*WP, BLOCK_M), cdiv(CG_IN, BLOCK_N), G*SH*SW).
@@ -384,7 +369,7 @@ def _dgrad_kernel(
     dx = acc - xv * box[:, None]
     dx_offs = (n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw)[:, None] \
         + (c64 * stride_dxc)[None, :]
-    tl.store(dx_ptr + dx_offs, _to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
+    tl.store(dx_ptr + dx_offs, to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
 
 
 @triton.jit
@@ -473,7 +458,7 @@ def _dw_finalize_kernel(
     rw_ptr: [C_out] fp32. s_ptr: [C_out] fp32 (S_o = sum G c).
     dw_ptr: [C_out, CG_IN, KH, KW] in w's dtype, strides (stride_dwo, ...).
     KH, KW: filter size. BLOCK: weight elements per program.
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see _to_dtype_of).
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     Grid: (cdiv(KH*KW*C_out*CG_IN, BLOCK),).
     """
     pid = tl.program_id(0)
@@ -498,7 +483,7 @@ def _dw_finalize_kernel(
     inv_rw = 1.0 / r_w
     dw = acc * inv_rw - wv * (s_o * inv_rw * inv_rw)
     tl.store(dw_ptr + o * stride_dwo + ci * stride_dwc + kh * stride_dwh + kw * stride_dww,
-             _to_dtype_of(dw, dw_ptr, EMULATE_RTNE), mask=mask)
+             to_dtype_of(dw, dw_ptr, EMULATE_RTNE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------

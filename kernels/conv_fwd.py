@@ -30,14 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, clamp_cos, g_of_c
+from .angular import OPERATOR_CODES
 from .configs import (
     CONV_FWD_AUTOTUNE_KEY,
     conv_fwd_configs,
     conv_fwd_default_config,
     conv_fwd_interpreter_config,
+    fits_fma_dot,
     prune_conv_fwd_configs,
 )
+from .epilogue import store_sphere_tile
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -48,50 +50,60 @@ _CHANNEL_CHUNK_MIN = 16
 
 
 @triton.jit
-def _round_bf16_rtne(v):
-    """fp32 -> fp32 holding the bf16 value nearest to v (ties to even), so that the truncating
-    fp32->bf16 cast of the CPU interpreter rounds like the GPU's cvt.rn.  NaN stays NaN (adding
-    the rounding bias could carry a NaN's low payload into an Inf pattern)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(v != v, v, rounded)
+def _store_column_slice(acc, o_glob, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+                        bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """The epilogue of one column slice of the GEMM tile (see _store_gemm_tile).
+
+    acc: [BM, BS] fp32 dot products; o_glob: [BS] global output channels, valid below o_end;
+    r_x: [BM] fp32 patch norms; out_row: [BM] int64 offsets of the tile's pixels in y and c;
+    mask_m: [BM]; the other arguments as epilogue.store_sphere_tile."""
+    mask_n = o_glob < o_end
+    r_w = tl.sqrt(tl.load(w_sqnorm_ptr + o_glob, mask=mask_n, other=1.0) + eps)
+    out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
+    store_sphere_tile(acc, r_x[:, None] * r_w[None, :], o_glob, mask_n, out_offs,
+                       mask_m[:, None] & mask_n[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
+                       OPERATOR, HAS_BIAS, EMULATE_RTNE)
 
 
 @triton.jit
-def _store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
-                       bias_ptr, k_ptr, y_ptr, c_ptr,
-                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       EMULATE_RTNE: tl.constexpr):
-    """Epilogue shared by both kernels: c = clamp(acc / denom), y = g(c) + b, store y and c.
+def _store_gemm_tile(acc, o_first, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+                     bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The GEMM kernel's epilogue, run on four column quarters of the tile in turn.
 
-    acc: [BM, BN] fp32 dot products; denom: r_x * r_w broadcastable to acc (fp32).
-    o_glob: [BN] global output-channel index; mask_n: [BN] channel mask.
-    out_offs: [BM, BN] int64 element offsets into y and c (same strides); out_mask: [BM, BN].
-    bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
-    y_ptr, c_ptr: the [N, C_out, Ho, Wo] outputs (x's dtype) addressed through out_offs.
-    Constexprs: OPERATOR 0 linear / 1 cosine / 2 sigmoid; HAS_BIAS adds the bias after g;
-      EMULATE_RTNE rounds to bf16 by hand before the store (CPU interpreter with bf16 outputs
-      only: its cast truncates; never set for GPU compiles, where the cast rounds to nearest).
-    """
-    c = clamp_cos(acc / denom)
-    # c is stored before g is formed so that it can die element by element inside g: keeping
-    # both full tiles live at once pushes a 128x128 tile past 255 registers
-    if EMULATE_RTNE:
-        tl.store(c_ptr + out_offs, _round_bf16_rtne(c).to(c_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(c_ptr + out_offs, c.to(c_ptr.dtype.element_ty), mask=out_mask)
-    if OPERATOR == 2:
-        k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
-        g = g_of_c(c, k[None, :], OPERATOR)
-    else:
-        g = g_of_c(c, 1.0, OPERATOR)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + o_glob, mask=mask_n, other=0.0).to(tl.float32)
-        g = g + b[None, :]
-    if EMULATE_RTNE:
-        g = _round_bf16_rtne(g)
-    tl.store(y_ptr + out_offs, g.to(y_ptr.dtype.element_ty), mask=out_mask)
+    Forming c and g over a whole 128x128 fp32 tile at once needs more than 255 registers a
+    thread with 4 warps (the sigmoid epilogue spilled 1152 B a thread on sm_90, make aot-check);
+    a quarter at a time spills nothing. The reshape/permute/split only renames accumulator
+    registers (no shared-memory round trip in the PTX). o_first: the tile's first global output
+    channel; the rest as _store_column_slice."""
+    q: tl.constexpr = BLOCK_N // 4
+    o_q = o_first + tl.arange(0, q)
+    # acc[m, (2a + b) q + j] -> [m, b, j, a]: split by a into halves [m, b, j], each
+    # permuted to [m, j, b] and split by b into quarters
+    halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, q)), (0, 2, 3, 1))
+    left, right = tl.split(halves)
+    left = tl.permute(left, (0, 2, 1))
+    right = tl.permute(right, (0, 2, 1))
+    _store_column_half(left, o_q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, q)
+    _store_column_half(right, o_q + 2 * q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
+                       stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS,
+                       EMULATE_RTNE, q)
+
+
+@triton.jit
+def _store_column_half(half, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, Q: tl.constexpr):
+    """One half of _store_gemm_tile: ``half [BM, Q, 2]`` holds columns ``b * Q + j`` of the
+    half at ``[m, j, b]``; its two quarters go through _store_column_slice in turn."""
+    first, second = tl.split(half)
+    _store_column_slice(first, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
+                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
+    _store_column_slice(second, o_half + Q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
+                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
 
 
 @triton.jit
@@ -223,14 +235,11 @@ def _sphere_conv_fwd_kernel(
                 acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
 
     r_x = tl.sqrt(sumsq + eps)
-    r_w = tl.sqrt(tl.load(w_sqnorm_ptr + o_glob, mask=mask_n, other=1.0) + eps)
-
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
-    out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    _store_sphere_tile(acc, r_x[:, None] * r_w[None, :], o_glob, mask_n, out_offs, out_mask,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
+    _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1), r_x,
+                     out_row, mask_m, w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr,
+                     OPERATOR, HAS_BIAS, EMULATE_RTNE, BLOCK_M, BLOCK_N)
 
     if pid_n == 0:
         # r_x is the same for every N tile of this M tile: one writer
@@ -301,7 +310,7 @@ def _sphere_conv_dw_fwd_kernel(
                + wo.to(tl.int64) * stride_yw)
     out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
     out_mask = mask_m[:, None] & mask_c[None, :]
-    _store_sphere_tile(acc, r_x * r_w[None, :], offs_c, mask_c, out_offs, out_mask,
+    store_sphere_tile(acc, r_x * r_w[None, :], offs_c, mask_c, out_offs, out_mask,
                        bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
     rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
         + pix.to(tl.int64)[:, None]
@@ -638,7 +647,8 @@ def _spec(name, fn, dtype_name, constexprs, example_args, num_warps, num_stages,
 
 def aot_specs():
     """Compile specs for ``make aot-check`` (docs/ARCHITECTURE.md), one per kernel x config x
-    dtype: every GEMM config x fp16/bf16/fp32 (x tf32/ieee for fp32), the depthwise configs and
+    dtype: every GEMM config x fp16/bf16/fp32 (x tf32/ieee for fp32; ieee only for the
+    configs that fit the FMA dot, the others are pruned at launch), the depthwise configs and
     the filter-packing kernel per dtype.  They model the typical launches above with the
     heaviest epilogue (sigmoid, with bias); 8-warp GEMM configs are compiled as 1x1 convs, the
     only filters they run on.  ``gemm`` is False for fp32-ieee (allow_tf32 off: there is no
@@ -653,6 +663,8 @@ def aot_specs():
         example = dict(_GEMM_EXAMPLE, pad_h=taps // 2, pad_w=taps // 2)
         for dtype_name in ("fp16", "bf16", "fp32"):
             for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
+                if dtype_name == "fp32" and precision == "ieee" and not fits_fma_dot(cfg):
+                    continue  # pruned at launch: never runs
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
                                   UPCAST_DOT=False, EMULATE_RTNE=False, **cfg.kwargs)

@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, clamp_cos, dg_dc, dg_dk, g_of_c
+from .angular import OPERATOR_CODES, dg_dc, dg_dk
+from .epilogue import store_sphere_tile
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -128,20 +129,10 @@ def _sphere_linear_fwd_kernel(
 
     r_x = tl.sqrt(sumsq + eps)
     r_w = tl.load(r_w_ptr + cols, mask=col_mask, other=1.0)
-    c = acc / (r_x[:, None] * r_w[None, :])
-    c = clamp_cos(c)  # NaN stays NaN
-    if OPERATOR == 2:
-        kk = tl.load(k_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
-        y = g_of_c(c, kk[None, :], OPERATOR)
-    else:
-        y = g_of_c(c, 1.0, OPERATOR)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y + b[None, :]
     out_offsets = rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(y_ptr + out_offsets, y.to(y_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(c_ptr + out_offsets, c.to(c_ptr.dtype.element_ty), mask=out_mask)
+    store_sphere_tile(acc, r_x[:, None] * r_w[None, :], cols, col_mask, out_offsets,
+                      row_mask[:, None] & col_mask[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
+                      OPERATOR, HAS_BIAS, False)
     if pid_n == 0:
         tl.store(r_x_ptr + rows, r_x, mask=row_mask)
 

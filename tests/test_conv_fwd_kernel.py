@@ -521,3 +521,27 @@ def test_aot_compile_smallest_gemm_config_emits_wgmma():
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WGMMA CP_ASYNC" in proc.stdout, proc.stdout
+
+
+def test_config_pruning_follows_the_shape_and_the_dot_unit():
+    """The launch-time pruning: exact fp32 keeps only tiles that fit the FMA dot, tensor-core
+    dtypes keep the large tiles, 8 warps only for 1x1 filters, no N block far above C_out/G."""
+    cfgs = configs.conv_fwd_configs()
+    wide = dict(c_out_per_group=256, c_in_per_group=256, KH=3, KW=3)
+
+    def kept(dtype, precision, **shape):
+        x = torch.empty(1, dtype=dtype)
+        return configs.prune_conv_fwd_configs(cfgs, dict(wide, x_ptr=x, **shape),
+                                              DOT_PRECISION=precision)
+
+    def tiles(cs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in cs}
+
+    exact = kept(torch.float32, "ieee")
+    assert exact and all(configs.fits_fma_dot(c) for c in exact)
+    assert (128, 128, 64, 4) not in tiles(exact)
+    for dtype, precision in ((torch.float32, "tf32"), (torch.bfloat16, "ieee"), (torch.float16, "ieee")):
+        assert (128, 128, 64, 4) in tiles(kept(dtype, precision)), (dtype, precision)
+    assert all(w < 8 for *_, w in tiles(kept(torch.bfloat16, "ieee")))
+    assert (128, 128, 64, 8) in tiles(kept(torch.bfloat16, "ieee", KH=1, KW=1))
+    assert all(bn <= 16 for _, bn, _, _ in tiles(kept(torch.bfloat16, "ieee", c_out_per_group=16)))
