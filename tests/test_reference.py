@@ -70,19 +70,24 @@ def test_conv_forward_matches_independent_formula(operator, kernel, stride, padd
 @pytest.mark.parametrize("kernel,stride,padding,dilation,groups,c_in,c_out", CONV_OPTIONS)
 def test_conv_closed_form_backward_matches_autograd(operator, kernel, stride, padding, dilation, groups, c_in, c_out):
     inp = _inputs64(operator, kernel, stride, padding, dilation, groups, c_in, c_out)
+    expected, got = _closed_form_and_autograd_grads(inp)
+    for name, e, g in zip(("dx", "dw", "db", "dk"), expected, got):
+        assert_close(g, e, 1e-10, 1e-11, name)
+
+
+def _closed_form_and_autograd_grads(inp, mask=(True, True, True, True)):
+    """(autograd's gradients, the closed form's) of one fresh float64 case; checks y on the way."""
     leaves = [inp.x, inp.w, inp.bias] + ([inp.k] if inp.k is not None else [])
     for t in leaves:
         t.requires_grad_(True)
     y = R.conv2d_autograd(*inp.args(), EPS)
     dy = torch.randn_like(y)
     expected = torch.autograd.grad(y, leaves, dy)
-    with torch.no_grad():
-        y2, c, r_x = R.conv2d_forward(*inp.args(), EPS)
-        got = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding,
-                                inp.dilation, groups, operator, EPS)
+    y2, c, r_x = R.conv2d_forward(*inp.args(), EPS)
     assert_close(y2, y, 1e-12, 1e-12, "y")
-    for name, e, g in zip(("dx", "dw", "db", "dk"), expected, got):
-        assert_close(g, e, 1e-10, 1e-11, name)
+    got = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding,
+                            inp.dilation, inp.groups, inp.operator, EPS, mask)
+    return expected, got
 
 
 @pytest.mark.parametrize("operator", R.OPERATORS)
@@ -95,16 +100,7 @@ def test_conv_closed_form_batch_slices(monkeypatch, operator, groups, channels_l
     monkeypatch.setattr(R, "_SLICE_ELEMS", 1)
     inp = make_conv_inputs(n=3, c_in=4, h=6, w=5, c_out=6, kernel=3, stride=1, padding=1, groups=groups,
                            operator=operator, dtype=torch.float64, channels_last=channels_last)
-    leaves = [inp.x, inp.w, inp.bias] + ([inp.k] if inp.k is not None else [])
-    for t in leaves:
-        t.requires_grad_(True)
-    y = R.conv2d_autograd(*inp.args(), EPS)
-    dy = torch.randn_like(y)
-    expected = torch.autograd.grad(y, leaves, dy)
-    y2, c, r_x = R.conv2d_forward(*inp.args(), EPS)
-    assert_close(y2, y, 1e-12, 1e-12, "y")
-    got = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding, inp.dilation,
-                            groups, operator, EPS, mask)
+    expected, got = _closed_form_and_autograd_grads(inp, mask)
     for name, want, e, g in zip(("dx", "dw", "db", "dk"), mask, expected, got):
         if want and (name != "dk" or operator == "sigmoid"):
             assert_close(g, e, 1e-10, 1e-11, name)
