@@ -415,3 +415,24 @@ def test_low_precision_providers_pass_the_spot_check(provider, operator, dtype_n
     ok_wrong, _ = RN.spot_check(lambda x_, w_, b_, k_: fn(x_, w_, None, k_) + 0 * b_.sum(),
                                 inputs, ref, dtype_name)
     assert not ok_wrong
+
+
+def test_criterion_default_then_steady_allocator_in_a_fresh_process():
+    """The criterion's two allocator regimes (the steady one changes glibc's knobs for the rest
+    of the process, so it runs in its own interpreter here): both rows measured, page faults
+    counted, the steady pass labelled as such."""
+    code = (
+        "import json, torch\n"
+        "from bench import e2e, shapes\n"
+        "rows = e2e.run_criterion(torch.device('cpu'), rounds=2, operators=('cosine',),\n"
+        "                         shape=shapes.TINY[0])\n"
+        "print(json.dumps([{k: r.get(k) for k in ('allocator', 'status', 'ratio', 'sphere_faults')}\n"
+        "                  for r in rows]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["allocator"] for r in rows][0] == "default"
+    assert all(r["status"] == "ok" and r["ratio"] > 0 for r in rows)
+    if sys.platform.startswith("linux"):
+        assert [r["allocator"] for r in rows] == ["default", "steady"]
+        assert all(isinstance(r["sphere_faults"], (int, float)) for r in rows)
