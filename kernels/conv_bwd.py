@@ -99,32 +99,34 @@ def _filter_norm_kernel(
     n_f = CG_IN * KH * KW
     sumsq = tl.zeros([BLOCK_O, BLOCK_F], dtype=tl.float32)
     for f0 in range(0, n_f, BLOCK_F):
-        offs_f = f0 + tl.arange(0, BLOCK_F)
-        ci = offs_f // (KH * KW)
-        tap = offs_f % (KH * KW)
-        kh = tap // KW
-        kw = tap % KW
-        mask = o_mask[:, None] & (offs_f < n_f)[None, :]
-        ptrs = (w_ptr + o64[:, None] * stride_wo
-                + (ci * stride_wc + kh * stride_wh + kw * stride_ww)[None, :])
-        wv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        wv, _, _, _ = _load_filter_block(w_ptr, o64, o_mask, f0, n_f, stride_wo, stride_wc,
+                                         stride_wh, stride_ww, KH, KW, BLOCK_F)
         sumsq += wv * wv
     r_w = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
     tl.store(rw_ptr + offs_o, r_w, mask=o_mask)
     if STORE_W_HAT:
         inv_rw = 1.0 / r_w
         for f0 in range(0, n_f, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            ci = offs_f // (KH * KW)
-            tap = offs_f % (KH * KW)
-            kh = tap // KW
-            kw = tap % KW
-            mask = o_mask[:, None] & (offs_f < n_f)[None, :]
-            ptrs = (w_ptr + o64[:, None] * stride_wo
-                    + (ci * stride_wc + kh * stride_wh + kw * stride_ww)[None, :])
-            wv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            wv, ci, tap, mask = _load_filter_block(w_ptr, o64, o_mask, f0, n_f, stride_wo,
+                                                   stride_wc, stride_wh, stride_ww, KH, KW, BLOCK_F)
             dst = what_ptr + (tap.to(tl.int64)[None, :] * C_out + o64[:, None]) * CG_IN + ci[None, :]
             tl.store(dst, to_dtype_of(wv * inv_rw[:, None], what_ptr, EMULATE_RTNE), mask=mask)
+
+
+@triton.jit
+def _load_filter_block(w_ptr, o64, o_mask, f0, n_f, stride_wo, stride_wc, stride_wh, stride_ww,
+                       KH: tl.constexpr, KW: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Filter elements f0 .. f0 + BLOCK_F (in (ci, kh, kw) order) of the filters o64, in fp32:
+    ``(values [BLOCK_O, BLOCK_F], ci [BLOCK_F], tap = kh * KW + kw [BLOCK_F], mask)``."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    ci = offs_f // (KH * KW)
+    tap = offs_f % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+    mask = o_mask[:, None] & (offs_f < n_f)[None, :]
+    ptrs = (w_ptr + o64[:, None] * stride_wo
+            + (ci * stride_wc + kh * stride_wh + kw * stride_ww)[None, :])
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), ci, tap, mask
 
 
 @triton.jit

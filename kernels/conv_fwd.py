@@ -107,6 +107,33 @@ def _store_column_half(half, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, 
 
 
 @triton.jit
+def _output_pixels(offs_m, out_h, out_w, conv_stride_h, conv_stride_w, pad_h, pad_w):
+    """Flat output-pixel indices -> ``(n, pixel in the image, ho, wo, top row, left column)``,
+    the last two being the window's first input row/column (may be negative: padding)."""
+    hw_out = out_h * out_w
+    n_idx = offs_m // hw_out
+    pix = offs_m % hw_out
+    ho = pix // out_w
+    wo = pix % out_w
+    return n_idx, pix, ho, wo, ho * conv_stride_h - pad_h, wo * conv_stride_w - pad_w
+
+
+@triton.jit
+def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
+                     UPCAST_DOT: tl.constexpr):
+    """One K step of the implicit GEMM: ``acc += x_tile @ w_tile`` and the patch norms' sums of
+    squares ``sumsq += rowsum(x_tile^2)`` (in fp32: fp16 x^2 overflows for |x| > 256) from the
+    same loaded tile. x_tile [BM, BK], w_tile [BK, BN] in the input dtype; returns both."""
+    x_f32 = x_tile.to(tl.float32)
+    sumsq += tl.sum(x_f32 * x_f32, axis=1)
+    if UPCAST_DOT:
+        acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+    return acc, sumsq
+
+
+@triton.jit
 def _sphere_conv_fwd_kernel(
     x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
     n_pixels, c_out_per_group, c_in_per_group, groups,
@@ -169,12 +196,8 @@ def _sphere_conv_fwd_kernel(
     mask_n = offs_n < c_out_per_group
 
     hw_out = out_h * out_w
-    n_idx = offs_m // hw_out
-    pix = offs_m % hw_out
-    ho = pix // out_w
-    wo = pix % out_w
-    h_base = ho * conv_stride_h - pad_h
-    w_base = wo * conv_stride_w - pad_w
+    n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
+                                                        conv_stride_w, pad_h, pad_w)
 
     x_rows = (x_ptr + n_idx.to(tl.int64) * stride_xn
               + (g * c_in_per_group).to(tl.int64) * stride_xc)  # [BM] pointers
@@ -204,12 +227,7 @@ def _sphere_conv_fwd_kernel(
             x_tile = tl.load(x_ptrs, mask=valid_m[:, None] & mask_c[None, :], other=0.0)
             w_ptrs = w_cols[None, :] + (tap * c_in_per_group + offs_c)[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            x_f32 = x_tile.to(tl.float32)
-            sumsq += tl.sum(x_f32 * x_f32, axis=1)
-            if UPCAST_DOT:
-                acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+            acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT)
     else:
         for k0 in range(0, k_total, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -227,12 +245,7 @@ def _sphere_conv_fwd_kernel(
             x_tile = tl.load(x_ptrs, mask=valid, other=0.0)
             w_ptrs = w_cols[None, :] + offs_k[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            x_f32 = x_tile.to(tl.float32)
-            sumsq += tl.sum(x_f32 * x_f32, axis=1)
-            if UPCAST_DOT:
-                acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+            acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT)
 
     r_x = tl.sqrt(sumsq + eps)
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
@@ -282,12 +295,8 @@ def _sphere_conv_dw_fwd_kernel(
     mask_c = offs_c < channels
 
     hw_out = out_h * out_w
-    n_idx = offs_m // hw_out
-    pix = offs_m % hw_out
-    ho = pix // out_w
-    wo = pix % out_w
-    h_base = ho * conv_stride_h - pad_h
-    w_base = wo * conv_stride_w - pad_w
+    n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
+                                                        conv_stride_w, pad_h, pad_w)
     x_tile_base = (x_ptr + n_idx.to(tl.int64)[:, None] * stride_xn
                    + offs_c.to(tl.int64)[None, :] * stride_xc)
 

@@ -17,10 +17,11 @@ Backward, with ``G = dy * dg/dc`` (``kernels/angular.py``)::
     dw   = (G^T @ (x / r_x)) / r_w - w * S / r_w^2
     db   = sum_m dy                 dk[o] = sum_m dy * dg/dk
 
-Three kernels: (1) an elementwise pass over ``[M, out]`` tiles writes ``G`` (input dtype) and
+Two kernels: (1) an elementwise pass over ``[M, out]`` tiles writes ``G`` (input dtype) and
 fp32 per-tile partial sums of ``G c`` (per row and per column), ``dy`` and ``dy dg/dk``;
-(2) the dx GEMM and (3) the dw GEMM read ``G`` and finish by summing the partials in a fixed
-order (deterministic: no atomics anywhere). Scaling the *other* GEMM operand by its inverse norm
+(2) one GEMM kernel launched twice, for dx and (on ``G`` transposed, by its strides) for dw,
+reads ``G`` and finishes by summing the partials in a fixed order (deterministic: no atomics
+anywhere). Scaling the *other* GEMM operand by its inverse norm
 inside the K-loop (``w / r_w`` for dx, ``x / r_x`` for dw) keeps the fp16/bf16 operands of
 ``tl.dot`` well scaled (rows of unit norm) instead of storing ``G / (r_x r_w)``, which underflows
 in fp16 for large inputs (|x| ~ 300), and lets the remaining per-row factor leave the GEMM.
@@ -195,114 +196,64 @@ def _sphere_linear_bwd_grad_c_kernel(
 
 
 @triton.jit
-def _sphere_linear_bwd_dx_kernel(
-        grad_c_ptr, w_ptr, r_w_ptr, x_ptr, r_x_ptr, row_part_ptr, dx_ptr,
-        M, N, K, num_n_tiles,
-        stride_wn, stride_wk, stride_xm, stride_xk, stride_dxm, stride_dxk,
+def _sphere_linear_bwd_operand_kernel(
+        g_ptr, b_ptr, nb_ptr, a_ptr, na_ptr, part_ptr, out_ptr,
+        I, J, K, num_part_rows,
+        stride_gi, stride_gj, stride_bj, stride_bk, stride_ai, stride_ak, stride_oi, stride_ok,
         DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx = (G @ (w / r_w)) / r_x - x * A,  A = (sum of row partials) / r_x^2.
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gradient of one GEMM operand (dx or dw: the same computation, transposed):
 
-    grad_c_ptr:   [M, N] G (input dtype), contiguous.
-    w_ptr:        [N, K] filters, strides (stride_wn, stride_wk).
-    r_w_ptr:      [N] float32 filter norms.
-    x_ptr:        [M, K] input, strides (stride_xm, stride_xk).
-    r_x_ptr:      [M] float32 row norms saved by the forward.
-    row_part_ptr: [num_n_tiles, M] float32 partial sums of G*c, summed here in tile order.
-    dx_ptr:       [M, K] output (input dtype), strides (stride_dxm, stride_dxk).
-    num_n_tiles:  number of rows of row_part (cdiv(N, BLOCK_N) of the grad_c pass).
-    DOT_PRECISION / UPCAST_DOT: as in the forward kernel.
-    BLOCK_M, BLOCK_N (reduction), BLOCK_K: tile sizes.
-    Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)).
+        out[i, k] = (sum_j G'[i, j] B[j, k] / nb[j]) / na[i] - A[i, k] P[i] / na[i]^2,
+        P[i] = sum_t part[t, i] (summed here in tile order: deterministic).
+
+    dx: i = rows m, j = out features, G' = G, B = w, nb = r_w, A = x, na = r_x, part = the row
+        partials of G c (so P / r_x^2 is DESIGN's A).
+    dw: i = out features, j = rows m, G' = G^T (G's strides swapped), B = x, nb = r_x, A = w,
+        na = r_w, part = the column partials of G c (P = S).
+
+    g_ptr:    G' [I, J] (input dtype), strides (stride_gi, stride_gj).
+    b_ptr:    B [J, K], strides (stride_bj, stride_bk).   nb_ptr: [J] float32 norms.
+    a_ptr:    A [I, K], strides (stride_ai, stride_ak).   na_ptr: [I] float32 norms.
+    part_ptr: [num_part_rows, I] float32 contiguous partial sums.
+    out_ptr:  [I, K] output (input dtype), strides (stride_oi, stride_ok).
+    DOT_PRECISION / UPCAST_DOT: as in the forward kernel. Scaling B by 1/nb inside the loop keeps
+    the 16-bit dot operands unit-scaled (see the module docstring).
+    BLOCK_I, BLOCK_J (reduction), BLOCK_K: tile sizes.
+    Grid: (cdiv(I, BLOCK_I), cdiv(K, BLOCK_K)).
     """
-    pid_m = tl.program_id(0).to(tl.int64)
+    pid_i = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_mask = rows < M
-    k_mask = ks < K
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        # int64: ns * stride_wn and rows * N can pass 2^31 for large layers
-        ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_mask = ns < N
-        g = tl.load(grad_c_ptr + rows[:, None] * N + ns[None, :],
-                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        inv_r_w = 1.0 / tl.load(r_w_ptr + ns, mask=n_mask, other=1.0)
-        w_unit = w.to(tl.float32) * inv_r_w[:, None]
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    i_mask = offs_i < I
+    k_mask = offs_k < K
+    acc = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        # int64: offs_j * strides can pass 2^31 for large layers and batches
+        offs_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        j_mask = offs_j < J
+        g = tl.load(g_ptr + offs_i[:, None] * stride_gi + offs_j[None, :] * stride_gj,
+                    mask=i_mask[:, None] & j_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_k[None, :] * stride_bk,
+                    mask=j_mask[:, None] & k_mask[None, :], other=0.0)
+        inv_nb = 1.0 / tl.load(nb_ptr + offs_j, mask=j_mask, other=1.0)
+        b_unit = b.to(tl.float32) * inv_nb[:, None]
         if UPCAST_DOT:
-            acc = tl.dot(g.to(tl.float32), w_unit, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(g.to(tl.float32), b_unit, acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(g, w_unit.to(w.dtype), acc, input_precision=DOT_PRECISION)
-    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    part_ptrs = row_part_ptr + rows          # pointer steps stay 64-bit: t * M may pass 2^31
-    for _ in range(0, num_n_tiles):
-        a_sum += tl.load(part_ptrs, mask=row_mask, other=0.0)
-        part_ptrs += M
-    r_x = tl.load(r_x_ptr + rows, mask=row_mask, other=1.0)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    dx = acc / r_x[:, None] - x * (a_sum / (r_x * r_x))[:, None]
-    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-             dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def _sphere_linear_bwd_dw_kernel(
-        grad_c_ptr, x_ptr, r_x_ptr, w_ptr, r_w_ptr, col_part_ptr, dw_ptr,
-        M, N, K, num_m_tiles,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_dwn, stride_dwk,
-        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dw = (G^T @ (x / r_x)) / r_w - w * S / r_w^2,  S = sum of column partials.
-
-    grad_c_ptr:   [M, N] G (input dtype), contiguous.
-    x_ptr:        [M, K] input, strides (stride_xm, stride_xk).
-    r_x_ptr:      [M] float32 row norms saved by the forward.
-    w_ptr:        [N, K] filters, strides (stride_wn, stride_wk).
-    r_w_ptr:      [N] float32 filter norms.
-    col_part_ptr: [num_m_tiles, N] float32 partial column sums of G*c (first slab of the grad_c
-                  pass's col_part), summed here in tile order.
-    dw_ptr:       [N, K] output (w dtype), strides (stride_dwn, stride_dwk).
-    num_m_tiles:  number of rows of the partial slab.
-    DOT_PRECISION / UPCAST_DOT: as in the forward kernel.
-    BLOCK_M (reduction), BLOCK_N, BLOCK_K: tile sizes.
-    Grid: (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)).
-    """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_mask = ns < N
-    k_mask = ks < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        # int64: ms * N and ms * stride_xm can pass 2^31 for large batches
-        ms = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_mask = ms < M
-        g_t = tl.load(grad_c_ptr + ms[None, :] * N + ns[:, None],
-                      mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_M]
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        inv_r_x = 1.0 / tl.load(r_x_ptr + ms, mask=m_mask, other=1.0)
-        x_unit = x.to(tl.float32) * inv_r_x[:, None]
-        if UPCAST_DOT:
-            acc = tl.dot(g_t.to(tl.float32), x_unit, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(g_t, x_unit.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    part_ptrs = col_part_ptr + ns            # pointer steps stay 64-bit: t * N may pass 2^31
-    for _ in range(0, num_m_tiles):
-        s_sum += tl.load(part_ptrs, mask=n_mask, other=0.0)
-        part_ptrs += N
-    r_w = tl.load(r_w_ptr + ns, mask=n_mask, other=1.0)
-    w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
-                mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    dw = acc / r_w[:, None] - w * (s_sum / (r_w * r_w))[:, None]
-    tl.store(dw_ptr + ns[:, None] * stride_dwn + ks[None, :] * stride_dwk,
-             dw.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+            acc = tl.dot(g, b_unit.to(b.dtype), acc, input_precision=DOT_PRECISION)
+    p_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    part_ptrs = part_ptr + offs_i            # pointer steps stay 64-bit: t * I may pass 2^31
+    for _ in range(0, num_part_rows):
+        p_sum += tl.load(part_ptrs, mask=i_mask, other=0.0)
+        part_ptrs += I
+    na = tl.load(na_ptr + offs_i, mask=i_mask, other=1.0)
+    a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_k[None, :] * stride_ak,
+                mask=i_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    out = acc / na[:, None] - a * (p_sum / (na * na))[:, None]
+    tl.store(out_ptr + offs_i[:, None] * stride_oi + offs_k[None, :] * stride_ok,
+             out.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & k_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +447,20 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
     return y, c, r_x
 
 
+def _launch_operand_grad(cfg, precision, upcast, g, g_strides, b, nb, a, na, part, out,
+                         i_size, j_size, k_size):
+    """One launch of _sphere_linear_bwd_operand_kernel (dx or dw, see its docstring)."""
+    grid = (triton.cdiv(i_size, cfg["BLOCK_OUT_ROWS"]), triton.cdiv(k_size, cfg["BLOCK_OUT_COLS"]))
+    _launch(_sphere_linear_bwd_operand_kernel, grid,
+            g, b, nb, a, na, part, out,
+            i_size, j_size, k_size, part.shape[0],
+            *g_strides, b.stride(0), b.stride(1), a.stride(0), a.stride(1),
+            out.stride(0), out.stride(1),
+            DOT_PRECISION=precision, UPCAST_DOT=upcast,
+            BLOCK_I=cfg["BLOCK_OUT_ROWS"], BLOCK_J=cfg["BLOCK_RED"], BLOCK_K=cfg["BLOCK_OUT_COLS"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                       k: Optional[torch.Tensor], c: torch.Tensor, r_x: torch.Tensor,
                       operator: str, eps: float,
@@ -557,28 +522,13 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
         precision = _dot_precision(x.dtype)
         cfg = _bwd_gemm_config(x.dtype, precision)
         upcast = _interpreting() and x.dtype != torch.float32
-        if need_dx:
-            grid = (triton.cdiv(m, cfg["BLOCK_OUT_ROWS"]), triton.cdiv(kdim, cfg["BLOCK_OUT_COLS"]))
-            _launch(_sphere_linear_bwd_dx_kernel, grid,
-                    grad_c, w, r_w, x, r_x, row_part, dx,
-                    m, n, kdim, num_n_tiles,
-                    w.stride(0), w.stride(1), x.stride(0), x.stride(1),
-                    dx.stride(0), dx.stride(1),
-                    DOT_PRECISION=precision, UPCAST_DOT=upcast,
-                    BLOCK_M=cfg["BLOCK_OUT_ROWS"], BLOCK_N=cfg["BLOCK_RED"],
-                    BLOCK_K=cfg["BLOCK_OUT_COLS"],
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if need_dw:
-            grid = (triton.cdiv(n, cfg["BLOCK_OUT_ROWS"]), triton.cdiv(kdim, cfg["BLOCK_OUT_COLS"]))
-            _launch(_sphere_linear_bwd_dw_kernel, grid,
-                    grad_c, x, r_x, w, r_w, col_part, dw,
-                    m, n, kdim, num_m_tiles,
-                    x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-                    dw.stride(0), dw.stride(1),
-                    DOT_PRECISION=precision, UPCAST_DOT=upcast,
-                    BLOCK_M=cfg["BLOCK_RED"], BLOCK_N=cfg["BLOCK_OUT_ROWS"],
-                    BLOCK_K=cfg["BLOCK_OUT_COLS"],
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        n_stride = grad_c.stride(0)
+        if need_dx:   # i = rows, j = out features
+            _launch_operand_grad(cfg, precision, upcast, grad_c, (n_stride, 1), w, r_w, x, r_x,
+                                 row_part, dx, m, n, kdim)
+        if need_dw:   # i = out features, j = rows: G transposed
+            _launch_operand_grad(cfg, precision, upcast, grad_c, (1, n_stride), x, r_x, w, r_w,
+                                 col_part[0], dw, n, m, kdim)
     return dx, dw, db, dk
 
 
@@ -608,10 +558,6 @@ def aot_specs() -> list:
             cfg = _gemm_config(dtype, precision)
             blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
             bcfg = _bwd_gemm_config(dtype, precision)
-            dx_blocks = dict(BLOCK_M=bcfg["BLOCK_OUT_ROWS"], BLOCK_N=bcfg["BLOCK_RED"],
-                             BLOCK_K=bcfg["BLOCK_OUT_COLS"])
-            dw_blocks = dict(BLOCK_M=bcfg["BLOCK_RED"], BLOCK_N=bcfg["BLOCK_OUT_ROWS"],
-                             BLOCK_K=bcfg["BLOCK_OUT_COLS"])
             tag = f"{_TL_DTYPES[dtype]}" + (f"_{precision}" if dtype == torch.float32 else "")
             gemm = on_tensor_cores or precision == "tf32"
             specs.append(dict(
@@ -630,35 +576,29 @@ def aot_specs() -> list:
                 example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, stride_xm=_EX_K, stride_xk=1,
                                   stride_wn=_EX_K, stride_wk=1, stride_ym=_EX_N, stride_yn=1),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm))
-            common = {"M": "i32", "N": "i32", "K": "i32"}
-            specs.append(dict(
-                name=f"linear_bwd_dx_{tag}", fn=_sphere_linear_bwd_dx_kernel,
-                signature={"grad_c_ptr": t, "w_ptr": t, "r_w_ptr": "*fp32", "x_ptr": t,
-                           "r_x_ptr": "*fp32", "row_part_ptr": "*fp32", "dx_ptr": t,
-                           **common, "num_n_tiles": "i32",
-                           "stride_wn": "i32", "stride_wk": "i32", "stride_xm": "i32",
-                           "stride_xk": "i32", "stride_dxm": "i32", "stride_dxk": "i32",
-                           "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
-                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-                constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **dx_blocks),
-                example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, num_n_tiles=_EX_N // 64,
-                                  stride_wn=_EX_K, stride_wk=1, stride_xm=_EX_K, stride_xk=1,
-                                  stride_dxm=_EX_K, stride_dxk=1),
-                num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype, gemm=gemm))
-            specs.append(dict(
-                name=f"linear_bwd_dw_{tag}", fn=_sphere_linear_bwd_dw_kernel,
-                signature={"grad_c_ptr": t, "x_ptr": t, "r_x_ptr": "*fp32", "w_ptr": t,
-                           "r_w_ptr": "*fp32", "col_part_ptr": "*fp32", "dw_ptr": t,
-                           **common, "num_m_tiles": "i32",
-                           "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32",
-                           "stride_wk": "i32", "stride_dwn": "i32", "stride_dwk": "i32",
-                           "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
-                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-                constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **dw_blocks),
-                example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, num_m_tiles=_EX_M // 64,
-                                  stride_xm=_EX_K, stride_xk=1, stride_wn=_EX_K, stride_wk=1,
-                                  stride_dwn=_EX_K, stride_dwk=1),
-                num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype, gemm=gemm))
+            operand_blocks = dict(BLOCK_I=bcfg["BLOCK_OUT_ROWS"], BLOCK_J=bcfg["BLOCK_RED"],
+                                  BLOCK_K=bcfg["BLOCK_OUT_COLS"])
+            # dx: i = rows (G row-major), j = out features; dw: G transposed
+            for what, i_size, j_size, g_strides in (("dx", _EX_M, _EX_N, (_EX_N, 1)),
+                                                    ("dw", _EX_N, _EX_M, (1, _EX_N))):
+                specs.append(dict(
+                    name=f"linear_bwd_{what}_{tag}", fn=_sphere_linear_bwd_operand_kernel,
+                    signature={"g_ptr": t, "b_ptr": t, "nb_ptr": "*fp32", "a_ptr": t,
+                               "na_ptr": "*fp32", "part_ptr": "*fp32", "out_ptr": t,
+                               "I": "i32", "J": "i32", "K": "i32", "num_part_rows": "i32",
+                               "stride_gi": "i32", "stride_gj": "i32", "stride_bj": "i32",
+                               "stride_bk": "i32", "stride_ai": "i32", "stride_ak": "i32",
+                               "stride_oi": "i32", "stride_ok": "i32",
+                               "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
+                               "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
+                               "BLOCK_K": "constexpr"},
+                    constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **operand_blocks),
+                    example_args=dict(I=i_size, J=j_size, K=_EX_K, num_part_rows=j_size // 64,
+                                      stride_gi=g_strides[0], stride_gj=g_strides[1],
+                                      stride_bj=_EX_K, stride_bk=1, stride_ai=_EX_K, stride_ak=1,
+                                      stride_oi=_EX_K, stride_ok=1),
+                    num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype,
+                    gemm=gemm))
         specs.append(dict(
             name=f"linear_bwd_grad_c_sigmoid_{_TL_DTYPES[dtype]}",
             fn=_sphere_linear_bwd_grad_c_kernel,

@@ -327,14 +327,21 @@ def test_gpu_large_shapes(dtype, rel_atol, operator):
 
 
 @pytest.mark.gpu
-def test_gpu_tf32():
+@pytest.mark.parametrize("tiles", [None, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                              num_stages=3)], ids=["default-w8", "128x64-w4"])
+def test_gpu_tf32(tiles, monkeypatch):
     """tf32 tensor cores: c and y within a first-order bound of what tf32 operands can cost.
+
+    Run with the launcher's tiles (8 warps) and with a 4-warp tile, so that a failure says
+    whether it follows the 8-warp config.
 
     tf32 keeps 10 explicit mantissa bits (rounded or truncated: relative error <= 2^-10 per
     operand), so each product x_k w_k moves by <= 2 * 2^-10 |x_k w_k| and the cosine by
     ``dc <= 2^-9 sum_k |x_k| |w_k| / (r_x r_w)`` (plus fp32 accumulation). An element beyond that
     is a kernel error, not tf32 rounding; the message names it (an H200 run once saw one y element
     0.03 off under the old fixed 1e-2 tolerance, cause not established)."""
+    if tiles is not None:
+        monkeypatch.setattr(KL, "_gemm_config", lambda dtype, precision: dict(tiles))
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
