@@ -286,6 +286,12 @@ def sphere_norm2d(input: Tensor, kernel_size: int = 1, *, operator: str = "cosin
     bounded arccos derivative of the SphereConv ops. ``k``: as :func:`sphere_conv2d` (sigmoid),
     one per channel.
     """
+    return _sphere_norm2d(input, kernel_size, operator, k, eps, check_k=True)
+
+
+def _sphere_norm2d(input, kernel_size, operator, k, eps, check_k: bool) -> Tensor:
+    # check_k=False: the module's k = |kappa| + 0.05 is positive by construction, and checking a
+    # CUDA tensor's values would synchronise with the device on every call
     _check_float("input", input)
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
@@ -294,7 +300,7 @@ def sphere_norm2d(input: Tensor, kernel_size: int = 1, *, operator: str = "cosin
         raise ValueError(f"kernel_size must be a positive odd integer (same padding), got {kernel_size!r}")
     _check_operator(operator)
     _check_eps(eps)
-    k_t = prepare_k(operator, k, input.shape[1], input)
+    k_t = prepare_k(operator, k, input.shape[1], input, check_values=check_k)
     cd = reference.compute_dtype(input.dtype)
     x = input.to(cd)
     energy = (x * x).sum(dim=1, keepdim=True)

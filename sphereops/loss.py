@@ -264,6 +264,9 @@ class GASoftmaxLoss(nn.Module):
         self.lambda_schedule = self._make_schedule(lambda_schedule)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
+        # host copy of `iteration`, so a training step does not wait on the device to read it;
+        # re-read whenever the buffer was replaced or written outside forward (resume, fill_)
+        self._iteration_host, self._iteration_key = 0, None
         self.last_logits: Optional[Tensor] = None
         self.reset_parameters()
 
@@ -292,7 +295,13 @@ class GASoftmaxLoss(nn.Module):
         """lambda for the current iteration (0 without a schedule)."""
         if self.lambda_schedule is None:
             return 0.0
-        return float(self.lambda_schedule(int(self.iteration.item())))
+        return float(self.lambda_schedule(self._iteration_now()))
+
+    def _iteration_now(self) -> int:
+        key = (id(self.iteration), self.iteration._version)
+        if key != self._iteration_key:
+            self._iteration_host, self._iteration_key = int(self.iteration.item()), key
+        return self._iteration_host
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         _validate(input, self.weight, target)
@@ -304,7 +313,9 @@ class GASoftmaxLoss(nn.Module):
                                         k, lam)
         self.last_logits = plain.detach()
         if self.training and self.lambda_schedule is not None:
+            host = self._iteration_now() + 1
             self.iteration += 1
+            self._iteration_host, self._iteration_key = host, (id(self.iteration), self.iteration._version)
         return F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
                                else logits, target, reduction=self.reduction)
 

@@ -262,6 +262,16 @@ def test_sphereface_lambda_schedule():
     loss_fn(x, target)
     assert int(loss_fn.iteration) == 3, "eval forwards must not advance the schedule"
     assert "iteration" in loss_fn.state_dict()
+    # the schedule follows the buffer when it is written outside forward (resume, fill_)
+    resumed = GASoftmaxLoss(10, 5, margin=4, lambda_schedule="sphereface").double()
+    assert resumed.current_lambda() == pytest.approx(1000.0)
+    resumed.load_state_dict(loss_fn.state_dict())
+    assert resumed.current_lambda() == pytest.approx(1000.0 / (1 + 0.12 * 3))
+    resumed.iteration.fill_(100)
+    assert resumed.current_lambda() == pytest.approx(max(5.0, 1000.0 / (1 + 0.12 * 100)))
+    resumed(x, target)
+    assert int(resumed.iteration) == 101
+    assert resumed.current_lambda() == pytest.approx(max(5.0, 1000.0 / (1 + 0.12 * 101)))
     const = GASoftmaxLoss(10, 5, margin=2, lambda_schedule=2.5)
     assert const.current_lambda() == 2.5
 
