@@ -13,8 +13,8 @@ Forward (DESIGN §1)::
 Three implementations share the same arithmetic:
 
 * :func:`conv2d_forward` / :func:`conv2d_backward` -- closed form (run under ``no_grad``: not
-  themselves differentiable), the CPU path and the specification the Triton kernels must match (saved state: ``c`` in the input dtype and ``r_x``
-  in fp32, exactly what the kernels save);
+  themselves differentiable), the CPU path and the specification the Triton kernels must match
+  (saved state: ``c`` in the input dtype and ``r_x`` in fp32, exactly what the kernels save);
 * :func:`conv2d_autograd` -- the same forward written with differentiable PyTorch primitives, so
   ``torch.autograd`` derives the gradients independently (the float64 gradient oracle);
 * the ``linear_*`` twins, where a patch is one row of the input.
@@ -228,7 +228,8 @@ def _grad_h(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: O
 
     * ``dL/dc = (2 coth(A) / k) * dy * sigma(1-sigma) / sqrt(max(1 - c^2, DELTA))``;
     * ``dk = alpha sum(dy tanh B) - beta sum(dy B sech^2 B)`` with ``alpha = A csch^2(A) / k``,
-      ``beta = coth(A) / k``, i.e. ``alpha (2 sum(dy sigma) - sum(dy)) - 2 beta sum(dy 2B sigma(1-sigma))``.
+      ``beta = coth(A) / k``, i.e.
+      ``alpha (2 sum(dy sigma) - sum(dy)) - 2 beta sum(dy 2B sigma(1-sigma))``.
     """
     n = dy.shape[0]
     inv_rx = r_x.reciprocal()
