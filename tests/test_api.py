@@ -321,3 +321,20 @@ def test_depthwise_backward_dispatch_on_gpu_only():
     assert ops._conv2d_backward_impl("triton", on_gpu, grouped_w, 4) is not R
     assert ops._conv2d_backward_impl("triton", on_gpu, torch.empty(16, 1, 3, 3), 8) is not R  # multiplier 2
     assert ops._conv2d_backward_impl("reference", on_gpu, depthwise_w, 8) is R
+
+
+@pytest.mark.parametrize("fn", ["conv", "linear"])
+def test_double_backward_is_refused_not_silently_wrong(fn):
+    """The closed-form backward is not itself differentiable: differentiating it raises."""
+    import sphereops
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    if fn == "conv":
+        w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+        y = sphereops.sphere_conv2d(x, w, padding=1, operator="linear", backend="reference")
+    else:
+        w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        y = sphereops.sphere_linear(x, w, operator="linear", backend="reference")
+    dy = torch.randn_like(y, requires_grad=True)
+    (gx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gx.sum(), (x, dy))
