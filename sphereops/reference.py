@@ -241,10 +241,10 @@ def _grad_h(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: O
     per_sample = dy[0].numel()
     if operator == "linear":
         if need_grad:
+            scaled_inv_rx = inv_rx.mul_(2.0 / math.pi)   # dg/dtheta = -2/pi rides on 1/r_x
             for rows in _batch_slices(n, per_sample):
                 t = torch.addcmul(one, c[rows], c[rows], value=-1.0).clamp_(min=ARCCOS_DELTA).rsqrt_()
-                t.mul_(dy[rows]).mul_(2.0 / math.pi)
-                _scale_by_patch(t, inv_rx[rows], groups, out=h[rows])
+                _scale_by_patch(t.mul_(dy[rows]), scaled_inv_rx[rows], groups, out=h[rows])
         return h, dk
     kv = k.reshape(-1)
     inv_k = (1.0 / kv).reshape(1, -1, 1, 1)
