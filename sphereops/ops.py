@@ -70,20 +70,6 @@ def _impl(backend: str):
     raise ValueError(f"backend must be 'reference' or 'triton' at the op level, got {backend!r}")
 
 
-def _conv2d_backward_impl(backend: str, x: Tensor, w: Tensor, groups: int):
-    """The backward implementation for this conv.
-
-    Pure depthwise convs (one input and one output channel per group) on a GPU use the reference
-    backward (cuDNN's depthwise dgrad/wgrad plus elementwise passes): the Triton backward runs
-    them as 16-wide padded GEMMs and measured 12.8 ms against the reference's 1.13 ms on an H200
-    (64x256x28x28, bf16, bench/results/20261127-0818_*). The interpreter (CPU) keeps the Triton
-    path so CI still tests it."""
-    depthwise = w.shape[1] == 1 and w.shape[0] == groups
-    if backend == "triton" and depthwise and x.is_cuda:
-        return reference
-    return _impl(backend)
-
-
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
@@ -118,7 +104,7 @@ def conv2d_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor]
 def conv2d_bwd(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                stride: List[int], padding: List[int], dilation: List[int], groups: int, operator: str,
                eps: float, backend: str, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _conv2d_backward_impl(backend, x, w, groups)
+    impl = _impl(backend)
     grads = impl.conv2d_backward(dy, x, w, k, c, r_x, tuple(stride), tuple(padding), tuple(dilation),
                                  groups, operator, eps, tuple(output_mask))
     return tuple(_empty_if_none(g, x) for g in grads)
@@ -208,7 +194,7 @@ class _Conv2dFunction(torch.autograd.Function):
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
         dy = dy.contiguous(memory_format=_memory_format_of(c))
         with _set_wrap_triton_enabled(False):
-            impl = _conv2d_backward_impl(backend, x, w, groups)
+            impl = _impl(backend)
             dx, dw, db, dk = impl.conv2d_backward(dy, x, w, k, c, r_x, stride, padding, dilation,
                                                   groups, operator, eps, need)
         return _input_grads((dx, dw, db, dk), need, operator, 7)

@@ -309,20 +309,6 @@ def test_torch_compile_fullgraph_matches_eager():
     assert model[0].kappa.grad is not None and bool(torch.isfinite(model[0].weight.grad).all())
 
 
-def test_depthwise_backward_dispatch_on_gpu_only():
-    """Pure depthwise backward on CUDA goes to the reference (measured 10x faster there); the
-    interpreter path and every other conv keep the Triton backward."""
-    from types import SimpleNamespace
-
-    from sphereops import ops
-    depthwise_w, grouped_w = torch.empty(8, 1, 3, 3), torch.empty(8, 2, 3, 3)
-    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
-    assert ops._conv2d_backward_impl("triton", on_gpu, depthwise_w, 8) is R
-    assert ops._conv2d_backward_impl("triton", on_gpu, grouped_w, 4) is not R
-    assert ops._conv2d_backward_impl("triton", on_gpu, torch.empty(16, 1, 3, 3), 8) is not R  # multiplier 2
-    assert ops._conv2d_backward_impl("reference", on_gpu, depthwise_w, 8) is R
-
-
 @pytest.mark.parametrize("fn", ["conv", "linear"])
 def test_double_backward_is_refused_not_silently_wrong(fn):
     """The closed-form backward is not itself differentiable: differentiating it raises."""
