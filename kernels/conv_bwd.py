@@ -380,6 +380,22 @@ def _dgrad_kernel(
 
 
 @triton.jit
+def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_xw,
+                    HoWo: tl.constexpr, Wo: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """For output pixels offs_m [BM] (flat n*Ho*Wo index) and filter tap (kh, kw): the int64
+    offset of the input pixel the tap reads (without the channel term) and whether it lies
+    inside the image (not padding) -- the x operand rows of both wgrad kernels."""
+    n = offs_m // HoWo
+    hw = offs_m % HoWo
+    hi = (hw // Wo) * SH - PH + kh * DH
+    wi = (hw % Wo) * SW - PW + kw * DW
+    valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    return (n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh
+            + wi.to(tl.int64) * stride_xw), valid
+
+
+@triton.jit
 def _wgrad_kernel(
     hn_ptr, x_ptr, part_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, M_PER_SPLIT, SPLIT,
@@ -429,16 +445,10 @@ def _wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        n = offs_m // HoWo
-        hw = offs_m % HoWo
-        ho = hw // Wo
-        wo = hw % Wo
-        hi = ho * SH - PH + kh * DH
-        wi = wo * SW - PW + kw * DW
-        valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
+                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW)
         ht = tl.load(hn_ptr + offs_m.to(tl.int64)[None, :] * C_out + offs_o[:, None],
                      mask=o_mask[:, None] & m_mask[None, :], other=0.0)
-        x_row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
         xt = tl.load(x_ptr + x_row[:, None] + x_chan, mask=valid[:, None] & ci_mask[None, :], other=0.0)
         if UPCAST_DOT:
             ht = ht.to(tl.float32)
@@ -555,14 +565,10 @@ def _depthwise_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        n = offs_m // HoWo
-        hw = offs_m % HoWo
-        hi = (hw // Wo) * SH - PH + kh * DH
-        wi = (hw % Wo) * SW - PW + kw * DW
-        valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
+                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW)
         h = tl.load(hn_ptr + offs_m.to(tl.int64)[:, None] * C + c64[None, :],
                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-        x_row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
         xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :],
                      mask=valid[:, None] & c_mask[None, :], other=0.0)
         acc += h.to(tl.float32) * xv.to(tl.float32)
