@@ -38,8 +38,10 @@ class _SphereCellBase(nn.Module):
 
     _num_gates = 1
 
-    def __init__(self, input_size, hidden_size, bias, operator, k, learnable_k, k_init, eps,
-                 backend, device, dtype):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *,
+                 operator: str = "cosine", k: float = 0.3, learnable_k: bool = False,
+                 k_init: float = 0.5, eps: float = DEFAULT_EPS, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
@@ -97,14 +99,7 @@ class SphereLSTMCell(_SphereCellBase):
     :class:`sphereops.nn.SphereLinear` projections.
     """
 
-    _num_gates = 4
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *,
-                 operator: str = "cosine", k: float = 0.3, learnable_k: bool = False,
-                 k_init: float = 0.5, eps: float = DEFAULT_EPS, backend: str = "auto",
-                 device=None, dtype=None):
-        super().__init__(input_size, hidden_size, bias, operator, k, learnable_k, k_init, eps,
-                         backend, device, dtype)
+    _num_gates = 4   # the constructor's signature is the base class's
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
                 ) -> Tuple[Tensor, Tensor]:
@@ -126,14 +121,7 @@ class SphereGRUCell(_SphereCellBase):
     ``forward(input, hx=None) -> h'``.
     """
 
-    _num_gates = 3
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *,
-                 operator: str = "cosine", k: float = 0.3, learnable_k: bool = False,
-                 k_init: float = 0.5, eps: float = DEFAULT_EPS, backend: str = "auto",
-                 device=None, dtype=None):
-        super().__init__(input_size, hidden_size, bias, operator, k, learnable_k, k_init, eps,
-                         backend, device, dtype)
+    _num_gates = 3   # the constructor's signature is the base class's
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, (h,), batched = self._prepare(input, None if hx is None else (hx,), 1)
