@@ -80,7 +80,7 @@ SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -
     > "$OUT_DIR/gpu_tests.log" 2>&1
 rc=$?
 case $rc in
-  0) say "gpu tests passed" ;;
+  0) say "gpu tests passed: $(grep -E '[0-9]+ (passed|skipped)' "$OUT_DIR/gpu_tests.log" | tail -1)" ;;
   5) say "no gpu-marked tests collected (tier absent): nothing to run" ;;
   124|130|137) say "gpu tests hit the ${GPU_TESTS_TIMEOUT}s limit (rc $rc)" ;;
   *) say "gpu tests FAILED (rc $rc)" ;;
