@@ -32,13 +32,18 @@ def check_operator_args(operator: str, k: float, learnable_k: bool, k_init: floa
 
 
 class _SphereMixin:
-    """The operator state shared by SphereConv2d and SphereLinear."""
+    """The operator state shared by SphereConv2d, SphereLinear (``_init_sphere``: operator and
+    backend) and SphereNorm2d (``_init_operator``: the operator alone)."""
 
     def _init_sphere(self, n_out, operator, k, learnable_k, k_init, eps, backend, factory):
-        check_operator_args(operator, k, learnable_k, k_init, eps)
         if backend not in SF.BACKENDS:
             raise ValueError(f"backend must be one of {SF.BACKENDS}, got {backend!r}")
-        self.operator, self.eps, self.backend = operator, float(eps), backend
+        self._init_operator(n_out, operator, k, learnable_k, k_init, eps, factory)
+        self.backend = backend
+
+    def _init_operator(self, n_out, operator, k, learnable_k, k_init, eps, factory):
+        check_operator_args(operator, k, learnable_k, k_init, eps)
+        self.operator, self.eps = operator, float(eps)
         self.learnable_k = bool(learnable_k)
         self.k_init = float(k_init)
         self.k = float(k) if operator == "sigmoid" and not learnable_k else None
@@ -53,12 +58,16 @@ class _SphereMixin:
             return self.kappa.abs() + K_FLOOR
         return self.k
 
-    def _sphere_repr(self) -> str:
+    def _operator_repr(self) -> str:
         s = f", operator={self.operator}"
         if self.operator == "sigmoid":
             s += f", learnable_k=True, k_init={self.k_init}" if self.learnable_k else f", k={self.k}"
         if self.eps != DEFAULT_EPS:
             s += f", eps={self.eps}"
+        return s
+
+    def _sphere_repr(self) -> str:
+        s = self._operator_repr()
         if self.backend != "auto":
             s += f", backend={self.backend}"
         return s

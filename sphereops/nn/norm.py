@@ -36,12 +36,12 @@ from torch import Tensor, nn
 
 from .. import functional as SF
 from ..reference import DEFAULT_EPS
-from .conv import K_FLOOR, check_operator_args
+from .conv import K_FLOOR, _SphereMixin
 
 __all__ = ["SphereNorm2d"]
 
 
-class SphereNorm2d(nn.Module):
+class SphereNorm2d(_SphereMixin, nn.Module):
     """Normalisation by SphereConv with fixed axis filters (see the module docstring).
 
     Args:
@@ -66,16 +66,10 @@ class SphereNorm2d(nn.Module):
                 or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer (same padding), got "
                              f"{kernel_size!r}")
-        check_operator_args(operator, k, learnable_k, k_init, eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.kernel_size = int(num_features), int(kernel_size)
-        self.operator, self.eps, self.affine = operator, float(eps), bool(affine)
-        self.learnable_k, self.k_init = bool(learnable_k), float(k_init)
-        self.k = float(k) if operator == "sigmoid" and not learnable_k else None
-        if self.learnable_k:
-            self.kappa = nn.Parameter(torch.empty(self.num_features, **factory))
-        else:
-            self.register_parameter("kappa", None)
+        self._init_operator(self.num_features, operator, k, learnable_k, k_init, eps, factory)
+        self.affine = bool(affine)
         if self.affine:
             self.weight = nn.Parameter(torch.empty(self.num_features, **factory))
             self.bias = nn.Parameter(torch.empty(self.num_features, **factory))
@@ -91,10 +85,6 @@ class SphereNorm2d(nn.Module):
             if self.affine:
                 self.weight.fill_(math.sqrt(self.num_features * self.kernel_size ** 2))
                 self.bias.zero_()
-
-    def effective_k(self):
-        """k as the norm sees it: None, a float, or the per-channel ``|kappa| + 0.05``."""
-        return self.kappa.abs() + K_FLOOR if self.kappa is not None else self.k
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() != 4:
@@ -112,9 +102,7 @@ class SphereNorm2d(nn.Module):
         return u * self.weight.view(1, -1, 1, 1).to(u.dtype) + self.bias.view(1, -1, 1, 1).to(u.dtype)
 
     def extra_repr(self) -> str:
-        s = f"{self.num_features}, kernel_size={self.kernel_size}, operator={self.operator}"
-        if self.operator == "sigmoid":
-            s += f", learnable_k=True, k_init={self.k_init}" if self.learnable_k else f", k={self.k}"
+        s = f"{self.num_features}, kernel_size={self.kernel_size}" + self._operator_repr()
         if not self.affine:
             s += ", affine=False"
         return s
