@@ -435,19 +435,23 @@ def _grads_or_none(outputs, inputs_with_grad, all_inputs, dy):
     return [by_id.get(id(t)) if t is not None else None for t in all_inputs]
 
 
+def _first_inputs_float64(inputs: Inputs):
+    """``(x, w, b, k, dy)`` of input copy 0, detached, in float64 (None stays None)."""
+    x, w, b, k = inputs.sets[0]
+    return tuple(None if t is None else t.detach().to(torch.float64)
+                 for t in (x, w, b, k, inputs.dys[0]))
+
+
 def conv_reference(inputs: Inputs, spec: P.RowSpec, sphere: bool) -> dict:
     """float64 y and gradients for input copy 0 (closed-form reference, or F.conv2d)."""
-    x, w, b, k = inputs.sets[0]
-    dy = inputs.dys[0]
-    cast = (lambda t: None if t is None else t.detach().to(torch.float64))
-    x64, w64, b64, k64, dy64 = cast(x), cast(w), cast(b), cast(k), cast(dy)
+    x64, w64, b64, k64, dy64 = _first_inputs_float64(inputs)
     if sphere:
         y, c, r_x = R.conv2d_forward(x64, w64, b64, k64, spec.stride, spec.padding, spec.dilation,
                                      spec.shape.groups, spec.sphere_operator, spec.eps)
         need_dk = spec.learnable
         dx, dw, db, dk = R.conv2d_backward(dy64, x64, w64, k64, c, r_x, spec.stride, spec.padding,
                                            spec.dilation, spec.shape.groups, spec.sphere_operator,
-                                           spec.eps, (True, True, b is not None, need_dk))
+                                           spec.eps, (True, True, b64 is not None, need_dk))
         del c, r_x
     else:
         leaves = [t.requires_grad_(True) for t in (x64, w64, b64)]
@@ -459,10 +463,7 @@ def conv_reference(inputs: Inputs, spec: P.RowSpec, sphere: bool) -> dict:
 
 
 def linear_reference(inputs: Inputs, spec: P.RowSpec, sphere: bool) -> dict:
-    x, w, b, k = inputs.sets[0]
-    dy = inputs.dys[0]
-    cast = (lambda t: None if t is None else t.detach().to(torch.float64))
-    x64, w64, b64, k64, dy64 = cast(x), cast(w), cast(b), cast(k), cast(dy)
+    x64, w64, b64, k64, dy64 = _first_inputs_float64(inputs)
     if sphere:
         y, c, r_x = R.linear_forward(x64, w64, b64, k64, spec.sphere_operator, spec.eps)
         dx, dw, db, dk = R.linear_backward(dy64, x64, w64, k64, c, r_x, spec.sphere_operator,
