@@ -32,3 +32,13 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.add_report_section("setup", "seed", f"torch.manual_seed({seed})")
     yield seed
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 runs at full precision (TF32 off) unless a test turns it on itself; the switch is
+    restored afterwards. The kernel test modules use it for every test (``pytestmark``)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved

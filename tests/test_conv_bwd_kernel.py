@@ -89,13 +89,8 @@ def _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac, mask=ALL):
     return ref64
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 is tested exact (tf32 has its own GPU test); the switch is restored afterwards."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+# fp32 is tested exact (tf32 has its own tests): TF32 off for every test here (conftest)
+pytestmark = pytest.mark.usefixtures("exact_fp32")
 
 
 def _case(dtype, **kw):

@@ -40,13 +40,8 @@ DTYPE_TOLS = [
 RX_RTOL, RX_ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _full_precision_fp32():
-    """fp32 tests check full precision: TF32 off unless a test turns it on explicitly."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
+# fp32 is tested exact (tf32 has its own tests): TF32 off for every test here (conftest)
+pytestmark = pytest.mark.usefixtures("exact_fp32")
 
 
 def _run_kernel(inp, **impl_kwargs):
