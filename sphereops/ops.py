@@ -176,6 +176,17 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_conte
 # Eager fast path (see the module docstring): same implementations, no custom-op dispatch.
 # ---------------------------------------------------------------------------------------------
 
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _saved_state_dies_here() -> bool:
+    """True inside a backward that runs without ``retain_graph``: autograd frees the saved
+    tensors once the node's backward returns, so the eager Functions' private saved ``c`` (never
+    handed to the user) may serve as scratch memory. AOTAutograd's donated buffers rest on the
+    same engine flag. False when the flag is not available (the safe answer)."""
+    return _keep_graph is not None and not _keep_graph()
+
+
 class _Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend):
@@ -193,10 +204,12 @@ class _Conv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups, operator, eps, backend = ctx.config
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
         dy = dy.contiguous(memory_format=_memory_format_of(c))
+        # The reference path may write its largest temporary over c when nothing reads c later.
+        extra = {"c_scratch": _saved_state_dies_here()} if backend == "reference" else {}
         with _set_wrap_triton_enabled(False):
             impl = _impl(backend)
             dx, dw, db, dk = impl.conv2d_backward(dy, x, w, k, c, r_x, stride, padding, dilation,
-                                                  groups, operator, eps, need)
+                                                  groups, operator, eps, need, **extra)
         return _input_grads((dx, dw, db, dk), need, operator, 7)
 
 

@@ -216,13 +216,20 @@ def _g_plus_bias(c: Tensor, operator: str, k: Optional[Tensor], bias: Optional[T
     return y.sub_(coth_a - b) if b is not None else y.sub_(coth_a)
 
 
-def _grad_h(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: Optional[Tensor],
-            need_grad: bool, need_dk: bool, sum_dy: Optional[Tensor]):
-    """``(H', dk)``: ``H' = (dL/dc) / r_x`` (what the convolution's backward takes; r_w rides on
-    the filters) in one fresh buffer, or None if ``not need_grad``; ``dk`` for sigmoid.
+def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: Optional[Tensor],
+                need_dx: bool, need_dw: bool, need_dk: bool, sum_dy: Optional[Tensor],
+                h_out: Optional[Tensor] = None):
+    """``(H', A, S, dk)`` of DESIGN §1 in one sweep over batch slices, with ``G = dL/dc``:
+
+    * ``H' = G / r_x`` -- what the convolution's backward takes (r_w rides on the filters) --
+      written into ``h_out`` when given (it may be ``c`` itself: each slice of ``c`` is read
+      before its ``H'`` is written), else into one fresh buffer; None unless dx or dw is needed;
+    * ``A [N, G, Ho, Wo] = sum_{o in group} G c / r_x^2`` (dx's norm term) if ``need_dx``;
+    * ``S [C_out] = sum G c`` (dw's norm term) if ``need_dw``;
+    * ``dk`` for sigmoid if ``need_dk``.
 
     CPU hot path: every fresh full-size buffer costs page faults comparable to a pass here, so
-    the per-element chains run over batch slices (small temporaries, cache-resident) and write
+    the per-element chains run over batch slices (small, cache-resident temporaries) and write
     only ``H'``. Sigmoid, with ``2B = (pi/2 - theta)/k = asin(c)/k`` and ``sigma = sigmoid(2B)``
     (tanh B = 2 sigma - 1, sech^2 B = 4 sigma(1 - sigma); float32 tanh is ~8x slower than sigmoid):
 
@@ -231,44 +238,56 @@ def _grad_h(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: O
       ``beta = coth(A) / k``, i.e.
       ``alpha (2 sum(dy sigma) - sum(dy)) - 2 beta sum(dy 2B sigma(1-sigma))``.
     """
-    n = dy.shape[0]
+    n, cout = dy.shape[:2]
+    need_h = need_dx or need_dw
+    h = (h_out if h_out is not None else torch.empty_like(dy)) if need_h else None
     inv_rx = r_x.reciprocal()
-    dk = None
-    if operator == "cosine":
-        return (_scale_by_patch(dy, inv_rx, groups) if need_grad else None), dk
-    h = torch.empty_like(dy) if need_grad else None
+    a = torch.empty_like(r_x) if need_dx else None
+    s_o = dy.new_zeros(cout) if need_dw else None
+    sig_op = operator == "sigmoid"
+    if sig_op:
+        kv = k.reshape(-1)
+        inv_k = (1.0 / kv).reshape(1, -1, 1, 1)
+        scale = (2.0 / (kv * torch.tanh(math.pi / (4.0 * kv)))).reshape(1, -1, 1, 1)
+        sum_ds, sum_bs = dy.new_zeros(cout), dy.new_zeros(cout)
+    if not (need_h or (sig_op and need_dk)):
+        return h, a, s_o, None
     one = torch.ones((), dtype=c.dtype, device=c.device)
-    per_sample = dy[0].numel()
-    if operator == "linear":
-        if need_grad:
-            scaled_inv_rx = inv_rx.mul_(2.0 / math.pi)   # dg/dtheta = -2/pi rides on 1/r_x
-            for rows in _batch_slices(n, per_sample):
-                t = torch.addcmul(one, c[rows], c[rows], value=-1.0).clamp_(min=ARCCOS_DELTA).rsqrt_()
-                _scale_by_patch(t.mul_(dy[rows]), scaled_inv_rx[rows], groups, out=h[rows])
-        return h, dk
-    kv = k.reshape(-1)
-    inv_k = (1.0 / kv).reshape(1, -1, 1, 1)
-    scale = (2.0 / (kv * torch.tanh(math.pi / (4.0 * kv)))).reshape(1, -1, 1, 1)
-    sum_ds = sum_bs = 0.0
-    for rows in _batch_slices(n, per_sample):
+    for rows in _batch_slices(n, dy[0].numel() if n else 1):
         c_s, dy_s = c[rows], dy[rows]
-        two_b = torch.asin(c_s).mul_(inv_k)
-        sig = torch.sigmoid(two_b)
-        if need_dk:
-            sum_ds = sum_ds + (dy_s * sig).sum(dim=(0, 2, 3))
-        sig.addcmul_(sig, sig, value=-1.0)                   # sigma (1 - sigma)
-        if need_dk:
-            sum_bs = sum_bs + two_b.mul_(sig).mul_(dy_s).sum(dim=(0, 2, 3))
-        if need_grad:
-            t = torch.addcmul(one, c_s, c_s, value=-1.0, out=two_b).clamp_(min=ARCCOS_DELTA).rsqrt_()
-            t.mul_(sig).mul_(dy_s).mul_(scale)
-            _scale_by_patch(t, inv_rx[rows], groups, out=h[rows])
-    if need_dk:
-        a = math.pi / (4.0 * kv)
-        alpha = a / torch.sinh(a) ** 2 / kv
-        beta = 1.0 / (torch.tanh(a) * kv)
+        if operator == "cosine":
+            g = dy_s
+        elif operator == "linear":   # dg/dc = (2/pi) / sqrt(max(1 - c^2, DELTA))
+            g = torch.addcmul(one, c_s, c_s, value=-1.0).clamp_(min=ARCCOS_DELTA).rsqrt_()
+            g.mul_(dy_s).mul_(2.0 / math.pi)
+        else:
+            two_b = torch.asin(c_s).mul_(inv_k)
+            sig = torch.sigmoid(two_b)
+            if need_dk:
+                sum_ds += (dy_s * sig).sum(dim=(0, 2, 3))
+            sig.addcmul_(sig, sig, value=-1.0)               # sigma (1 - sigma)
+            if need_dk:
+                sum_bs += two_b.mul_(sig).mul_(dy_s).sum(dim=(0, 2, 3))
+            if not need_h:
+                continue
+            g = torch.addcmul(one, c_s, c_s, value=-1.0, out=two_b).clamp_(min=ARCCOS_DELTA).rsqrt_()
+            g.mul_(sig).mul_(dy_s).mul_(scale)
+        gc = torch.mul(g, c_s)
+        if need_dw:
+            s_o += gc.sum(dim=(0, 2, 3))
+        if need_dx:
+            ns, _, ho, wo = gc.shape
+            torch.sum(gc.reshape(ns, groups, cout // groups, ho, wo), dim=2, out=a[rows])
+        _scale_by_patch(g, inv_rx[rows], groups, out=h[rows])    # last reader of c_s
+    if need_dx:
+        a.mul_(inv_rx).mul_(inv_rx)
+    dk = None
+    if sig_op and need_dk:
+        ka = math.pi / (4.0 * kv)
+        alpha = ka / torch.sinh(ka) ** 2 / kv
+        beta = 1.0 / (torch.tanh(ka) * kv)
         dk = alpha * (2.0 * sum_ds - sum_dy) - 2.0 * beta * sum_bs
-    return h, dk
+    return h, a, s_o, dk
 
 
 def _scale_by_patch(t: Tensor, per_pixel: Tensor, groups: int, out: Optional[Tensor] = None) -> Tensor:
@@ -310,24 +329,30 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
 @torch.no_grad()
 def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                     stride, padding, dilation, groups: int, operator: str, eps: float,
-                    output_mask: Sequence[bool] = (True, True, True, True)):
+                    output_mask: Sequence[bool] = (True, True, True, True), *,
+                    c_scratch: bool = False):
     """Closed-form backward (DESIGN §1). Returns ``(dx, dw, db, dk)``; unrequested ones are None.
 
     ``G = dy * dg/dc``, ``H = G / (r_x r_w)``, ``A = sum_{o in group} G c / r_x^2``,
     ``S_o = sum G c``; ``dx = dgrad(H) - x * boxsum^T(A)``, ``dw = wgrad(H) - w S / r_w^2``.
     As in the forward, r_w rides on the filters: ``dgrad(H, w) = dgrad(G/r_x, w/r_w)`` and
-    ``wgrad(x, H)_o = wgrad(x, G/r_x)_o / r_w[o]``."""
+    ``wgrad(x, H)_o = wgrad(x, G/r_x)_o / r_w[o]``.
+
+    ``c_scratch``: the caller gives up ``c`` (this is its last use), so ``G/r_x`` is written over
+    it instead of into a fresh full-size buffer -- the eager autograd path passes it when the
+    graph is not retained. A compute-dtype copy of ``c`` is always used that way."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
     dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
     r_x = r_x.to(cd)
-    n, cout, ho, wo = dy.shape
     kh, kw = w.shape[2], w.shape[3]
     kk = _k_view(k, cc, 1) if k is not None else None
     need_dk = need_dk and operator == "sigmoid"
     sum_dy = dyc.sum(dim=(0, 2, 3)) if (need_db or need_dk) else None
     db = sum_dy.to(w.dtype) if need_db else None
-    h_unit, dk = _grad_h(dyc, cc, r_x, groups, operator, kk, need_dx or need_dw, need_dk, sum_dy)
+    h_out = cc if (c_scratch or cc is not c) else None
+    h_unit, a, s_o, dk = _grad_terms(dyc, cc, r_x, groups, operator, kk, need_dx, need_dw, need_dk,
+                                     sum_dy, h_out)
     dk = dk.to(k.dtype) if dk is not None else None
     dx = dw = None
     if need_dx or need_dw:
@@ -335,13 +360,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
         dx, dw_unit, _ = torch.ops.aten.convolution_backward(
             h_unit, xc, wc / r_w.reshape(-1, 1, 1, 1), None, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, [need_dx, need_dw, False])
-        # The norm terms reuse H's buffer once the convolution is done with it (one full-size
-        # temporary fewer): G c = H' c r_x, so A = sum_{o in group} H' c / r_x, S = sum H' c r_x.
-        hc = h_unit.mul_(cc)
-        a = (hc.reshape(n, groups, cout // groups, ho, wo).sum(dim=2).div_(r_x)
-             if need_dx else None)
-        s_o = _scale_by_patch(hc, r_x, groups, out=hc).sum(dim=(0, 2, 3)) if need_dw else None
-        del hc, h_unit
+        del h_unit
         if need_dx:
             nb, cin, hh, ww = xc.shape
             box_t = box_filter_transposed(a, (hh, ww), kh, kw, stride, padding, dilation, groups)

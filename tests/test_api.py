@@ -37,6 +37,27 @@ def test_functional_conv_matches_reference_and_gradients(operator, channels_last
         assert_close(g, e, 1e-10, 1e-11, name)
 
 
+@pytest.mark.parametrize("operator", sphereops.OPERATORS)
+def test_retained_graph_keeps_the_saved_state(operator):
+    """Without retain_graph the eager backward writes its temporary over the saved c; with it, c
+    must survive: repeated backwards through one retained graph all give autograd's gradients."""
+    inp = make_conv_inputs(n=2, c_in=4, h=6, w=5, c_out=6, padding=1, operator=operator,
+                           dtype=torch.float64)
+    leaves = [inp.x, inp.w] + ([inp.k] if inp.k is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    y = sphereops.sphere_conv2d(inp.x, inp.w, inp.bias, inp.stride, inp.padding, operator=operator,
+                                k=inp.k, backend="reference")
+    dy = torch.randn_like(y)
+    exp = torch.autograd.grad(R.conv2d_autograd(*inp.args(), EPS), leaves, dy)
+    for retain in (True, True, False):
+        got = torch.autograd.grad(y, leaves, dy, retain_graph=retain)
+        for name, g, e in zip(("dx", "dw", "dk"), got, exp):
+            assert_close(g, e, 1e-10, 1e-11, f"{name} (retain_graph={retain})")
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        torch.autograd.grad(y, leaves, dy)
+
+
 def test_scalar_k_float_and_tensor_agree_and_scalar_tensor_gets_summed_grad():
     inp = make_conv_inputs(n=1, c_in=3, h=6, w=6, c_out=4, operator="sigmoid", dtype=torch.float64)
     y_float = sphereops.sphere_conv2d(inp.x, inp.w, operator="sigmoid", k=0.3, padding=1)

@@ -75,8 +75,10 @@ def test_conv_closed_form_backward_matches_autograd(operator, kernel, stride, pa
         assert_close(g, e, 1e-10, 1e-11, name)
 
 
-def _closed_form_and_autograd_grads(inp, mask=(True, True, True, True)):
-    """(autograd's gradients, the closed form's) of one fresh float64 case; checks y on the way."""
+def _closed_form_and_autograd_grads(inp, mask=(True, True, True, True), c_scratch=False):
+    """(autograd's gradients, the closed form's) of one fresh float64 case; checks y on the way.
+    With ``c_scratch`` the backward may write over the saved c: checks that it did so (the memory
+    the flag is there to save) exactly when dx or dw was asked for."""
     leaves = [inp.x, inp.w, inp.bias] + ([inp.k] if inp.k is not None else [])
     for t in leaves:
         t.requires_grad_(True)
@@ -85,8 +87,11 @@ def _closed_form_and_autograd_grads(inp, mask=(True, True, True, True)):
     expected = torch.autograd.grad(y, leaves, dy)
     y2, c, r_x = R.conv2d_forward(*inp.args(), EPS)
     assert_close(y2, y, 1e-12, 1e-12, "y")
+    c_before = c.clone()
     got = R.conv2d_backward(dy, inp.x, inp.w, inp.k, c, r_x, inp.stride, inp.padding,
-                            inp.dilation, inp.groups, inp.operator, EPS, mask)
+                            inp.dilation, inp.groups, inp.operator, EPS, mask, c_scratch=c_scratch)
+    overwritten = not torch.equal(c, c_before)
+    assert overwritten == (c_scratch and (mask[0] or mask[1])), "c overwritten" if overwritten else "c kept"
     return expected, got
 
 
@@ -94,13 +99,15 @@ def _closed_form_and_autograd_grads(inp, mask=(True, True, True, True)):
 @pytest.mark.parametrize("groups,channels_last", [(1, False), (1, True), (2, False), (2, True)])
 @pytest.mark.parametrize("mask", [(True, True, True, True), (False, True, False, True), (True, False, False, False)],
                          ids=["all", "dw-dk", "dx"])
-def test_conv_closed_form_batch_slices(monkeypatch, operator, groups, channels_last, mask):
+@pytest.mark.parametrize("c_scratch", [False, True], ids=["keep-c", "c-scratch"])
+def test_conv_closed_form_batch_slices(monkeypatch, operator, groups, channels_last, mask, c_scratch):
     """The CPU path's batch-sliced chains (one sample per slice here) in both memory formats and
-    with partial output masks give autograd's gradients; what was not asked for stays None."""
+    with partial output masks give autograd's gradients, also when they write G/r_x over the
+    saved c; what was not asked for stays None."""
     monkeypatch.setattr(R, "_SLICE_ELEMS", 1)
     inp = make_conv_inputs(n=3, c_in=4, h=6, w=5, c_out=6, kernel=3, stride=1, padding=1, groups=groups,
                            operator=operator, dtype=torch.float64, channels_last=channels_last)
-    expected, got = _closed_form_and_autograd_grads(inp, mask)
+    expected, got = _closed_form_and_autograd_grads(inp, mask, c_scratch)
     for name, want, e, g in zip(("dx", "dw", "db", "dk"), mask, expected, got):
         if want and (name != "dk" or operator == "sigmoid"):
             assert_close(g, e, 1e-10, 1e-11, name)
