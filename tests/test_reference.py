@@ -236,3 +236,30 @@ def test_nan_propagates_only_to_affected_outputs():
     y, _, _ = R.conv2d_forward(*inp.args(), EPS)
     assert bool(torch.isnan(y[0, :, 0, 0]).all())
     assert not bool(torch.isnan(y[0, :, 1:, :]).any()) and not bool(torch.isnan(y[0, :, :, 1:]).any())
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)),
+    ((3, 2), (2, 1), (0, 1), (2, 1)),
+    ((5, 5), (3, 3), (2, 2), (1, 1)),
+    ((1, 1), (2, 2), (0, 0), (1, 1)),
+    ((2, 4), (1, 3), (3, 0), (3, 2)),
+])
+def test_box_sum_is_a_ones_convolution_and_its_transpose_the_adjoint(kernel, stride, padding, dilation):
+    """The shifted-add box filters against the grouped ones convolution (float64) and the
+    adjoint identity <box(q), a> = <q, box^T(a)>, with input sizes that leave stride remainders."""
+    (kh, kw), g = kernel, 3
+    q = torch.randn(2, g, 11, 9, dtype=torch.float64)
+    ones = torch.ones(g, 1, kh, kw, dtype=torch.float64)
+    expected = F.conv2d(q, ones, None, stride, padding, dilation, g)
+    got = R.box_sum(q, kh, kw, stride, padding, dilation)
+    assert_close(got, expected, 1e-12, 1e-12, "box_sum")
+    a = torch.randn_like(got)
+    back = R.box_filter_transposed(a, (11, 9), kh, kw, stride, padding, dilation)
+    assert back.shape == q.shape
+    assert float((got * a).sum()) == pytest.approx(float((q * back).sum()), rel=1e-12, abs=1e-12)
+    unit = torch.zeros_like(a)
+    unit[1, 2, -1, -1] = 1.0            # the last window: covers exactly its taps inside the input
+    taps = R.box_filter_transposed(unit, (11, 9), kh, kw, stride, padding, dilation)
+    assert_close(taps, torch.autograd.grad(F.conv2d(q.requires_grad_(), ones, None, stride, padding,
+                                                   dilation, g)[1, 2, -1, -1], q)[0], 0, 0, "taps")
