@@ -188,10 +188,10 @@ def box_filter_transposed(a: Tensor, in_size: Tuple[int, int], kh: int, kw: int,
     hp, wp = in_size[0] + 2 * padding[0], in_size[1] + 2 * padding[1]
     cols = a.new_zeros(n, g, ho, wp)
     for sl in _window_slices(wo, kw, stride[1], dilation[1]):
-        cols[..., sl] += a
+        cols[..., sl].add_(a)          # in place on the view (``+=`` would copy it back)
     out = a.new_zeros(n, g, hp, wp)
     for sl in _window_slices(ho, kh, stride[0], dilation[0]):
-        out[:, :, sl] += cols
+        out[:, :, sl].add_(cols)
     return out[:, :, padding[0]:padding[0] + in_size[0], padding[1]:padding[1] + in_size[1]]
 
 
