@@ -57,7 +57,6 @@ torch.compile that disappears.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -66,6 +65,8 @@ import triton.language as tl
 
 from .angular import OPERATOR_CODES, dg_dc, dg_dk
 from .epilogue import to_dtype_of
+from .launch import interpreting as _interpreting
+from .launch import launch
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -708,23 +709,8 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_WRAPPED_KERNELS: dict = {}
-
-
 def _launch(kernel, grid, args, **kwargs):
-    """CUDA: through torch.library.wrap_triton (traceable by torch.compile inside a triton_op;
-    the wrapper is built once per kernel). CPU (interpreter): a plain launch."""
-    if args[0].is_cuda:
-        wrapped = _WRAPPED_KERNELS.get(kernel)
-        if wrapped is None:
-            wrapped = _WRAPPED_KERNELS[kernel] = torch.library.wrap_triton(kernel)
-        wrapped[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+    launch(kernel, grid, args, kwargs, "sphere_conv2d_bwd")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

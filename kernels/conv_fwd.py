@@ -40,8 +40,9 @@ from .configs import (
     prune_conv_fwd_configs,
 )
 from .epilogue import store_sphere_tile
+from .launch import interpreting, launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = interpreting()
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -377,7 +378,7 @@ def _prepare_filters(w):
     # torch.compile mutation analysis must not see the op's input as written
     args = (w, sqnorm if already_packed else packed, sqnorm, c_in_g, *w.stride())
     flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, BLOCK=block, num_warps=4)
-    _launch(_pack_filters_kernel, (c_out,), args, flags, w.is_cuda)
+    launch(_pack_filters_kernel, (c_out,), args, flags, _WHAT)
     return packed, sqnorm
 
 
@@ -423,6 +424,9 @@ _sphere_conv_dw_fwd_autotuned = triton.autotune(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
+
+_WHAT = "sphere_conv2d_fwd"  # names the op in launch errors
+
 
 def _check_pair(name, value, minimum):
     if (not isinstance(value, (tuple, list)) or len(value) != 2
@@ -484,36 +488,6 @@ def _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
     return stride, padding, dilation
 
 
-def _launch(kernel, grid, args, kwargs, on_cuda):
-    if on_cuda:
-        # the tensors' device, not the current one; wrap_triton makes the launch visible to
-        # torch.compile / Inductor when the op is registered as a triton_op
-        with torch.cuda.device(args[0].device):
-            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-    elif not _is_fake(args[0]):
-        kernel[grid](*args, **kwargs)
-    elif _is_graph_tracing():
-        # CPU under TRITON_INTERPRET=1: wrap_triton does not wrap interpreter functions, so a
-        # traced graph would hold the allocations but not the kernel: refuse, never run wrong
-        raise NotImplementedError(
-            "the Triton interpreter (CPU) path of sphere_conv2d_fwd cannot be traced into a "
-            "graph (torch.compile / make_fx); use the reference backend on CPU")
-    # else: fake-tensor propagation only (shape/dtype inference): outputs are already allocated
-
-
-def _is_fake(t):
-    from torch._subclasses.fake_tensor import is_fake
-    return t.device.type == "meta" or is_fake(t)
-
-
-def _is_graph_tracing():
-    try:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    except ImportError:  # pragma: no cover - older/newer torch without the helper
-        return True
-    return get_proxy_mode() is not None
-
-
 def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
     """Fused SphereConv2d forward on the GPU (or CPU under TRITON_INTERPRET=1).
 
@@ -556,7 +530,6 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     w_packed, w_sqnorm = _prepare_filters(w)
     bias_arg = bias.contiguous() if bias is not None else w_sqnorm
     k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
-    on_cuda = x.is_cuda
     common_tail = (
         h, wd, ho, wo,
         *x.stride(), *y.stride(),
@@ -576,7 +549,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         def grid(meta):
             return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
 
-        _launch(kernel, grid, args, flags, on_cuda)
+        launch(kernel, grid, args, flags, _WHAT)
         return y, c, r_x
 
     if x.dtype == torch.float32:
@@ -596,7 +569,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         return (groups * triton.cdiv(n_pixels, meta["BLOCK_M"])
                 * triton.cdiv(c_out_g, meta["BLOCK_N"]),)
 
-    _launch(kernel, grid, args, flags, on_cuda)
+    launch(kernel, grid, args, flags, _WHAT)
     return y, c, r_x
 
 

@@ -30,12 +30,11 @@ Dtypes: float32 (tf32 tensor cores iff ``torch.backends.cuda.matmul.allow_tf32``
 fp32), float16, bfloat16. Accumulation and the epilogue are fp32; outputs in the input dtype,
 ``r_x`` in fp32. float64 is the reference backend's job (TypeError here).
 
-Launch: ``torch.library.wrap_triton(kernel)[grid](...)`` on CUDA, so ``torch.compile`` traces the
-launchers inside a ``triton_op``; a plain launch under ``TRITON_INTERPRET=1`` (see ``_launch``).
+Launch: through ``sphereops_kernels.launch`` (plain in eager, ``wrap_triton`` while torch.compile
+traces the ``triton_op``, plain under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -44,6 +43,8 @@ import triton.language as tl
 
 from .angular import OPERATOR_CODES, dg_dc, dg_dk
 from .epilogue import store_sphere_tile
+from .launch import interpreting as _interpreting
+from .launch import launch
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -305,43 +306,8 @@ _ROW_NORM_CONFIG = dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=1)
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _launch(kernel, grid, *args, **kwargs):
-    """Launch one kernel; ``args[0]`` is a tensor on the launch device.
-
-    CUDA: under the tensors' device guard, through ``torch.library.wrap_triton`` so that the
-    launch is visible to torch.compile / Inductor inside a ``triton_op`` (fake tensors skip it).
-    CPU (``TRITON_INTERPRET=1``): a plain launch; fake tensors (shape inference) skip it, and a
-    graph trace is refused, because the traced graph would hold the allocations but not the
-    kernel. The same rules as ``conv_fwd._launch``.
-    """
-    first = args[0]
-    if first.is_cuda:
-        with torch.cuda.device(first.device):
-            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-    elif not _is_fake(first):
-        kernel[grid](*args, **kwargs)
-    elif _is_graph_tracing():
-        raise NotImplementedError(
-            "the Triton interpreter (CPU) path of the SphereLinear kernels cannot be traced into "
-            "a graph (torch.compile / make_fx); use the reference backend on CPU")
-    # else: fake-tensor propagation only: the outputs are already allocated
-
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    return t.device.type == "meta" or is_fake(t)
-
-
-def _is_graph_tracing() -> bool:
-    try:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    except ImportError:  # pragma: no cover - a torch without the helper: refuse to be safe
-        return True
-    return get_proxy_mode() is not None
+    launch(kernel, grid, args, kwargs, "the SphereLinear kernels")
 
 
 def _arccos_delta() -> float:

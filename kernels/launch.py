@@ -1,0 +1,71 @@
+"""The one launch path of every sphereops kernel, and whether the Triton interpreter runs.
+
+``launch(kernel, grid, args, kwargs, what)`` starts ``kernel[grid](*args, **kwargs)``; ``args[0]``
+is a tensor on the launch device:
+
+* CUDA, eager (``torch.library``'s wrap_triton switch off: inside a ``triton_op`` body called
+  eagerly, and in ``sphereops.ops``' eager Functions): a plain launch under the tensor's device
+  guard. Going through ``torch.library.wrap_triton`` there would only cost time: building the
+  wrapper and indexing it by the grid take ~30 us each on the host, more than a mid-size
+  layer's kernels run (measured on this project's CPU machine, triton 3.9 / torch 2.13).
+* CUDA, being traced (the switch on, its default: torch.compile / make_fx tracing a
+  ``triton_op``): through ``wrap_triton``, so that the graph records the kernel and Inductor
+  sees it.
+* CPU under ``TRITON_INTERPRET=1``: a plain launch; fake tensors (shape inference only) skip it,
+  and a graph trace is refused -- wrap_triton does not wrap interpreter functions, so the traced
+  graph would hold the allocations but not the kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_triton_enabled
+except ImportError:  # pragma: no cover - a torch without the switch: always wrap (safe, slower)
+    def _wrap_triton_enabled() -> bool:
+        return True
+
+
+def interpreting() -> bool:
+    """Whether kernels run under the Triton interpreter (``TRITON_INTERPRET`` set, not "0")."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(kernel, grid, args, kwargs, what: str) -> None:
+    """Launch ``kernel`` over ``grid`` (see the module docstring); ``what`` names the op in the
+    error raised when an interpreter launch is traced."""
+    first = args[0]
+    if first.is_cuda:
+        with _device_guard(first.device):
+            if _wrap_triton_enabled():
+                torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+            else:
+                kernel[grid](*args, **kwargs)
+    elif not _is_fake(first):
+        kernel[grid](*args, **kwargs)
+    elif _is_graph_tracing():
+        raise NotImplementedError(
+            f"the Triton interpreter (CPU) path of {what} cannot be traced into a graph "
+            "(torch.compile / make_fx); use the reference backend on CPU")
+    # else: fake-tensor propagation only (shape/dtype inference): the outputs are allocated
+
+
+def _device_guard(device: torch.device):
+    """The tensors' device for the launch, not the current one (Triton launches on the current
+    device)."""
+    return torch.cuda.device(device)
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _is_graph_tracing() -> bool:
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # pragma: no cover - a torch without the helper: refuse to be safe
+        return True
+    return get_proxy_mode() is not None
