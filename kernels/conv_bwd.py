@@ -737,7 +737,8 @@ def _check_tensor(t, name: str, ndim: int):
 
 def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Optional[torch.Tensor],
                       c: torch.Tensor, r_x: torch.Tensor, stride, padding, dilation, groups: int,
-                      operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True)):
+                      operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True),
+                      *, c_scratch: bool = False):
     """Backward of SphereConv2d (contract: docs/ARCHITECTURE.md, ``conv2d_backward``).
 
     Args:
@@ -750,6 +751,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         stride, padding, dilation: pairs of ints (padding symmetric). groups: int.
         operator: "linear" | "cosine" | "sigmoid". eps: the epsilon of the norms.
         output_mask: (need_dx, need_dw, need_db, need_dk).
+        c_scratch: the caller gives up c (its last use): when c is channels_last-contiguous, Hn
+            (the same [N*Ho*Wo, C_out] order and dtype) is written over it instead of into a
+            fresh output-sized buffer. The prep pass reads each element of c before it writes
+            Hn there, in the same program, and no later kernel reads c.
 
     Returns:
         (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
@@ -850,7 +855,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # 2. the elementwise pass over dy and c
     cfg = prep_config(operator)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"])
-    hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
+    if need_grads and c_scratch and c.permute(0, 2, 3, 1).is_contiguous():
+        hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
+    else:
+        hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
     _launch(_prep_kernel, (r_rows, groups),

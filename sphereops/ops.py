@@ -204,12 +204,13 @@ class _Conv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups, operator, eps, backend = ctx.config
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
         dy = dy.contiguous(memory_format=_memory_format_of(c))
-        # The reference path may write its largest temporary over c when nothing reads c later.
-        extra = {"c_scratch": _saved_state_dies_here()} if backend == "reference" else {}
+        # c is private to this node: its memory may take the backward's largest temporary when
+        # nothing reads c later
         with _set_wrap_triton_enabled(False):
             impl = _impl(backend)
             dx, dw, db, dk = impl.conv2d_backward(dy, x, w, k, c, r_x, stride, padding, dilation,
-                                                  groups, operator, eps, need, **extra)
+                                                  groups, operator, eps, need,
+                                                  c_scratch=_saved_state_dies_here())
         return _input_grads((dx, dw, db, dk), need, operator, 7)
 
 

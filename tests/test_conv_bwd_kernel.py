@@ -352,6 +352,27 @@ def test_deterministic():
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between runs"
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("mask", [ALL, (False, False, True, True)], ids=["all", "db-dk"])
+def test_c_scratch_writes_hn_over_a_channels_last_c(layout, mask):
+    """c_scratch=True (the eager autograd path without retain_graph) gives bitwise the gradients
+    of c_scratch=False, and writes Hn over c exactly when c is channels_last and dx or dw is
+    asked for (an NCHW c has another order than Hn: it stays as it was)."""
+    cl = layout == "channels_last"
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="sigmoid", n=2, c_in=16, c_out=32, h=6, w=5,
+                            stride=2, channels_last=cl)
+    kept = _kernel(dy, inp, c, r_x, mask)
+    c_scratch = c.clone(memory_format=torch.preserve_format)
+    got = sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, c_scratch, r_x, *_geometry(inp), mask,
+                            c_scratch=True)
+    for name, a, b in zip(("dx", "dw", "db", "dk"), kept, got):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs"
+    overwritten = not torch.equal(c_scratch, c)
+    assert overwritten == (cl and (mask[0] or mask[1]))
+
+
 def test_strided_and_expanded_inputs():
     """dy with zero strides (from a sum), c in another layout than x, non-contiguous w."""
     inp, c, r_x, _ = _case(torch.float32, operator="linear", channels_last=True)
