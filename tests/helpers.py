@@ -4,6 +4,7 @@ What the benchmark times is built by the same functions the tests check.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -70,6 +71,35 @@ def make_conv_inputs(n=2, c_in=8, h=9, w=9, c_out=16, kernel=3, stride=1, paddin
     b = b.to(dtype=dtype, device=device) if b is not None else None
     k = k.to(dtype=dtype, device=device) if k is not None else None
     return ConvInputs(x, wt, b, k, _pair(stride), _pair(padding), _pair(dilation), groups, operator)
+
+# How many random geometries the seeded sweeps draw: SPHEREOPS_RANDOM_CASES=200 sweeps more
+# (120 passed through the kernels when the sweep was added).
+RANDOM_CASES = int(os.environ.get("SPHEREOPS_RANDOM_CASES", "8"))
+
+
+def random_conv_geometry(seed: int) -> dict:
+    """A conv drawn from a seeded RNG: kernel 1-4 per side, stride 1-3, padding 0-2, dilation
+    1-2, groups 1 / 2 / depthwise, odd sizes -- index paths no hand-picked case may hit."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    kernel, stride = (pick(1, 4), pick(1, 4)), (pick(1, 3), pick(1, 3))
+    dilation = (pick(1, 2), pick(1, 2))
+    padding = (pick(0, 2), pick(0, 2))
+    kind = ("dense", "groups2", "depthwise")[pick(0, 2)]
+    c_in = pick(1, 6) * (2 if kind == "groups2" else 1)
+    groups = {"dense": 1, "groups2": 2, "depthwise": c_in}[kind]
+    c_out = c_in if kind == "depthwise" else groups * pick(1, 5)
+    # spatial size: at least one output pixel
+    h = max(pick(3, 12), (kernel[0] - 1) * dilation[0] + 1 - 2 * padding[0])
+    w = max(pick(3, 12), (kernel[1] - 1) * dilation[1] + 1 - 2 * padding[1])
+    operator = ("linear", "cosine", "sigmoid")[pick(0, 2)]
+    return dict(n=pick(1, 3), c_in=c_in, c_out=c_out, h=h, w=w, kernel=kernel, stride=stride,
+                padding=padding, dilation=dilation, groups=groups, operator=operator,
+                channels_last=bool(pick(0, 1)))
+
 
 def make_near_parallel_conv_inputs(noise=1e-4, **kw) -> ConvInputs:
     """Filters copied from input patches (plus tiny noise): c -> 1 at those pixels."""

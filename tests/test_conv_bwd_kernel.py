@@ -14,12 +14,12 @@ fp32 sum that lands on the other side of a rounding boundary than the reference'
 Under the interpreter every kernel runs on the CPU; with CUDA the same tests run on the GPU.
 """
 import math
-import os
 
 import pytest
 import torch
 
-from helpers import make_conv_inputs, make_near_parallel_conv_inputs, assert_close, assert_close_to_reference
+from helpers import (RANDOM_CASES, assert_close, assert_close_to_reference, make_conv_inputs,
+                     make_near_parallel_conv_inputs, random_conv_geometry)
 from sphereops import reference as R
 
 conv_bwd = pytest.importorskip("sphereops_kernels.conv_bwd")
@@ -491,32 +491,6 @@ def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     assert KB._dgrad_kernel in launched and KB._depthwise_dgrad_kernel not in launched
 
 
-def _random_geometry(seed: int) -> dict:
-    """A conv drawn from a seeded RNG: kernel 1-4 per side, stride 1-3, padding 0-2, dilation
-    1-2, groups 1 / 2 / depthwise, odd sizes -- index paths no hand-picked case may hit."""
-    rng = torch.Generator().manual_seed(seed)
-
-    def pick(lo, hi):
-        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
-
-    kernel, stride = (pick(1, 4), pick(1, 4)), (pick(1, 3), pick(1, 3))
-    dilation = (pick(1, 2), pick(1, 2))
-    padding = (pick(0, 2), pick(0, 2))
-    kind = ("dense", "groups2", "depthwise")[pick(0, 2)]
-    c_in = pick(1, 6) * (2 if kind == "groups2" else 1)
-    groups = {"dense": 1, "groups2": 2, "depthwise": c_in}[kind]
-    c_out = c_in if kind == "depthwise" else groups * pick(1, 5)
-    # spatial size: at least one output pixel
-    h = max(pick(3, 12), (kernel[0] - 1) * dilation[0] + 1 - 2 * padding[0])
-    w = max(pick(3, 12), (kernel[1] - 1) * dilation[1] + 1 - 2 * padding[1])
-    operator = ("linear", "cosine", "sigmoid")[pick(0, 2)]
-    return dict(n=pick(1, 3), c_in=c_in, c_out=c_out, h=h, w=w, kernel=kernel, stride=stride,
-                padding=padding, dilation=dilation, groups=groups, operator=operator,
-                channels_last=bool(pick(0, 1)))
-
-
-# SPHEREOPS_RANDOM_CASES=200 make test-style runs sweep more (120 passed when this was added)
-RANDOM_CASES = int(os.environ.get("SPHEREOPS_RANDOM_CASES", "8"))
 
 
 @pytest.mark.parametrize("seed", range(RANDOM_CASES))
@@ -525,7 +499,7 @@ def test_random_geometries_match_closed_form_reference(seed):
     kernels against the reference (float64 forward, closed-form backward)."""
     conv_fwd = pytest.importorskip("sphereops_kernels.conv_fwd")
     torch.manual_seed(1000 + seed)
-    geom = _random_geometry(seed)
+    geom = random_conv_geometry(seed)
     inp, c, r_x, dy = _case(torch.float32, **geom)
     try:
         y, c_k, r_k = conv_fwd.sphere_conv2d_fwd(*inp.args(), EPS)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, make_conv_inputs, make_linear_inputs, make_near_parallel_conv_inputs
+from helpers import (RANDOM_CASES, assert_close, make_conv_inputs, make_linear_inputs,
+                     make_near_parallel_conv_inputs, random_conv_geometry)
 from sphereops import reference as R
 
 EPS = 1e-4
@@ -263,3 +264,19 @@ def test_box_sum_is_a_ones_convolution_and_its_transpose_the_adjoint(kernel, str
     taps = R.box_filter_transposed(unit, (11, 9), kh, kw, stride, padding, dilation)
     assert_close(taps, torch.autograd.grad(F.conv2d(q.requires_grad_(), ones, None, stride, padding,
                                                    dilation, g)[1, 2, -1, -1], q)[0], 0, 0, "taps")
+
+
+@pytest.mark.parametrize("seed", range(RANDOM_CASES))
+def test_random_geometries_closed_form_matches_autograd(seed):
+    """The seeded random convolutions of the kernel sweep (any kernel, stride, padding,
+    dilation, groups, layout; printed on failure): the closed-form forward and backward (box
+    sums, batch slices) against float64 autograd through the unfold-based oracle."""
+    torch.manual_seed(2000 + seed)
+    geom = random_conv_geometry(seed)
+    inp = make_conv_inputs(dtype=torch.float64, **geom)
+    try:
+        expected, got = _closed_form_and_autograd_grads(inp)
+        for name, e, g in zip(("dx", "dw", "db", "dk"), expected, got):
+            assert_close(g, e, 1e-10, 1e-11, name)
+    except AssertionError as err:
+        raise AssertionError(f"geometry {geom}: {err}") from err
