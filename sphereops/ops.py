@@ -229,9 +229,10 @@ class _LinearFunction(torch.autograd.Function):
         x, w, k, c, r_x = ctx.saved_tensors
         operator, eps, backend = ctx.config
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+        extra = {"c_scratch": _saved_state_dies_here()} if backend == "reference" else {}
         with _set_wrap_triton_enabled(False):
             dx, dw, db, dk = _impl(backend).linear_backward(dy.contiguous(), x, w, k, c, r_x,
-                                                            operator, eps, need)
+                                                            operator, eps, need, **extra)
         return _input_grads((dx, dw, db, dk), need, operator, 3)
 
 

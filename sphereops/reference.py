@@ -223,7 +223,7 @@ def _g_plus_bias(c: Tensor, operator: str, k: Optional[Tensor], bias: Optional[T
     """``g(arccos c) + b`` as a new tensor in as few full-size passes as possible (CPU hot loop).
 
     linear: ``(1 + b) - (2/pi) * acos(c)`` in the acos buffer; cosine: ``c + b`` one pass."""
-    b = bias.to(c.dtype).reshape(1, -1, 1, 1) if bias is not None else None
+    b = _k_view(bias, c, 1) if bias is not None else None
     if operator == "cosine":
         return c.clone() if b is None else torch.add(c, b)
     if operator == "linear":
@@ -462,40 +462,48 @@ def conv2d_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Te
 @torch.no_grad()
 def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
                    operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Closed-form forward of SphereLinear: ``(y, c, r_x)``, the conv path's recipe with a patch
+    = a row (the filter norm rides on the weight; c is scaled and clamped in place)."""
     cd = compute_dtype(x.dtype)
     xc, wc = x.to(cd), w.to(cd)
-    r_x = torch.sqrt(xc.pow(2).sum(dim=1) + eps)
-    r_w = filter_norms(wc, eps)
-    c = torch.clamp((xc @ wc.t()) / (r_x[:, None] * r_w[None, :]), -1.0, 1.0)
-    y = g_of_c(c, operator, _k_view(k, c, 1) if k is not None else None)
-    if bias is not None:
-        y = y + bias.to(cd)
-    y, c = y.to(x.dtype), c.to(x.dtype)
-    if c is y:  # cosine without bias: op outputs must not alias each other
-        c = c.clone()
-    return y, c, r_x
+    r_x = torch.sqrt(torch.linalg.vecdot(xc, xc) + eps)
+    c = xc @ (wc / filter_norms(wc, eps)[:, None]).t()
+    c.mul_(r_x.reciprocal()[:, None]).clamp_(-1.0, 1.0)
+    y = _g_plus_bias(c, operator, _k_view(k, c, 1) if k is not None else None, bias)
+    return y.to(x.dtype), c.to(x.dtype), r_x
 
 
 @torch.no_grad()
 def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
-                    operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True)):
+                    operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True),
+                    *, c_scratch: bool = False):
+    """Closed-form backward of SphereLinear (DESIGN §1 with a patch = a row); ``c_scratch`` as
+    in :func:`conv2d_backward`. The per-element chain is the conv path's (rows as ``[M, out, 1,
+    1]`` pixels of one group), then ``dx = H' w_unit - x A`` and
+    ``dw = (H'^T x) / r_w - w S / r_w^2`` with ``H' = G / r_x``, ``w_unit = w / r_w``."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
     dyc, xc, wc, cc, r_x = dy.to(cd), x.to(cd), w.to(cd), c.to(cd), r_x.to(cd)
-    kk = _k_view(k, cc, 1) if k is not None else None
-    db = dyc.sum(dim=0).to(w.dtype) if need_db else None
-    dk = (dyc * dg_dk(cc, kk)).sum(dim=0).to(k.dtype) if (need_dk and operator == "sigmoid") else None
+    m, n_out = dyc.shape
+    need_dk = need_dk and operator == "sigmoid"
+    sum_dy = dyc.sum(dim=0) if (need_db or need_dk) else None
+    db = sum_dy.to(w.dtype) if need_db else None
+    h_out = cc.view(m, n_out, 1, 1) if (c_scratch or cc is not c) else None
+    kk = _k_view(k, cc, 1).reshape(1, -1, 1, 1) if k is not None else None
+    h_unit, a, s_o, dk = _grad_terms(dyc.reshape(m, n_out, 1, 1), cc.reshape(m, n_out, 1, 1),
+                                     r_x.reshape(m, 1, 1, 1), 1, operator, kk, need_dx, need_dw,
+                                     need_dk, sum_dy, h_out)
+    dk = dk.to(k.dtype) if dk is not None else None
     dx = dw = None
     if need_dx or need_dw:
         r_w = filter_norms(wc, eps)
-        grad_c = dyc * dg_dc(cc, operator, kk)
-        h = grad_c / (r_x[:, None] * r_w[None, :])
-        gc = grad_c * cc
+        h_unit = h_unit.view(m, n_out)
         if need_dx:
-            a = gc.sum(dim=1) / (r_x * r_x)
-            dx = (h @ wc - xc * a[:, None]).to(x.dtype)
+            dx = torch.addmm(xc * a.view(m, 1), h_unit, wc / r_w[:, None], beta=-1.0).to(x.dtype)
         if need_dw:
-            dw = (h.t() @ xc - wc * (gc.sum(dim=0) / (r_w * r_w))[:, None]).to(w.dtype)
+            inv_rw = r_w.reciprocal()[:, None]
+            dw = (h_unit.t() @ xc).mul_(inv_rw).addcmul_(wc, s_o[:, None] * inv_rw * inv_rw,
+                                                          value=-1.0).to(w.dtype)
     return dx, dw, db, dk
 
 

@@ -68,6 +68,23 @@ def test_retained_graph_keeps_the_saved_state(operator, backend):
         torch.autograd.grad(y, leaves, dy)
 
 
+@pytest.mark.parametrize("operator", sphereops.OPERATORS)
+def test_linear_retained_graph_keeps_the_saved_state(operator):
+    """SphereLinear's eager backward reuses the saved c only when the graph is not retained."""
+    x, w, b, k = make_linear_inputs(m=6, in_features=5, out_features=4, operator=operator,
+                                    dtype=torch.float64)
+    leaves = [x, w] + ([k] if k is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    y = sphereops.sphere_linear(x, w, b, operator=operator, k=k, backend="reference")
+    dy = torch.randn_like(y)
+    exp = torch.autograd.grad(R.linear_autograd(x, w, b, k, operator, EPS), leaves, dy)
+    for retain in (True, True, False):
+        got = torch.autograd.grad(y, leaves, dy, retain_graph=retain)
+        for name, g, e in zip(("dx", "dw", "dk"), got, exp):
+            assert_close(g, e, 1e-10, 1e-11, f"{name} (retain_graph={retain})")
+
+
 def test_scalar_k_float_and_tensor_agree_and_scalar_tensor_gets_summed_grad():
     inp = make_conv_inputs(n=1, c_in=3, h=6, w=6, c_out=4, operator="sigmoid", dtype=torch.float64)
     y_float = sphereops.sphere_conv2d(inp.x, inp.w, operator="sigmoid", k=0.3, padding=1)

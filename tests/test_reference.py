@@ -135,7 +135,15 @@ def test_conv_autograd_gradcheck(operator):
 
 
 @pytest.mark.parametrize("operator", R.OPERATORS)
-def test_linear_closed_form_matches_autograd(operator):
+@pytest.mark.parametrize("mask", [(True, True, True, True), (True, False, False, False),
+                                  (False, True, False, True), (False, False, True, False)],
+                         ids=["all", "dx", "dw-dk", "db"])
+@pytest.mark.parametrize("c_scratch", [False, True], ids=["keep-c", "c-scratch"])
+def test_linear_closed_form_matches_autograd(monkeypatch, operator, mask, c_scratch):
+    """Closed-form SphereLinear backward (rows in batch slices of 2 here) against float64
+    autograd for any output mask; with c_scratch it writes G / r_x over c exactly when dx or dw
+    is asked for."""
+    monkeypatch.setattr(R, "_SLICE_ELEMS", 8)
     x, w, b, k = make_linear_inputs(m=7, in_features=5, out_features=4, operator=operator, dtype=torch.float64)
     leaves = [x, w, b] + ([k] if k is not None else [])
     for t in leaves:
@@ -145,10 +153,15 @@ def test_linear_closed_form_matches_autograd(operator):
     expected = torch.autograd.grad(y, leaves, dy)
     with torch.no_grad():
         y2, c, r_x = R.linear_forward(x, w, b, k, operator, EPS)
-        got = R.linear_backward(dy, x, w, k, c, r_x, operator, EPS)
+        c_before = c.clone()
+        got = R.linear_backward(dy, x, w, k, c, r_x, operator, EPS, mask, c_scratch=c_scratch)
     assert_close(y2, y, 1e-12, 1e-12, "y")
-    for name, e, g in zip(("dx", "dw", "db", "dk"), expected, got):
-        assert_close(g, e, 1e-10, 1e-11, name)
+    for name, want, e, g in zip(("dx", "dw", "db", "dk"), mask, expected, got):
+        if want and (name != "dk" or operator == "sigmoid"):
+            assert_close(g, e, 1e-10, 1e-11, name)
+        else:
+            assert g is None, name
+    assert (not torch.equal(c, c_before)) == (c_scratch and (mask[0] or mask[1]))
 
 
 def test_linear_equals_1x1_conv():
