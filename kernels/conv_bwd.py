@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, dg_dc, dg_dk
+from .angular import OPERATOR_CODES, clamp_cos, dg_dc, dg_dk
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import launch
@@ -137,11 +137,11 @@ def _load_filter_block(w_ptr, o64, o_mask, f0, n_f, stride_wo, stride_wc, stride
 
 @triton.jit
 def _prep_kernel(
-    dy_ptr, c_ptr, rx_ptr, k_ptr, hn_ptr, a_ptr, part_ptr,
+    dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
-    OPERATOR: tl.constexpr, DELTA: tl.constexpr,
+    OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -149,7 +149,10 @@ def _prep_kernel(
     """Elementwise/row pass over dy and c for one block of output pixels and one group.
 
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
-    c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...).
+    c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
+            the forward's output y = g(c) + b instead (linear and cosine operators), c recovered
+            here: cosine c = y - b, linear c = sin(pi/2 (y - b)).
+    bias_ptr: [C_out] contiguous, the b in y (read iff FROM_OUTPUT and HAS_BIAS).
     rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
     k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
             dtype); only read when OPERATOR == 2.
@@ -161,6 +164,7 @@ def _prep_kernel(
     HoWo = Ho*Wo, Wo: constexpr so that the pixel -> (n, ho, wo) divisions become multiply-shifts
     (one specialisation per output size; a network has a handful).
     OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
+    FROM_OUTPUT: c_ptr holds y (see c_ptr); HAS_BIAS: y has a bias to take off.
     STORE_HN, STORE_A, NEED_S, NEED_DB, NEED_DK: which outputs to write (output_mask).
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
@@ -190,6 +194,12 @@ def _prep_kernel(
                      mask=mask, other=0.0).to(tl.float32)
         cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
                      mask=mask, other=0.0).to(tl.float32)
+        if FROM_OUTPUT:
+            if HAS_BIAS:
+                cv = cv - tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            cv = clamp_cos(cv)
+            if OPERATOR == 0:
+                cv = tl.sin(cv * 1.5707963267948966)
         if OPERATOR == 2:
             kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
         else:
@@ -738,7 +748,8 @@ def _check_tensor(t, name: str, ndim: int):
 def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Optional[torch.Tensor],
                       c: torch.Tensor, r_x: torch.Tensor, stride, padding, dilation, groups: int,
                       operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True),
-                      *, c_scratch: bool = False):
+                      *, c_scratch: bool = False, saved: str = "cosine",
+                      bias: Optional[torch.Tensor] = None):
     """Backward of SphereConv2d (contract: docs/ARCHITECTURE.md, ``conv2d_backward``).
 
     Args:
@@ -755,6 +766,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
             (the same [N*Ho*Wo, C_out] order and dtype) is written over it instead of into a
             fresh output-sized buffer. The prep pass reads each element of c before it writes
             Hn there, in the same program, and no later kernel reads c.
+        saved: what ``c`` holds: "cosine" or "output" (the forward's y, with ``bias`` the bias
+            that went into it; linear and cosine operators; y is never written).
 
     Returns:
         (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
@@ -786,6 +799,15 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         raise ValueError(f"dilation must be positive, got {dilation!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if saved not in ("cosine", "output"):
+        raise ValueError(f"saved must be 'cosine' or 'output', got {saved!r}")
+    from_output = saved == "output"
+    if from_output and operator not in ("linear", "cosine"):
+        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    if from_output and bias is not None and (not isinstance(bias, torch.Tensor)
+                                             or tuple(bias.shape) != (w.shape[0],)
+                                             or bias.device != x.device):
+        raise ValueError(f"bias must be a [C_out={w.shape[0]}] tensor on {x.device}")
     if len(output_mask) != 4:
         raise ValueError(f"output_mask must have 4 entries, got {output_mask!r}")
     need_dx, need_dw, need_db, need_dk = (bool(v) for v in output_mask)
@@ -855,17 +877,20 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # 2. the elementwise pass over dy and c
     cfg = prep_config(operator)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"])
-    if need_grads and c_scratch and c.permute(0, 2, 3, 1).is_contiguous():
+    if need_grads and c_scratch and not from_output and c.permute(0, 2, 3, 1).is_contiguous():
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
         hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
+    has_bias = from_output and bias is not None
     _launch(_prep_kernel, (r_rows, groups),
-            (dy, c, r_x, k_arg, hn, a_buf, partials, m_out, ho * wo, wo, c_out, cg_out, groups, r_rows,
+            (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials, m_out,
+             ho * wo, wo, c_out, cg_out, groups, r_rows,
              k.stride(0) if operator == "sigmoid" else 0,
              *dy.stride(), *c.stride()),
             OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
+            FROM_OUTPUT=from_output, HAS_BIAS=has_bias,
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
             EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]),
             num_warps=cfg["num_warps"])
@@ -1075,16 +1100,30 @@ def aot_specs() -> list:
                 example_args=dict(C=c, M_PER_SPLIT=4096, **x_strides_cl)))
         # the memory-bound passes, once per dtype (sigmoid: the heaviest prep epilogue)
         cfg = prep_config("sigmoid")
+        prep_pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
+                         "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}
+        prep_examples = dict(C_out=c, CG_OUT=c, stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c,
+                             stride_dyw=c, stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)
         specs.append(dict(
             name=f"conv_bwd_prep_sigmoid_{tag}", fn=_prep_kernel,
-            signature=_signature(_prep_kernel, {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t,
-                                                "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}),
-            constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6, STORE_HN=True, STORE_A=True,
+            signature=_signature(_prep_kernel, prep_pointers),
+            constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
+                            FROM_OUTPUT=False, HAS_BIAS=False, STORE_HN=True, STORE_A=True,
                             NEED_S=True, NEED_DB=True, NEED_DK=True, EMULATE_RTNE=False,
                             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
             num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-            example_args=dict(C_out=c, CG_OUT=c, stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c,
-                              stride_dyw=c, stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)))
+            example_args=prep_examples))
+        # the saved-output variant (c recovered from y and the bias, with a sine for linear)
+        cfg = prep_config("linear")
+        specs.append(dict(
+            name=f"conv_bwd_prep_linear_from_output_{tag}", fn=_prep_kernel,
+            signature=_signature(_prep_kernel, prep_pointers),
+            constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES["linear"], DELTA=1e-6,
+                            FROM_OUTPUT=True, HAS_BIAS=True, STORE_HN=True, STORE_A=True,
+                            NEED_S=True, NEED_DB=True, NEED_DK=False, EMULATE_RTNE=False,
+                            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
+            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
+            example_args=prep_examples))
         cfg = FILTER_CONFIG
         specs.append(dict(
             name=f"conv_bwd_filter_norm_{tag}", fn=_filter_norm_kernel,

@@ -53,7 +53,7 @@ _CHANNEL_CHUNK_MIN = 16
 @triton.jit
 def _store_column_slice(acc, o_glob, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                         bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr):
     """The epilogue of one column slice of the GEMM tile (see _store_gemm_tile).
 
     acc: [BM, BS] fp32 dot products; o_glob: [BS] global output channels, valid below o_end;
@@ -64,13 +64,13 @@ def _store_column_slice(acc, o_glob, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, 
     out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
     store_sphere_tile(acc, r_x[:, None] * r_w[None, :], o_glob, mask_n, out_offs,
                        mask_m[:, None] & mask_n[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
-                       OPERATOR, HAS_BIAS, EMULATE_RTNE)
+                       OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C)
 
 
 @triton.jit
 def _store_gemm_tile(acc, o_first, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                      bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The GEMM kernel's epilogue, run on four column quarters of the tile in turn.
 
@@ -88,23 +88,26 @@ def _store_gemm_tile(acc, o_first, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, ep
     left = tl.permute(left, (0, 2, 1))
     right = tl.permute(right, (0, 2, 1))
     _store_column_half(left, o_q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, q)
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, q)
     _store_column_half(right, o_q + 2 * q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS,
-                       EMULATE_RTNE, q)
+                       EMULATE_RTNE, STORE_C, q)
 
 
 @triton.jit
 def _store_column_half(half, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                        bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, Q: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
+                       Q: tl.constexpr):
     """One half of _store_gemm_tile: ``half [BM, Q, 2]`` holds columns ``b * Q + j`` of the
     half at ``[m, j, b]``; its two quarters go through _store_column_slice in turn."""
     first, second = tl.split(half)
     _store_column_slice(first, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
-                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
+                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE,
+                        STORE_C)
     _store_column_slice(second, o_half + Q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
-                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
+                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE,
+                        STORE_C)
 
 
 @triton.jit
@@ -146,6 +149,7 @@ def _sphere_conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    STORE_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
@@ -174,6 +178,7 @@ def _sphere_conv_fwd_kernel(
                       bf16 dot is wrong; never set for GPU compiles).
       EMULATE_RTNE    round bf16 outputs to nearest by hand (CPU interpreter only, whose cast
                       truncates; never set for GPU compiles).
+      STORE_C         write c (False: the caller saves y for the backward; c_ptr unused).
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     pid = tl.program_id(0)
@@ -253,7 +258,7 @@ def _sphere_conv_fwd_kernel(
                + wo.to(tl.int64) * stride_yw)
     _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1), r_x,
                      out_row, mask_m, w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr,
-                     OPERATOR, HAS_BIAS, EMULATE_RTNE, BLOCK_M, BLOCK_N)
+                     OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, BLOCK_M, BLOCK_N)
 
     if pid_n == 0:
         # r_x is the same for every N tile of this M tile: one writer
@@ -272,7 +277,7 @@ def _sphere_conv_dw_fwd_kernel(
     eps,
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    STORE_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Depthwise SphereConv2d forward (G = C_in = C_out); program = (M tile, channel tile).
 
@@ -321,7 +326,7 @@ def _sphere_conv_dw_fwd_kernel(
     out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
     out_mask = mask_m[:, None] & mask_c[None, :]
     store_sphere_tile(acc, r_x * r_w[None, :], offs_c, mask_c, out_offs, out_mask,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE)
+                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C)
     rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
         + pix.to(tl.int64)[:, None]
     tl.store(rx_ptr + rx_offs, r_x, mask=out_mask)
@@ -488,20 +493,22 @@ def _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
     return stride, padding, dilation
 
 
-def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
+def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator, eps, *,
+                      store_c=True):
     """Fused SphereConv2d forward on the GPU (or CPU under TRITON_INTERPRET=1).
 
     Same contract and results as ``sphereops.reference.conv2d_forward``: returns ``(y, c, r_x)``
     with y, c ``[N, C_out, Ho, Wo]`` in x's dtype and memory format (c clamped to [-1, 1]) and
     r_x ``[N, G, Ho, Wo]`` float32 contiguous.  fp32 inputs use TF32 tensor cores exactly when
-    ``torch.backends.cudnn.allow_tf32`` is true.
+    ``torch.backends.cudnn.allow_tf32`` is true.  ``store_c=False``: c is neither allocated nor
+    written (it comes back empty): one output-sized store less.
     """
     return _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator,
-                                   eps)
+                                   eps, store_c=store_c)
 
 
 def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator, eps,
-                            config=None, force_gemm=False):
+                            config=None, force_gemm=False, store_c=True):
     """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
     depthwise shapes to the implicit-GEMM kernel (both for tests)."""
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
@@ -516,7 +523,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                          f"dilated filter {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} plus padding")
     fmt = _output_memory_format(x)
     y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    c = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    c = (torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+         if store_c else x.new_empty(0))
     r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
     n_pixels = n * ho * wo
     if n_pixels == 0 or c_out == 0:
@@ -537,14 +545,14 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         float(eps),
     )
     flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None,
-                 EMULATE_RTNE=_INTERPRET and x.dtype == torch.bfloat16)
+                 EMULATE_RTNE=_INTERPRET and x.dtype == torch.bfloat16, STORE_C=store_c)
 
     if c_in_g == 1 and c_out_g == 1 and not force_gemm:
         kernel = _sphere_conv_dw_fwd_autotuned
         if config is not None:
             kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
                                                           "num_warps": config.num_warps}
-        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c, r_x, n_pixels, c_out) + common_tail
+        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else y, r_x, n_pixels, c_out) + common_tail
 
         def grid(meta):
             return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
@@ -562,7 +570,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
         flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c, r_x,
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else y, r_x,
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):
@@ -649,7 +657,8 @@ def aot_specs():
                     continue  # pruned at launch: never runs
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
-                                  UPCAST_DOT=False, EMULATE_RTNE=False, **cfg.kwargs)
+                                  UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
+                                  **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -661,7 +670,7 @@ def aot_specs():
             name = (f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}"
                     f"_{dtype_name}")
             constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, EMULATE_RTNE=False,
-                              **cfg.kwargs)
+                              STORE_C=True, **cfg.kwargs)
             specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
                                _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):

@@ -33,8 +33,8 @@ def to_dtype_of(v, dst_ptr, EMULATE_RTNE: tl.constexpr):
 def store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
                       bias_ptr, k_ptr, y_ptr, c_ptr,
                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      EMULATE_RTNE: tl.constexpr):
-    """c = clamp(acc / denom), y = g(c) + b; store c, then y.
+                      EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr = True):
+    """c = clamp(acc / denom), y = g(c) + b; store c (unless not STORE_C), then y.
 
     acc: [BM, BN] fp32 dot products; denom: r_x * r_w broadcastable to acc (fp32).
     o_glob: [BN] global output-channel index; mask_n: [BN] channel mask.
@@ -42,12 +42,14 @@ def store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
     bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
     y_ptr, c_ptr: the outputs (the input's dtype) addressed through out_offs.
     Constexprs: OPERATOR 0 linear / 1 cosine / 2 sigmoid; HAS_BIAS adds the bias after g;
-      EMULATE_RTNE: see to_dtype_of.
+      EMULATE_RTNE: see to_dtype_of; STORE_C: False when the caller saves y for the backward
+      (c_ptr is then never written).
     """
     c = clamp_cos(acc / denom)
     # c is stored before g is formed so that it can die element by element inside g: keeping
     # both full tiles live at once costs registers a large tile does not have
-    tl.store(c_ptr + out_offs, to_dtype_of(c, c_ptr, EMULATE_RTNE), mask=out_mask)
+    if STORE_C:
+        tl.store(c_ptr + out_offs, to_dtype_of(c, c_ptr, EMULATE_RTNE), mask=out_mask)
     if OPERATOR == 2:
         k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
         g = g_of_c(c, k[None, :], OPERATOR)

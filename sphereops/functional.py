@@ -157,7 +157,7 @@ def _same_padding(kernel: Tuple[int, int], dilation: Tuple[int, int]):
 def sphere_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
                   padding: Union[str, IntPair] = 0, dilation: IntPair = 1, groups: int = 1, *,
                   operator: str = "cosine", k: KType = None, eps: float = DEFAULT_EPS,
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", save_output: bool = False) -> Tensor:
     """Hyperspherical 2-D convolution: ``y = g(angle(w_o, x_patch)) + b``.
 
     Arguments as :func:`torch.nn.functional.conv2d` (``padding`` may be an int, a pair,
@@ -166,9 +166,26 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     per-output-channel tensor, differentiable). ``eps`` is added inside both norms' square roots.
     ``backend``: ``"auto"`` (fused Triton kernels for CUDA tensors, the PyTorch reference
     otherwise), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
+
+    ``save_output`` (linear and cosine operators): the backward keeps the output y and the bias
+    instead of the cosine c and recovers c from them (cosine ``c = y - b``, linear
+    ``c = sin(π/2 (y - b))``): no output-sized tensor of its own when the next layer keeps y
+    anyway (BatchNorm does), and the Triton forward stores y only. y must then not be modified
+    in place before the backward (autograd raises if it is). c is then as exact as y's dtype
+    resolves ``y - b``: keep ``|b|`` small next to ``|g|`` (a bias before BatchNorm is
+    redundant anyway). Sigmoid has no such inverse where it saturates and is refused.
     """
     return _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, operator, k, eps,
-                          backend, check_k=True)
+                          backend, check_k=True, save_output=save_output)
+
+
+def check_save_output(save_output, operator: str) -> None:
+    """``save_output`` must be a bool, and True only for the operators the output determines c for."""
+    if not isinstance(save_output, bool):
+        raise TypeError(f"save_output must be a bool, got {save_output!r}")
+    if save_output and operator not in ("linear", "cosine"):
+        raise ValueError(f"save_output=True needs operator 'linear' or 'cosine' (the sigmoid's "
+                         f"output does not determine the angle where it saturates), got {operator!r}")
 
 
 def _check_operands(input, weight, bias, k, operator, eps):
@@ -185,8 +202,9 @@ def _check_operands(input, weight, bias, k, operator, eps):
 
 
 def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, operator, k, eps, backend,
-                   check_k: bool) -> Tensor:
+                   check_k: bool, save_output: bool = False) -> Tensor:
     input, weight, bias, k = _check_operands(input, weight, bias, k, operator, eps)
+    check_save_output(save_output, operator)
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D shape {tuple(input.shape)}")
     if weight.dim() != 4:
@@ -236,7 +254,7 @@ def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, opera
         x = x.contiguous()  # the kernels take NCHW or NHWC strides, not arbitrary views
     be = resolve_backend(backend, x)
     y = ops.conv2d(x, weight, bias, k_t, stride_p, padding_p, dilation_p, int(groups), operator,
-                   float(eps), be)
+                   float(eps), be, save_output)
     return y.squeeze(0) if unbatched else y
 
 

@@ -94,39 +94,46 @@ def _memory_format_of(t: Tensor) -> torch.memory_format:
 @torch.library.triton_op("sphereops::conv2d_fwd", mutates_args=())
 def conv2d_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], stride: List[int],
                padding: List[int], dilation: List[int], groups: int, operator: str, eps: float,
-               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+               backend: str, save_output: bool) -> Tuple[Tensor, Tensor, Tensor]:
     y, c, r_x = _impl(backend).conv2d_forward(x, w, bias, k, tuple(stride), tuple(padding),
-                                              tuple(dilation), groups, operator, eps)
+                                              tuple(dilation), groups, operator, eps,
+                                              store_c=not save_output)
     return y, c, r_x
 
 
 @torch.library.triton_op("sphereops::conv2d_bwd", mutates_args=())
 def conv2d_bwd(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                stride: List[int], padding: List[int], dilation: List[int], groups: int, operator: str,
-               eps: float, backend: str, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+               eps: float, backend: str, output_mask: List[bool], bias: Optional[Tensor],
+               saved_output: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend)
     grads = impl.conv2d_backward(dy, x, w, k, c, r_x, tuple(stride), tuple(padding), tuple(dilation),
-                                 groups, operator, eps, tuple(output_mask))
+                                 groups, operator, eps, tuple(output_mask),
+                                 saved=_SAVED[saved_output], bias=bias)
     return tuple(_empty_if_none(g, x) for g in grads)
 
 
+_SAVED = {False: "cosine", True: "output"}   # what the backward's c argument holds
+
+
 def _conv2d_setup_context(ctx, inputs, output):
-    x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend = inputs
-    _, c, r_x = output
-    ctx.save_for_backward(x, w, k, c, r_x)
-    ctx.config = (stride, padding, dilation, groups, operator, eps, backend)
+    x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend, save_output = inputs
+    y, c, r_x = output
+    ctx.save_for_backward(x, w, k, y if save_output else c, r_x, bias if save_output else None)
+    ctx.config = (stride, padding, dilation, groups, operator, eps, backend, save_output)
 
 
 def _conv2d_backward(ctx, dy, _dc, _dr_x):
-    x, w, k, c, r_x = ctx.saved_tensors
-    stride, padding, dilation, groups, operator, eps, backend = ctx.config
+    x, w, k, c, r_x, bias = ctx.saved_tensors
+    stride, padding, dilation, groups, operator, eps, backend, save_output = ctx.config
     need = [bool(n) for n in ctx.needs_input_grad[:4]]
     if not any(need):
-        return (None,) * 11
+        return (None,) * 12
     dy = dy.contiguous(memory_format=_memory_format_of(c))
     dx, dw, db, dk = torch.ops.sphereops.conv2d_bwd(dy, x, w, k, c, r_x, stride, padding, dilation,
-                                                     groups, operator, eps, backend, need)
-    return _input_grads((dx, dw, db, dk), need, operator, 7)
+                                                     groups, operator, eps, backend, need, bias,
+                                                     save_output)
+    return _input_grads((dx, dw, db, dk), need, operator, 8)
 
 
 conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
@@ -189,29 +196,32 @@ def _saved_state_dies_here() -> bool:
 
 class _Conv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend):
+    def forward(ctx, x, w, bias, k, stride, padding, dilation, groups, operator, eps, backend,
+                save_output):
         with _set_wrap_triton_enabled(False):
             y, c, r_x = _impl(backend).conv2d_forward(x, w, bias, k, stride, padding, dilation,
-                                                      groups, operator, eps)
-        ctx.save_for_backward(x, w, k, c, r_x)
-        ctx.config = (stride, padding, dilation, groups, operator, eps, backend)
+                                                      groups, operator, eps,
+                                                      store_c=not save_output)
+        ctx.save_for_backward(x, w, k, y if save_output else c, r_x, bias if save_output else None)
+        ctx.config = (stride, padding, dilation, groups, operator, eps, backend, save_output)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w, k, c, r_x = ctx.saved_tensors
-        stride, padding, dilation, groups, operator, eps, backend = ctx.config
+        x, w, k, c, r_x, bias = ctx.saved_tensors
+        stride, padding, dilation, groups, operator, eps, backend, save_output = ctx.config
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
         dy = dy.contiguous(memory_format=_memory_format_of(c))
-        # c is private to this node: its memory may take the backward's largest temporary when
-        # nothing reads c later
+        # a saved c is private to this node: its memory may take the backward's largest
+        # temporary when nothing reads c later (a saved y is the user's: never written)
         with _set_wrap_triton_enabled(False):
             impl = _impl(backend)
             dx, dw, db, dk = impl.conv2d_backward(dy, x, w, k, c, r_x, stride, padding, dilation,
                                                   groups, operator, eps, need,
-                                                  c_scratch=_saved_state_dies_here())
-        return _input_grads((dx, dw, db, dk), need, operator, 7)
+                                                  c_scratch=not save_output and _saved_state_dies_here(),
+                                                  saved=_SAVED[save_output], bias=bias)
+        return _input_grads((dx, dw, db, dk), need, operator, 8)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -238,13 +248,15 @@ class _LinearFunction(torch.autograd.Function):
 
 def conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], stride: Tuple[int, int],
            padding: Tuple[int, int], dilation: Tuple[int, int], groups: int, operator: str, eps: float,
-           backend: str) -> Tensor:
-    """SphereConv2d output ``y``: the registered op under torch.compile, the fast path in eager."""
+           backend: str, save_output: bool = False) -> Tensor:
+    """SphereConv2d output ``y``: the registered op under torch.compile, the fast path in eager.
+    ``save_output``: the backward keeps y (and the bias) instead of the cosine c."""
     if torch.compiler.is_compiling():
         return torch.ops.sphereops.conv2d_fwd(x, w, bias, k, list(stride), list(padding),
-                                              list(dilation), groups, operator, eps, backend)[0]
+                                              list(dilation), groups, operator, eps, backend,
+                                              save_output)[0]
     return _Conv2dFunction.apply(x, w, bias, k, tuple(stride), tuple(padding), tuple(dilation),
-                                 groups, operator, eps, backend)
+                                 groups, operator, eps, backend, save_output)
 
 
 def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], operator: str, eps: float,

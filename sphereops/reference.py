@@ -330,8 +330,10 @@ def _scale_by_patch(t: Tensor, per_pixel: Tensor, groups: int, out: Optional[Ten
 @torch.no_grad()
 def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
                    stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
-                   groups: int, operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Closed-form forward. Returns ``(y, c, r_x)`` (see docs/ARCHITECTURE.md for the saved state).
+                   groups: int, operator: str, eps: float, *,
+                   store_c: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Closed-form forward. Returns ``(y, c, r_x)`` (see docs/ARCHITECTURE.md for the saved state);
+    with ``store_c=False`` c comes back empty (the caller saves y for the backward instead).
 
     The filter norm is folded into the (small) weight before the convolution, so beyond the conv
     the full-size work is: c = s' / r_x, the clamp, and g."""
@@ -345,16 +347,37 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
     c = _scale_by_patch(s_unit, r_x.reciprocal(), groups, out=s_unit).clamp_(-1.0, 1.0)
     y = _g_plus_bias(c, operator, _k_view(k, c, 1) if k is not None else None, bias)
     y = y.to(out_dtype).contiguous(memory_format=fmt)
-    c = c.to(out_dtype).contiguous(memory_format=fmt)
+    c = c.to(out_dtype).contiguous(memory_format=fmt) if store_c else c.new_empty(0, dtype=out_dtype)
     return y, c, r_x.contiguous()
+
+
+SAVED_STATES = ("cosine", "output")
+
+
+def cosine_from_output(y: Tensor, bias: Optional[Tensor], operator: str) -> Tensor:
+    """The clamped cosine c recovered from the output ``y = g(c) + b`` in ``y``'s dtype's
+    compute dtype, as a fresh tensor: cosine ``c = y - b``; linear ``c = sin(pi/2 (y - b))``
+    (``1 - 2 theta / pi = y - b``). Sigmoid has no such inverse here: where it saturates, y
+    no longer resolves theta in a 16-bit dtype."""
+    if operator not in ("linear", "cosine"):
+        raise ValueError(f"the output determines c only for the linear and cosine operators, "
+                         f"not {operator!r}")
+    g = y.to(compute_dtype(y.dtype))
+    g = g - _k_view(bias, g, 1) if bias is not None else g.clone()
+    g.clamp_(-1.0, 1.0)
+    return g if operator == "cosine" else g.mul_(math.pi / 2.0).sin_()
 
 
 @torch.no_grad()
 def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                     stride, padding, dilation, groups: int, operator: str, eps: float,
                     output_mask: Sequence[bool] = (True, True, True, True), *,
-                    c_scratch: bool = False):
+                    c_scratch: bool = False, saved: str = "cosine", bias: Optional[Tensor] = None):
     """Closed-form backward (DESIGN §1). Returns ``(dx, dw, db, dk)``; unrequested ones are None.
+
+    ``saved``: what ``c`` holds -- "cosine" (the saved clamped cosine) or "output" (the forward's
+    output y, with ``bias`` the bias that went into it; linear and cosine operators only: see
+    :func:`cosine_from_output`). y is the caller's tensor: it is never written.
 
     ``G = dy * dg/dc``, ``H = G / (r_x r_w)``, ``A = sum_{o in group} G c / r_x^2``,
     ``S_o = sum G c``; ``dx = dgrad(H) - x * boxsum^T(A)``, ``dw = wgrad(H) - w S / r_w^2``.
@@ -366,7 +389,10 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     graph is not retained. A compute-dtype copy of ``c`` is always used that way."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
-    dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
+    if saved not in SAVED_STATES:
+        raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
+    dyc, xc, wc = dy.to(cd), x.to(cd), w.to(cd)
+    cc = cosine_from_output(c, bias, operator) if saved == "output" else c.to(cd)
     r_x = r_x.to(cd)
     kh, kw = w.shape[2], w.shape[3]
     kk = _k_view(k, cc, 1) if k is not None else None

@@ -338,7 +338,9 @@ def test_opcheck(operator):
                            operator=operator, dtype=torch.float64)
     args = (inp.x.requires_grad_(True), inp.w.requires_grad_(True), inp.bias, inp.k, [1, 1], [1, 1], [1, 1],
             2, operator, EPS, "reference")
-    torch.library.opcheck(torch.ops.sphereops.conv2d_fwd, args)
+    torch.library.opcheck(torch.ops.sphereops.conv2d_fwd, args + (False,))
+    if operator != "sigmoid":
+        torch.library.opcheck(torch.ops.sphereops.conv2d_fwd, args + (True,))
     x, w, b, k = make_linear_inputs(m=4, in_features=5, out_features=3, operator=operator, dtype=torch.float64)
     torch.library.opcheck(torch.ops.sphereops.linear_fwd, (x.requires_grad_(True), w, b, k, operator, EPS, "reference"))
 
@@ -372,3 +374,69 @@ def test_double_backward_is_refused_not_silently_wrong(fn):
     (gx,) = torch.autograd.grad(y, x, dy, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
         torch.autograd.grad(gx.sum(), (x, dy))
+
+
+# --------------------------------------------------------------------------- save_output
+
+@pytest.mark.parametrize("operator", ["linear", "cosine"])
+@pytest.mark.parametrize("backend,channels_last", [("reference", False), ("reference", True),
+                                                   ("triton", False), ("triton", True)])
+def test_save_output_gives_the_same_output_and_gradients(operator, backend, channels_last):
+    """save_output=True: the same y, and gradients that match float64 autograd as closely as
+    those of the default (saved cosine) path do."""
+    if backend == "triton":
+        pytest.importorskip("sphereops_kernels.conv_bwd")
+    dtype, tol = (torch.float64, 1e-10) if backend == "reference" else (torch.float32, 1e-4)
+    inp = make_conv_inputs(n=2, c_in=4, h=7, w=6, c_out=6, stride=2, groups=2, operator=operator,
+                           dtype=dtype, channels_last=channels_last)
+    with torch.no_grad():
+        inp.bias.mul_(0.1)       # a bias small next to g, as the docstring asks
+    leaves = [inp.x, inp.w, inp.bias]
+    for t in leaves:
+        t.requires_grad_(True)
+    args = (inp.x, inp.w, inp.bias, inp.stride, inp.padding, inp.dilation, inp.groups)
+    y0 = sphereops.sphere_conv2d(*args, operator=operator, backend=backend)
+    y1 = sphereops.sphere_conv2d(*args, operator=operator, backend=backend, save_output=True)
+    assert torch.equal(y0, y1)
+    dy = torch.randn_like(y1)
+    got = torch.autograd.grad(y1, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exp = torch.autograd.grad(R.conv2d_autograd(*leaves64, None, inp.stride, inp.padding, inp.dilation,
+                                                inp.groups, operator, EPS), leaves64, dy.double())
+    for name, g, e in zip(("dx", "dw", "db"), got, exp):
+        assert_close(g.double(), e, tol, tol * e.abs().max().item(), name)
+
+
+def test_save_output_refuses_in_place_changes_sigmoid_and_non_bool():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    conv = SphereConv2d(3, 4, 3, operator="linear", save_output=True, backend="reference")
+    assert "save_output=True" in repr(conv)
+    y = conv(x)
+    y.relu_()                                   # an in-place op on the saved output
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with pytest.raises(ValueError, match="save_output=True needs operator"):
+        SphereConv2d(3, 4, 3, operator="sigmoid", save_output=True)
+    with pytest.raises(ValueError, match="save_output=True needs operator"):
+        sphereops.sphere_conv2d(x, torch.randn(4, 3, 3, 3), operator="sigmoid", k=0.3,
+                                save_output=True)
+    with pytest.raises(TypeError, match="save_output must be a bool"):
+        sphereops.sphere_conv2d(x, torch.randn(4, 3, 3, 3), save_output=1)
+
+
+def test_save_output_under_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    model = nn.Sequential(SphereConv2d(3, 8, 3, padding=1, operator="cosine", save_output=True),
+                          nn.BatchNorm2d(8), nn.ReLU(),
+                          SphereConv2d(8, 4, 3, stride=2, operator="linear", bias=False, save_output=True))
+    x = torch.randn(2, 3, 8, 8)
+    eager = model(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    # BatchNorm in training mode updated its running stats twice; outputs use batch statistics
+    assert_close(out, eager, 1e-5, 1e-5)
+    for g, p in zip(grads, model.parameters()):
+        assert_close(p.grad, g, 1e-4, 1e-5, "grad")

@@ -373,6 +373,38 @@ def test_c_scratch_writes_hn_over_a_channels_last_c(layout, mask):
     assert overwritten == (cl and (mask[0] or mask[1]))
 
 
+@pytest.mark.parametrize("dtype, rtol, atol_frac", DTYPE_TOLS)
+@pytest.mark.parametrize("operator", ["linear", "cosine"])
+@pytest.mark.parametrize("geom", [dict(), dict(stride=2, groups=2),
+                                  dict(c_in=4, c_out=4, groups=4, h=7, w=7)],
+                         ids=["3x3", "s2-g2", "depthwise"])
+def test_backward_from_the_saved_output(geom, operator, dtype, rtol, atol_frac):
+    """saved="output": the prep pass recovers c from y and the bias; the gradients are held to
+    the reference's closed form on the same saved output (same dtype and float64), and y is
+    never written, even with c_scratch."""
+    inp, c, r_x, dy = _case(dtype, operator=operator, channels_last=True, **geom)
+    with torch.no_grad():
+        inp.bias.mul_(0.1)
+        y, _, _ = R.conv2d_forward(*inp.args(), EPS, store_c=False)
+    y_before = y.clone()
+    out = sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, y, r_x, *_geometry(inp), ALL, c_scratch=True,
+                            saved="output", bias=inp.bias)
+    assert torch.equal(y, y_before), "the saved output must not be written"
+    ref64 = R.conv2d_backward(*(t.double() for t in (dy, inp.x, inp.w)), None, y.double(),
+                              r_x.double(), *_geometry(inp), ALL, saved="output",
+                              bias=inp.bias.double())
+    ref_same = R.conv2d_backward(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL,
+                                 saved="output", bias=inp.bias)
+    for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, ref64, ref_same):
+        _check_grad(o, r64, rs, dtype, rtol, atol_frac, name)
+
+
+def test_backward_from_the_saved_output_refuses_sigmoid():
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid")
+    with pytest.raises(ValueError, match="linear or cosine"):
+        sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, c, r_x, *_geometry(inp), ALL, saved="output")
+
+
 def test_strided_and_expanded_inputs():
     """dy with zero strides (from a sum), c in another layout than x, non-contiguous w."""
     inp, c, r_x, _ = _case(torch.float32, operator="linear", channels_last=True)

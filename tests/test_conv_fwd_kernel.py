@@ -245,6 +245,18 @@ def test_forward_matches_reference(case, operator, channels_last, dtype, rtol, a
     _check_against_reference(inp, _run_kernel(inp), dtype, rtol, atol)
 
 
+@pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
+def test_forward_without_c_writes_the_same_y(case):
+    """store_c=False (save_output): c comes back empty and y is bitwise the y of the default
+    launch, through the GEMM kernel (both K loops) and the depthwise kernel."""
+    inp = make_conv_inputs(**CONV_CASES[case], operator="linear", dtype=torch.bfloat16,
+                           device=DEVICE, channels_last=True)
+    y, c, r_x = _run_kernel(inp)
+    y2, c2, r_x2 = _run_kernel(inp, store_c=False)
+    assert c2.numel() == 0 and c.numel() == y.numel()
+    assert torch.equal(y2.view(torch.int16), y.view(torch.int16)) and torch.equal(r_x2, r_x)
+
+
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
 def test_forward_arbitrary_strides(dtype, rtol, atol):
     """A non-contiguous view (every other row, channels permuted in memory) is read through its

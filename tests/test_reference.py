@@ -293,3 +293,36 @@ def test_random_geometries_closed_form_matches_autograd(seed):
             assert_close(g, e, 1e-10, 1e-11, name)
     except AssertionError as err:
         raise AssertionError(f"geometry {geom}: {err}") from err
+
+
+@pytest.mark.parametrize("operator", ["linear", "cosine"])
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,c_in,c_out", CONV_OPTIONS)
+def test_conv_backward_from_the_saved_output_matches_autograd(operator, kernel, stride, padding,
+                                                              dilation, groups, c_in, c_out):
+    """saved="output": the backward recovers c from y and the bias (the forward then stores no
+    c) and still gives autograd's gradients; y itself is left as it was."""
+    inp = _inputs64(operator, kernel, stride, padding, dilation, groups, c_in, c_out)
+    leaves = [inp.x, inp.w, inp.bias]
+    for t in leaves:
+        t.requires_grad_(True)
+    dy_shape = R.conv2d_autograd(*inp.args(), EPS)
+    dy = torch.randn_like(dy_shape)
+    expected = torch.autograd.grad(dy_shape, leaves, dy)
+    y, c, r_x = R.conv2d_forward(*inp.args(), EPS, store_c=False)
+    assert c.numel() == 0
+    y_before = y.clone()
+    got = R.conv2d_backward(dy, inp.x, inp.w, None, y, r_x, inp.stride, inp.padding, inp.dilation,
+                            inp.groups, operator, EPS, c_scratch=True, saved="output", bias=inp.bias)
+    assert torch.equal(y, y_before), "the saved output must not be written"
+    for name, e, g in zip(("dx", "dw", "db"), expected, got):
+        assert_close(g, e, 1e-10, 1e-11, name)
+
+
+def test_cosine_from_output_inverts_g_and_refuses_sigmoid():
+    c = torch.linspace(-1, 1, 101, dtype=torch.float64).reshape(1, 1, 101, 1).expand(1, 3, 101, 1)
+    b = torch.tensor([0.0, 0.5, -2.0], dtype=torch.float64)
+    for op in ("linear", "cosine"):
+        y = R.g_of_c(c, op) + b.reshape(1, 3, 1, 1)
+        assert_close(R.cosine_from_output(y, b, op), c, 1e-12, 1e-12, op)
+    with pytest.raises(ValueError, match="linear and cosine"):
+        R.cosine_from_output(c, None, "sigmoid")

@@ -80,18 +80,26 @@ class SphereConv2d(_SphereMixin, nn.Conv2d):
     (a Conv2d checkpoint loads into it), plus the operator: ``"linear"``, ``"cosine"`` or
     ``"sigmoid"`` with a fixed ``k`` or, with ``learnable_k=True``, one ``k = |kappa| + 0.05``
     per output channel (``kappa`` initialised to ``k_init - 0.05``).
+
+    ``save_output=True`` (linear and cosine operators): see
+    :func:`sphereops.sphere_conv2d` -- the layer then costs no activation memory beyond its
+    output when the next layer keeps that output anyway (BatchNorm does), but the output must
+    not be changed in place before the backward (use ``nn.ReLU(inplace=False)`` right after it).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", *, operator="cosine", k=0.3,
-                 learnable_k=False, k_init=0.5, eps=DEFAULT_EPS, backend="auto", device=None, dtype=None):
+                 learnable_k=False, k_init=0.5, eps=DEFAULT_EPS, backend="auto",
+                 save_output=False, device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, **factory)
         self._init_sphere(out_channels, operator, k, learnable_k, k_init, eps, backend, factory)
+        SF.check_save_output(save_output, operator)
+        self.save_output = save_output
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._sphere_repr()
+        return super().extra_repr() + self._sphere_repr() + (", save_output=True" if self.save_output else "")
 
     def forward(self, input: Tensor) -> Tensor:
         padding = self.padding
@@ -100,4 +108,4 @@ class SphereConv2d(_SphereMixin, nn.Conv2d):
             padding = 0
         return SF._sphere_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                                  self.groups, self.operator, self.effective_k(), self.eps,
-                                 self.backend, check_k=False)
+                                 self.backend, check_k=False, save_output=self.save_output)
