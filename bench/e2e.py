@@ -123,7 +123,10 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
     amp_dtype = torch.bfloat16 if cuda else None
     fmt = torch.channels_last if cuda else torch.contiguous_format
     fused_backend = sphereops_backend or ("triton" if cuda else "auto")
-    variants = [("plain", None, "auto"), ("sphereops", "linear", fused_backend)]
+    # sphereops_save_output: the same model with enable_save_output (a BatchNorm follows every
+    # SphereConv, so the layers keep no activation of their own)
+    variants = [("plain", None, "auto"), ("sphereops", "linear", fused_backend),
+                ("sphereops_save_output", "linear", fused_backend)]
     if cuda or (sphereops_backend not in (None, "auto", "reference")):
         variants.append(("unfused_best", "linear", "reference"))
     rows = []
@@ -140,6 +143,9 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
         try:
             torch.manual_seed(0)
             model, source = build_model(operator, backend, widths, units)
+            if name == "sphereops_save_output":
+                from sphereops.nn import enable_save_output
+                row["save_output_layers"] = len(enable_save_output(model))
             model = model.to(device).to(memory_format=fmt)
             row["model"] = source
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

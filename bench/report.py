@@ -179,6 +179,13 @@ def goal_rows(results: dict) -> list:
                      "not measured" if t is None else ("PASS" if t <= 1.15 else "FAIL")))
         rows.append(("SphereResNet-32 step peak memory / ResNet-32", _fmt(m, 2, "x"), "≤ 1.10x",
                      "not measured" if m is None else ("PASS" if m <= 1.10 else "FAIL")))
+    saving = e2e.get("sphereops_save_output")
+    if saving is not None and is_cuda:
+        t, m = saving.get("time_ratio_to_plain"), saving.get("mem_ratio_to_plain")
+        rows.append(("SphereResNet-32 step time / ResNet-32, save_output", _fmt(t, 2, "x"),
+                     "≤ 1.15x", "not measured" if t is None else ("PASS" if t <= 1.15 else "FAIL")))
+        rows.append(("SphereResNet-32 step peak memory / ResNet-32, save_output", _fmt(m, 2, "x"),
+                     "≤ 1.10x", "not measured" if m is None else ("PASS" if m <= 1.10 else "FAIL")))
     for c in results.get("criterion", []):
         if c.get("status") == "ok":
             alloc = c.get("allocator", "default")

@@ -2,8 +2,8 @@
 
 Four ops, each returning fresh tensors (see docs/ARCHITECTURE.md for the contract):
 
-* ``sphereops::conv2d_fwd(x, w, bias?, k?, stride, padding, dilation, groups, operator, eps, backend) -> (y, c, r_x)``
-* ``sphereops::conv2d_bwd(dy, x, w, k?, c, r_x, stride, padding, dilation, groups, operator, eps, backend, output_mask) -> (dx, dw, db, dk)``
+* ``sphereops::conv2d_fwd(x, w, bias?, k?, stride, padding, dilation, groups, operator, eps, backend, save_output) -> (y, c, r_x)``
+* ``sphereops::conv2d_bwd(dy, x, w, k?, c, r_x, stride, padding, dilation, groups, operator, eps, backend, output_mask, bias?, saved_output) -> (dx, dw, db, dk)``
 * ``sphereops::linear_fwd`` / ``sphereops::linear_bwd``: the same with a patch = a row.
 
 They are ``torch.library.triton_op``s: eager calls run the Python body, and under
@@ -12,7 +12,8 @@ They are ``torch.library.triton_op``s: eager calls run the Python body, and unde
 ``"reference"`` or ``"triton"`` -- the functional layer resolves ``"auto"``. Gradients that are not
 needed come back as empty tensors and the autograd layer turns them into ``None``.
 
-Only ``y`` is differentiable; ``c`` and ``r_x`` are the saved state for the backward op.
+Only ``y`` is differentiable; ``c`` and ``r_x`` are the saved state for the backward op (with
+``save_output`` c comes back empty and the backward gets y and the bias in its place).
 
 Eager fast path: the Python dispatch of a custom op with registered autograd costs about a
 millisecond of host time per call (more than the kernels of a typical layer), so eager calls go

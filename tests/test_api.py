@@ -440,3 +440,25 @@ def test_save_output_under_torch_compile_matches_eager():
     assert_close(out, eager, 1e-5, 1e-5)
     for g, p in zip(grads, model.parameters()):
         assert_close(p.grad, g, 1e-4, 1e-5, "grad")
+
+
+def test_enable_save_output_sets_the_eligible_layers_and_keeps_training_correct():
+    from sphereops.models import SphereResNet32
+    from sphereops.nn import enable_save_output
+    torch.manual_seed(0)
+    model = SphereResNet32(operator="linear", widths=(4, 8, 8), units_per_stage=1,
+                           backend="reference").double()
+    sig = SphereConv2d(3, 4, 3, operator="sigmoid")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model(x).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    names = enable_save_output(model)
+    spheres = [n for n, m in model.named_modules() if isinstance(m, SphereConv2d)]
+    assert names == spheres and all(model.get_submodule(n).save_output for n in names)
+    model(x).sum().backward()           # BatchNorm follows every SphereConv: no in-place change
+    for g, p in zip(before, model.parameters()):
+        assert_close(p.grad, g, 1e-9, 1e-12, "grad")
+    assert enable_save_output(sig) == [] and not sig.save_output
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        enable_save_output(model, 1)

@@ -271,7 +271,8 @@ def test_tiny_run_writes_json_markdown_png_and_compares(tmp_path, capsys):
         assert r["time_ms"] == r["min_ms"]          # a CPU run compares minima (shared machine)
         if r["provider"] != "conv2d" and r["kind"] == "conv":
             assert "conv2d" in r["ratio_to"]
-    assert {e["variant"] for e in res["e2e"] if e["status"] == "ok"} == {"plain", "sphereops"}
+    assert {e["variant"] for e in res["e2e"] if e["status"] == "ok"} == {"plain", "sphereops",
+                                                                         "sphereops_save_output"}
     assert res["criterion"][0]["status"] == "ok" and res["criterion"][0]["ratio"] > 0
     meta = res["meta"]
     for key in ("device_name", "torch", "triton", "commit", "tf32_flags_at_start", "date"):

@@ -109,3 +109,21 @@ class SphereConv2d(_SphereMixin, nn.Conv2d):
         return SF._sphere_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                                  self.groups, self.operator, self.effective_k(), self.eps,
                                  self.backend, check_k=False, save_output=self.save_output)
+
+
+def enable_save_output(model: nn.Module, enabled: bool = True) -> list:
+    """Set ``save_output`` on every :class:`SphereConv2d` of ``model`` whose operator allows it
+    (linear, cosine; sigmoid layers are left as they are). Returns the names of the layers set.
+
+    For models whose SphereConvs feed a layer that keeps its input anyway (BatchNorm, as in the
+    SphereNet/SphereResNet models here): their activation memory then matches a plain CNN's.
+    Only where nothing modifies a SphereConv's output in place before the backward (autograd
+    raises if something does, e.g. ``nn.ReLU(inplace=True)`` right after the conv)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, SphereConv2d) and module.operator in ("linear", "cosine"):
+            module.save_output = enabled
+            changed.append(name)
+    return changed
