@@ -116,12 +116,12 @@ def _make_inputs(operator, dtype, channels_last, geometry, scale=1.0):
     return x, w, b, k, dict(stride=stride, padding=padding, groups=groups)
 
 
-def _fused_and_reference(x, w, b, k, conv, operator, dy=None):
+def _fused_and_reference(x, w, b, k, conv, operator, dy=None, save_output=False):
     """Fused forward + backward and the float64 autograd reference on the same inputs."""
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
               for t in (x, w, b, k)]
     y = sphereops.sphere_conv2d(*leaves[:3], operator=operator, k=leaves[3], eps=EPS,
-                                backend="triton", **conv)
+                                backend="triton", save_output=save_output, **conv)
     if dy is None:
         dy = torch.randn_like(y, dtype=torch.float64)
     y.backward(dy.to(y.dtype))
@@ -146,6 +146,18 @@ def test_forward_backward_vs_float64(operator, precision, channels_last, geometr
     y, dx = fused[0], fused[1]
     assert y.dtype == x.dtype and dx.dtype == x.dtype
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    rtol, atol = TOLERANCES[precision]
+    for name, out, expected in zip(names, fused, ref):
+        _check(request.node.name, name, out, expected, rtol, atol)
+
+
+@pytest.mark.parametrize("operator, precision", [("linear", "bf16"), ("cosine", "fp16")],
+                         indirect=["precision"])
+def test_save_output_vs_float64(operator, precision, request):
+    """save_output: the forward without its c store, the backward recovering c from y and the
+    bias in the prep pass (channels_last, the training layout), against float64 autograd."""
+    x, w, b, k, conv = _make_inputs(operator, DTYPES[precision], True, "3x3")
+    names, fused, ref = _fused_and_reference(x, w, b, k, conv, operator, save_output=True)
     rtol, atol = TOLERANCES[precision]
     for name, out, expected in zip(names, fused, ref):
         _check(request.node.name, name, out, expected, rtol, atol)
