@@ -172,6 +172,7 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             row.update(status="ok", **res, loss=loss0)
             row["time_ms"] = row[statistic_key]
             row["peak_mem_mb"] = T.peak_memory_mb(lambda: step(0), device)
+            row["saved_mb"] = saved_for_backward_mb(model, xs[0], ys[0], device, amp_dtype)
             if cuda:
                 row["peak_mem_total_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         except KeyboardInterrupt:
@@ -192,12 +193,34 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             r["time_ratio_to_plain"] = r["time_ms"] / plain["time_ms"]
             if r.get("peak_mem_mb") and plain.get("peak_mem_mb"):
                 r["mem_ratio_to_plain"] = r["peak_mem_mb"] / plain["peak_mem_mb"]
+            if r.get("saved_mb") and plain.get("saved_mb"):
+                r["saved_ratio_to_plain"] = r["saved_mb"] / plain["saved_mb"]
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Issue 2's criterion: reference SphereConv2d fwd+bwd vs nn.Conv2d fwd+bwd on CPU
 # ---------------------------------------------------------------------------------------------
+
+def saved_for_backward_mb(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          device: torch.device, amp_dtype) -> float:
+    """MiB that autograd holds for the backward after one forward + loss: every distinct
+    storage a node saved, the parameters excluded (the activation memory of the step, the same
+    on any device, counted once however many nodes share a tensor)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, amp_dtype):
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return sum(saved.values()) / 2 ** 20
+
 
 def _minor_faults() -> Optional[int]:
     """This process's minor page faults so far (None where getrusage does not exist)."""

@@ -437,3 +437,20 @@ def test_criterion_default_then_steady_allocator_in_a_fresh_process():
     if sys.platform.startswith("linux"):
         assert [r["allocator"] for r in rows] == ["default", "steady"]
         assert all(isinstance(r["sphere_faults"], (int, float)) for r in rows)
+
+
+def test_saved_for_backward_counts_the_cosine_once_and_save_output_drops_it():
+    """The e2e memory column: with save_output the SphereConv's saved state shrinks by exactly
+    its cosine c (the output y is kept by the BatchNorm after it anyway, counted once)."""
+    import sphereops.nn as snn
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,))
+    sizes = []
+    for save_output in (False, True):
+        conv = snn.SphereConv2d(3, 4, 3, padding=1, operator="linear", save_output=save_output,
+                                backend="reference")
+        model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten())
+        sizes.append(E.saved_for_backward_mb(model, x, y, torch.device("cpu"), None))
+    c_mib = 2 * 4 * 8 * 8 * 4 / 2 ** 20
+    assert sizes[0] - sizes[1] == pytest.approx(c_mib, rel=1e-9)
