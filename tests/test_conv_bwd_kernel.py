@@ -542,5 +542,15 @@ def test_random_geometries_match_closed_form_reference(seed):
                          name=name)
         out = _kernel(dy, inp, c, r_x)
         _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
+        if geom["operator"] != "sigmoid":   # the same through the saved-output path
+            out = sphere_conv2d_bwd(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL,
+                                    saved="output", bias=inp.bias)
+            ref64 = R.conv2d_backward(*(t.double() for t in (dy, inp.x, inp.w)), None, y.double(),
+                                      r_x.double(), *_geometry(inp), ALL, saved="output",
+                                      bias=inp.bias.double())
+            ref_same = R.conv2d_backward(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL,
+                                         saved="output", bias=inp.bias)
+            for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, ref64, ref_same):
+                _check_grad(o, r64, rs, torch.float32, 2e-5, 2e-5, f"{name} (saved output)")
     except AssertionError as err:
         raise AssertionError(f"geometry {geom}: {err}") from err
