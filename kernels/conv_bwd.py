@@ -1029,6 +1029,25 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
     return sig
 
 
+def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
+               w: int) -> dict:
+    """The AOT spec of _prep_kernel for one operator / saved state, every output requested, on
+    a channels_last [*, c, h, w] gradient (``t``: the pointer type of the input dtype)."""
+    cfg = prep_config(operator)
+    pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
+                "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}
+    strides = dict(stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c, stride_dyw=c,
+                   stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)
+    return dict(
+        name=name, fn=_prep_kernel, signature=_signature(_prep_kernel, pointers),
+        constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES[operator], DELTA=1e-6,
+                        FROM_OUTPUT=from_output, HAS_BIAS=from_output, STORE_HN=True, STORE_A=True,
+                        NEED_S=True, NEED_DB=True, NEED_DK=operator == "sigmoid",
+                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
+        num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
+        example_args=dict(C_out=c, CG_OUT=c, **strides))
+
+
 def aot_specs() -> list:
     """One spec per (kernel, config, dtype) for the AOT compile check.
 
@@ -1098,32 +1117,11 @@ def aot_specs() -> list:
                                 BLOCK_M=wg_cfg["BLOCK_M"], BLOCK_C=wg_cfg["BLOCK_C"]),
                 num_warps=wg_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, M_PER_SPLIT=4096, **x_strides_cl)))
-        # the memory-bound passes, once per dtype (sigmoid: the heaviest prep epilogue)
-        cfg = prep_config("sigmoid")
-        prep_pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
-                         "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}
-        prep_examples = dict(C_out=c, CG_OUT=c, stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c,
-                             stride_dyw=c, stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)
-        specs.append(dict(
-            name=f"conv_bwd_prep_sigmoid_{tag}", fn=_prep_kernel,
-            signature=_signature(_prep_kernel, prep_pointers),
-            constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
-                            FROM_OUTPUT=False, HAS_BIAS=False, STORE_HN=True, STORE_A=True,
-                            NEED_S=True, NEED_DB=True, NEED_DK=True, EMULATE_RTNE=False,
-                            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
-            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-            example_args=prep_examples))
+        # the memory-bound passes, once per dtype: the sigmoid prep (the heaviest epilogue) and
         # the saved-output variant (c recovered from y and the bias, with a sine for linear)
-        cfg = prep_config("linear")
-        specs.append(dict(
-            name=f"conv_bwd_prep_linear_from_output_{tag}", fn=_prep_kernel,
-            signature=_signature(_prep_kernel, prep_pointers),
-            constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES["linear"], DELTA=1e-6,
-                            FROM_OUTPUT=True, HAS_BIAS=True, STORE_HN=True, STORE_A=True,
-                            NEED_S=True, NEED_DB=True, NEED_DK=False, EMULATE_RTNE=False,
-                            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
-            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-            example_args=prep_examples))
+        specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_{tag}", "sigmoid", False, t, dtype, c, h, w))
+        specs.append(_prep_spec(f"conv_bwd_prep_linear_from_output_{tag}", "linear", True, t, dtype,
+                                c, h, w))
         cfg = FILTER_CONFIG
         specs.append(dict(
             name=f"conv_bwd_filter_norm_{tag}", fn=_filter_norm_kernel,

@@ -59,6 +59,14 @@ def _reference(dy, inp, c, r_x, mask=ALL, dtype=None):
                              r_x if dtype is None else r_x.to(dtype), *_geometry(inp), mask)
 
 
+def _references_from_output(dy, inp, y, r_x):
+    """(float64, same-dtype) closed-form gradients from the saved output y (linear, cosine)."""
+    def grads(cv):
+        return R.conv2d_backward(cv(dy), cv(inp.x), cv(inp.w), None, cv(y), cv(r_x),
+                                 *_geometry(inp), ALL, saved="output", bias=cv(inp.bias))
+    return grads(lambda t: t.double()), grads(lambda t: t)
+
+
 def _check_grad(out, ref64, ref_same, dtype, rtol, atol_frac, name):
     """Adaptive bounds (STYLE.md) for every dtype: the max-abs error may be twice the same-dtype
     reference's plus ``atol_frac * max|ref|``; the relative norm error at most
@@ -390,12 +398,7 @@ def test_backward_from_the_saved_output(geom, operator, dtype, rtol, atol_frac):
     out = sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, y, r_x, *_geometry(inp), ALL, c_scratch=True,
                             saved="output", bias=inp.bias)
     assert torch.equal(y, y_before), "the saved output must not be written"
-    ref64 = R.conv2d_backward(*(t.double() for t in (dy, inp.x, inp.w)), None, y.double(),
-                              r_x.double(), *_geometry(inp), ALL, saved="output",
-                              bias=inp.bias.double())
-    ref_same = R.conv2d_backward(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL,
-                                 saved="output", bias=inp.bias)
-    for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, ref64, ref_same):
+    for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, *_references_from_output(dy, inp, y, r_x)):
         _check_grad(o, r64, rs, dtype, rtol, atol_frac, name)
 
 
@@ -545,12 +548,8 @@ def test_random_geometries_match_closed_form_reference(seed):
         if geom["operator"] != "sigmoid":   # the same through the saved-output path
             out = sphere_conv2d_bwd(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL,
                                     saved="output", bias=inp.bias)
-            ref64 = R.conv2d_backward(*(t.double() for t in (dy, inp.x, inp.w)), None, y.double(),
-                                      r_x.double(), *_geometry(inp), ALL, saved="output",
-                                      bias=inp.bias.double())
-            ref_same = R.conv2d_backward(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL,
-                                         saved="output", bias=inp.bias)
-            for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, ref64, ref_same):
+            refs = _references_from_output(dy, inp, y, r_x)
+            for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, *refs):
                 _check_grad(o, r64, rs, torch.float32, 2e-5, 2e-5, f"{name} (saved output)")
     except AssertionError as err:
         raise AssertionError(f"geometry {geom}: {err}") from err
