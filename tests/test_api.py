@@ -462,3 +462,28 @@ def test_enable_save_output_sets_the_eligible_layers_and_keeps_training_correct(
     assert enable_save_output(sig) == [] and not sig.save_output
     with pytest.raises(TypeError, match="enabled must be a bool"):
         enable_save_output(model, 1)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward in the backward: the backward's reuse of
+    the saved cosine (c_scratch) meets recomputed tensors there and must still be exact."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    block = nn.Sequential(SphereConv2d(3, 6, 3, padding=1, operator="linear", backend="reference"),
+                          nn.ReLU(),
+                          SphereConv2d(6, 4, 3, padding=1, operator="cosine", backend="reference",
+                                       save_output=True)).double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    leaves = [x, *block.parameters()]
+
+    def grads(run):
+        for t in leaves:
+            t.grad = None
+        run().square().sum().backward()     # reentrant checkpointing refuses autograd.grad
+        return [t.grad.clone() for t in leaves]
+
+    plain = grads(lambda: block(x))
+    ckpt = grads(lambda: checkpoint(block, x, use_reentrant=use_reentrant))
+    for a, b in zip(plain, ckpt):
+        assert_close(b, a, 1e-12, 1e-13, "grad")
