@@ -151,7 +151,8 @@ def _prep_kernel(
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
             the forward's output y = g(c) + b instead (linear and cosine operators), c recovered
-            here: cosine c = y - b, linear c = sin(pi/2 (y - b)).
+            here: cosine c = y - b, linear c = sin(pi/2 (y - b)) with the arccos derivative's
+            sin(theta) = cos(pi/2 (y - b)) (as reference._angle_from_output).
     bias_ptr: [C_out] contiguous, the b in y (read iff FROM_OUTPUT and HAS_BIAS).
     rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
     k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
@@ -198,13 +199,20 @@ def _prep_kernel(
             if HAS_BIAS:
                 cv = cv - tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
             cv = clamp_cos(cv)
-            if OPERATOR == 0:
-                cv = tl.sin(cv * 1.5707963267948966)
         if OPERATOR == 2:
             kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
         else:
             kv = 1.0
-        grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
+        if FROM_OUTPUT and OPERATOR == 0:
+            # theta = pi/2 (1 - g): c = sin(pi/2 g) and sin(theta) = cos(pi/2 g) straight from
+            # the angle, exact where 1 - c^2 would cancel (c near +-1)
+            half = cv * 1.5707963267948966
+            sin2 = tl.cos(half) * tl.cos(half)
+            cv = tl.sin(half)
+            # max(., DELTA) written with where so that a NaN stays NaN (as in angular.dg_dc)
+            grad_c = dy * (0.6366197723675814 / tl.sqrt(tl.where(sin2 < DELTA, DELTA, sin2)))
+        else:
+            grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
         gc = grad_c * cv
         if STORE_HN:
             hn = grad_c * inv_rx[:, None]

@@ -241,7 +241,8 @@ def _g_plus_bias(c: Tensor, operator: str, k: Optional[Tensor], bias: Optional[T
 
 def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, k: Optional[Tensor],
                 need_dx: bool, need_dw: bool, need_dk: bool, sum_dy: Optional[Tensor],
-                h_out: Optional[Tensor] = None):
+                h_out: Optional[Tensor] = None, output_bias: Optional[Tensor] = None,
+                from_output: bool = False):
     """``(H', A, S, dk)`` of DESIGN §1 in one sweep over batch slices, with ``G = dL/dc``:
 
     * ``H' = G / r_x`` -- what the convolution's backward takes (r_w rides on the filters) --
@@ -250,6 +251,11 @@ def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, 
     * ``A [N, G, Ho, Wo] = sum_{o in group} G c / r_x^2`` (dx's norm term) if ``need_dx``;
     * ``S [C_out] = sum G c`` (dw's norm term) if ``need_dw``;
     * ``dk`` for sigmoid if ``need_dk``.
+
+    ``from_output``: ``c`` holds the forward's output y (with ``output_bias`` the bias in it,
+    broadcastable): each slice's c comes from :func:`_angle_from_output`, and the linear
+    operator's ``sqrt(1 - c^2) = sin(theta)`` from the angle directly (exact where ``1 - c^2``
+    would cancel).
 
     CPU hot path: every fresh full-size buffer costs page faults comparable to a pass here, so
     the per-element chains run over batch slices (small, cache-resident temporaries) and write
@@ -277,11 +283,15 @@ def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, 
         return h, a, s_o, None
     one = torch.ones((), dtype=c.dtype, device=c.device)
     for rows in _batch_slices(n, dy[0].numel() if n else 1):
-        c_s, dy_s = c[rows], dy[rows]
+        dy_s = dy[rows]
+        c_s, sin_theta = (_angle_from_output(c[rows], output_bias, operator) if from_output
+                          else (c[rows], None))
         if operator == "cosine":
             g = dy_s
         elif operator == "linear":   # dg/dc = (2/pi) / sqrt(max(1 - c^2, DELTA))
-            g = torch.addcmul(one, c_s, c_s, value=-1.0).clamp_(min=ARCCOS_DELTA).rsqrt_()
+            sin2 = (torch.addcmul(one, c_s, c_s, value=-1.0) if sin_theta is None
+                    else sin_theta.mul_(sin_theta))
+            g = sin2.clamp_(min=ARCCOS_DELTA).rsqrt_()
             g.mul_(dy_s).mul_(2.0 / math.pi)
         else:
             two_b = torch.asin(c_s).mul_(inv_k)
@@ -354,18 +364,30 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
 SAVED_STATES = ("cosine", "output")
 
 
-def cosine_from_output(y: Tensor, bias: Optional[Tensor], operator: str) -> Tensor:
-    """The clamped cosine c recovered from the output ``y = g(c) + b`` in ``y``'s dtype's
-    compute dtype, as a fresh tensor: cosine ``c = y - b``; linear ``c = sin(pi/2 (y - b))``
-    (``1 - 2 theta / pi = y - b``). Sigmoid has no such inverse here: where it saturates, y
-    no longer resolves theta in a 16-bit dtype."""
+def _angle_from_output(y: Tensor, bias: Optional[Tensor], operator: str):
+    """``(c, sin(theta) or None)`` from the output ``y = g(c) + b`` (``bias`` broadcastable
+    against y, or None), fresh tensors in y's compute dtype: cosine ``c = y - b``; linear
+    ``theta = pi/2 (1 - (y - b))``, so ``c = sin(pi/2 (y - b))`` and
+    ``sin(theta) = cos(pi/2 (y - b))``."""
     if operator not in ("linear", "cosine"):
         raise ValueError(f"the output determines c only for the linear and cosine operators, "
                          f"not {operator!r}")
     g = y.to(compute_dtype(y.dtype))
-    g = g - _k_view(bias, g, 1) if bias is not None else g.clone()
+    g = g - bias if bias is not None else g.clone()
     g.clamp_(-1.0, 1.0)
-    return g if operator == "cosine" else g.mul_(math.pi / 2.0).sin_()
+    if operator == "cosine":
+        return g, None
+    half = g.mul_(math.pi / 2.0)
+    return torch.sin(half), half.cos_()
+
+
+def cosine_from_output(y: Tensor, bias: Optional[Tensor], operator: str) -> Tensor:
+    """The clamped cosine c recovered from the output ``y = g(c) + b`` (``bias [C_out]``, channel
+    dim 1), a fresh tensor in y's compute dtype: cosine ``c = y - b``; linear
+    ``c = sin(pi/2 (y - b))`` (``1 - 2 theta / pi = y - b``). Sigmoid has no such inverse here:
+    where it saturates, y no longer resolves theta in a 16-bit dtype."""
+    b = _k_view(bias, y.to(compute_dtype(y.dtype)), 1) if bias is not None else None
+    return _angle_from_output(y, b, operator)[0]
 
 
 @torch.no_grad()
@@ -391,8 +413,11 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     cd = compute_dtype(x.dtype)
     if saved not in SAVED_STATES:
         raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
-    dyc, xc, wc = dy.to(cd), x.to(cd), w.to(cd)
-    cc = cosine_from_output(c, bias, operator) if saved == "output" else c.to(cd)
+    from_output = saved == "output"
+    if from_output and operator not in ("linear", "cosine"):
+        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    c_scratch = c_scratch and not from_output       # y is the caller's: never written
+    dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
     r_x = r_x.to(cd)
     kh, kw = w.shape[2], w.shape[3]
     kk = _k_view(k, cc, 1) if k is not None else None
@@ -400,8 +425,9 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     sum_dy = dyc.sum(dim=(0, 2, 3)) if (need_db or need_dk) else None
     db = sum_dy.to(w.dtype) if need_db else None
     h_out = cc if (c_scratch or cc is not c) else None
+    b = _k_view(bias, cc, 1) if (from_output and bias is not None) else None
     h_unit, a, s_o, dk = _grad_terms(dyc, cc, r_x, groups, operator, kk, need_dx, need_dw, need_dk,
-                                     sum_dy, h_out)
+                                     sum_dy, h_out, output_bias=b, from_output=from_output)
     dk = dk.to(k.dtype) if dk is not None else None
     dx = dw = None
     if need_dx or need_dw:

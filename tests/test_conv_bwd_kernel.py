@@ -278,8 +278,13 @@ def test_near_parallel_patches(dtype, rtol, atol_frac):
         assert torch.isfinite(o).all(), f"{name} has non-finite values"
     ref64 = _reference(dy, inp, c, r_x, ALL, torch.float64)
     ref_same = _reference(dy, inp, c, r_x)
-    bounds = _rounding_bound(dy, inp, c, r_x) + (None, None)
-    for name, o, r, rs, b in zip(("dx", "dw", "db"), out, ref64, ref_same, bounds):
+    _check_within_rounding_bound(out, ref64, ref_same, _rounding_bound(dy, inp, c, r_x), atol_frac)
+
+
+def _check_within_rounding_bound(out, ref64, ref_same, bounds, atol_frac):
+    """Elementwise: |out - ref64| <= 2 |ref_same - ref64| + atol + 2 * the a-priori rounding
+    bound of the kernel's arithmetic (``bounds``: dx, dw) -- the check for ill-conditioned cases."""
+    for name, o, r, rs, b in zip(("dx", "dw", "db"), out, ref64, ref_same, tuple(bounds) + (None,)):
         o, r, rs = o.double().cpu(), r.cpu(), rs.double().cpu()
         allowed = 2 * (rs - r).abs() + atol_frac * r.abs().max()
         if b is not None:
@@ -400,6 +405,27 @@ def test_backward_from_the_saved_output(geom, operator, dtype, rtol, atol_frac):
     assert torch.equal(y, y_before), "the saved output must not be written"
     for name, o, r64, rs in zip(("dx", "dw", "db", "dk"), out, *_references_from_output(dy, inp, y, r_x)):
         _check_grad(o, r64, rs, dtype, rtol, atol_frac, name)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol_frac", DTYPE_TOLS)
+def test_backward_from_the_saved_output_near_parallel_patches(dtype, rtol, atol_frac):
+    """Near-parallel patches (c -> 1, the bounded arccos derivative) from the saved output: sin
+    theta comes from the angle, not from 1 - c^2; held to the same elementwise rounding bound as
+    the saved-cosine case (test_near_parallel_patches: the problem is ill-conditioned there)."""
+    inp = make_near_parallel_conv_inputs(noise=1e-5, dtype=dtype, device=DEVICE, operator="linear",
+                                         padding=0, channels_last=True)
+    with torch.no_grad():
+        inp.bias.mul_(0.1)
+        y, _, r_x = R.conv2d_forward(*inp.args(), EPS, store_c=False)
+    assert y.float().max().item() > 0.97, "the builder should produce near-parallel patches"
+    dy = torch.randn(y.shape, device=DEVICE).to(dtype)
+    out = sphere_conv2d_bwd(dy, inp.x, inp.w, None, y, r_x, *_geometry(inp), ALL, saved="output",
+                            bias=inp.bias)
+    for name, o in zip(("dx", "dw", "db"), out):
+        assert torch.isfinite(o).all(), f"{name} has non-finite values"
+    ref64, ref_same = _references_from_output(dy, inp, y, r_x)
+    c = R.cosine_from_output(y, inp.bias, "linear").to(dtype)
+    _check_within_rounding_bound(out, ref64, ref_same, _rounding_bound(dy, inp, c, r_x), atol_frac)
 
 
 def test_backward_from_the_saved_output_refuses_sigmoid():
