@@ -196,3 +196,33 @@ def dg_dk(c, k):
     a = _QUARTER_PI / k
     b = (_HALF_PI - theta) / (2.0 * k)
     return (a * csch2_f32(a) * tanh_f32(b) - b * coth_f32(a) * sech2_f32(b)) / k
+
+
+@triton.jit
+def cosine_and_dg_dc(v, k, b, OPERATOR: tl.constexpr, DELTA: tl.constexpr,
+                     FROM_OUTPUT: tl.constexpr):
+    """``(c, dg/dc)`` from a block of the backward's saved state ``v`` (fp32).
+
+    FROM_OUTPUT False: v is the saved clamped cosine c; dg/dc as :func:`dg_dc`.
+    FROM_OUTPUT True (linear and cosine operators): v is the forward's output y and ``b`` the
+    bias in it (a block broadcastable against v, or 0.0): cosine ``c = y - b``; linear
+    ``theta = pi/2 (1 - (y - b))``, so ``c = sin(pi/2 (y - b))`` and the bounded derivative takes
+    ``sin(theta) = cos(pi/2 (y - b))`` from the angle itself, exact where ``1 - c^2`` would cancel
+    (the twin of ``sphereops.reference._angle_from_output``). NaN stays NaN.
+    k: the sigmoid steepness (FROM_OUTPUT False only), DELTA: the arccos-derivative bound.
+    """
+    if FROM_OUTPUT:
+        g = clamp_cos(v - b)
+        if OPERATOR == 0:
+            half = g * _HALF_PI
+            sin2 = tl.cos(half) * tl.cos(half)
+            c = tl.sin(half)
+            # max(., DELTA) written with where so that a NaN stays NaN
+            d = _TWO_OVER_PI / tl.sqrt(tl.where(sin2 < DELTA, DELTA, sin2))
+        else:
+            c = g
+            d = dg_dc(g, k, OPERATOR, DELTA)
+    else:
+        c = v
+        d = dg_dc(v, k, OPERATOR, DELTA)
+    return c, d

@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, clamp_cos, dg_dc, dg_dk
+from .angular import OPERATOR_CODES, cosine_and_dg_dc, dg_dk
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import launch
@@ -151,9 +151,8 @@ def _prep_kernel(
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
             the forward's output y = g(c) + b instead (linear and cosine operators), c recovered
-            here: cosine c = y - b, linear c = sin(pi/2 (y - b)) with the arccos derivative's
-            sin(theta) = cos(pi/2 (y - b)) (as reference._angle_from_output).
-    bias_ptr: [C_out] contiguous, the b in y (read iff FROM_OUTPUT and HAS_BIAS).
+            here (angular.cosine_and_dg_dc).
+    bias_ptr: [C_out] contiguous, the b in y (read iff HAS_BIAS, which needs FROM_OUTPUT).
     rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
     k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
             dtype); only read when OPERATOR == 2.
@@ -195,24 +194,16 @@ def _prep_kernel(
                      mask=mask, other=0.0).to(tl.float32)
         cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
                      mask=mask, other=0.0).to(tl.float32)
-        if FROM_OUTPUT:
-            if HAS_BIAS:
-                cv = cv - tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            cv = clamp_cos(cv)
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            bv = 0.0
         if OPERATOR == 2:
             kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
         else:
             kv = 1.0
-        if FROM_OUTPUT and OPERATOR == 0:
-            # theta = pi/2 (1 - g): c = sin(pi/2 g) and sin(theta) = cos(pi/2 g) straight from
-            # the angle, exact where 1 - c^2 would cancel (c near +-1)
-            half = cv * 1.5707963267948966
-            sin2 = tl.cos(half) * tl.cos(half)
-            cv = tl.sin(half)
-            # max(., DELTA) written with where so that a NaN stays NaN (as in angular.dg_dc)
-            grad_c = dy * (0.6366197723675814 / tl.sqrt(tl.where(sin2 < DELTA, DELTA, sin2)))
-        else:
-            grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
+        cv, dgdc = cosine_and_dg_dc(cv, kv, bv, OPERATOR, DELTA, FROM_OUTPUT)
+        grad_c = dy * dgdc
         gc = grad_c * cv
         if STORE_HN:
             hn = grad_c * inv_rx[:, None]

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, dg_dc, dg_dk
+from .angular import OPERATOR_CODES, cosine_and_dg_dc, dg_dk
 from .epilogue import store_sphere_tile
 from .launch import interpreting as _interpreting
 from .launch import launch
@@ -85,7 +85,7 @@ def _sphere_linear_fwd_kernel(
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
         eps,
         OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, STORE_C: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Forward GEMM with fused row norms and the angular epilogue.
 
@@ -102,6 +102,7 @@ def _sphere_linear_fwd_kernel(
     HAS_BIAS: add bias[o] after g.
     DOT_PRECISION: "tf32" or "ieee", tl.dot input precision for fp32 operands.
     UPCAST_DOT: cast the dot operands to fp32 (interpreter only: bf16 tl.dot is wrong there).
+    STORE_C:  write c (False: the caller saves y for the backward; c_ptr is then unused).
     BLOCK_M, BLOCK_N, BLOCK_K: tile sizes (powers of two >= 16).
     Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
     """
@@ -134,24 +135,28 @@ def _sphere_linear_fwd_kernel(
     out_offsets = rows[:, None] * stride_ym + cols[None, :] * stride_yn
     store_sphere_tile(acc, r_x[:, None] * r_w[None, :], cols, col_mask, out_offsets,
                       row_mask[:, None] & col_mask[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
-                      OPERATOR, HAS_BIAS, False)
+                      OPERATOR, HAS_BIAS, False, STORE_C)
     if pid_n == 0:
         tl.store(r_x_ptr + rows, r_x, mask=row_mask)
 
 
 @triton.jit
 def _sphere_linear_bwd_grad_c_kernel(
-        dy_ptr, c_ptr, k_ptr, grad_c_ptr, row_part_ptr, col_part_ptr,
+        dy_ptr, c_ptr, k_ptr, bias_ptr, grad_c_ptr, row_part_ptr, col_part_ptr,
         M, N,
         stride_dym, stride_dyn, stride_cm, stride_cn,
-        OPERATOR: tl.constexpr, DELTA: tl.constexpr,
+        OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         NEED_GRAD_C: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Elementwise backward pass: G = dy * dg/dc and the per-tile partial reductions.
 
     dy_ptr:       [M, N] incoming gradient (input dtype), strides (stride_dym, stride_dyn).
-    c_ptr:        [M, N] saved clamped cosine (input dtype), strides (stride_cm, stride_cn).
+    c_ptr:        [M, N] saved clamped cosine (input dtype), strides (stride_cm, stride_cn);
+                  with FROM_OUTPUT the forward's output y instead (linear, cosine), c recovered
+                  here (angular.cosine_and_dg_dc).
     k_ptr:        [N] sigmoid steepness, contiguous; read only if OPERATOR == 2.
+    bias_ptr:     [N] contiguous, the b in y; read only if HAS_BIAS (which needs FROM_OUTPUT).
     grad_c_ptr:   [M, N] output G in the input dtype, contiguous (row stride N).
     row_part_ptr: [cdiv(N, BLOCK_N), M] float32, contiguous: sum over this program's columns
                   of G * c (the A numerator), one row of partials per column tile.
@@ -177,9 +182,14 @@ def _sphere_linear_bwd_grad_c_kernel(
         kk = tl.load(k_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
     else:
         kk = 1.0
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        bv = 0.0
+    c, dgdc = cosine_and_dg_dc(c, kk, bv, OPERATOR, DELTA, FROM_OUTPUT)
     num_m_tiles = tl.num_programs(0).to(tl.int64)
     if NEED_GRAD_C:
-        grad_c = dy * dg_dc(c, kk, OPERATOR, DELTA)
+        grad_c = dy * dgdc
         tl.store(grad_c_ptr + rows[:, None] * N + cols[None, :],
                  grad_c.to(grad_c_ptr.dtype.element_ty), mask=mask)
         gc = grad_c * c
@@ -380,16 +390,17 @@ def filter_norms(w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
-                      k: Optional[torch.Tensor], operator: str, eps: float
+                      k: Optional[torch.Tensor], operator: str, eps: float, *, store_c: bool = True
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SphereLinear forward. ``x [M, in]``, ``w [out, in]``, ``bias [out]`` or None, ``k [out]``
-    (sigmoid) or None. Returns ``(y [M, out], c [M, out], r_x [M] float32)``."""
+    (sigmoid) or None. Returns ``(y [M, out], c [M, out], r_x [M] float32)``; with
+    ``store_c=False`` c is neither allocated nor written (it comes back empty)."""
     code = _check_inputs(x, w, operator, k)
     m, kdim = x.shape
     n = w.shape[0]
     _check_vector("bias", bias, n, x)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    c = torch.empty((m, n) if store_c else (0,), dtype=x.dtype, device=x.device)
     r_x = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         if m:
@@ -402,12 +413,12 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
     cfg = _gemm_config(x.dtype, precision)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _launch(_sphere_linear_fwd_kernel, grid,
-            x, w, r_w, bias_arg, k_arg, y, c, r_x,
+            x, w, r_w, bias_arg, k_arg, y, c if store_c else y, r_x,
             m, n, kdim,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
             float(eps),
             OPERATOR=code, HAS_BIAS=bias is not None, DOT_PRECISION=precision,
-            UPCAST_DOT=_interpreting() and x.dtype != torch.float32,
+            UPCAST_DOT=_interpreting() and x.dtype != torch.float32, STORE_C=store_c,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, c, r_x
@@ -430,13 +441,24 @@ def _launch_operand_grad(cfg, precision, upcast, g, g_strides, b, nb, a, na, par
 def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                       k: Optional[torch.Tensor], c: torch.Tensor, r_x: torch.Tensor,
                       operator: str, eps: float,
-                      output_mask: Sequence[bool] = (True, True, True, True)):
+                      output_mask: Sequence[bool] = (True, True, True, True), *,
+                      saved: str = "cosine", bias: Optional[torch.Tensor] = None):
     """SphereLinear backward. Returns ``(dx [M, in], dw [out, in], db [out], dk [out])``; a
     gradient not requested by ``output_mask = (dx, dw, db, dk)`` is None (dk also for operators
-    other than sigmoid). ``c`` and ``r_x`` are the forward's saved state."""
+    other than sigmoid). ``c`` and ``r_x`` are the forward's saved state; with
+    ``saved="output"`` (linear, cosine) ``c`` is the forward's output y and ``bias`` the bias in
+    it (y is never written)."""
     code = _check_inputs(x, w, operator, k)
     m, kdim = x.shape
     n = w.shape[0]
+    if saved not in ("cosine", "output"):
+        raise ValueError(f"saved must be 'cosine' or 'output', got {saved!r}")
+    from_output = saved == "output"
+    if from_output and operator not in ("linear", "cosine"):
+        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    has_bias = from_output and bias is not None
+    if has_bias:
+        _check_vector("bias", bias, n, x)
     for name, t in (("dy", dy), ("c", c)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -471,9 +493,9 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     k_arg = k.contiguous() if code == OPERATOR_CODES["sigmoid"] else col_part
     if need_grad_c or need_db or need_dk:
         _launch(_sphere_linear_bwd_grad_c_kernel, (num_m_tiles, num_n_tiles),
-                dy, c, k_arg, grad_c, row_part, col_part,
-                m, n, dy.stride(0), dy.stride(1), c.stride(0), c.stride(1),
-                OPERATOR=code, DELTA=_arccos_delta(),
+                dy, c, k_arg, bias.contiguous() if has_bias else col_part, grad_c, row_part,
+                col_part, m, n, dy.stride(0), dy.stride(1), c.stride(0), c.stride(1),
+                OPERATOR=code, DELTA=_arccos_delta(), FROM_OUTPUT=from_output, HAS_BIAS=has_bias,
                 NEED_GRAD_C=need_grad_c, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"],
                 num_warps=ew["num_warps"], num_stages=ew["num_stages"])
@@ -536,9 +558,10 @@ def aot_specs() -> list:
                            "eps": "fp32",
                            "OPERATOR": "constexpr", "HAS_BIAS": "constexpr",
                            "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
+                           "STORE_C": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
                 constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
-                                DOT_PRECISION=precision, UPCAST_DOT=False, **blocks),
+                                DOT_PRECISION=precision, UPCAST_DOT=False, STORE_C=True, **blocks),
                 example_args=dict(M=_EX_M, N=_EX_N, K=_EX_K, stride_xm=_EX_K, stride_xk=1,
                                   stride_wn=_EX_K, stride_wk=1, stride_ym=_EX_N, stride_yn=1),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm))
@@ -565,22 +588,26 @@ def aot_specs() -> list:
                                       stride_oi=_EX_K, stride_ok=1),
                     num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"], dtype=dtype,
                     gemm=gemm))
-        specs.append(dict(
-            name=f"linear_bwd_grad_c_sigmoid_{_TL_DTYPES[dtype]}",
-            fn=_sphere_linear_bwd_grad_c_kernel,
-            signature={"dy_ptr": t, "c_ptr": t, "k_ptr": t, "grad_c_ptr": t,
-                       "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "M": "i32", "N": "i32",
-                       "stride_dym": "i32", "stride_dyn": "i32", "stride_cm": "i32",
-                       "stride_cn": "i32",
-                       "OPERATOR": "constexpr", "DELTA": "constexpr", "NEED_GRAD_C": "constexpr",
-                       "NEED_DB": "constexpr", "NEED_DK": "constexpr",
-                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            constexprs=dict(OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=_arccos_delta(),
-                            NEED_GRAD_C=True, NEED_DB=True, NEED_DK=True,
-                            BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"]),
-            example_args=dict(M=_EX_M, N=_EX_N, stride_dym=_EX_N, stride_dyn=1, stride_cm=_EX_N,
-                              stride_cn=1),
-            num_warps=ew["num_warps"], num_stages=ew["num_stages"], dtype=dtype, gemm=False))
+        # the elementwise pass: sigmoid (heaviest), and linear from the saved output
+        for op, from_output in (("sigmoid", False), ("linear", True)):
+            specs.append(dict(
+                name=f"linear_bwd_grad_c_{op}{'_from_output' if from_output else ''}_{_TL_DTYPES[dtype]}",
+                fn=_sphere_linear_bwd_grad_c_kernel,
+                signature={"dy_ptr": t, "c_ptr": t, "k_ptr": t, "bias_ptr": t, "grad_c_ptr": t,
+                           "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "M": "i32",
+                           "N": "i32", "stride_dym": "i32", "stride_dyn": "i32",
+                           "stride_cm": "i32", "stride_cn": "i32",
+                           "OPERATOR": "constexpr", "DELTA": "constexpr",
+                           "FROM_OUTPUT": "constexpr", "HAS_BIAS": "constexpr",
+                           "NEED_GRAD_C": "constexpr", "NEED_DB": "constexpr",
+                           "NEED_DK": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                constexprs=dict(OPERATOR=OPERATOR_CODES[op], DELTA=_arccos_delta(),
+                                FROM_OUTPUT=from_output, HAS_BIAS=from_output, NEED_GRAD_C=True,
+                                NEED_DB=True, NEED_DK=op == "sigmoid",
+                                BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"]),
+                example_args=dict(M=_EX_M, N=_EX_N, stride_dym=_EX_N, stride_dyn=1,
+                                  stride_cm=_EX_N, stride_cn=1),
+                num_warps=ew["num_warps"], num_stages=ew["num_stages"], dtype=dtype, gemm=False))
         specs.append(dict(
             name=f"linear_row_norm_{_TL_DTYPES[dtype]}", fn=_row_norm_kernel,
             signature={"a_ptr": t, "out_ptr": "*fp32", "R": "i32", "C": "i32",

@@ -260,16 +260,20 @@ def _sphere_conv2d(input, weight, bias, stride, padding, dilation, groups, opera
 
 def sphere_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                   operator: str = "cosine", k: KType = None, eps: float = DEFAULT_EPS,
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", save_output: bool = False) -> Tensor:
     """Hyperspherical fully connected layer: ``y = g(angle(w_o, x_row)) + b``.
 
     ``input`` is ``[..., in_features]`` (any leading dims, or 1-D), ``weight``
-    ``[out_features, in_features]``; other arguments as :func:`sphere_conv2d`."""
-    return _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k=True)
+    ``[out_features, in_features]``; other arguments (``save_output`` included) as
+    :func:`sphere_conv2d`."""
+    return _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k=True,
+                          save_output=save_output)
 
 
-def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool) -> Tensor:
+def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool,
+                   save_output: bool = False) -> Tensor:
     input, weight, bias, k = _check_operands(input, weight, bias, k, operator, eps)
+    check_save_output(save_output, operator)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if input.dim() < 1:
@@ -283,7 +287,7 @@ def _sphere_linear(input, weight, bias, operator, k, eps, backend, check_k: bool
     lead = input.shape[:-1]
     x2 = input.reshape(-1, n_in).contiguous()
     be = resolve_backend(backend, x2)
-    y = ops.linear(x2, weight, bias, k_t, operator, float(eps), be)
+    y = ops.linear(x2, weight, bias, k_t, operator, float(eps), be, save_output)
     return y.reshape(*lead, n_out)
 
 

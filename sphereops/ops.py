@@ -4,7 +4,8 @@ Four ops, each returning fresh tensors (see docs/ARCHITECTURE.md for the contrac
 
 * ``sphereops::conv2d_fwd(x, w, bias?, k?, stride, padding, dilation, groups, operator, eps, backend, save_output) -> (y, c, r_x)``
 * ``sphereops::conv2d_bwd(dy, x, w, k?, c, r_x, stride, padding, dilation, groups, operator, eps, backend, output_mask, bias?, saved_output) -> (dx, dw, db, dk)``
-* ``sphereops::linear_fwd`` / ``sphereops::linear_bwd``: the same with a patch = a row.
+* ``sphereops::linear_fwd`` / ``sphereops::linear_bwd``: the same with a patch = a row (no
+  geometry arguments).
 
 They are ``torch.library.triton_op``s: eager calls run the Python body, and under
 ``torch.compile`` Inductor traces into the body and sees the Triton kernels (launched through
@@ -146,35 +147,37 @@ conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_conte
 
 @torch.library.triton_op("sphereops::linear_fwd", mutates_args=())
 def linear_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], operator: str,
-               eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    y, c, r_x = _impl(backend).linear_forward(x, w, bias, k, operator, eps)
+               eps: float, backend: str, save_output: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    y, c, r_x = _impl(backend).linear_forward(x, w, bias, k, operator, eps,
+                                              store_c=not save_output)
     return y, c, r_x
 
 
 @torch.library.triton_op("sphereops::linear_bwd", mutates_args=())
 def linear_bwd(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
-               operator: str, eps: float, backend: str,
-               output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _impl(backend).linear_backward(dy, x, w, k, c, r_x, operator, eps, tuple(output_mask))
+               operator: str, eps: float, backend: str, output_mask: List[bool],
+               bias: Optional[Tensor], saved_output: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _impl(backend).linear_backward(dy, x, w, k, c, r_x, operator, eps, tuple(output_mask),
+                                           saved=_SAVED[saved_output], bias=bias)
     return tuple(_empty_if_none(g, x) for g in grads)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, w, bias, k, operator, eps, backend = inputs
-    _, c, r_x = output
-    ctx.save_for_backward(x, w, k, c, r_x)
-    ctx.config = (operator, eps, backend)
+    x, w, bias, k, operator, eps, backend, save_output = inputs
+    y, c, r_x = output
+    ctx.save_for_backward(x, w, k, y if save_output else c, r_x, bias if save_output else None)
+    ctx.config = (operator, eps, backend, save_output)
 
 
 def _linear_backward(ctx, dy, _dc, _dr_x):
-    x, w, k, c, r_x = ctx.saved_tensors
-    operator, eps, backend = ctx.config
+    x, w, k, c, r_x, bias = ctx.saved_tensors
+    operator, eps, backend, save_output = ctx.config
     need = [bool(n) for n in ctx.needs_input_grad[:4]]
     if not any(need):
-        return (None,) * 7
+        return (None,) * 8
     dx, dw, db, dk = torch.ops.sphereops.linear_bwd(dy.contiguous(), x, w, k, c, r_x, operator, eps,
-                                                     backend, need)
-    return _input_grads((dx, dw, db, dk), need, operator, 3)
+                                                     backend, need, bias, save_output)
+    return _input_grads((dx, dw, db, dk), need, operator, 4)
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -227,24 +230,29 @@ class _Conv2dFunction(torch.autograd.Function):
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, k, operator, eps, backend):
+    def forward(ctx, x, w, bias, k, operator, eps, backend, save_output):
         with _set_wrap_triton_enabled(False):
-            y, c, r_x = _impl(backend).linear_forward(x, w, bias, k, operator, eps)
-        ctx.save_for_backward(x, w, k, c, r_x)
-        ctx.config = (operator, eps, backend)
+            y, c, r_x = _impl(backend).linear_forward(x, w, bias, k, operator, eps,
+                                                      store_c=not save_output)
+        ctx.save_for_backward(x, w, k, y if save_output else c, r_x, bias if save_output else None)
+        ctx.config = (operator, eps, backend, save_output)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w, k, c, r_x = ctx.saved_tensors
-        operator, eps, backend = ctx.config
+        x, w, k, c, r_x, bias = ctx.saved_tensors
+        operator, eps, backend, save_output = ctx.config
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
-        extra = {"c_scratch": _saved_state_dies_here()} if backend == "reference" else {}
+        # the reference reuses a private saved c (see _Conv2dFunction); a saved y is the user's
+        extra = ({"c_scratch": not save_output and _saved_state_dies_here()}
+                 if backend == "reference" else {})
         with _set_wrap_triton_enabled(False):
             dx, dw, db, dk = _impl(backend).linear_backward(dy.contiguous(), x, w, k, c, r_x,
-                                                            operator, eps, need, **extra)
-        return _input_grads((dx, dw, db, dk), need, operator, 3)
+                                                            operator, eps, need,
+                                                            saved=_SAVED[save_output], bias=bias,
+                                                            **extra)
+        return _input_grads((dx, dw, db, dk), need, operator, 4)
 
 
 def conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], stride: Tuple[int, int],
@@ -261,8 +269,9 @@ def conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], st
 
 
 def linear(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor], operator: str, eps: float,
-           backend: str) -> Tensor:
-    """SphereLinear output ``y`` for 2-D ``x``: the registered op under torch.compile, else the fast path."""
+           backend: str, save_output: bool = False) -> Tensor:
+    """SphereLinear output ``y`` for 2-D ``x``: the registered op under torch.compile, else the fast
+    path. ``save_output`` as in :func:`conv2d`."""
     if torch.compiler.is_compiling():
-        return torch.ops.sphereops.linear_fwd(x, w, bias, k, operator, eps, backend)[0]
-    return _LinearFunction.apply(x, w, bias, k, operator, eps, backend)
+        return torch.ops.sphereops.linear_fwd(x, w, bias, k, operator, eps, backend, save_output)[0]
+    return _LinearFunction.apply(x, w, bias, k, operator, eps, backend, save_output)

@@ -513,28 +513,35 @@ def conv2d_autograd(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Te
 
 @torch.no_grad()
 def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Tensor],
-                   operator: str, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                   operator: str, eps: float, *, store_c: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """Closed-form forward of SphereLinear: ``(y, c, r_x)``, the conv path's recipe with a patch
-    = a row (the filter norm rides on the weight; c is scaled and clamped in place)."""
+    = a row (the filter norm rides on the weight; c is scaled and clamped in place); c comes
+    back empty with ``store_c=False`` (see :func:`conv2d_forward`)."""
     cd = compute_dtype(x.dtype)
     xc, wc = x.to(cd), w.to(cd)
     r_x = torch.sqrt(torch.linalg.vecdot(xc, xc) + eps)
     c = xc @ (wc / filter_norms(wc, eps)[:, None]).t()
     c.mul_(r_x.reciprocal()[:, None]).clamp_(-1.0, 1.0)
     y = _g_plus_bias(c, operator, _k_view(k, c, 1) if k is not None else None, bias)
-    return y.to(x.dtype), c.to(x.dtype), r_x
+    return y.to(x.dtype), (c.to(x.dtype) if store_c else c.new_empty(0, dtype=x.dtype)), r_x
 
 
 @torch.no_grad()
 def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                     operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True),
-                    *, c_scratch: bool = False):
-    """Closed-form backward of SphereLinear (DESIGN §1 with a patch = a row); ``c_scratch`` as
-    in :func:`conv2d_backward`. The per-element chain is the conv path's (rows as ``[M, out, 1,
-    1]`` pixels of one group), then ``dx = H' w_unit - x A`` and
+                    *, c_scratch: bool = False, saved: str = "cosine", bias: Optional[Tensor] = None):
+    """Closed-form backward of SphereLinear (DESIGN §1 with a patch = a row); ``c_scratch``,
+    ``saved`` and ``bias`` as in :func:`conv2d_backward`. The per-element chain is the conv
+    path's (rows as ``[M, out, 1, 1]`` pixels of one group), then ``dx = H' w_unit - x A`` and
     ``dw = (H'^T x) / r_w - w S / r_w^2`` with ``H' = G / r_x``, ``w_unit = w / r_w``."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
+    if saved not in SAVED_STATES:
+        raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
+    from_output = saved == "output"
+    if from_output and operator not in ("linear", "cosine"):
+        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    c_scratch = c_scratch and not from_output       # y is the caller's: never written
     dyc, xc, wc, cc, r_x = dy.to(cd), x.to(cd), w.to(cd), c.to(cd), r_x.to(cd)
     m, n_out = dyc.shape
     need_dk = need_dk and operator == "sigmoid"
@@ -542,9 +549,10 @@ def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     db = sum_dy.to(w.dtype) if need_db else None
     h_out = cc.view(m, n_out, 1, 1) if (c_scratch or cc is not c) else None
     kk = _k_view(k, cc, 1).reshape(1, -1, 1, 1) if k is not None else None
+    b = bias.to(cd).reshape(1, -1, 1, 1) if (from_output and bias is not None) else None
     h_unit, a, s_o, dk = _grad_terms(dyc.reshape(m, n_out, 1, 1), cc.reshape(m, n_out, 1, 1),
                                      r_x.reshape(m, 1, 1, 1), 1, operator, kk, need_dx, need_dw,
-                                     need_dk, sum_dy, h_out)
+                                     need_dk, sum_dy, h_out, output_bias=b, from_output=from_output)
     dk = dk.to(k.dtype) if dk is not None else None
     dx = dw = None
     if need_dx or need_dw:

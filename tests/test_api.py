@@ -342,7 +342,9 @@ def test_opcheck(operator):
     if operator != "sigmoid":
         torch.library.opcheck(torch.ops.sphereops.conv2d_fwd, args + (True,))
     x, w, b, k = make_linear_inputs(m=4, in_features=5, out_features=3, operator=operator, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.sphereops.linear_fwd, (x.requires_grad_(True), w, b, k, operator, EPS, "reference"))
+    for save_output in ((False, True) if operator != "sigmoid" else (False,)):
+        torch.library.opcheck(torch.ops.sphereops.linear_fwd,
+                              (x.requires_grad_(True), w, b, k, operator, EPS, "reference", save_output))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -487,3 +489,37 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     ckpt = grads(lambda: checkpoint(block, x, use_reentrant=use_reentrant))
     for a, b in zip(plain, ckpt):
         assert_close(b, a, 1e-12, 1e-13, "grad")
+
+
+@pytest.mark.parametrize("operator", ["linear", "cosine"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sphere_linear_save_output_matches_float64_autograd(operator, backend):
+    if backend == "triton":
+        pytest.importorskip("sphereops_kernels.linear")
+    dtype, tol = (torch.float64, 1e-10) if backend == "reference" else (torch.float32, 1e-4)
+    x, w, b, _ = make_linear_inputs(m=12, in_features=9, out_features=7, operator=operator,
+                                    dtype=dtype)
+    b = (0.1 * b).detach()
+    leaves = [t.requires_grad_(True) for t in (x, w, b)]
+    y = sphereops.sphere_linear(*leaves, operator=operator, backend=backend, save_output=True)
+    assert torch.equal(y, sphereops.sphere_linear(*leaves, operator=operator, backend=backend))
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exp = torch.autograd.grad(R.linear_autograd(*leaves64, None, operator, EPS), leaves64,
+                              dy.double())
+    for name, g, e in zip(("dx", "dw", "db"), got, exp):
+        assert_close(g.double(), e, tol, tol * e.abs().max().item(), name)
+
+
+def test_spherelinear_save_output_module_and_enable_save_output():
+    from sphereops.nn import enable_save_output
+    with pytest.raises(ValueError, match="save_output=True needs operator"):
+        SphereLinear(4, 3, operator="sigmoid", save_output=True)
+    lin = SphereLinear(4, 3, operator="cosine", save_output=True)
+    assert "save_output=True" in repr(lin)
+    model = nn.Sequential(SphereLinear(4, 3, operator="linear"), nn.BatchNorm1d(3),
+                          SphereLinear(3, 2, operator="sigmoid"))
+    assert enable_save_output(model) == ["0"]
+    assert model[0].save_output and not model[2].save_output
+    model(torch.randn(5, 4)).sum().backward()

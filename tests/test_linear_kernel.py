@@ -132,6 +132,31 @@ def _run_backward_check(x, w, b, k, operator, dtype, rel_atol, dy=None, mask=(Tr
 
 
 @pytest.mark.parametrize("dtype,rel_atol", DTYPES)
+@pytest.mark.parametrize("operator", ["linear", "cosine"])
+def test_backward_from_the_saved_output(dtype, rel_atol, operator):
+    """save_output: the forward stores y only (the same y), and the backward recovers c from y
+    and the bias in its elementwise pass; held to the same-mode reference (same dtype and
+    float64) under the adaptive bound, y never written."""
+    x, w, b, k = make_linear_inputs(150, 40, 70, operator=operator, dtype=dtype, device=DEVICE)
+    b = b * 0.1
+    y, c, r_x = KL.sphere_linear_fwd(x, w, b, k, operator, EPS, store_c=False)
+    assert c.numel() == 0 and torch.equal(y, KL.sphere_linear_fwd(x, w, b, k, operator, EPS)[0])
+    dy = torch.randn(y.shape, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    y_before = y.clone()
+    grads = KL.sphere_linear_bwd(dy, x, w, None, y, r_x, operator, EPS, saved="output", bias=b)
+    assert torch.equal(y, y_before), "the saved output must not be written"
+    ref64 = R.linear_backward(*_clone64(dy, x, w), None, y.double(), r_x.double(), operator, EPS,
+                              saved="output", bias=b.double())
+    ref_lp = R.linear_backward(dy, x, w, None, y, r_x, operator, EPS, saved="output", bias=b)
+    c_lp = R.cosine_from_output(y, b, operator).to(dtype)
+    extra = _gemm_rounding_bounds(dy, x, w, None, c_lp, r_x, operator, dtype) + (None, None)
+    for got, want, same, name, e in zip(grads, ref64, ref_lp, ("dx", "dw", "db", "dk"), extra):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            _check(got, want, same, dtype, rel_atol, name, e)
+
+
+@pytest.mark.parametrize("dtype,rel_atol", DTYPES)
 @pytest.mark.parametrize("operator", OPERATORS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_matches_reference(dtype, rel_atol, operator, shape):
@@ -398,5 +423,5 @@ def test_opcheck_triton_backend():
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEVICE == "cuda":
         utils += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(torch.ops.sphereops.linear_fwd, (x, w, b, k, "sigmoid", EPS, "triton"),
-                          test_utils=utils)
+    torch.library.opcheck(torch.ops.sphereops.linear_fwd,
+                          (x, w, b, k, "sigmoid", EPS, "triton", False), test_utils=utils)

@@ -35,11 +35,14 @@ class _SphereMixin:
     """The operator state shared by SphereConv2d, SphereLinear (``_init_sphere``: operator and
     backend) and SphereNorm2d (``_init_operator``: the operator alone)."""
 
-    def _init_sphere(self, n_out, operator, k, learnable_k, k_init, eps, backend, factory):
+    def _init_sphere(self, n_out, operator, k, learnable_k, k_init, eps, backend, factory,
+                     save_output=False):
         if backend not in SF.BACKENDS:
             raise ValueError(f"backend must be one of {SF.BACKENDS}, got {backend!r}")
         self._init_operator(n_out, operator, k, learnable_k, k_init, eps, factory)
         self.backend = backend
+        SF.check_save_output(save_output, operator)
+        self.save_output = save_output
 
     def _init_operator(self, n_out, operator, k, learnable_k, k_init, eps, factory):
         check_operator_args(operator, k, learnable_k, k_init, eps)
@@ -70,6 +73,8 @@ class _SphereMixin:
         s = self._operator_repr()
         if self.backend != "auto":
             s += f", backend={self.backend}"
+        if self.save_output:
+            s += ", save_output=True"
         return s
 
 
@@ -94,12 +99,11 @@ class SphereConv2d(_SphereMixin, nn.Conv2d):
         factory = {"device": device, "dtype": dtype}
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, **factory)
-        self._init_sphere(out_channels, operator, k, learnable_k, k_init, eps, backend, factory)
-        SF.check_save_output(save_output, operator)
-        self.save_output = save_output
+        self._init_sphere(out_channels, operator, k, learnable_k, k_init, eps, backend, factory,
+                          save_output)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._sphere_repr() + (", save_output=True" if self.save_output else "")
+        return super().extra_repr() + self._sphere_repr()
 
     def forward(self, input: Tensor) -> Tensor:
         padding = self.padding
@@ -112,18 +116,19 @@ class SphereConv2d(_SphereMixin, nn.Conv2d):
 
 
 def enable_save_output(model: nn.Module, enabled: bool = True) -> list:
-    """Set ``save_output`` on every :class:`SphereConv2d` of ``model`` whose operator allows it
-    (linear, cosine; sigmoid layers are left as they are). Returns the names of the layers set.
+    """Set ``save_output`` on every SphereConv2d and SphereLinear of ``model`` whose operator
+    allows it (linear, cosine; sigmoid layers are left as they are). Returns the names set.
 
-    For models whose SphereConvs feed a layer that keeps its input anyway (BatchNorm, as in the
-    SphereNet/SphereResNet models here): their activation memory then matches a plain CNN's.
-    Only where nothing modifies a SphereConv's output in place before the backward (autograd
+    For models whose Sphere layers feed a layer that keeps its input anyway (BatchNorm, as in
+    the SphereNet/SphereResNet models here): their activation memory then matches a plain CNN's.
+    Only where nothing modifies such a layer's output in place before the backward (autograd
     raises if something does, e.g. ``nn.ReLU(inplace=True)`` right after the conv)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     changed = []
     for name, module in model.named_modules():
-        if isinstance(module, SphereConv2d) and module.operator in ("linear", "cosine"):
+        if (isinstance(module, _SphereMixin) and hasattr(module, "save_output")
+                and module.operator in ("linear", "cosine")):
             module.save_output = enabled
             changed.append(name)
     return changed
