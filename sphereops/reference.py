@@ -390,6 +390,17 @@ def cosine_from_output(y: Tensor, bias: Optional[Tensor], operator: str) -> Tens
     return _angle_from_output(y, b, operator)[0]
 
 
+def _saved_state_mode(saved: str, operator: str, c_scratch: bool) -> Tuple[bool, bool]:
+    """``(from_output, c_scratch)`` for a backward: checks ``saved``; a saved output is the
+    caller's tensor, so it is never scratch."""
+    if saved not in SAVED_STATES:
+        raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
+    from_output = saved == "output"
+    if from_output and operator not in ("linear", "cosine"):
+        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    return from_output, c_scratch and not from_output
+
+
 @torch.no_grad()
 def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Tensor, r_x: Tensor,
                     stride, padding, dilation, groups: int, operator: str, eps: float,
@@ -411,12 +422,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     graph is not retained. A compute-dtype copy of ``c`` is always used that way."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
-    if saved not in SAVED_STATES:
-        raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
-    from_output = saved == "output"
-    if from_output and operator not in ("linear", "cosine"):
-        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
-    c_scratch = c_scratch and not from_output       # y is the caller's: never written
+    from_output, c_scratch = _saved_state_mode(saved, operator, c_scratch)
     dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
     r_x = r_x.to(cd)
     kh, kw = w.shape[2], w.shape[3]
@@ -536,12 +542,7 @@ def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     ``dw = (H'^T x) / r_w - w S / r_w^2`` with ``H' = G / r_x``, ``w_unit = w / r_w``."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
-    if saved not in SAVED_STATES:
-        raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
-    from_output = saved == "output"
-    if from_output and operator not in ("linear", "cosine"):
-        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
-    c_scratch = c_scratch and not from_output       # y is the caller's: never written
+    from_output, c_scratch = _saved_state_mode(saved, operator, c_scratch)
     dyc, xc, wc, cc, r_x = dy.to(cd), x.to(cd), w.to(cd), c.to(cd), r_x.to(cd)
     m, n_out = dyc.shape
     need_dk = need_dk and operator == "sigmoid"
