@@ -836,7 +836,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     for t, name in ((dy, "dy"), (w, "w"), (c, "c"), (r_x, "r_x")) + (((k, "k"),) if operator == "sigmoid" else ()):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if x.device.type != "cuda" and not _interpreting():
+    interpreting = _interpreting()
+    if x.device.type != "cuda" and not interpreting:
         raise ValueError("sphere_conv2d_bwd needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     m_out = n * ho * wo
     if max(m_out, n * h * wd) > _INT32_MAX:
@@ -853,8 +854,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 torch.zeros(c_out, device=dev, dtype=w.dtype) if need_db else None,
                 torch.zeros(c_out, device=dev, dtype=k.dtype) if need_dk else None)
 
-    upcast = _interpreting() and dtype != torch.float32
-    rtne = _interpreting()
+    upcast = interpreting and dtype != torch.float32
+    rtne = interpreting
     precision = _dot_precision(dtype)
     r_x = r_x.contiguous()
     k_arg = k if operator == "sigmoid" else r_x  # never read unless sigmoid
