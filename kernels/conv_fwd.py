@@ -178,7 +178,8 @@ def _sphere_conv_fwd_kernel(
                       bf16 dot is wrong; never set for GPU compiles).
       EMULATE_RTNE    round bf16 outputs to nearest by hand (CPU interpreter only, whose cast
                       truncates; never set for GPU compiles).
-      STORE_C         write c (False: the caller saves y for the backward; c_ptr unused).
+      STORE_C         write c (False: the caller saves y for the backward; c_ptr is then
+                      any valid pointer, never stored through).
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     pid = tl.program_id(0)
@@ -523,6 +524,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                          f"dilated filter {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} plus padding")
     fmt = _output_memory_format(x)
     y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
+    # y -- an output passed twice would alias in the graph torch.compile traces
     c = (torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
          if store_c else x.new_empty(0))
     r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
@@ -552,7 +555,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         if config is not None:
             kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
                                                           "num_warps": config.num_warps}
-        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else y, r_x, n_pixels, c_out) + common_tail
+        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else w_sqnorm, r_x, n_pixels, c_out) + common_tail
 
         def grid(meta):
             return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
@@ -570,7 +573,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
         flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else y, r_x,
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else w_sqnorm, r_x,
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):

@@ -102,7 +102,8 @@ def _sphere_linear_fwd_kernel(
     HAS_BIAS: add bias[o] after g.
     DOT_PRECISION: "tf32" or "ieee", tl.dot input precision for fp32 operands.
     UPCAST_DOT: cast the dot operands to fp32 (interpreter only: bf16 tl.dot is wrong there).
-    STORE_C:  write c (False: the caller saves y for the backward; c_ptr is then unused).
+    STORE_C:  write c (False: the caller saves y for the backward; c_ptr is then any valid
+              pointer, never stored through).
     BLOCK_M, BLOCK_N, BLOCK_K: tile sizes (powers of two >= 16).
     Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
     """
@@ -413,7 +414,7 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
     cfg = _gemm_config(x.dtype, precision)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _launch(_sphere_linear_fwd_kernel, grid,
-            x, w, r_w, bias_arg, k_arg, y, c if store_c else y, r_x,
+            x, w, r_w, bias_arg, k_arg, y, c if store_c else r_w, r_x,
             m, n, kdim,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
             float(eps),
