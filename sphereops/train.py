@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str = "auto"
+    save_output: bool = False
     threads: int = 0
     out_dir: Optional[str] = None
     resume: bool = False
@@ -115,6 +116,9 @@ class TrainConfig:
         if self.loss == "w-softmax" and self.margin != 1:
             raise ValueError("loss='w-softmax' is GA-softmax with margin 1; use loss='ga-softmax' "
                              "for a larger margin")
+        if self.save_output and self.norm == "none":
+            raise ValueError("save_output needs a norm after each SphereConv (norm='none' puts an "
+                             "in-place ReLU on the output the backward would recover c from)")
         if self.epochs is not None and self.iterations is not None:
             raise ValueError("give epochs or iterations, not both")
         if self.epochs is not None and not self.epochs > 0:
@@ -431,6 +435,9 @@ def _train(config: TrainConfig, dist_info: _Dist, on_log) -> TrainResult:
                         in_channels=train_set.channels, input_size=config.image_size,
                         operator=config.operator, k=config.k, k_init=config.k_init,
                         width_mult=config.width_mult, norm=config.norm, backend=config.backend)
+    if config.save_output:
+        from sphereops.nn import enable_save_output
+        enable_save_output(model)
     head = None
     if config.loss != "softmax":
         model.classifier = nn.Identity()
@@ -608,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width-mult", type=float, default=d.width_mult, help="scale every width")
     g.add_argument("--norm", choices=NORM_CHOICES, default=d.norm)
     g.add_argument("--backend", choices=["auto", "reference", "triton"], default=d.backend)
+    _bool_flag(g, "save-output", d.save_output,
+               "SphereConvs keep their output, not the cosine, for the backward (linear/cosine "
+               "operators; see sphereops.nn.enable_save_output)")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=sdata.DATASET_NAMES, default=d.data)
     g.add_argument("--data-dir", default=None,

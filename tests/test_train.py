@@ -140,10 +140,11 @@ def test_cli_parses_every_option():
         "--weight-decay", "5e-4", "--lr-schedule", "cosine", "--iterations", "7",
         "--batch-size", "16", "--orth", "--amp", "bf16", "--channels-last", "--compile",
         "--seed", "5", "--device", "cpu", "--backend", "reference", "--no-progress",
-        "--lr-steps", "0.5,0.75"])
+        "--lr-steps", "0.5,0.75", "--save-output"])
     assert (cfg.model, cfg.operator, cfg.k, cfg.optimizer, cfg.iterations, cfg.orth) == (
         "sphereresnet32", "learnable", 0.4, "sgd", 7, 2e-4)
     assert cfg.amp == "bf16" and cfg.channels_last and cfg.compile and not cfg.progress
+    assert cfg.save_output and not config_from_args([]).save_output
     assert cfg.lr_steps == (0.5, 0.75)
     assert config_from_args(["--operator", "none"]).operator is None
     assert config_from_args([]).epochs == 5.0
@@ -159,6 +160,7 @@ def test_cli_parses_every_option():
     (dict(data="imagenet"), "data must be one of"),
     (dict(operator="tanh"), "operator"),
     (dict(epochs=1.0, iterations=3), "not both"),
+    (dict(save_output=True, norm="none"), "save_output needs a norm"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -174,11 +176,12 @@ def test_learning_rate_schedules():
 
 
 # ----------------------------------------------------------------------------- training runs
-@pytest.mark.parametrize("operator", [None, "cosine"])
-def test_short_digits_run_lowers_the_loss(tmp_path, operator):
+@pytest.mark.parametrize("operator,save_output", [(None, False), ("cosine", False),
+                                                  ("linear", True)])
+def test_short_digits_run_lowers_the_loss(tmp_path, operator, save_output):
     result = train(TrainConfig(data="digits", operator=operator, iterations=40, batch_size=64,
                                eval_every=40, log_every=10, out_dir=str(tmp_path), seed=1,
-                               lr=3e-3, lr_schedule="constant", **TINY))
+                               lr=3e-3, lr_schedule="constant", save_output=save_output, **TINY))
     losses = [float(r["loss"]) for r in result.rows]
     assert len(losses) == 4
     assert losses[-1] < 0.7 * losses[0], losses
