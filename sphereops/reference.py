@@ -282,22 +282,28 @@ def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, 
     if not (need_h or (sig_op and need_dk)):
         return h, a, s_o, None
     one = torch.ones((), dtype=c.dtype, device=c.device)
-    for rows in _batch_slices(n, dy[0].numel() if n else 1):
+    slices = _batch_slices(n, dy[0].numel() if n else 1)
+    # the slices' temporaries live in three slice-sized buffers allocated once a call: fresh ones
+    # per slice churn the allocator (a new mmap and its page faults each time, whenever glibc's
+    # threshold sits below their size)
+    scratch = [torch.empty_like(dy[slices[0]]) for _ in range(3)] if slices else []
+    for rows in slices:
         dy_s = dy[rows]
+        t1, t2, t3 = (buf[:dy_s.shape[0]] for buf in scratch)
         c_s, sin_theta = (_angle_from_output(c[rows], output_bias, operator) if from_output
                           else (c[rows], None))
         if operator == "cosine":
             g = dy_s
         elif operator == "linear":   # dg/dc = (2/pi) / sqrt(max(1 - c^2, DELTA))
-            sin2 = (torch.addcmul(one, c_s, c_s, value=-1.0) if sin_theta is None
+            sin2 = (torch.addcmul(one, c_s, c_s, value=-1.0, out=t1) if sin_theta is None
                     else sin_theta.mul_(sin_theta))
             g = sin2.clamp_(min=ARCCOS_DELTA).rsqrt_()
             g.mul_(dy_s).mul_(2.0 / math.pi)
         else:
-            two_b = torch.asin(c_s).mul_(inv_k)
-            sig = torch.sigmoid(two_b)
+            two_b = torch.asin(c_s, out=t1).mul_(inv_k)
+            sig = torch.sigmoid(two_b, out=t2)
             if need_dk:
-                sum_ds += (dy_s * sig).sum(dim=(0, 2, 3))
+                sum_ds += torch.mul(dy_s, sig, out=t3).sum(dim=(0, 2, 3))
             sig.addcmul_(sig, sig, value=-1.0)               # sigma (1 - sigma)
             if need_dk:
                 sum_bs += two_b.mul_(sig).mul_(dy_s).sum(dim=(0, 2, 3))
@@ -305,7 +311,7 @@ def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, 
                 continue
             g = torch.addcmul(one, c_s, c_s, value=-1.0, out=two_b).clamp_(min=ARCCOS_DELTA).rsqrt_()
             g.mul_(sig).mul_(dy_s).mul_(scale)
-        gc = torch.mul(g, c_s)
+        gc = torch.mul(g, c_s, out=t3)
         if need_dw:
             s_o += gc.sum(dim=(0, 2, 3))
         if need_dx:
