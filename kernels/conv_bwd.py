@@ -772,7 +772,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
         dk [C_out] in k's dtype (sigmoid only); a gradient not needed is None.
     """
-    from sphereops.reference import ARCCOS_DELTA  # the single source of the constant
+    from sphereops.reference import ARCCOS_DELTA, saved_state_mode  # their single sources
 
     for t, name, nd in ((dy, "dy", 4), (x, "x", 4), (w, "w", 4), (c, "c", 4), (r_x, "r_x", 4)):
         _check_tensor(t, name, nd)
@@ -798,11 +798,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         raise ValueError(f"dilation must be positive, got {dilation!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    if saved not in ("cosine", "output"):
-        raise ValueError(f"saved must be 'cosine' or 'output', got {saved!r}")
-    from_output = saved == "output"
-    if from_output and operator not in ("linear", "cosine"):
-        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    from_output, c_scratch = saved_state_mode(saved, operator, c_scratch)
     if from_output and bias is not None and (not isinstance(bias, torch.Tensor)
                                              or tuple(bias.shape) != (w.shape[0],)
                                              or bias.device != x.device):
@@ -877,7 +873,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # 2. the elementwise pass over dy and c
     cfg = prep_config(operator)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"])
-    if need_grads and c_scratch and not from_output and c.permute(0, 2, 3, 1).is_contiguous():
+    if need_grads and c_scratch and c.permute(0, 2, 3, 1).is_contiguous():
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
         hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)

@@ -524,8 +524,6 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                          f"dilated filter {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} plus padding")
     fmt = _output_memory_format(x)
     y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
-    # y -- an output passed twice would alias in the graph torch.compile traces
     c = (torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
          if store_c else x.new_empty(0))
     r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
@@ -539,6 +537,9 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
 
     # filters in K order (kh, kw, c): a no-op for channels_last weights
     w_packed, w_sqnorm = _prepare_filters(w)
+    # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
+    # y -- an output passed twice would alias in the graph torch.compile traces
+    c_arg = c if store_c else w_sqnorm
     bias_arg = bias.contiguous() if bias is not None else w_sqnorm
     k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
     common_tail = (
@@ -555,7 +556,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         if config is not None:
             kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
                                                           "num_warps": config.num_warps}
-        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else w_sqnorm, r_x, n_pixels, c_out) + common_tail
+        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x, n_pixels, c_out) + common_tail
 
         def grid(meta):
             return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
@@ -573,7 +574,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
         flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c if store_c else w_sqnorm, r_x,
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x,
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):

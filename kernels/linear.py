@@ -452,11 +452,8 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     code = _check_inputs(x, w, operator, k)
     m, kdim = x.shape
     n = w.shape[0]
-    if saved not in ("cosine", "output"):
-        raise ValueError(f"saved must be 'cosine' or 'output', got {saved!r}")
-    from_output = saved == "output"
-    if from_output and operator not in ("linear", "cosine"):
-        raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
+    from sphereops.reference import saved_state_mode  # the one check of every backend
+    from_output, _ = saved_state_mode(saved, operator, False)
     has_bias = from_output and bias is not None
     if has_bias:
         _check_vector("bias", bias, n, x)

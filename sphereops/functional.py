@@ -183,7 +183,7 @@ def check_save_output(save_output, operator: str) -> None:
     """``save_output`` must be a bool, and True only for the operators the output determines c for."""
     if not isinstance(save_output, bool):
         raise TypeError(f"save_output must be a bool, got {save_output!r}")
-    if save_output and operator not in ("linear", "cosine"):
+    if save_output and operator not in reference.OUTPUT_INVERTIBLE_OPERATORS:
         raise ValueError(f"save_output=True needs operator 'linear' or 'cosine' (the sigmoid's "
                          f"output does not determine the angle where it saturates), got {operator!r}")
 

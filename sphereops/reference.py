@@ -368,6 +368,8 @@ def conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], k: Optional[Ten
 
 
 SAVED_STATES = ("cosine", "output")
+# the operators whose output y = g(c) + b determines c (see _angle_from_output)
+OUTPUT_INVERTIBLE_OPERATORS = ("linear", "cosine")
 
 
 def _angle_from_output(y: Tensor, bias: Optional[Tensor], operator: str):
@@ -375,7 +377,7 @@ def _angle_from_output(y: Tensor, bias: Optional[Tensor], operator: str):
     against y, or None), fresh tensors in y's compute dtype: cosine ``c = y - b``; linear
     ``theta = pi/2 (1 - (y - b))``, so ``c = sin(pi/2 (y - b))`` and
     ``sin(theta) = cos(pi/2 (y - b))``."""
-    if operator not in ("linear", "cosine"):
+    if operator not in OUTPUT_INVERTIBLE_OPERATORS:
         raise ValueError(f"the output determines c only for the linear and cosine operators, "
                          f"not {operator!r}")
     g = y.to(compute_dtype(y.dtype))
@@ -396,13 +398,13 @@ def cosine_from_output(y: Tensor, bias: Optional[Tensor], operator: str) -> Tens
     return _angle_from_output(y, b, operator)[0]
 
 
-def _saved_state_mode(saved: str, operator: str, c_scratch: bool) -> Tuple[bool, bool]:
-    """``(from_output, c_scratch)`` for a backward: checks ``saved``; a saved output is the
-    caller's tensor, so it is never scratch."""
+def saved_state_mode(saved: str, operator: str, c_scratch: bool) -> Tuple[bool, bool]:
+    """``(from_output, c_scratch)`` for a backward (every backend's): checks ``saved``; a saved
+    output is the caller's tensor, so it is never scratch."""
     if saved not in SAVED_STATES:
         raise ValueError(f"saved must be one of {SAVED_STATES}, got {saved!r}")
     from_output = saved == "output"
-    if from_output and operator not in ("linear", "cosine"):
+    if from_output and operator not in OUTPUT_INVERTIBLE_OPERATORS:
         raise ValueError(f"saved='output' needs the linear or cosine operator, got {operator!r}")
     return from_output, c_scratch and not from_output
 
@@ -428,7 +430,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     graph is not retained. A compute-dtype copy of ``c`` is always used that way."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
-    from_output, c_scratch = _saved_state_mode(saved, operator, c_scratch)
+    from_output, c_scratch = saved_state_mode(saved, operator, c_scratch)
     dyc, xc, wc, cc = dy.to(cd), x.to(cd), w.to(cd), c.to(cd)
     r_x = r_x.to(cd)
     kh, kw = w.shape[2], w.shape[3]
@@ -548,7 +550,7 @@ def linear_backward(dy: Tensor, x: Tensor, w: Tensor, k: Optional[Tensor], c: Te
     ``dw = (H'^T x) / r_w - w S / r_w^2`` with ``H' = G / r_x``, ``w_unit = w / r_w``."""
     need_dx, need_dw, need_db, need_dk = output_mask
     cd = compute_dtype(x.dtype)
-    from_output, c_scratch = _saved_state_mode(saved, operator, c_scratch)
+    from_output, c_scratch = saved_state_mode(saved, operator, c_scratch)
     dyc, xc, wc, cc, r_x = dy.to(cd), x.to(cd), w.to(cd), c.to(cd), r_x.to(cd)
     m, n_out = dyc.shape
     need_dk = need_dk and operator == "sigmoid"

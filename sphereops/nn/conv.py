@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as SF
-from ..reference import DEFAULT_EPS, OPERATORS
+from ..reference import DEFAULT_EPS, OPERATORS, OUTPUT_INVERTIBLE_OPERATORS
 
 # Learnable k is parameterised as k = |kappa| + K_FLOOR (official release), so k stays >= 0.05
 # whatever the optimiser does to kappa.
@@ -128,7 +128,7 @@ def enable_save_output(model: nn.Module, enabled: bool = True) -> list:
     changed = []
     for name, module in model.named_modules():
         if (isinstance(module, _SphereMixin) and hasattr(module, "save_output")
-                and module.operator in ("linear", "cosine")):
+                and module.operator in OUTPUT_INVERTIBLE_OPERATORS):
             module.save_output = enabled
             changed.append(name)
     return changed
