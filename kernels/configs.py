@@ -66,7 +66,7 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
 
     Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)), BLOCK_K <= max(32, next_pow2(K
     step range)) (C_in/G for the channel-chunk loop, C_in/G*kh*kw for the flat loop),
-    num_warps < 8 unless the filter is 1x1, and, for exact fp32, the tile fits the FMA dot
+    num_warps < 8 unless the filter is 1x1 and the dtype 16-bit, and, for exact fp32, the tile fits the FMA dot
     (:func:`fits_fma_dot`); always keeps at least one config.
     """
     def arg(name, default=None):
@@ -81,10 +81,14 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
         k_cap = max(16, triton.next_power_of_2(c_in_g))
     one_by_one = int(arg("KH", 1)) * int(arg("KW", 1)) == 1
     x = arg("x_ptr")
-    exact_fp32 = arg("DOT_PRECISION") == "ieee" and getattr(x, "dtype", None) == torch.float32
+    fp32 = getattr(x, "dtype", None) == torch.float32
+    exact_fp32 = fp32 and arg("DOT_PRECISION") == "ieee"
+    # 8 warps: 1x1 filters only, and never fp32 -- no GPU test has run an 8-warp tf32 conv tile,
+    # and the SphereLinear's 8-warp tf32 tile gave wrong results on an H200 (kernels/linear.py)
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= max(32, k_cap)
-            and (c.num_warps < 8 or one_by_one) and (fits_fma_dot(c) or not exact_fp32)]
+            and (c.num_warps < 8 or (one_by_one and not fp32))
+            and (fits_fma_dot(c) or not exact_fp32)]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
     return kept

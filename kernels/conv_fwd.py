@@ -645,7 +645,7 @@ def aot_specs():
     configs that fit the FMA dot, the others are pruned at launch), the depthwise configs and
     the filter-packing kernel per dtype.  They model the typical launches above with the
     heaviest epilogue (sigmoid, with bias); 8-warp GEMM configs are compiled as 1x1 convs, the
-    only filters they run on.  ``gemm`` is False for fp32-ieee (allow_tf32 off: there is no
+    only filters they run on, and for 16-bit dtypes only.  ``gemm`` is False for fp32-ieee (allow_tf32 off: there is no
     full-fp32 tensor-core instruction), the depthwise kernel and the packing kernel (no dot).
     Extra keys: ``example_args`` (the modelled launch's runtime integers; those equal to 1 are
     already constexprs) and ``attrs`` (the divisibility hints derived from them)."""
@@ -657,7 +657,8 @@ def aot_specs():
         example = dict(_GEMM_EXAMPLE, pad_h=taps // 2, pad_w=taps // 2)
         for dtype_name in ("fp16", "bf16", "fp32"):
             for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
-                if dtype_name == "fp32" and precision == "ieee" and not fits_fma_dot(cfg):
+                if dtype_name == "fp32" and (cfg.num_warps >= 8
+                                             or (precision == "ieee" and not fits_fma_dot(cfg))):
                     continue  # pruned at launch: never runs
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,

@@ -278,30 +278,34 @@ def _gemm_config(dtype: torch.dtype, precision: str) -> dict:
     Chosen from the compile-time resource use (make aot-check: shared memory, registers, no
     spills) and the usual Hopper GEMM shapes; not yet timed against alternatives on a GPU.
 
-    Tensor cores (16-bit, tf32): 128x128 output tiles with 8 warps give wgmma enough work per
-    load; BLOCK_K 64 (16-bit) or 32 (fp32, twice the bytes) keeps 3 stages near 32-64 KiB of
-    shared memory. Exact fp32 ("ieee") runs on the FMA units, whose dot layout keeps the operands
+    Tensor cores, 16-bit: 128x128 output tiles with 8 warps give wgmma enough work per load;
+    BLOCK_K 64 keeps 3 stages near 64 KiB of shared memory. tf32: 128x64x32 with 4 warps -- the
+    128x128x32 8-warp tile gave wrong cosines on an H200 (triton 3.6: 7,335 of 196,608 elements
+    of a 512x256 @ 256x384 product beyond the tf32 rounding bound, the worst 0.06 off;
+    bench/results/20261127-1339_*), while this 4-warp tile passed the same test. Exact fp32 ("ieee") runs on the FMA units, whose dot layout keeps the operands
     in registers: 64x64 tiles with 4 warps compile without spills. Large tiles also keep the
     interpreter's program count (its main cost) low at test shapes.
     """
     if dtype == torch.float32 and precision == "ieee":
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def _bwd_gemm_config(dtype: torch.dtype, precision: str) -> dict:
     """Tiles of the dx and dw GEMMs: BLOCK_OUT_ROWS x BLOCK_OUT_COLS output tiles and a reduction
-    step BLOCK_RED (over out_features for dx, over rows for dw). Tensor cores: 128x128 outputs,
-    BLOCK_RED 64 (16-bit) or 32 (fp32), so 3 stages of (G tile + operand tile) stay near 96 KiB of
-    shared memory (a 128-wide fp32 step would need 240 KiB, more than an H100 SM has). Exact
+    step BLOCK_RED (over out_features for dx, over rows for dw). Tensor cores, 16-bit: 128x128
+    outputs, 8 warps, BLOCK_RED 64, so 3 stages of (G tile + operand tile) stay near 96 KiB of
+    shared memory; tf32: 128x64 outputs, 4 warps, BLOCK_RED 32 (no 8-warp tf32 tile: see
+    :func:`_gemm_config`; a 128-wide fp32 step would need 240 KiB, more than an H100 SM has). Exact
     fp32: 64x64 outputs, 4 warps, as in the forward, with a reduction step of 16: the FMA dot
     keeps both operand tiles in registers, and a step of 32 spills (~430 B a thread on sm_90)."""
     if dtype == torch.float32 and precision == "ieee":
         return dict(BLOCK_OUT_ROWS=64, BLOCK_OUT_COLS=64, BLOCK_RED=16, num_warps=4, num_stages=3)
-    red = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_OUT_ROWS=128, BLOCK_OUT_COLS=128, BLOCK_RED=red, num_warps=8, num_stages=3)
+    if dtype == torch.float32:   # tf32: 4 warps, as in the forward (8-warp tf32 tiles failed)
+        return dict(BLOCK_OUT_ROWS=128, BLOCK_OUT_COLS=64, BLOCK_RED=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_OUT_ROWS=128, BLOCK_OUT_COLS=128, BLOCK_RED=64, num_warps=8, num_stages=3)
 
 
 def _elementwise_config() -> dict:

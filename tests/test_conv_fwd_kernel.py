@@ -484,8 +484,11 @@ def test_aot_specs_are_well_formed():
     specs = F.aot_specs()
     names = [s["name"] for s in specs]
     assert len(names) == len(set(names))
-    n_gemm = len(configs.conv_fwd_configs())
-    assert sum(s["gemm"] for s in specs) == n_gemm * 3  # fp16, bf16, fp32-tf32
+    cfgs = configs.conv_fwd_configs()
+    n_gemm, n_eight_warps = len(cfgs), sum(c.num_warps >= 8 for c in cfgs)
+    # fp16, bf16, fp32-tf32; 8-warp tiles are 16-bit only (pruned for fp32 at launch)
+    assert sum(s["gemm"] for s in specs) == n_gemm * 3 - n_eight_warps
+    assert not any(s["num_warps"] >= 8 and s["dtype"] == "fp32" for s in specs if s["gemm"])
     for s in specs:
         assert set(s) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages",
                           "dtype", "gemm"}
@@ -551,4 +554,5 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
         assert (128, 128, 64, 4) in tiles(kept(dtype, precision)), (dtype, precision)
     assert all(w < 8 for *_, w in tiles(kept(torch.bfloat16, "ieee")))
     assert (128, 128, 64, 8) in tiles(kept(torch.bfloat16, "ieee", KH=1, KW=1))
+    assert all(w < 8 for *_, w in tiles(kept(torch.float32, "tf32", KH=1, KW=1)))
     assert all(bn <= 16 for _, bn, _, _ in tiles(kept(torch.bfloat16, "ieee", c_out_per_group=16)))
