@@ -124,8 +124,18 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 _SLICE_ELEMS = 1 << 18
 
 
-def _batch_slices(n: int, per_sample: int):
-    """Batch slices whose full-size temporaries stay below _SLICE_ELEMS elements."""
+# Devices whose elementwise chains run in batch slices. Not CUDA: there every op is a kernel
+# launch (~10-50 us of host time), and slicing multiplied them -- a 128x128x32x32 backward went
+# from 1.3 to 15 ms on an H200 (bench/results/20261127-1339_*); the caching allocator has no
+# page-fault cost to avoid.
+_SLICED_DEVICES = ("cpu",)
+
+
+def _batch_slices(n: int, per_sample: int, device: torch.device):
+    """Batch slices whose full-size temporaries stay below _SLICE_ELEMS elements on CPU; one
+    slice (the whole batch) elsewhere."""
+    if device.type not in _SLICED_DEVICES:
+        return [slice(0, n)] if n else []
     step = max(1, _SLICE_ELEMS // max(1, per_sample))
     return [slice(n0, n0 + step) for n0 in range(0, n, step)]
 
@@ -136,7 +146,7 @@ def _group_square_sum(x: Tensor, groups: int) -> Tensor:
     channel dim)."""
     n, cin, h, w = x.shape
     out = x.new_empty(n, groups, h, w)
-    for rows in _batch_slices(n, cin * h * w):
+    for rows in _batch_slices(n, cin * h * w, x.device):
         xs = x[rows]
         torch.sum((xs * xs).reshape(-1, groups, cin // groups, h, w), dim=2, out=out[rows])
     return out
@@ -282,7 +292,7 @@ def _grad_terms(dy: Tensor, c: Tensor, r_x: Tensor, groups: int, operator: str, 
     if not (need_h or (sig_op and need_dk)):
         return h, a, s_o, None
     one = torch.ones((), dtype=c.dtype, device=c.device)
-    slices = _batch_slices(n, dy[0].numel() if n else 1)
+    slices = _batch_slices(n, dy[0].numel() if n else 1, dy.device)
     # the slices' temporaries live in three slice-sized buffers allocated once a call: fresh ones
     # per slice churn the allocator (a new mmap and its page faults each time, whenever glibc's
     # threshold sits below their size)

@@ -118,6 +118,15 @@ def test_conv_closed_form_batch_slices(monkeypatch, operator, groups, channels_l
         assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_batch_slices_on_cpu_only(monkeypatch):
+    """CPU chains run in batch slices (page faults); other devices get one slice of the whole
+    batch (every op is a kernel launch there: slicing multiplied them)."""
+    monkeypatch.setattr(R, "_SLICE_ELEMS", 20)
+    assert R._batch_slices(5, 10, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert R._batch_slices(5, 10, torch.device("meta")) == [slice(0, 5)]
+    assert R._batch_slices(0, 10, torch.device("meta")) == []
+
+
 @pytest.mark.parametrize("operator", R.OPERATORS)
 def test_conv_autograd_gradcheck(operator):
     inp = make_conv_inputs(n=1, c_in=2, h=5, w=4, c_out=3, kernel=(2, 3), stride=(1, 2), padding=1,
