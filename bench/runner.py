@@ -79,6 +79,7 @@ class RunConfig:
     e2e: bool = True
     linear: bool = True
     criterion: bool = True
+    graphs: bool = True                        # CUDA: device time from CUDA-graph replay too
     conv: bool = True
     conv_shapes: Optional[list] = None         # override of the suite's shapes
     linear_shapes: Optional[list] = None
@@ -746,6 +747,7 @@ class Runner:
                 ready[prov] = (fn, prov_inputs, errors, dict(spec.notes), first_call_s)
             refs.clear()
             _free(device)
+            timed = {}        # (provider, mode) -> its ok record
             for mode in cfg.modes:
                 if not ready:
                     break
@@ -753,12 +755,14 @@ class Runner:
                     for prov in ready:
                         record(prov, mode, status="skipped", reason="time budget spent")
                     continue
-                self._time_mode(mode, ready, inputs.copies, record)
+                self._time_mode(mode, ready, inputs.copies, record, timed)
+            _derive_backward_device_time(timed)
         del inputs
         _free(device)
 
-    def _time_mode(self, mode, ready, copies, record) -> None:
-        """Time ``mode`` for every ready provider (interleaved), then each one's peak memory."""
+    def _time_mode(self, mode, ready, copies, record, timed) -> None:
+        """Time ``mode`` for every ready provider (interleaved), then each one's peak memory and
+        (CUDA, fwd and fwd+bwd) device time from a CUDA graph; ok records go into ``timed``."""
         device = self.device
         steps, keep, failed = {}, [], {}
         for prov, (fn, inputs, _, _, _) in ready.items():
@@ -788,6 +792,17 @@ class Runner:
                 record(prov, mode, status="error", error=res["error"], stage=mode, **common)
                 continue
             rec = record(prov, mode, status="ok", **common, **res)
+            timed[(prov, mode)] = rec
+            if (self.cfg.graphs and device.type == "cuda" and mode in GRAPH_MODES
+                    and not self.budget.exhausted()):
+                try:
+                    step, _ = make_steps(fn, inputs, mode)
+                    _add_device_time(rec, T.measure_graph(step, device, copies, rec["median_ms"]))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. a sync inside the call
+                    rec["graph_error"] = _short_error(exc)
+                _free(device)
             if mode == "fwd+bwd" and device.type == "cuda":
                 try:
                     step, _ = make_steps(fn, inputs, mode)
@@ -821,6 +836,37 @@ class Runner:
 
 
 # ---------------------------------------------------------------------------------------------
+# Device time (CUDA graph replay)
+# ---------------------------------------------------------------------------------------------
+
+# Modes captured whole; the backward alone needs its forward built outside the timed region,
+# so its device time is the difference of the two (same graph conditions, same input copies).
+GRAPH_MODES = ("fwd", "fwd+bwd")
+
+
+def _add_device_time(rec: dict, res: dict) -> None:
+    rec.update(res)
+    if rec.get("flops") and rec.get("graph_ms"):
+        rec["graph_tflops"] = rec["flops"] / (rec["graph_ms"] * 1e-3) / 1e12
+    if rec.get("floor_ms") and rec.get("graph_ms"):
+        rec["graph_pct_floor"] = 100.0 * rec["floor_ms"] / rec["graph_ms"]
+
+
+def _derive_backward_device_time(timed: dict) -> None:
+    """``graph_ms`` of each provider's bwd record = its fwd+bwd minus its fwd device time."""
+    for (prov, mode), rec in timed.items():
+        if mode != "bwd":
+            continue
+        both = timed.get((prov, "fwd+bwd")), timed.get((prov, "fwd"))
+        if all(r is not None and r.get("graph_ms") for r in both):
+            diff = both[0]["graph_ms"] - both[1]["graph_ms"]
+            if diff > 0:
+                _add_device_time(rec, {"graph_ms": diff, "graph_basis": "fwd+bwd - fwd"})
+            else:
+                rec["graph_error"] = "fwd+bwd device time not above fwd (noise): no bwd estimate"
+
+
+# ---------------------------------------------------------------------------------------------
 # Ratios (also used by report.py on any results JSON)
 # ---------------------------------------------------------------------------------------------
 
@@ -838,24 +884,26 @@ def _row_key(rec: dict) -> tuple:
 def compute_ratios(records: Iterable[dict]) -> None:
     """Attach ``ratio_to[baseline] = time / baseline time`` (> 1: slower than the baseline) to
     every timed record, matching layer, dtype, layout, mode and operator (plain convs match any
-    operator)."""
+    operator); ``graph_ratio_to`` likewise from the device times (``graph_ms``) where both
+    sides have one."""
     records = list(records)
-    index = {}
-    for rec in records:
-        if rec.get("status") == "ok":
-            index[_row_key(rec) + (rec["operator"], rec["provider"])] = _time(rec)
-    for rec in records:
-        if rec.get("status") != "ok":
-            continue
-        ratios = {}
-        for base in BASELINES:
-            if base == rec["provider"]:
+    for key_name, time_of in (("ratio_to", _time), ("graph_ratio_to", lambda r: r.get("graph_ms"))):
+        index = {}
+        for rec in records:
+            if rec.get("status") == "ok" and time_of(rec):
+                index[_row_key(rec) + (rec["operator"], rec["provider"])] = time_of(rec)
+        for rec in records:
+            if rec.get("status") != "ok" or not time_of(rec):
                 continue
-            op = "-" if base in ("conv2d", "linear") else rec["operator"]
-            t = index.get(_row_key(rec) + (op, base))
-            if t:
-                ratios[base] = _time(rec) / t
-        rec["ratio_to"] = ratios
+            ratios = {}
+            for base in BASELINES:
+                if base == rec["provider"]:
+                    continue
+                op = "-" if base in ("conv2d", "linear") else rec["operator"]
+                t = index.get(_row_key(rec) + (op, base))
+                if t:
+                    ratios[base] = time_of(rec) / t
+            rec[key_name] = ratios
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Timing, memory and ceiling measurements (DESIGN.md section 5).
 
 GPU: CUDA events around every call after warm-up, the median of many repeats, and several input
-copies cycled so that a small layer's inputs are not still in L2 from the previous call.
+copies cycled so that a small layer's inputs are not still in L2 from the previous call. That is
+the eager time a Python caller sees, host overhead included: when the host needs longer to issue
+a call than the GPU needs to run it, the events measure the host. :func:`measure_graph` adds the
+device time: the calls captured in a CUDA graph and replayed, so no host work sits between
+kernels.
 CPU: ``time.perf_counter`` around every call, same median/rotation rules.
 """
 from __future__ import annotations
@@ -96,6 +100,54 @@ def measure(step: Callable[[int], object], device: torch.device, copies: int, *,
         "reps": reps,
         "copies": copies,
     }
+
+
+def measure_graph(step: Callable[[int], object], device: torch.device, copies: int, eager_ms: float,
+                  *, warmup: int = 3, replays: int = 7, replay_ms: float = 2.0,
+                  max_calls: int = 32) -> dict:
+    """Device time of ``step(i)`` without host overhead: ``calls`` consecutive calls (cycling the
+    input copies) captured into one CUDA graph, the graph replayed ``replays`` times between
+    events; ``graph_ms`` = median replay time / calls.
+
+    ``calls`` is chosen so one replay lasts about ``replay_ms`` given ``eager_ms`` (the eager
+    median, an upper bound of the device time). Warm-up runs on a side stream first, as capture
+    requires (cuDNN/cuBLAS workspaces, Triton autotuning and compilation happen there, not in
+    the graph). ``step`` must not need an untimed ``prepare`` (the backward-only step does: its
+    device time is fwd+bwd minus fwd, see the runner). Returns ``{"graph_ms", "graph_calls",
+    "graph_replays"}``; a capture that fails raises (the caller records why)."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    if getattr(step, "prepare", None) is not None:
+        raise ValueError("a step with an untimed prepare() cannot be captured as a whole")
+    calls = int(min(max_calls, max(3, math.ceil(replay_ms / max(eager_ms, 1e-3)))))
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(warmup):
+            step(i % copies)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                step(i % copies)      # outputs die here; their blocks stay in the graph's pool
+        graph.replay()                # first replay uploads the graph: not timed
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(replays)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = sorted(start.elapsed_time(end) for start, end in events)
+    finally:
+        del graph
+        torch.cuda.synchronize(device)
+    return {"graph_ms": statistics.median(times) / calls, "graph_calls": calls,
+            "graph_replays": replays}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:

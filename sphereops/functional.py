@@ -127,7 +127,10 @@ def prepare_k(operator: str, k: KType, n_out: int, weight: Tensor, check_values:
         k = k.reshape(1).expand(n_out).contiguous()
     elif k.shape != (n_out,):
         raise ValueError(f"k must be a scalar or have shape [{n_out}] (one per output channel), got {tuple(k.shape)}")
-    if check_values and not torch.compiler.is_compiling():
+    # the value check reads k back to the host: not while tracing, nor while a CUDA graph is
+    # being captured (a synchronising read is illegal there)
+    if (check_values and not torch.compiler.is_compiling()
+            and not (k.is_cuda and torch.cuda.is_current_stream_capturing())):
         if bool((k.detach() <= 0).any()):
             raise ValueError("k must be positive in every output channel")
     return k

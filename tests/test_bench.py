@@ -321,6 +321,49 @@ def test_report_geomeans_and_goals_from_a_hand_made_json():
     assert goals["speed-up over torch.compile(best unfused)"][3] == "not measured"
 
 
+def test_device_time_ratios_goals_and_derived_backward():
+    """CUDA-graph device times: the backward's is fwd+bwd minus fwd, ratios are taken between
+    device times only, and the goals are stated on both bases (device first, then eager)."""
+    def rec(shape, provider, mode, eager, device, op="linear"):
+        r = {"kind": "conv", "shape": shape, "net": "x", "label": shape, "dtype": "bf16",
+             "layout": "channels_last", "operator": op, "provider": provider, "mode": mode,
+             "status": "ok", "median_ms": eager, "flops": 1e9}
+        if device is not None and mode != "bwd":
+            r["graph_ms"] = device
+        return r
+    records, timed = [], {}
+    for shape in ("a", "b"):
+        # eager: every call host-bound at 1 ms; device: sphereops 1.5x the conv, fwd 1/3 of fwd+bwd
+        for prov, op, scale in (("conv2d", "-", 1.0), ("sphereops", "linear", 1.5),
+                                ("unfused_official", "linear", None)):
+            per_mode = {}
+            for mode in S.MODES:
+                device = None if scale is None else scale * {"fwd": 0.1, "fwd+bwd": 0.3}.get(mode, 0)
+                per_mode[mode] = rec(shape, prov, mode, 1.0, device, op)
+                records.append(per_mode[mode])
+            RN._derive_backward_device_time({(prov, m): r for m, r in per_mode.items()})
+    bwd = [r for r in records if r["provider"] == "sphereops" and r["mode"] == "bwd"][0]
+    assert bwd["graph_ms"] == pytest.approx(1.5 * 0.2) and bwd["graph_basis"] == "fwd+bwd - fwd"
+    assert bwd["graph_tflops"] == pytest.approx(1e9 / (0.3e-3) / 1e12)
+    assert "graph_ms" not in [r for r in records if r["provider"] == "unfused_official"][1]
+    RN.compute_ratios(records)
+    assert bwd["graph_ratio_to"]["conv2d"] == pytest.approx(1.5)
+    assert bwd["ratio_to"]["conv2d"] == pytest.approx(1.0)
+    assert "unfused_official" not in bwd["graph_ratio_to"]      # no device time there
+    results = {"meta": {"device_name": "Fake GPU", "device_type": "cuda"},
+               "config": {"headline": RN.HEADLINE}, "records": records, "e2e": [], "criterion": []}
+    goals = [g for g in REP.goal_rows(results) if g[0].startswith("fused fwd+bwd time")]
+    assert [g[0].split("; ")[-2] for g in goals] == ["device time, CUDA graph", "eager, host included"]
+    assert [g[1] for g in goals] == ["1.50x", "1.00x"]
+    md = REP.summary_markdown(results)
+    assert "device time, CUDA graph" in md and "1.50x (2)" in md
+
+
+def test_device_time_needs_cuda_and_a_whole_step():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        T.measure_graph(lambda i: None, torch.device("cpu"), 1, 1.0)
+
+
 def test_e2e_model_builds_from_the_models_package_when_present():
     model, source = E.build_model("linear", "reference", (4, 8, 8), 1)
     out = model(torch.randn(2, 3, 8, 8))

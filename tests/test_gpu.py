@@ -273,3 +273,41 @@ def test_torch_compile_fullgraph_keeps_triton_kernels(precision, request):
     for name, out, expected, same in zip(names, [y] + [t.grad for t in leaves], ref, eager):
         _check(request.node.name, name, out, expected, rtol, atol)
         torch.testing.assert_close(out, same, rtol=2e-2, atol=2e-2)  # compiled ~ eager
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+def test_cuda_graph_replay_matches_eager(precision):
+    """The benchmark's device times replay the calls from a CUDA graph: a captured forward +
+    backward (sigmoid: k's value check must stay off the capturing stream) replays to the eager
+    results bit for bit, and ``bench.timing.measure_graph`` times it."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import timing
+
+    x, w, b, k, conv = _make_inputs("sigmoid", torch.bfloat16, True, "3x3")
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, k)]
+    dy = torch.randn(x.shape[0], w.shape[0], x.shape[2], x.shape[3], device=DEVICE,
+                     dtype=torch.bfloat16)
+
+    def step(_i=0):
+        y = sphereops.sphere_conv2d(*leaves[:3], operator="sigmoid", k=leaves[3], eps=EPS,
+                                    backend="triton", **conv)
+        return (y,) + torch.autograd.grad(y, leaves, dy)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, e, c in zip(("y", "dx", "dw", "db", "dk"), eager, captured):
+        assert torch.equal(e, c), f"{name}: graph replay differs from the eager call"
+    del graph, captured
+    res = timing.measure_graph(step, torch.device(DEVICE), 1, eager_ms=1.0)
+    assert res["graph_ms"] > 0 and res["graph_calls"] >= 3
