@@ -114,8 +114,12 @@ def _autocast(device: torch.device, dtype):
 
 def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             units: Optional[int] = None, target_s: float = 0.2, log=_noop, budget=None,
-            sphereops_backend: Optional[str] = None, statistic_key: str = "median_ms") -> list:
-    """Time one optimizer step (forward, loss, backward, SGD) for each variant; one dict each."""
+            sphereops_backend: Optional[str] = None, statistic_key: str = "median_ms",
+            graphs: bool = True) -> list:
+    """Time one optimizer step (forward, loss, backward, SGD) for each variant; one dict each.
+
+    On CUDA with ``graphs``, also the step's device time: whole steps captured in a CUDA graph
+    and replayed (``graph_ms``), the GPU's share of the step without the host's."""
     cuda = device.type == "cuda"
     batch = batch or (128 if cuda else 8)
     widths = tuple(widths or ((96, 192, 384) if cuda else (16, 32, 64)))
@@ -175,6 +179,15 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             row["saved_mb"] = saved_for_backward_mb(model, xs[0], ys[0], device, amp_dtype)
             if cuda:
                 row["peak_mem_total_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if cuda and graphs and not (budget is not None and budget.exhausted()):
+                try:
+                    row.update(T.measure_graph(step, device, copies, row["median_ms"],
+                                               replay_ms=20.0))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the eager row stands on its own
+                    row["graph_error"] = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                          if str(exc) else type(exc).__name__)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -185,7 +198,8 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             if cuda:
                 torch.cuda.empty_cache()
         log(f"e2e    {name:14s} {row['status']:7s} "
-            + (f"{row['time_ms']:.2f} ms/step" if row["status"] == "ok" else row.get("error", "")))
+            + (f"{row['time_ms']:.2f} ms/step" if row["status"] == "ok" else row.get("error", ""))
+            + (f", device {row['graph_ms']:.2f} ms/step" if row.get("graph_ms") else ""))
         rows.append(row)
     plain = next((r for r in rows if r["variant"] == "plain" and r["status"] == "ok"), None)
     for r in rows:
@@ -195,6 +209,8 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
                 r["mem_ratio_to_plain"] = r["peak_mem_mb"] / plain["peak_mem_mb"]
             if r.get("saved_mb") and plain.get("saved_mb"):
                 r["saved_ratio_to_plain"] = r["saved_mb"] / plain["saved_mb"]
+            if r.get("graph_ms") and plain.get("graph_ms"):
+                r["graph_time_ratio_to_plain"] = r["graph_ms"] / plain["graph_ms"]
     return rows
 
 

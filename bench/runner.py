@@ -824,7 +824,8 @@ class Runner:
                                     statistic_key=self.statistic_key,
                                     widths=self.cfg.e2e_widths, units=self.cfg.e2e_units,
                                     target_s=self.cfg.measurement_target_s(), log=self.log,
-                                    budget=self.budget, sphereops_backend=self.cfg.sphereops_backend))
+                                    budget=self.budget, sphereops_backend=self.cfg.sphereops_backend,
+                                    graphs=self.cfg.graphs))
 
     def _run_criterion(self, allocator: str) -> None:
         from . import e2e
