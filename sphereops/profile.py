@@ -31,7 +31,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -278,6 +278,9 @@ class ProfileResult:
     flops: Dict[str, int]  # per step, by family
     family_us: Dict[str, float]  # total over the profiled steps, by family
     trace: Path
+    # GPU: (calls, total us) of the SphereConv2d forward range on the device timeline -- first
+    # kernel to last, idle gaps included; a range, not a kernel, so not among ``rows``
+    forward_span: Optional[Tuple[int, float]] = None
 
 
 def _device_time(evt):
@@ -320,10 +323,13 @@ def profile_workload(workload, args, device, out_dir: Path) -> ProfileResult:
     trace = out_dir / f"trace_{workload.label}.json"
     prof.export_chrome_trace(str(trace))
 
-    rows, family_us = [], defaultdict(float)
+    rows, family_us, span = [], defaultdict(float), None
     for evt in prof.key_averages():
         if on_gpu:
             if not _is_device_kernel(evt):
+                continue
+            if evt.key == SPHERE_FORWARD_RANGE:
+                span = (int(evt.count), _device_time(evt))
                 continue
             total = _device_time(evt)
             family = kernel_family(evt.key, on_gpu=True)
@@ -339,7 +345,7 @@ def profile_workload(workload, args, device, out_dir: Path) -> ProfileResult:
     if not on_gpu:
         family_us = _cpu_family_times(prof.events())
     return ProfileResult(workload, rows, elapsed * 1e6 / args.steps, args.steps, flops,
-                         dict(family_us), trace)
+                         dict(family_us), trace, span)
 
 
 def _cpu_family_times(events):
@@ -399,6 +405,16 @@ def format_result(result: ProfileResult, top: int, on_gpu: bool) -> str:
         rest = sum(r.total_us for r in result.rows[top:])
         lines.append(f"| ({len(result.rows) - top} more) | | {rest / 1e3:.3f} | | "
                      f"{100 * rest / step_total_us:.1f} | |")
+    if on_gpu:
+        busy = sum(r.total_us for r in result.rows)
+        lines += ["", f"Kernels: {busy / result.steps / 1e3:.3f} ms per step of "
+                      f"{result.step_us / 1e3:.3f} ms wall (the GPU busy "
+                      f"{100 * busy / step_total_us:.0f}% of the step; the rest waits on the host)."]
+        if result.forward_span is not None:
+            calls, total = result.forward_span
+            lines.append(f"SphereConv2d forward on the GPU timeline (first kernel to last, idle "
+                         f"gaps included): {calls} calls, mean {total / max(calls, 1):.1f} us; "
+                         "far above its kernels' time means the layer is host-bound.")
     inclusive = "" if on_gpu else " (inclusive CPU time of the outermost conv operators)"
     lines += ["", f"Convolution families{inclusive}:", "",
               "| conv family | GFLOP per step | total ms | % of step | TFLOP/s |",

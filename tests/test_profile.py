@@ -153,8 +153,12 @@ def test_gpu_table_from_synthetic_kernels(tmp_path):
     flops = {"sphere.fwd": int(4e12), "sphere.dgrad": int(3e12), "conv.wgrad": int(1e12)}
     family_us = {"sphere.fwd": 2 * us, "sphere.dgrad": 3 * us, "conv.wgrad": 2 * us}
     result = profile.ProfileResult(workload, rows, step_us=5 * us, steps=2, flops=flops,
-                                   family_us=family_us, trace=tmp_path / "t.json")
+                                   family_us=family_us, trace=tmp_path / "t.json",
+                                   forward_span=(4, 6 * us))
     lines = profile.format_result(result, top=10, on_gpu=True).splitlines()
+    # kernels 7.5 ms over 2 steps of 5 ms wall; the forward range spans 1.5 ms a call
+    assert "Kernels: 3.750 ms per step of 5.000 ms wall (the GPU busy 75% of the step" in "\n".join(lines)
+    assert any("4 calls, mean 1500.0 us" in line for line in lines)
 
     def cells(prefix):
         row = next(line for line in lines if line.startswith(prefix))
