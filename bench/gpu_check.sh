@@ -4,13 +4,14 @@
 # benchmark suite and the profiler, and writes everything into $OUT (else bench/results/).
 #
 # Wall-time plan (H100/H200, total about 6.5 minutes: run it with a timeout of ~420 s):
-#   install ~20 s | gpu tests <= GPU_TESTS_TIMEOUT (150 s) | benchmark: what is left of
+#   install ~20 s | gpu tests <= GPU_TESTS_TIMEOUT (150 s) | host overhead <= 40 s | benchmark: what is left of
 #   TOTAL_BUDGET_S minus a profiler reserve, enforced inside the benchmark (it stops starting
 #   new measurements and says so) and by a hard timeout | profiler <= PROFILE_TIMEOUT (60 s).
 #
 # Files written (flat, at most 8, so they all come back from a lent machine):
 #   <date>_<device>_<commit>.{json,md,png}, gpu_check.log (environment, install, summary),
-#   gpu_tests.log, profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
+#   gpu_tests.log, host_overhead.txt (bench.host_overhead: host time per call, cProfile),
+#   profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
 #   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large)
 set -u
 cd "$(dirname "$0")/.."
@@ -90,6 +91,12 @@ case $rc in
   *) say "gpu tests FAILED (rc $rc)" ;;
 esac
 tail -5 "$OUT_DIR/gpu_tests.log" | tee -a "$LOG"
+
+# --- host overhead (one layer: host time to issue a call, and where it goes) ---------------
+say "SPHEREOPS_AUTOTUNE=0 python -m bench.host_overhead (timeout 40s)"
+SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 5 40 "$PY" -m bench.host_overhead > "$OUT_DIR/host_overhead.txt" 2>&1
+say "host overhead exit code $? (host_overhead.txt)"
+head -7 "$OUT_DIR/host_overhead.txt" | tee -a "$LOG"
 
 # --- benchmark (quick suite) -------------------------------------------------------------
 left=$(( TOTAL_BUDGET_S - $(elapsed) - PROFILE_TIMEOUT ))

@@ -364,6 +364,13 @@ def test_device_time_needs_cuda_and_a_whole_step():
         T.measure_graph(lambda i: None, torch.device("cpu"), 1, 1.0)
 
 
+def test_host_overhead_report_runs_on_cpu(capsys):
+    from bench import host_overhead
+    assert host_overhead.main(["--device", "cpu", "--calls", "3", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "sphere_conv2d fwd+bwd" in out and "F.conv2d fwd" in out and "cProfile" in out
+
+
 def test_e2e_model_builds_from_the_models_package_when_present():
     model, source = E.build_model("linear", "reference", (4, 8, 8), 1)
     out = model(torch.randn(2, 3, 8, 8))

@@ -1,0 +1,98 @@
+"""Where a SphereConv2d call spends its host time: ``python -m bench.host_overhead``.
+
+Eager PyTorch issues work from Python; when the host needs longer to issue a call than the GPU
+needs to run it, the call is host-bound and the kernels' speed does not matter. This prints,
+for one layer, the median host time to issue a forward, a forward + backward and, for scale, the
+plain ``F.conv2d`` and an empty tensor allocation, then the Python functions that took the most
+of that time (cProfile, own time). On a GPU the launches are asynchronous, so the host time is
+the issue cost alone (the GPU is synchronised between calls, never inside one).
+
+    python -m bench.host_overhead [--device cuda] [--calls 200] [--top 15]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _host_us(fn, device: torch.device, calls: int) -> float:
+    """Median host time of ``fn()`` in microseconds, the device idle at each call's start."""
+    times = []
+    for _ in range(calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    import sphereops
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    # a mid-size ResNet layer on the GPU (bf16, channels_last); a small fp32 one on CPU
+    n, c, hw, dtype = (32, 128, 32, torch.bfloat16) if cuda else (4, 16, 8, torch.float32)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.randn(c, c, 3, 3, device=device, dtype=dtype)
+    b = torch.zeros(c, device=device, dtype=dtype)
+    dy = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    leaves = [t.requires_grad_(True) for t in (x, w, b)]
+
+    def sphere_fwd():
+        return sphereops.sphere_conv2d(*leaves, padding=1, operator="linear")
+
+    def sphere_fwd_bwd():
+        return torch.autograd.grad(sphere_fwd(), leaves, dy)
+
+    def conv_fwd():
+        return F.conv2d(*leaves, padding=1)
+
+    def conv_fwd_bwd():
+        return torch.autograd.grad(conv_fwd(), leaves, dy)
+
+    cases = [("torch.empty_like(x)", lambda: torch.empty_like(x)),
+             ("F.conv2d fwd", conv_fwd), ("F.conv2d fwd+bwd", conv_fwd_bwd),
+             ("sphere_conv2d fwd", sphere_fwd), ("sphere_conv2d fwd+bwd", sphere_fwd_bwd)]
+    for _, fn in cases:          # compile, autotune, allocator growth
+        for _ in range(3):
+            fn()
+    print(f"host time to issue one call ({device.type}, {n}x{c}x{hw}x{hw} -> {c}, 3x3, "
+          f"{str(dtype).replace('torch.', '')}, median of {args.calls}):")
+    for name, fn in cases:
+        print(f"  {name:24s} {_host_us(fn, device, args.calls):9.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.calls):
+        sphere_fwd_bwd()
+    prof.disable()
+    if cuda:
+        torch.cuda.synchronize(device)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.top)
+    print(f"\ncProfile of {args.calls} sphere_conv2d fwd+bwd calls (own time; the profiler "
+          "inflates it, the ranking is what counts):")
+    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
