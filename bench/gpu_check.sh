@@ -78,10 +78,17 @@ if ! "$PY" -c "import sphereops, sphereops_kernels" >> "$LOG" 2>&1; then
 fi
 
 # --- CUDA test tier ----------------------------------------------------------------------
-say "pytest -m gpu tests (timeout ${GPU_TESTS_TIMEOUT}s)"
+# Kernel compilation (CPU) dominates the tier: with pytest-xdist, GPU_TEST_WORKERS processes
+# compile in parallel and share the one GPU (the tier's largest test needs ~10 GB).
+GPU_TEST_WORKERS="${GPU_TEST_WORKERS:-4}"
+XDIST=()
+if [ "$GPU_TEST_WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "$GPU_TEST_WORKERS")
+fi
+say "pytest -m gpu tests ${XDIST[*]} (timeout ${GPU_TESTS_TIMEOUT}s)"
 # One fixed config per kernel for the tests (correctness, not speed): autotuning every test's
 # specialisation would compile ~7 configs each and overrun the tier's budget.
-SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests --maxfail=25 -q -rf -p no:cacheprovider \
+SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests "${XDIST[@]}" --maxfail=25 -q -rf -p no:cacheprovider \
     > "$OUT_DIR/gpu_tests.log" 2>&1
 rc=$?
 case $rc in
