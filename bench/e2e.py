@@ -106,10 +106,10 @@ def _sphere_output_dtypes(model: nn.Module, x: torch.Tensor, autocast_dtype) -> 
     return seen
 
 
-def _autocast(device: torch.device, dtype):
+def _autocast(device: torch.device, dtype, cache_enabled: bool = True):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
@@ -160,9 +160,9 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             if operator is not None:
                 row["sphere_layer_dtype"] = _sphere_output_dtypes(model, xs[0], amp_dtype)
 
-            def step(i):
+            def step(i, cache_enabled=True):
                 opt.zero_grad(set_to_none=True)
-                with _autocast(device, amp_dtype):
+                with _autocast(device, amp_dtype, cache_enabled):
                     loss = F.cross_entropy(model(xs[i]), ys[i])
                 loss.backward()
                 opt.step()
@@ -181,8 +181,9 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
                 row["peak_mem_total_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if cuda and graphs and not (budget is not None and budget.exhausted()):
                 try:
-                    row.update(T.measure_graph(step, device, copies, row["median_ms"],
-                                               replay_ms=20.0))
+                    # autocast's cast cache off inside a graph, as torch's graph docs ask
+                    row.update(T.measure_graph(lambda i: step(i, cache_enabled=False), device,
+                                               copies, row["median_ms"], replay_ms=20.0))
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the eager row stands on its own
