@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     ap.add_argument("--no-graphs", action="store_true",
                     help="CUDA: skip the device-time measurement (calls replayed from a CUDA graph)")
+    ap.add_argument("--e2e-graphs", action="store_true",
+                    help="CUDA: also capture whole training steps for their device time "
+                         "(experimental: failed on torch 2.11, see bench/README.md)")
     ap.add_argument("--target-ms", type=float, default=None,
                     help="wall time per measurement (repeats are chosen to fill it)")
     ap.add_argument("--quiet", action="store_true", help="no per-row progress on stderr")
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
                        linear=not args.no_linear, criterion=not args.no_criterion,
                        conv_shapes=conv_shapes, configs=args.configs,
                        sphereops_backend=args.backend, graphs=not args.no_graphs,
+                       e2e_graphs=args.e2e_graphs,
                        target_s=(args.target_ms / 1e3) if args.target_ms else None,
                        verbose=not args.quiet)
     out_dir = Path(args.out) if args.out else RN.REPO_ROOT / "bench" / "results"

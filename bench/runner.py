@@ -80,6 +80,10 @@ class RunConfig:
     linear: bool = True
     criterion: bool = True
     graphs: bool = True                        # CUDA: device time from CUDA-graph replay too
+    # CUDA: the training step's device time as well. Off by default: capturing loss.backward()
+    # failed on the H200 (torch 2.11; see bench/README.md) and a failed capture leaves the CUDA
+    # RNG unusable for the rest of the process
+    e2e_graphs: bool = False
     conv: bool = True
     conv_shapes: Optional[list] = None         # override of the suite's shapes
     linear_shapes: Optional[list] = None
@@ -549,6 +553,7 @@ class Runner:
         self.on_progress = on_progress
         self._plain_done: set = set()
         self.interrupted = False
+        self.graphs_ok = True       # False after a failed CUDA-graph capture (no more captures)
         # GPU: the median, as DESIGN section 5 asks.  CPU (a shared 2-core machine, where other
         # processes preempt the timed calls): the minimum, the least-disturbed repeat; both are
         # recorded in every row either way.
@@ -793,8 +798,8 @@ class Runner:
                 continue
             rec = record(prov, mode, status="ok", **common, **res)
             timed[(prov, mode)] = rec
-            if (self.cfg.graphs and device.type == "cuda" and mode in GRAPH_MODES
-                    and not self.budget.exhausted()):
+            if (self.cfg.graphs and self.graphs_ok and device.type == "cuda"
+                    and mode in GRAPH_MODES and not self.budget.exhausted()):
                 try:
                     step, _ = make_steps(fn, inputs, mode)
                     _add_device_time(rec, T.measure_graph(step, device, copies, rec["median_ms"]))
@@ -802,6 +807,11 @@ class Runner:
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. a sync inside the call
                     rec["graph_error"] = _short_error(exc)
+                    # a failed capture can leave the process's CUDA state (RNG offsets) broken:
+                    # no further captures in this run
+                    self.graphs_ok = False
+                    self.notes.append(f"CUDA-graph timing stopped after a failed capture "
+                                      f"({prov} {mode}: {rec['graph_error']})")
                 _free(device)
             if mode == "fwd+bwd" and device.type == "cuda":
                 try:
@@ -825,7 +835,7 @@ class Runner:
                                     widths=self.cfg.e2e_widths, units=self.cfg.e2e_units,
                                     target_s=self.cfg.measurement_target_s(), log=self.log,
                                     budget=self.budget, sphereops_backend=self.cfg.sphereops_backend,
-                                    graphs=self.cfg.graphs))
+                                    graphs=self.cfg.graphs and self.cfg.e2e_graphs and self.graphs_ok))
 
     def _run_criterion(self, allocator: str) -> None:
         from . import e2e
