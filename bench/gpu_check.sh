@@ -42,7 +42,9 @@ say() { echo "[gpu-check $(elapsed)s] $*" | tee -a "$LOG"; }
 # --- environment -------------------------------------------------------------------------
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse --short=10 HEAD 2>/dev/null || echo "${SPHEREOPS_COMMIT:-unknown (no .git; set SPHEREOPS_COMMIT)}")"
+  # a lent machine's copy may carry a stale .git: SPHEREOPS_COMMIT=<hash> (set it in the run
+  # command) wins over git
+  echo "commit: ${SPHEREOPS_COMMIT:-$(git rev-parse --short=10 HEAD 2>/dev/null || echo "unknown (no .git; set SPHEREOPS_COMMIT)")}"
   git status --porcelain --untracked-files=no 2>/dev/null | head -20 | sed 's/^/dirty: /'
   nvidia-smi 2>&1 | head -25
   "$PY" - <<'EOF' 2>&1

@@ -139,9 +139,13 @@ def _run(cmd: list, timeout: float = 10.0) -> Optional[str]:
 
 
 def git_info() -> dict:
-    # A copy of the tree without .git (a lent GPU machine) can name its commit through the
-    # environment.
-    commit = _run(["git", "rev-parse", "--short=10", "HEAD"]) or os.environ.get("SPHEREOPS_COMMIT")
+    # SPHEREOPS_COMMIT names the commit of a copied tree: a lent GPU machine's copy may have no
+    # .git, or a stale one (the H200 copies of 2026-11-27 reported 5565678 for ca1cf52 -- and
+    # "dirty", the working tree differing from that stale HEAD). When it is set it wins.
+    named = os.environ.get("SPHEREOPS_COMMIT")
+    if named:
+        return {"commit": named, "dirty": None, "branch": None}
+    commit = _run(["git", "rev-parse", "--short=10", "HEAD"])
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     return {"commit": commit or "unknown", "dirty": bool(status) if status is not None else None,
             "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"])}
