@@ -20,7 +20,9 @@ Kernels and passes (in this order; 6-7 launches):
    (|x|~300 with 64 channels gives H ~ 1e-6), where fp16 keeps only a few bits; Hn is r_w
    (~sqrt(fan_in) * |w|) times larger. Computing the partial sums here rather than inside the
    GEMM operand loads keeps the GEMM main loops pure loads + tl.dot (G needs an arccos for the
-   sigmoid operator, which would be recomputed KH*KW times in dgrad).
+   sigmoid operator, which would be recomputed KH*KW times in dgrad). With one output channel
+   per group (depthwise) ``_channelwise_prep_kernel`` does the same over [pixels x channels]
+   tiles across the groups (``_prep_kernel`` gives each program one group).
 3. ``_reduce_partials_kernel``: sums the partials of step 2 in a fixed order -> S (fp32), db, dk
    (two levels, i.e. two launches, once there are more than 512 partial rows).
 4. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
@@ -235,6 +237,73 @@ def _prep_kernel(
             tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
     if STORE_A:
         tl.store(a_ptr + rx_offs, a_acc * inv_rx * inv_rx, mask=m_mask)
+
+
+@triton.jit
+def _channelwise_prep_kernel(
+    dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, R, stride_k,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_cn, stride_cc, stride_ch, stride_cw,
+    OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """_prep_kernel for one output channel per group (C_out / G == 1: depthwise and its kin).
+
+    _prep_kernel gives each program one group: with one channel per group its channel tile is
+    15/16 masked, and every dy / c load and Hn store touches one element per 32-byte sector
+    (channels_last). Here a program takes BLOCK_M output pixels x BLOCK_C channels (= groups),
+    so those accesses run along the channels, and A = G c / r_x^2 is elementwise.
+
+    Pointers, strides and flags as _prep_kernel with G = C_out (r_x and A are [N, C_out, Ho, Wo]
+    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows).
+    Grid: (R, cdiv(C_out, BLOCK_C)), R = cdiv(M, BLOCK_M).
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    n = (offs_m // HoWo).to(tl.int64)
+    hw = offs_m % HoWo
+    ho = hw // Wo
+    wo = hw % Wo
+    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_o < C_out
+    o64 = offs_o.to(tl.int64)
+    mask = m_mask[:, None] & c_mask[None, :]
+    dy_row = n * stride_dyn + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
+    c_row = n * stride_cn + ho.to(tl.int64) * stride_ch + wo.to(tl.int64) * stride_cw
+    dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    rx_offs = (n[:, None] * C_out + o64[None, :]) * HoWo + hw[:, None]
+    inv_rx = 1.0 / tl.load(rx_ptr + rx_offs, mask=mask, other=1.0)
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        bv = 0.0
+    if OPERATOR == 2:
+        kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        kv = 1.0
+    cv, dgdc = cosine_and_dg_dc(cv, kv, bv, OPERATOR, DELTA, FROM_OUTPUT)
+    grad_c = dy * dgdc
+    gc = grad_c * cv
+    if STORE_HN:
+        hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + o64[None, :]
+        tl.store(hn_ptrs, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE), mask=mask)
+    if STORE_A:
+        tl.store(a_ptr + rx_offs, gc * inv_rx * inv_rx, mask=mask)
+    if NEED_S:
+        tl.store(part_ptr + pid_m * C_out + offs_o, tl.sum(gc, axis=0), mask=c_mask)
+    if NEED_DB:
+        tl.store(part_ptr + (R + pid_m) * C_out + offs_o, tl.sum(dy, axis=0), mask=c_mask)
+    if NEED_DK:
+        dk = tl.where(mask, dy * dg_dk(cv, kv), 0.0)
+        tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
 
 
 @triton.jit
@@ -895,16 +964,21 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
     has_bias = from_output and bias is not None
-    _launch(_prep_kernel, (r_rows, groups),
-            (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials, m_out,
-             ho * wo, wo, c_out, cg_out, groups, r_rows,
-             k.stride(0) if operator == "sigmoid" else 0,
-             *dy.stride(), *c.stride()),
-            OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
-            FROM_OUTPUT=from_output, HAS_BIAS=has_bias,
-            STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
-            EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]),
-            num_warps=cfg["num_warps"])
+    prep_flags = dict(OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
+                      FROM_OUTPUT=from_output, HAS_BIAS=has_bias, STORE_HN=need_grads,
+                      STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
+                      EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"])
+    prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials)
+    k_stride = k.stride(0) if operator == "sigmoid" else 0
+    if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
+        _launch(_channelwise_prep_kernel, (r_rows, _cdiv(c_out, cfg["BLOCK_C"])),
+                prep_in + (m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(), *c.stride()),
+                BLOCK_C=cfg["BLOCK_C"], **prep_flags)
+    else:
+        _launch(_prep_kernel, (r_rows, groups),
+                prep_in + (m_out, ho * wo, wo, c_out, cg_out, groups, r_rows, k_stride,
+                           *dy.stride(), *c.stride()),
+                BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]), **prep_flags)
 
     # 3. deterministic sums of the partials
     s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
@@ -1041,22 +1115,24 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
-               w: int) -> dict:
-    """The AOT spec of _prep_kernel for one operator / saved state, every output requested, on
-    a channels_last [*, c, h, w] gradient (``t``: the pointer type of the input dtype)."""
+               w: int, fn=None) -> dict:
+    """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
+    saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
+    pointer type of the input dtype)."""
+    fn = _prep_kernel if fn is None else fn
     cfg = prep_config(operator)
     pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
                 "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}
     strides = dict(stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c, stride_dyw=c,
                    stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)
     return dict(
-        name=name, fn=_prep_kernel, signature=_signature(_prep_kernel, pointers),
+        name=name, fn=fn, signature=_signature(fn, pointers),
         constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES[operator], DELTA=1e-6,
                         FROM_OUTPUT=from_output, HAS_BIAS=from_output, STORE_HN=True, STORE_A=True,
                         NEED_S=True, NEED_DB=True, NEED_DK=operator == "sigmoid",
                         EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-        example_args=dict(C_out=c, CG_OUT=c, **strides))
+        example_args=dict(C_out=c, **({"CG_OUT": c} if fn is _prep_kernel else {}), **strides))
 
 
 def aot_specs() -> list:
@@ -1133,6 +1209,8 @@ def aot_specs() -> list:
         specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_{tag}", "sigmoid", False, t, dtype, c, h, w))
         specs.append(_prep_spec(f"conv_bwd_prep_linear_from_output_{tag}", "linear", True, t, dtype,
                                 c, h, w))
+        specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
+                                dtype, c, h, w, fn=_channelwise_prep_kernel))
         cfg = FILTER_CONFIG
         specs.append(dict(
             name=f"conv_bwd_filter_norm_{tag}", fn=_filter_norm_kernel,

@@ -133,6 +133,12 @@ GRID = [
                       padding=(2, 0), dilation=(2, 1), h=9, w=7), id="depthwise-rect-d2"),
     pytest.param(dict(operator="sigmoid", n=1, c_in=136, c_out=72, h=5, w=6),
                  id="multi-chunk-channels"),
+    # one output channel per group: the channelwise prep pass, with several channel tiles (72
+    # channels: 64- and 32-wide tiles) and with the GEMM kernels (2 input channels per group)
+    pytest.param(dict(operator="linear", c_in=72, c_out=72, groups=72, h=6, w=5),
+                 id="depthwise-c72"),
+    pytest.param(dict(operator="sigmoid", c_in=8, c_out=4, groups=4, h=7, w=7),
+                 id="one-out-per-group"),
     pytest.param(dict(operator="linear", n=3, h=13, w=11, padding=0), id="pixel-tails"),
 ]
 
@@ -531,8 +537,9 @@ def test_two_level_partial_reduction(monkeypatch, operator):
 
 
 def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
-    """C_in/G = C_out/G = 1 runs the depthwise dgrad/wgrad (no GEMM, no w_hat), bitwise the
-    same run to run; a channel multiplier (C_out/G = 2) keeps the GEMM kernels."""
+    """C_in/G = C_out/G = 1 runs the depthwise dgrad/wgrad (no GEMM, no w_hat) after the
+    channelwise prep pass, bitwise the same run to run; a channel multiplier (C_out/G = 2)
+    keeps the GEMM kernels and the per-group prep pass."""
     launched = []
     KB = conv_bwd
     real_launch = KB._launch
@@ -543,6 +550,7 @@ def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     first = _kernel(dy, inp, c, r_x)
     assert KB._depthwise_dgrad_kernel in launched and KB._depthwise_wgrad_kernel in launched
     assert KB._dgrad_kernel not in launched and KB._wgrad_kernel not in launched
+    assert KB._channelwise_prep_kernel in launched and KB._prep_kernel not in launched
     second = _kernel(dy, inp, c, r_x)
     for name, a, b in zip(("dx", "dw", "db", "dk"), first, second):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between runs"
@@ -550,6 +558,7 @@ def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     inp, c, r_x, dy = _case(torch.float32, operator="linear", c_in=4, c_out=8, groups=4, h=7, w=7)
     _kernel(dy, inp, c, r_x)
     assert KB._dgrad_kernel in launched and KB._depthwise_dgrad_kernel not in launched
+    assert KB._prep_kernel in launched and KB._channelwise_prep_kernel not in launched
 
 
 
