@@ -80,6 +80,7 @@ if ! "$PY" -c "import sphereops, sphereops_kernels" >> "$LOG" 2>&1; then
 fi
 
 # --- CUDA test tier ----------------------------------------------------------------------
+# -rA: the log names every test that passed, not only the failures.
 # Kernel compilation (CPU) dominates the tier: with pytest-xdist, GPU_TEST_WORKERS processes
 # compile in parallel and share the one GPU (the tier's largest test needs ~10 GB).
 GPU_TEST_WORKERS="${GPU_TEST_WORKERS:-4}"
@@ -90,7 +91,7 @@ fi
 say "pytest -m gpu tests ${XDIST[*]} (timeout ${GPU_TESTS_TIMEOUT}s)"
 # One fixed config per kernel for the tests (correctness, not speed): autotuning every test's
 # specialisation would compile ~7 configs each and overrun the tier's budget.
-SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests "${XDIST[@]}" --maxfail=25 -q -rf -p no:cacheprovider \
+SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 10 "$GPU_TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests "${XDIST[@]}" --maxfail=25 -q -rA -p no:cacheprovider \
     > "$OUT_DIR/gpu_tests.log" 2>&1
 rc=$?
 case $rc in
