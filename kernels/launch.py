@@ -38,11 +38,15 @@ def launch(kernel, grid, args, kwargs, what: str) -> None:
     error raised when an interpreter launch is traced."""
     first = args[0]
     if first.is_cuda:
-        with _device_guard(first.device):
-            if _wrap_triton_enabled():
-                torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-            else:
-                kernel[grid](*args, **kwargs)
+        device = first.device
+        # the guard only when the tensors live elsewhere than the current device: entering
+        # torch.cuda.device costs ~10-30 us of host time per launch on the H200 host
+        # (bench/results/20261127-1403_*_host_overhead.txt), as much as a small kernel runs
+        if device.index == _current_cuda_device():
+            _launch_cuda(kernel, grid, args, kwargs)
+        else:
+            with _device_guard(device):
+                _launch_cuda(kernel, grid, args, kwargs)
     elif not _is_fake(first):
         kernel[grid](*args, **kwargs)
     elif _is_graph_tracing():
@@ -50,6 +54,17 @@ def launch(kernel, grid, args, kwargs, what: str) -> None:
             f"the Triton interpreter (CPU) path of {what} cannot be traced into a graph "
             "(torch.compile / make_fx); use the reference backend on CPU")
     # else: fake-tensor propagation only (shape/dtype inference): the outputs are allocated
+
+
+def _launch_cuda(kernel, grid, args, kwargs) -> None:
+    if _wrap_triton_enabled():
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _current_cuda_device() -> int:
+    return torch.cuda.current_device()
 
 
 def _device_guard(device: torch.device):

@@ -25,7 +25,9 @@ def _cuda_stand_in():
 
 @pytest.fixture
 def guards(monkeypatch):
+    """Records the device guards entered; the current device is 0, the stand-in's is cuda:1."""
     entered = []
+    monkeypatch.setattr(L, "_current_cuda_device", lambda: 0)
 
     @contextlib.contextmanager
     def guard(device):
@@ -63,6 +65,17 @@ def test_traced_cuda_launch_goes_through_wrap_triton(monkeypatch, guards):
     L.launch(kernel, (2,), (first,), {}, "op")
     assert wrapped == [kernel] and kernel.calls == [((2,), (first,), {})]
     assert guards == [torch.device("cuda", 1)]
+
+
+def test_no_device_guard_when_the_tensors_are_on_the_current_device(monkeypatch, guards):
+    """The common case (one GPU, or the caller already on the tensors' device) skips the guard,
+    whose context manager costs host time on every launch."""
+    from torch._library.triton import set_wrap_triton_enabled
+    monkeypatch.setattr(L, "_current_cuda_device", lambda: 1)
+    kernel, first = _RecordingKernel(), _cuda_stand_in()
+    with set_wrap_triton_enabled(False):
+        L.launch(kernel, (1,), (first,), {}, "op")
+    assert kernel.calls == [((1,), (first,), {})] and guards == []
 
 
 def test_cpu_launches_run_fake_ones_are_skipped_and_traced_ones_refused():
