@@ -22,6 +22,7 @@ mkdir -p "$OUT_DIR"
 TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-365}"
 GPU_TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-150}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
+# GPU_CHECK_SWEEP=<seconds> adds bench.tile_sweep after the benchmark (count it in TOTAL_BUDGET_S).
 # GPU_CHECK_PROFILE=0 skips the profiler (its table is already committed for this commit's
 # kernels, say) and gives its time to the benchmark.
 GPU_CHECK_PROFILE="${GPU_CHECK_PROFILE:-1}"
@@ -120,6 +121,17 @@ say "benchmark exit code $rc"
 # The summary goes to the log (and the tail of this script's output).
 cat "$OUT_DIR/bench_stdout.txt" >> "$LOG"
 rm -f "$OUT_DIR/bench_stdout.txt"
+
+# --- tile sweep (opt-in: GPU_CHECK_SWEEP=<seconds>) ---------------------------------------
+# Other tiles than the autotuner's, each checked against float64 and timed from CUDA-graph
+# replay (bench/tile_sweep.py): for kernel tuning sessions.
+GPU_CHECK_SWEEP="${GPU_CHECK_SWEEP:-0}"
+if [ "$GPU_CHECK_SWEEP" -gt 0 ]; then
+  say "python -m bench.tile_sweep --budget $GPU_CHECK_SWEEP"
+  timeout -s INT -k 10 $(( GPU_CHECK_SWEEP + 60 )) "$PY" -m bench.tile_sweep --budget "$GPU_CHECK_SWEEP" \
+      --out "$OUT_DIR/tile_sweep.md" > /dev/null 2>> "$LOG"
+  say "tile sweep exit code $? (tile_sweep.md)"
+fi
 
 # --- profiler ----------------------------------------------------------------------------
 if [ "$GPU_CHECK_PROFILE" = "0" ]; then

@@ -371,6 +371,40 @@ def test_host_overhead_report_runs_on_cpu(capsys):
     assert "sphere_conv2d fwd+bwd" in out and "F.conv2d fwd" in out and "cProfile" in out
 
 
+def test_tile_sweep_checks_every_tile_against_float64(monkeypatch):
+    """bench.tile_sweep's rows (here under the interpreter, device time stubbed): each tile's
+    result checked against the float64 reference, a tile that fails to run is a row too, the
+    backward tile override is undone afterwards."""
+    from bench import tile_sweep as TS
+    from sphereops_kernels import conv_bwd as CB
+    from sphereops_kernels import conv_fwd as CF
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernels through the Triton interpreter")
+    monkeypatch.setattr(T, "measure_graph", lambda step, *a, **k: (step(), {"graph_ms": 0.5})[1])
+    shape = S.ConvShape("tiny", "t", 2, 16, 16, 6, 6, 3, 3, 1, 1)
+    tiles = {"fwd": ["32x16x16s1w4"], "dgrad": ["32x16x16s1w4"], "wgrad": ["16x16x32s1w4"]}
+    real_dgrad = CB.dgrad_config
+    rows = TS.sweep_layer(shape, torch.float32, TS.KERNELS, tiles, CPU, 100.0, float("inf"))
+    assert CB.dgrad_config is real_dgrad
+    assert [r[:3] for r in rows] == [["fwd", "32x16x16s1w4", "ok"], ["dgrad", "32x16x16s1w4", "ok"],
+                                     ["wgrad", "16x16x32s1w4", "ok"]]
+    assert all(float(r[6]) < 1e-4 for r in rows)           # fp32 kernels vs float64
+    flops = shape.gemm_flops
+    assert rows[0][4] == f"{flops / 0.5e-3 / 1e12:.1f}"
+
+    real_impl = CF._sphere_conv2d_fwd_impl
+
+    def broken(*args, config=None, **kwargs):
+        if config is not None:          # the swept tile; the set-up forward runs normally
+            raise RuntimeError("out of resources: shared memory")
+        return real_impl(*args, **kwargs)
+    monkeypatch.setattr(CF, "_sphere_conv2d_fwd_impl", broken)
+    rows = TS.sweep_layer(shape, torch.float32, ("fwd",), tiles, CPU, 100.0, float("inf"))
+    assert rows[0][2].startswith("error: RuntimeError: out of resources")
+    with pytest.raises(ValueError, match="powers of two"):
+        TS.parse_tile("100x64x64s3w4")
+
+
 def test_e2e_model_builds_from_the_models_package_when_present():
     model, source = E.build_model("linear", "reference", (4, 8, 8), 1)
     out = model(torch.randn(2, 3, 8, 8))
