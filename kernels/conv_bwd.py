@@ -776,9 +776,18 @@ def prep_config(operator: str) -> dict:
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4)
 
 
-# 4 filters x 512 elements per step: few serial steps (a 3x3x128 filter is 3), C_out/4 programs.
-# (Measured on H200 with 16 x 128: 34 us for a 128x128x3x3 weight, latency-bound.)
-FILTER_CONFIG = dict(BLOCK_O=4, BLOCK_F=512, num_warps=4)
+def filter_norm_config(n_f: int) -> dict:
+    """Tiles of _filter_norm_kernel for filters of ``n_f = C_in/G * KH * KW`` elements.
+
+    The kernel is latency-bound: each loop step is a dependent round trip to memory, done twice
+    (norm, then w_hat). Fixed 4 x 512 tiles took 22 us a call on average on the H200
+    (SphereResNet-32 profile, 20261127-1339; the work is a few us of bandwidth), 3-7 steps a pass
+    for 3x3 filters of 128-384 channels. A whole filter per step up to 4096 elements (one step
+    a pass), several filters per program while they are small (~2048 elements a program, at
+    most 128 filters), 8 warps for the 4096-wide tile (32 fp32 values a thread per array)."""
+    block_f = _pow2_clamp(n_f, 16, 4096)
+    block_o = max(1, min(128, 2048 // block_f))
+    return dict(BLOCK_O=block_o, BLOCK_F=block_f, num_warps=8 if block_o * block_f > 2048 else 4)
 # 512 rows per first-level program (8 steps of 64): ~25 programs for a 64x56x56 batch
 REDUCE_CONFIG = dict(BLOCK_R=64, BLOCK_C=32, ROWS_PER_PROGRAM=512, num_warps=4)
 FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
@@ -948,7 +957,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
         store_w_hat = need_dx and not depthwise
         w_hat = torch.empty((kh, kw, c_out, cg_in) if store_w_hat else (1,), device=dev, dtype=dtype)
-        cfg = FILTER_CONFIG
+        cfg = filter_norm_config(cg_in * kh * kw)
         _launch(_filter_norm_kernel, (_cdiv(c_out, cfg["BLOCK_O"]),),
                 (w, r_w, w_hat, c_out, cg_in, *w.stride(), float(eps)),
                 KH=kh, KW=kw, STORE_W_HAT=store_w_hat, EMULATE_RTNE=rtne, BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"],
@@ -1211,14 +1220,16 @@ def aot_specs() -> list:
                                 c, h, w))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
                                 dtype, c, h, w, fn=_channelwise_prep_kernel))
-        cfg = FILTER_CONFIG
-        specs.append(dict(
-            name=f"conv_bwd_filter_norm_{tag}", fn=_filter_norm_kernel,
-            signature=_signature(_filter_norm_kernel, {"w_ptr": t, "rw_ptr": "*fp32", "what_ptr": t},
-                                 floats=("eps",)),
-            constexprs=dict(KH=3, KW=3, STORE_W_HAT=True, EMULATE_RTNE=False,
-                            BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"]),
-            num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False))
+        for label, cg in (("3x3_c128", c), ("3x3_c384", 3 * c), ("3x3_depthwise", 1)):
+            cfg = filter_norm_config(cg * 9)
+            specs.append(dict(
+                name=f"conv_bwd_filter_norm_{label}_{tag}", fn=_filter_norm_kernel,
+                signature=_signature(_filter_norm_kernel, {"w_ptr": t, "rw_ptr": "*fp32",
+                                                           "what_ptr": t}, floats=("eps",)),
+                constexprs=dict(KH=3, KW=3, STORE_W_HAT=cg > 1, EMULATE_RTNE=False,
+                                BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"]),
+                num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
+                example_args=dict(CG_IN=cg)))
         cfg = REDUCE_CONFIG
         specs.append(dict(
             name=f"conv_bwd_reduce_partials_{tag}", fn=_reduce_partials_kernel,

@@ -536,6 +536,30 @@ def test_two_level_partial_reduction(monkeypatch, operator):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, (False, True, True, True))
 
 
+@pytest.mark.parametrize("c_in,kernel,layout", [(1, 3, "nchw"), (3, 5, "channels_last"),
+                                                 (130, 3, "nchw"), (520, 3, "channels_last")],
+                         ids=["depthwise", "5x5-c3", "one-step", "two-steps"])
+def test_filter_norm_kernel(c_in, kernel, layout):
+    """r_w and w_hat against torch for filter sizes from 9 to 4680 elements: one loop step per
+    pass up to 4096 (several filters a program while small), two beyond; both weight layouts."""
+    n_f = c_in * kernel * kernel
+    cfg = conv_bwd.filter_norm_config(n_f)
+    assert cfg["BLOCK_O"] * cfg["BLOCK_F"] <= 4096 and cfg["BLOCK_F"] >= min(n_f, 4096)
+    w = torch.randn(37, c_in, kernel, kernel, dtype=torch.float32, device=DEVICE)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    r_w = torch.empty(37, dtype=torch.float32, device=DEVICE)
+    w_hat = torch.empty(kernel, kernel, 37, c_in, dtype=torch.float32, device=DEVICE)
+    conv_bwd._launch(conv_bwd._filter_norm_kernel, (conv_bwd._cdiv(37, cfg["BLOCK_O"]),),
+                     (w, r_w, w_hat, 37, c_in, *w.stride(), EPS), KH=kernel, KW=kernel,
+                     STORE_W_HAT=True, EMULATE_RTNE=False, BLOCK_O=cfg["BLOCK_O"],
+                     BLOCK_F=cfg["BLOCK_F"], num_warps=cfg["num_warps"])
+    expected = R.filter_norms(w.double(), EPS)
+    assert_close(r_w, expected, 1e-6, 1e-6, "r_w")
+    assert_close(w_hat, (w.double() / expected.reshape(-1, 1, 1, 1)).permute(2, 3, 0, 1),
+                 1e-6, 1e-6, "w_hat")
+
+
 def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     """C_in/G = C_out/G = 1 runs the depthwise dgrad/wgrad (no GEMM, no w_hat) after the
     channelwise prep pass, bitwise the same run to run; a channel multiplier (C_out/G = 2)
