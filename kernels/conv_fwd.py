@@ -126,10 +126,18 @@ def _output_pixels(offs_m, out_h, out_w, conv_stride_h, conv_stride_w, pad_h, pa
 def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
                      UPCAST_DOT: tl.constexpr):
     """One K step of the implicit GEMM: ``acc += x_tile @ w_tile`` and the patch norms' sums of
-    squares ``sumsq += rowsum(x_tile^2)`` (in fp32: fp16 x^2 overflows for |x| > 256) from the
-    same loaded tile. x_tile [BM, BK], w_tile [BK, BN] in the input dtype; returns both."""
+    squares (in fp32: fp16 x^2 overflows for |x| > 256) from the same loaded tile. x_tile
+    [BM, BK], w_tile [BK, BN] in the input dtype; returns both.
+
+    ``sumsq`` [BM, BK // 8] holds partial row sums: each step adds the squares in groups of 8
+    neighbouring K elements (those a thread holds after a 16-byte load), and the caller sums
+    over the last axis once after the K loop. A full row sum each step costs cross-thread
+    shuffles every iteration (sm_90 PTX of the 128x128x64 bf16 loop: 830 -> 679
+    instructions, the 24 shuffles gone; without any patch-norm work it is 458)."""
     x_f32 = x_tile.to(tl.float32)
-    sumsq += tl.sum(x_f32 * x_f32, axis=1)
+    BM: tl.constexpr = x_tile.shape[0]
+    BK: tl.constexpr = x_tile.shape[1]
+    sumsq += tl.sum(tl.reshape(x_f32 * x_f32, (BM, BK // 8, 8)), axis=2)
     if UPCAST_DOT:
         acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
     else:
@@ -213,7 +221,7 @@ def _sphere_conv_fwd_kernel(
     w_cols = w_ptr + o_glob.to(tl.int64) * k_total  # [BN] pointers
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)   # partial sums (_accumulate_step)
 
     if CHANNEL_CHUNKS:
         n_chunks = tl.cdiv(c_in_per_group, BLOCK_K)
@@ -254,7 +262,7 @@ def _sphere_conv_fwd_kernel(
             w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT)
 
-    r_x = tl.sqrt(sumsq + eps)
+    r_x = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
     _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1), r_x,
