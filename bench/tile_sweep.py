@@ -2,12 +2,12 @@
 
 The autotuner picks among the configs in ``kernels/configs.py``; this asks what other tiles
 would do. For each layer and each candidate tile it runs the forward GEMM kernel (autotuner
-bypassed), the dx path (filter norms, prep pass, dgrad) or the dw path (filter norms, prep,
+bypassed; ``fwd_prepass``: its patch norms from the pre-pass, which the time includes), the dx path (filter norms, prep pass, dgrad) or the dw path (filter norms, prep,
 reduction, wgrad, finalize), checks the result against the float64 reference -- a fast tile
 that is wrong (SphereLinear's 8-warp tf32 tile was, on an H200) shows as wrong, never as fast --
 and times it from CUDA-graph replay (device time, no host overhead).
 
-    python -m bench.tile_sweep [--layers sn9.conv1_x,r18.l3] [--kernels fwd,dgrad,wgrad]
+    python -m bench.tile_sweep [--layers sn9.conv1_x,r18.l3] [--kernels fwd,fwd_prepass,dgrad,wgrad]
                                [--dtype bf16] [--budget 240] [--out sweep.md]
 
 Tiles are written ``BMxBNxBK`` + ``s<stages>`` + ``w<warps>`` (``128x128x64s3w4``); for wgrad
@@ -46,7 +46,9 @@ DEFAULT_TILES = {
     "wgrad": ["128x128x64s3w4", "64x128x64s3w4", "128x128x32s4w4", "128x64x64s3w4",
               "128x128x64s3w8", "128x128x128s2w8"],
 }
-KERNELS = tuple(DEFAULT_TILES)
+# the forward with its patch norms from the pre-pass (issue 3: "show both"); same tiles
+DEFAULT_TILES["fwd_prepass"] = list(DEFAULT_TILES["fwd"])
+KERNELS = ("fwd", "fwd_prepass", "dgrad", "wgrad")
 # relative L2 error vs float64 above which a tile is reported WRONG (16-bit inputs and saved
 # state give ~2e-3 here; the benchmark's spot check allows the same order)
 MAX_REL_ERROR = 3e-2
@@ -123,14 +125,16 @@ def sweep_layer(shape: S.ConvShape, dtype: torch.dtype, kernels, tiles: dict, de
 
     def run(kernel: str, tile: str) -> list:
         bm, bn, bk, stages, warps = parse_tile(tile)
-        if kernel == "fwd":
+        if kernel in ("fwd", "fwd_prepass"):
             cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                 num_warps=warps, num_stages=stages)
             override, ref = contextlib.nullcontext(), y64
+            norms = "prepass" if kernel == "fwd_prepass" else "fused"
 
             def step(_i=0):
                 return CF._sphere_conv2d_fwd_impl(x, w, b, None, stride, padding, dilation,
-                                                  groups, "linear", eps, config=cfg)[0]
+                                                  groups, "linear", eps, config=cfg,
+                                                  patch_norms=norms)[0]
         else:
             keys = (("BLOCK_M", "BLOCK_N", "BLOCK_K") if kernel == "dgrad"
                     else ("BLOCK_O", "BLOCK_CI", "BLOCK_M"))
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="sn9.conv1_x,r18.l3",
                     help="comma-separated layer names from bench/shapes.py")
-    ap.add_argument("--kernels", default=",".join(KERNELS), help="fwd,dgrad,wgrad")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help="fwd,fwd_prepass,dgrad,wgrad")
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     for kernel in KERNELS:
         ap.add_argument(f"--tiles-{kernel}", default=None,

@@ -16,8 +16,10 @@ import triton
 # The autotune key of the implicit-GEMM forward: the GEMM dims (M = pixels, N = C_out/G,
 # K = C_in/G * KH * KW), the filter size, which also decides which configs are legal (8-warp
 # configs are 1x1 only), and the input's channel stride (1 for channels_last: contiguous K
-# loads; NCHW gathers favour other tiles).  The autotuner adds the tensors' dtypes itself.
-CONV_FWD_AUTOTUNE_KEY = ["n_pixels", "c_out_per_group", "c_in_per_group", "KH", "KW", "stride_xc"]
+# loads; NCHW gathers favour other tiles), and where the patch norms come from (the K loop's
+# work differs).  The autotuner adds the tensors' dtypes itself.
+CONV_FWD_AUTOTUNE_KEY = ["n_pixels", "c_out_per_group", "c_in_per_group", "KH", "KW", "stride_xc",
+                         "NORMS_FROM_Q"]
 
 
 def _cfg(block_m, block_n, block_k, num_stages, group_m=8, num_warps=4):

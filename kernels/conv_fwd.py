@@ -124,7 +124,7 @@ def _output_pixels(offs_m, out_h, out_w, conv_stride_h, conv_stride_w, pad_h, pa
 
 @triton.jit
 def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
-                     UPCAST_DOT: tl.constexpr):
+                     UPCAST_DOT: tl.constexpr, NORMS_IN_LOOP: tl.constexpr):
     """One K step of the implicit GEMM: ``acc += x_tile @ w_tile`` and the patch norms' sums of
     squares (in fp32: fp16 x^2 overflows for |x| > 256) from the same loaded tile. x_tile
     [BM, BK], w_tile [BK, BN] in the input dtype; returns both.
@@ -133,12 +133,15 @@ def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
     neighbouring K elements (those a thread holds after a 16-byte load), and the caller sums
     over the last axis once after the K loop. A full row sum each step costs cross-thread
     shuffles every iteration (sm_90 PTX of the 128x128x64 bf16 loop: 830 -> 679
-    instructions, the 24 shuffles gone; without any patch-norm work it is 458)."""
-    x_f32 = x_tile.to(tl.float32)
-    BM: tl.constexpr = x_tile.shape[0]
-    BK: tl.constexpr = x_tile.shape[1]
-    sumsq += tl.sum(tl.reshape(x_f32 * x_f32, (BM, BK // 8, 8)), axis=2)
+    instructions, the 24 shuffles gone; without any patch-norm work it is 458).
+    NORMS_IN_LOOP False: the norms come from the pre-pass (``sumsq`` returned unchanged)."""
+    if NORMS_IN_LOOP:
+        x_f32 = x_tile.to(tl.float32)
+        BM: tl.constexpr = x_tile.shape[0]
+        BK: tl.constexpr = x_tile.shape[1]
+        sumsq += tl.sum(tl.reshape(x_f32 * x_f32, (BM, BK // 8, 8)), axis=2)
     if UPCAST_DOT:
+        x_f32 = x_tile.to(tl.float32)
         acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
     else:
         acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
@@ -146,8 +149,54 @@ def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
 
 
 @triton.jit
+def _window_sum(q_ptr, n_idx, g, groups, h_base, w_base, mask_m, in_h, in_w, dil_h, dil_w,
+                KH: tl.constexpr, KW: tl.constexpr):
+    """Sum of q [N, G, H, W] (fp32 contiguous) over each output pixel's KH x KW window (taps
+    in padding count 0): ``[BM]`` fp32, the patch sums of squares from the pre-pass."""
+    q_rows = q_ptr + (n_idx.to(tl.int64) * groups + g) * (in_h * in_w)
+    total = tl.zeros(mask_m.shape, dtype=tl.float32)
+    for tap in range(KH * KW):
+        hi = h_base + (tap // KW) * dil_h
+        wi = w_base + (tap % KW) * dil_w
+        inside = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
+        total += tl.load(q_rows + hi * in_w + wi, mask=inside, other=0.0)
+    return total
+
+
+@triton.jit
+def _channel_sqsum_kernel(
+    x_ptr, q_ptr, n_in_pixels, HW, W, CG, G,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The patch-norm pre-pass: q[n, g, h, w] = sum over group g's channels of x[n, c, h, w]^2
+    (fp32; fp16 squares overflow for |x| > 256).
+
+    x_ptr: [N, G*CG, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw) (channels_last:
+           a program's channel tile is contiguous). q_ptr: [N, G, H, W] fp32 contiguous.
+    n_in_pixels = N*H*W (< 2^31), HW = H*W. BLOCK_P pixels x BLOCK_C channels per step.
+    Grid: (cdiv(N*H*W, BLOCK_P), G).
+    """
+    pid_p = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < n_in_pixels
+    n = (offs_p // HW).to(tl.int64)
+    hw = offs_p % HW
+    row = n * stride_xn + (hw // W).to(tl.int64) * stride_xh + (hw % W).to(tl.int64) * stride_xw
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        chan = (g * CG + offs_c).to(tl.int64) * stride_xc
+        v = tl.load(x_ptr + row[:, None] + chan[None, :],
+                    mask=p_mask[:, None] & (offs_c < CG)[None, :], other=0.0).to(tl.float32)
+        acc += v * v
+    tl.store(q_ptr + (n * G + g) * HW + hw, tl.sum(acc, axis=1), mask=p_mask)
+
+
+@triton.jit
 def _sphere_conv_fwd_kernel(
-    x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
+    x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr, q_ptr,
     n_pixels, c_out_per_group, c_in_per_group, groups,
     in_h, in_w, out_h, out_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -157,7 +206,7 @@ def _sphere_conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    STORE_C: tl.constexpr,
+    STORE_C: tl.constexpr, NORMS_FROM_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
@@ -173,6 +222,8 @@ def _sphere_conv_fwd_kernel(
       y_ptr, c_ptr [N, C_out, Ho, Wo] outputs in x's dtype, both with strides
                  (stride_yn, stride_yc, stride_yh, stride_yw).
       rx_ptr     [N, G, Ho, Wo] fp32, contiguous; written by the N-tile-0 programs only.
+      q_ptr      [N, G, H, W] fp32 contiguous: each input pixel's sum of squares over its
+                 group's channels (_channel_sqsum_kernel), read iff NORMS_FROM_Q.
     Scalars: n_pixels = N*Ho*Wo (< 2^31), Og, Cg, G, H, W, Ho, Wo, conv stride / padding /
       dilation, eps (inside both square roots).
     Constexprs:
@@ -188,6 +239,8 @@ def _sphere_conv_fwd_kernel(
                       truncates; never set for GPU compiles).
       STORE_C         write c (False: the caller saves y for the backward; c_ptr is then
                       any valid pointer, never stored through).
+      NORMS_FROM_Q    patch norms as the KH x KW box sum of q after the K loop (the pre-pass)
+                      instead of squares of the loaded x tiles inside it.
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     pid = tl.program_id(0)
@@ -242,7 +295,8 @@ def _sphere_conv_fwd_kernel(
             x_tile = tl.load(x_ptrs, mask=valid_m[:, None] & mask_c[None, :], other=0.0)
             w_ptrs = w_cols[None, :] + (tap * c_in_per_group + offs_c)[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT)
+            acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT,
+                                          not NORMS_FROM_Q)
     else:
         for k0 in range(0, k_total, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -260,9 +314,14 @@ def _sphere_conv_fwd_kernel(
             x_tile = tl.load(x_ptrs, mask=valid, other=0.0)
             w_ptrs = w_cols[None, :] + offs_k[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT)
+            acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT,
+                                          not NORMS_FROM_Q)
 
-    r_x = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
+    if NORMS_FROM_Q:
+        r_x = tl.sqrt(_window_sum(q_ptr, n_idx, g, groups, h_base, w_base, mask_m, in_h, in_w,
+                                  dil_h, dil_w, KH, KW) + eps)
+    else:
+        r_x = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
     _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1), r_x,
@@ -441,6 +500,29 @@ _sphere_conv_dw_fwd_autotuned = triton.autotune(
 
 _WHAT = "sphere_conv2d_fwd"  # names the op in launch errors
 
+# Where the GEMM kernel's patch norms come from (the depthwise kernel always squares its loads):
+# "fused" -- squares of the x tiles inside the K loop; "prepass" -- _channel_sqsum_kernel first
+# (one read of x, one more launch), then a KH x KW box sum of its output after the K loop.
+# SPHEREOPS_PATCH_NORMS picks the default; bench.tile_sweep times both.
+PATCH_NORMS = ("fused", "prepass")
+_PATCH_NORMS_DEFAULT = os.environ.get("SPHEREOPS_PATCH_NORMS", "fused")
+_SQSUM_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, num_warps=4)
+
+
+def _channel_sqsums(x, groups):
+    """The pre-pass: q [N, G, H, W] fp32, each input pixel's sum of squares over its group."""
+    n, c_in, h, wd = x.shape
+    q = torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device)
+    if q.numel() == 0:
+        return q
+    cfg = _SQSUM_CONFIG
+    c_g = c_in // groups
+    block_c = min(cfg["BLOCK_C"], max(16, triton.next_power_of_2(c_g)))
+    launch(_channel_sqsum_kernel, (triton.cdiv(n * h * wd, cfg["BLOCK_P"]), groups),
+           (x, q, n * h * wd, h * wd, wd, c_g, groups, *x.stride()),
+           dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=block_c, num_warps=cfg["num_warps"]), _WHAT)
+    return q
+
 
 def _check_pair(name, value, minimum):
     if (not isinstance(value, (tuple, list)) or len(value) != 2
@@ -503,25 +585,29 @@ def _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps):
 
 
 def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator, eps, *,
-                      store_c=True):
+                      store_c=True, patch_norms=None):
     """Fused SphereConv2d forward on the GPU (or CPU under TRITON_INTERPRET=1).
 
     Same contract and results as ``sphereops.reference.conv2d_forward``: returns ``(y, c, r_x)``
     with y, c ``[N, C_out, Ho, Wo]`` in x's dtype and memory format (c clamped to [-1, 1]) and
     r_x ``[N, G, Ho, Wo]`` float32 contiguous.  fp32 inputs use TF32 tensor cores exactly when
     ``torch.backends.cudnn.allow_tf32`` is true.  ``store_c=False``: c is neither allocated nor
-    written (it comes back empty): one output-sized store less.
+    written (it comes back empty): one output-sized store less. ``patch_norms``: "fused" or
+    "prepass" (see PATCH_NORMS; None: ``SPHEREOPS_PATCH_NORMS``, else "fused").
     """
     return _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator,
-                                   eps, store_c=store_c)
+                                   eps, store_c=store_c, patch_norms=patch_norms)
 
 
 def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator, eps,
-                            config=None, force_gemm=False, store_c=True):
+                            config=None, force_gemm=False, store_c=True, patch_norms=None):
     """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
     depthwise shapes to the implicit-GEMM kernel (both for tests)."""
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
                                              operator, eps)
+    patch_norms = _PATCH_NORMS_DEFAULT if patch_norms is None else patch_norms
+    if patch_norms not in PATCH_NORMS:
+        raise ValueError(f"patch_norms must be one of {PATCH_NORMS}, got {patch_norms!r}")
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     c_out_g = c_out // groups
@@ -576,13 +662,15 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     else:
         precision = "ieee"
+    prepass = patch_norms == "prepass"
     flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, DOT_PRECISION=precision,
-                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16)
+                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, NORMS_FROM_Q=prepass)
+    q = _channel_sqsums(x, groups) if prepass else w_sqnorm
     kernel = _sphere_conv_fwd_autotuned
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
         flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x,
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x, q,
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):
@@ -603,7 +691,7 @@ def _signature(fn, dtype_name, constexprs):
     for a in fn.arg_names:
         if a in constexprs:
             sig[a] = "constexpr"
-        elif a in ("w_sqnorm_ptr", "rx_ptr", "sqnorm_ptr"):
+        elif a in ("w_sqnorm_ptr", "rx_ptr", "sqnorm_ptr", "q_ptr"):
             sig[a] = "*fp32"
         elif a.endswith("_ptr"):
             sig[a] = "*" + dtype_name
@@ -629,6 +717,8 @@ _DW_EXAMPLE = dict(
     stride_yn=28 * 28 * 256, stride_yc=1, stride_yh=28 * 256, stride_yw=256,
     conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
 _PACK_EXAMPLE = dict(c_in_per_group=64, stride_wo=64 * 9, stride_wc=9, stride_wh=3, stride_ww=1)
+_SQSUM_EXAMPLE = dict(n_in_pixels=32 * 56 * 56, HW=56 * 56, W=56, CG=64, G=1,
+                      stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64)
 
 
 def _spec(name, fn, dtype_name, constexprs, example_args, num_warps, num_stages, gemm):
@@ -671,7 +761,7 @@ def aot_specs():
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
                                   UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                                  **cfg.kwargs)
+                                  NORMS_FROM_Q=False, **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -690,4 +780,19 @@ def aot_specs():
         constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=1024)
         specs.append(_spec(f"conv_fwd_pack_filters_{dtype_name}", _pack_filters_kernel,
                            dtype_name, constexprs, _PACK_EXAMPLE, 4, 1, gemm=False))
+        # the patch-norm pre-pass and the GEMM that reads it, on the two workhorse 3x3 tiles
+        sq = _SQSUM_CONFIG
+        specs.append(_spec(f"conv_fwd_channel_sqsum_{dtype_name}", _channel_sqsum_kernel,
+                           dtype_name, dict(BLOCK_P=sq["BLOCK_P"], BLOCK_C=sq["BLOCK_C"]),
+                           _SQSUM_EXAMPLE, sq["num_warps"], 1, gemm=False))
+        for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
+            bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            precision = "tf32" if dtype_name == "fp32" else "ieee"
+            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
+                              DOT_PRECISION=precision, UPCAST_DOT=False, EMULATE_RTNE=False,
+                              STORE_C=True, NORMS_FROM_Q=True, **cfg.kwargs)
+            specs.append(_spec(f"conv_fwd_gemm_prepass_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                               f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
+                               dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
+                               cfg.num_warps, cfg.num_stages, gemm=True))
     return specs

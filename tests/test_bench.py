@@ -382,12 +382,13 @@ def test_tile_sweep_checks_every_tile_against_float64(monkeypatch):
         pytest.skip("runs the kernels through the Triton interpreter")
     monkeypatch.setattr(T, "measure_graph", lambda step, *a, **k: (step(), {"graph_ms": 0.5})[1])
     shape = S.ConvShape("tiny", "t", 2, 16, 16, 6, 6, 3, 3, 1, 1)
-    tiles = {"fwd": ["32x16x16s1w4"], "dgrad": ["32x16x16s1w4"], "wgrad": ["16x16x32s1w4"]}
+    tiles = {"fwd": ["32x16x16s1w4"], "fwd_prepass": ["32x16x16s1w4"], "dgrad": ["32x16x16s1w4"],
+             "wgrad": ["16x16x32s1w4"]}
     real_dgrad = CB.dgrad_config
     rows = TS.sweep_layer(shape, torch.float32, TS.KERNELS, tiles, CPU, 100.0, float("inf"))
     assert CB.dgrad_config is real_dgrad
-    assert [r[:3] for r in rows] == [["fwd", "32x16x16s1w4", "ok"], ["dgrad", "32x16x16s1w4", "ok"],
-                                     ["wgrad", "16x16x32s1w4", "ok"]]
+    assert [r[:3] for r in rows] == [["fwd", "32x16x16s1w4", "ok"], ["fwd_prepass", "32x16x16s1w4", "ok"],
+                                     ["dgrad", "32x16x16s1w4", "ok"], ["wgrad", "16x16x32s1w4", "ok"]]
     assert all(float(r[6]) < 1e-4 for r in rows)           # fp32 kernels vs float64
     flops = shape.gemm_flops
     assert rows[0][4] == f"{flops / 0.5e-3 / 1e12:.1f}"

@@ -245,6 +245,45 @@ def test_forward_matches_reference(case, operator, channels_last, dtype, rtol, a
     _check_against_reference(inp, _run_kernel(inp), dtype, rtol, atol)
 
 
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c != "depthwise"])
+def test_forward_patch_norms_from_the_prepass(case, channels_last, dtype, rtol, atol):
+    """patch_norms="prepass": the channel sums of squares first, their KH x KW window sums after
+    the K loop (every geometry of the GEMM kernel: both K loops, strides, dilation, padding,
+    rectangles, groups) against the float64 reference; r_x agrees with the fused path's."""
+    inp = make_conv_inputs(**CONV_CASES[case], operator="sigmoid", dtype=dtype, device=DEVICE,
+                           channels_last=channels_last)
+    out = _run_kernel(inp, patch_norms="prepass")
+    _check_against_reference(inp, out, dtype, rtol, atol)
+    fused = _run_kernel(inp, patch_norms="fused")
+    torch.testing.assert_close(out[2], fused[2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [300.0, float("nan")], ids=["fp16-300", "nan"])
+def test_forward_prepass_hard_inputs(scale):
+    """fp16 |x| ~ 300 (x^2 overflows fp16: the pre-pass squares in fp32) and a NaN input (it
+    reaches the patches whose windows hold it, as in the fused path)."""
+    inp = make_conv_inputs(**CONV_CASES["3x3_chunks"], operator="linear", dtype=torch.float16,
+                           device=DEVICE, channels_last=True)
+    if math.isnan(scale):
+        inp.x[0, 3, 2, 2] = float("nan")
+    else:
+        inp.x.mul_(scale / 4)
+    pre, fused = _run_kernel(inp, patch_norms="prepass"), _run_kernel(inp, patch_norms="fused")
+    assert torch.equal(torch.isnan(pre[0]), torch.isnan(fused[0]))
+    torch.testing.assert_close(pre[2], fused[2], rtol=1e-5, atol=0, equal_nan=True)
+    if not math.isnan(scale):
+        assert torch.isfinite(pre[2]).all() and pre[2].max() > 256
+        _check_against_reference(inp, pre, torch.float16, 2e-3, 2e-3)
+
+
+def test_patch_norms_choice_is_checked():
+    inp = make_conv_inputs(**CONV_CASES["3x3"], operator="linear", device=DEVICE)
+    with pytest.raises(ValueError, match="patch_norms"):
+        _run_kernel(inp, patch_norms="box")
+
+
 @pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
 def test_forward_without_c_writes_the_same_y(case):
     """store_c=False (save_output): c comes back empty and y is bitwise the y of the default
@@ -486,8 +525,11 @@ def test_aot_specs_are_well_formed():
     assert len(names) == len(set(names))
     cfgs = configs.conv_fwd_configs()
     n_gemm, n_eight_warps = len(cfgs), sum(c.num_warps >= 8 for c in cfgs)
-    # fp16, bf16, fp32-tf32; 8-warp tiles are 16-bit only (pruned for fp32 at launch)
-    assert sum(s["gemm"] for s in specs) == n_gemm * 3 - n_eight_warps
+    # fp16, bf16, fp32-tf32; 8-warp tiles are 16-bit only (pruned for fp32 at launch); plus
+    # the pre-pass variant on two 4-warp tiles per dtype
+    fused = [s for s in specs if s["gemm"] and not s["constexprs"].get("NORMS_FROM_Q")]
+    assert len(fused) == n_gemm * 3 - n_eight_warps
+    assert sum(s["gemm"] and bool(s["constexprs"].get("NORMS_FROM_Q")) for s in specs) == 2 * 3
     assert not any(s["num_warps"] >= 8 and s["dtype"] == "fp32" for s in specs if s["gemm"])
     for s in specs:
         assert set(s) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages",
