@@ -206,7 +206,7 @@ def _sphere_conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    STORE_C: tl.constexpr, NORMS_FROM_Q: tl.constexpr,
+    STORE_C: tl.constexpr, NORMS_FROM_Q: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
@@ -241,6 +241,9 @@ def _sphere_conv_fwd_kernel(
                       any valid pointer, never stored through).
       NORMS_FROM_Q    patch norms as the KH x KW box sum of q after the K loop (the pre-pass)
                       instead of squares of the loaded x tiles inside it.
+      WIDE_OFFSETS    int64 offsets inside an image too (the launcher sets it when one
+                      sample's span could pass 2^30 elements); else int32 there (the sample
+                      offset n * stride_xn is int64 either way).
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     pid = tl.program_id(0)
@@ -289,9 +292,13 @@ def _sphere_conv_fwd_kernel(
             valid_m = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mask_c = offs_c < c_in_per_group
-            x_ptrs = (x_rows[:, None]
-                      + (hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None]
-                      + offs_c.to(tl.int64)[None, :] * stride_xc)
+            if WIDE_OFFSETS:
+                pix_off = hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+                chan_off = offs_c.to(tl.int64) * stride_xc
+            else:   # in-image offsets fit int32 (launcher): half the address arithmetic
+                pix_off = hi * stride_xh + wi * stride_xw
+                chan_off = offs_c * stride_xc
+            x_ptrs = x_rows[:, None] + pix_off[:, None] + chan_off[None, :]
             x_tile = tl.load(x_ptrs, mask=valid_m[:, None] & mask_c[None, :], other=0.0)
             w_ptrs = w_cols[None, :] + (tap * c_in_per_group + offs_c)[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
@@ -309,8 +316,11 @@ def _sphere_conv_fwd_kernel(
             wi = w_base[:, None] + (s * dil_w)[None, :]
             valid = (mask_m[:, None] & mask_k[None, :]
                      & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w))
-            x_ptrs = (x_rows[:, None] + hi.to(tl.int64) * stride_xh
-                      + wi.to(tl.int64) * stride_xw + cin.to(tl.int64)[None, :] * stride_xc)
+            if WIDE_OFFSETS:
+                x_ptrs = (x_rows[:, None] + hi.to(tl.int64) * stride_xh
+                          + wi.to(tl.int64) * stride_xw + cin.to(tl.int64)[None, :] * stride_xc)
+            else:
+                x_ptrs = x_rows[:, None] + (hi * stride_xh + wi * stride_xw + cin[None, :] * stride_xc)
             x_tile = tl.load(x_ptrs, mask=valid, other=0.0)
             w_ptrs = w_cols[None, :] + offs_k[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -509,6 +519,16 @@ _PATCH_NORMS_DEFAULT = os.environ.get("SPHEREOPS_PATCH_NORMS", "fused")
 _SQSUM_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, num_warps=4)
 
 
+def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
+    """Whether an offset inside one sample of x -- a window tap's, masked lanes in the padding
+    included -- could leave int32: the sample's span plus a margin of (padding + dilated filter)
+    rows and columns, doubled for safety, against 2^31."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
+    reach = sum((p + d * (k - 1)) * abs(st) for k, p, d, st in
+                zip(kernel, padding, dilation, x.stride()[2:]))
+    return 2 * (span + reach + 1) >= 2 ** 31
+
+
 def _channel_sqsums(x, groups):
     """The pre-pass: q [N, G, H, W] fp32, each input pixel's sum of squares over its group."""
     n, c_in, h, wd = x.shape
@@ -664,7 +684,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         precision = "ieee"
     prepass = patch_norms == "prepass"
     flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, DOT_PRECISION=precision,
-                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, NORMS_FROM_Q=prepass)
+                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, NORMS_FROM_Q=prepass,
+                 WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)))
     q = _channel_sqsums(x, groups) if prepass else w_sqnorm
     kernel = _sphere_conv_fwd_autotuned
     if config is not None:
@@ -761,7 +782,7 @@ def aot_specs():
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
                                   UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                                  NORMS_FROM_Q=False, **cfg.kwargs)
+                                  NORMS_FROM_Q=False, WIDE_OFFSETS=False, **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -788,11 +809,13 @@ def aot_specs():
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"
-            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
-                              DOT_PRECISION=precision, UPCAST_DOT=False, EMULATE_RTNE=False,
-                              STORE_C=True, NORMS_FROM_Q=True, **cfg.kwargs)
-            specs.append(_spec(f"conv_fwd_gemm_prepass_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
-                               f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
-                               dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
-                               cfg.num_warps, cfg.num_stages, gemm=True))
+            for variant, prepass, wide in (("prepass", True, False), ("wide", False, True)):
+                constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True,
+                                  CHANNEL_CHUNKS=True, DOT_PRECISION=precision, UPCAST_DOT=False,
+                                  EMULATE_RTNE=False, STORE_C=True, NORMS_FROM_Q=prepass,
+                                  WIDE_OFFSETS=wide, **cfg.kwargs)
+                specs.append(_spec(f"conv_fwd_gemm_{variant}_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                                   f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
+                                   dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
+                                   cfg.num_warps, cfg.num_stages, gemm=True))
     return specs

@@ -278,6 +278,34 @@ def test_forward_prepass_hard_inputs(scale):
         _check_against_reference(inp, pre, torch.float16, 2e-3, 2e-3)
 
 
+@pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "strided_dilated", "grouped"])
+def test_forward_int64_offsets_give_the_same_result(case, monkeypatch):
+    """The int64 in-image offsets (samples over ~2^30 elements) and the default int32 ones
+    compute the same addresses: bitwise the same y, c and r_x, both K loops."""
+    inp = make_conv_inputs(**CONV_CASES[case], operator="linear", dtype=torch.bfloat16,
+                           device=DEVICE, channels_last=True)
+    narrow = _run_kernel(inp)
+    monkeypatch.setattr(F, "_needs_wide_offsets", lambda *args: True)
+    wide = _run_kernel(inp)
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+
+
+def test_wide_offsets_when_a_sample_nears_2_31_elements():
+    def wide(*shape, **view):
+        x = torch.empty(shape, device="meta")
+        if view.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F._needs_wide_offsets(x, (3, 3), (1, 1), (1, 1))
+    assert not wide(64, 64, 56, 56)                   # 200k elements a sample
+    assert not wide(1, 64, 2048, 2048)                # 2^28
+    assert wide(1, 256, 2048, 2048)                   # 2^30: within the safety factor
+    assert wide(2, 512, 2048, 2048, channels_last=True)
+    # a strided view: the span counts, not the element count
+    big = torch.empty(1, 4, 2 ** 15, 2 ** 15, device="meta")[:, :, ::4096, ::4096]
+    assert big.numel() == 256 and F._needs_wide_offsets(big, (3, 3), (1, 1), (1, 1))
+
+
 def test_patch_norms_choice_is_checked():
     inp = make_conv_inputs(**CONV_CASES["3x3"], operator="linear", device=DEVICE)
     with pytest.raises(ValueError, match="patch_norms"):
@@ -527,9 +555,12 @@ def test_aot_specs_are_well_formed():
     n_gemm, n_eight_warps = len(cfgs), sum(c.num_warps >= 8 for c in cfgs)
     # fp16, bf16, fp32-tf32; 8-warp tiles are 16-bit only (pruned for fp32 at launch); plus
     # the pre-pass variant on two 4-warp tiles per dtype
-    fused = [s for s in specs if s["gemm"] and not s["constexprs"].get("NORMS_FROM_Q")]
-    assert len(fused) == n_gemm * 3 - n_eight_warps
-    assert sum(s["gemm"] and bool(s["constexprs"].get("NORMS_FROM_Q")) for s in specs) == 2 * 3
+    plain = [s for s in specs if s["gemm"] and not s["constexprs"].get("NORMS_FROM_Q")
+             and not s["constexprs"].get("WIDE_OFFSETS")]
+    assert len(plain) == n_gemm * 3 - n_eight_warps
+    # the pre-pass variant and the int64-offset variant on two 4-warp tiles per dtype
+    for flag in ("NORMS_FROM_Q", "WIDE_OFFSETS"):
+        assert sum(s["gemm"] and bool(s["constexprs"].get(flag)) for s in specs) == 2 * 3
     assert not any(s["num_warps"] >= 8 and s["dtype"] == "fp32" for s in specs if s["gemm"])
     for s in specs:
         assert set(s) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages",
