@@ -375,6 +375,7 @@ def _dgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr, STEP_W: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = sum_{taps, o} Hn[pixel(tap), o] * w_hat[tap, o, ci] - x * boxsum^T(A).
@@ -445,7 +446,13 @@ def _dgrad_kernel(
         ho = i + (ph + PH - kh * DH) // SH
         wo = j + (pw + PW - kw * DW) // SW
         valid = m_mask & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
-        pix = (n64 * Ho + ho) * Wo + wo
+        # int32 unless Hn's element count could pass 2^31 (WIDE_OFFSETS, from the launcher)
+        if WIDE_OFFSETS:
+            pix = (n64 * Ho + ho) * Wo + wo
+            a_offs = ((n64 * G + g) * Ho + ho) * Wo + wo
+        else:
+            pix = (n * Ho + ho) * Wo + wo
+            a_offs = ((n * G + g) * Ho + ho) * Wo + wo
         offs_kl = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_kl < CG_OUT
         offs_o = g * CG_OUT + offs_kl
@@ -459,7 +466,7 @@ def _dgrad_kernel(
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PRECISION)
         # The box-sum of A over the taps that reach this pixel: once per tap (first chunk).
-        box += tl.load(a_ptr + ((n64 * G + g) * Ho + ho) * Wo + wo,
+        box += tl.load(a_ptr + a_offs,
                        mask=valid & ((ho * 0 + kc) == 0), other=0.0)
 
     c64 = (g * CG_IN + offs_ci).to(tl.int64)
@@ -476,17 +483,22 @@ def _dgrad_kernel(
 @triton.jit
 def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_xw,
                     HoWo: tl.constexpr, Wo: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
-    """For output pixels offs_m [BM] (flat n*Ho*Wo index) and filter tap (kh, kw): the int64
-    offset of the input pixel the tap reads (without the channel term) and whether it lies
-    inside the image (not padding) -- the x operand rows of both wgrad kernels."""
+                    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                    WIDE: tl.constexpr):
+    """For output pixels offs_m [BM] (flat n*Ho*Wo index) and filter tap (kh, kw): the offset
+    of the input pixel the tap reads (without the channel term; int64 if WIDE, else int32: the
+    launcher's _needs_wide_offsets) and whether it lies inside the image (not padding) -- the x
+    operand rows of both wgrad kernels."""
     n = offs_m // HoWo
     hw = offs_m % HoWo
     hi = (hw // Wo) * SH - PH + kh * DH
     wi = (hw % Wo) * SW - PW + kw * DW
     valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-    return (n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh
-            + wi.to(tl.int64) * stride_xw), valid
+    if WIDE:
+        row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+    else:
+        row = n * stride_xn + hi * stride_xh + wi * stride_xw
+    return row, valid
 
 
 @triton.jit
@@ -497,7 +509,7 @@ def _wgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Partial weight gradient sum_{m in split} Hn[m, o] * x_patch[m, ci, kh, kw].
@@ -540,8 +552,12 @@ def _wgrad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
         x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW)
-        ht = tl.load(hn_ptr + offs_m.to(tl.int64)[None, :] * C_out + offs_o[:, None],
+                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
+        if WIDE_OFFSETS:
+            hn_row = offs_m.to(tl.int64) * C_out
+        else:
+            hn_row = offs_m * C_out
+        ht = tl.load(hn_ptr + hn_row[None, :] + offs_o[:, None],
                      mask=o_mask[:, None] & m_mask[None, :], other=0.0)
         xt = tl.load(x_ptr + x_row[:, None] + x_chan, mask=valid[:, None] & ci_mask[None, :], other=0.0)
         if UPCAST_DOT:
@@ -660,7 +676,7 @@ def _depthwise_wgrad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
         x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW)
+                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW, True)
         h = tl.load(hn_ptr + offs_m.to(tl.int64)[:, None] * C + c64[None, :],
                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)
         xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :],
@@ -813,6 +829,17 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
 
 def _launch(kernel, grid, args, **kwargs):
     launch(kernel, grid, args, kwargs, "sphere_conv2d_bwd")
+
+
+def _needs_wide_offsets(x, hn_numel: int, kernel, padding, dilation) -> bool:
+    """Whether the dgrad / wgrad main loops need int64 offsets: Hn's element count (dgrad's Hn
+    and A rows; A has no more elements than Hn) or x's whole span (wgrad's rows run across
+    samples), plus the window's reach into the padding for masked lanes, doubled for safety,
+    against 2^31. Otherwise int32 (fewer instructions in the hot loops)."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
+    reach = sum((p + d * (k - 1)) * abs(st) for k, p, d, st in
+                zip(kernel, padding, dilation, x.stride()[2:]))
+    return 2 * (max(span + reach, hn_numel) + 1) >= 2 ** 31
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -1011,6 +1038,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 FINAL=True, **flags)
 
     geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
+    wide = _needs_wide_offsets(x, m_out * c_out, (kh, kw), (ph, pw), (dh, dw_))
     if depthwise:
         dx, dw = _depthwise_grads(need_dx, need_dw, hn, w, r_w if need_grads else None, a_buf,
                                   s_sum, x, m_out, ho, wo, geometry, rtne)
@@ -1027,7 +1055,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                  *x.stride(), *dx.stride()),
                 **geometry,
                 STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
-                UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne,
+                UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -1044,7 +1072,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 (hn, x, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, m_per_split, split,
                  *x.stride()),
                 **geometry,
-                UPCAST_DOT=upcast, DOT_PRECISION=precision,
+                UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
@@ -1177,7 +1205,7 @@ def aot_specs() -> list:
                     signature=_signature(_dgrad_kernel, {"hn_ptr": t, "what_ptr": t, "a_ptr": "*fp32",
                                                          "x_ptr": t, "dx_ptr": t}),
                     constexprs=dict(**geo, STEP_H=st, STEP_W=st, HP=_cdiv(h, st), WP=_cdiv(w, st), UPCAST_DOT=False,
-                                    DOT_PRECISION=precision, EMULATE_RTNE=False,
+                                    DOT_PRECISION=precision, EMULATE_RTNE=False, WIDE_OFFSETS=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, **x_strides_cl,
@@ -1187,9 +1215,14 @@ def aot_specs() -> list:
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
                     signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
                     constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
-                                    DOT_PRECISION=precision, BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
+                                    DOT_PRECISION=precision, WIDE_OFFSETS=False, BLOCK_O=cfg["BLOCK_O"],
+                                    BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096, **x_strides_cl)))
+                if label == "3x3_c128":   # the int64-offset builds (tensors near 2^31 elements)
+                    for spec in specs[-2:]:
+                        specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_wide_"),
+                                          constexprs=dict(spec["constexprs"], WIDE_OFFSETS=True)))
         # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles
         dg_cfg = depthwise_config("dgrad", interpreter=False)
         wg_cfg = depthwise_config("wgrad", interpreter=False)

@@ -536,6 +536,28 @@ def test_two_level_partial_reduction(monkeypatch, operator):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, (False, True, True, True))
 
 
+@pytest.mark.parametrize("geom", [dict(), dict(stride=2, padding=2, dilation=2, groups=2),
+                                  dict(kernel=1, padding=0)], ids=["3x3", "s2-d2-g2", "1x1"])
+def test_int64_offsets_give_the_same_gradients(geom, monkeypatch):
+    """The dgrad / wgrad main loops with int64 offsets (tensors near 2^31 elements) and with
+    the default int32 ones: bitwise the same dx and dw."""
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="cosine", channels_last=True, **geom)
+    narrow = _kernel(dy, inp, c, r_x)
+    monkeypatch.setattr(conv_bwd, "_needs_wide_offsets", lambda *args: True)
+    wide = _kernel(dy, inp, c, r_x)
+    for name, a, b in zip(("dx", "dw", "db"), narrow, wide):
+        assert torch.equal(a, b), name
+
+
+def test_wide_offsets_follow_the_sizes():
+    def wide(shape, hn_numel, **view):
+        x = torch.empty(shape, device="meta")
+        return conv_bwd._needs_wide_offsets(x, hn_numel, (3, 3), (1, 1), (1, 1))
+    assert not wide((64, 64, 56, 56), 64 * 56 * 56 * 64)
+    assert wide((2049, 64, 128, 128), 2049 * 128 * 128 * 16)     # x over 2^31 elements
+    assert wide((8, 16, 64, 64), 2 ** 30)                          # Hn near 2^31
+
+
 @pytest.mark.parametrize("c_in,kernel,layout", [(1, 3, "nchw"), (3, 5, "channels_last"),
                                                  (130, 3, "nchw"), (520, 3, "channels_last")],
                          ids=["depthwise", "5x5-c3", "one-step", "two-steps"])
