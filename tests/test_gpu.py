@@ -342,3 +342,24 @@ def test_odd_geometry_vs_float64(precision, request):
     rtol, atol = TOLERANCES["bf16"]
     for name, out, expected in zip(("y", "dx", "dw", "db"), fused, ref):
         _check(request.node.name, name, out, expected, rtol, atol)
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+@pytest.mark.parametrize("geometry", ["3x3", "3x3_s2", "grouped"])
+def test_prepass_patch_norms_vs_float64(geometry, precision, request):
+    """The forward with patch_norms="prepass" (channel sums of squares first, a window sum after
+    the K loop) at realistic sizes against float64; r_x equal to the fused path's to fp32
+    rounding."""
+    from sphereops_kernels import conv_fwd
+
+    x, w, b, _, conv = _make_inputs("linear", torch.bfloat16, True, geometry)
+    geo = ((conv["stride"],) * 2, (conv["padding"],) * 2, (1, 1), conv["groups"])
+    y, _, r_x = conv_fwd.sphere_conv2d_fwd(x, w, b, None, *geo, "linear", EPS,
+                                           patch_norms="prepass")
+    _, _, r_x_fused = conv_fwd.sphere_conv2d_fwd(x, w, b, None, *geo, "linear", EPS,
+                                                 patch_norms="fused")
+    y64, _, _ = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo,
+                                         "linear", EPS)
+    rtol, atol = TOLERANCES["bf16"]
+    _check(request.node.name, "y", y, y64, rtol, atol)
+    torch.testing.assert_close(r_x, r_x_fused, rtol=1e-5, atol=0)
