@@ -532,6 +532,9 @@ def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
 def _channel_sqsums(x, groups):
     """The pre-pass: q [N, G, H, W] fp32, each input pixel's sum of squares over its group."""
     n, c_in, h, wd = x.shape
+    if n * h * wd >= 2 ** 31:
+        raise ValueError(f"N*H*W = {n * h * wd} input pixels exceeds 2^31 - 1 for the pre-pass "
+                         "patch norms; split the batch or use patch_norms='fused'")
     q = torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device)
     if q.numel() == 0:
         return q

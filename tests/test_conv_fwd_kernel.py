@@ -310,6 +310,9 @@ def test_patch_norms_choice_is_checked():
     inp = make_conv_inputs(**CONV_CASES["3x3"], operator="linear", device=DEVICE)
     with pytest.raises(ValueError, match="patch_norms"):
         _run_kernel(inp, patch_norms="box")
+    huge = torch.empty(2 ** 17, 1, 2 ** 7, 2 ** 7, device="meta")     # 2^31 input pixels
+    with pytest.raises(ValueError, match="input pixels"):
+        F._channel_sqsums(huge, 1)
 
 
 @pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
