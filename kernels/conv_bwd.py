@@ -153,6 +153,57 @@ def _load_filter_block(w_ptr, o64, ci, tap, mask, stride_wo, stride_wc, stride_w
 
 
 @triton.jit
+def _prep_rows(offs_m, HoWo: tl.constexpr, Wo: tl.constexpr, stride_dyn, stride_dyh, stride_dyw,
+               stride_cn, stride_ch, stride_cw):
+    """Flat output pixels offs_m -> ``(n [int64], pixel in the image, dy row offset, c row
+    offset)`` (row offsets int64, without the channel term) for the prep passes."""
+    n = (offs_m // HoWo).to(tl.int64)
+    hw = offs_m % HoWo
+    ho = (hw // Wo).to(tl.int64)
+    wo = (hw % Wo).to(tl.int64)
+    return (n, hw, n * stride_dyn + ho * stride_dyh + wo * stride_dyw,
+            n * stride_cn + ho * stride_ch + wo * stride_cw)
+
+
+@triton.jit
+def _grad_c_tile(dy_ptr, c_ptr, k_ptr, bias_ptr, dy_row, c_row, offs_o, c_mask, mask,
+                 stride_dyc, stride_cc, stride_k, OPERATOR: tl.constexpr, DELTA: tl.constexpr,
+                 FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One [pixels x channels] tile of the prep passes: dy and the saved state loaded (rows at
+    dy_row / c_row, channels offs_o; masked lanes 0), c recovered and ``G = dy * dg/dc``.
+    Returns ``(dy, c, k, G)`` in fp32 (k a [1, BC] block, or 1.0 unless sigmoid)."""
+    o64 = offs_o.to(tl.int64)
+    dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        bv = 0.0
+    if OPERATOR == 2:
+        kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        kv = 1.0
+    cv, dgdc = cosine_and_dg_dc(cv, kv, bv, OPERATOR, DELTA, FROM_OUTPUT)
+    return dy, cv, kv, dy * dgdc
+
+
+@triton.jit
+def _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
+                           NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr):
+    """This program's column sums into part_ptr [3, R, C_out] row pid_m: S = sum G c, db = sum
+    dy, dk = sum dy dg/dk (each iff asked)."""
+    if NEED_S:
+        tl.store(part_ptr + pid_m * C_out + offs_o, tl.sum(gc, axis=0), mask=c_mask)
+    if NEED_DB:
+        tl.store(part_ptr + (R + pid_m) * C_out + offs_o, tl.sum(dy, axis=0), mask=c_mask)
+    if NEED_DK:
+        dk = tl.where(mask, dy * dg_dk(cv, kv), 0.0)
+        tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
+
+
+@triton.jit
 def _prep_kernel(
     dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
@@ -191,12 +242,8 @@ def _prep_kernel(
     g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n = (offs_m // HoWo).to(tl.int64)
-    hw = offs_m % HoWo
-    ho = hw // Wo
-    wo = hw % Wo
-    dy_row = n * stride_dyn + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
-    c_row = n * stride_cn + ho.to(tl.int64) * stride_ch + wo.to(tl.int64) * stride_cw
+    n, hw, dy_row, c_row = _prep_rows(offs_m, HoWo, Wo, stride_dyn, stride_dyh, stride_dyw,
+                                      stride_cn, stride_ch, stride_cw)
     rx_offs = (n * G + g) * HoWo + hw
     r_x = tl.load(rx_ptr + rx_offs, mask=m_mask, other=1.0)
     inv_rx = 1.0 / r_x
@@ -205,22 +252,10 @@ def _prep_kernel(
         offs_cl = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_cl < CG_OUT
         offs_o = g * CG_OUT + offs_cl
-        o64 = offs_o.to(tl.int64)
         mask = m_mask[:, None] & c_mask[None, :]
-        dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-        cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bv = tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        else:
-            bv = 0.0
-        if OPERATOR == 2:
-            kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
-        else:
-            kv = 1.0
-        cv, dgdc = cosine_and_dg_dc(cv, kv, bv, OPERATOR, DELTA, FROM_OUTPUT)
-        grad_c = dy * dgdc
+        dy, cv, kv, grad_c = _grad_c_tile(dy_ptr, c_ptr, k_ptr, bias_ptr, dy_row, c_row, offs_o,
+                                          c_mask, mask, stride_dyc, stride_cc, stride_k,
+                                          OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS)
         gc = grad_c * cv
         if STORE_HN:
             hn = grad_c * inv_rx[:, None]
@@ -228,13 +263,8 @@ def _prep_kernel(
             tl.store(hn_ptrs, to_dtype_of(hn, hn_ptr, EMULATE_RTNE), mask=mask)
         if STORE_A:
             a_acc += tl.sum(gc, axis=1)
-        if NEED_S:
-            tl.store(part_ptr + pid_m * C_out + offs_o, tl.sum(gc, axis=0), mask=c_mask)
-        if NEED_DB:
-            tl.store(part_ptr + (R + pid_m) * C_out + offs_o, tl.sum(dy, axis=0), mask=c_mask)
-        if NEED_DK:
-            dk = tl.where(mask, dy * dg_dk(cv, kv), 0.0)
-            tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
+        _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
+                               NEED_S, NEED_DB, NEED_DK)
     if STORE_A:
         tl.store(a_ptr + rx_offs, a_acc * inv_rx * inv_rx, mask=m_mask)
 
@@ -265,45 +295,25 @@ def _channelwise_prep_kernel(
     pid_c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n = (offs_m // HoWo).to(tl.int64)
-    hw = offs_m % HoWo
-    ho = hw // Wo
-    wo = hw % Wo
+    n, hw, dy_row, c_row = _prep_rows(offs_m, HoWo, Wo, stride_dyn, stride_dyh, stride_dyw,
+                                      stride_cn, stride_ch, stride_cw)
     offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_o < C_out
     o64 = offs_o.to(tl.int64)
     mask = m_mask[:, None] & c_mask[None, :]
-    dy_row = n * stride_dyn + ho.to(tl.int64) * stride_dyh + wo.to(tl.int64) * stride_dyw
-    c_row = n * stride_cn + ho.to(tl.int64) * stride_ch + wo.to(tl.int64) * stride_cw
-    dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    cv = tl.load(c_ptr + c_row[:, None] + (o64 * stride_cc)[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    dy, cv, kv, grad_c = _grad_c_tile(dy_ptr, c_ptr, k_ptr, bias_ptr, dy_row, c_row, offs_o,
+                                      c_mask, mask, stride_dyc, stride_cc, stride_k,
+                                      OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS)
+    gc = grad_c * cv
     rx_offs = (n[:, None] * C_out + o64[None, :]) * HoWo + hw[:, None]
     inv_rx = 1.0 / tl.load(rx_ptr + rx_offs, mask=mask, other=1.0)
-    if HAS_BIAS:
-        bv = tl.load(bias_ptr + offs_o, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    else:
-        bv = 0.0
-    if OPERATOR == 2:
-        kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
-    else:
-        kv = 1.0
-    cv, dgdc = cosine_and_dg_dc(cv, kv, bv, OPERATOR, DELTA, FROM_OUTPUT)
-    grad_c = dy * dgdc
-    gc = grad_c * cv
     if STORE_HN:
         hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + o64[None, :]
         tl.store(hn_ptrs, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE), mask=mask)
     if STORE_A:
         tl.store(a_ptr + rx_offs, gc * inv_rx * inv_rx, mask=mask)
-    if NEED_S:
-        tl.store(part_ptr + pid_m * C_out + offs_o, tl.sum(gc, axis=0), mask=c_mask)
-    if NEED_DB:
-        tl.store(part_ptr + (R + pid_m) * C_out + offs_o, tl.sum(dy, axis=0), mask=c_mask)
-    if NEED_DK:
-        dk = tl.where(mask, dy * dg_dk(cv, kv), 0.0)
-        tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
+    _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
+                           NEED_S, NEED_DB, NEED_DK)
 
 
 @triton.jit
