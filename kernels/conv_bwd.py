@@ -68,7 +68,7 @@ import triton.language as tl
 from .angular import OPERATOR_CODES, cosine_and_dg_dc, dg_dk
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
-from .launch import launch
+from .launch import launch, offsets_need_int64
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -845,11 +845,8 @@ def _needs_wide_offsets(x, hn_numel: int, kernel, padding, dilation) -> bool:
     """Whether the dgrad / wgrad main loops need int64 offsets: Hn's element count (dgrad's Hn
     and A rows; A has no more elements than Hn) or x's whole span (wgrad's rows run across
     samples), plus the window's reach into the padding for masked lanes, doubled for safety,
-    against 2^31. Otherwise int32 (fewer instructions in the hot loops)."""
-    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
-    reach = sum((p + d * (k - 1)) * abs(st) for k, p, d, st in
-                zip(kernel, padding, dilation, x.stride()[2:]))
-    return 2 * (max(span + reach, hn_numel) + 1) >= 2 ** 31
+    against 2^31 (``launch.offsets_need_int64``)."""
+    return offsets_need_int64(x, 0, kernel, padding, dilation, hn_numel)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -40,7 +40,7 @@ from .configs import (
     prune_conv_fwd_configs,
 )
 from .epilogue import store_sphere_tile
-from .launch import interpreting, launch
+from .launch import interpreting, launch, offsets_need_int64
 
 _INTERPRET = interpreting()
 
@@ -520,13 +520,8 @@ _SQSUM_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, num_warps=4)
 
 
 def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
-    """Whether an offset inside one sample of x -- a window tap's, masked lanes in the padding
-    included -- could leave int32: the sample's span plus a margin of (padding + dilated filter)
-    rows and columns, doubled for safety, against 2^31."""
-    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
-    reach = sum((p + d * (k - 1)) * abs(st) for k, p, d, st in
-                zip(kernel, padding, dilation, x.stride()[2:]))
-    return 2 * (span + reach + 1) >= 2 ** 31
+    """WIDE_OFFSETS of the GEMM kernel: its int32 offsets stay inside one sample of x."""
+    return offsets_need_int64(x, 1, kernel, padding, dilation)
 
 
 def _channel_sqsums(x, groups):

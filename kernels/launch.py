@@ -56,6 +56,19 @@ def launch(kernel, grid, args, kwargs, what: str) -> None:
     # else: fake-tensor propagation only (shape/dtype inference): the outputs are allocated
 
 
+def offsets_need_int64(x, first_dim: int, kernel, padding, dilation, other_numel: int = 0) -> bool:
+    """Whether a kernel's offsets into ``x`` from dim ``first_dim`` on (1: inside one sample,
+    0: across the batch) -- a window tap's, masked lanes in the padding included -- or into a
+    tensor of ``other_numel`` elements could leave int32: the span plus a margin of (padding +
+    dilated filter) rows and columns, doubled for safety, against 2^31. The conv kernels take
+    int32 offsets otherwise (fewer instructions in their hot loops)."""
+    span = sum((size - 1) * abs(stride)
+               for size, stride in zip(x.shape[first_dim:], x.stride()[first_dim:]))
+    reach = sum((p + d * (k - 1)) * abs(st) for k, p, d, st in
+                zip(kernel, padding, dilation, x.stride()[2:]))
+    return 2 * (max(span + reach, other_numel) + 1) >= 2 ** 31
+
+
 def _launch_cuda(kernel, grid, args, kwargs) -> None:
     if _wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
