@@ -70,15 +70,11 @@ def parse_tile(text: str) -> tuple:
 
 
 def _inputs(shape: S.ConvShape, dtype: torch.dtype, device: torch.device):
-    from tests.helpers import make_conv_inputs
-    inp = make_conv_inputs(n=shape.n, c_in=shape.c_in, h=shape.h, w=shape.w, c_out=shape.c_out,
-                           kernel=(shape.kh, shape.kw), stride=shape.stride, padding=shape.padding,
-                           dilation=shape.dilation, groups=shape.groups, operator="linear",
-                           bias=True, dtype=dtype, device=device, channels_last=True)
-    w = inp.w.contiguous(memory_format=torch.channels_last)
-    ho, wo = shape.out_hw
-    dy = torch.randn(shape.n, shape.c_out, ho, wo, device=device).to(dtype)
-    return inp.x, w, inp.bias, dy.contiguous(memory_format=torch.channels_last)
+    """One copy of the benchmark's inputs for ``shape`` (channels_last x, w and dy; linear)."""
+    from bench.runner import build_conv_inputs
+    inputs = build_conv_inputs(shape, dtype, True, "linear", device, copies=1)
+    x, w, b, _ = (t.detach() if t is not None else None for t in inputs.sets[0])
+    return x, w, b, inputs.dys[0]
 
 
 def _geometry(shape: S.ConvShape) -> tuple:
