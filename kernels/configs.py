@@ -6,7 +6,8 @@ The backward kernels append their own sets here.
 
 Rules for the implicit-GEMM conv kernels: power-of-two blocks >= 16 (tl.dot), num_warps 4
 (one warpgroup: 8 warps spill on non-1x1 convs, whose address arithmetic is register heavy;
-8-warp configs are pruned unless the filter is 1x1),
+8-warp configs are pruned unless the filter is 1x1 or the patch norms come from the pre-pass,
+the two cases a GPU run showed right),
 num_stages 3-4 so that the global->shared pipeline hides the latency of the gathered input loads.
 """
 
@@ -47,8 +48,11 @@ def conv_fwd_configs():
         _cfg(128, 32, 32, num_stages=4),
         # Minimum-N tile for depthwise-like shapes (C_out/G <= 16) with tiny K.
         _cfg(128, 16, 16, num_stages=3),
-        # 1x1 convs only (pruned otherwise): a plain GEMM with light address math, so two
-        # warpgroups can share a 128x128 tile and halve the per-thread accumulator.
+        # Two warpgroups share a 128x128 tile (half the accumulator a thread). 16-bit only, and
+        # for 1x1 filters or pre-pass patch norms (pruned otherwise): with the norms squared
+        # inside the K loop this tile gave wrong norms on an H200 for a 3x3 conv
+        # (bench.tile_sweep, 20261127-1540), while with the pre-pass it was right and the
+        # fastest tile on sn9.conv1_x (0.145 ms vs 0.168 ms for the best 4-warp tile).
         _cfg(128, 128, 64, num_stages=3, num_warps=8),
     ]
 
@@ -68,7 +72,8 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
 
     Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)), BLOCK_K <= max(32, next_pow2(K
     step range)) (C_in/G for the channel-chunk loop, C_in/G*kh*kw for the flat loop),
-    num_warps < 8 unless the filter is 1x1 and the dtype 16-bit, and, for exact fp32, the tile fits the FMA dot
+    num_warps < 8 unless the dtype is 16-bit and the filter 1x1 or the patch norms come from the
+    pre-pass (NORMS_FROM_Q), and, for exact fp32, the tile fits the FMA dot
     (:func:`fits_fma_dot`); always keeps at least one config.
     """
     def arg(name, default=None):
@@ -85,11 +90,13 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
     x = arg("x_ptr")
     fp32 = getattr(x, "dtype", None) == torch.float32
     exact_fp32 = fp32 and arg("DOT_PRECISION") == "ieee"
-    # 8 warps: 1x1 filters only, and never fp32 -- no GPU test has run an 8-warp tf32 conv tile,
-    # and the SphereLinear's 8-warp tf32 tile gave wrong results on an H200 (kernels/linear.py)
+    norms_from_q = bool(arg("NORMS_FROM_Q", False))
+    # 8 warps: never fp32 -- no GPU test has run an 8-warp tf32 conv tile, and the SphereLinear's
+    # 8-warp tf32 tile gave wrong results on an H200 (kernels/linear.py); for 16-bit, 1x1
+    # filters or pre-pass norms only (conv_fwd_configs)
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= max(32, k_cap)
-            and (c.num_warps < 8 or (one_by_one and not fp32))
+            and (c.num_warps < 8 or ((one_by_one or norms_from_q) and not fp32))
             and (fits_fma_dot(c) or not exact_fp32)]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]

@@ -125,21 +125,18 @@ def _output_pixels(offs_m, out_h, out_w, conv_stride_h, conv_stride_w, pad_h, pa
 @triton.jit
 def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
                      UPCAST_DOT: tl.constexpr, NORMS_IN_LOOP: tl.constexpr):
-    """One K step of the implicit GEMM: ``acc += x_tile @ w_tile`` and the patch norms' sums of
-    squares (in fp32: fp16 x^2 overflows for |x| > 256) from the same loaded tile. x_tile
-    [BM, BK], w_tile [BK, BN] in the input dtype; returns both.
+    """One K step of the implicit GEMM: ``acc += x_tile @ w_tile`` and, with NORMS_IN_LOOP, the
+    patch norms' sums of squares ``sumsq += rowsum(x_tile^2)`` (in fp32: fp16 x^2 overflows for
+    |x| > 256) from the same loaded tile. x_tile [BM, BK], w_tile [BK, BN] in the input dtype;
+    returns both. NORMS_IN_LOOP False: the norms come from the pre-pass (``sumsq`` unchanged).
 
-    ``sumsq`` [BM, BK // 8] holds partial row sums: each step adds the squares in groups of 8
-    neighbouring K elements (those a thread holds after a 16-byte load), and the caller sums
-    over the last axis once after the K loop. A full row sum each step costs cross-thread
-    shuffles every iteration (sm_90 PTX of the 128x128x64 bf16 loop: 830 -> 679
-    instructions, the 24 shuffles gone; without any patch-norm work it is 458).
-    NORMS_IN_LOOP False: the norms come from the pre-pass (``sumsq`` returned unchanged)."""
+    A plain row sum each step, not per-thread partials over groups of 8 K elements reduced after
+    the loop: that variant (fewer shuffles, 830 -> 679 PTX instructions in the 128x128x64 bf16
+    loop) gave wrong norms on an H200 for some tiles (bench.tile_sweep, 20261127-1540: relative
+    errors 4e-3 to 0.12 where the pre-pass tiles gave 1.6e-3), so it was taken out."""
     if NORMS_IN_LOOP:
         x_f32 = x_tile.to(tl.float32)
-        BM: tl.constexpr = x_tile.shape[0]
-        BK: tl.constexpr = x_tile.shape[1]
-        sumsq += tl.sum(tl.reshape(x_f32 * x_f32, (BM, BK // 8, 8)), axis=2)
+        sumsq += tl.sum(x_f32 * x_f32, axis=1)
     if UPCAST_DOT:
         x_f32 = x_tile.to(tl.float32)
         acc = tl.dot(x_f32, w_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
@@ -277,7 +274,7 @@ def _sphere_conv_fwd_kernel(
     w_cols = w_ptr + o_glob.to(tl.int64) * k_total  # [BN] pointers
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sumsq = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)   # partial sums (_accumulate_step)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)   # patch sums of squares (NORMS_IN_LOOP)
 
     if CHANNEL_CHUNKS:
         n_chunks = tl.cdiv(c_in_per_group, BLOCK_K)
@@ -331,7 +328,7 @@ def _sphere_conv_fwd_kernel(
         r_x = tl.sqrt(_window_sum(q_ptr, n_idx, g, groups, h_base, w_base, mask_m, in_h, in_w,
                                   dil_h, dil_w, KH, KW) + eps)
     else:
-        r_x = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
+        r_x = tl.sqrt(sumsq + eps)
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
     _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1), r_x,
@@ -511,11 +508,14 @@ _sphere_conv_dw_fwd_autotuned = triton.autotune(
 _WHAT = "sphere_conv2d_fwd"  # names the op in launch errors
 
 # Where the GEMM kernel's patch norms come from (the depthwise kernel always squares its loads):
-# "fused" -- squares of the x tiles inside the K loop; "prepass" -- _channel_sqsum_kernel first
-# (one read of x, one more launch), then a KH x KW box sum of its output after the K loop.
-# SPHEREOPS_PATCH_NORMS picks the default; bench.tile_sweep times both.
+# "prepass" (the default) -- _channel_sqsum_kernel first (one read of x, one more launch), then
+# a KH x KW box sum of its output after the K loop; "fused" -- squares of the x tiles inside the
+# K loop. On the H200 (bench.tile_sweep, 20261127-1540) the pre-pass was as fast or faster on
+# every tile (its K loop is lighter) and right on all of them, 8-warp tiles included, where the
+# fused variant of then gave wrong norms on three tiles. SPHEREOPS_PATCH_NORMS overrides the
+# default; inputs of 2^31 or more pixels always take "fused" (the pre-pass indexes pixels in int32).
 PATCH_NORMS = ("fused", "prepass")
-_PATCH_NORMS_DEFAULT = os.environ.get("SPHEREOPS_PATCH_NORMS", "fused")
+_PATCH_NORMS_DEFAULT = os.environ.get("SPHEREOPS_PATCH_NORMS", "prepass")
 _SQSUM_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, num_warps=4)
 
 
@@ -611,7 +611,7 @@ def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator
     r_x ``[N, G, Ho, Wo]`` float32 contiguous.  fp32 inputs use TF32 tensor cores exactly when
     ``torch.backends.cudnn.allow_tf32`` is true.  ``store_c=False``: c is neither allocated nor
     written (it comes back empty): one output-sized store less. ``patch_norms``: "fused" or
-    "prepass" (see PATCH_NORMS; None: ``SPHEREOPS_PATCH_NORMS``, else "fused").
+    "prepass" (see PATCH_NORMS; None: ``SPHEREOPS_PATCH_NORMS``, else "prepass").
     """
     return _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator,
                                    eps, store_c=store_c, patch_norms=patch_norms)
@@ -623,10 +623,11 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     depthwise shapes to the implicit-GEMM kernel (both for tests)."""
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
                                              operator, eps)
-    patch_norms = _PATCH_NORMS_DEFAULT if patch_norms is None else patch_norms
+    n, c_in, h, wd = x.shape
+    if patch_norms is None:
+        patch_norms = "fused" if n * h * wd >= 2 ** 31 else _PATCH_NORMS_DEFAULT
     if patch_norms not in PATCH_NORMS:
         raise ValueError(f"patch_norms must be one of {PATCH_NORMS}, got {patch_norms!r}")
-    n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     c_out_g = c_out // groups
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -768,9 +769,11 @@ def aot_specs():
     already constexprs) and ``attrs`` (the divisibility hints derived from them)."""
     specs = []
     sigmoid = OPERATOR_CODES["sigmoid"]
+    # every autotune config on the default path (pre-pass patch norms; 8 warps are legal there
+    # for 16-bit 3x3 filters), then the fused-norm variant below
     for cfg in conv_fwd_configs():
         bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        taps = 1 if cfg.num_warps >= 8 else 3
+        taps = 3
         example = dict(_GEMM_EXAMPLE, pad_h=taps // 2, pad_w=taps // 2)
         for dtype_name in ("fp16", "bf16", "fp32"):
             for precision in (("tf32", "ieee") if dtype_name == "fp32" else ("ieee",)):
@@ -780,7 +783,7 @@ def aot_specs():
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
                                   UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                                  NORMS_FROM_Q=False, WIDE_OFFSETS=False, **cfg.kwargs)
+                                  NORMS_FROM_Q=True, WIDE_OFFSETS=False, **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -799,7 +802,8 @@ def aot_specs():
         constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=1024)
         specs.append(_spec(f"conv_fwd_pack_filters_{dtype_name}", _pack_filters_kernel,
                            dtype_name, constexprs, _PACK_EXAMPLE, 4, 1, gemm=False))
-        # the patch-norm pre-pass and the GEMM that reads it, on the two workhorse 3x3 tiles
+        # the patch-norm pre-pass; the fused-norm GEMM (patch_norms="fused") and the int64
+        # build on the two workhorse 3x3 tiles, and the 8-warp tile the fused path keeps for 1x1
         sq = _SQSUM_CONFIG
         specs.append(_spec(f"conv_fwd_channel_sqsum_{dtype_name}", _channel_sqsum_kernel,
                            dtype_name, dict(BLOCK_P=sq["BLOCK_P"], BLOCK_C=sq["BLOCK_C"]),
@@ -807,7 +811,7 @@ def aot_specs():
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"
-            for variant, prepass, wide in (("prepass", True, False), ("wide", False, True)):
+            for variant, prepass, wide in (("fused", False, False), ("wide", False, True)):
                 constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision, UPCAST_DOT=False,
                                   EMULATE_RTNE=False, STORE_C=True, NORMS_FROM_Q=prepass,
@@ -816,4 +820,14 @@ def aot_specs():
                                    f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                    dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
                                    cfg.num_warps, cfg.num_stages, gemm=True))
+        if dtype_name != "fp32":
+            cfg = next(c for c in conv_fwd_configs() if c.num_warps == 8)
+            bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            constexprs = dict(KH=1, KW=1, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
+                              DOT_PRECISION="ieee", UPCAST_DOT=False, EMULATE_RTNE=False,
+                              STORE_C=True, NORMS_FROM_Q=False, WIDE_OFFSETS=False, **cfg.kwargs)
+            specs.append(_spec(f"conv_fwd_gemm_fused_1x1_{bm}x{bn}x{bk}_w8_s{cfg.num_stages}"
+                               f"_{dtype_name}", _sphere_conv_fwd_kernel, dtype_name, constexprs,
+                               dict(_GEMM_EXAMPLE, pad_h=0, pad_w=0), cfg.num_warps,
+                               cfg.num_stages, gemm=True))
     return specs

@@ -115,10 +115,9 @@ def _sphere_linear_fwd_kernel(
     col_mask = cols < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # partial row sums of squares over groups of 8 neighbouring K elements, summed once after
-    # the loop: a full row sum each step costs cross-thread shuffles (see conv_fwd's
-    # _accumulate_step)
-    sumsq = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
+    # a plain row sum of squares each step (per-thread partials reduced after the loop gave
+    # wrong norms for some conv tiles on an H200: conv_fwd._accumulate_step)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)   # ks * stride can pass 2^31 (strided w)
         k_mask = ks < K
@@ -128,13 +127,13 @@ def _sphere_linear_fwd_kernel(
                     mask=col_mask[None, :] & k_mask[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
         xf = x.to(tl.float32)
         # fp32 squares: fp16 x^2 overflows for |x| > 256
-        sumsq += tl.sum(tl.reshape(xf * xf, (BLOCK_M, BLOCK_K // 8, 8)), axis=2)
+        sumsq += tl.sum(xf * xf, axis=1)
         if UPCAST_DOT:
             acc = tl.dot(xf, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
-    r_x = tl.sqrt(tl.sum(sumsq, axis=1) + eps)
+    r_x = tl.sqrt(sumsq + eps)
     r_w = tl.load(r_w_ptr + cols, mask=col_mask, other=1.0)
     out_offsets = rows[:, None] * stride_ym + cols[None, :] * stride_yn
     store_sphere_tile(acc, r_x[:, None] * r_w[None, :], cols, col_mask, out_offsets,

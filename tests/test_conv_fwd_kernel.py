@@ -556,14 +556,17 @@ def test_aot_specs_are_well_formed():
     assert len(names) == len(set(names))
     cfgs = configs.conv_fwd_configs()
     n_gemm, n_eight_warps = len(cfgs), sum(c.num_warps >= 8 for c in cfgs)
-    # fp16, bf16, fp32-tf32; 8-warp tiles are 16-bit only (pruned for fp32 at launch); plus
-    # the pre-pass variant on two 4-warp tiles per dtype
-    plain = [s for s in specs if s["gemm"] and not s["constexprs"].get("NORMS_FROM_Q")
+    # every config on the default path (pre-pass norms), 3x3: fp16, bf16, fp32-tf32; 8-warp
+    # tiles are 16-bit only (pruned for fp32 at launch)
+    default = [s for s in specs if s["gemm"] and s["constexprs"].get("NORMS_FROM_Q")]
+    assert len(default) == n_gemm * 3 - n_eight_warps
+    assert all(s["constexprs"]["KH"] == 3 and not s["constexprs"]["WIDE_OFFSETS"] for s in default)
+    # the fused-norm variant on two 4-warp 3x3 tiles per dtype plus its 8-warp 1x1 tile (16-bit)
+    # and the int64-offset variant on the two 4-warp tiles per dtype
+    fused = [s for s in specs if s["gemm"] and not s["constexprs"].get("NORMS_FROM_Q")
              and not s["constexprs"].get("WIDE_OFFSETS")]
-    assert len(plain) == n_gemm * 3 - n_eight_warps
-    # the pre-pass variant and the int64-offset variant on two 4-warp tiles per dtype
-    for flag in ("NORMS_FROM_Q", "WIDE_OFFSETS"):
-        assert sum(s["gemm"] and bool(s["constexprs"].get(flag)) for s in specs) == 2 * 3
+    assert len(fused) == 2 * 3 + 2 * n_eight_warps
+    assert sum(s["gemm"] and bool(s["constexprs"].get("WIDE_OFFSETS")) for s in specs) == 2 * 3
     assert not any(s["num_warps"] >= 8 and s["dtype"] == "fp32" for s in specs if s["gemm"])
     for s in specs:
         assert set(s) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages",
@@ -611,7 +614,8 @@ def test_aot_compile_smallest_gemm_config_emits_wgmma():
 
 def test_config_pruning_follows_the_shape_and_the_dot_unit():
     """The launch-time pruning: exact fp32 keeps only tiles that fit the FMA dot, tensor-core
-    dtypes keep the large tiles, 8 warps only for 1x1 filters, no N block far above C_out/G."""
+    dtypes keep the large tiles, 8 warps only for 16-bit 1x1 filters or pre-pass norms, no N
+    block far above C_out/G."""
     cfgs = configs.conv_fwd_configs()
     wide = dict(c_out_per_group=256, c_in_per_group=256, KH=3, KW=3)
 
@@ -631,4 +635,8 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
     assert all(w < 8 for *_, w in tiles(kept(torch.bfloat16, "ieee")))
     assert (128, 128, 64, 8) in tiles(kept(torch.bfloat16, "ieee", KH=1, KW=1))
     assert all(w < 8 for *_, w in tiles(kept(torch.float32, "tf32", KH=1, KW=1)))
+    # pre-pass norms: the 8-warp tile for 16-bit 3x3 too, never for fp32
+    assert (128, 128, 64, 8) in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=True))
+    assert all(w < 8 for *_, w in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=False)))
+    assert all(w < 8 for *_, w in tiles(kept(torch.float32, "tf32", NORMS_FROM_Q=True)))
     assert all(bn <= 16 for _, bn, _, _ in tiles(kept(torch.bfloat16, "ieee", c_out_per_group=16)))
