@@ -492,13 +492,14 @@ def _dgrad_kernel(
 
 @triton.jit
 def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_xw,
-                    HoWo: tl.constexpr, Wo: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                    HoWo, Wo, SH: tl.constexpr, SW: tl.constexpr,
                     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                     WIDE: tl.constexpr):
     """For output pixels offs_m [BM] (flat n*Ho*Wo index) and filter tap (kh, kw): the offset
     of the input pixel the tap reads (without the channel term; int64 if WIDE, else int32: the
     launcher's _needs_wide_offsets) and whether it lies inside the image (not padding) -- the x
-    operand rows of both wgrad kernels."""
+    operand rows of both wgrad kernels. HoWo = Ho*Wo and Wo: constexprs (divisions by constants)
+    or runtime values (_wgrad_kernel's RUNTIME_DIV)."""
     n = offs_m // HoWo
     hw = offs_m % HoWo
     hi = (hw // Wo) * SH - PH + kh * DH
@@ -515,11 +516,12 @@ def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_x
 def _wgrad_kernel(
     hn_ptr, x_ptr, part_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, M_PER_SPLIT, SPLIT,
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_xn, stride_xc, stride_xh, stride_xw, howo_rt, wo_rt,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    RUNTIME_DIV: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Partial weight gradient sum_{m in split} Hn[m, o] * x_patch[m, ci, kh, kw].
@@ -530,7 +532,8 @@ def _wgrad_kernel(
               contiguous along ci; the partials are the bulk of wgrad's writes); this program
               writes its [BLOCK_O, BLOCK_CI] tile of split s, tap (kh, kw). Still / r_w.
     M_PER_SPLIT: output pixels per split (a multiple of BLOCK_M).
-    HoWo = Ho*Wo, Wo: constexpr (divisions by constants in the main loop).
+    HoWo = Ho*Wo, Wo: constexpr (divisions by constants in the main loop); howo_rt, wo_rt: the
+    same as runtime values, used instead when RUNTIME_DIV (launcher: see _wgrad_runtime_div).
     KH, KW: filter size. SH, SW: stride. PH, PW: padding. DH, DW: dilation.
     UPCAST_DOT, DOT_PRECISION: see _dgrad_kernel.
     BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
@@ -561,8 +564,14 @@ def _wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
+        if RUNTIME_DIV:
+            x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
+                                           stride_xw, howo_rt, wo_rt, SH, SW, PH, PW, DH, DW,
+                                           WIDE_OFFSETS)
+        else:
+            x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
+                                           stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW,
+                                           WIDE_OFFSETS)
         if WIDE_OFFSETS:
             hn_row = offs_m.to(tl.int64) * C_out
         else:
@@ -841,6 +850,27 @@ def _launch(kernel, grid, args, **kwargs):
     launch(kernel, grid, args, kwargs, "sphere_conv2d_bwd")
 
 
+# "auto" (the rule of _wgrad_runtime_div), or True / False to force it (bench.wgrad_probe)
+_WGRAD_RUNTIME_DIV = "auto"
+
+
+def _wgrad_runtime_div(c_out: int) -> bool:
+    """Whether _wgrad_kernel divides pixel indices by runtime Ho*Wo and Wo (RUNTIME_DIV).
+
+    On an H200 (triton 3.6; bench.wgrad_probe, 20261127-1540) the constexpr-divisor build gave a
+    wrong dw -- every tap, channel and split, relative error 1.4 -- for 37x29x33x33 -> 61
+    (bf16/fp16/tf32 alike) while the interpreter is right. The typed IR of the failing build is
+    the one of a 32x32 image that is right, up to the divisor constants, so the fault sits in
+    the lowering of the index arithmetic; the failure needed C_out and C_in both off a multiple
+    of 16 (unaligned Hn rows and channels_last x rows) with a 64x32 or 64x64 tile. Runtime
+    divisors compile to other code (no magic-number division). Taken when C_out is not a
+    multiple of 16 -- shapes where the slower division costs little; common layers keep the
+    constant divisors."""
+    if _WGRAD_RUNTIME_DIV != "auto":
+        return bool(_WGRAD_RUNTIME_DIV)
+    return c_out % 16 != 0
+
+
 def _needs_wide_offsets(x, hn_numel: int, kernel, padding, dilation) -> bool:
     """Whether the dgrad / wgrad main loops need int64 offsets: Hn's element count (dgrad's Hn
     and A rows; A has no more elements than Hn) or x's whole span (wgrad's rows run across
@@ -1077,9 +1107,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
         _launch(_wgrad_kernel, grid,
                 (hn, x, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, m_per_split, split,
-                 *x.stride()),
+                 *x.stride(), ho * wo, wo),
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
+                RUNTIME_DIV=_wgrad_runtime_div(c_out),
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
@@ -1222,14 +1253,19 @@ def aot_specs() -> list:
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
                     signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
                     constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
-                                    DOT_PRECISION=precision, WIDE_OFFSETS=False, BLOCK_O=cfg["BLOCK_O"],
-                                    BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
+                                    DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
+                                    BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
-                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096, **x_strides_cl)))
+                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096,
+                                      howo_rt=(h // st) * (w // st), wo_rt=w // st, **x_strides_cl)))
                 if label == "3x3_c128":   # the int64-offset builds (tensors near 2^31 elements)
                     for spec in specs[-2:]:
                         specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_wide_"),
                                           constexprs=dict(spec["constexprs"], WIDE_OFFSETS=True)))
+                    # the runtime-divisor wgrad (_wgrad_runtime_div)
+                    spec = specs[-3]
+                    specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_rtdiv_"),
+                                      constexprs=dict(spec["constexprs"], RUNTIME_DIV=True)))
         # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles
         dg_cfg = depthwise_config("dgrad", interpreter=False)
         wg_cfg = depthwise_config("wgrad", interpreter=False)

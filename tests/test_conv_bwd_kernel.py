@@ -549,6 +549,24 @@ def test_int64_offsets_give_the_same_gradients(geom, monkeypatch):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("geom", [dict(), dict(stride=2, padding=2, dilation=2, groups=2, h=9, w=7)],
+                         ids=["3x3", "s2-d2-g2-odd"])
+def test_wgrad_runtime_divisors_give_the_same_gradients(geom, monkeypatch):
+    """_wgrad_kernel with runtime Ho*Wo / Wo divisors (RUNTIME_DIV, the launcher's choice when
+    C_out is not a multiple of 16) and with constexpr ones: bitwise the same dw."""
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="linear", channels_last=True, **geom)
+    runs = []
+    for forced in (True, False):
+        monkeypatch.setattr(conv_bwd, "_WGRAD_RUNTIME_DIV", forced)
+        runs.append(_kernel(dy, inp, c, r_x)[1])
+    assert torch.equal(*runs)
+
+
+def test_wgrad_runtime_divisor_rule():
+    assert conv_bwd._wgrad_runtime_div(61) and conv_bwd._wgrad_runtime_div(8)
+    assert not conv_bwd._wgrad_runtime_div(64) and not conv_bwd._wgrad_runtime_div(256)
+
+
 def test_wide_offsets_follow_the_sizes():
     def wide(shape, hn_numel, **view):
         x = torch.empty(shape, device="meta")
