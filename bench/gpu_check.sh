@@ -12,7 +12,9 @@
 #   <date>_<device>_<commit>.{json,md,png}, gpu_check.log (environment, install, summary),
 #   gpu_tests.log, host_overhead.txt (bench.host_overhead: host time per call, cProfile),
 #   profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
-#   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large)
+#   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large);
+#   opt-in: tile_sweep.md (GPU_CHECK_SWEEP), wgrad_probe.txt (GPU_CHECK_PROBE) -- with both
+#   and the profiler that is 10 files: a lent machine returns 8, so skip one of them there.
 set -u
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -23,6 +25,7 @@ TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-365}"
 GPU_TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-150}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
 # GPU_CHECK_SWEEP=<seconds> adds bench.tile_sweep after the benchmark (count it in TOTAL_BUDGET_S).
+# GPU_CHECK_PROBE=<seconds> adds bench.wgrad_probe after the tests (counted in TOTAL_BUDGET_S).
 # GPU_CHECK_PROFILE=0 skips the profiler (its table is already committed for this commit's
 # kernels, say) and gives its time to the benchmark.
 GPU_CHECK_PROFILE="${GPU_CHECK_PROFILE:-1}"
@@ -103,6 +106,18 @@ case $rc in
 esac
 tail -5 "$OUT_DIR/gpu_tests.log" | tee -a "$LOG"
 
+# --- wgrad probe (opt-in: GPU_CHECK_PROBE=<seconds>) ----------------------------------------
+# bench.wgrad_probe: the conv backward's dw on the edge.odd geometry and variants, split into
+# its parts against float64 (the GPU-only dw fault of 20261127-1403/1540 and its workaround).
+GPU_CHECK_PROBE="${GPU_CHECK_PROBE:-0}"
+if [ "$GPU_CHECK_PROBE" -gt 0 ]; then
+  say "python -m bench.wgrad_probe --budget $GPU_CHECK_PROBE"
+  timeout -s INT -k 5 $(( GPU_CHECK_PROBE + 20 )) "$PY" -m bench.wgrad_probe --budget "$GPU_CHECK_PROBE" \
+      > "$OUT_DIR/wgrad_probe.txt" 2>&1
+  say "wgrad probe exit code $? (wgrad_probe.txt)"
+  cut -c1-120 "$OUT_DIR/wgrad_probe.txt" | tee -a "$LOG"
+fi
+
 # --- host overhead (one layer: host time to issue a call, and where it goes) ---------------
 say "SPHEREOPS_AUTOTUNE=0 python -m bench.host_overhead (timeout 40s)"
 SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 5 40 "$PY" -m bench.host_overhead > "$OUT_DIR/host_overhead.txt" 2>&1
@@ -113,8 +128,10 @@ head -7 "$OUT_DIR/host_overhead.txt" | tee -a "$LOG"
 left=$(( TOTAL_BUDGET_S - $(elapsed) - PROFILE_TIMEOUT ))
 (( left < 60 )) && left=60
 bench_budget=$(( left - 25 ))        # measurements stop here; the rest writes the report
-say "benchmark: quick suite, budget ${bench_budget}s (hard limit ${left}s)"
-timeout -s INT -k 20 "$left" "$PY" -m bench --budget "$bench_budget" --out "$OUT_DIR" \
+say "benchmark: quick suite ${BENCH_ARGS:-}, budget ${bench_budget}s (hard limit ${left}s)"
+# BENCH_ARGS: extra benchmark flags (e.g. "--no-e2e" when the e2e rows are already measured)
+# shellcheck disable=SC2086
+timeout -s INT -k 20 "$left" "$PY" -m bench --budget "$bench_budget" --out "$OUT_DIR" ${BENCH_ARGS:-} \
     > "$OUT_DIR/bench_stdout.txt" 2>> "$LOG"
 rc=$?
 say "benchmark exit code $rc"
