@@ -154,9 +154,10 @@ def run_e2e(device: torch.device, *, batch: Optional[int] = None, widths=None,
             row["model"] = source
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             copies = 2 if cuda else 1
-            xs = [torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+            # CPU RNG: after a failed CUDA-graph capture the CUDA generator is unusable
+            xs = [torch.randn(batch, 3, 32, 32).to(device).contiguous(memory_format=fmt)
                   for _ in range(copies)]
-            ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(copies)]
+            ys = [torch.randint(0, 10, (batch,)).to(device) for _ in range(copies)]
             if operator is not None:
                 row["sphere_layer_dtype"] = _sphere_output_dtypes(model, xs[0], amp_dtype)
 

@@ -413,8 +413,11 @@ def build_conv_inputs(shape: S.ConvShape, dtype: torch.dtype, channels_last: boo
             w = w.contiguous(memory_format=torch.channels_last)
         diff.append(_set_requires_grad(x, w, b, k, operator == "learnable"))
         sets.append((x, w, b, k))
-        dy = torch.randn(shape.n, shape.c_out, ho, wo, dtype=torch.float32, device=device)
-        dys.append(dy.to(dtype).contiguous(memory_format=fmt))
+        # CPU RNG, like make_conv_inputs: a failed CUDA-graph capture leaves the CUDA generator
+        # unusable ("Offset increment outside graph capture"), which failed every later job of
+        # the H200 runs 20261127-1403 and -1606
+        dy = torch.randn(shape.n, shape.c_out, ho, wo, dtype=torch.float32)
+        dys.append(dy.to(device=device, dtype=dtype).contiguous(memory_format=fmt))
     return Inputs(sets, dys, diff)
 
 
@@ -434,7 +437,7 @@ def build_linear_inputs(shape: S.LinearShape, dtype: torch.dtype, operator: str,
                                         dtype=dtype, device=device)
         diff.append(_set_requires_grad(x, w, b, k, operator == "learnable"))
         sets.append((x, w, b, k))
-        dys.append(torch.randn(shape.m, shape.out_features, device=device).to(dtype))
+        dys.append(torch.randn(shape.m, shape.out_features).to(device=device, dtype=dtype))  # CPU RNG
     return Inputs(sets, dys, diff)
 
 

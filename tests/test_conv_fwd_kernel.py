@@ -639,4 +639,7 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
     assert (128, 128, 64, 8) in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=True))
     assert all(w < 8 for *_, w in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=False)))
     assert all(w < 8 for *_, w in tiles(kept(torch.float32, "tf32", NORMS_FROM_Q=True)))
+    # the tile that went wrong on the GPU with fused norms only
+    assert (64, 128, 64, 4) in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=True))
+    assert (64, 128, 64, 4) not in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=False))
     assert all(bn <= 16 for _, bn, _, _ in tiles(kept(torch.bfloat16, "ieee", c_out_per_group=16)))

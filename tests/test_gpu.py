@@ -366,9 +366,11 @@ def test_prepass_patch_norms_vs_float64(geometry, precision, request):
     torch.testing.assert_close(r_x, r_x_fused, rtol=1e-5, atol=0)
 
 
-# (N, C_in, C_out, H=W, kernel, padding, dilation): a ResNet-like 3x3 layer and the benchmark's
-# odd edge case shrunk in N (odd channel counts, 5x5, dilated: every mask is partial)
-CONFIG_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1), "odd_5x5_d2": (8, 29, 61, 33, 5, 4, 2)}
+# (N, C_in, C_out, H=W, kernel, padding, dilation): a ResNet-like 3x3 layer, the benchmark's
+# odd edge case shrunk in N (odd channel counts, 5x5, dilated: every mask is partial) and a
+# ResNet-50-like 1x1 reduction (the fused path's 8-warp tile)
+CONFIG_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1), "odd_5x5_d2": (8, 29, 61, 33, 5, 4, 2),
+                     "1x1": (32, 256, 64, 28, 1, 0, 1)}
 
 
 @pytest.mark.parametrize("precision", ["bf16"], indirect=True)
