@@ -278,7 +278,7 @@ def _channelwise_prep_kernel(
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    A_PIXEL_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """_prep_kernel for one output channel per group (C_out / G == 1: depthwise and its kin).
 
@@ -288,7 +288,10 @@ def _channelwise_prep_kernel(
     so those accesses run along the channels, and A = G c / r_x^2 is elementwise.
 
     Pointers, strides and flags as _prep_kernel with G = C_out (r_x and A are [N, C_out, Ho, Wo]
-    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows).
+    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows), except
+    with A_PIXEL_MAJOR: A is [M, C_out] fp32 contiguous, the layout of Hn -- for the pure
+    depthwise dgrad, which reads A at every filter tap along the channels (coalesced there,
+    where [N, C, Ho, Wo] puts each channel Ho*Wo elements from the next).
     Grid: (R, cdiv(C_out, BLOCK_C)), R = cdiv(M, BLOCK_M).
     """
     pid_m = tl.program_id(0)
@@ -311,7 +314,11 @@ def _channelwise_prep_kernel(
         hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + o64[None, :]
         tl.store(hn_ptrs, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE), mask=mask)
     if STORE_A:
-        tl.store(a_ptr + rx_offs, gc * inv_rx * inv_rx, mask=mask)
+        if A_PIXEL_MAJOR:
+            a_offs = offs_m.to(tl.int64)[:, None] * C_out + o64[None, :]
+        else:
+            a_offs = rx_offs
+        tl.store(a_ptr + a_offs, gc * inv_rx * inv_rx, mask=mask)
     _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
                            NEED_S, NEED_DB, NEED_DK)
 
@@ -608,7 +615,8 @@ def _depthwise_dgrad_kernel(
 
     hn_ptr: [N*Ho*Wo, C] contiguous (Hn = G / r_x, input dtype).
     w_ptr:  [C, 1, KH, KW] filters, strides (stride_wc, -, stride_wh, stride_ww).
-    rw_ptr: [C] fp32 filter norms.   a_ptr: [N, C, Ho, Wo] fp32 contiguous (A, one per channel).
+    rw_ptr: [C] fp32 filter norms.   a_ptr: [N*Ho*Wo, C] fp32 contiguous (A, one per channel,
+            pixel-major like Hn: _channelwise_prep_kernel's A_PIXEL_MAJOR).
     x_ptr / dx_ptr: [N, C, H, W], strides (stride_xn, ...) / (stride_dxn, ...).
     n_in_pixels = N*H*W (< 2^31, checked by the launcher).
     KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation.
@@ -646,8 +654,7 @@ def _depthwise_dgrad_kernel(
         wv = tl.load(w_ptr + c64 * stride_wc + (tap // KW) * stride_wh + (tap % KW) * stride_ww,
                      mask=c_mask, other=0.0).to(tl.float32)
         acc += h.to(tl.float32) * (wv * inv_rw)[None, :]
-        box += tl.load(a_ptr + ((n64[:, None] * C + c64[None, :]) * Ho + ho[:, None]) * Wo
-                       + wo[:, None], mask=mask, other=0.0)
+        box += tl.load(a_ptr + pix[:, None] * C + c64[None, :], mask=mask, other=0.0)
     out_mask = m_mask[:, None] & c_mask[None, :]
     x_row = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
     xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :], mask=out_mask,
@@ -1034,7 +1041,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
         hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
-    a_buf = torch.empty((n, groups, ho, wo) if need_dx else (1,), device=dev, dtype=torch.float32)
+    # A: [N, G, Ho, Wo] for the GEMM dgrad, [M, C] (Hn's layout) for the pure depthwise one
+    a_shape = ((m_out, c_out) if depthwise else (n, groups, ho, wo)) if need_dx else (1,)
+    a_buf = torch.empty(a_shape, device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
     has_bias = from_output and bias is not None
     prep_flags = dict(OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
@@ -1046,7 +1055,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
         _launch(_channelwise_prep_kernel, (r_rows, _cdiv(c_out, cfg["BLOCK_C"])),
                 prep_in + (m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(), *c.stride()),
-                BLOCK_C=cfg["BLOCK_C"], **prep_flags)
+                A_PIXEL_MAJOR=depthwise, BLOCK_C=cfg["BLOCK_C"], **prep_flags)
     else:
         _launch(_prep_kernel, (r_rows, groups),
                 prep_in + (m_out, ho * wo, wo, c_out, cg_out, groups, r_rows, k_stride,
@@ -1205,7 +1214,9 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
         constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES[operator], DELTA=1e-6,
                         FROM_OUTPUT=from_output, HAS_BIAS=from_output, STORE_HN=True, STORE_A=True,
                         NEED_S=True, NEED_DB=True, NEED_DK=operator == "sigmoid",
-                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
+                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+                        # the channelwise pass as the pure depthwise backward runs it
+                        **({} if fn is _prep_kernel else {"A_PIXEL_MAJOR": True})),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
         example_args=dict(C_out=c, **({"CG_OUT": c} if fn is _prep_kernel else {}), **strides))
 
