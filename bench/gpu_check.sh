@@ -150,8 +150,10 @@ rm -f "$OUT_DIR/bench_stdout.txt"
 GPU_CHECK_SWEEP="${GPU_CHECK_SWEEP:-0}"
 if [ "$GPU_CHECK_SWEEP" -gt 0 ]; then
   say "python -m bench.tile_sweep --budget $GPU_CHECK_SWEEP"
+  # SWEEP_ARGS: e.g. "--layers r50.l1_reduce,r18.l1 --kernels fwd,fwd_prepass"
+  # shellcheck disable=SC2086
   timeout -s INT -k 10 $(( GPU_CHECK_SWEEP + 60 )) "$PY" -m bench.tile_sweep --budget "$GPU_CHECK_SWEEP" \
-      --out "$OUT_DIR/tile_sweep.md" > /dev/null 2>> "$LOG"
+      --out "$OUT_DIR/tile_sweep.md" ${SWEEP_ARGS:-} > /dev/null 2>> "$LOG"
   say "tile sweep exit code $? (tile_sweep.md)"
 fi
 
