@@ -808,13 +808,17 @@ def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=8)
 
 
-def prep_config(operator: str) -> dict:
+def prep_config(operator: str, from_output: bool = False) -> dict:
     """Tiles for _prep_kernel (memory-bound). The sigmoid epilogue (arccos + several exp per
     element) needs ~220 registers/thread at 16 elements/thread and spills beyond: 32x32 keeps
     it at ~160 with no spill; the light operators take 64x64 (wider channels_last rows, half
-    the partial-sum rows)."""
+    the partial-sum rows) -- except the linear operator from the saved output (its angle
+    recovered from y: sin and cos per element), which at 64x64 spilled 120 B a thread (bf16,
+    sm_90, make aot-check) and at 32x64 takes ~120 registers and spills nothing."""
     if operator == "sigmoid":
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4)
+    if operator == "linear" and from_output:
+        return dict(BLOCK_M=32, BLOCK_C=64, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_C=64, num_warps=4)
 
 
@@ -1035,7 +1039,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 num_warps=cfg["num_warps"])
 
     # 2. the elementwise pass over dy and c
-    cfg = prep_config(operator)
+    cfg = prep_config(operator, from_output)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"])
     if need_grads and c_scratch and c.permute(0, 2, 3, 1).is_contiguous():
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
@@ -1204,7 +1208,7 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
     pointer type of the input dtype)."""
     fn = _prep_kernel if fn is None else fn
-    cfg = prep_config(operator)
+    cfg = prep_config(operator, from_output)
     pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
                 "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}
     strides = dict(stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c, stride_dyw=c,
