@@ -8,7 +8,7 @@ that is wrong (SphereLinear's 8-warp tf32 tile was, on an H200) shows as wrong, 
 and times it from CUDA-graph replay (device time, no host overhead).
 
     python -m bench.tile_sweep [--layers sn9.conv1_x,r18.l3] [--kernels fwd,fwd_prepass,dgrad,wgrad]
-                               [--dtype bf16] [--budget 240] [--out sweep.md]
+                               [--dtype bf16] [--operator linear|cosine] [--budget 240] [--out sweep.md]
 
 Tiles are written ``BMxBNxBK`` + ``s<stages>`` + ``w<warps>`` (``128x128x64s3w4``); for wgrad
 the three numbers are BLOCK_O x BLOCK_CI x BLOCK_M. ``--tiles-fwd`` / ``--tiles-dgrad`` /
@@ -69,10 +69,10 @@ def parse_tile(text: str) -> tuple:
     return bm, bn, bk, stages, warps
 
 
-def _inputs(shape: S.ConvShape, dtype: torch.dtype, device: torch.device):
-    """One copy of the benchmark's inputs for ``shape`` (channels_last x, w and dy; linear)."""
+def _inputs(shape: S.ConvShape, dtype: torch.dtype, device: torch.device, operator: str = "linear"):
+    """One copy of the benchmark's inputs for ``shape`` (channels_last x, w and dy)."""
     from bench.runner import build_conv_inputs
-    inputs = build_conv_inputs(shape, dtype, True, "linear", device, copies=1)
+    inputs = build_conv_inputs(shape, dtype, True, operator, device, copies=1)
     x, w, b, _ = (t.detach() if t is not None else None for t in inputs.sets[0])
     return x, w, b, inputs.dys[0]
 
@@ -100,22 +100,25 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def sweep_layer(shape: S.ConvShape, dtype: torch.dtype, kernels, tiles: dict, device,
-                ceiling_tflops: float, deadline: float, eps: float = 1e-4) -> list:
-    """Rows ``[kernel, tile, status, device ms, TFLOP/s, % of ceiling, rel. error]``."""
+                ceiling_tflops: float, deadline: float, eps: float = 1e-4,
+                operator: str = "linear") -> list:
+    """Rows ``[kernel, tile, status, device ms, TFLOP/s, % of ceiling, rel. error]``.
+    ``operator``: "linear" (arccos in the forward's epilogue) or "cosine" (none: the difference
+    is the epilogue's angular cost)."""
     import triton
     from sphereops import reference as R
     from sphereops_kernels import conv_bwd as CB
     from sphereops_kernels import conv_fwd as CF
 
-    x, w, b, dy = _inputs(shape, dtype, device)
+    x, w, b, dy = _inputs(shape, dtype, device, operator)
     stride, padding, dilation, groups = _geometry(shape)
     y64, c64, rx64 = R.conv2d_forward(x.double(), w.double(), b.double(), None, stride, padding,
-                                      dilation, groups, "linear", eps)
+                                      dilation, groups, operator, eps)
     dx64, dw64, _, _ = R.conv2d_backward(dy.double(), x.double(), w.double(), None, c64, rx64,
-                                         stride, padding, dilation, groups, "linear", eps,
+                                         stride, padding, dilation, groups, operator, eps,
                                          (True, True, False, False))
     del c64, rx64
-    _, c, r_x = CF.sphere_conv2d_fwd(x, w, b, None, stride, padding, dilation, groups, "linear", eps)
+    _, c, r_x = CF.sphere_conv2d_fwd(x, w, b, None, stride, padding, dilation, groups, operator, eps)
     flops = shape.gemm_flops
     rows = []
 
@@ -129,7 +132,7 @@ def sweep_layer(shape: S.ConvShape, dtype: torch.dtype, kernels, tiles: dict, de
 
             def step(_i=0):
                 return CF._sphere_conv2d_fwd_impl(x, w, b, None, stride, padding, dilation,
-                                                  groups, "linear", eps, config=cfg,
+                                                  groups, operator, eps, config=cfg,
                                                   patch_norms=norms)[0]
         else:
             keys = (("BLOCK_M", "BLOCK_N", "BLOCK_K") if kernel == "dgrad"
@@ -141,7 +144,7 @@ def sweep_layer(shape: S.ConvShape, dtype: torch.dtype, kernels, tiles: dict, de
 
             def step(_i=0):
                 grads = CB.sphere_conv2d_bwd(dy, x, w, None, c, r_x, stride, padding, dilation,
-                                             groups, "linear", eps, mask)
+                                             groups, operator, eps, mask)
                 return grads[0] if kernel == "dgrad" else grads[1]
         with override:
             err = _rel(step(), ref)
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
                     help="comma-separated layer names from bench/shapes.py")
     ap.add_argument("--kernels", default=",".join(KERNELS), help="fwd,fwd_prepass,dgrad,wgrad")
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    ap.add_argument("--operator", default="linear", choices=("linear", "cosine"),
+                    help="cosine: no arccos in the forward epilogue (its cost is the difference)")
     for kernel in KERNELS:
         ap.add_argument(f"--tiles-{kernel}", default=None,
                         help=f"comma-separated {kernel} tiles (default: {','.join(DEFAULT_TILES[kernel])})")
@@ -207,14 +212,15 @@ def main(argv=None) -> int:
     ceiling = ceilings.get(f"matmul_tflops_{args.dtype}") or math.nan
     deadline = time.perf_counter() + args.budget
     out = [f"# Tile sweep: {torch.cuda.get_device_name(device)}, {args.dtype}, channels_last, "
-           f"linear operator", "",
+           f"{args.operator} operator", "",
            f"torch {torch.__version__}, triton {__import__('triton').__version__}; device time "
            f"from CUDA-graph replay; ceiling = measured {args.dtype} matmul {ceiling:.0f} TFLOP/s; "
            "dgrad / wgrad rows time their whole path (filter norms, prep pass, reductions) and "
            "count one GEMM's FLOPs; error = relative L2 vs float64.", ""]
     for name in layers:
         shape = S.BY_NAME[name]
-        rows = sweep_layer(shape, dtype, kernels, tiles, device, ceiling, deadline)
+        rows = sweep_layer(shape, dtype, kernels, tiles, device, ceiling, deadline,
+                           operator=args.operator)
         out += [f"## {name}: {shape.label()}", "",
                 "| kernel | tile | status | device ms | TFLOP/s | % of ceiling | rel. error |",
                 "| --- | --- | --- | ---: | ---: | ---: | ---: |"]

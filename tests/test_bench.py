@@ -392,6 +392,10 @@ def test_tile_sweep_checks_every_tile_against_float64(monkeypatch):
     assert all(float(r[6]) < 1e-4 for r in rows)           # fp32 kernels vs float64
     flops = shape.gemm_flops
     assert rows[0][4] == f"{flops / 0.5e-3 / 1e12:.1f}"
+    # the cosine operator (no arccos in the epilogue), against its own float64 reference
+    rows = TS.sweep_layer(shape, torch.float32, ("fwd", "dgrad"), tiles, CPU, 100.0, float("inf"),
+                          operator="cosine")
+    assert [r[2] for r in rows] == ["ok", "ok"] and all(float(r[6]) < 1e-4 for r in rows)
 
     real_impl = CF._sphere_conv2d_fwd_impl
 
