@@ -69,8 +69,8 @@ def _asin_small(t, z):
 
 @triton.jit
 def acos_f32(c):
-    """arccos of an fp32 block with core tl ops only; max error 2.5e-7 rad over [-1, 1], i.e. one
-    ulp of the result in [2, pi] (1.1e-7 for c >= 0).
+    """arccos of an fp32 block with core tl ops only; max error 2.5e-7 rad over [-1, 1] (about
+    one ulp of the result in [2, pi], two in [pi/2, 2]; 1.1e-7 for c >= 0).
 
     With a = |c|: for a <= 1/2, acos(c) = pi/2 -+ asin(a) (no cancellation: asin(a) <= pi/6);
     for a > 1/2 the half-angle identity acos(a) = 2 asin(sqrt((1 - a)/2)), where 1 - a is exact
@@ -84,9 +84,10 @@ def acos_f32(c):
     t = tl.where(small, a, tl.sqrt_rn(z))  # correctly rounded: feeds the small angles
     p = _asin_small(t, z)
     neg = c < 0.0
-    r_small = tl.where(neg, (_HALF_PI_LO + p) + _HALF_PI_HI, _HALF_PI_HI - (p - _HALF_PI_LO))
-    r_large = tl.where(neg, (_PI_LO - 2.0 * p) + _PI_HI, 2.0 * p)
-    return tl.where(small, r_small, r_large)
+    # acos(|c|) first (|c| <= 1/2: pi/2 - p; else 2p), then acos(c) = pi - acos(|c|) for c < 0;
+    # each constant's fp32 remainder is added before its leading part, as in a two-term sum
+    r_abs = tl.where(small, _HALF_PI_HI - (p - _HALF_PI_LO), 2.0 * p)
+    return tl.where(neg, (_PI_LO - r_abs) + _PI_HI, r_abs)
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def g_of_c(c, k, OPERATOR: tl.constexpr):
        OPERATOR == 2 (callers may pass any dummy value then).
     OPERATOR: constexpr int, 0 linear, 1 cosine, 2 sigmoid (see OPERATOR_CODES).
     """
-    c = clamp_cos(c)
+    c = clamp_cos(c)   # free after store_sphere_tile's clamp: the compiler folds the repeat
     if OPERATOR == 0:
         g = 1.0 - _TWO_OVER_PI * acos_f32(c)
     elif OPERATOR == 1:
