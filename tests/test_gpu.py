@@ -17,6 +17,7 @@ fp16, bf16), both layouts and five geometries each appear, every (operator, layo
 bound, so a run shows the margins, not only pass/fail.
 """
 import json
+import math
 import os
 
 import pytest
@@ -410,3 +411,26 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
         if not (rx_err <= 1e-5 and y_err <= 5e-3):
             bad.append(f"{cfg}: r_x rel {rx_err:.2e}, y rel {y_err:.2e}")
     assert not bad, "configs off vs float64:\n" + "\n".join(bad)
+
+
+def test_acos_on_the_gpu():
+    """acos_f32 against float64 with the CPU test's bound (3.5e-7 rad): its square root comes
+    from the hardware's approximate reciprocal square root plus a Newton step, and the
+    interpreter's rsqrt is exact, so only a GPU tests that path; NaN, +-1 and 0 exactly."""
+    import test_conv_fwd_kernel as F
+
+    def probe(c):
+        c = c.to(DEVICE, torch.float32).contiguous()
+        out = torch.empty_like(c)
+        F._angular_probe_kernel[(-(-c.numel() // 4096),)](
+            c, torch.ones_like(c), out, c.numel(), 0, F._WHAT["acos"], reference.ARCCOS_DELTA,
+            BLOCK=4096)
+        return out.cpu().double()
+
+    c = F._cosine_samples(200000)
+    err = (probe(c) - torch.acos(c.double())).abs()
+    worst = int(err.argmax())
+    assert err[worst].item() <= 3.5e-7, f"acos_f32 off by {err[worst].item():.3g} at c={c[worst].item()!r}"
+    special = probe(torch.tensor([float("nan"), 1.0, -1.0, 0.0]))
+    assert torch.isnan(special[0])
+    assert special[1:].tolist() == pytest.approx([0.0, math.pi, math.pi / 2], abs=3e-7)
