@@ -51,24 +51,24 @@ _CHANNEL_CHUNK_MIN = 16
 
 
 @triton.jit
-def _store_column_slice(acc, o_glob, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+def _store_column_slice(acc, o_glob, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                         bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
                         HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr):
     """The epilogue of one column slice of the GEMM tile (see _store_gemm_tile).
 
     acc: [BM, BS] fp32 dot products; o_glob: [BS] global output channels, valid below o_end;
-    r_x: [BM] fp32 patch norms; out_row: [BM] int64 offsets of the tile's pixels in y and c;
+    inv_rx: [BM] fp32 1 / patch norm; out_row: [BM] int64 offsets of the tile's pixels in y and c;
     mask_m: [BM]; the other arguments as epilogue.store_sphere_tile."""
     mask_n = o_glob < o_end
-    r_w = tl.sqrt(tl.load(w_sqnorm_ptr + o_glob, mask=mask_n, other=1.0) + eps)
+    inv_rw = 1.0 / tl.sqrt(tl.load(w_sqnorm_ptr + o_glob, mask=mask_n, other=1.0) + eps)
     out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
-    store_sphere_tile(acc, r_x[:, None] * r_w[None, :], o_glob, mask_n, out_offs,
+    store_sphere_tile(acc, inv_rx[:, None] * inv_rw[None, :], o_glob, mask_n, out_offs,
                        mask_m[:, None] & mask_n[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
                        OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C)
 
 
 @triton.jit
-def _store_gemm_tile(acc, o_first, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+def _store_gemm_tile(acc, o_first, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                      bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -87,25 +87,25 @@ def _store_gemm_tile(acc, o_first, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, ep
     left, right = tl.split(halves)
     left = tl.permute(left, (0, 2, 1))
     right = tl.permute(right, (0, 2, 1))
-    _store_column_half(left, o_q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+    _store_column_half(left, o_q, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                        bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, q)
-    _store_column_half(right, o_q + 2 * q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
+    _store_column_half(right, o_q + 2 * q, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps,
                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS,
                        EMULATE_RTNE, STORE_C, q)
 
 
 @triton.jit
-def _store_column_half(half, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
+def _store_column_half(half, o_half, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                        bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
                        HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
                        Q: tl.constexpr):
     """One half of _store_gemm_tile: ``half [BM, Q, 2]`` holds columns ``b * Q + j`` of the
     half at ``[m, j, b]``; its two quarters go through _store_column_slice in turn."""
     first, second = tl.split(half)
-    _store_column_slice(first, o_half, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
+    _store_column_slice(first, o_half, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps,
                         stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE,
                         STORE_C)
-    _store_column_slice(second, o_half + Q, o_end, r_x, out_row, mask_m, w_sqnorm_ptr, eps,
+    _store_column_slice(second, o_half + Q, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps,
                         stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE,
                         STORE_C)
 
@@ -331,9 +331,9 @@ def _sphere_conv_fwd_kernel(
         r_x = tl.sqrt(sumsq + eps)
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
-    _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1), r_x,
-                     out_row, mask_m, w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr,
-                     OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, BLOCK_M, BLOCK_N)
+    _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1),
+                     1.0 / r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr,
+                     y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, BLOCK_M, BLOCK_N)
 
     if pid_n == 0:
         # r_x is the same for every N tile of this M tile: one writer
@@ -400,7 +400,7 @@ def _sphere_conv_dw_fwd_kernel(
                + wo.to(tl.int64) * stride_yw)
     out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
     out_mask = mask_m[:, None] & mask_c[None, :]
-    store_sphere_tile(acc, r_x * r_w[None, :], offs_c, mask_c, out_offs, out_mask,
+    store_sphere_tile(acc, (1.0 / r_x) * (1.0 / r_w)[None, :], offs_c, mask_c, out_offs, out_mask,
                        bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C)
     rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
         + pix.to(tl.int64)[:, None]

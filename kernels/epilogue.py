@@ -30,13 +30,15 @@ def to_dtype_of(v, dst_ptr, EMULATE_RTNE: tl.constexpr):
 
 
 @triton.jit
-def store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
+def store_sphere_tile(acc, inv_norms, o_glob, mask_n, out_offs, out_mask,
                       bias_ptr, k_ptr, y_ptr, c_ptr,
                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
                       EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr = True):
-    """c = clamp(acc / denom), y = g(c) + b; store c (unless not STORE_C), then y.
+    """c = clamp(acc * inv_norms), y = g(c) + b; store c (unless not STORE_C), then y.
 
-    acc: [BM, BN] fp32 dot products; denom: r_x * r_w broadcastable to acc (fp32).
+    acc: [BM, BN] fp32 dot products; inv_norms: 1 / (r_x r_w) broadcastable to acc (fp32) --
+      the callers form it from per-row and per-column reciprocals, so no element pays a
+      division (a reciprocal on the special-function unit, a quarter of the FMA rate, each).
     o_glob: [BN] global output-channel index; mask_n: [BN] channel mask.
     out_offs: [BM, BN] int64 element offsets into y and c (same strides); out_mask: [BM, BN].
     bias_ptr, k_ptr: [C_out] contiguous, read only when HAS_BIAS / OPERATOR == 2 (sigmoid).
@@ -45,7 +47,7 @@ def store_sphere_tile(acc, denom, o_glob, mask_n, out_offs, out_mask,
       EMULATE_RTNE: see to_dtype_of; STORE_C: False when the caller saves y for the backward
       (c_ptr is then never written).
     """
-    c = clamp_cos(acc / denom)
+    c = clamp_cos(acc * inv_norms)
     # c is stored before g is formed so that it can die element by element inside g: keeping
     # both full tiles live at once costs registers a large tile does not have
     if STORE_C:

@@ -136,7 +136,7 @@ def _sphere_linear_fwd_kernel(
     r_x = tl.sqrt(sumsq + eps)
     r_w = tl.load(r_w_ptr + cols, mask=col_mask, other=1.0)
     out_offsets = rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    store_sphere_tile(acc, r_x[:, None] * r_w[None, :], cols, col_mask, out_offsets,
+    store_sphere_tile(acc, (1.0 / r_x)[:, None] * (1.0 / r_w)[None, :], cols, col_mask, out_offsets,
                       row_mask[:, None] & col_mask[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
                       OPERATOR, HAS_BIAS, False, STORE_C)
     if pid_n == 0:
