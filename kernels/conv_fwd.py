@@ -278,10 +278,12 @@ def _sphere_conv_fwd_kernel(
 
     if CHANNEL_CHUNKS:
         n_chunks = tl.cdiv(c_in_per_group, BLOCK_K)
-        # one flat loop over (tap, chunk) so the software pipeliner sees a single K loop
+        # one flat loop over (tap, chunk) so the software pipeliner sees a single K loop; tap and
+        # the chunk's first channel are carried from step to step (it // n_chunks by a runtime
+        # divisor cost an integer division every step)
+        tap = 0
+        c0 = 0
         for it in range(0, KH * KW * n_chunks):
-            tap = it // n_chunks
-            c0 = (it - tap * n_chunks) * BLOCK_K
             r = tap // KW
             s = tap - r * KW
             hi = h_base + r * dil_h
@@ -301,6 +303,10 @@ def _sphere_conv_fwd_kernel(
             w_tile = tl.load(w_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT,
                                           not NORMS_FROM_Q)
+            c0 += BLOCK_K
+            wrap = c0 >= c_in_per_group
+            tap += wrap.to(tl.int32)
+            c0 = tl.where(wrap, 0, c0)
     else:
         for k0 in range(0, k_total, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
