@@ -14,8 +14,8 @@
 #   profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
 #   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large);
 #   opt-in: tile_sweep.md (GPU_CHECK_SWEEP), wgrad_probe.txt (GPU_CHECK_PROBE) -- with both
-#   and the profiler that is 10 files: a lent machine returns 8, so skip the profiler or the
-#   host overhead (GPU_CHECK_HOST=0) there.
+#   and the profiler that is 10 files: a lent machine returns 8, so leave the profiler out
+#   when both run there.
 set -u
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
