@@ -254,6 +254,65 @@ def _resource_usage(cubin: bytes, kernel_name: str):
     return usage
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,8})\*/\s+([^;]*);")
+
+
+def sass_summary(cubin: bytes) -> dict:
+    """Instruction counts of a kernel's SASS (``cuobjdump -sass``; no GPU needed):
+    ``{"total", "loop", "loop_mma", "mufu"}`` -- ``loop`` is the longest backward branch's body
+    (the main K loop of a GEMM kernel), ``loop_mma`` its HGMMA/HMMA count, ``mufu`` the
+    special-function-unit instructions (reciprocals, square roots, exponentials: a quarter of
+    the FMA rate). A GPU-free measure of how much a kernel issues per K step and outside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(_cuda_bin("cuobjdump")), "-sass", str(path)], check=True,
+                              capture_output=True, text=True).stdout
+    ins = [(int(addr, 16), op.strip()) for addr, op in _SASS_LINE.findall(text)]
+
+    def opcode(t):
+        return (t.split()[1] if t.startswith("@") and len(t.split()) > 1 else t.split()[0]).split(".")[0]
+
+    loop = []
+    for addr, t in ins:
+        target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", t)
+        if target and int(target.group(1), 16) < addr:
+            body = [x for a, x in ins if int(target.group(1), 16) <= a <= addr]
+            if len(body) > len(loop):
+                loop = body
+    return {"total": len(ins), "loop": len(loop),
+            "loop_mma": sum(opcode(t) in ("HGMMA", "HMMA") for t in loop),
+            "mufu": sum(opcode(t) == "MUFU" for _, t in ins)}
+
+
+def print_sass_summaries(pattern: str, modules=KERNEL_MODULES, capability: int = 90) -> int:
+    """``--sass PATTERN``: compile the specs whose name contains PATTERN for one target and
+    print their SASS instruction counts (sass_summary)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    _worker_init()
+    found = 0
+    for module_name in modules:
+        loaded = load_specs(module_name)
+        if loaded is None:
+            continue
+        for spec in loaded[0]:
+            if pattern not in spec["name"]:
+                continue
+            found += 1
+            signature, constexprs, attrs = _specialise(spec)
+            compiled = triton.compile(triton.compiler.ASTSource(spec["fn"], signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", capability, 32),
+                                      options={"num_warps": spec["num_warps"],
+                                               "num_stages": spec["num_stages"]})
+            counts = sass_summary(compiled.asm["cubin"])
+            print(f"{spec['name']} sm_{capability}: " + " ".join(f"{k} {v}" for k, v in counts.items()))
+    if not found:
+        print(f"aot: no spec name contains {pattern!r}")
+    return 0 if found else 1
+
+
 _WGMMA = re.compile(r"\bwgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.\w+\.(\w+)")
 _MMA = re.compile(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.\w+\.(\w+)")
 
@@ -531,6 +590,9 @@ def main(argv=None):
                              "instead of everything")
     parser.add_argument("--list", action="store_true",
                         help="print the collected specs as JSON lines and exit (no compiling)")
+    parser.add_argument("--sass", metavar="PATTERN", default=None,
+                        help="compile the specs whose name contains PATTERN for the first "
+                             "target and print SASS instruction counts (total, K loop, MUFU)")
     args = parser.parse_args(argv)
     for capability in args.targets:
         if capability not in SHARED_MEMORY_LIMIT:
@@ -547,6 +609,8 @@ def main(argv=None):
 
     if args.list:
         return _list_specs(args.modules)
+    if args.sass is not None:
+        return print_sass_summaries(args.sass, args.modules, args.targets[0])
 
     start = time.perf_counter()
     results, skipped, errors = run_check(args.modules, args.targets, args.jobs, args.subset)

@@ -228,6 +228,22 @@ def test_fixture_gemm_passes_with_tensor_cores(fixture_modules, tmp_path):
         assert row["status"] == "ok" and row["tensor cores"] == "none" and row["gemm"] == "no"
 
 
+def test_sass_counts_the_k_loop(fixture_modules):
+    """``--sass``: the fixture GEMM's SASS has a K loop holding its tensor-core instructions
+    (sm_90: HGMMA) and a total above it; a pattern matching nothing fails."""
+    proc = _run_aot("--modules", "aot_fixture_gemm", "--sass", "fixture_gemm_bf16",
+                    extra_path=fixture_modules, interpreter=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"fixture_gemm_bf16 sm_90: total (\d+) loop (\d+) loop_mma (\d+) mufu (\d+)",
+                  proc.stdout)
+    assert m, proc.stdout
+    total, loop, loop_mma, _ = (int(v) for v in m.groups())
+    assert 0 < loop < total and loop_mma >= 1
+    proc = _run_aot("--modules", "aot_fixture_gemm", "--sass", "no_such_kernel",
+                    extra_path=fixture_modules)
+    assert proc.returncode == 1 and "no spec name contains" in proc.stdout
+
+
 def test_check_fails_on_each_rule(fixture_modules, tmp_path):
     out = tmp_path / "table.md"
     proc = _run_aot("--modules", "aot_fixture_gemm", "aot_fixture_bad", "aot_fixture_raises",
