@@ -162,7 +162,9 @@ def g_of_c(c, k, OPERATOR: tl.constexpr):
     else:
         theta = acos_f32(c)
         a = _QUARTER_PI / k
-        b = (_HALF_PI - theta) / (2.0 * k)
+        # 0.5 / k has k's shape (a [1, BN] column block in the epilogue): one reciprocal per
+        # column, not a division per element
+        b = (_HALF_PI - theta) * (0.5 / k)
         g = coth_f32(a) * tanh_f32(b)
     return g
 
