@@ -455,11 +455,14 @@ def _dgrad_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     box = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # (tap row, tap column, channel chunk) carried from step to step: t // n_kc and
+    # tap // taps_w by runtime divisors cost two integer divisions every step
+    tap_h = 0
+    tap_w = 0
+    kc = 0
     for t in range(0, taps_h * taps_w * n_kc):
-        tap = t // n_kc
-        kc = t % n_kc
-        kh = kh_first + (tap // taps_w) * STEP_H
-        kw = kw_first + (tap % taps_w) * STEP_W
+        kh = kh_first + tap_h * STEP_H
+        kw = kw_first + tap_w * STEP_W
         ho = i + (ph + PH - kh * DH) // SH
         wo = j + (pw + PW - kw * DW) // SW
         valid = m_mask & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
@@ -485,6 +488,13 @@ def _dgrad_kernel(
         # The box-sum of A over the taps that reach this pixel: once per tap (first chunk).
         box += tl.load(a_ptr + a_offs,
                        mask=valid & ((ho * 0 + kc) == 0), other=0.0)
+        kc += 1
+        next_tap = kc >= n_kc
+        kc = tl.where(next_tap, 0, kc)
+        tap_w += next_tap.to(tl.int32)
+        next_row = tap_w >= taps_w
+        tap_w = tl.where(next_row, 0, tap_w)
+        tap_h += next_row.to(tl.int32)
 
     c64 = (g * CG_IN + offs_ci).to(tl.int64)
     out_mask = m_mask[:, None] & ci_mask[None, :]
