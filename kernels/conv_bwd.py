@@ -454,7 +454,6 @@ def _dgrad_kernel(
     n_kc = tl.cdiv(CG_OUT, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    box = tl.zeros([BLOCK_M], dtype=tl.float32)
     # (tap row, tap column, channel chunk) carried from step to step: t // n_kc and
     # tap // taps_w by runtime divisors cost two integer divisions every step
     tap_h = 0
@@ -469,10 +468,8 @@ def _dgrad_kernel(
         # int32 unless Hn's element count could pass 2^31 (WIDE_OFFSETS, from the launcher)
         if WIDE_OFFSETS:
             pix = (n64 * Ho + ho) * Wo + wo
-            a_offs = ((n64 * G + g) * Ho + ho) * Wo + wo
         else:
             pix = (n * Ho + ho) * Wo + wo
-            a_offs = ((n * G + g) * Ho + ho) * Wo + wo
         offs_kl = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_kl < CG_OUT
         offs_o = g * CG_OUT + offs_kl
@@ -485,9 +482,6 @@ def _dgrad_kernel(
             h_tile = h_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PRECISION)
-        # The box-sum of A over the taps that reach this pixel: once per tap (first chunk).
-        box += tl.load(a_ptr + a_offs,
-                       mask=valid & ((ho * 0 + kc) == 0), other=0.0)
         kc += 1
         next_tap = kc >= n_kc
         kc = tl.where(next_tap, 0, kc)
@@ -495,6 +489,25 @@ def _dgrad_kernel(
         next_row = tap_w >= taps_w
         tap_w = tl.where(next_row, 0, tap_w)
         tap_h += next_row.to(tl.int32)
+
+    # The box-sum of A over the taps that reach each pixel, after the K loop and unrolled over
+    # every tap a phase can have: the loads are independent, so their latencies overlap -- in
+    # the loop each one stalled the next step's issue until it returned.
+    box = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for qh in tl.static_range((KH + STEP_H - 1) // STEP_H):
+        for qw in tl.static_range((KW + STEP_W - 1) // STEP_W):
+            kh = kh_first + qh * STEP_H
+            kw = kw_first + qw * STEP_W
+            ho = i + (ph + PH - kh * DH) // SH
+            wo = j + (pw + PW - kw * DW) // SW
+            # (i * 0 + ...): a [BM] comparison (the interpreter rejects a scalar-bool mask term)
+            tap_ok = m_mask & ((i * 0 + taps_h) > qh) & ((i * 0 + taps_w) > qw)
+            valid = tap_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+            if WIDE_OFFSETS:
+                a_offs = ((n64 * G + g) * Ho + ho) * Wo + wo
+            else:
+                a_offs = ((n * G + g) * Ho + ho) * Wo + wo
+            box += tl.load(a_ptr + a_offs, mask=valid, other=0.0)
 
     c64 = (g * CG_IN + offs_ci).to(tl.int64)
     out_mask = m_mask[:, None] & ci_mask[None, :]
