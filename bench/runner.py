@@ -437,7 +437,8 @@ def build_linear_inputs(shape: S.LinearShape, dtype: torch.dtype, operator: str,
                                         dtype=dtype, device=device)
         diff.append(_set_requires_grad(x, w, b, k, operator == "learnable"))
         sets.append((x, w, b, k))
-        dys.append(torch.randn(shape.m, shape.out_features).to(device=device, dtype=dtype))  # CPU RNG
+        # CPU RNG, as for the conv inputs (build_conv_inputs)
+        dys.append(torch.randn(shape.m, shape.out_features).to(device=device, dtype=dtype))
     return Inputs(sets, dys, diff)
 
 

@@ -8,7 +8,8 @@ that is wrong (SphereLinear's 8-warp tf32 tile was, on an H200) shows as wrong, 
 and times it from CUDA-graph replay (device time, no host overhead).
 
     python -m bench.tile_sweep [--layers sn9.conv1_x,r18.l3] [--kernels fwd,fwd_prepass,dgrad,wgrad]
-                               [--dtype bf16] [--operator linear|cosine] [--budget 240] [--out sweep.md]
+                               [--dtype bf16] [--operator linear|cosine] [--budget 240]
+                               [--out sweep.md]
 
 Tiles are written ``BMxBNxBK`` + ``s<stages>`` + ``w<warps>`` (``128x128x64s3w4``); for wgrad
 the three numbers are BLOCK_O x BLOCK_CI x BLOCK_M. ``--tiles-fwd`` / ``--tiles-dgrad`` /
@@ -118,7 +119,8 @@ def sweep_layer(shape: S.ConvShape, dtype: torch.dtype, kernels, tiles: dict, de
                                          stride, padding, dilation, groups, operator, eps,
                                          (True, True, False, False))
     del c64, rx64
-    _, c, r_x = CF.sphere_conv2d_fwd(x, w, b, None, stride, padding, dilation, groups, operator, eps)
+    _, c, r_x = CF.sphere_conv2d_fwd(x, w, b, None, stride, padding, dilation, groups, operator,
+                                     eps)
     flops = shape.gemm_flops
     rows = []
 

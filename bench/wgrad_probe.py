@@ -67,7 +67,8 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
     dev = torch.device(device)
     dtype = DTYPES[cfg["dtype"]]
     g = torch.Generator(device="cpu").manual_seed(seed)
-    n, cin, cout, hw, k, pad, dil = (cfg[key] for key in ("n", "cin", "cout", "hw", "k", "pad", "dil"))
+    n, cin, cout, hw, k, pad, dil = (cfg[key] for key in
+                                     ("n", "cin", "cout", "hw", "k", "pad", "dil"))
     x = torch.randn(n, cin, hw, hw, generator=g).to(dev, dtype)
     w = torch.randn(cout, cin, k, k, generator=g).to(dev, dtype)
     if cfg["cl_x"]:
@@ -79,7 +80,8 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
     _, c64, rx64 = R.conv2d_forward(x64, w64, None, None, *geo, 1, "linear", EPS)
     c = c64.to(dtype).contiguous(memory_format=torch.channels_last)
     r_x = rx64.float()
-    dy = torch.randn(c.shape, generator=g).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(c.shape, generator=g).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
 
     captured = {}
     orig_finalize, orig_config, orig_split = CB._finalize_dw, CB.wgrad_config, CB._wgrad_split
@@ -110,7 +112,8 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
     # float64 truth from the same c and r_x
     dy64, c64s = dy.double(), c.double()
     rx = r_x.double()
-    dx_ref, dw_ref, db_ref, _ = R.conv2d_backward(dy64, x64, w64, None, c64s, rx, *geo, 1, "linear", EPS)
+    dx_ref, dw_ref, db_ref, _ = R.conv2d_backward(dy64, x64, w64, None, c64s, rx, *geo, 1,
+                                                  "linear", EPS)
     h_unit, _, s_ref, _ = R._grad_terms(dy64, c64s.clone(), rx, 1, "linear", None, False, True,
                                         False, None)
     rw_ref = R.filter_norms(w64, EPS)
@@ -134,9 +137,11 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
         ref_s = (hm[rows].t() @ xm[rows]).reshape(cout, cin, k * k).permute(2, 0, 1)
         split_err.append(float((part[s] - ref_s).abs().max() / scale))
     return dict(
-        runtime_div=CB._wgrad_runtime_div(cout) if cfg["runtime_div"] == "auto" else cfg["runtime_div"],
+        runtime_div=(CB._wgrad_runtime_div(cout) if cfg["runtime_div"] == "auto"
+                     else cfg["runtime_div"]),
         dw=_rel(dw, dw_ref), dx=_rel(dx, dx_ref), db=_rel(db, db_ref),
-        gemm=_rel(gemm, gemm_ref), S=_rel(captured["s_sum"], s_ref), r_w=_rel(captured["r_w"], rw_ref),
+        gemm=_rel(gemm, gemm_ref), S=_rel(captured["s_sum"], s_ref),
+        r_w=_rel(captured["r_w"], rw_ref),
         split=split,
         worst_tap=int(err.amax(dim=(1, 2)).argmax()), worst_o=int(err.amax(dim=(0, 2)).argmax()),
         worst_ci=int(err.amax(dim=(0, 1)).argmax()),
@@ -151,12 +156,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="comma-separated variant-name prefixes")
     ap.add_argument("--budget", type=float, default=120.0)
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (small variants)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda, or cpu under TRITON_INTERPRET=1 (small variants)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("wgrad_probe needs CUDA (or --device cpu with TRITON_INTERPRET=1)")
         return 2
-    print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'} torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device {name} torch {torch.__version__}")
     start = time.time()
     for name, change in VARIANTS:
         if args.only and not any(name.startswith(p) for p in args.only.split(",")):
