@@ -65,7 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .angular import OPERATOR_CODES, cosine_and_dg_dc, dg_dk
+from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
+from .conv_fwd import depthwise_inv_norms, depthwise_window
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import launch, offsets_need_int64
@@ -278,9 +279,10 @@ def _channelwise_prep_kernel(
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    A_PIXEL_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """_prep_kernel for one output channel per group (C_out / G == 1: depthwise and its kin).
+    """_prep_kernel for one output channel per group (C_out / G == 1) with several input channels
+    per group (pure depthwise convs recompute their state instead: _depthwise_prep_kernel).
 
     _prep_kernel gives each program one group: with one channel per group its channel tile is
     15/16 masked, and every dy / c load and Hn store touches one element per 32-byte sector
@@ -288,10 +290,7 @@ def _channelwise_prep_kernel(
     so those accesses run along the channels, and A = G c / r_x^2 is elementwise.
 
     Pointers, strides and flags as _prep_kernel with G = C_out (r_x and A are [N, C_out, Ho, Wo]
-    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows), except
-    with A_PIXEL_MAJOR: A is [M, C_out] fp32 contiguous, the layout of Hn -- for the pure
-    depthwise dgrad, which reads A at every filter tap along the channels (coalesced there,
-    where [N, C, Ho, Wo] puts each channel Ho*Wo elements from the next).
+    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows).
     Grid: (R, cdiv(C_out, BLOCK_C)), R = cdiv(M, BLOCK_M).
     """
     pid_m = tl.program_id(0)
@@ -314,11 +313,7 @@ def _channelwise_prep_kernel(
         hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + o64[None, :]
         tl.store(hn_ptrs, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE), mask=mask)
     if STORE_A:
-        if A_PIXEL_MAJOR:
-            a_offs = offs_m.to(tl.int64)[:, None] * C_out + o64[None, :]
-        else:
-            a_offs = rx_offs
-        tl.store(a_ptr + a_offs, gc * inv_rx * inv_rx, mask=mask)
+        tl.store(a_ptr + rx_offs, gc * inv_rx * inv_rx, mask=mask)
     _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
                            NEED_S, NEED_DB, NEED_DK)
 
@@ -619,120 +614,170 @@ def _wgrad_kernel(
 
 
 @triton.jit
-def _depthwise_dgrad_kernel(
-    hn_ptr, w_ptr, rw_ptr, a_ptr, x_ptr, dx_ptr,
-    n_in_pixels, C, H, W, Ho, Wo,
+def _depthwise_prep_kernel(
+    dy_ptr, x_ptr, w_ptr, k_ptr, hn_ptr, a_ptr, rw_ptr, part_ptr,
+    M, C, H, W, Ho, Wo, R, stride_k, eps,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wc, stride_wh, stride_ww,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    OPERATOR: tl.constexpr, DELTA: tl.constexpr, STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The prep pass of a pure depthwise conv (C_in = C_out = G = C), from dy, x and w: the
+    forward saved nothing, so each (output pixel, channel) recomputes its window exactly as the
+    forward did (conv_fwd.depthwise_window / depthwise_inv_norms), then as _prep_kernel:
+    G = dy dg/dc, Hn = G / r_x, A = G c / r_x^2 and the partial sums of S, db, dk.
+
+    dy_ptr: [N, C, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
+    x_ptr:  [N, C, H, W], strides (stride_xn, ...). w_ptr: [C, 1, KH, KW] strides (stride_wc, -,
+            stride_wh, stride_ww). k_ptr: [C], stride stride_k (read iff sigmoid).
+    hn_ptr: [M = N*Ho*Wo, C] contiguous, input dtype (iff STORE_HN).
+    a_ptr:  [M, C] fp32 contiguous (iff STORE_A): pixel-major like Hn, as the depthwise grad
+            kernel reads both along the channels at every tap.
+    rw_ptr: [C] fp32, r_w = sqrt(||w_c||^2 + eps), written by the pid_m == 0 programs.
+    part_ptr: [3, R, C] fp32 partials as _prep_kernel's (conv_bwd's reduction follows).
+    R = cdiv(M, BLOCK_M) = grid axis 0. KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride,
+    padding, dilation. OPERATOR, DELTA, STORE_*, NEED_*, EMULATE_RTNE as _prep_kernel.
+    Grid: (R, cdiv(C, BLOCK_C)).
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_o < C
+    o64 = offs_o.to(tl.int64)
+    mask = m_mask[:, None] & c_mask[None, :]
+    n = offs_m // (Ho * Wo)
+    hw = offs_m % (Ho * Wo)
+    ho = hw // Wo
+    wo = hw % Wo
+    s, q, wsq = depthwise_window(x_ptr, w_ptr, n, ho * SH - PH, wo * SW - PW, m_mask, offs_o,
+                                  c_mask, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
+                                  stride_wc, stride_wh, stride_ww, DH, DW, KH, KW,
+                                  BLOCK_M, BLOCK_C)
+    inv_norms, inv_rx = depthwise_inv_norms(q, wsq, eps)
+    cv = clamp_cos(s * inv_norms)
+    if pid_m == 0:
+        tl.store(rw_ptr + offs_o, tl.sqrt(wsq + eps), mask=c_mask)
+    dy_row = (n.to(tl.int64) * stride_dyn + ho.to(tl.int64) * stride_dyh
+              + wo.to(tl.int64) * stride_dyw)
+    dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    if OPERATOR == 2:
+        kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        kv = 1.0
+    grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
+    gc = grad_c * cv
+    rows = offs_m.to(tl.int64)[:, None] * C + o64[None, :]
+    if STORE_HN:
+        tl.store(hn_ptr + rows, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE), mask=mask)
+    if STORE_A:
+        tl.store(a_ptr + rows, gc * inv_rx * inv_rx, mask=mask)
+    # masked lanes: dy = 0 there, so G, G c and dy dg/dk are 0 and the column sums exact
+    _store_column_partials(part_ptr, R, pid_m, C, offs_o, c_mask, mask, dy, cv, kv, gc,
+                           NEED_S, NEED_DB, NEED_DK)
+
+
+@triton.jit
+def _depthwise_grad_kernel(
+    hn_ptr, a_ptr, w_ptr, rw_ptr, x_ptr, dx_ptr, part_ptr,
+    n_in_pixels, C, H, W, Ho, Wo, PIX_PER_SPLIT,
     stride_wc, stride_wh, stride_ww,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DH: tl.constexpr, DW: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    TAPS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Pure depthwise dx (C_in = C_out = G = C): per input pixel and channel,
+    """Pure depthwise dx and weight-gradient partials in one pass over the input pixels.
 
-        dx = sum_{taps reaching it} Hn[pixel(tap), c] w[c, tap] / r_w[c] - x * sum_{same taps} A[n, c, pixel(tap)]
+    Per input pixel i and channel c, over the taps t whose output pixel p(i, t) exists:
 
-    with elementwise FMAs over a [pixels x channels] tile (a GEMM would be 15/16 padding).
+        dx[i, c]          = sum_t Hn[p(i, t), c] w[c, t] / r_w[c] - x[i, c] sum_t A[p(i, t), c]
+        part[split, t, c] = sum_{i in split} Hn[p(i, t), c] x[i, c]
 
-    hn_ptr: [N*Ho*Wo, C] contiguous (Hn = G / r_x, input dtype).
-    w_ptr:  [C, 1, KH, KW] filters, strides (stride_wc, -, stride_wh, stride_ww).
-    rw_ptr: [C] fp32 filter norms.   a_ptr: [N*Ho*Wo, C] fp32 contiguous (A, one per channel,
-            pixel-major like Hn: _channelwise_prep_kernel's A_PIXEL_MAJOR).
-    x_ptr / dx_ptr: [N, C, H, W], strides (stride_xn, ...) / (stride_dxn, ...).
-    n_in_pixels = N*H*W (< 2^31, checked by the launcher).
-    KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation.
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
-    BLOCK_M input pixels x BLOCK_C channels per program.
-    Grid: (cdiv(N*H*W, BLOCK_M), cdiv(C, BLOCK_C)).
+    The partials are the weight gradient's sum_p Hn[p, c] x[i(p, t), c] taken from the input
+    side: every (output pixel, tap) pair whose input pixel lies inside the image is exactly one
+    (input pixel, tap) pair here, and pairs reading the padding contribute x = 0 on both sides.
+    So Hn and x are read once for both gradients (the wgrad of a separate kernel read them again,
+    once per tap).
+
+    hn_ptr: [M = N*Ho*Wo, C] contiguous (Hn = G / r_x, input dtype).
+    a_ptr:  [M, C] fp32 contiguous (A), read iff NEED_DX.
+    w_ptr:  [C, 1, KH, KW], strides (stride_wc, -, stride_wh, stride_ww). rw_ptr: [C] fp32 r_w.
+    x_ptr / dx_ptr: [N, C, H, W], strides (stride_xn, ...) / (stride_dxn, ...); dx written
+            iff NEED_DX.
+    part_ptr: [SPLIT, KH*KW, C] fp32 contiguous (iff NEED_DW): _dw_finalize_kernel's layout
+            (C_in per group 1), still to be divided by r_w there.
+    n_in_pixels = N*H*W (< 2^31, checked by the launcher); program s takes input pixels
+    [s * PIX_PER_SPLIT, (s + 1) * PIX_PER_SPLIT), a multiple of BLOCK_M, BLOCK_M at a time.
+    KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation. TAPS: KH*KW rounded
+    up to a power of two (the partials' register tile). EMULATE_RTNE: interpreter-only bf16
+    rounding (epilogue.to_dtype_of).
+    Grid: (SPLIT, cdiv(C, BLOCK_C)).
     """
-    pid_m = tl.program_id(0)
+    split = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_mask = offs_m < n_in_pixels
     c_mask = offs_c < C
-    n = offs_m // (H * W)
-    rem = offs_m % (H * W)
-    hi = rem // W
-    wi = rem % W
-    n64 = n.to(tl.int64)
     c64 = offs_c.to(tl.int64)
     inv_rw = 1.0 / tl.load(rw_ptr + offs_c, mask=c_mask, other=1.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    # a rolled loop: unrolled, the taps' loads all stay in flight and spill (make aot-check)
-    for tap in range(KH * KW):
-        # output pixel (ho, wo) whose window puts tap (kh, kw) on this input pixel, if any
-        th = hi + PH - (tap // KW) * DH
-        tw = wi + PW - (tap % KW) * DW
-        ho = th // SH
-        wo = tw // SW
-        valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
-                 & (ho < Ho) & (wo < Wo))
-        mask = valid[:, None] & c_mask[None, :]
-        pix = (n64 * Ho + ho) * Wo + wo
-        h = tl.load(hn_ptr + pix[:, None] * C + c64[None, :], mask=mask, other=0.0)
-        wv = tl.load(w_ptr + c64 * stride_wc + (tap // KW) * stride_wh + (tap % KW) * stride_ww,
-                     mask=c_mask, other=0.0).to(tl.float32)
-        acc += h.to(tl.float32) * (wv * inv_rw)[None, :]
-        box += tl.load(a_ptr + pix[:, None] * C + c64[None, :], mask=mask, other=0.0)
-    out_mask = m_mask[:, None] & c_mask[None, :]
-    x_row = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
-    xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :], mask=out_mask,
-                 other=0.0).to(tl.float32)
-    dx = acc - xv * box
-    dx_row = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
-    tl.store(dx_ptr + dx_row[:, None] + (c64 * stride_dxc)[None, :],
-             to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
-
-
-@triton.jit
-def _depthwise_wgrad_kernel(
-    hn_ptr, x_ptr, part_ptr,
-    M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C, M_PER_SPLIT, SPLIT,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    KH: tl.constexpr, KW: tl.constexpr,
-    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DH: tl.constexpr, DW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Pure depthwise partial weight gradient ``sum_{m in split} Hn[m, c] * x[n, c, hi, wi]`` per
-    (split, tap, channel), elementwise products reduced over the pixels at the end.
-
-    hn_ptr:   [M = N*Ho*Wo, C] contiguous (Hn, input dtype).
-    x_ptr:    [N, C, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
-    part_ptr: [SPLIT, KH*KW, C] fp32 contiguous: the layout _dw_finalize_kernel reads (its C_in
-              per group is 1). Still / r_w.
-    M_PER_SPLIT: output pixels per split (a multiple of BLOCK_M). HoWo, Wo: constexpr.
-    KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation.
-    BLOCK_M output pixels per step x BLOCK_C channels.
-    Grid: (cdiv(C, BLOCK_C), KH*KW, SPLIT).
-    """
-    pid_c = tl.program_id(0)
-    tap = tl.program_id(1)
-    s = tl.program_id(2)
-    kh = tap // KW
-    kw = tap % KW
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    c64 = offs_c.to(tl.int64)
-    m_start = s * M_PER_SPLIT
-    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
+    tap_ids = tl.arange(0, TAPS)
+    w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
+    p_start = split * PIX_PER_SPLIT
+    p_end = tl.minimum(p_start + PIX_PER_SPLIT, n_in_pixels)
+    for m0 in range(p_start, p_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_end
-        x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                       stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW, True)
-        h = tl.load(hn_ptr + offs_m.to(tl.int64)[:, None] * C + c64[None, :],
-                    mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-        xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :],
-                     mask=valid[:, None] & c_mask[None, :], other=0.0)
-        acc += h.to(tl.float32) * xv.to(tl.float32)
-    tl.store(part_ptr + (s * (KH * KW) + tap).to(tl.int64) * C + c64, tl.sum(acc, axis=0),
-             mask=c_mask)
+        m_mask = offs_m < p_end
+        n = offs_m // (H * W)
+        rem = offs_m % (H * W)
+        hi = rem // W
+        wi = rem % W
+        n64 = n.to(tl.int64)
+        out_mask = m_mask[:, None] & c_mask[None, :]
+        x_row = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+        xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :], mask=out_mask,
+                     other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        # a rolled loop: unrolled, the taps' loads all stay in flight and spill (make aot-check)
+        for tap in range(KH * KW):
+            # output pixel (ho, wo) whose window puts tap (kh, kw) on this input pixel, if any
+            th = hi + PH - (tap // KW) * DH
+            tw = wi + PW - (tap % KW) * DW
+            ho = th // SH
+            wo = tw // SW
+            valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
+                     & (ho < Ho) & (wo < Wo))
+            mask = valid[:, None] & c_mask[None, :]
+            rows = ((n64 * Ho + ho) * Wo + wo)[:, None] * C + c64[None, :]
+            h = tl.load(hn_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            if NEED_DX:
+                wv = tl.load(w_ptr + c64 * stride_wc + (tap // KW) * stride_wh
+                             + (tap % KW) * stride_ww, mask=c_mask, other=0.0).to(tl.float32)
+                acc += h * (wv * inv_rw)[None, :]
+                box += tl.load(a_ptr + rows, mask=mask, other=0.0)
+            if NEED_DW:
+                # this tile's sum for tap t, added into row t of the partials (others + 0.0)
+                tap_sum = tl.sum(h * xv, axis=0)
+                w_part += tl.where(tap_ids[:, None] == tap, tap_sum[None, :], 0.0)
+        if NEED_DX:
+            dx = acc - xv * box
+            dx_row = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
+            tl.store(dx_ptr + dx_row[:, None] + (c64 * stride_dxc)[None, :],
+                     to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
+    if NEED_DW:
+        part_rows = (split * (KH * KW) + tap_ids).to(tl.int64)
+        tl.store(part_ptr + part_rows[:, None] * C + c64[None, :], w_part,
+                 mask=(tap_ids < KH * KW)[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -742,15 +787,19 @@ def _dw_finalize_kernel(
     stride_wo, stride_wc, stride_wh, stride_ww,
     stride_dwo, stride_dwc, stride_dwh, stride_dww,
     KH: tl.constexpr, KW: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
-    """dw = (sum over splits of the partials) / r_w - w * S / r_w^2, splits summed in order.
+    """dw = (sum over splits of the partials) / r_w - w * S / r_w^2, in a fixed order: SPLIT_BLOCK
+    splits at a time summed by one [SPLIT_BLOCK, BLOCK] load and a reduction (a fixed tree), the
+    blocks in turn -- not one dependent load per split (a memory round trip each), and the same
+    bits on every run.
 
     part_ptr: [SPLIT, KH*KW, C_out, CG_IN] fp32 contiguous (from _wgrad_kernel); programs walk
               it in that order (coalesced), the small dw is written through its strides.
     w_ptr:  [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
     rw_ptr: [C_out] fp32. s_ptr: [C_out] fp32 (S_o = sum G c).
     dw_ptr: [C_out, CG_IN, KH, KW] in w's dtype, strides (stride_dwo, ...).
-    KH, KW: filter size. BLOCK: weight elements per program.
+    KH, KW: filter size. BLOCK: weight elements per program; SPLIT_BLOCK: splits per step.
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     Grid: (cdiv(KH*KW*C_out*CG_IN, BLOCK),).
     """
@@ -759,10 +808,12 @@ def _dw_finalize_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    part_ptrs = part_ptr + offs
-    for _ in range(0, SPLIT):
-        acc += tl.load(part_ptrs, mask=mask, other=0.0)
-        part_ptrs += numel  # advancing 64-bit pointers: no int32 product SPLIT * numel
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    for s0 in range(0, SPLIT, SPLIT_BLOCK):
+        rows = s0 + offs_s
+        tile = tl.load(part_ptr + rows.to(tl.int64)[:, None] * numel + offs[None, :],
+                       mask=(rows < SPLIT)[:, None] & mask[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     tap = offs // (C_out * CG_IN)
     f = offs % (C_out * CG_IN)
     o = f // CG_IN
@@ -818,17 +869,17 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
 
 
 def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
-    """Tiles of the depthwise kernels (``kernel`` "dgrad" or "wgrad"): memory-bound elementwise
-    work over [pixels x channels] tiles, channels contiguous in Hn and in channels_last x, 8 warps.
-    make aot-check (sm_90, bf16): dgrad at 32 x 64 (8 elements a thread) takes 104 registers, two
-    CTAs an SM, where 64 x 64 takes 176 (one); wgrad keeps only its accumulator across the pixel
-    loop, 48 registers at 64 x 64. Under the interpreter: small tiles, so the test shapes still
+    """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): memory-bound
+    elementwise work over [pixels x channels] tiles, channels contiguous in Hn, A and
+    channels_last x, 8 warps, 8 elements a thread. The grad kernel at 32 x 64 keeps its tile
+    small because a 64 x 64 dgrad took 176 registers (one CTA an SM) where 32 x 64 took 104
+    (make aot-check, sm_90, bf16). Under the interpreter: small tiles, so the test shapes still
     cover several tiles and their masks (``interpreter`` None: whether it runs now)."""
+    if kernel not in ("prep", "grad"):
+        raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
     if _interpreting() if interpreter is None else interpreter:
         return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4)
-    if kernel == "dgrad":
-        return dict(BLOCK_M=32, BLOCK_C=64, num_warps=8)
-    return dict(BLOCK_M=64, BLOCK_C=64, num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_C=64, num_warps=8)
 
 
 def prep_config(operator: str, from_output: bool = False) -> dict:
@@ -859,7 +910,7 @@ def filter_norm_config(n_f: int) -> dict:
     return dict(BLOCK_O=block_o, BLOCK_F=block_f, num_warps=8 if block_o * block_f > 2048 else 4)
 # 512 rows per first-level program (8 steps of 64): ~25 programs for a 64x56x56 batch
 REDUCE_CONFIG = dict(BLOCK_R=64, BLOCK_C=32, ROWS_PER_PROGRAM=512, num_warps=4)
-FINALIZE_CONFIG = dict(BLOCK=1024, num_warps=4)
+FINALIZE_CONFIG = dict(BLOCK=256, SPLIT_BLOCK=16, num_warps=4)
 
 
 def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.device) -> int:
@@ -948,7 +999,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         w: [C_out, C_in/groups, KH, KW] filters, same dtype as x.
         k: None (linear, cosine) or [C_out] sigmoid steepness.
         c, r_x: the saved state of the forward: c [N, C_out, Ho, Wo] (input dtype),
-            r_x [N, groups, Ho, Wo] float32.
+            r_x [N, groups, Ho, Wo] float32. Pure depthwise convs (C_in/G = C_out/G = 1)
+            recompute both from x and w and do not read them: their forward returns them
+            empty (any tensors of the right dtypes are accepted there).
         stride, padding, dilation: pairs of ints (padding symmetric). groups: int.
         operator: "linear" | "cosine" | "sigmoid". eps: the epsilon of the norms.
         output_mask: (need_dx, need_dw, need_db, need_dk).
@@ -966,6 +1019,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     from sphereops.reference import ARCCOS_DELTA, saved_state_mode  # their single sources
 
     for t, name, nd in ((dy, "dy", 4), (x, "x", 4), (w, "w", 4), (c, "c", 4), (r_x, "r_x", 4)):
+        if name in ("c", "r_x") and isinstance(t, torch.Tensor) and t.numel() == 0:
+            continue   # a pure depthwise forward's (empty) state; shapes are checked below
         _check_tensor(t, name, nd)
     if operator not in OPERATOR_CODES:
         raise ValueError(f"operator must be one of {tuple(OPERATOR_CODES)}, got {operator!r}")
@@ -1011,9 +1066,12 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         raise ValueError(f"x of spatial size {(h, wd)} is too small for the filter/padding/dilation")
     if tuple(dy.shape) != (n, c_out, ho, wo):
         raise ValueError(f"dy must have shape {(n, c_out, ho, wo)}, got {tuple(dy.shape)}")
-    if tuple(c.shape) != (n, c_out, ho, wo):
+    # Pure depthwise (one channel in and out per group): elementwise kernels instead of GEMMs,
+    # and c and r_x recomputed from x and w (the forward saves neither): not read, may be empty
+    depthwise = cg_in == 1 and cg_out == 1
+    if not depthwise and tuple(c.shape) != (n, c_out, ho, wo):
         raise ValueError(f"c must have shape {(n, c_out, ho, wo)}, got {tuple(c.shape)}")
-    if tuple(r_x.shape) != (n, groups, ho, wo):
+    if not depthwise and tuple(r_x.shape) != (n, groups, ho, wo):
         raise ValueError(f"r_x must have shape {(n, groups, ho, wo)}, got {tuple(r_x.shape)}")
     if operator == "sigmoid":
         if not isinstance(k, torch.Tensor) or k.dim() != 1 or k.shape[0] != c_out:
@@ -1044,16 +1102,17 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     upcast = interpreting and dtype != torch.float32
     rtne = interpreting
     precision = _dot_precision(dtype)
+    geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
+    if depthwise:
+        return _depthwise_backward(dy, x, w, k, operator, eps, (need_dx, need_dw, need_db, need_dk),
+                                   ho, wo, geometry, rtne)
     r_x = r_x.contiguous()
     k_arg = k if operator == "sigmoid" else r_x  # never read unless sigmoid
 
-    # Pure depthwise (one channel in and out per group): elementwise kernels instead of GEMMs
-    depthwise = cg_in == 1 and cg_out == 1
-
-    # 1. filter norms (and unit filters for the GEMM dgrad)
+    # 1. filter norms (and unit filters for the dgrad)
     if need_grads:
         r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
-        store_w_hat = need_dx and not depthwise
+        store_w_hat = need_dx
         w_hat = torch.empty((kh, kw, c_out, cg_in) if store_w_hat else (1,), device=dev, dtype=dtype)
         cfg = filter_norm_config(cg_in * kh * kw)
         _launch(_filter_norm_kernel, (_cdiv(c_out, cfg["BLOCK_O"]),),
@@ -1068,8 +1127,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
         hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
-    # A: [N, G, Ho, Wo] for the GEMM dgrad, [M, C] (Hn's layout) for the pure depthwise one
-    a_shape = ((m_out, c_out) if depthwise else (n, groups, ho, wo)) if need_dx else (1,)
+    a_shape = (n, groups, ho, wo) if need_dx else (1,)
     a_buf = torch.empty(a_shape, device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
     has_bias = from_output and bias is not None
@@ -1082,7 +1140,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
         _launch(_channelwise_prep_kernel, (r_rows, _cdiv(c_out, cfg["BLOCK_C"])),
                 prep_in + (m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(), *c.stride()),
-                A_PIXEL_MAJOR=depthwise, BLOCK_C=cfg["BLOCK_C"], **prep_flags)
+                BLOCK_C=cfg["BLOCK_C"], **prep_flags)
     else:
         _launch(_prep_kernel, (r_rows, groups),
                 prep_in + (m_out, ho * wo, wo, c_out, cg_out, groups, r_rows, k_stride,
@@ -1090,33 +1148,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]), **prep_flags)
 
     # 3. deterministic sums of the partials
-    s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
-    db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
-    dk = torch.empty(c_out, device=dev, dtype=k.dtype) if need_dk else None
-    if need_dw or need_db or need_dk:
-        cfg = REDUCE_CONFIG
-        flags = dict(NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
-                     BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-        outs = (s_sum, db if need_db else s_sum, dk if need_dk else s_sum)
-        c_blocks = _cdiv(c_out, cfg["BLOCK_C"])
-        rows, level = r_rows, partials
-        if rows > cfg["ROWS_PER_PROGRAM"]:  # first level: split the rows over programs
-            n_split = _cdiv(rows, cfg["ROWS_PER_PROGRAM"])
-            nxt = torch.empty((3, n_split, c_out), device=dev, dtype=torch.float32)
-            _launch(_reduce_partials_kernel, (c_blocks, n_split),
-                    (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False, **flags)
-            rows, level = n_split, nxt
-        _launch(_reduce_partials_kernel, (c_blocks, 1),
-                (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
-                FINAL=True, **flags)
+    s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne)
 
-    geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
     wide = _needs_wide_offsets(x, m_out * c_out, (kh, kw), (ph, pw), (dh, dw_))
-    if depthwise:
-        dx, dw = _depthwise_grads(need_dx, need_dw, hn, w, r_w if need_grads else None, a_buf,
-                                  s_sum, x, m_out, ho, wo, geometry, rtne)
-        return dx, dw, db, dk
-
     # 4. dgrad fused with the norm correction
     if need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
@@ -1154,35 +1188,90 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     return dx, dw, db, dk
 
 
-def _depthwise_grads(need_dx, need_dw, hn, w, r_w, a_buf, s_sum, x, m_out, ho, wo, geometry,
-                     rtne):
-    """dx and dw of a pure depthwise conv from the prep pass's Hn and A: the elementwise dgrad,
-    the split elementwise wgrad and the shared finalize (no w_hat, no GEMM)."""
+def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne):
+    """``(S [C_out] fp32, db, dk)`` from the prep pass's partials [3, r_rows, C_out] with
+    _reduce_partials_kernel: fixed-order sums, two levels (two launches) above
+    ROWS_PER_PROGRAM rows. S is a 1-element placeholder unless need_dw; db / dk None unless
+    needed (w's / k's dtype)."""
+    c_out, dev = w.shape[0], w.device
+    s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
+    db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
+    dk = torch.empty(c_out, device=dev, dtype=k.dtype) if need_dk else None
+    if not (need_dw or need_db or need_dk):
+        return s_sum, db, dk
+    cfg = REDUCE_CONFIG
+    flags = dict(NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
+                 BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    outs = (s_sum, db if need_db else s_sum, dk if need_dk else s_sum)
+    c_blocks = _cdiv(c_out, cfg["BLOCK_C"])
+    rows, level = r_rows, partials
+    if rows > cfg["ROWS_PER_PROGRAM"]:  # first level: split the rows over programs
+        n_split = _cdiv(rows, cfg["ROWS_PER_PROGRAM"])
+        nxt = torch.empty((3, n_split, c_out), device=dev, dtype=torch.float32)
+        _launch(_reduce_partials_kernel, (c_blocks, n_split),
+                (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False, **flags)
+        rows, level = n_split, nxt
+    _launch(_reduce_partials_kernel, (c_blocks, 1),
+            (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
+            FINAL=True, **flags)
+    return s_sum, db, dk
+
+
+def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne):
+    """(dx, dw, db, dk) of a pure depthwise conv (C_in = C_out = G), recomputing c and r_x:
+    _depthwise_prep_kernel (Hn, A, r_w and the column partials), the partials' reduction, then
+    _depthwise_grad_kernel (dx and the weight-gradient partials in one pass) and the finalize.
+    3-5 launches; the forward saved nothing."""
+    from sphereops.reference import ARCCOS_DELTA  # its single source
+
+    need_dx, need_dw, need_db, need_dk = need
     n, c, h, wd = x.shape
     kh, kw = geometry["KH"], geometry["KW"]
+    dev, dtype = x.device, x.dtype
+    m_out = n * ho * wo
+    need_grads = need_dx or need_dw
+    cfg = depthwise_config("prep")
+    r_rows = _cdiv(m_out, cfg["BLOCK_M"])
+    hn = torch.empty((m_out, c) if need_grads else (1,), device=dev, dtype=dtype)
+    a_buf = torch.empty((m_out, c) if need_dx else (1,), device=dev, dtype=torch.float32)
+    r_w = torch.empty(c, device=dev, dtype=torch.float32)
+    partials = torch.empty((3, r_rows, c), device=dev, dtype=torch.float32)
+    sigmoid = operator == "sigmoid"
+    _launch(_depthwise_prep_kernel, (r_rows, _cdiv(c, cfg["BLOCK_C"])),
+            (dy, x, w, k if sigmoid else r_w, hn, a_buf, r_w, partials, m_out, c, h, wd, ho, wo,
+             r_rows, k.stride(0) if sigmoid else 0, float(eps), *dy.stride(), *x.stride(),
+             w.stride(0), w.stride(2), w.stride(3)),
+            **geometry, OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
+            STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
+            NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            num_warps=cfg["num_warps"])
+    s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk,
+                                            rtne)
     dx = dw = None
-    if need_dx:
-        cfg = depthwise_config("dgrad")
-        dx = torch.empty_like(x)  # preserves NCHW / channels_last
-        grid = (_cdiv(n * h * wd, cfg["BLOCK_M"]), _cdiv(c, cfg["BLOCK_C"]))
-        _launch(_depthwise_dgrad_kernel, grid,
-                (hn, w, r_w, a_buf, x, dx, n * h * wd, c, h, wd, ho, wo,
-                 w.stride(0), w.stride(2), w.stride(3), *x.stride(), *dx.stride()),
-                **geometry, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+    if need_grads:
+        cfg = depthwise_config("grad")
+        n_in = n * h * wd
+        steps = _cdiv(n_in, cfg["BLOCK_M"])
+        c_tiles = _cdiv(c, cfg["BLOCK_C"])
+        # without dw every tile is its own program; with it, contiguous ranges of tiles (the
+        # partials grow with the number of ranges): wgrad's rule, about two programs per SM
+        split = _wgrad_split(n_in, c_tiles, cfg["BLOCK_M"], dev) if need_dw else steps
+        pix_per_split = _cdiv(steps, split) * cfg["BLOCK_M"]
+        split = _cdiv(n_in, pix_per_split)
+        dx = torch.empty_like(x) if need_dx else None  # preserves NCHW / channels_last
+        w_part = torch.empty((split, kh * kw, c, 1) if need_dw else (1,), device=dev,
+                             dtype=torch.float32)
+        dx_arg = dx if need_dx else hn   # never written without NEED_DX
+        _launch(_depthwise_grad_kernel, (split, c_tiles),
+                (hn, a_buf, w, r_w, x, dx_arg, w_part, n_in, c, h, wd, ho, wo, pix_per_split,
+                 w.stride(0), w.stride(2), w.stride(3), *x.stride(),
+                 *(dx.stride() if need_dx else x.stride())),
+                **geometry, NEED_DX=need_dx, NEED_DW=need_dw, TAPS=_next_pow2(kh * kw),
+                EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
                 num_warps=cfg["num_warps"])
-    if need_dw:
-        cfg = depthwise_config("wgrad")
-        base = _cdiv(c, cfg["BLOCK_C"]) * kh * kw
-        split = _wgrad_split(m_out, base, cfg["BLOCK_M"], x.device)
-        m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        split = _cdiv(m_out, m_per_split)
-        w_part = torch.empty((split, kh * kw, c, 1), device=x.device, dtype=torch.float32)
-        _launch(_depthwise_wgrad_kernel, (_cdiv(c, cfg["BLOCK_C"]), kh * kw, split),
-                (hn, x, w_part, m_out, ho * wo, wo, h, wd, c, m_per_split, split, *x.stride()),
-                **geometry, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-                num_warps=cfg["num_warps"])
-        dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
-    return dx, dw
+        if need_dw:
+            dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
+    return dx, dw, db, dk
 
 
 def _finalize_dw(w_part, w, r_w, s_sum, split, rtne):
@@ -1192,7 +1281,8 @@ def _finalize_dw(w_part, w, r_w, s_sum, split, rtne):
     cfg = FINALIZE_CONFIG
     _launch(_dw_finalize_kernel, (_cdiv(w.numel(), cfg["BLOCK"]),),
             (w_part, w, r_w, s_sum, dw, c_out, cg_in, split, *w.stride(), *dw.stride()),
-            KH=kh, KW=kw, EMULATE_RTNE=rtne, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+            KH=kh, KW=kw, EMULATE_RTNE=rtne, BLOCK=cfg["BLOCK"], SPLIT_BLOCK=cfg["SPLIT_BLOCK"],
+            num_warps=cfg["num_warps"])
     return dw
 
 
@@ -1241,9 +1331,7 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
         constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES[operator], DELTA=1e-6,
                         FROM_OUTPUT=from_output, HAS_BIAS=from_output, STORE_HN=True, STORE_A=True,
                         NEED_S=True, NEED_DB=True, NEED_DK=operator == "sigmoid",
-                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-                        # the channelwise pass as the pure depthwise backward runs it
-                        **({} if fn is _prep_kernel else {"A_PIXEL_MAJOR": True})),
+                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
         example_args=dict(C_out=c, **({"CG_OUT": c} if fn is _prep_kernel else {}), **strides))
 
@@ -1304,29 +1392,38 @@ def aot_specs() -> list:
                     spec = specs[-3]
                     specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_rtdiv_"),
                                       constexprs=dict(spec["constexprs"], RUNTIME_DIV=True)))
-        # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles
-        dg_cfg = depthwise_config("dgrad", interpreter=False)
-        wg_cfg = depthwise_config("wgrad", interpreter=False)
+        # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles;
+        # the prep pass with the heaviest operator (sigmoid: arccos and exps per element)
+        prep_cfg = depthwise_config("prep", interpreter=False)
+        grad_cfg = depthwise_config("grad", interpreter=False)
+        w_strides = dict(stride_wc=9, stride_wh=3, stride_ww=1)
         for label, st in (("3x3", 1), ("3x3_s2", 2)):
             geo = dict(KH=3, KW=3, SH=st, SW=st, PH=1, PW=1, DH=1, DW=1)
             specs.append(dict(
-                name=f"conv_bwd_depthwise_dgrad_{label}_{tag}", fn=_depthwise_dgrad_kernel,
-                signature=_signature(_depthwise_dgrad_kernel,
-                                     {"hn_ptr": t, "w_ptr": t, "rw_ptr": "*fp32", "a_ptr": "*fp32",
-                                      "x_ptr": t, "dx_ptr": t}),
-                constexprs=dict(**geo, EMULATE_RTNE=False, BLOCK_M=dg_cfg["BLOCK_M"],
-                                BLOCK_C=dg_cfg["BLOCK_C"]),
-                num_warps=dg_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-                example_args=dict(C=c, **x_strides_cl, stride_dxn=h * w * c, stride_dxc=1,
-                                  stride_dxh=w * c, stride_dxw=c)))
+                name=f"conv_bwd_depthwise_prep_sigmoid_{label}_{tag}", fn=_depthwise_prep_kernel,
+                signature=_signature(_depthwise_prep_kernel,
+                                     {"dy_ptr": t, "x_ptr": t, "w_ptr": t, "k_ptr": t, "hn_ptr": t,
+                                      "a_ptr": "*fp32", "rw_ptr": "*fp32", "part_ptr": "*fp32"},
+                                     floats=("eps",)),
+                constexprs=dict(**geo, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
+                                STORE_HN=True, STORE_A=True, NEED_S=True, NEED_DB=True,
+                                NEED_DK=True, EMULATE_RTNE=False, BLOCK_M=prep_cfg["BLOCK_M"],
+                                BLOCK_C=prep_cfg["BLOCK_C"]),
+                num_warps=prep_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
+                example_args=dict(C=c, **x_strides_cl, **w_strides,
+                                  stride_dyn=(h // st) * (w // st) * c, stride_dyc=1,
+                                  stride_dyh=(w // st) * c, stride_dyw=c)))
             specs.append(dict(
-                name=f"conv_bwd_depthwise_wgrad_{label}_{tag}", fn=_depthwise_wgrad_kernel,
-                signature=_signature(_depthwise_wgrad_kernel,
-                                     {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
-                constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st,
-                                BLOCK_M=wg_cfg["BLOCK_M"], BLOCK_C=wg_cfg["BLOCK_C"]),
-                num_warps=wg_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-                example_args=dict(C=c, M_PER_SPLIT=4096, **x_strides_cl)))
+                name=f"conv_bwd_depthwise_grad_{label}_{tag}", fn=_depthwise_grad_kernel,
+                signature=_signature(_depthwise_grad_kernel,
+                                     {"hn_ptr": t, "a_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
+                                      "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32"}),
+                constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=16, EMULATE_RTNE=False,
+                                BLOCK_M=grad_cfg["BLOCK_M"], BLOCK_C=grad_cfg["BLOCK_C"]),
+                num_warps=grad_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
+                example_args=dict(C=c, PIX_PER_SPLIT=4096, **x_strides_cl, **w_strides,
+                                  stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c,
+                                  stride_dxw=c)))
         # the memory-bound passes, once per dtype: the sigmoid prep (the heaviest epilogue) and
         # the saved-output variant (c recovered from y and the bias, with a sine for linear)
         specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_{tag}", "sigmoid", False, t, dtype, c, h, w))
@@ -1357,6 +1454,7 @@ def aot_specs() -> list:
             name=f"conv_bwd_dw_finalize_{tag}", fn=_dw_finalize_kernel,
             signature=_signature(_dw_finalize_kernel, {"part_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
                                                        "s_ptr": "*fp32", "dw_ptr": t}),
-            constexprs=dict(KH=3, KW=3, EMULATE_RTNE=False, BLOCK=cfg["BLOCK"]),
+            constexprs=dict(KH=3, KW=3, EMULATE_RTNE=False, BLOCK=cfg["BLOCK"],
+                            SPLIT_BLOCK=cfg["SPLIT_BLOCK"]),
             num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False))
     return specs

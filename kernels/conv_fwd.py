@@ -348,27 +348,71 @@ def _sphere_conv_fwd_kernel(
 
 
 @triton.jit
+def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c, in_h, in_w,
+                      stride_xn, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww,
+                      dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
+                      BC: tl.constexpr):
+    """The depthwise window of BM output pixels x BC channels, all fp32: ``(s, q, wsq)`` with
+    s [BM, BC] = sum over taps of w x, q [BM, BC] = sum of x^2 (the patch norms squared, one
+    per pixel and channel) and wsq [BC] = sum of w^2 (the filter norms squared, from the same
+    KH*KW weights the taps load: no filter-norm launch).
+
+    The one definition of c for pure depthwise convs: the forward's epilogue and the backward's
+    recompute (conv_bwd._depthwise_prep_kernel) both take it with :func:`depthwise_inv_norms`.
+    n_idx, h_base, w_base, mask_m [BM]: image, window origin (may be negative: padding), valid
+    pixel. offs_c, mask_c [BC]: channels. x_ptr [N, C, H, W] with strides (stride_x*); w_ptr
+    [C, 1, KH, KW] with strides (stride_wc, -, stride_wh, stride_ww)."""
+    x_base = (x_ptr + n_idx.to(tl.int64)[:, None] * stride_xn
+              + offs_c.to(tl.int64)[None, :] * stride_xc)
+    s = tl.zeros((BM, BC), dtype=tl.float32)
+    q = tl.zeros((BM, BC), dtype=tl.float32)
+    wsq = tl.zeros((BC,), dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        hi = h_base + (tap // KW) * dil_h
+        wi = w_base + (tap % KW) * dil_w
+        inside = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
+        x_ptrs = x_base + (hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None]
+        xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + offs_c.to(tl.int64) * stride_wc + (tap // KW) * stride_wh
+                     + (tap % KW) * stride_ww, mask=mask_c, other=0.0).to(tl.float32)
+        s += xv * wv[None, :]
+        q += xv * xv
+        wsq += wv * wv
+    return s, q, wsq
+
+
+@triton.jit
+def depthwise_inv_norms(q, wsq, eps):
+    """``1 / (r_x r_w)`` [BM, BC] and ``1 / r_x`` [BM, BC] from :func:`depthwise_window`'s q and
+    wsq (eps inside both square roots), so c = clamp(s * inv_norms) everywhere it is formed."""
+    inv_rx = 1.0 / tl.sqrt(q + eps)
+    return inv_rx * (1.0 / tl.sqrt(wsq + eps))[None, :], inv_rx
+
+
+@triton.jit
 def _sphere_conv_dw_fwd_kernel(
-    x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr,
+    x_ptr, w_ptr, bias_ptr, k_ptr, y_ptr,
     n_pixels, channels,
     in_h, in_w, out_h, out_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_wc, stride_wh, stride_ww,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     eps,
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    STORE_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Depthwise SphereConv2d forward (G = C_in = C_out); program = (M tile, channel tile).
+    Reads x and the filters, writes y: the only launch of the forward, and it saves nothing
+    (the backward recomputes c and r_x from x and w: ``conv_bwd._depthwise_prep_kernel``).
 
     Pointers (C = channels = G):
       x_ptr      [N, C, H, W] input, strides (stride_xn, stride_xc, stride_xh, stride_xw);
                  channels_last makes the BLOCK_C channels of a pixel contiguous.
-      w_ptr      [C, KH, KW] filters, contiguous, x's dtype.
-      w_sqnorm_ptr [C] fp32 ||w_c||^2.   bias_ptr [C] (if HAS_BIAS).   k_ptr [C] (if sigmoid).
-      y_ptr, c_ptr [N, C, Ho, Wo], strides (stride_yn, stride_yc, stride_yh, stride_yw).
-      rx_ptr     [N, C, Ho, Wo] fp32 contiguous (r_x has one value per (pixel, group)).
+      w_ptr      [C, 1, KH, KW] filters in x's dtype, strides (stride_wc, -, stride_wh, stride_ww).
+      bias_ptr [C] (if HAS_BIAS).   k_ptr [C] (if sigmoid).
+      y_ptr      [N, C, Ho, Wo], strides (stride_yn, stride_yc, stride_yh, stride_yw).
     Scalars: n_pixels = N*Ho*Wo (< 2^31), C, H, W, Ho, Wo, conv stride/padding/dilation, eps.
     Constexprs: KH, KW filter size (taps unrolled); OPERATOR 0 linear / 1 cosine / 2 sigmoid;
       HAS_BIAS; EMULATE_RTNE (CPU interpreter + bf16 only: round outputs to nearest by hand);
@@ -381,36 +425,20 @@ def _sphere_conv_dw_fwd_kernel(
     mask_m = offs_m < n_pixels
     mask_c = offs_c < channels
 
-    hw_out = out_h * out_w
     n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
                                                         conv_stride_w, pad_h, pad_w)
-    x_tile_base = (x_ptr + n_idx.to(tl.int64)[:, None] * stride_xn
-                   + offs_c.to(tl.int64)[None, :] * stride_xc)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    sumsq = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for tap in tl.static_range(KH * KW):
-        hi = h_base + (tap // KW) * dil_h
-        wi = w_base + (tap % KW) * dil_w
-        valid_m = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
-        x_ptrs = x_tile_base + (hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None]
-        x_f32 = tl.load(x_ptrs, mask=valid_m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        w_f32 = tl.load(w_ptr + offs_c * (KH * KW) + tap, mask=mask_c, other=0.0).to(tl.float32)
-        acc += x_f32 * w_f32[None, :]
-        sumsq += x_f32 * x_f32
-
-    r_x = tl.sqrt(sumsq + eps)
-    r_w = tl.sqrt(tl.load(w_sqnorm_ptr + offs_c, mask=mask_c, other=1.0) + eps)
-
+    s, q, wsq = depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
+                                  in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw,
+                                  stride_wc, stride_wh, stride_ww, dil_h, dil_w, KH, KW,
+                                  BLOCK_M, BLOCK_C)
+    inv_norms, _ = depthwise_inv_norms(q, wsq, eps)
     out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
     out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
     out_mask = mask_m[:, None] & mask_c[None, :]
-    store_sphere_tile(acc, (1.0 / r_x) * (1.0 / r_w)[None, :], offs_c, mask_c, out_offs, out_mask,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C)
-    rx_offs = ((n_idx.to(tl.int64) * channels)[:, None] + offs_c.to(tl.int64)[None, :]) * hw_out \
-        + pix.to(tl.int64)[:, None]
-    tl.store(rx_ptr + rx_offs, r_x, mask=out_mask)
+    # y_ptr stands in for c_ptr: STORE_C False never stores through it
+    store_sphere_tile(s, inv_norms, offs_c, mask_c, out_offs, out_mask, bias_ptr, k_ptr, y_ptr,
+                      y_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, False)
 
 
 @triton.jit
@@ -643,16 +671,42 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                          f"dilated filter {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} plus padding")
     fmt = _output_memory_format(x)
     y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    c = (torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-         if store_c else x.new_empty(0))
-    r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
     n_pixels = n * ho * wo
-    if n_pixels == 0 or c_out == 0:
-        return y, c, r_x
     if n_pixels >= 2 ** 31:
         raise ValueError(f"N*Ho*Wo = {n_pixels} output pixels exceeds 2^31 - 1; split the batch")
     if c_in_g == 0:
         raise ValueError("C_in/groups must be >= 1")
+    flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None,
+                 EMULATE_RTNE=_INTERPRET and x.dtype == torch.bfloat16)
+    geometry = (h, wd, ho, wo, *x.stride(), *y.stride())
+    conv_args = (sh, sw, ph, pw, dh, dw, float(eps))
+
+    if c_in_g == 1 and c_out_g == 1 and not force_gemm:
+        # pure depthwise: one launch, x in and y out; c and r_x are not saved, the backward
+        # recomputes them (docs/ARCHITECTURE.md, "The saved state")
+        empty_state = (x.new_empty(0), x.new_empty(0, dtype=torch.float32))
+        if n_pixels == 0 or c_out == 0:
+            return (y,) + empty_state
+        kernel = _sphere_conv_dw_fwd_autotuned
+        if config is not None:
+            kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
+                                                          "num_warps": config.num_warps}
+        # bias_ptr / k_ptr unread without a bias / for linear and cosine: any input tensor
+        args = (x, w, bias.contiguous() if bias is not None else w,
+                k.contiguous() if operator == "sigmoid" else w, y, n_pixels, c_out,
+                *geometry, w.stride(0), w.stride(2), w.stride(3), *conv_args)
+
+        def dw_grid(meta):
+            return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
+
+        launch(kernel, dw_grid, args, flags, _WHAT)
+        return (y,) + empty_state
+
+    c = (torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+         if store_c else x.new_empty(0))
+    r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
+    if n_pixels == 0 or c_out == 0:
+        return y, c, r_x
 
     # filters in K order (kh, kw, c): a no-op for channels_last weights
     w_packed, w_sqnorm = _prepare_filters(w)
@@ -661,27 +715,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     c_arg = c if store_c else w_sqnorm
     bias_arg = bias.contiguous() if bias is not None else w_sqnorm
     k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
-    common_tail = (
-        h, wd, ho, wo,
-        *x.stride(), *y.stride(),
-        sh, sw, ph, pw, dh, dw,
-        float(eps),
-    )
-    flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None,
-                 EMULATE_RTNE=_INTERPRET and x.dtype == torch.bfloat16, STORE_C=store_c)
-
-    if c_in_g == 1 and c_out_g == 1 and not force_gemm:
-        kernel = _sphere_conv_dw_fwd_autotuned
-        if config is not None:
-            kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
-                                                          "num_warps": config.num_warps}
-        args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x, n_pixels, c_out) + common_tail
-
-        def grid(meta):
-            return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
-
-        launch(kernel, grid, args, flags, _WHAT)
-        return y, c, r_x
+    common_tail = geometry + conv_args
+    flags["STORE_C"] = store_c
 
     if x.dtype == torch.float32:
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
@@ -741,6 +776,7 @@ _DW_EXAMPLE = dict(
     n_pixels=32 * 28 * 28, channels=256, in_h=28, in_w=28, out_h=28, out_w=28,
     stride_xn=28 * 28 * 256, stride_xc=1, stride_xh=28 * 256, stride_xw=256,
     stride_yn=28 * 28 * 256, stride_yc=1, stride_yh=28 * 256, stride_yw=256,
+    stride_wc=9, stride_wh=3, stride_ww=1,
     conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
 _PACK_EXAMPLE = dict(c_in_per_group=64, stride_wo=64 * 9, stride_wc=9, stride_wh=3, stride_ww=1)
 _SQSUM_EXAMPLE = dict(n_in_pixels=32 * 56 * 56, HW=56 * 56, W=56, CG=64, G=1,
@@ -801,7 +837,7 @@ def aot_specs():
             name = (f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}"
                     f"_{dtype_name}")
             constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, EMULATE_RTNE=False,
-                              STORE_C=True, **cfg.kwargs)
+                              **cfg.kwargs)
             specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
                                _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):

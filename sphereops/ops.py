@@ -131,7 +131,7 @@ def _conv2d_backward(ctx, dy, _dc, _dr_x):
     need = [bool(n) for n in ctx.needs_input_grad[:4]]
     if not any(need):
         return (None,) * 12
-    dy = dy.contiguous(memory_format=_memory_format_of(c))
+    dy = dy.contiguous(memory_format=_memory_format_of(x))  # y follows x (c may be empty)
     dx, dw, db, dk = torch.ops.sphereops.conv2d_bwd(dy, x, w, k, c, r_x, stride, padding, dilation,
                                                      groups, operator, eps, backend, need, bias,
                                                      save_output)
@@ -216,7 +216,7 @@ class _Conv2dFunction(torch.autograd.Function):
         x, w, k, c, r_x, bias = ctx.saved_tensors
         stride, padding, dilation, groups, operator, eps, backend, save_output = ctx.config
         need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
-        dy = dy.contiguous(memory_format=_memory_format_of(c))
+        dy = dy.contiguous(memory_format=_memory_format_of(x))  # y follows x (c may be empty)
         # a saved c is private to this node: its memory may take the backward's largest
         # temporary when nothing reads c later (a saved y is the user's: never written)
         with _set_wrap_triton_enabled(False):

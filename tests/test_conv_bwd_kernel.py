@@ -510,8 +510,8 @@ def test_aot_specs_are_well_formed():
     specs = conv_bwd.aot_specs()
     kernels = {s["fn"].__name__ for s in specs}
     assert {"_dgrad_kernel", "_wgrad_kernel", "_prep_kernel", "_filter_norm_kernel",
-            "_reduce_partials_kernel", "_dw_finalize_kernel", "_depthwise_dgrad_kernel",
-            "_depthwise_wgrad_kernel"} <= kernels
+            "_reduce_partials_kernel", "_dw_finalize_kernel", "_channelwise_prep_kernel",
+            "_depthwise_prep_kernel", "_depthwise_grad_kernel"} <= kernels
     for s in specs:
         names = set(s["fn"].arg_names)
         assert set(s["signature"]) == names, s["name"]
@@ -601,9 +601,11 @@ def test_filter_norm_kernel(c_in, kernel, layout):
 
 
 def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
-    """C_in/G = C_out/G = 1 runs the depthwise dgrad/wgrad (no GEMM, no w_hat) after the
-    channelwise prep pass, bitwise the same run to run; a channel multiplier (C_out/G = 2)
-    keeps the GEMM kernels and the per-group prep pass."""
+    """C_in/G = C_out/G = 1 recomputes c and r_x (the forward saves neither) and runs the
+    depthwise prep and grad kernels -- no filter-norm pass, no GEMM, no w_hat -- giving the
+    same bits run to run and whatever c / r_x it is handed (they are not read). One output
+    channel per group with two input channels keeps the GEMM kernels and the channelwise prep;
+    a channel multiplier (C_out/G = 2) the per-group prep."""
     launched = []
     KB = conv_bwd
     real_launch = KB._launch
@@ -612,19 +614,38 @@ def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     inp, c, r_x, dy = _case(torch.bfloat16, operator="sigmoid", c_in=20, c_out=20, groups=20,
                             h=9, w=8, channels_last=True)
     first = _kernel(dy, inp, c, r_x)
-    assert KB._depthwise_dgrad_kernel in launched and KB._depthwise_wgrad_kernel in launched
-    assert KB._dgrad_kernel not in launched and KB._wgrad_kernel not in launched
-    assert KB._channelwise_prep_kernel in launched and KB._prep_kernel not in launched
-    second = _kernel(dy, inp, c, r_x)
+    assert set(launched) == {KB._depthwise_prep_kernel, KB._reduce_partials_kernel,
+                             KB._depthwise_grad_kernel, KB._dw_finalize_kernel}, launched
+    second = _kernel(dy, inp, c.new_empty(0), r_x.new_empty(0))
     for name, a, b in zip(("dx", "dw", "db", "dk"), first, second):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between runs"
     launched.clear()
+    inp, c, r_x, dy = _case(torch.float32, operator="linear", c_in=8, c_out=4, groups=4, h=7, w=7)
+    _kernel(dy, inp, c, r_x)
+    assert KB._dgrad_kernel in launched and KB._depthwise_grad_kernel not in launched
+    assert KB._channelwise_prep_kernel in launched and KB._depthwise_prep_kernel not in launched
+    launched.clear()
     inp, c, r_x, dy = _case(torch.float32, operator="linear", c_in=4, c_out=8, groups=4, h=7, w=7)
     _kernel(dy, inp, c, r_x)
-    assert KB._dgrad_kernel in launched and KB._depthwise_dgrad_kernel not in launched
+    assert KB._dgrad_kernel in launched and KB._depthwise_grad_kernel not in launched
     assert KB._prep_kernel in launched and KB._channelwise_prep_kernel not in launched
 
 
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["dx-only", "dw-only"])
+def test_depthwise_grad_kernel_with_one_gradient(need):
+    """The depthwise grad kernel computes dx and the weight-gradient partials in one pass; each
+    alone (NEED_DX / NEED_DW) gives the same values as both together (and the float64 reference),
+    with stride 2 so the input pixels that no tap reaches are in the mix."""
+    inp, c, r_x, dy = _case(torch.float32, operator="linear", c_in=12, c_out=12, groups=12,
+                            h=9, w=7, stride=(2, 2), padding=(1, 1), channels_last=True)
+    both = _kernel(dy, inp, c, r_x, mask=(True, True, False, False))
+    alone = _kernel(dy, inp, c, r_x, mask=need + (False, False))
+    for name, wanted, a, b in zip(("dx", "dw"), need, alone, both):
+        if wanted:
+            assert torch.equal(a, b), f"{name} alone differs from {name} with the other gradient"
+        else:
+            assert a is None, f"{name} was not asked for"
+    _check_all(both, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask=(True, True, False, False))
 
 
 @pytest.mark.parametrize("seed", range(RANDOM_CASES))
@@ -639,7 +660,11 @@ def test_random_geometries_match_closed_form_reference(seed):
         y, c_k, r_k = conv_fwd.sphere_conv2d_fwd(*inp.args(), EPS)
         y64, c64, r64 = R.conv2d_forward(*(t.double() if isinstance(t, torch.Tensor) else t
                                            for t in inp.args()), EPS)
-        for name, got, want in (("y", y, y64), ("c", c_k, c64), ("r_x", r_k, r64)):
+        saved = (("y", y, y64), ("c", c_k, c64), ("r_x", r_k, r64))
+        if inp.w.shape[1] == 1 and inp.w.shape[0] == inp.groups:  # pure depthwise saves nothing
+            assert c_k.numel() == 0 and r_k.numel() == 0
+            saved = saved[:1]
+        for name, got, want in saved:
             assert_close(got, want, rtol=2e-5, atol=2e-5 * max(1.0, want.abs().max().item()),
                          name=name)
         out = _kernel(dy, inp, c, r_x)
