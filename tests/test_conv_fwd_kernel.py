@@ -312,7 +312,7 @@ def test_patch_norms_choice_is_checked():
         _run_kernel(inp, patch_norms="box")
     huge = torch.empty(2 ** 17, 1, 2 ** 7, 2 ** 7, device="meta")     # 2^31 input pixels
     with pytest.raises(ValueError, match="input pixels"):
-        F._channel_sqsums(huge, 1)
+        F._prepare_operands(huge, torch.empty(4, 1, 3, 3, device="meta"), 1, prepass=True)
 
 
 @pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
@@ -387,14 +387,17 @@ def test_forward_every_depthwise_config(cfg):
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_prepare_filters(layout, dtype):
-    """Packing into (kh, kw, C_in/G) order is an exact copy (a view for channels_last weights)
-    and ||w_o||^2 is summed in fp32 (fp16 weights of ~300: their squares overflow fp16)."""
+    """The filter programs of the preparation launch (alone: no pre-pass): packing into
+    (kh, kw, C_in/G) order is an exact copy (a view for channels_last weights) and ||w_o||^2 is
+    summed in fp32 (fp16 weights of ~300: their squares overflow fp16)."""
     w = (torch.randn(12, 5, 3, 2, dtype=torch.float64) * 300).to(dtype).to(DEVICE)
     if layout == "channels_last":
         w = w.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         w = torch.randn(12, 10, 3, 4, dtype=torch.float64).to(dtype).to(DEVICE)[:, ::2, :, 1:3]
-    packed, sqnorm = F._prepare_filters(w)
+    x = torch.randn(1, 5, 3, 3, dtype=torch.float64).to(dtype).to(DEVICE)  # unread
+    packed, sqnorm, q = F._prepare_operands(x, w, 1, prepass=False)
+    assert q is None
     assert packed.shape == (12, 3, 2, 5) and packed.is_contiguous()
     assert torch.equal(packed, w.permute(0, 2, 3, 1))
     if layout == "channels_last":
