@@ -1,7 +1,10 @@
-"""Fused SphereConv2d forward: one launch computes y = g(arccos c) + b, c and r_x.
+"""Fused SphereConv2d forward: y = g(arccos c) + b, c and r_x in one conv kernel launch after
+one small preparation launch (pure depthwise convs: y alone, in one launch).
 
     s[o, p]  = <w_o, x_p>                      (implicit GEMM, tl.dot, fp32 accumulation)
-    q[g, p]  = ||x_p||^2                       (from the same loaded input tiles)
+    q[g, p]  = ||x_p||^2                       (box sum of the pre-pass's channel sums of
+                                                squares; patch_norms="fused": from the
+                                                loaded input tiles)
     r_x      = sqrt(q + eps),  r_w = sqrt(||w_o||^2 + eps)
     c        = clamp(s / (r_x r_w), -1, 1),    y = g(c) + b
 
@@ -9,17 +12,24 @@ GEMM view, per group g: M = N*Ho*Wo output pixels, N = C_out/G filters, K = C_in
 K is ordered (kh, kw, c) so that, for channels_last inputs, every K step of the channel-chunk
 loop reads BLOCK_K consecutive channels of one input pixel (contiguous, vectorised loads).  The
 filters are repacked once per call to the same order, ``w_packed [C_out, kh, kw, C_in/G]``
-(a view when the weight is already channels_last), and their squared norms are computed in the
-same small launch (``_pack_filters_kernel``).
+(a view when the weight is already channels_last).
 
-Two kernels:
+Implicit-GEMM convs, two launches per call:
+* ``_prepare_operands_kernel`` -- one small launch before the conv kernel: one program per
+  filter (repack, ||w_o||^2 in fp32) and, with the default pre-pass patch norms, the channel
+  sum-of-squares tiles q [N, G, H, W] in the same grid.
 * ``_sphere_conv_fwd_kernel`` -- implicit GEMM for every conv.  Constexpr ``CHANNEL_CHUNKS``
   picks the K loop: chunks of BLOCK_K channels at one (r, s) filter tap (C_in/G >= 16: cheap
-  scalar index math per step, contiguous loads), or a flat loop over k = (r*kw + s)*C_in/G + c
-  decomposed per element (C_in/G < 16: first layers, grouped convs with few channels, depthwise
-  with a channel multiplier), which wastes no K padding.
-* ``_sphere_conv_dw_fwd_kernel`` -- pure depthwise (C_in/G == C_out/G == 1): a [pixels x
-  channels] tile with elementwise FMAs over the kh*kw taps (a GEMM would be 15/16 padding).
+  scalar index math per step, contiguous loads), or a flat loop over k = (r*kw + s)*C_in/G
+  + c decomposed per element (C_in/G < 16: first layers, grouped convs with few channels,
+  depthwise with a channel multiplier), which wastes no K padding.
+
+Pure depthwise convs (C_in/G == C_out/G == 1), one launch: ``_sphere_conv_dw_fwd_kernel``, a
+[pixels x channels] tile with elementwise FMAs over the kh*kw taps (a GEMM would be 15/16
+padding), the filter norms summed from the weights its taps load. Memory-bound, so it moves
+what cuDNN moves -- x in, y out -- and saves neither c nor r_x (an fp32 r_x per channel would
+be twice y's bytes): the backward recomputes both with the same ``depthwise_window`` /
+``depthwise_inv_norms`` (``conv_bwd._depthwise_prep_kernel``).
 
 The launcher ``sphere_conv2d_fwd`` follows docs/ARCHITECTURE.md exactly.
 """
@@ -161,37 +171,6 @@ def _window_sum(q_ptr, n_idx, g, groups, h_base, w_base, mask_m, in_h, in_w, dil
 
 
 @triton.jit
-def _channel_sqsum_kernel(
-    x_ptr, q_ptr, n_in_pixels, HW, W, CG, G,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The patch-norm pre-pass: q[n, g, h, w] = sum over group g's channels of x[n, c, h, w]^2
-    (fp32; fp16 squares overflow for |x| > 256).
-
-    x_ptr: [N, G*CG, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw) (channels_last:
-           a program's channel tile is contiguous). q_ptr: [N, G, H, W] fp32 contiguous.
-    n_in_pixels = N*H*W (< 2^31), HW = H*W. BLOCK_P pixels x BLOCK_C channels per step.
-    Grid: (cdiv(N*H*W, BLOCK_P), G).
-    """
-    pid_p = tl.program_id(0)
-    g = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = offs_p < n_in_pixels
-    n = (offs_p // HW).to(tl.int64)
-    hw = offs_p % HW
-    row = n * stride_xn + (hw // W).to(tl.int64) * stride_xh + (hw % W).to(tl.int64) * stride_xw
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        chan = (g * CG + offs_c).to(tl.int64) * stride_xc
-        v = tl.load(x_ptr + row[:, None] + chan[None, :],
-                    mask=p_mask[:, None] & (offs_c < CG)[None, :], other=0.0).to(tl.float32)
-        acc += v * v
-    tl.store(q_ptr + (n * G + g) * HW + hw, tl.sum(acc, axis=1), mask=p_mask)
-
-
-@triton.jit
 def _sphere_conv_fwd_kernel(
     x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr, q_ptr,
     n_pixels, c_out_per_group, c_in_per_group, groups,
@@ -220,7 +199,8 @@ def _sphere_conv_fwd_kernel(
                  (stride_yn, stride_yc, stride_yh, stride_yw).
       rx_ptr     [N, G, Ho, Wo] fp32, contiguous; written by the N-tile-0 programs only.
       q_ptr      [N, G, H, W] fp32 contiguous: each input pixel's sum of squares over its
-                 group's channels (_channel_sqsum_kernel), read iff NORMS_FROM_Q.
+                 group's channels (the pre-pass programs of _prepare_operands_kernel),
+                 read iff NORMS_FROM_Q.
     Scalars: n_pixels = N*Ho*Wo (< 2^31), Og, Cg, G, H, W, Ho, Wo, conv stride / padding /
       dilation, eps (inside both square roots).
     Constexprs:
@@ -442,24 +422,39 @@ def _sphere_conv_dw_fwd_kernel(
 
 
 @triton.jit
-def _pack_filters_kernel(
-    w_ptr, packed_ptr, sqnorm_ptr,
-    c_in_per_group,
+def _channel_sqsum_tile(
+    x_ptr, q_ptr, pid_p, g, n_in_pixels, HW, W, CG, G,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One pre-pass tile of _prepare_operands_kernel: q[n, g, h, w] = sum over group g's channels
+    of x[n, c, h, w]^2 (fp32; fp16 squares overflow for |x| > 256) for the BLOCK_P input pixels
+    of tile pid_p, BLOCK_C channels a step. Pointers and scalars as _prepare_operands_kernel
+    (CG = c_in_per_group, G = groups)."""
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < n_in_pixels
+    n = (offs_p // HW).to(tl.int64)
+    hw = offs_p % HW
+    row = n * stride_xn + (hw // W).to(tl.int64) * stride_xh + (hw % W).to(tl.int64) * stride_xw
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        chan = (g * CG + offs_c).to(tl.int64) * stride_xc
+        v = tl.load(x_ptr + row[:, None] + chan[None, :],
+                    mask=p_mask[:, None] & (offs_c < CG)[None, :], other=0.0).to(tl.float32)
+        acc += v * v
+    tl.store(q_ptr + (n * G + g) * HW + hw, tl.sum(acc, axis=1), mask=p_mask)
+
+
+@triton.jit
+def _pack_filter(
+    w_ptr, packed_ptr, sqnorm_ptr, o, c_in_per_group,
     stride_wo, stride_wc, stride_wh, stride_ww,
     KH: tl.constexpr, KW: tl.constexpr, WRITE_PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per-call filter preparation in one launch; program o handles filter o.
-
-    Pointers (Cg = C_in/G, K = KH*KW*Cg):
-      w_ptr       [C_out, Cg, KH, KW] filters, any strides (stride_wo, stride_wc, stride_wh,
-                  stride_ww).
-      packed_ptr  [C_out, KH, KW, Cg] contiguous output in w's dtype (row o at o*K), the K order
-                  of the GEMM kernel; written only if WRITE_PACKED.
-      sqnorm_ptr  [C_out] fp32 output, ||w_o||^2 summed in fp32.
-    Constexprs: KH, KW filter size; WRITE_PACKED False when w is already in packed order
-      (channels_last weight), so only the norms are computed; BLOCK elements per step.
-    """
-    o = tl.program_id(0).to(tl.int64)
+    """One filter program of _prepare_operands_kernel: filter o (int64) copied into the packed
+    (kh, kw, c) order (if WRITE_PACKED) and its squared norm summed in fp32, BLOCK elements a
+    step. Pointers as _prepare_operands_kernel."""
     k_total = KH * KW * c_in_per_group
     sumsq = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, k_total, BLOCK):
@@ -479,21 +474,50 @@ def _pack_filters_kernel(
     tl.store(sqnorm_ptr + o, tl.sum(sumsq, axis=0))
 
 
-def _prepare_filters(w):
-    """(w_packed [C_out, KH, KW, Cg] contiguous, ||w_o||^2 [C_out] fp32) in one launch."""
-    c_out, c_in_g, kh, kw = w.shape
-    # the packed order is the memory order of a channels_last weight: then no copy is needed
-    already_packed = w.permute(0, 2, 3, 1).is_contiguous()
-    packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
-        (c_out, kh, kw, c_in_g), dtype=w.dtype, device=w.device)
-    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
-    block = min(1024, max(16, triton.next_power_of_2(kh * kw * c_in_g)))
-    # never hand the kernel a view of w as an output pointer, even an unwritten one: a
-    # torch.compile mutation analysis must not see the op's input as written
-    args = (w, sqnorm if already_packed else packed, sqnorm, c_in_g, *w.stride())
-    flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, BLOCK=block, num_warps=4)
-    launch(_pack_filters_kernel, (c_out,), args, flags, _WHAT)
-    return packed, sqnorm
+@triton.jit
+def _prepare_operands_kernel(
+    x_ptr, q_ptr, w_ptr, packed_ptr, sqnorm_ptr,
+    n_sq_programs, n_in_pixels, HW, W, c_in_per_group, groups,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    KH: tl.constexpr, KW: tl.constexpr, WRITE_PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Everything the conv kernel needs before it runs, in one launch: the patch-norm pre-pass
+    and the filter preparation.  1-D grid of ``n_sq_programs + C_out`` programs:
+
+    * pid < n_sq_programs (= cdiv(N*H*W, BLOCK_P) * G with the pre-pass, else 0): pre-pass tile
+      ``pid // G`` of group ``pid % G`` (group fastest: neighbouring programs read neighbouring
+      channels of the same pixels), q[n, g, h, w] = sum over g's channels of x^2 in fp32;
+    * pid >= n_sq_programs: filter o = pid - n_sq_programs, packed into the GEMM's K order
+      (kh, kw, c) and ||w_o||^2 summed in fp32.
+
+    Pointers (Cg = c_in_per_group = C_in/G, K = KH*KW*Cg):
+      x_ptr       [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh,
+                  stride_xw) (channels_last: a pre-pass tile's channels are contiguous); read by
+                  the pre-pass programs only.
+      q_ptr       [N, G, H, W] fp32 contiguous output of the pre-pass; written only by the
+                  pre-pass programs (without them any fp32 output, e.g. sqnorm_ptr).
+      w_ptr       [C_out, Cg, KH, KW] filters, any strides (stride_wo, stride_wc, stride_wh,
+                  stride_ww).
+      packed_ptr  [C_out, KH, KW, Cg] contiguous output in w's dtype (row o at o*K); written
+                  only if WRITE_PACKED (else any output, never a view of w).
+      sqnorm_ptr  [C_out] fp32 output, ||w_o||^2.
+    Scalars: n_sq_programs; n_in_pixels = N*H*W (< 2^31: int32 pixel indices), HW = H*W, W;
+      Cg; G.
+    Constexprs: KH, KW filter size; WRITE_PACKED False when w is already in packed order
+      (channels_last weight), so only the norms are computed; BLOCK filter elements per step;
+      BLOCK_P pixels x BLOCK_C channels per pre-pass step.
+    """
+    pid = tl.program_id(0)
+    if pid < n_sq_programs:
+        _channel_sqsum_tile(x_ptr, q_ptr, pid // groups, pid % groups, n_in_pixels, HW, W,
+                            c_in_per_group, groups, stride_xn, stride_xc, stride_xh, stride_xw,
+                            BLOCK_P, BLOCK_C)
+    else:
+        _pack_filter(w_ptr, packed_ptr, sqnorm_ptr, (pid - n_sq_programs).to(tl.int64),
+                     c_in_per_group, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
+                     WRITE_PACKED, BLOCK)
 
 
 def _dw_configs():
@@ -542,15 +566,17 @@ _sphere_conv_dw_fwd_autotuned = triton.autotune(
 _WHAT = "sphere_conv2d_fwd"  # names the op in launch errors
 
 # Where the GEMM kernel's patch norms come from (the depthwise kernel always squares its loads):
-# "prepass" (the default) -- _channel_sqsum_kernel first (one read of x, one more launch), then
-# a KH x KW box sum of its output after the K loop; "fused" -- squares of the x tiles inside the
-# K loop. On the H200 (bench.tile_sweep, 20261127-1540) the pre-pass was as fast or faster on
-# every tile (its K loop is lighter) and right on all of them, 8-warp tiles included, where the
-# fused variant of then gave wrong norms on three tiles. SPHEREOPS_PATCH_NORMS overrides the
-# default; inputs of 2^31 or more pixels always take "fused" (the pre-pass indexes pixels in int32).
+# "prepass" (the default) -- the channel sums of squares q first (one read of x, in the launch
+# that prepares the filters: _prepare_operands_kernel), then a KH x KW box sum of q after the K
+# loop; "fused" -- squares of the x tiles inside the K loop. On the H200 (bench.tile_sweep,
+# 20261127-1540) the pre-pass was as fast or faster on every tile (its K loop is lighter) and
+# right on all of them, 8-warp tiles included, where the fused variant of then gave wrong norms
+# on three tiles. SPHEREOPS_PATCH_NORMS overrides the default; inputs of 2^31 or more pixels
+# always take "fused" (the pre-pass indexes pixels in int32; _prepass_fits).
 PATCH_NORMS = ("fused", "prepass")
 _PATCH_NORMS_DEFAULT = os.environ.get("SPHEREOPS_PATCH_NORMS", "prepass")
-_SQSUM_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, num_warps=4)
+# _prepare_operands_kernel: BLOCK_P x BLOCK_C pre-pass tiles, BLOCK filter elements a step
+_PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
 
 
 def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
@@ -558,22 +584,52 @@ def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
     return offsets_need_int64(x, 1, kernel, padding, dilation)
 
 
-def _channel_sqsums(x, groups):
-    """The pre-pass: q [N, G, H, W] fp32, each input pixel's sum of squares over its group."""
-    n, c_in, h, wd = x.shape
-    if n * h * wd >= 2 ** 31:
-        raise ValueError(f"N*H*W = {n * h * wd} input pixels exceeds 2^31 - 1 for the pre-pass "
-                         "patch norms; split the batch or use patch_norms='fused'")
-    q = torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device)
-    if q.numel() == 0:
-        return q
-    cfg = _SQSUM_CONFIG
-    c_g = c_in // groups
-    block_c = min(cfg["BLOCK_C"], max(16, triton.next_power_of_2(c_g)))
-    launch(_channel_sqsum_kernel, (triton.cdiv(n * h * wd, cfg["BLOCK_P"]), groups),
-           (x, q, n * h * wd, h * wd, wd, c_g, groups, *x.stride()),
-           dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=block_c, num_warps=cfg["num_warps"]), _WHAT)
-    return q
+def _prepass_programs(n_in_pixels, groups):
+    """Pre-pass programs of the merged launch: one per BLOCK_P input pixels and group."""
+    return triton.cdiv(n_in_pixels, _PREP_CONFIG["BLOCK_P"]) * groups
+
+
+def _prepass_fits(n_in_pixels, groups, c_out):
+    """Whether the pre-pass can run: its pixel indices are int32 and the merged launch's 1-D grid
+    (pre-pass tiles + one program per filter) has at most 2^31 - 1 programs."""
+    return n_in_pixels < 2 ** 31 and _prepass_programs(n_in_pixels, groups) + c_out < 2 ** 31
+
+
+def _prepare_operands(x, w, groups, prepass):
+    """``(w_packed, w_sqnorm, q)`` from ONE launch of _prepare_operands_kernel.
+
+    w_packed [C_out, KH, KW, Cg] contiguous: the filters in the GEMM's K order (a view of w,
+    no copy, when w is channels_last); w_sqnorm [C_out] fp32: ||w_o||^2; q [N, G, H, W] fp32:
+    each input pixel's sum of squares over its group's channels (the patch-norm pre-pass) when
+    ``prepass``, else None and only the filter programs run."""
+    n, _, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
+    n_in_pixels = n * h * wd
+    if prepass and not _prepass_fits(n_in_pixels, groups, c_out):
+        raise ValueError(f"N*H*W = {n_in_pixels} input pixels in {groups} group(s) is too large "
+                         "for the pre-pass patch norms (int32 pixel indices, at most 2^31 - 1 "
+                         "programs); split the batch or use patch_norms='fused'")
+    # the packed order is the memory order of a channels_last weight: then no copy is needed
+    already_packed = w.permute(0, 2, 3, 1).is_contiguous()
+    packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
+        (c_out, kh, kw, c_in_g), dtype=w.dtype, device=w.device)
+    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
+    q = (torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device) if prepass
+         else None)
+    # no pre-pass programs for an empty input (q.numel() == 0) or without the pre-pass
+    n_sq = _prepass_programs(n_in_pixels, groups) if prepass else 0
+    cfg = _PREP_CONFIG
+    # never hand the kernel a view of w (or x) as an output pointer, even an unwritten one: a
+    # torch.compile mutation analysis must not see the op's input as written
+    args = (x, q if prepass else sqnorm, w, sqnorm if already_packed else packed, sqnorm,
+            n_sq, n_in_pixels, h * wd, wd, c_in_g, groups, *x.stride(), *w.stride())
+    flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed,
+                 BLOCK=min(cfg["BLOCK"], max(16, triton.next_power_of_2(kh * kw * c_in_g))),
+                 BLOCK_P=cfg["BLOCK_P"],
+                 BLOCK_C=min(cfg["BLOCK_C"], max(16, triton.next_power_of_2(c_in_g))),
+                 num_warps=cfg["num_warps"])
+    launch(_prepare_operands_kernel, (n_sq + c_out,), args, flags, _WHAT)
+    return packed, sqnorm, q
 
 
 def _check_pair(name, value, minimum):
@@ -658,11 +714,12 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
                                              operator, eps)
     n, c_in, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
     if patch_norms is None:
-        patch_norms = "fused" if n * h * wd >= 2 ** 31 else _PATCH_NORMS_DEFAULT
+        patch_norms = (_PATCH_NORMS_DEFAULT if _prepass_fits(n * h * wd, groups, c_out)
+                       else "fused")
     if patch_norms not in PATCH_NORMS:
         raise ValueError(f"patch_norms must be one of {PATCH_NORMS}, got {patch_norms!r}")
-    c_out, c_in_g, kh, kw = w.shape
     c_out_g = c_out // groups
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -708,8 +765,11 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if n_pixels == 0 or c_out == 0:
         return y, c, r_x
 
-    # filters in K order (kh, kw, c): a no-op for channels_last weights
-    w_packed, w_sqnorm = _prepare_filters(w)
+    prepass = patch_norms == "prepass"
+    # one launch before the conv kernel: the filters in K order (kh, kw, c) -- a no-op for
+    # channels_last weights -- and their squared norms, plus the GEMM kernel's patch-norm
+    # pre-pass q unless patch_norms="fused"
+    w_packed, w_sqnorm, q = _prepare_operands(x, w, groups, prepass)
     # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
     # y -- an output passed twice would alias in the graph torch.compile traces
     c_arg = c if store_c else w_sqnorm
@@ -722,16 +782,15 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     else:
         precision = "ieee"
-    prepass = patch_norms == "prepass"
     flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, DOT_PRECISION=precision,
                  UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, NORMS_FROM_Q=prepass,
                  WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)))
-    q = _channel_sqsums(x, groups) if prepass else w_sqnorm
     kernel = _sphere_conv_fwd_autotuned
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
         flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x, q,
+    # q_ptr is unread without the pre-pass (NORMS_FROM_Q False): any fp32 input will do
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x, q if prepass else w_sqnorm,
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):
@@ -765,7 +824,8 @@ def _signature(fn, dtype_name, constexprs):
 
 # Typical launches that the AOT specs model (``example_args``): a channels_last bf16 3x3 conv,
 # N=32, 64 -> 64 channels, 56x56, stride/padding/dilation 1 (ResNet stage 1); the depthwise
-# kernel on 256 channels at 28x28; the filter packing of a contiguous 64x64x3x3 weight.
+# kernel on 256 channels at 28x28; the preparation launch of the GEMM example: the pre-pass
+# over its input and the packing of a contiguous 64x64x3x3 weight.
 _GEMM_EXAMPLE = dict(
     n_pixels=32 * 56 * 56, c_out_per_group=64, c_in_per_group=64, groups=1,
     in_h=56, in_w=56, out_h=56, out_w=56,
@@ -778,9 +838,11 @@ _DW_EXAMPLE = dict(
     stride_yn=28 * 28 * 256, stride_yc=1, stride_yh=28 * 256, stride_yw=256,
     stride_wc=9, stride_wh=3, stride_ww=1,
     conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
-_PACK_EXAMPLE = dict(c_in_per_group=64, stride_wo=64 * 9, stride_wc=9, stride_wh=3, stride_ww=1)
-_SQSUM_EXAMPLE = dict(n_in_pixels=32 * 56 * 56, HW=56 * 56, W=56, CG=64, G=1,
-                      stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64)
+_PREP_EXAMPLE = dict(
+    n_sq_programs=32 * 56 * 56 // _PREP_CONFIG["BLOCK_P"], n_in_pixels=32 * 56 * 56,
+    HW=56 * 56, W=56, c_in_per_group=64, groups=1,
+    stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64,
+    stride_wo=64 * 9, stride_wc=9, stride_wh=3, stride_ww=1)
 
 
 def _spec(name, fn, dtype_name, constexprs, example_args, num_warps, num_stages, gemm):
@@ -803,10 +865,12 @@ def aot_specs():
     """Compile specs for ``make aot-check`` (docs/ARCHITECTURE.md), one per kernel x config x
     dtype: every GEMM config x fp16/bf16/fp32 (x tf32/ieee for fp32; ieee only for the
     configs that fit the FMA dot, the others are pruned at launch), the depthwise configs and
-    the filter-packing kernel per dtype.  They model the typical launches above with the
-    heaviest epilogue (sigmoid, with bias); 8-warp GEMM configs are compiled as 1x1 convs, the
-    only filters they run on, and for 16-bit dtypes only.  ``gemm`` is False for fp32-ieee (allow_tf32 off: there is no
-    full-fp32 tensor-core instruction), the depthwise kernel and the packing kernel (no dot).
+    the preparation kernel (filters + pre-pass) per dtype.  They model the typical launches
+    above with the heaviest epilogue (sigmoid, with bias); 8-warp GEMM configs for 16-bit
+    dtypes only, as 3x3 convs with the pre-pass and as 1x1 convs with fused norms (the only
+    filters they run on there).  ``gemm`` is False for fp32-ieee (allow_tf32 off: there is no
+    full-fp32 tensor-core instruction), the depthwise kernel and the preparation kernel (no
+    dot).
     Extra keys: ``example_args`` (the modelled launch's runtime integers; those equal to 1 are
     already constexprs) and ``attrs`` (the divisibility hints derived from them)."""
     specs = []
@@ -841,15 +905,15 @@ def aot_specs():
             specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
                                _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):
-        constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=1024)
-        specs.append(_spec(f"conv_fwd_pack_filters_{dtype_name}", _pack_filters_kernel,
-                           dtype_name, constexprs, _PACK_EXAMPLE, 4, 1, gemm=False))
-        # the patch-norm pre-pass; the fused-norm GEMM (patch_norms="fused") and the int64
-        # build on the two workhorse 3x3 tiles, and the 8-warp tile the fused path keeps for 1x1
-        sq = _SQSUM_CONFIG
-        specs.append(_spec(f"conv_fwd_channel_sqsum_{dtype_name}", _channel_sqsum_kernel,
-                           dtype_name, dict(BLOCK_P=sq["BLOCK_P"], BLOCK_C=sq["BLOCK_C"]),
-                           _SQSUM_EXAMPLE, sq["num_warps"], 1, gemm=False))
+        # the preparation launch (filter packing + norms and the patch-norm pre-pass in one
+        # grid); the fused-norm GEMM (patch_norms="fused") and the int64 build on the two
+        # workhorse 3x3 tiles, and the 8-warp tile the fused path keeps for 1x1
+        prep = _PREP_CONFIG
+        constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=prep["BLOCK"],
+                          BLOCK_P=prep["BLOCK_P"], BLOCK_C=prep["BLOCK_C"])
+        specs.append(_spec(f"conv_fwd_prepare_operands_{dtype_name}", _prepare_operands_kernel,
+                           dtype_name, constexprs, _PREP_EXAMPLE, prep["num_warps"], 1,
+                           gemm=False))
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"

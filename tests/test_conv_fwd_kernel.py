@@ -274,6 +274,81 @@ def test_forward_patch_norms_from_the_prepass(case, channels_last, dtype, rtol, 
     torch.testing.assert_close(out[2], fused[2], rtol=1e-6, atol=1e-6)
 
 
+def _record_launches(monkeypatch):
+    """Every launch of the forward launcher, recorded as (kernel, grid, args) and run."""
+    launched = []
+    real_launch = F.launch
+
+    def record(kernel, grid, args, kwargs, what):
+        launched.append((kernel, grid, args))
+        real_launch(kernel, grid, args, kwargs, what)
+    monkeypatch.setattr(F, "launch", record)
+    return launched
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gemm_forward_is_two_launches(groups, channels_last, dtype, rtol, atol, monkeypatch):
+    """The implicit-GEMM forward with the pre-pass launches twice: the preparation kernel (the
+    pre-pass tiles and one program per filter in one grid), then the GEMM kernel. The operands
+    the GEMM kernel gets from the first launch -- q, ||w_o||^2 and the packed copy of a
+    contiguous (not channels_last) weight -- against plain torch in float64; magnitudes ~300,
+    whose fp16 squares overflow: the sums must be fp32."""
+    launched = _record_launches(monkeypatch)
+    inp = make_conv_inputs(n=2, c_in=5 * groups, h=5, w=4, c_out=3 * groups, groups=groups,
+                           operator="cosine", dtype=dtype, device=DEVICE,
+                           channels_last=channels_last, scale=300.0)
+    inp.w = (inp.w.double() * 300).to(dtype)
+    assert not inp.w.is_contiguous(memory_format=torch.channels_last)  # the repack runs
+    out = _run_kernel(inp, patch_norms="prepass")
+    _check_against_reference(inp, out, dtype, rtol, atol)
+
+    assert [kernel for kernel, _, _ in launched] == [F._prepare_operands_kernel,
+                                                     F._sphere_conv_fwd_autotuned]
+    (_, prep_grid, _), (_, _, gemm_args) = launched
+    n, c_in, h, w = inp.x.shape
+    n_sq = triton.cdiv(n * h * w, F._PREP_CONFIG["BLOCK_P"]) * groups
+    assert prep_grid == (n_sq + inp.w.shape[0],)
+    gemm = dict(zip(F._sphere_conv_fwd_kernel.arg_names, gemm_args))
+    q, sqnorm, packed = gemm["q_ptr"], gemm["w_sqnorm_ptr"], gemm["w_ptr"]
+    assert q.dtype == sqnorm.dtype == torch.float32 and q.is_contiguous()
+    q_ref = inp.x.double().pow(2).reshape(n, groups, c_in // groups, h, w).sum(dim=2)
+    assert_close(q, q_ref, 1e-5, 0.0, "q")
+    assert_close(sqnorm, inp.w.double().pow(2).sum(dim=(1, 2, 3)), 1e-5, 0.0, "||w||^2")
+    assert packed.is_contiguous() and packed.data_ptr() != inp.w.data_ptr()
+    assert torch.equal(packed, inp.w.permute(0, 2, 3, 1))
+
+
+def test_gemm_forward_with_fused_norms_is_two_launches(monkeypatch):
+    """patch_norms="fused": the same two launches, the first with the filter programs only."""
+    launched = _record_launches(monkeypatch)
+    inp = make_conv_inputs(**CONV_CASES["grouped"], operator="linear", device=DEVICE)
+    _check_against_reference(inp, _run_kernel(inp, patch_norms="fused"), torch.float32, 1e-5,
+                             1e-5)
+    assert [kernel for kernel, _, _ in launched] == [F._prepare_operands_kernel,
+                                                     F._sphere_conv_fwd_autotuned]
+    assert launched[0][1] == (inp.w.shape[0],)
+
+
+def test_prepass_of_an_empty_image():
+    """H = 0 with padding: output pixels but no input pixel -- no pre-pass program runs (only
+    the filter programs), q is empty and every patch is all padding (r_x = sqrt(eps))."""
+    inp = make_conv_inputs(n=2, c_in=4, h=0, w=3, c_out=4, kernel=1, padding=1,
+                           operator="linear", device=DEVICE)
+    y, c, r_x = _run_kernel(inp, patch_norms="prepass")
+    assert y.shape == c.shape == (2, 4, 2, 5) and r_x.shape == (2, 1, 2, 5)
+    packed, sqnorm, q = F._prepare_operands(inp.x, inp.w, 1, prepass=True)
+    assert q.shape == (2, 1, 0, 3)
+    assert_close(sqnorm, inp.w.double().pow(2).sum(dim=(1, 2, 3)), 1e-5, 0.0, "||w||^2")
+    # (the reference cannot reshape an empty image: the expected values by hand) c = 0,
+    # theta = pi/2, g = 0, y = b
+    assert_close(r_x, torch.full(r_x.shape, math.sqrt(EPS), dtype=torch.float64), 1e-6, 0.0,
+                 "r_x")
+    assert_close(c, torch.zeros(c.shape, dtype=torch.float64), 0.0, 1e-6, "c")
+    assert_close(y, inp.bias.double()[None, :, None, None].expand(y.shape), 1e-6, 1e-6, "y")
+
+
 @pytest.mark.parametrize("scale", [300.0, float("nan")], ids=["fp16-300", "nan"])
 def test_forward_prepass_hard_inputs(scale):
     """fp16 |x| ~ 300 (x^2 overflows fp16: the pre-pass squares in fp32) and a NaN input (it
@@ -326,7 +401,29 @@ def test_patch_norms_choice_is_checked():
         _run_kernel(inp, patch_norms="box")
     huge = torch.empty(2 ** 17, 1, 2 ** 7, 2 ** 7, device="meta")     # 2^31 input pixels
     with pytest.raises(ValueError, match="input pixels"):
-        F._channel_sqsums(huge, 1)
+        F._prepare_operands(huge, torch.empty(4, 1, 3, 3, device="meta"), 1, prepass=True)
+    # the pre-pass's limits: int32 pixel indices, and at most 2^31 - 1 programs in the merged
+    # launch (BLOCK_P pixels x one group each, plus one program per filter)
+    assert F._prepass_fits(2 ** 31 - 1, 1, 64) and not F._prepass_fits(2 ** 31, 1, 64)
+    assert F._prepass_fits(2 ** 30, 64, 64) and not F._prepass_fits(2 ** 30, 128, 64)
+
+
+def test_inputs_past_the_prepass_limits_take_fused_norms(monkeypatch):
+    """By default an input too large for the pre-pass (here 2^24 pixel tiles x 128 groups:
+    more programs than a 1-D grid holds) takes the fused norms, and its preparation launch has
+    only the filter programs; asking for the pre-pass raises. Meta tensors: nothing runs."""
+    launched = []
+    monkeypatch.setattr(F, "launch", lambda kernel, grid, args, kwargs, what:
+                        launched.append((kernel, grid, kwargs)))
+    x = torch.empty(2 ** 14, 256, 2 ** 8, 2 ** 8, device="meta")    # 2^30 input pixels
+    w = torch.empty(128, 2, 3, 3, device="meta")
+    F._sphere_conv2d_fwd_impl(x, w, None, None, (1, 1), (1, 1), (1, 1), 128, "linear", EPS)
+    (prep, prep_grid, _), (gemm, _, gemm_flags) = launched
+    assert prep is F._prepare_operands_kernel and prep_grid == (128,)
+    assert gemm is F._sphere_conv_fwd_autotuned and not gemm_flags["NORMS_FROM_Q"]
+    with pytest.raises(ValueError, match="input pixels"):
+        F._sphere_conv2d_fwd_impl(x, w, None, None, (1, 1), (1, 1), (1, 1), 128, "linear", EPS,
+                                  patch_norms="prepass")
 
 
 @pytest.mark.parametrize("case", ["3x3", "3x3_chunks", "depthwise"])
@@ -401,14 +498,17 @@ def test_forward_every_depthwise_config(cfg):
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_prepare_filters(layout, dtype):
-    """Packing into (kh, kw, C_in/G) order is an exact copy (a view for channels_last weights)
-    and ||w_o||^2 is summed in fp32 (fp16 weights of ~300: their squares overflow fp16)."""
+    """The filter programs of the preparation launch (alone: no pre-pass): packing into
+    (kh, kw, C_in/G) order is an exact copy (a view for channels_last weights) and ||w_o||^2 is
+    summed in fp32 (fp16 weights of ~300: their squares overflow fp16)."""
     w = (torch.randn(12, 5, 3, 2, dtype=torch.float64) * 300).to(dtype).to(DEVICE)
     if layout == "channels_last":
         w = w.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         w = torch.randn(12, 10, 3, 4, dtype=torch.float64).to(dtype).to(DEVICE)[:, ::2, :, 1:3]
-    packed, sqnorm = F._prepare_filters(w)
+    x = torch.randn(1, 5, 3, 3, dtype=torch.float64).to(dtype).to(DEVICE)  # unread
+    packed, sqnorm, q = F._prepare_operands(x, w, 1, prepass=False)
+    assert q is None
     assert packed.shape == (12, 3, 2, 5) and packed.is_contiguous()
     assert torch.equal(packed, w.permute(0, 2, 3, 1))
     if layout == "channels_last":
