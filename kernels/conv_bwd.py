@@ -8,7 +8,7 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes (in this order; 6-7 launches):
+Kernels and passes of the GEMM path (in this order; 6-7 launches):
 
 1. ``_filter_norm_kernel``: r_w [C_out] fp32 and the unit filters ``w_hat = w / r_w`` (input
    dtype, laid out [KH, KW, C_out, C_in/G] so dgrad reads contiguous rows).
@@ -46,10 +46,17 @@ Under the interpreter (``TRITON_INTERPRET=1``) 16-bit ``tl.dot`` operands are up
 hand (the interpreter's cast is not); the GPU build is unchanged (constexprs ``UPCAST_DOT``,
 ``EMULATE_RTNE``).
 
-Pure depthwise convs (C_in/G = C_out/G = 1) skip w_hat and the two GEMMs: ``_depthwise_dgrad_kernel``
-and ``_depthwise_wgrad_kernel`` do the same sums with elementwise FMAs over [pixels x channels]
-tiles (a GEMM would be 15/16 padding: the padded-GEMM path measured 12.8 ms on an H200 for
-64x256x28x28 bf16, 10x the unfused reference), then the shared finalize.
+Pure depthwise convs (C_in/G = C_out/G = 1) take their own memory-bound path, 4-5 launches:
+the forward saved neither c nor r_x (conv_fwd's depthwise kernel reads x and writes y only), so
+``_depthwise_prep_kernel`` recomputes each window with the forward's own helpers (and r_w from
+the same taps: no filter-norm launch), stores Hn and A pixel-major ([M, C], read along the
+channels at every tap) with the column partials; after their reduction
+``_depthwise_grad_kernel`` walks the input pixels once for dx and the weight-gradient partials
+together (elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
+the padded-GEMM path measured 12.8 ms on an H200 for 64x256x28x28 bf16, 10x the unfused
+reference), then the shared finalize. DRAM bytes per output element, 16-bit, stride 1: about
+10 in the prep (dy, x, Hn, fp32 A) and 10 in the grad pass (Hn, A, x, dx), where the saved-state
+version read c and r_x too and a separate wgrad re-read Hn and x.
 
 Known limits: grouped convolutions with a few channels per group (but more than one) run
 through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. Eager
