@@ -40,6 +40,11 @@ def conv_fwd_configs():
         _cfg(128, 128, 32, num_stages=4),
         # Tall tile for C_out/G = 64 (common in ResNet stems/stage 1): no wasted N columns.
         _cfg(128, 64, 64, num_stages=4),
+        # The same with a 32-wide K step, for C_out/G <= 64 with C_in/G <= 32 (the pruning caps
+        # BLOCK_K at the channel count): without it such layers -- edge.odd, 29 -> 61 channels,
+        # 3.7x cuDNN on the H200 (20261127-1606) -- only had N = 32 or 16 tiles, each N tile
+        # gathering the same input patches again.
+        _cfg(128, 64, 32, num_stages=4),
         # Wide tile for few pixels (late stages, small batch) and many filters.
         _cfg(64, 128, 64, num_stages=4),
         # Small tile: more programs for small problems so that all 132 SMs get work.

@@ -758,4 +758,8 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
     # the tile that went wrong on the GPU with fused norms only
     assert (64, 128, 64, 4) in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=True))
     assert (64, 128, 64, 4) not in tiles(kept(torch.bfloat16, "ieee", NORMS_FROM_Q=False))
+    # few channels both ways (edge.odd: 29 -> 61): a 64-wide N tile with a 32-wide K step stays
+    odd = tiles(kept(torch.bfloat16, "ieee", c_out_per_group=61, c_in_per_group=29,
+                     KH=5, KW=5, NORMS_FROM_Q=True))
+    assert (128, 64, 32, 4) in odd and all(n <= 64 and k <= 32 for _, n, k, _ in odd)
     assert all(bn <= 16 for _, bn, _, _ in tiles(kept(torch.bfloat16, "ieee", c_out_per_group=16)))
