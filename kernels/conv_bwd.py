@@ -878,15 +878,18 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
 def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
     """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): memory-bound
     elementwise work over [pixels x channels] tiles, channels contiguous in Hn, A and
-    channels_last x, 8 warps, 8 elements a thread. The grad kernel at 32 x 64 keeps its tile
-    small because a 64 x 64 dgrad took 176 registers (one CTA an SM) where 32 x 64 took 104
-    (make aot-check, sm_90, bf16). Under the interpreter: small tiles, so the test shapes still
+    channels_last x: 32 x 32 tiles, 8 warps, 4 elements a thread. Registers (AOT compiles of
+    these kernels at several tiles, sm_90, bf16, triton 3.9): the prep pass unrolls its KH*KW window loads,
+    104-108 registers at 32 x 32 against 194-204 at 32 x 64 (one CTA an SM) and 255 plus
+    spills at 64 x 64; the grad kernel (taps rolled, two loads in flight a step, so it lives
+    on occupancy) 64 registers at 32 x 32 -- four CTAs, 32 warps an SM -- against 128 at 32 x 64
+    and 168 at 64 x 64. Under the interpreter: small tiles, so the test shapes still
     cover several tiles and their masks (``interpreter`` None: whether it runs now)."""
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
     if _interpreting() if interpreter is None else interpreter:
         return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4)
-    return dict(BLOCK_M=32, BLOCK_C=64, num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_C=32, num_warps=8)
 
 
 def prep_config(operator: str, from_output: bool = False) -> dict:
@@ -932,6 +935,17 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = _cdiv(2 * sms, max(base_programs, 1))
     return max(1, min(want, steps // 8, 256))
+
+
+def _depthwise_split(steps: int, c_tiles: int, device: torch.device) -> int:
+    """Pixel ranges of the depthwise grad kernel when it also sums the weight-gradient
+    partials: about four programs per SM in all (as many 8-warp, 64-register programs as an SM
+    holds at once: it is latency-bound), each at least four tiles long, at most 512 ranges
+    (the finalize sums them 16 at a time). Under the interpreter up to 3, as _wgrad_split."""
+    if device.type != "cuda":
+        return max(1, min(3, steps))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(_cdiv(4 * sms, max(c_tiles, 1)), steps // 4, 512))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1261,8 +1275,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
         steps = _cdiv(n_in, cfg["BLOCK_M"])
         c_tiles = _cdiv(c, cfg["BLOCK_C"])
         # without dw every tile is its own program; with it, contiguous ranges of tiles (the
-        # partials grow with the number of ranges): wgrad's rule, about two programs per SM
-        split = _wgrad_split(n_in, c_tiles, cfg["BLOCK_M"], dev) if need_dw else steps
+        # partials grow with the number of ranges): about as many programs as fit at once
+        split = _depthwise_split(steps, c_tiles, dev) if need_dw else steps
         pix_per_split = _cdiv(steps, split) * cfg["BLOCK_M"]
         split = _cdiv(n_in, pix_per_split)
         dx = torch.empty_like(x) if need_dx else None  # preserves NCHW / channels_last

@@ -531,6 +531,11 @@ def _dw_configs():
         triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=8, num_stages=1),
         # 128 channels x 32 pixels: wide layers (MobileNet late stages), small spatial size.
         triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=8, num_stages=1),
+        # Fewer elements a thread, more CTAs an SM: the tiles above hold 16 a thread and take
+        # 130-148 registers (one 8-warp CTA an SM, sm_90, bf16); 32 x 64 takes 76-92 (two),
+        # 32 x 32 50-59 (four) -- a memory-bound kernel may want the warps more than the ILP.
+        triton.Config({"BLOCK_M": 32, "BLOCK_C": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1),
     ]
 
 
