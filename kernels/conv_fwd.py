@@ -576,10 +576,22 @@ _WHAT = "sphere_conv2d_fwd"  # names the op in launch errors
 # loop; "fused" -- squares of the x tiles inside the K loop. On the H200 (bench.tile_sweep,
 # 20261127-1540) the pre-pass was as fast or faster on every tile (its K loop is lighter) and
 # right on all of them, 8-warp tiles included, where the fused variant of then gave wrong norms
-# on three tiles. SPHEREOPS_PATCH_NORMS overrides the default; inputs of 2^31 or more pixels
-# always take "fused" (the pre-pass indexes pixels in int32; _prepass_fits).
+# on three tiles. Except for 1x1 filters: there a patch is one pixel, the pre-pass is one more
+# full read of x while the GEMM itself reads x about once (r50.l1_reduce, 256 -> 64 channels at
+# 56x56: forward 0.072 ms with the in-loop norms in 20261127-1540, 0.110 ms with the pre-pass in
+# -1606), and the in-loop 1x1 builds were right on the H200 (8-warp tile included; the faulty
+# tiles of the sweep were 3x3 builds). SPHEREOPS_PATCH_NORMS ("fused" / "prepass") overrides the
+# rule; inputs of 2^31 or more pixels always take "fused" (int32 pre-pass indices; _prepass_fits).
 PATCH_NORMS = ("fused", "prepass")
-_PATCH_NORMS_DEFAULT = os.environ.get("SPHEREOPS_PATCH_NORMS", "prepass")
+_PATCH_NORMS_OVERRIDE = os.environ.get("SPHEREOPS_PATCH_NORMS", "")
+
+
+def default_patch_norms(kh, kw):
+    """Where the GEMM forward takes its patch norms from when the caller does not say (the rule
+    above): SPHEREOPS_PATCH_NORMS if set, else "fused" for 1x1 filters and "prepass" otherwise."""
+    if _PATCH_NORMS_OVERRIDE:
+        return _PATCH_NORMS_OVERRIDE
+    return "fused" if kh * kw == 1 else "prepass"
 # _prepare_operands_kernel: BLOCK_P x BLOCK_C pre-pass tiles, BLOCK filter elements a step
 _PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
 
@@ -706,7 +718,7 @@ def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator
     r_x ``[N, G, Ho, Wo]`` float32 contiguous.  fp32 inputs use TF32 tensor cores exactly when
     ``torch.backends.cudnn.allow_tf32`` is true.  ``store_c=False``: c is neither allocated nor
     written (it comes back empty): one output-sized store less. ``patch_norms``: "fused" or
-    "prepass" (see PATCH_NORMS; None: ``SPHEREOPS_PATCH_NORMS``, else "prepass").
+    "prepass" (see PATCH_NORMS; None: :func:`default_patch_norms`).
     """
     return _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator,
                                    eps, store_c=store_c, patch_norms=patch_norms)
@@ -721,7 +733,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     if patch_norms is None:
-        patch_norms = (_PATCH_NORMS_DEFAULT if _prepass_fits(n * h * wd, groups, c_out)
+        patch_norms = (default_patch_norms(kh, kw) if _prepass_fits(n * h * wd, groups, c_out)
                        else "fused")
     if patch_norms not in PATCH_NORMS:
         raise ValueError(f"patch_norms must be one of {PATCH_NORMS}, got {patch_norms!r}")

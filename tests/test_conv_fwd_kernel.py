@@ -331,6 +331,26 @@ def test_gemm_forward_with_fused_norms_is_two_launches(monkeypatch):
     assert launched[0][1] == (inp.w.shape[0],)
 
 
+@pytest.mark.parametrize("kernel, expected", [(1, "fused"), (3, "prepass")])
+def test_default_patch_norms_follow_the_filter_size(kernel, expected, monkeypatch):
+    """Without patch_norms (and no SPHEREOPS_PATCH_NORMS): 1x1 filters square the loaded tiles
+    in the K loop (a pre-pass would read x once more), larger filters take the pre-pass; the
+    environment variable overrides the rule. Outputs against the reference either way."""
+    monkeypatch.setattr(F, "_PATCH_NORMS_OVERRIDE", "")
+    assert F.default_patch_norms(kernel, kernel) == expected
+    launched = _record_launches(monkeypatch)
+    inp = make_conv_inputs(n=2, c_in=20, h=5, w=6, c_out=8, kernel=kernel, padding=kernel // 2,
+                           operator="linear", device=DEVICE, channels_last=True)
+    _check_against_reference(inp, F.sphere_conv2d_fwd(*inp.args(), EPS), torch.float32, 1e-5,
+                             1e-5)
+    (_, prep_grid, _), (_, _, gemm_args) = launched[-2:]
+    from_q = dict(zip(F._sphere_conv_fwd_kernel.arg_names, gemm_args))["q_ptr"].dim() == 4
+    assert from_q == (expected == "prepass")
+    assert (prep_grid == (inp.w.shape[0],)) == (expected == "fused")
+    monkeypatch.setattr(F, "_PATCH_NORMS_OVERRIDE", "prepass")
+    assert F.default_patch_norms(1, 1) == "prepass"
+
+
 def test_prepass_of_an_empty_image():
     """H = 0 with padding: output pixels but no input pixel -- no pre-pass program runs (only
     the filter programs), q is empty and every patch is all padding (r_x = sqrt(eps))."""

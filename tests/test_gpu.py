@@ -50,6 +50,7 @@ GEOMETRIES = {
     "3x3_s2": (32, 128, 256, 32, 3, 2, 1, 1),
     "1x1": (32, 128, 256, 32, 1, 1, 0, 1),
     "depthwise": (32, 128, 128, 32, 3, 1, 1, 128),
+    "depthwise_s2": (32, 96, 96, 33, 3, 2, 1, 96),
     "grouped": (32, 128, 128, 32, 3, 1, 1, 4),
 }
 
@@ -62,6 +63,10 @@ CASES = [
     ("cosine", "bf16", False, "3x3_s2"),
     ("linear", "fp16", True, "1x1"),
     ("sigmoid", "tf32", False, "depthwise"),
+    # the depthwise path recomputes c and r_x in the backward: the benchmark's dtype and layout,
+    # and stride 2 on an odd size (input pixels no tap reaches; ragged tiles)
+    ("linear", "bf16", True, "depthwise"),
+    ("cosine", "fp16", True, "depthwise_s2"),
     ("cosine", "fp32", True, "grouped"),
     ("linear", "bf16", False, "grouped"),
     ("cosine", "fp16", True, "3x3_s2"),
