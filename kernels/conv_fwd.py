@@ -596,6 +596,16 @@ def default_patch_norms(kh, kw):
 _PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
 
 
+def _cdiv(a, b):
+    # plain Python on the launch path: triton.cdiv / next_power_of_2 are jit-callables whose
+    # argument unwrapping cost ~4 us of host time each, 5-7 calls a forward (cProfile, CPU)
+    return -(-a // b)
+
+
+def _next_pow2(v):
+    return 1 << (max(int(v), 1) - 1).bit_length()
+
+
 def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
     """WIDE_OFFSETS of the GEMM kernel: its int32 offsets stay inside one sample of x."""
     return offsets_need_int64(x, 1, kernel, padding, dilation)
@@ -603,7 +613,7 @@ def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
 
 def _prepass_programs(n_in_pixels, groups):
     """Pre-pass programs of the merged launch: one per BLOCK_P input pixels and group."""
-    return triton.cdiv(n_in_pixels, _PREP_CONFIG["BLOCK_P"]) * groups
+    return _cdiv(n_in_pixels, _PREP_CONFIG["BLOCK_P"]) * groups
 
 
 def _prepass_fits(n_in_pixels, groups, c_out):
@@ -641,9 +651,9 @@ def _prepare_operands(x, w, groups, prepass):
     args = (x, q if prepass else sqnorm, w, sqnorm if already_packed else packed, sqnorm,
             n_sq, n_in_pixels, h * wd, wd, c_in_g, groups, *x.stride(), *w.stride())
     flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed,
-                 BLOCK=min(cfg["BLOCK"], max(16, triton.next_power_of_2(kh * kw * c_in_g))),
+                 BLOCK=min(cfg["BLOCK"], max(16, _next_pow2(kh * kw * c_in_g))),
                  BLOCK_P=cfg["BLOCK_P"],
-                 BLOCK_C=min(cfg["BLOCK_C"], max(16, triton.next_power_of_2(c_in_g))),
+                 BLOCK_C=min(cfg["BLOCK_C"], max(16, _next_pow2(c_in_g))),
                  num_warps=cfg["num_warps"])
     launch(_prepare_operands_kernel, (n_sq + c_out,), args, flags, _WHAT)
     return packed, sqnorm, q
@@ -771,7 +781,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                 *geometry, w.stride(0), w.stride(2), w.stride(3), *conv_args)
 
         def dw_grid(meta):
-            return (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"]))
+            return (_cdiv(n_pixels, meta["BLOCK_M"]), _cdiv(c_out, meta["BLOCK_C"]))
 
         launch(kernel, dw_grid, args, flags, _WHAT)
         return (y,) + empty_state
@@ -811,8 +821,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
             n_pixels, c_out_g, c_in_g, groups) + common_tail
 
     def grid(meta):
-        return (groups * triton.cdiv(n_pixels, meta["BLOCK_M"])
-                * triton.cdiv(c_out_g, meta["BLOCK_N"]),)
+        return (groups * _cdiv(n_pixels, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]),)
 
     launch(kernel, grid, args, flags, _WHAT)
     return y, c, r_x
