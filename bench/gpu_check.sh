@@ -6,16 +6,18 @@
 # Wall-time plan (H100/H200, total about 6.5 minutes: run it with a timeout of ~420 s):
 #   install ~20 s | gpu tests <= GPU_TESTS_TIMEOUT (150 s) | host overhead <= 40 s | benchmark: what is left of
 #   TOTAL_BUDGET_S minus a profiler reserve, enforced inside the benchmark (it stops starting
-#   new measurements and says so) and by a hard timeout | profiler <= PROFILE_TIMEOUT (60 s).
+#   new measurements and says so) and by a hard timeout | opt-in kernel breakdown
+#   (GPU_CHECK_BREAKDOWN s, reserved out of the benchmark's share) | profiler <= PROFILE_TIMEOUT (60 s).
 #
 # Files written (flat, at most 8, so they all come back from a lent machine):
 #   <date>_<device>_<commit>.{json,md,png}, gpu_check.log (environment, install, summary),
 #   gpu_tests.log, host_overhead.txt (bench.host_overhead: host time per call, cProfile),
 #   profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
 #   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large);
-#   opt-in: tile_sweep.md (GPU_CHECK_SWEEP), wgrad_probe.txt (GPU_CHECK_PROBE) -- with both
-#   and the profiler that is 10 files: a lent machine returns 8, so leave the profiler out
-#   when both run there.
+#   opt-in: kernel_breakdown.md (GPU_CHECK_BREAKDOWN), tile_sweep.md (GPU_CHECK_SWEEP),
+#   wgrad_probe.txt (GPU_CHECK_PROBE). A lent machine returns 8 files and the default run
+#   already writes 8 (with the profiler's two): each opt-in needs one freed --
+#   GPU_CHECK_PROFILE=0 frees two, GPU_CHECK_HOST=0 one.
 set -u
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -25,11 +27,24 @@ mkdir -p "$OUT_DIR"
 TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-365}"
 GPU_TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-150}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
-# GPU_CHECK_SWEEP=<seconds> adds bench.tile_sweep after the benchmark (count it in TOTAL_BUDGET_S).
+# GPU_CHECK_BREAKDOWN=<seconds> adds bench.kernel_breakdown after the benchmark (count it in
+# TOTAL_BUDGET_S: its seconds plus BREAKDOWN_SLACK_S are taken from the benchmark's budget).
+# GPU_CHECK_SWEEP=<seconds> adds bench.tile_sweep after the benchmark (count it in TOTAL_BUDGET_S:
+# its seconds plus SWEEP_SLACK_S are taken from the benchmark's budget, like the breakdown's).
 # GPU_CHECK_PROBE=<seconds> adds bench.wgrad_probe after the tests (counted in TOTAL_BUDGET_S).
 # GPU_CHECK_PROFILE=0 skips the profiler (its table is already committed for this commit's
 # kernels, say) and gives its time to the benchmark.
 GPU_CHECK_PROFILE="${GPU_CHECK_PROFILE:-1}"
+GPU_CHECK_BREAKDOWN="${GPU_CHECK_BREAKDOWN:-0}"
+# the layer running when its budget ends finishes (warm-up, autotuning, two profiled passes per
+# provider), and the process starts CUDA first: the time it may take past --budget
+BREAKDOWN_SLACK_S="${BREAKDOWN_SLACK_S:-30}"
+BREAKDOWN_RESERVE=0
+[ "$GPU_CHECK_BREAKDOWN" -gt 0 ] && BREAKDOWN_RESERVE=$(( GPU_CHECK_BREAKDOWN + BREAKDOWN_SLACK_S ))
+GPU_CHECK_SWEEP="${GPU_CHECK_SWEEP:-0}"
+SWEEP_SLACK_S="${SWEEP_SLACK_S:-30}"
+SWEEP_RESERVE=0
+[ "$GPU_CHECK_SWEEP" -gt 0 ] && SWEEP_RESERVE=$(( GPU_CHECK_SWEEP + SWEEP_SLACK_S ))
 [ "$GPU_CHECK_PROFILE" = "0" ] && PROFILE_TIMEOUT=0
 PROFILE_DIR="${PROFILE_DIR:-/tmp/sphereops_profile}"
 START=$(date +%s)
@@ -131,7 +146,7 @@ else
 fi
 
 # --- benchmark (quick suite) -------------------------------------------------------------
-left=$(( TOTAL_BUDGET_S - $(elapsed) - PROFILE_TIMEOUT ))
+left=$(( TOTAL_BUDGET_S - $(elapsed) - PROFILE_TIMEOUT - BREAKDOWN_RESERVE - SWEEP_RESERVE ))
 (( left < 60 )) && left=60
 bench_budget=$(( left - 25 ))        # measurements stop here; the rest writes the report
 say "benchmark: quick suite ${BENCH_ARGS:-}, budget ${bench_budget}s (hard limit ${left}s)"
@@ -145,10 +160,26 @@ say "benchmark exit code $rc"
 cat "$OUT_DIR/bench_stdout.txt" >> "$LOG"
 rm -f "$OUT_DIR/bench_stdout.txt"
 
+# --- kernel breakdown (opt-in: GPU_CHECK_BREAKDOWN=<seconds>) -----------------------------
+# Device time of every kernel of the fused SphereConv fwd / bwd next to cuDNN's, per quick-suite
+# layer (bench/kernel_breakdown.py): which launch eats the gap the benchmark's ratio shows.
+if [ "$GPU_CHECK_BREAKDOWN" -gt 0 ]; then
+  say "python -m bench.kernel_breakdown --budget $GPU_CHECK_BREAKDOWN ${BREAKDOWN_ARGS:-}"
+  # BREAKDOWN_ARGS: e.g. "--layers sn9.conv1_x,r18.l1,edge.depthwise --iters 10"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 10 $(( GPU_CHECK_BREAKDOWN + 60 )) "$PY" -m bench.kernel_breakdown \
+      --budget "$GPU_CHECK_BREAKDOWN" --out "$OUT_DIR/kernel_breakdown.md" ${BREAKDOWN_ARGS:-} \
+      > /dev/null 2>> "$LOG"
+  say "kernel breakdown exit code $? (kernel_breakdown.md)"
+  # its summary table into the log (the per-layer tables stay in the file)
+  [ -f "$OUT_DIR/kernel_breakdown.md" ] && \
+    awk '/^## Summary/ {p = 1; print; next} /^## / {p = 0} p' "$OUT_DIR/kernel_breakdown.md" \
+      | cut -c1-250 | tee -a "$LOG"
+fi
+
 # --- tile sweep (opt-in: GPU_CHECK_SWEEP=<seconds>) ---------------------------------------
 # Other tiles than the autotuner's, each checked against float64 and timed from CUDA-graph
 # replay (bench/tile_sweep.py): for kernel tuning sessions.
-GPU_CHECK_SWEEP="${GPU_CHECK_SWEEP:-0}"
 if [ "$GPU_CHECK_SWEEP" -gt 0 ]; then
   say "python -m bench.tile_sweep --budget $GPU_CHECK_SWEEP"
   # SWEEP_ARGS: e.g. "--layers r50.l1_reduce,r18.l1 --kernels fwd,fwd_prepass"
