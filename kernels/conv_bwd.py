@@ -8,13 +8,16 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes of the GEMM path (in this order; 6-7 launches):
+Kernels and passes of the GEMM path (in this order; 5-6 launches with every gradient):
 
-1. ``_filter_norm_kernel``: r_w [C_out] fp32 and the unit filters ``w_hat = w / r_w`` (input
-   dtype, laid out [KH, KW, C_out, C_in/G] so dgrad reads contiguous rows).
-2. ``_prep_kernel``: one pass over dy and the saved c. Stores the ONE output-sized intermediate
-   ``Hn = G / r_x`` in the input dtype, channels-last ([N*Ho*Wo, C_out] row-major) whatever the
-   input layout, plus ``A`` and per-program fp32 partial sums of S, db and dk.
+1. ``_prep_kernel``, one launch with two kinds of program. The filter programs (first in the
+   grid; only when dx or dw is asked; ``_filter_norm_block``) compute r_w [C_out] fp32 and the
+   unit filters ``w_hat = w / r_w`` (input dtype, laid out [KH, KW, C_out, C_in/G] so dgrad
+   reads contiguous rows): independent of the pass below (which needs r_x, not r_w), so they
+   ride in its launch rather than take one of their own. The other programs make one pass over
+   dy and the saved c, storing the ONE output-sized intermediate ``Hn = G / r_x`` in the input
+   dtype, channels-last ([N*Ho*Wo, C_out] row-major) whatever the input layout, plus ``A`` and
+   per-program fp32 partial sums of S, db and dk.
    *Why Hn = G/r_x and not H = G/(r_x r_w)*: the 1/r_w factor moves onto the (tiny) filters in
    dgrad and into the fp32 epilogue in wgrad. H itself can fall into fp16's subnormal range
    (|x|~300 with 64 channels gives H ~ 1e-6), where fp16 keeps only a few bits; Hn is r_w
@@ -22,15 +25,16 @@ Kernels and passes of the GEMM path (in this order; 6-7 launches):
    GEMM operand loads keeps the GEMM main loops pure loads + tl.dot (G needs an arccos for the
    sigmoid operator, which would be recomputed KH*KW times in dgrad). With one output channel
    per group (depthwise) ``_channelwise_prep_kernel`` does the same over [pixels x channels]
-   tiles across the groups (``_prep_kernel`` gives each program one group).
-3. ``_reduce_partials_kernel``: sums the partials of step 2 in a fixed order -> S (fp32), db, dk
+   tiles across the groups (``_prep_kernel`` gives each program one group), filter programs
+   included.
+2. ``_reduce_partials_kernel``: sums the partials of step 1 in a fixed order -> S (fp32), db, dk
    (two levels, i.e. two launches, once there are more than 512 partial rows).
-4. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
+3. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
    (kh, kw) is the same for every pixel, so it loops over exactly those taps (no zero-stuffing,
    no masked-out MMAs).
-5. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
+4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
    ranges that write fp32 partials; ``_dw_finalize_kernel`` sums the partials in split order and
    applies ``/ r_w - w S / r_w^2``. No atomics anywhere: same inputs -> bitwise same gradients.
 
@@ -49,7 +53,7 @@ hand (the interpreter's cast is not); the GPU build is unchanged (constexprs ``U
 Pure depthwise convs (C_in/G = C_out/G = 1) take their own memory-bound path, 4-5 launches:
 the forward saved neither c nor r_x (conv_fwd's depthwise kernel reads x and writes y only), so
 ``_depthwise_prep_kernel`` recomputes each window with the forward's own helpers (and r_w from
-the same taps: no filter-norm launch), stores Hn and A pixel-major ([M, C], read along the
+the same taps: no filter programs), stores Hn and A pixel-major ([M, C], read along the
 channels at every tap) with the column partials; after their reduction
 ``_depthwise_grad_kernel`` walks the input pixels once for dx and the weight-gradient partials
 together (elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
@@ -60,7 +64,7 @@ version read c and r_x too and a separate wgrad re-read Hn and x.
 
 Known limits: grouped convolutions with a few channels per group (but more than one) run
 through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. Eager
-launches cost host time per kernel (6-7 launches per call); under CUDA graphs /
+launches cost host time per kernel (5-6 launches per call); under CUDA graphs /
 torch.compile that disappears.
 """
 from __future__ import annotations
@@ -88,16 +92,15 @@ _INT32_MAX = 2**31 - 1
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _filter_norm_kernel(
-    w_ptr, rw_ptr, what_ptr,
-    C_out, CG_IN,
-    stride_wo, stride_wc, stride_wh, stride_ww,
-    eps,
-    KH: tl.constexpr, KW: tl.constexpr,
-    STORE_W_HAT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+def _filter_norm_block(
+    w_ptr, rw_ptr, what_ptr, block, C_out, CG_IN,
+    stride_wo, stride_wc, stride_wh, stride_ww, eps,
+    KH: tl.constexpr, KW: tl.constexpr, STORE_W_HAT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """r_w = sqrt(||w_o||^2 + eps) and w_hat = w / r_w.
+    """r_w = sqrt(||w_o||^2 + eps) and w_hat = w / r_w for the filters o of block ``block``
+    (block * BLOCK_O .. + BLOCK_O): the filter programs of the prep kernels (_prep_kernel,
+    _channelwise_prep_kernel), which run it in the same launch as their pass over dy and c.
 
     w_ptr:    [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
     rw_ptr:   [C_out] fp32, contiguous.
@@ -105,11 +108,12 @@ def _filter_norm_kernel(
     eps: the epsilon inside the square root.
     KH, KW: filter size. STORE_W_HAT: also write w_hat (only dgrad needs it).
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
-    BLOCK_O: filters per program. BLOCK_F: filter elements (ci, kh, kw) per loop step.
-    Grid: (cdiv(C_out, BLOCK_O),).
+    BLOCK_O: filters per program. BLOCK_F: filter elements (ci, kh, kw) per loop step
+    (filter_norm_config). Blocks: cdiv(C_out, BLOCK_O).
+    The stores sit in this function and their addresses come from _filter_block_index, which is
+    handed no pointer (see there).
     """
-    pid = tl.program_id(0)
-    offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_o = block * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < C_out
     o64 = offs_o.to(tl.int64)
     n_f = CG_IN * KH * KW
@@ -212,8 +216,8 @@ def _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, 
 
 
 @triton.jit
-def _prep_kernel(
-    dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
+def _prep_tile(
+    dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr, pid_m, g,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
@@ -222,32 +226,8 @@ def _prep_kernel(
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Elementwise/row pass over dy and c for one block of output pixels and one group.
-
-    dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
-    c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
-            the forward's output y = g(c) + b instead (linear and cosine operators), c recovered
-            here (angular.cosine_and_dg_dc).
-    bias_ptr: [C_out] contiguous, the b in y (read iff HAS_BIAS, which needs FROM_OUTPUT).
-    rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
-    k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
-            dtype); only read when OPERATOR == 2.
-    hn_ptr: [M = N*Ho*Wo, C_out] contiguous, input dtype: Hn = G / r_x (written iff STORE_HN).
-    a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
-    part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
-              row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
-    M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M) = grid axis 0.
-    HoWo = Ho*Wo, Wo: constexpr so that the pixel -> (n, ho, wo) divisions become multiply-shifts
-    (one specialisation per output size; a network has a handful).
-    OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
-    FROM_OUTPUT: c_ptr holds y (see c_ptr); HAS_BIAS: y has a bias to take off.
-    STORE_HN, STORE_A, NEED_S, NEED_DB, NEED_DK: which outputs to write (output_mask).
-    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
-    BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
-    Grid: (R, G).
-    """
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1)
+    """The pass over dy and c of _prep_kernel for output-pixel block pid_m of group g
+    (arguments as there)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     n, hw, dy_row, c_row = _prep_rows(offs_m, HoWo, Wo, stride_dyn, stride_dyh, stride_dyw,
@@ -278,8 +258,82 @@ def _prep_kernel(
 
 
 @triton.jit
-def _channelwise_prep_kernel(
+def _prep_kernel(
     dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
+    w_ptr, rw_ptr, what_ptr,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_cn, stride_cc, stride_ch, stride_cw,
+    n_filter_programs, CG_IN, stride_wo, stride_wc, stride_wh, stride_ww, eps,
+    OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    NORM_FILTERS: tl.constexpr, STORE_W_HAT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """The prep launch of the GEMM backward: the elementwise/row pass over dy and c, one block
+    of output pixels and one group a program, and in the same grid the filter norms.
+
+    Grid: (n_filter_programs + R, G). Programs pid0 < n_filter_programs of column g == 0 run
+    filter block pid0 (_filter_norm_block: r_w, and w_hat iff STORE_W_HAT); those of the other
+    columns return at once. Programs pid0 >= n_filter_programs run output-pixel block
+    pid0 - n_filter_programs of group g (_prep_tile). The filter blocks come first so that
+    their loops (latency-bound: dependent round trips to memory) start with the first wave
+    instead of trailing the pass.
+
+    dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
+    c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
+            the forward's output y = g(c) + b instead (linear and cosine operators), c recovered
+            here (angular.cosine_and_dg_dc).
+    bias_ptr: [C_out] contiguous, the b in y (read iff HAS_BIAS, which needs FROM_OUTPUT).
+    rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
+    k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
+            dtype); only read when OPERATOR == 2.
+    hn_ptr: [M = N*Ho*Wo, C_out] contiguous, input dtype: Hn = G / r_x (written iff STORE_HN).
+    a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
+    part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
+              row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
+    w_ptr:  [C_out, CG_IN, KH, KW] filters, strides (stride_wo, stride_wc, stride_wh,
+            stride_ww) (read iff NORM_FILTERS).
+    rw_ptr: [C_out] fp32 contiguous: r_w = sqrt(||w_o||^2 + eps) (written iff NORM_FILTERS).
+    what_ptr: [KH, KW, C_out, CG_IN] contiguous in w's dtype: w_hat = w / r_w (written iff
+              STORE_W_HAT).
+    M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M): the output-pixel blocks.
+    n_filter_programs: cdiv(C_out, BLOCK_O) with NORM_FILTERS, else 0. CG_IN = C_in / G.
+    eps: the epsilon inside r_w's square root.
+    HoWo = Ho*Wo, Wo: constexpr so that the pixel -> (n, ho, wo) divisions become multiply-shifts
+    (one specialisation per output size; a network has a handful).
+    OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
+    FROM_OUTPUT: c_ptr holds y (see c_ptr); HAS_BIAS: y has a bias to take off.
+    STORE_HN, STORE_A, NEED_S, NEED_DB, NEED_DK: which outputs to write (output_mask).
+    NORM_FILTERS: run the filter programs (dx or dw asked: r_w); STORE_W_HAT: and write w_hat
+    (dx asked). Without NORM_FILTERS their stores compile away, so rw_ptr / what_ptr may then
+    be any read-only tensors. KH, KW: filter size.
+    EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
+    BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
+    BLOCK_O, BLOCK_F: filters per filter program, filter elements per step (filter_norm_config).
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    if pid < n_filter_programs:
+        if NORM_FILTERS:
+            if g == 0:
+                _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN,
+                                   stride_wo, stride_wc, stride_wh, stride_ww, eps,
+                                   KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
+    else:
+        _prep_tile(dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
+                   pid - n_filter_programs, g, M, HoWo, Wo, C_out, CG_OUT, G, R, stride_k,
+                   stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+                   stride_cn, stride_cc, stride_ch, stride_cw,
+                   OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS, STORE_HN, STORE_A,
+                   NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, BLOCK_M, BLOCK_C)
+
+
+@triton.jit
+def _channelwise_prep_tile(
+    dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr, pid_m, pid_c,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
@@ -288,20 +342,8 @@ def _channelwise_prep_kernel(
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """_prep_kernel for one output channel per group (C_out / G == 1) with several input channels
-    per group (pure depthwise convs recompute their state instead: _depthwise_prep_kernel).
-
-    _prep_kernel gives each program one group: with one channel per group its channel tile is
-    15/16 masked, and every dy / c load and Hn store touches one element per 32-byte sector
-    (channels_last). Here a program takes BLOCK_M output pixels x BLOCK_C channels (= groups),
-    so those accesses run along the channels, and A = G c / r_x^2 is elementwise.
-
-    Pointers, strides and flags as _prep_kernel with G = C_out (r_x and A are [N, C_out, Ho, Wo]
-    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows).
-    Grid: (R, cdiv(C_out, BLOCK_C)), R = cdiv(M, BLOCK_M).
-    """
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """The pass over dy and c of _channelwise_prep_kernel for output-pixel block pid_m and
+    channel block pid_c (arguments as there)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     n, hw, dy_row, c_row = _prep_rows(offs_m, HoWo, Wo, stride_dyn, stride_dyh, stride_dyw,
@@ -323,6 +365,54 @@ def _channelwise_prep_kernel(
         tl.store(a_ptr + rx_offs, gc * inv_rx * inv_rx, mask=mask)
     _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
                            NEED_S, NEED_DB, NEED_DK)
+
+
+@triton.jit
+def _channelwise_prep_kernel(
+    dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
+    w_ptr, rw_ptr, what_ptr,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, R, stride_k,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_cn, stride_cc, stride_ch, stride_cw,
+    n_filter_programs, CG_IN, stride_wo, stride_wc, stride_wh, stride_ww, eps,
+    OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    NORM_FILTERS: tl.constexpr, STORE_W_HAT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """_prep_kernel for one output channel per group (C_out / G == 1) with several input channels
+    per group (pure depthwise convs recompute their state instead: _depthwise_prep_kernel).
+
+    _prep_kernel gives each program one group: with one channel per group its channel tile is
+    15/16 masked, and every dy / c load and Hn store touches one element per 32-byte sector
+    (channels_last). Here a program takes BLOCK_M output pixels x BLOCK_C channels (= groups),
+    so those accesses run along the channels, and A = G c / r_x^2 is elementwise.
+
+    Pointers, strides and flags as _prep_kernel with G = C_out (r_x and A are [N, C_out, Ho, Wo]
+    fp32 contiguous; part_ptr [3, R, C_out] as there, so the same reduction follows), the filter
+    programs too.
+    Grid: (n_filter_programs + R, cdiv(C_out, BLOCK_C)), R = cdiv(M, BLOCK_M): programs
+    pid0 < n_filter_programs of column 0 run filter block pid0 (those of the other columns
+    return at once), the others output-pixel block pid0 - n_filter_programs of channel block
+    pid1.
+    """
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if pid < n_filter_programs:
+        if NORM_FILTERS:
+            if pid_c == 0:
+                _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN,
+                                   stride_wo, stride_wc, stride_wh, stride_ww, eps,
+                                   KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
+    else:
+        _channelwise_prep_tile(dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
+                               pid - n_filter_programs, pid_c, M, HoWo, Wo, C_out, R, stride_k,
+                               stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+                               stride_cn, stride_cc, stride_ch, stride_cw,
+                               OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS, STORE_HN, STORE_A,
+                               NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, BLOCK_M, BLOCK_C)
 
 
 @triton.jit
@@ -907,17 +997,36 @@ def prep_config(operator: str, from_output: bool = False) -> dict:
 
 
 def filter_norm_config(n_f: int) -> dict:
-    """Tiles of _filter_norm_kernel for filters of ``n_f = C_in/G * KH * KW`` elements.
+    """Tiles of the filter programs of the prep launch (_filter_norm_block) for filters of
+    ``n_f = C_in/G * KH * KW`` elements. They run at the prep kernel's num_warps (4 for every
+    prep_config), so their tile is sized for 4 warps.
 
-    The kernel is latency-bound: each loop step is a dependent round trip to memory, done twice
-    (norm, then w_hat). Fixed 4 x 512 tiles took 22 us a call on average on the H200
-    (SphereResNet-32 profile, 20261127-1339; the work is a few us of bandwidth), 3-7 steps a pass
-    for 3x3 filters of 128-384 channels. A whole filter per step up to 4096 elements (one step
-    a pass), several filters per program while they are small (~2048 elements a program, at
-    most 128 filters), 8 warps for the 4096-wide tile (32 fp32 values a thread per array)."""
-    block_f = _pow2_clamp(n_f, 16, 4096)
+    The filter work is latency-bound: each loop step is a dependent round trip to memory, done
+    twice (norm, then w_hat). Fixed 4 x 512 tiles took 22 us a call on average on the H200 as a
+    kernel of their own (SphereResNet-32 profile, 20261127-1339; the work is a few us of
+    bandwidth), 3-7 steps a pass for 3x3 filters of 128-384 channels. So: a whole filter per
+    step up to 2048 elements (one step a pass), several filters a program while they are small
+    (2048 elements a program, at most 128 filters) -- 16 fp32 values a thread per array at 4
+    warps, what the separate kernel had at its widest (4096 at 8 warps).
+
+    Why not 4096 wide at 4 warps (one step a pass up to 3x3 x 455 channels): the merged kernel
+    gets one register allocation for both kinds of program, and 32 values a thread per array
+    raised it above the prep's own (make aot-check, triton 3.9, 3x3 filters): the sigmoid prep
+    took 168 registers on sm_90 in every dtype and 159 / 202 / 198 on sm_80 (fp32 / fp16 /
+    bf16), against 125 / 155 / 159 and 128 / 161 / 162 with the 2048-wide tile -- 2 instead of 3
+    blocks of 4 warps an SM on sm_80 in 16-bit; the linear-from-output prep 226 on sm_80 in
+    fp32. With at most 2048 elements a program the merged kernels stay within a few registers
+    of the prep pass alone and spill nothing (docs/aot_table.md, conv_bwd_prep_*; the fp32
+    channelwise prep with its 64 x 32 filter tile takes 146 against 138 / 128 alone). Up to
+    2048 elements these are the separate kernel's 4-warp tiles, so those filters' sums are
+    bitwise unchanged; longer filters (3x3 with 228+ input channels a group) take two or more
+    steps a pass, which moves some of their fp32 norms by one ulp against the one-step 8-warp
+    tile. The filter programs come first in the grid, so their loops overlap the prep's."""
+    block_f = _pow2_clamp(n_f, 16, 2048)
     block_o = max(1, min(128, 2048 // block_f))
-    return dict(BLOCK_O=block_o, BLOCK_F=block_f, num_warps=8 if block_o * block_f > 2048 else 4)
+    return dict(BLOCK_O=block_o, BLOCK_F=block_f)
+
+
 # 512 rows per first-level program (8 steps of 64): ~25 programs for a 64x56x56 batch
 REDUCE_CONFIG = dict(BLOCK_R=64, BLOCK_C=32, ROWS_PER_PROGRAM=512, num_warps=4)
 FINALIZE_CONFIG = dict(BLOCK=256, SPLIT_BLOCK=16, num_warps=4)
@@ -1130,20 +1239,17 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     r_x = r_x.contiguous()
     k_arg = k if operator == "sigmoid" else r_x  # never read unless sigmoid
 
-    # 1. filter norms (and unit filters for the dgrad)
-    if need_grads:
-        r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
-        store_w_hat = need_dx
-        w_hat = torch.empty((kh, kw, c_out, cg_in) if store_w_hat else (1,), device=dev, dtype=dtype)
-        cfg = filter_norm_config(cg_in * kh * kw)
-        _launch(_filter_norm_kernel, (_cdiv(c_out, cfg["BLOCK_O"]),),
-                (w, r_w, w_hat, c_out, cg_in, *w.stride(), float(eps)),
-                KH=kh, KW=kw, STORE_W_HAT=store_w_hat, EMULATE_RTNE=rtne, BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"],
-                num_warps=cfg["num_warps"])
-
-    # 2. the elementwise pass over dy and c
+    # 1. the prep launch: the elementwise pass over dy and c and, in the same grid, the filter
+    # norms (and the unit filters for the dgrad) when dx or dw is asked
     cfg = prep_config(operator, from_output)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"])
+    fcfg = filter_norm_config(cg_in * kh * kw)
+    if need_grads:
+        r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
+        w_hat = torch.empty((kh, kw, c_out, cg_in) if need_dx else (1,), device=dev, dtype=dtype)
+        n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
+    else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
+        r_w, w_hat, n_filter_programs = r_x, w, 0
     if need_grads and c_scratch and c.permute(0, 2, 3, 1).is_contiguous():
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
@@ -1155,24 +1261,30 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     prep_flags = dict(OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
                       FROM_OUTPUT=from_output, HAS_BIAS=has_bias, STORE_HN=need_grads,
                       STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
-                      EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"])
-    prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials)
+                      NORM_FILTERS=need_grads, STORE_W_HAT=need_dx, KH=kh, KW=kw,
+                      EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_O=fcfg["BLOCK_O"],
+                      BLOCK_F=fcfg["BLOCK_F"], num_warps=cfg["num_warps"])
+    prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials,
+               w, r_w, w_hat)
+    filter_args = (n_filter_programs, cg_in, *w.stride(), float(eps))
     k_stride = k.stride(0) if operator == "sigmoid" else 0
     if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
-        _launch(_channelwise_prep_kernel, (r_rows, _cdiv(c_out, cfg["BLOCK_C"])),
-                prep_in + (m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(), *c.stride()),
+        grid = (n_filter_programs + r_rows, _cdiv(c_out, cfg["BLOCK_C"]))
+        _launch(_channelwise_prep_kernel, grid,
+                prep_in + (m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(), *c.stride())
+                + filter_args,
                 BLOCK_C=cfg["BLOCK_C"], **prep_flags)
     else:
-        _launch(_prep_kernel, (r_rows, groups),
+        _launch(_prep_kernel, (n_filter_programs + r_rows, groups),
                 prep_in + (m_out, ho * wo, wo, c_out, cg_out, groups, r_rows, k_stride,
-                           *dy.stride(), *c.stride()),
+                           *dy.stride(), *c.stride()) + filter_args,
                 BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]), **prep_flags)
 
-    # 3. deterministic sums of the partials
+    # 2. deterministic sums of the partials
     s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne)
 
     wide = _needs_wide_offsets(x, m_out * c_out, (kh, kw), (ph, pw), (dh, dw_))
-    # 4. dgrad fused with the norm correction
+    # 3. dgrad fused with the norm correction
     if need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
         cfg = dgrad_config(cg_in, cg_out, dtype)
@@ -1187,7 +1299,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    # 5. wgrad: split reduction into fp32 partials, then the ordered finalize pass
+    # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
     if need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype)
         base = groups * _cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]) * kh * kw
@@ -1337,24 +1449,32 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
-               w: int, fn=None) -> dict:
+               w: int, fn=None, cg_in: Optional[int] = None) -> dict:
     """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
-    pointer type of the input dtype)."""
+    pointer type of the input dtype), with its filter programs for 3x3 filters of ``cg_in``
+    input channels (default c) and w_hat (filter_norm_config's tiles)."""
     fn = _prep_kernel if fn is None else fn
+    cg_in = c if cg_in is None else cg_in
     cfg = prep_config(operator, from_output)
+    fcfg = filter_norm_config(cg_in * 9)
     pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
-                "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32"}
+                "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
+                "what_ptr": t}
     strides = dict(stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c, stride_dyw=c,
-                   stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c)
+                   stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c,
+                   stride_wo=cg_in * 9, stride_wc=9, stride_wh=3, stride_ww=1)
     return dict(
-        name=name, fn=fn, signature=_signature(fn, pointers),
+        name=name, fn=fn, signature=_signature(fn, pointers, floats=("eps",)),
         constexprs=dict(HoWo=h * w, Wo=w, OPERATOR=OPERATOR_CODES[operator], DELTA=1e-6,
                         FROM_OUTPUT=from_output, HAS_BIAS=from_output, STORE_HN=True, STORE_A=True,
                         NEED_S=True, NEED_DB=True, NEED_DK=operator == "sigmoid",
-                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"]),
+                        NORM_FILTERS=True, STORE_W_HAT=True, KH=3, KW=3,
+                        EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+                        BLOCK_O=fcfg["BLOCK_O"], BLOCK_F=fcfg["BLOCK_F"]),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-        example_args=dict(C_out=c, **({"CG_OUT": c} if fn is _prep_kernel else {}), **strides))
+        example_args=dict(C_out=c, CG_IN=cg_in, **({"CG_OUT": c} if fn is _prep_kernel else {}),
+                          **strides))
 
 
 def aot_specs() -> list:
@@ -1446,22 +1566,17 @@ def aot_specs() -> list:
                                   stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c,
                                   stride_dxw=c)))
         # the memory-bound passes, once per dtype: the sigmoid prep (the heaviest epilogue) and
-        # the saved-output variant (c recovered from y and the bias, with a sine for linear)
+        # the saved-output variant (c recovered from y and the bias, with a sine for linear),
+        # each with its filter programs (r_w and w_hat) for 3x3 filters of 128 input channels
+        # (one 2048-wide step a filter); the sigmoid prep again with one input channel a group
+        # (128 filters of 9 elements a program), and the channelwise prep with two (64 of 18)
         specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_{tag}", "sigmoid", False, t, dtype, c, h, w))
+        specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_cin1_{tag}", "sigmoid", False, t, dtype,
+                                c, h, w, cg_in=1))
         specs.append(_prep_spec(f"conv_bwd_prep_linear_from_output_{tag}", "linear", True, t, dtype,
                                 c, h, w))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
-                                dtype, c, h, w, fn=_channelwise_prep_kernel))
-        for label, cg in (("3x3_c128", c), ("3x3_c384", 3 * c), ("3x3_depthwise", 1)):
-            cfg = filter_norm_config(cg * 9)
-            specs.append(dict(
-                name=f"conv_bwd_filter_norm_{label}_{tag}", fn=_filter_norm_kernel,
-                signature=_signature(_filter_norm_kernel, {"w_ptr": t, "rw_ptr": "*fp32",
-                                                           "what_ptr": t}, floats=("eps",)),
-                constexprs=dict(KH=3, KW=3, STORE_W_HAT=cg > 1, EMULATE_RTNE=False,
-                                BLOCK_O=cfg["BLOCK_O"], BLOCK_F=cfg["BLOCK_F"]),
-                num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-                example_args=dict(CG_IN=cg)))
+                                dtype, c, h, w, fn=_channelwise_prep_kernel, cg_in=2))
         cfg = REDUCE_CONFIG
         specs.append(dict(
             name=f"conv_bwd_reduce_partials_{tag}", fn=_reduce_partials_kernel,

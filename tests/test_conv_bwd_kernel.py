@@ -13,6 +13,7 @@ ref64| + atol`` with ``atol`` a small multiple of the dtype's ulp at the gradien
 fp32 sum that lands on the other side of a rounding boundary than the reference's costs one ulp).
 Under the interpreter every kernel runs on the CPU; with CUDA the same tests run on the GPU.
 """
+import dataclasses
 import math
 
 import pytest
@@ -509,9 +510,13 @@ def test_aot_specs_are_well_formed():
     ``make aot-check``)."""
     specs = conv_bwd.aot_specs()
     kernels = {s["fn"].__name__ for s in specs}
-    assert {"_dgrad_kernel", "_wgrad_kernel", "_prep_kernel", "_filter_norm_kernel",
-            "_reduce_partials_kernel", "_dw_finalize_kernel", "_channelwise_prep_kernel",
-            "_depthwise_prep_kernel", "_depthwise_grad_kernel"} <= kernels
+    assert {"_dgrad_kernel", "_wgrad_kernel", "_prep_kernel", "_reduce_partials_kernel",
+            "_dw_finalize_kernel", "_channelwise_prep_kernel", "_depthwise_prep_kernel",
+            "_depthwise_grad_kernel"} <= kernels
+    # the filter norms are programs of the prep launch: every prep spec compiles them
+    preps = [s for s in specs if s["fn"].__name__ in ("_prep_kernel", "_channelwise_prep_kernel")]
+    assert preps and all(s["constexprs"]["NORM_FILTERS"] for s in preps)
+    assert {s["constexprs"]["BLOCK_O"] for s in preps} >= {1, 128}
     for s in specs:
         names = set(s["fn"].arg_names)
         assert set(s["signature"]) == names, s["name"]
@@ -576,27 +581,99 @@ def test_wide_offsets_follow_the_sizes():
     assert wide((8, 16, 64, 64), 2 ** 30)                          # Hn near 2^31
 
 
-@pytest.mark.parametrize("c_in,kernel,layout", [(1, 3, "nchw"), (3, 5, "channels_last"),
-                                                 (130, 3, "nchw"), (520, 3, "channels_last")],
-                         ids=["depthwise", "5x5-c3", "one-step", "two-steps"])
-def test_filter_norm_kernel(c_in, kernel, layout):
-    """r_w and w_hat against torch for filter sizes from 9 to 4680 elements: one loop step per
-    pass up to 4096 (several filters a program while small), two beyond; both weight layouts."""
-    n_f = c_in * kernel * kernel
-    cfg = conv_bwd.filter_norm_config(n_f)
-    assert cfg["BLOCK_O"] * cfg["BLOCK_F"] <= 4096 and cfg["BLOCK_F"] >= min(n_f, 4096)
-    w = torch.randn(37, c_in, kernel, kernel, dtype=torch.float32, device=DEVICE)
+def _record_launches(monkeypatch):
+    """[(kernel, grid, args)] of every launch conv_bwd makes from now on (they still run)."""
+    launched = []
+    real_launch = conv_bwd._launch
+
+    def record(kernel, grid, args, **kwargs):
+        launched.append((kernel, grid, args))
+        return real_launch(kernel, grid, args, **kwargs)
+    monkeypatch.setattr(conv_bwd, "_launch", record)
+    return launched
+
+
+def _prep_launch(launched):
+    """The one prep launch among ``launched``: (kernel, grid, {argument name: value})."""
+    preps = [(k, grid, args) for k, grid, args in launched
+             if k in (conv_bwd._prep_kernel, conv_bwd._channelwise_prep_kernel)]
+    assert len(preps) == 1, [k.__name__ for k, _, _ in launched]
+    kernel, grid, args = preps[0]
+    return kernel, grid, dict(zip(kernel.arg_names, args))
+
+
+_P, _RED, _DG, _WG, _FIN = ("prep", "_reduce_partials_kernel", "_dgrad_kernel", "_wgrad_kernel",
+                            "_dw_finalize_kernel")
+
+
+@pytest.mark.parametrize("geom", [dict(operator="sigmoid", stride=2),
+                                  dict(operator="linear", c_in=8, c_out=4, groups=4, h=7, w=7)],
+                         ids=["per-group", "channelwise"])
+@pytest.mark.parametrize("mask,expected", [
+    (ALL, [_P, _RED, _DG, _WG, _FIN]),                     # was 6 launches with _filter_norm_kernel
+    ((True, False, False, False), [_P, _DG]),              # was 3
+    ((False, True, False, False), [_P, _RED, _WG, _FIN]),  # was 5
+    ((False, False, True, True), [_P, _RED]),              # no filters needed: 2 as before
+], ids=["all", "dx", "dw", "db-dk"])
+def test_gemm_backward_launches(monkeypatch, geom, mask, expected):
+    """The GEMM backward computes the filter norms (r_w, w_hat) in the prep launch: one launch
+    fewer than with the separate filter-norm kernel (5 with every gradient and a one-level
+    reduction). Filter programs run iff dx or dw is asked, cdiv(C_out, BLOCK_O) of them ahead
+    of the output-pixel blocks on grid axis 0; db / dk alone launch none."""
+    assert not hasattr(conv_bwd, "_filter_norm_kernel")
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(torch.float32, **geom)
+    out = _kernel(dy, inp, c, r_x, mask)
+    prep = (conv_bwd._channelwise_prep_kernel if inp.w.shape[0] == inp.groups
+            else conv_bwd._prep_kernel)
+    expected = [prep.__name__ if name == _P else name for name in expected]
+    assert [k.__name__ for k, _, _ in launched] == expected
+    _, grid, args = _prep_launch(launched)
+    c_out, cg_in, kh, kw = inp.w.shape
+    cfg = conv_bwd.prep_config(inp.operator)
+    r_rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // cfg["BLOCK_M"])
+    block_o = conv_bwd.filter_norm_config(cg_in * kh * kw)["BLOCK_O"]
+    n_filter = -(-c_out // block_o) if (mask[0] or mask[1]) else 0
+    assert args["n_filter_programs"] == n_filter and grid[0] == n_filter + r_rows
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+
+
+def _strided_weight(w):
+    """w's values in a non-contiguous tensor (every other input channel of a wider one)."""
+    wide = torch.empty(w.shape[0], 2 * w.shape[1], *w.shape[2:], dtype=w.dtype, device=w.device)
+    wide[:, ::2] = w
+    return wide[:, ::2]
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,kernel,layout", [
+    (1, 37, 1, 3, "nchw"),               # 9-element filters: 128 of them a program
+    (6, 38, 2, 5, "strided"),            # 75 elements, 16 a program; groups 2
+    (8, 4, 4, 3, "channels_last"),       # one output channel a group: _channelwise_prep_kernel
+    (260, 38, 2, 3, "strided"),          # 1170 elements: one 2048-wide step a pass
+    (520, 37, 1, 3, "channels_last"),    # 4680 elements: three steps a pass
+], ids=["c1", "5x5-c3-g2-strided", "channelwise", "c130-g2-strided", "c520-three-steps"])
+def test_filter_programs_of_the_prep_launch(monkeypatch, c_in, c_out, groups, kernel, layout):
+    """r_w and w_hat as the prep launch's filter programs leave them, against float64 torch:
+    fresh random filters of 9 to 4680 elements, groups 1 and 2, contiguous, channels_last and
+    non-contiguous weights. dx alone is asked (it needs both)."""
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(torch.float32, operator="cosine", n=1, c_in=c_in, c_out=c_out,
+                            groups=groups, kernel=kernel, padding=kernel // 2, h=4, w=5)
+    w = inp.w
     if layout == "channels_last":
         w = w.contiguous(memory_format=torch.channels_last)
-    r_w = torch.empty(37, dtype=torch.float32, device=DEVICE)
-    w_hat = torch.empty(kernel, kernel, 37, c_in, dtype=torch.float32, device=DEVICE)
-    conv_bwd._launch(conv_bwd._filter_norm_kernel, (conv_bwd._cdiv(37, cfg["BLOCK_O"]),),
-                     (w, r_w, w_hat, 37, c_in, *w.stride(), EPS), KH=kernel, KW=kernel,
-                     STORE_W_HAT=True, EMULATE_RTNE=False, BLOCK_O=cfg["BLOCK_O"],
-                     BLOCK_F=cfg["BLOCK_F"], num_warps=cfg["num_warps"])
+    elif layout == "strided":
+        w = _strided_weight(w)
+        assert not w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+    inp = dataclasses.replace(inp, w=w)
+    n_f = (c_in // groups) * kernel * kernel
+    cfg = conv_bwd.filter_norm_config(n_f)
+    assert cfg["BLOCK_O"] * cfg["BLOCK_F"] <= 2048 and cfg["BLOCK_F"] >= min(n_f, 2048)
+    _kernel(dy, inp, c, r_x, (True, False, False, False))
+    _, _, args = _prep_launch(launched)
     expected = R.filter_norms(w.double(), EPS)
-    assert_close(r_w, expected, 1e-6, 1e-6, "r_w")
-    assert_close(w_hat, (w.double() / expected.reshape(-1, 1, 1, 1)).permute(2, 3, 0, 1),
+    assert_close(args["rw_ptr"], expected, 1e-6, 1e-6, "r_w")
+    assert_close(args["what_ptr"], (w.double() / expected.reshape(-1, 1, 1, 1)).permute(2, 3, 0, 1),
                  1e-6, 1e-6, "w_hat")
 
 

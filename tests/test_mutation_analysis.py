@@ -90,6 +90,13 @@ for operator, groups, save_output, w_cl in (("cosine", 1, False, False), ("cosin
                                1e-4, saved="output" if save_output else "cosine",
                                bias=b if save_output else None)
     check(case + " bwd", dict(x=x, w=w, b=b, k=k, dy=dy, saved=saved, r_x=r_x))
+    # db (and dk) alone: the prep launch has no filter programs and gets read-only stand-ins
+    # (r_x, w) for r_w / w_hat, whose stores NORM_FILTERS compiles away
+    conv_bwd.sphere_conv2d_bwd(dy, x, w, k, saved, r_x, (1, 1), (1, 1), (1, 1), groups, operator,
+                               1e-4, (False, False, True, True),
+                               saved="output" if save_output else "cosine",
+                               bias=b if save_output else None)
+    check(case + " bwd db/dk only", dict(x=x, w=w, b=b, k=k, dy=dy, saved=saved, r_x=r_x))
 
 for operator, save_output in (("cosine", False), ("sigmoid", False), ("linear", True)):
     case = f"linear {operator} save_output={save_output}"
