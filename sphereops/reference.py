@@ -148,7 +148,9 @@ def _group_square_sum(x: Tensor, groups: int) -> Tensor:
     out = x.new_empty(n, groups, h, w)
     for rows in _batch_slices(n, cin * h * w, x.device):
         xs = x[rows]
-        torch.sum((xs * xs).reshape(-1, groups, cin // groups, h, w), dim=2, out=out[rows])
+        # the batch dim by name, not -1: an empty image (h or w = 0) has no elements to infer it
+        torch.sum((xs * xs).reshape(xs.shape[0], groups, cin // groups, h, w), dim=2,
+                  out=out[rows])
     return out
 
 
