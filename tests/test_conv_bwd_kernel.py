@@ -269,14 +269,20 @@ def _rounding_bound(dy, inp, c, r_x):
     return bdx, bdw
 
 
+# hard cases also through the pure depthwise path, whose backward recomputes c and r_x
+HARD_GEOMS = [pytest.param({}, id="dense"),
+              pytest.param(dict(c_in=12, c_out=12, groups=12), id="depthwise")]
+
+
+@pytest.mark.parametrize("geom", HARD_GEOMS)
 @pytest.mark.parametrize("dtype,rtol,atol_frac", DTYPE_TOLS)
-def test_near_parallel_patches(dtype, rtol, atol_frac):
+def test_near_parallel_patches(dtype, rtol, atol_frac, geom):
     """Filters copied from input patches: c -> 1, where dtheta/dc uses the bounded rule; the
     gradients stay finite and equal the reference's (same rule) up to rounding. The problem is
     ill-conditioned there (see _rounding_bound), so the bound is the a-priori rounding bound of
     the kernel's arithmetic plus twice the same-dtype reference's own error, elementwise."""
     inp = make_near_parallel_conv_inputs(noise=1e-5, dtype=dtype, device=DEVICE, operator="linear",
-                                         padding=0, channels_last=True)
+                                         padding=0, channels_last=True, **geom)
     c, r_x = _saved_state(inp)
     assert c.float().max().item() > 0.999, "the builder should produce near-parallel patches"
     dy = torch.randn(c.shape, device=DEVICE).to(dtype)
@@ -313,10 +319,11 @@ def test_exactly_parallel_patch_is_finite(operator):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
 
 
+@pytest.mark.parametrize("geom", HARD_GEOMS)
 @pytest.mark.parametrize("dtype,rtol,atol_frac", DTYPE_TOLS)
-def test_zero_patches(dtype, rtol, atol_frac):
+def test_zero_patches(dtype, rtol, atol_frac, geom):
     """All-zero regions and a whole zero sample: r_x = sqrt(eps), c = 0."""
-    inp = make_conv_inputs(dtype=dtype, device=DEVICE, operator="sigmoid", n=2)
+    inp = make_conv_inputs(dtype=dtype, device=DEVICE, operator="sigmoid", n=2, **geom)
     x = inp.x.clone()
     x[0, :, 2:7, 1:6] = 0
     x[1] = 0
@@ -327,23 +334,25 @@ def test_zero_patches(dtype, rtol, atol_frac):
     _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
 
 
+@pytest.mark.parametrize("geom", HARD_GEOMS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_fp16_large_inputs(layout):
+def test_fp16_large_inputs(layout, geom):
     """|x| ~ 300 in fp16: x^2 overflows fp16 and G / (r_x r_w) would be subnormal; the kernel
     keeps full fp16 accuracy (Hn = G / r_x, the 1/r_w factor on the filters)."""
     inp, c, r_x, dy = _case(torch.float16, operator="linear", scale=300.0, stride=2,
-                            channels_last=(layout == "channels_last"))
+                            channels_last=(layout == "channels_last"), **geom)
     out = _kernel(dy, inp, c, r_x)
     for o in out[:3]:
         assert torch.isfinite(o).all()
     _check_all(out, dy, inp, c, r_x, torch.float16, 2e-3, 2.0 ** -9)
 
 
+@pytest.mark.parametrize("geom", HARD_GEOMS)
 @pytest.mark.parametrize("where", ["x", "dy"])
 @pytest.mark.parametrize("dtype,rtol,atol_frac", DTYPE_TOLS[:1] + DTYPE_TOLS[2:])
-def test_nan_propagates(where, dtype, rtol, atol_frac):
+def test_nan_propagates(where, dtype, rtol, atol_frac, geom):
     """NaN in x or dy comes out as NaN exactly where the reference has NaN (never clamped)."""
-    inp, c, r_x, dy = _case(dtype, operator="sigmoid", stride=2)
+    inp, c, r_x, dy = _case(dtype, operator="sigmoid", stride=2, **geom)
     if where == "x":
         x = inp.x.clone()
         x[1, 2, 4, 5] = float("nan")
