@@ -387,11 +387,6 @@ def profile_passes(call: Callable, inputs: RN.Inputs, iters: int, warmup: int,
     return {"fwd": list(fwd_session.events()), "bwd": list(bwd_session.events())}
 
 
-def _short_error(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def profile_layer(shape: S.ConvShape, dtype_name: str, operator: str, channels_last: bool,
                   iters: int, warmup: int, device: torch.device,
                   open_session: Callable = cuda_session) -> LayerResult:
@@ -415,7 +410,7 @@ def profile_layer(shape: S.ConvShape, dtype_name: str, operator: str, channels_l
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - a provider that fails is a result
-            result.errors.append(f"{PROVIDERS[provider]}: {_short_error(exc)}")
+            result.errors.append(f"{PROVIDERS[provider]}: {RN._short_error(exc)}")
             continue
         for pass_name in PASSES:
             result.stats += aggregate_kernels(events[pass_name], provider, pass_name, iters)

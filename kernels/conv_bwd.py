@@ -80,7 +80,9 @@ from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
 from .conv_fwd import depthwise_inv_norms, depthwise_window
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
+from .launch import cdiv as _cdiv
 from .launch import launch, offsets_need_int64
+from .launch import next_pow2 as _next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -931,15 +933,6 @@ def _dw_finalize_kernel(
 # Configs (fixed per shape: no autotuning, so that results never depend on timing noise and
 # torch.compile sees plain launches)
 # ---------------------------------------------------------------------------------------------
-
-def _cdiv(a: int, b: int) -> int:
-    # plain Python: triton.cdiv is a jit-callable whose argument unwrapping costs microseconds
-    return -(-a // b)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
-
 
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(max(int(v), 1))))

@@ -50,7 +50,9 @@ from .configs import (
     prune_conv_fwd_configs,
 )
 from .epilogue import store_sphere_tile
+from .launch import cdiv as _cdiv
 from .launch import interpreting, launch, offsets_need_int64
+from .launch import next_pow2 as _next_pow2
 
 _INTERPRET = interpreting()
 
@@ -594,16 +596,6 @@ def default_patch_norms(kh, kw):
     return "fused" if kh * kw == 1 else "prepass"
 # _prepare_operands_kernel: BLOCK_P x BLOCK_C pre-pass tiles, BLOCK filter elements a step
 _PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
-
-
-def _cdiv(a, b):
-    # plain Python on the launch path: triton.cdiv / next_power_of_2 are jit-callables whose
-    # argument unwrapping cost ~4 us of host time each, 5-7 calls a forward (cProfile, CPU)
-    return -(-a // b)
-
-
-def _next_pow2(v):
-    return 1 << (max(int(v), 1) - 1).bit_length()
 
 
 def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:

@@ -69,6 +69,18 @@ def offsets_need_int64(x, first_dim: int, kernel, padding, dilation, other_numel
     return 2 * (max(span + reach, other_numel) + 1) >= 2 ** 31
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python for the launchers' grids and tiles: triton.cdiv (and
+    triton.next_power_of_2) are jit-callables whose argument unwrapping costs ~4 us of host time
+    a call, several calls a launch (cProfile, CPU)."""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1), in plain Python (see :func:`cdiv`)."""
+    return 1 << (max(int(v), 1) - 1).bit_length()
+
+
 def _launch_cuda(kernel, grid, args, kwargs) -> None:
     if _wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)

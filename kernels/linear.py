@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .angular import OPERATOR_CODES, cosine_and_dg_dc, dg_dk
 from .epilogue import store_sphere_tile
+from .launch import cdiv as _cdiv
 from .launch import interpreting as _interpreting
 from .launch import launch
 
@@ -53,11 +54,6 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-
-def _cdiv(a, b):
-    # plain Python on the launch path: triton.cdiv is a jit-callable (~4 us of host time a call)
-    return -(-a // b)
-
 
 @triton.jit
 def _row_norm_kernel(a_ptr, out_ptr, R, C, stride_ar, stride_ac, eps,
