@@ -55,19 +55,13 @@ def _references(inp):
     return ref64, ref_same
 
 
-def _pure_depthwise(inp):
-    """C_in/G = C_out/G = 1: the depthwise kernel's forward saves neither c nor r_x (the
-    backward recomputes them; its tests check the gradients that depend on both)."""
-    return inp.w.shape[1] == 1 and inp.w.shape[0] == inp.groups
-
-
 def _check_against_reference(inp, out, dtype, rtol, atol, saves_state=None):
     """y, c and r_x against the references; ``saves_state`` (None: all but pure depthwise
     convs, which must return c and r_x empty -- False) says whether c and r_x are expected."""
     y, c, r_x = out
     (y64, c64, rx64), (y_same, c_same, _) = _references(inp)
     if saves_state is None:
-        saves_state = not _pure_depthwise(inp)
+        saves_state = not inp.pure_depthwise
     if not saves_state:
         assert c.numel() == 0 and r_x.numel() == 0, "the depthwise forward saves no state"
         c, c64, c_same = y, y64, y_same   # check y twice rather than branch below
@@ -575,7 +569,7 @@ def test_forward_zero_patches(case, dtype, rtol, atol):
     inp.x = x
     y, c, r_x = _run_kernel(inp)
     _check_against_reference(inp, (y, c, r_x), dtype, rtol, atol)
-    if not _pure_depthwise(inp):   # (the depthwise forward saves no c, r_x)
+    if not inp.pure_depthwise:   # (the depthwise forward saves no c, r_x)
         assert (c[0] == 0).all()
         assert torch.allclose(r_x[0], torch.full_like(r_x[0], math.sqrt(EPS)), rtol=1e-6, atol=0)
     assert torch.allclose(y[0].double(), inp.bias.double().view(-1, 1, 1).expand_as(y[0]),
@@ -610,7 +604,7 @@ def test_forward_nonfinite_input_poisons_only_affected_outputs(case, bad, dtype,
     nan_ref = torch.isnan(y64)
     assert 0 < int(nan_ref.sum()) < y64.numel(), "the reference must have NaN and finite outputs"
     assert torch.equal(torch.isnan(y).cpu(), nan_ref), "y NaN pattern differs from the reference"
-    if not _pure_depthwise(inp):
+    if not inp.pure_depthwise:
         assert torch.equal(torch.isnan(c).cpu(), torch.isnan(c64)), "c NaN pattern differs"
     _check_against_reference(inp, (y, c, r_x), dtype, rtol, atol)
 
