@@ -16,8 +16,11 @@ filters are repacked once per call to the same order, ``w_packed [C_out, kh, kw,
 
 Implicit-GEMM convs, two launches per call:
 * ``_prepare_operands_kernel`` -- one small launch before the conv kernel: one program per
-  filter (repack, ||w_o||^2 in fp32) and, with the default pre-pass patch norms, the channel
-  sum-of-squares tiles q [N, G, H, W] in the same grid.
+  filter (repack, ||w_o||^2 in fp32) and, in the same grid, input tiles that make one pass
+  over x: the channel sums of squares q [N, G, H, W] (the default pre-pass patch norms) and,
+  for inputs not in the kernel's fast layout (NCHW, C_in/G not a multiple of 16:
+  ``staged_channels``), a staged copy [N, H, W, G, Cp] with Cp = C_in/G rounded up to 16,
+  zero-padded, which the conv kernel then reads instead of x (the filters get the same Cp).
 * ``_sphere_conv_fwd_kernel`` -- implicit GEMM for every conv.  Constexpr ``CHANNEL_CHUNKS``
   picks the K loop: chunks of BLOCK_K channels at one (r, s) filter tap (C_in/G >= 16: cheap
   scalar index math per step, contiguous loads), or a flat loop over k = (r*kw + s)*C_in/G
@@ -424,51 +427,71 @@ def _sphere_conv_dw_fwd_kernel(
 
 
 @triton.jit
-def _channel_sqsum_tile(
-    x_ptr, q_ptr, pid_p, g, n_in_pixels, HW, W, CG, G,
+def stage_input_tile(
+    x_ptr, q_ptr, xs_ptr, pid_p, g, img_tiles, HW, W, CG, CG_PAD, G,
     stride_xn, stride_xc, stride_xh, stride_xw,
+    STORE_Q: tl.constexpr, STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One pre-pass tile of _prepare_operands_kernel: q[n, g, h, w] = sum over group g's channels
-    of x[n, c, h, w]^2 (fp32; fp16 squares overflow for |x| > 256) for the BLOCK_P input pixels
-    of tile pid_p, BLOCK_C channels a step. Pointers and scalars as _prepare_operands_kernel
-    (CG = c_in_per_group, G = groups)."""
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = offs_p < n_in_pixels
-    n = (offs_p // HW).to(tl.int64)
-    hw = offs_p % HW
-    row = n * stride_xn + (hw // W).to(tl.int64) * stride_xh + (hw % W).to(tl.int64) * stride_xw
+    """One pass over BLOCK_P input pixels of one image and group g's channels (BLOCK_C a step):
+    tile ``pid_p`` = (image n = pid_p // img_tiles, pixels (pid_p % img_tiles) * BLOCK_P ...).
+
+    STORE_Q: q[n, g, h, w] = sum over the group's channels of x^2 (fp32: fp16 squares overflow
+    for |x| > 256), the pre-pass patch norms. STAGE_X: the same loaded values copied to the
+    staged input xs [N, H, W, G, CG_PAD] (contiguous, x's dtype; channels CG..CG_PAD written as
+    zeros), the layout the GEMM kernels read fastest (see ``staged_channels``).
+    x_ptr [N, G*CG, H, W] with strides (stride_xn, stride_xc, stride_xh, stride_xw); q_ptr
+    [N, G, H, W] fp32 contiguous (stored iff STORE_Q); xs_ptr as above (stored iff STAGE_X).
+    DENSE_PLANE: stride_xh == W * stride_xw (NCHW and channels_last alike), so a pixel's offset
+    is hw * stride_xw: for NCHW the tile's pixels are then visibly contiguous and the loads
+    coalesce along them. The conv kernels' callers: _prepare_operands_kernel here and
+    conv_bwd's prep kernel (the weight gradient's staged input)."""
+    n = (pid_p // img_tiles).to(tl.int64)
+    hw = (pid_p % img_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = hw < HW
+    if DENSE_PLANE:
+        row = n * stride_xn + hw.to(tl.int64) * stride_xw
+    else:
+        row = n * stride_xn + (hw // W).to(tl.int64) * stride_xh + (hw % W).to(tl.int64) * stride_xw
+    staged_row = (n * HW + hw) * (G * CG_PAD) + g * CG_PAD
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_C):
+    for c0 in range(0, CG_PAD if STAGE_X else CG, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         chan = (g * CG + offs_c).to(tl.int64) * stride_xc
         v = tl.load(x_ptr + row[:, None] + chan[None, :],
-                    mask=p_mask[:, None] & (offs_c < CG)[None, :], other=0.0).to(tl.float32)
-        acc += v * v
-    tl.store(q_ptr + (n * G + g) * HW + hw, tl.sum(acc, axis=1), mask=p_mask)
+                    mask=p_mask[:, None] & (offs_c < CG)[None, :], other=0.0)
+        if STAGE_X:
+            tl.store(xs_ptr + staged_row[:, None] + offs_c[None, :], v,
+                     mask=p_mask[:, None] & (offs_c < CG_PAD)[None, :])
+        if STORE_Q:
+            vf = v.to(tl.float32)
+            acc += vf * vf
+    if STORE_Q:
+        tl.store(q_ptr + (n * G + g) * HW + hw, tl.sum(acc, axis=1), mask=p_mask)
 
 
 @triton.jit
 def _pack_filter(
-    w_ptr, packed_ptr, sqnorm_ptr, o, c_in_per_group,
+    w_ptr, packed_ptr, sqnorm_ptr, o, c_in_per_group, cg_pad,
     stride_wo, stride_wc, stride_wh, stride_ww,
     KH: tl.constexpr, KW: tl.constexpr, WRITE_PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One filter program of _prepare_operands_kernel: filter o (int64) copied into the packed
-    (kh, kw, c) order (if WRITE_PACKED) and its squared norm summed in fp32, BLOCK elements a
-    step. Pointers as _prepare_operands_kernel."""
-    k_total = KH * KW * c_in_per_group
+    (kh, kw, c) order with cg_pad >= c_in_per_group channels a tap (the padding written as
+    zeros; if WRITE_PACKED) and its squared norm summed in fp32, BLOCK elements a step.
+    Pointers as _prepare_operands_kernel."""
+    k_total = KH * KW * cg_pad
     sumsq = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, k_total, BLOCK):
         offs_k = k0 + tl.arange(0, BLOCK)
         mask = offs_k < k_total
-        cin = offs_k % c_in_per_group
-        tap = offs_k // c_in_per_group
+        cin = offs_k % cg_pad
+        tap = offs_k // cg_pad
         r = tap // KW
         s = tap - r * KW
         vals = tl.load(w_ptr + o * stride_wo + cin.to(tl.int64) * stride_wc
                        + r.to(tl.int64) * stride_wh + s.to(tl.int64) * stride_ww,
-                       mask=mask, other=0.0)
+                       mask=mask & (cin < c_in_per_group), other=0.0)
         if WRITE_PACKED:
             tl.store(packed_ptr + o * k_total + offs_k, vals, mask=mask)
         v = vals.to(tl.float32)
@@ -478,47 +501,51 @@ def _pack_filter(
 
 @triton.jit
 def _prepare_operands_kernel(
-    x_ptr, q_ptr, w_ptr, packed_ptr, sqnorm_ptr,
-    n_sq_programs, n_in_pixels, HW, W, c_in_per_group, groups,
+    x_ptr, q_ptr, xs_ptr, w_ptr, packed_ptr, sqnorm_ptr,
+    n_sq_programs, img_tiles, HW, W, c_in_per_group, cg_pad, groups,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wc, stride_wh, stride_ww,
-    KH: tl.constexpr, KW: tl.constexpr, WRITE_PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, WRITE_PACKED: tl.constexpr, STORE_Q: tl.constexpr,
+    STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Everything the conv kernel needs before it runs, in one launch: the patch-norm pre-pass
-    and the filter preparation.  1-D grid of ``n_sq_programs + C_out`` programs:
+    """Everything the conv kernel needs before it runs, in one launch: the pass over the input
+    (pre-pass patch norms and/or the staged input) and the filter preparation.  1-D grid of
+    ``n_sq_programs + C_out`` programs:
 
-    * pid < n_sq_programs (= cdiv(N*H*W, BLOCK_P) * G with the pre-pass, else 0): pre-pass tile
-      ``pid // G`` of group ``pid % G`` (group fastest: neighbouring programs read neighbouring
-      channels of the same pixels), q[n, g, h, w] = sum over g's channels of x^2 in fp32;
+    * pid < n_sq_programs (= N * img_tiles * G when STORE_Q or STAGE_X, else 0): input tile
+      ``pid // G`` (image-major, ``img_tiles = cdiv(H*W, BLOCK_P)`` a image) of group ``pid % G``
+      (group fastest: neighbouring programs read neighbouring channels of the same pixels):
+      :func:`stage_input_tile`;
     * pid >= n_sq_programs: filter o = pid - n_sq_programs, packed into the GEMM's K order
-      (kh, kw, c) and ||w_o||^2 summed in fp32.
+      (kh, kw, c) with cg_pad channels a tap and ||w_o||^2 summed in fp32.
 
-    Pointers (Cg = c_in_per_group = C_in/G, K = KH*KW*Cg):
+    Pointers (Cg = c_in_per_group = C_in/G; Cp = cg_pad, Cg rounded up to 16 when the input
+    is staged, else Cg; K = KH*KW*Cp):
       x_ptr       [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh,
-                  stride_xw) (channels_last: a pre-pass tile's channels are contiguous); read by
-                  the pre-pass programs only.
-      q_ptr       [N, G, H, W] fp32 contiguous output of the pre-pass; written only by the
-                  pre-pass programs (without them any fp32 output, e.g. sqnorm_ptr).
+                  stride_xw); read by the input programs only.
+      q_ptr       [N, G, H, W] fp32 contiguous, written iff STORE_Q (else any fp32 output).
+      xs_ptr      [N, H, W, G, Cp] contiguous in x's dtype, the staged input, written iff
+                  STAGE_X (else any output).
       w_ptr       [C_out, Cg, KH, KW] filters, any strides (stride_wo, stride_wc, stride_wh,
                   stride_ww).
-      packed_ptr  [C_out, KH, KW, Cg] contiguous output in w's dtype (row o at o*K); written
+      packed_ptr  [C_out, KH, KW, Cp] contiguous output in w's dtype (row o at o*K); written
                   only if WRITE_PACKED (else any output, never a view of w).
       sqnorm_ptr  [C_out] fp32 output, ||w_o||^2.
-    Scalars: n_sq_programs; n_in_pixels = N*H*W (< 2^31: int32 pixel indices), HW = H*W, W;
-      Cg; G.
+    Scalars: n_sq_programs, img_tiles, HW = H*W, W, Cg, Cp, G.
     Constexprs: KH, KW filter size; WRITE_PACKED False when w is already in packed order
-      (channels_last weight), so only the norms are computed; BLOCK filter elements per step;
-      BLOCK_P pixels x BLOCK_C channels per pre-pass step.
+      (channels_last weight, Cp == Cg), so only the norms are computed; STORE_Q, STAGE_X,
+      DENSE_PLANE as stage_input_tile; BLOCK filter elements per step; BLOCK_P pixels x BLOCK_C
+      channels per input step.
     """
     pid = tl.program_id(0)
     if pid < n_sq_programs:
-        _channel_sqsum_tile(x_ptr, q_ptr, pid // groups, pid % groups, n_in_pixels, HW, W,
-                            c_in_per_group, groups, stride_xn, stride_xc, stride_xh, stride_xw,
-                            BLOCK_P, BLOCK_C)
+        stage_input_tile(x_ptr, q_ptr, xs_ptr, pid // groups, pid % groups, img_tiles, HW, W,
+                         c_in_per_group, cg_pad, groups, stride_xn, stride_xc, stride_xh,
+                         stride_xw, STORE_Q, STAGE_X, DENSE_PLANE, BLOCK_P, BLOCK_C)
     else:
         _pack_filter(w_ptr, packed_ptr, sqnorm_ptr, (pid - n_sq_programs).to(tl.int64),
-                     c_in_per_group, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
+                     c_in_per_group, cg_pad, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
                      WRITE_PACKED, BLOCK)
 
 
@@ -603,52 +630,96 @@ def _needs_wide_offsets(x, kernel, padding, dilation) -> bool:
     return offsets_need_int64(x, 1, kernel, padding, dilation)
 
 
-def _prepass_programs(n_in_pixels, groups):
-    """Pre-pass programs of the merged launch: one per BLOCK_P input pixels and group."""
-    return _cdiv(n_in_pixels, _PREP_CONFIG["BLOCK_P"]) * groups
+def _prepass_programs(n, hw, groups):
+    """Input programs of the merged launch: one per BLOCK_P pixels of an image, per group."""
+    return n * _cdiv(hw, _PREP_CONFIG["BLOCK_P"]) * groups
 
 
-def _prepass_fits(n_in_pixels, groups, c_out):
-    """Whether the pre-pass can run: its pixel indices are int32 and the merged launch's 1-D grid
-    (pre-pass tiles + one program per filter) has at most 2^31 - 1 programs."""
-    return n_in_pixels < 2 ** 31 and _prepass_programs(n_in_pixels, groups) + c_out < 2 ** 31
+def _prepass_fits(n, hw, groups, c_out):
+    """Whether the input pass (pre-pass norms, staged input) can run: the merged launch's 1-D
+    grid (input tiles + one program per filter) has at most 2^31 - 1 programs and an image's
+    pixel indices are int32."""
+    return hw < 2 ** 31 and _prepass_programs(n, hw, groups) + c_out < 2 ** 31
 
 
-def _prepare_operands(x, w, groups, prepass):
-    """``(w_packed, w_sqnorm, q)`` from ONE launch of _prepare_operands_kernel.
+# The GEMM kernels' fast input layout: every pixel's channels of a group contiguous and
+# 16-element aligned (channels_last, C_in/G a multiple of 16). Anything else -- NCHW, odd
+# channel counts, unaligned views -- compiles to scalar gathers: the 5x5 bf16 K loop of a
+# 29-channel channels_last conv is 961 SASS instructions a step with 552 B of spills (158 for
+# 32 channels), NCHW 943 (make aot-check models; scratch probe, sm_90, triton 3.9). Such inputs
+# are staged once into [N, H, W, G, Cp] with Cp = C_in/G rounded up to 16 (zeros in the
+# padding, which change neither the dot products nor the norms) by the input programs of the
+# preparation launch -- one extra write of x, in a pass the pre-pass norms make anyway.
+# SPHEREOPS_STAGE_INPUT=0 turns staging off (for A/B measurements).
+STAGE_ALIGN = 16
+_STAGE_INPUT = os.environ.get("SPHEREOPS_STAGE_INPUT", "1") not in ("", "0")
 
-    w_packed [C_out, KH, KW, Cg] contiguous: the filters in the GEMM's K order (a view of w,
-    no copy, when w is channels_last); w_sqnorm [C_out] fp32: ||w_o||^2; q [N, G, H, W] fp32:
-    each input pixel's sum of squares over its group's channels (the patch-norm pre-pass) when
-    ``prepass``, else None and only the filter programs run."""
+
+def staged_channels(x, c_in_g):
+    """Channels a group has in the staged input (C_in/G rounded up to STAGE_ALIGN), or 0 when
+    the GEMM kernels read x where it lies: flat-K convs (C_in/G < 16: per-element gathers
+    either way), inputs already in the fast layout, SPHEREOPS_STAGE_INPUT=0."""
+    if not _STAGE_INPUT or c_in_g < _CHANNEL_CHUNK_MIN:
+        return 0
+    sn, sc, sh, sw = x.stride()
+    if (sc == 1 and c_in_g % STAGE_ALIGN == 0 and sh % STAGE_ALIGN == 0 and sw % STAGE_ALIGN == 0
+            and sn % STAGE_ALIGN == 0 and x.storage_offset() % STAGE_ALIGN == 0):
+        return 0
+    return _cdiv(c_in_g, STAGE_ALIGN) * STAGE_ALIGN
+
+
+def _dense_plane(x):
+    """DENSE_PLANE of stage_input_tile: a pixel's offset is (h * W + w) * stride_w."""
+    return x.shape[3] == 1 or x.stride(2) == x.shape[3] * x.stride(3)
+
+
+def _prepare_operands(x, w, groups, prepass, cg_pad=0):
+    """``(w_packed, w_sqnorm, q, x_staged)`` from ONE launch of _prepare_operands_kernel.
+
+    w_packed [C_out, KH, KW, Cp] contiguous: the filters in the GEMM's K order with Cp = cg_pad
+    channels a tap (zeros past Cg; Cp = Cg when cg_pad is 0; a view of w, no copy, when w is
+    channels_last and Cp = Cg); w_sqnorm [C_out] fp32: ||w_o||^2; q [N, G, H, W] fp32: each
+    input pixel's sum of squares over its group's channels (the patch-norm pre-pass) when
+    ``prepass``, else None; x_staged: x copied to [N, H, W, G, Cp] and viewed as [N, G*Cp, H,
+    W] (channels_last strides) when cg_pad (:func:`staged_channels`), else None. Only the
+    filter programs run when neither is asked."""
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
-    n_in_pixels = n * h * wd
-    if prepass and not _prepass_fits(n_in_pixels, groups, c_out):
-        raise ValueError(f"N*H*W = {n_in_pixels} input pixels in {groups} group(s) is too large "
-                         "for the pre-pass patch norms (int32 pixel indices, at most 2^31 - 1 "
-                         "programs); split the batch or use patch_norms='fused'")
+    fits = _prepass_fits(n, h * wd, groups, c_out)
+    if prepass and not fits:
+        raise ValueError(f"N*H*W = {n * h * wd} input pixels in {groups} group(s) is too large "
+                         "for the pre-pass patch norms (at most 2^31 - 1 programs); split the "
+                         "batch or use patch_norms='fused'")
+    stage = bool(cg_pad) and fits
+    cp = cg_pad if stage else c_in_g
     # the packed order is the memory order of a channels_last weight: then no copy is needed
-    already_packed = w.permute(0, 2, 3, 1).is_contiguous()
+    already_packed = cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
     packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
-        (c_out, kh, kw, c_in_g), dtype=w.dtype, device=w.device)
+        (c_out, kh, kw, cp), dtype=w.dtype, device=w.device)
     sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
     q = (torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device) if prepass
          else None)
-    # no pre-pass programs for an empty input (q.numel() == 0) or without the pre-pass
-    n_sq = _prepass_programs(n_in_pixels, groups) if prepass else 0
+    staged = (torch.empty((n, h, wd, groups * cp), dtype=x.dtype, device=x.device) if stage
+              else None)
+    # no input programs for an empty input or when neither q nor the staged input is asked
+    n_sq = _prepass_programs(n, h * wd, groups) if (prepass or stage) else 0
     cfg = _PREP_CONFIG
     # never hand the kernel a view of w (or x) as an output pointer, even an unwritten one: a
     # torch.compile mutation analysis must not see the op's input as written
-    args = (x, q if prepass else sqnorm, w, sqnorm if already_packed else packed, sqnorm,
-            n_sq, n_in_pixels, h * wd, wd, c_in_g, groups, *x.stride(), *w.stride())
-    flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed,
-                 BLOCK=min(cfg["BLOCK"], max(16, _next_pow2(kh * kw * c_in_g))),
+    args = (x, q if prepass else sqnorm, staged if stage else sqnorm, w,
+            sqnorm if already_packed else packed, sqnorm,
+            n_sq, _cdiv(h * wd, cfg["BLOCK_P"]), h * wd, wd, c_in_g, cp, groups, *x.stride(),
+            *w.stride())
+    flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, STORE_Q=prepass,
+                 STAGE_X=stage, DENSE_PLANE=_dense_plane(x),
+                 BLOCK=min(cfg["BLOCK"], max(16, _next_pow2(kh * kw * cp))),
                  BLOCK_P=cfg["BLOCK_P"],
-                 BLOCK_C=min(cfg["BLOCK_C"], max(16, _next_pow2(c_in_g))),
+                 BLOCK_C=min(cfg["BLOCK_C"], max(16, _next_pow2(cp))),
                  num_warps=cfg["num_warps"])
     launch(_prepare_operands_kernel, (n_sq + c_out,), args, flags, _WHAT)
-    return packed, sqnorm, q
+    if stage:
+        staged = staged.permute(0, 3, 1, 2)
+    return packed, sqnorm, q, staged
 
 
 def _check_pair(name, value, minimum):
@@ -740,7 +811,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     if patch_norms is None:
-        patch_norms = (default_patch_norms(kh, kw) if _prepass_fits(n * h * wd, groups, c_out)
+        patch_norms = (default_patch_norms(kh, kw) if _prepass_fits(n, h * wd, groups, c_out)
                        else "fused")
     if patch_norms not in PATCH_NORMS:
         raise ValueError(f"patch_norms must be one of {PATCH_NORMS}, got {patch_norms!r}")
@@ -793,7 +864,12 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     # one launch before the conv kernel: the filters in K order (kh, kw, c) -- a no-op for
     # channels_last weights -- and their squared norms, plus the GEMM kernel's patch-norm
     # pre-pass q unless patch_norms="fused"
-    w_packed, w_sqnorm, q = _prepare_operands(x, w, groups, prepass)
+    # and, for inputs not in the kernels' fast layout, the staged input (staged_channels)
+    w_packed, w_sqnorm, q, x_staged = _prepare_operands(x, w, groups, prepass,
+                                                        staged_channels(x, c_in_g))
+    if x_staged is not None:   # the GEMM reads the staged copy: Cp channels a group
+        x, c_in_g = x_staged, x_staged.shape[1] // groups
+        geometry = (h, wd, ho, wo, *x.stride(), *y.stride())
     # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
     # y -- an output passed twice would alias in the graph torch.compile traces
     c_arg = c if store_c else w_sqnorm
@@ -862,10 +938,19 @@ _DW_EXAMPLE = dict(
     stride_wc=9, stride_wh=3, stride_ww=1,
     conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
 _PREP_EXAMPLE = dict(
-    n_sq_programs=32 * 56 * 56 // _PREP_CONFIG["BLOCK_P"], n_in_pixels=32 * 56 * 56,
-    HW=56 * 56, W=56, c_in_per_group=64, groups=1,
+    n_sq_programs=32 * 56 * 56 // _PREP_CONFIG["BLOCK_P"], img_tiles=56 * 56 // _PREP_CONFIG["BLOCK_P"],
+    HW=56 * 56, W=56, c_in_per_group=64, cg_pad=64, groups=1,
     stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64,
     stride_wo=64 * 9, stride_wc=9, stride_wh=3, stride_ww=1)
+# the staging launches: an NCHW input (pixel-contiguous loads) and a channels_last one with 29
+# channels (padded to 32), both 33x33
+_STAGE_EXAMPLES = {
+    "nchw": dict(_PREP_EXAMPLE, img_tiles=_cdiv(33 * 33, _PREP_CONFIG["BLOCK_P"]), HW=33 * 33,
+                 W=33, stride_xn=33 * 33 * 64, stride_xc=33 * 33, stride_xh=33, stride_xw=1),
+    "odd": dict(_PREP_EXAMPLE, img_tiles=_cdiv(33 * 33, _PREP_CONFIG["BLOCK_P"]), HW=33 * 33,
+                W=33, c_in_per_group=29, cg_pad=32, stride_xn=33 * 33 * 29, stride_xc=1,
+                stride_xh=33 * 29, stride_xw=29, stride_wo=29 * 9),
+}
 
 
 def _spec(name, fn, dtype_name, constexprs, example_args, num_warps, num_stages, gemm):
@@ -932,11 +1017,17 @@ def aot_specs():
         # grid); the fused-norm GEMM (patch_norms="fused") and the int64 build on the two
         # workhorse 3x3 tiles, and the 8-warp tile the fused path keeps for 1x1
         prep = _PREP_CONFIG
-        constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, BLOCK=prep["BLOCK"],
-                          BLOCK_P=prep["BLOCK_P"], BLOCK_C=prep["BLOCK_C"])
+        constexprs = dict(KH=3, KW=3, WRITE_PACKED=True, STORE_Q=True, STAGE_X=False,
+                          DENSE_PLANE=True, BLOCK=prep["BLOCK"], BLOCK_P=prep["BLOCK_P"],
+                          BLOCK_C=prep["BLOCK_C"])
         specs.append(_spec(f"conv_fwd_prepare_operands_{dtype_name}", _prepare_operands_kernel,
                            dtype_name, constexprs, _PREP_EXAMPLE, prep["num_warps"], 1,
                            gemm=False))
+        for label, example in _STAGE_EXAMPLES.items():
+            specs.append(_spec(f"conv_fwd_prepare_operands_stage_{label}_{dtype_name}",
+                               _prepare_operands_kernel, dtype_name,
+                               dict(constexprs, STAGE_X=True, BLOCK_C=32), example,
+                               prep["num_warps"], 1, gemm=False))
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"

@@ -302,7 +302,7 @@ def test_gemm_forward_is_two_launches(groups, channels_last, dtype, rtol, atol, 
                                                      F._sphere_conv_fwd_autotuned]
     (_, prep_grid, _), (_, _, gemm_args) = launched
     n, c_in, h, w = inp.x.shape
-    n_sq = triton.cdiv(n * h * w, F._PREP_CONFIG["BLOCK_P"]) * groups
+    n_sq = n * triton.cdiv(h * w, F._PREP_CONFIG["BLOCK_P"]) * groups
     assert prep_grid == (n_sq + inp.w.shape[0],)
     gemm = dict(zip(F._sphere_conv_fwd_kernel.arg_names, gemm_args))
     q, sqnorm, packed = gemm["q_ptr"], gemm["w_sqnorm_ptr"], gemm["w_ptr"]
@@ -333,7 +333,8 @@ def test_default_patch_norms_follow_the_filter_size(kernel, expected, monkeypatc
     monkeypatch.setattr(F, "_PATCH_NORMS_OVERRIDE", "")
     assert F.default_patch_norms(kernel, kernel) == expected
     launched = _record_launches(monkeypatch)
-    inp = make_conv_inputs(n=2, c_in=20, h=5, w=6, c_out=8, kernel=kernel, padding=kernel // 2,
+    # 16 channels, channels_last: the input is read where it lies (no staging programs)
+    inp = make_conv_inputs(n=2, c_in=16, h=5, w=6, c_out=8, kernel=kernel, padding=kernel // 2,
                            operator="linear", device=DEVICE, channels_last=True)
     _check_against_reference(inp, F.sphere_conv2d_fwd(*inp.args(), EPS), torch.float32, 1e-5,
                              1e-5)
@@ -352,8 +353,8 @@ def test_prepass_of_an_empty_image():
                            operator="linear", device=DEVICE)
     y, c, r_x = _run_kernel(inp, patch_norms="prepass")
     assert y.shape == c.shape == (2, 4, 2, 5) and r_x.shape == (2, 1, 2, 5)
-    packed, sqnorm, q = F._prepare_operands(inp.x, inp.w, 1, prepass=True)
-    assert q.shape == (2, 1, 0, 3)
+    packed, sqnorm, q, staged = F._prepare_operands(inp.x, inp.w, 1, prepass=True)
+    assert q.shape == (2, 1, 0, 3) and staged is None
     assert_close(sqnorm, inp.w.double().pow(2).sum(dim=(1, 2, 3)), 1e-5, 0.0, "||w||^2")
     # (the reference cannot reshape an empty image: the expected values by hand) c = 0,
     # theta = pi/2, g = 0, y = b
@@ -413,13 +414,17 @@ def test_patch_norms_choice_is_checked():
     inp = make_conv_inputs(**CONV_CASES["3x3"], operator="linear", device=DEVICE)
     with pytest.raises(ValueError, match="patch_norms"):
         _run_kernel(inp, patch_norms="box")
-    huge = torch.empty(2 ** 17, 1, 2 ** 7, 2 ** 7, device="meta")     # 2^31 input pixels
+    huge = torch.empty(2 ** 24, 1, 2 ** 7, 2 ** 7, device="meta")     # 2^32 pixel tiles
     with pytest.raises(ValueError, match="input pixels"):
         F._prepare_operands(huge, torch.empty(4, 1, 3, 3, device="meta"), 1, prepass=True)
-    # the pre-pass's limits: int32 pixel indices, and at most 2^31 - 1 programs in the merged
-    # launch (BLOCK_P pixels x one group each, plus one program per filter)
-    assert F._prepass_fits(2 ** 31 - 1, 1, 64) and not F._prepass_fits(2 ** 31, 1, 64)
-    assert F._prepass_fits(2 ** 30, 64, 64) and not F._prepass_fits(2 ** 30, 128, 64)
+    # the pre-pass's limits: at most 2^31 - 1 programs in the merged launch (BLOCK_P pixels of
+    # one image x one group each, plus one program per filter), int32 pixel indices in an image
+    tiles = 4096 // F._PREP_CONFIG["BLOCK_P"]
+    assert F._prepass_fits(2 ** 31 // tiles - 1, 4096, 1, 63)
+    assert not F._prepass_fits(2 ** 31 // tiles - 1, 4096, 1, 64)
+    assert F._prepass_fits(2 ** 24 // tiles, 4096, 64, 64)
+    assert not F._prepass_fits(2 ** 24 // tiles, 4096, 128, 64)
+    assert not F._prepass_fits(1, 2 ** 31, 1, 1)
 
 
 def test_inputs_past_the_prepass_limits_take_fused_norms(monkeypatch):
@@ -508,6 +513,80 @@ def test_forward_every_depthwise_config(cfg):
     _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
 
 
+# Inputs the GEMM kernels cannot read fast where they lie (staged_channels): NCHW, C_in/G not
+# a multiple of 16 (odd channel counts), with groups, a 1x1 filter (fused norms: the staging
+# programs run without the pre-pass).
+STAGE_CASES = {
+    "odd_nhwc": (dict(n=2, c_in=20, h=5, w=6, c_out=12, kernel=3, padding=1), True),
+    "chunks_nchw": (CONV_CASES["3x3_chunks"], False),
+    "grouped_odd_nhwc": (dict(n=1, c_in=36, h=4, w=5, c_out=8, kernel=3, padding=2, dilation=2,
+                              groups=2), True),
+    "1x1_nchw": (CONV_CASES["1x1"], False),
+}
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("case", list(STAGE_CASES))
+def test_unaligned_inputs_are_staged(case, dtype, rtol, atol, monkeypatch):
+    """Such inputs are copied by the preparation launch to [N, H, W, G, Cp] (Cp = C_in/G rounded
+    up to 16; an exact copy, zeros in the padding) and the packed filters get the same Cp; the
+    GEMM reads those. Outputs against the float64 reference, and the same as reading x where it
+    lies (SPHEREOPS_STAGE_INPUT=0): the padding only adds exact zeros -- r_x bitwise, y and c to
+    within 2 ulp (the filter norms' fp32 sums run over a differently padded vector)."""
+    geometry, channels_last = STAGE_CASES[case]
+    launched = _record_launches(monkeypatch)
+    inp = make_conv_inputs(**geometry, operator="sigmoid", dtype=dtype, device=DEVICE,
+                           channels_last=channels_last)
+    out = _run_kernel(inp)
+    _check_against_reference(inp, out, dtype, rtol, atol)
+
+    (_, _, prep_args), (_, _, gemm_args) = launched
+    prep = dict(zip(F._prepare_operands_kernel.arg_names, prep_args))
+    gemm = dict(zip(F._sphere_conv_fwd_kernel.arg_names, gemm_args))
+    n, c_in, h, w = inp.x.shape
+    groups = geometry.get("groups", 1)
+    cg = c_in // groups
+    cp = -(-cg // 16) * 16
+    staged, packed = gemm["x_ptr"], gemm["w_ptr"]
+    assert gemm["c_in_per_group"] == cp and staged.shape == (n, groups * cp, h, w)
+    assert staged.is_contiguous(memory_format=torch.channels_last)
+    assert staged.data_ptr() == prep["xs_ptr"].data_ptr()
+    expected = torch.zeros(n, h, w, groups, cp, dtype=dtype, device=DEVICE)
+    expected[..., :cg] = inp.x.permute(0, 2, 3, 1).reshape(n, h, w, groups, cg)
+    assert torch.equal(staged.permute(0, 2, 3, 1).reshape(n, h, w, groups, cp), expected)
+    assert packed.shape == (inp.w.shape[0], *inp.w.shape[2:], cp) and packed.is_contiguous()
+    assert torch.equal(packed[..., :cg], inp.w.permute(0, 2, 3, 1))
+    assert not packed[..., cg:].any()
+
+    monkeypatch.setattr(F, "_STAGE_INPUT", False)
+    direct = _run_kernel(inp)
+    assert launched[-1][2][0] is inp.x          # read where it lies
+    assert torch.equal(out[2], direct[2])
+    ulp = torch.finfo(dtype).eps
+    for staged_out, direct_out in zip(out[:2], direct[:2]):
+        torch.testing.assert_close(staged_out, direct_out, rtol=2 * ulp, atol=2 * ulp)
+
+
+def test_staged_channels_rule(monkeypatch):
+    """staged_channels: 0 (read x where it lies) for channels_last inputs with C_in/G a multiple
+    of 16 at 16-element aligned offsets, and for the flat K loop (C_in/G < 16); else C_in/G
+    rounded up to 16."""
+    def cl(*shape):
+        return torch.empty(shape).contiguous(memory_format=torch.channels_last)
+    assert F.staged_channels(cl(2, 32, 5, 5), 32) == 0
+    assert F.staged_channels(cl(2, 32, 5, 5), 16) == 0            # two groups of 16
+    assert F.staged_channels(cl(2, 48, 5, 5), 24) == 32           # two groups of 24
+    assert F.staged_channels(cl(2, 29, 5, 5), 29) == 32
+    assert F.staged_channels(torch.empty(2, 32, 5, 5), 32) == 32  # NCHW
+    assert F.staged_channels(cl(2, 8, 5, 5), 8) == 0              # flat K loop
+    assert F.staged_channels(torch.empty(2, 8, 5, 5), 8) == 0
+    # channel slices of a channels_last tensor: strides of 48, offset 16 (aligned) or 8 (not)
+    assert F.staged_channels(cl(2, 48, 5, 5)[:, 16:48], 32) == 0
+    assert F.staged_channels(cl(2, 48, 5, 5)[:, 8:40], 32) == 32
+    monkeypatch.setattr(F, "_STAGE_INPUT", False)
+    assert F.staged_channels(torch.empty(2, 32, 5, 5), 32) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
@@ -521,8 +600,8 @@ def test_prepare_filters(layout, dtype):
     elif layout == "strided":
         w = torch.randn(12, 10, 3, 4, dtype=torch.float64).to(dtype).to(DEVICE)[:, ::2, :, 1:3]
     x = torch.randn(1, 5, 3, 3, dtype=torch.float64).to(dtype).to(DEVICE)  # unread
-    packed, sqnorm, q = F._prepare_operands(x, w, 1, prepass=False)
-    assert q is None
+    packed, sqnorm, q, staged = F._prepare_operands(x, w, 1, prepass=False)
+    assert q is None and staged is None
     assert packed.shape == (12, 3, 2, 5) and packed.is_contiguous()
     assert torch.equal(packed, w.permute(0, 2, 3, 1))
     if layout == "channels_last":
