@@ -77,7 +77,8 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
-from .conv_fwd import depthwise_inv_norms, depthwise_window
+from .conv_fwd import (aligned_count, depthwise_inv_norms, depthwise_window, stage_input_tile,
+                       staged_channels)
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -95,7 +96,7 @@ _INT32_MAX = 2**31 - 1
 
 @triton.jit
 def _filter_norm_block(
-    w_ptr, rw_ptr, what_ptr, block, C_out, CG_IN,
+    w_ptr, rw_ptr, what_ptr, block, C_out, CG_IN, WHAT_LD,
     stride_wo, stride_wc, stride_wh, stride_ww, eps,
     KH: tl.constexpr, KW: tl.constexpr, STORE_W_HAT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -106,7 +107,8 @@ def _filter_norm_block(
 
     w_ptr:    [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
     rw_ptr:   [C_out] fp32, contiguous.
-    what_ptr: [KH, KW, C_out, CG_IN] in w's dtype, contiguous (written iff STORE_W_HAT).
+    what_ptr: [KH, KW, C_out, WHAT_LD] in w's dtype, contiguous (written iff STORE_W_HAT; row
+              length WHAT_LD >= CG_IN, see sphere_conv2d_bwd's ``cgi_p``: zeros past CG_IN).
     eps: the epsilon inside the square root.
     KH, KW: filter size. STORE_W_HAT: also write w_hat (only dgrad needs it).
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
@@ -129,11 +131,13 @@ def _filter_norm_block(
     tl.store(rw_ptr + offs_o, r_w, mask=o_mask)
     if STORE_W_HAT:
         inv_rw = 1.0 / r_w
-        for f0 in range(0, n_f, BLOCK_F):
-            ci, tap, mask = _filter_block_index(o_mask, f0, n_f, KH, KW, BLOCK_F)
-            wv = _load_filter_block(w_ptr, o64, ci, tap, mask, stride_wo, stride_wc, stride_wh,
-                                    stride_ww, KW)
-            dst = what_ptr + (tap.to(tl.int64)[None, :] * C_out + o64[:, None]) * CG_IN + ci[None, :]
+        # over the padded rows (WHAT_LD channels a tap): zeros past CG_IN
+        n_f_padded = WHAT_LD * KH * KW
+        for f0 in range(0, n_f_padded, BLOCK_F):
+            ci, tap, mask = _filter_block_index(o_mask, f0, n_f_padded, KH, KW, BLOCK_F)
+            wv = _load_filter_block(w_ptr, o64, ci, tap, mask & (ci < CG_IN)[None, :], stride_wo,
+                                    stride_wc, stride_wh, stride_ww, KW)
+            dst = what_ptr + (tap.to(tl.int64)[None, :] * C_out + o64[:, None]) * WHAT_LD + ci[None, :]
             tl.store(dst, to_dtype_of(wv * inv_rw[:, None], what_ptr, EMULATE_RTNE), mask=mask)
 
 
@@ -220,7 +224,7 @@ def _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, 
 @triton.jit
 def _prep_tile(
     dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr, pid_m, g,
-    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, CGO_P, G, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -229,7 +233,7 @@ def _prep_tile(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The pass over dy and c of _prep_kernel for output-pixel block pid_m of group g
-    (arguments as there)."""
+    (arguments as there). Channels CG_OUT .. CGO_P of the group's Hn columns get zeros."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     n, hw, dy_row, c_row = _prep_rows(offs_m, HoWo, Wo, stride_dyn, stride_dyh, stride_dyw,
@@ -238,7 +242,7 @@ def _prep_tile(
     r_x = tl.load(rx_ptr + rx_offs, mask=m_mask, other=1.0)
     inv_rx = 1.0 / r_x
     a_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, CG_OUT, BLOCK_C):
+    for c0 in range(0, CGO_P, BLOCK_C):
         offs_cl = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_cl < CG_OUT
         offs_o = g * CG_OUT + offs_cl
@@ -248,9 +252,11 @@ def _prep_tile(
                                           OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS)
         gc = grad_c * cv
         if STORE_HN:
-            hn = grad_c * inv_rx[:, None]
-            hn_ptrs = hn_ptr + offs_m.to(tl.int64)[:, None] * C_out + offs_o[None, :]
-            tl.store(hn_ptrs, to_dtype_of(hn, hn_ptr, EMULATE_RTNE), mask=mask)
+            hn = tl.where(mask, grad_c * inv_rx[:, None], 0.0)
+            hn_ptrs = (hn_ptr + offs_m.to(tl.int64)[:, None] * (G * CGO_P)
+                       + (g * CGO_P + offs_cl)[None, :])
+            tl.store(hn_ptrs, to_dtype_of(hn, hn_ptr, EMULATE_RTNE),
+                     mask=m_mask[:, None] & (offs_cl < CGO_P)[None, :])
         if STORE_A:
             a_acc += tl.sum(gc, axis=1)
         _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
@@ -262,27 +268,32 @@ def _prep_tile(
 @triton.jit
 def _prep_kernel(
     dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
-    w_ptr, rw_ptr, what_ptr,
-    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, G, R, stride_k,
+    w_ptr, rw_ptr, what_ptr, x_ptr, xs_ptr,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, C_out, CG_OUT, CGO_P, G, R, stride_k,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_cn, stride_cc, stride_ch, stride_cw,
-    n_filter_programs, CG_IN, stride_wo, stride_wc, stride_wh, stride_ww, eps,
+    n_filter_programs, CG_IN, CGI_P, stride_wo, stride_wc, stride_wh, stride_ww, eps,
+    img_tiles, HW_IN, W_IN, stride_xn, stride_xc, stride_xh, stride_xw,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     NORM_FILTERS: tl.constexpr, STORE_W_HAT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    EMULATE_RTNE: tl.constexpr,
+    STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CX: tl.constexpr,
 ):
     """The prep launch of the GEMM backward: the elementwise/row pass over dy and c, one block
-    of output pixels and one group a program, and in the same grid the filter norms.
+    of output pixels and one group a program, and in the same grid the filter norms and (for
+    inputs not in the GEMM kernels' fast layout) the wgrad's staged input.
 
-    Grid: (n_filter_programs + R, G). Programs pid0 < n_filter_programs of column g == 0 run
-    filter block pid0 (_filter_norm_block: r_w, and w_hat iff STORE_W_HAT); those of the other
-    columns return at once. Programs pid0 >= n_filter_programs run output-pixel block
-    pid0 - n_filter_programs of group g (_prep_tile). The filter blocks come first so that
-    their loops (latency-bound: dependent round trips to memory) start with the first wave
-    instead of trailing the pass.
+    Grid: (n_filter_programs + R (+ N * img_tiles with STAGE_X), G). Programs
+    pid0 < n_filter_programs of column g == 0 run filter block pid0 (_filter_norm_block: r_w,
+    and w_hat iff STORE_W_HAT); those of the other columns return at once. Programs
+    n_filter_programs <= pid0 < n_filter_programs + R run output-pixel block
+    pid0 - n_filter_programs of group g (_prep_tile); the rest (STAGE_X) copy input tile
+    pid0 - n_filter_programs - R of group g to xs (conv_fwd.stage_input_tile). The filter
+    blocks come first so that their loops (latency-bound: dependent round trips to memory)
+    start with the first wave instead of trailing the pass.
 
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
@@ -292,18 +303,24 @@ def _prep_kernel(
     rx_ptr: [N, G, Ho, Wo] fp32 contiguous (patch norms).
     k_ptr:  [C_out], stride stride_k (0 for an expanded scalar): sigmoid steepness (any float
             dtype); only read when OPERATOR == 2.
-    hn_ptr: [M = N*Ho*Wo, C_out] contiguous, input dtype: Hn = G / r_x (written iff STORE_HN).
+    hn_ptr: [M = N*Ho*Wo, G, CGO_P] contiguous, input dtype: Hn = G / r_x (written iff
+            STORE_HN), zeros in channels CG_OUT .. CGO_P of each group (CGO_P = CG_OUT, or
+            rounded up to 16 for aligned GEMM loads: sphere_conv2d_bwd's ``cgo_p``).
     a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
     part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
               row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
     w_ptr:  [C_out, CG_IN, KH, KW] filters, strides (stride_wo, stride_wc, stride_wh,
             stride_ww) (read iff NORM_FILTERS).
     rw_ptr: [C_out] fp32 contiguous: r_w = sqrt(||w_o||^2 + eps) (written iff NORM_FILTERS).
-    what_ptr: [KH, KW, C_out, CG_IN] contiguous in w's dtype: w_hat = w / r_w (written iff
-              STORE_W_HAT).
+    what_ptr: [KH, KW, C_out, CGI_P] contiguous in w's dtype: w_hat = w / r_w (written iff
+              STORE_W_HAT; zeros in columns CG_IN .. CGI_P).
+    x_ptr:  [N, G*CG_IN, H, W] the forward input, strides (stride_xn, stride_xc, stride_xh,
+            stride_xw), read iff STAGE_X; xs_ptr: [N, H, W, G, CGI_P] contiguous, its staged
+            copy (zero-padded channels), written iff STAGE_X (else any output).
     M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M): the output-pixel blocks.
     n_filter_programs: cdiv(C_out, BLOCK_O) with NORM_FILTERS, else 0. CG_IN = C_in / G.
-    eps: the epsilon inside r_w's square root.
+    eps: the epsilon inside r_w's square root. img_tiles = cdiv(H*W, BLOCK_P), HW_IN = H*W,
+    W_IN = W: the input tiles (STAGE_X).
     HoWo = Ho*Wo, Wo: constexpr so that the pixel -> (n, ho, wo) divisions become multiply-shifts
     (one specialisation per output size; a network has a handful).
     OPERATOR: 0 linear, 1 cosine, 2 sigmoid. DELTA: the arccos-derivative bound.
@@ -315,22 +332,28 @@ def _prep_kernel(
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
     BLOCK_O, BLOCK_F: filters per filter program, filter elements per step (filter_norm_config).
+    STAGE_X, DENSE_PLANE, BLOCK_P x BLOCK_CX: the input tiles (conv_fwd.stage_input_tile).
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
     if pid < n_filter_programs:
         if NORM_FILTERS:
             if g == 0:
-                _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN,
+                _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN, CGI_P,
                                    stride_wo, stride_wc, stride_wh, stride_ww, eps,
                                    KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
-    else:
+    elif pid < n_filter_programs + R:
         _prep_tile(dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
-                   pid - n_filter_programs, g, M, HoWo, Wo, C_out, CG_OUT, G, R, stride_k,
+                   pid - n_filter_programs, g, M, HoWo, Wo, C_out, CG_OUT, CGO_P, G, R, stride_k,
                    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
                    stride_cn, stride_cc, stride_ch, stride_cw,
                    OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS, STORE_HN, STORE_A,
                    NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, BLOCK_M, BLOCK_C)
+    else:
+        if STAGE_X:   # xs_ptr stands in for the q output stage_input_tile never writes here
+            stage_input_tile(x_ptr, xs_ptr, xs_ptr, pid - n_filter_programs - R, g, img_tiles,
+                             HW_IN, W_IN, CG_IN, CGI_P, G, stride_xn, stride_xc, stride_xh,
+                             stride_xw, False, True, DENSE_PLANE, BLOCK_P, BLOCK_CX)
 
 
 @triton.jit
@@ -405,7 +428,7 @@ def _channelwise_prep_kernel(
     if pid < n_filter_programs:
         if NORM_FILTERS:
             if pid_c == 0:
-                _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN,
+                _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN, CG_IN,
                                    stride_wo, stride_wc, stride_wh, stride_ww, eps,
                                    KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
     else:
@@ -479,7 +502,7 @@ def _reduce_partials_kernel(
 @triton.jit
 def _dgrad_kernel(
     hn_ptr, what_ptr, a_ptr, x_ptr, dx_ptr,
-    N, H, W, Ho, Wo, C_out, CG_IN, CG_OUT, G, HP: tl.constexpr, WP: tl.constexpr,
+    N, H, W, Ho, Wo, C_out, CG_IN, CG_OUT, G, CGI_P, CGO_P, HP: tl.constexpr, WP: tl.constexpr,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -491,8 +514,12 @@ def _dgrad_kernel(
 ):
     """dx = sum_{taps, o} Hn[pixel(tap), o] * w_hat[tap, o, ci] - x * boxsum^T(A).
 
-    hn_ptr:   [N*Ho*Wo, C_out] contiguous (Hn = G / r_x, input dtype).
-    what_ptr: [KH, KW, C_out, CG_IN] contiguous (w / r_w, input dtype).
+    hn_ptr:   [N*Ho*Wo, G, CGO_P] contiguous (Hn = G / r_x, input dtype; zeros in channels
+              CG_OUT .. CGO_P of a group).
+    what_ptr: [KH, KW, C_out, CGI_P] contiguous (w / r_w, input dtype; zeros in columns
+              CG_IN .. CGI_P, which feed output columns that are never stored).
+    CGI_P, CGO_P: CG_IN / CG_OUT, or rounded up to 16 so that every row the K loop loads is
+    16-element aligned and its mask uniform over 16 lanes (vector loads; sphere_conv2d_bwd).
     a_ptr:    [N, G, Ho, Wo] fp32 contiguous.
     x_ptr:    [N, G*CG_IN, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
     dx_ptr:   [N, G*CG_IN, H, W], strides (stride_dxn, ...); every element written once.
@@ -565,13 +592,12 @@ def _dgrad_kernel(
         else:
             pix = (n * Ho + ho) * Wo + wo
         offs_kl = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_kl < CG_OUT
-        offs_o = g * CG_OUT + offs_kl
-        h_tile = tl.load(hn_ptr + pix[:, None] * C_out + offs_o[None, :],
-                         mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w_rows = (kh * KW + kw).to(tl.int64) * C_out + offs_o
-        w_tile = tl.load(what_ptr + w_rows[:, None] * CG_IN + offs_ci[None, :],
-                         mask=k_mask[:, None] & ci_mask[None, :], other=0.0)
+        h_tile = tl.load(hn_ptr + pix[:, None] * (G * CGO_P) + (g * CGO_P + offs_kl)[None, :],
+                         mask=valid[:, None] & (offs_kl < CGO_P)[None, :], other=0.0)
+        w_rows = (kh * KW + kw).to(tl.int64) * C_out + g * CG_OUT + offs_kl
+        w_tile = tl.load(what_ptr + w_rows[:, None] * CGI_P + offs_ci[None, :],
+                         mask=(offs_kl < CG_OUT)[:, None] & (offs_ci < CGI_P)[None, :],
+                         other=0.0)
         if UPCAST_DOT:
             h_tile = h_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
@@ -639,7 +665,8 @@ def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_x
 @triton.jit
 def _wgrad_kernel(
     hn_ptr, x_ptr, part_ptr,
-    M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, M_PER_SPLIT, SPLIT,
+    M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, CGI_P, CGO_P, G,
+    M_PER_SPLIT, SPLIT,
     stride_xn, stride_xc, stride_xh, stride_xw, howo_rt, wo_rt,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -650,8 +677,13 @@ def _wgrad_kernel(
 ):
     """Partial weight gradient sum_{m in split} Hn[m, o] * x_patch[m, ci, kh, kw].
 
-    hn_ptr:   [M = N*Ho*Wo, C_out] contiguous (Hn = G / r_x, input dtype).
-    x_ptr:    [N, G*CG_IN, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
+    hn_ptr:   [M = N*Ho*Wo, G, CGO_P] contiguous (Hn = G / r_x, input dtype; zeros past CG_OUT
+              in each group).
+    x_ptr:    [N, G*CGI_P, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw): the
+              forward input (CGI_P = CG_IN) or its staged copy (CGI_P = CG_IN rounded up to
+              16, channels_last; conv_fwd.staged_channels).
+    CGI_P, CGO_P: the load bounds (and group strides) of x's channels and Hn's columns, as
+    in _dgrad_kernel; rows and columns past CG_OUT / CG_IN are computed and not stored.
     part_ptr: [SPLIT, KH*KW, C_out, CG_IN] fp32 contiguous (tap-major so that the tile store is
               contiguous along ci; the partials are the bulk of wgrad's writes); this program
               writes its [BLOCK_O, BLOCK_CI] tile of split s, tap (kh, kw). Still / r_w.
@@ -680,7 +712,8 @@ def _wgrad_kernel(
     offs_o = g * CG_OUT + offs_ol
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = offs_ci < CG_IN
-    x_chan = ((g * CG_IN + offs_ci).to(tl.int64) * stride_xc)[None, :]
+    x_chan = ((g * CGI_P + offs_ci).to(tl.int64) * stride_xc)[None, :]
+    hn_col = g * CGO_P + offs_ol
 
     m_start = s * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
@@ -697,12 +730,13 @@ def _wgrad_kernel(
                                            stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW,
                                            WIDE_OFFSETS)
         if WIDE_OFFSETS:
-            hn_row = offs_m.to(tl.int64) * C_out
+            hn_row = offs_m.to(tl.int64) * (G * CGO_P)
         else:
-            hn_row = offs_m * C_out
-        ht = tl.load(hn_ptr + hn_row[None, :] + offs_o[:, None],
-                     mask=o_mask[:, None] & m_mask[None, :], other=0.0)
-        xt = tl.load(x_ptr + x_row[:, None] + x_chan, mask=valid[:, None] & ci_mask[None, :], other=0.0)
+            hn_row = offs_m * (G * CGO_P)
+        ht = tl.load(hn_ptr + hn_row[None, :] + hn_col[:, None],
+                     mask=(offs_ol < CGO_P)[:, None] & m_mask[None, :], other=0.0)
+        xt = tl.load(x_ptr + x_row[:, None] + x_chan,
+                     mask=valid[:, None] & (offs_ci < CGI_P)[None, :], other=0.0)
         if UPCAST_DOT:
             ht = ht.to(tl.float32)
             xt = xt.to(tl.float32)
@@ -1023,6 +1057,9 @@ def filter_norm_config(n_f: int) -> dict:
 # 512 rows per first-level program (8 steps of 64): ~25 programs for a 64x56x56 batch
 REDUCE_CONFIG = dict(BLOCK_R=64, BLOCK_C=32, ROWS_PER_PROGRAM=512, num_warps=4)
 FINALIZE_CONFIG = dict(BLOCK=256, SPLIT_BLOCK=16, num_warps=4)
+# the prep launch's input tiles (staged input for the wgrad): BLOCK_P pixels of an image x at
+# most BLOCK_C channels a step, as the forward's preparation launch
+STAGE_CONFIG = dict(BLOCK_P=64, BLOCK_C=64)
 
 
 def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.device) -> int:
@@ -1231,6 +1268,17 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                                    ho, wo, geometry, rtne)
     r_x = r_x.contiguous()
     k_arg = k if operator == "sigmoid" else r_x  # never read unless sigmoid
+    # Aligned GEMM operands (conv_fwd.aligned_count / staged_channels): Hn's group columns and
+    # w_hat's rows get cgo_p / cgi_p elements (a multiple of 16 from 16 channels up), and an
+    # input not in the fast layout (NCHW, C_in/G not a multiple of 16) is staged for the wgrad
+    # by the prep launch. Otherwise the 5x5 bf16 loops of a 29 -> 61 channel conv are
+    # 1521 (dgrad, 440 B of spills) and 1159 (wgrad) SASS instructions a step, 292 and 206
+    # aligned (sm_90, triton 3.9). The channelwise path (C_out/G = 1) keeps its layout.
+    if cg_out > 1:
+        cgo_p, cgi_p = aligned_count(cg_out), aligned_count(cg_in)
+        stage_x = need_dw and staged_channels(x, cg_in) > 0
+    else:
+        cgo_p, cgi_p, stage_x = cg_out, cg_in, False
 
     # 1. the prep launch: the elementwise pass over dy and c and, in the same grid, the filter
     # norms (and the unit filters for the dgrad) when dx or dw is asked
@@ -1239,14 +1287,19 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     fcfg = filter_norm_config(cg_in * kh * kw)
     if need_grads:
         r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
-        w_hat = torch.empty((kh, kw, c_out, cg_in) if need_dx else (1,), device=dev, dtype=dtype)
+        w_hat = torch.empty((kh, kw, c_out, cgi_p) if need_dx else (1,), device=dev, dtype=dtype)
         n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
     else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
         r_w, w_hat, n_filter_programs = r_x, w, 0
-    if need_grads and c_scratch and c.permute(0, 2, 3, 1).is_contiguous():
+    if (need_grads and c_scratch and cgo_p == cg_out
+            and c.permute(0, 2, 3, 1).is_contiguous()):
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
-        hn = torch.empty((m_out, c_out) if need_grads else (1,), device=dev, dtype=dtype)
+        hn = torch.empty((m_out, groups * cgo_p) if need_grads else (1,), device=dev, dtype=dtype)
+    stage_p = STAGE_CONFIG["BLOCK_P"]
+    x_staged = (torch.empty((n, h, wd, groups * cgi_p), device=dev, dtype=dtype) if stage_x
+                else None)
+    n_stage_programs = n * _cdiv(h * wd, stage_p) if stage_x else 0
     a_shape = (n, groups, ho, wo) if need_dx else (1,)
     a_buf = torch.empty(a_shape, device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
@@ -1260,6 +1313,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials,
                w, r_w, w_hat)
     filter_args = (n_filter_programs, cg_in, *w.stride(), float(eps))
+    filter_args_padded = (n_filter_programs, cg_in, cgi_p, *w.stride(), float(eps))
     k_stride = k.stride(0) if operator == "sigmoid" else 0
     if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
         grid = (n_filter_programs + r_rows, _cdiv(c_out, cfg["BLOCK_C"]))
@@ -1268,15 +1322,25 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 + filter_args,
                 BLOCK_C=cfg["BLOCK_C"], **prep_flags)
     else:
-        _launch(_prep_kernel, (n_filter_programs + r_rows, groups),
-                prep_in + (m_out, ho * wo, wo, c_out, cg_out, groups, r_rows, k_stride,
-                           *dy.stride(), *c.stride()) + filter_args,
-                BLOCK_C=_pow2_clamp(cg_out, 16, cfg["BLOCK_C"]), **prep_flags)
+        # x_staged's place without staging: any output (never stored through: STAGE_X)
+        _launch(_prep_kernel, (n_filter_programs + r_rows + n_stage_programs, groups),
+                prep_in + (x, x_staged if stage_x else partials,
+                           m_out, ho * wo, wo, c_out, cg_out, cgo_p, groups, r_rows, k_stride,
+                           *dy.stride(), *c.stride()) + filter_args_padded
+                + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride()),
+                BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
+                DENSE_PLANE=wd == 1 or x.stride(2) == wd * x.stride(3), BLOCK_P=stage_p,
+                BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
+    if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
+        x_staged = x_staged.permute(0, 3, 1, 2)
 
     # 2. deterministic sums of the partials
     s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne)
 
-    wide = _needs_wide_offsets(x, m_out * c_out, (kh, kw), (ph, pw), (dh, dw_))
+    x_wgrad = x_staged if stage_x else x
+    wide = _needs_wide_offsets(x_wgrad if stage_x else x, m_out * groups * cgo_p, (kh, kw),
+                               (ph, pw), (dh, dw_)) or _needs_wide_offsets(x, 0, (kh, kw),
+                                                                           (ph, pw), (dh, dw_))
     # 3. dgrad fused with the norm correction
     if need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
@@ -1284,8 +1348,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         hp, wp = _cdiv(h, sh), _cdiv(wd, sw)
         grid = (_cdiv(n * hp * wp, cfg["BLOCK_M"]), _cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
         _launch(_dgrad_kernel, grid,
-                (hn, w_hat, a_buf, x, dx, n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, hp, wp,
-                 *x.stride(), *dx.stride()),
+                (hn, w_hat, a_buf, x, dx, n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, cgi_p,
+                 cgo_p, hp, wp, *x.stride(), *dx.stride()),
                 **geometry,
                 STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
@@ -1302,8 +1366,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         w_part = torch.empty((split, kh * kw, c_out, cg_in), device=dev, dtype=torch.float32)
         grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
         _launch(_wgrad_kernel, grid,
-                (hn, x, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, m_per_split, split,
-                 *x.stride(), ho * wo, wo),
+                (hn, x_wgrad, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out,
+                 cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split,
+                 *x_wgrad.stride(), ho * wo, wo),
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 RUNTIME_DIV=_wgrad_runtime_div(c_out),
@@ -1442,18 +1507,20 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
-               w: int, fn=None, cg_in: Optional[int] = None) -> dict:
+               w: int, fn=None, cg_in: Optional[int] = None, stage: bool = False) -> dict:
     """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
     pointer type of the input dtype), with its filter programs for 3x3 filters of ``cg_in``
-    input channels (default c) and w_hat (filter_norm_config's tiles)."""
+    input channels (default c) and w_hat (filter_norm_config's tiles); ``stage``: with the
+    input tiles staging an NCHW input of cg_in channels (rows padded to aligned_count)."""
     fn = _prep_kernel if fn is None else fn
     cg_in = c if cg_in is None else cg_in
+    cgi_p = aligned_count(cg_in)
     cfg = prep_config(operator, from_output)
     fcfg = filter_norm_config(cg_in * 9)
     pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
                 "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
-                "what_ptr": t}
+                "what_ptr": t, "x_ptr": t, "xs_ptr": t}
     strides = dict(stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c, stride_dyw=c,
                    stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c,
                    stride_wo=cg_in * 9, stride_wc=9, stride_wh=3, stride_ww=1)
@@ -1464,10 +1531,17 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                         NEED_S=True, NEED_DB=True, NEED_DK=operator == "sigmoid",
                         NORM_FILTERS=True, STORE_W_HAT=True, KH=3, KW=3,
                         EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-                        BLOCK_O=fcfg["BLOCK_O"], BLOCK_F=fcfg["BLOCK_F"]),
+                        BLOCK_O=fcfg["BLOCK_O"], BLOCK_F=fcfg["BLOCK_F"],
+                        **(dict(STAGE_X=stage, DENSE_PLANE=True, BLOCK_P=STAGE_CONFIG["BLOCK_P"],
+                                BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]))
+                           if fn is _prep_kernel else {})),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-        example_args=dict(C_out=c, CG_IN=cg_in, **({"CG_OUT": c} if fn is _prep_kernel else {}),
-                          **strides))
+        example_args=dict(C_out=c, CG_IN=cg_in, **strides,
+                          **(dict(CG_OUT=c, CGO_P=c, CGI_P=cgi_p,
+                                  img_tiles=_cdiv(h * w, STAGE_CONFIG["BLOCK_P"]), HW_IN=h * w,
+                                  W_IN=w, stride_xn=h * w * cg_in, stride_xc=h * w,
+                                  stride_xh=w, stride_xw=1)
+                             if fn is _prep_kernel else {})))
 
 
 def aot_specs() -> list:
@@ -1506,8 +1580,9 @@ def aot_specs() -> list:
                                     DOT_PRECISION=precision, EMULATE_RTNE=False, WIDE_OFFSETS=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
-                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, **x_strides_cl,
-                                      stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c, stride_dxw=c)))
+                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
+                                      **x_strides_cl, stride_dxn=h * w * c, stride_dxc=1,
+                                      stride_dxh=w * c, stride_dxw=c)))
                 cfg = wgrad_config(cg, cg, dtype)
                 specs.append(dict(
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
@@ -1516,7 +1591,8 @@ def aot_specs() -> list:
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
                                     BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
-                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, M_PER_SPLIT=4096,
+                    example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
+                                      M_PER_SPLIT=4096,
                                       howo_rt=(h // st) * (w // st), wo_rt=w // st, **x_strides_cl)))
                 if label == "3x3_c128":   # the int64-offset builds (tensors near 2^31 elements)
                     for spec in specs[-2:]:
@@ -1566,6 +1642,8 @@ def aot_specs() -> list:
         specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_{tag}", "sigmoid", False, t, dtype, c, h, w))
         specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_cin1_{tag}", "sigmoid", False, t, dtype,
                                 c, h, w, cg_in=1))
+        specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_stage_c29_{tag}", "sigmoid", False, t,
+                                dtype, c, h, w, cg_in=29, stage=True))
         specs.append(_prep_spec(f"conv_bwd_prep_linear_from_output_{tag}", "linear", True, t, dtype,
                                 c, h, w))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,

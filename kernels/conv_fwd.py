@@ -655,17 +655,27 @@ STAGE_ALIGN = 16
 _STAGE_INPUT = os.environ.get("SPHEREOPS_STAGE_INPUT", "1") not in ("", "0")
 
 
+def aligned_count(channels):
+    """The row length the GEMM kernels get for rows of ``channels`` elements: rounded up to
+    STAGE_ALIGN (zero-padded) from 16 channels up, so that every row starts 16-element aligned
+    and a K step's mask is uniform over 16 lanes (vector loads); unchanged below 16 (flat K
+    loops, gathers either way) or with SPHEREOPS_STAGE_INPUT=0."""
+    if not _STAGE_INPUT or channels < _CHANNEL_CHUNK_MIN:
+        return channels
+    return _cdiv(channels, STAGE_ALIGN) * STAGE_ALIGN
+
+
 def staged_channels(x, c_in_g):
-    """Channels a group has in the staged input (C_in/G rounded up to STAGE_ALIGN), or 0 when
-    the GEMM kernels read x where it lies: flat-K convs (C_in/G < 16: per-element gathers
-    either way), inputs already in the fast layout, SPHEREOPS_STAGE_INPUT=0."""
+    """Channels a group has in the staged input (``aligned_count(C_in/G)``), or 0 when the
+    GEMM kernels read x where it lies: flat-K convs (C_in/G < 16: per-element gathers either
+    way), inputs already in the fast layout, SPHEREOPS_STAGE_INPUT=0."""
     if not _STAGE_INPUT or c_in_g < _CHANNEL_CHUNK_MIN:
         return 0
     sn, sc, sh, sw = x.stride()
     if (sc == 1 and c_in_g % STAGE_ALIGN == 0 and sh % STAGE_ALIGN == 0 and sw % STAGE_ALIGN == 0
             and sn % STAGE_ALIGN == 0 and x.storage_offset() % STAGE_ALIGN == 0):
         return 0
-    return _cdiv(c_in_g, STAGE_ALIGN) * STAGE_ALIGN
+    return aligned_count(c_in_g)
 
 
 def _dense_plane(x):

@@ -647,6 +647,60 @@ def test_gemm_backward_launches(monkeypatch, geom, mask, expected):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
 
 
+# Rows the GEMM kernels cannot load aligned as they come (conv_fwd.aligned_count,
+# staged_channels): C_in/G or C_out/G >= 16 and not a multiple of 16, NCHW inputs.
+ALIGN_CASES = [
+    pytest.param(dict(operator="sigmoid", c_in=20, c_out=24, h=6, w=5), True, id="odd-nhwc"),
+    pytest.param(dict(operator="cosine", c_in=40, c_out=36, groups=2, stride=2, h=7, w=6), True,
+                 id="odd-g2-s2-nhwc"),
+    pytest.param(dict(operator="linear", c_in=32, c_out=16, kernel=1, padding=0, h=5, w=4),
+                 False, id="1x1-nchw"),
+    pytest.param(dict(operator="sigmoid", c_in=17, c_out=18, kernel=5, padding=4, dilation=2,
+                      h=7, w=7), False, id="odd-5x5-d2-nchw"),
+]
+
+
+@pytest.mark.parametrize("geom,channels_last", ALIGN_CASES)
+@pytest.mark.parametrize("dtype,rtol,atol_frac", DTYPE_TOLS)
+def test_aligned_gemm_operands(geom, channels_last, dtype, rtol, atol_frac, monkeypatch):
+    """Hn gets rows of G x cgo_p and w_hat rows of cgi_p elements (C_out/G, C_in/G rounded up
+    to 16), Hn's padding holds zeros, and an input outside the fast layout reaches the wgrad as
+    the prep launch's staged copy (exact, zero-padded). Every gradient against the float64
+    reference, and bitwise the same as with the unpadded operands (SPHEREOPS_STAGE_INPUT=0):
+    the padding only adds exact zeros to the same sums."""
+    from sphereops_kernels import conv_fwd
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(dtype, channels_last=channels_last, **geom)
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
+
+    n, c_in, h, w = inp.x.shape
+    c_out, groups = inp.w.shape[0], inp.groups
+    cg_in, cg_out = c_in // groups, c_out // groups
+    cgi_p, cgo_p = (-(-v // 16) * 16 for v in (cg_in, cg_out))
+    _, _, prep = _prep_launch(launched)
+    hn = prep["hn_ptr"].view(-1, groups, cgo_p)
+    assert hn.shape[0] == c.shape[0] * c.shape[2] * c.shape[3]
+    assert not hn[..., cg_out:].any(), "Hn's padding must be zeros"
+    assert prep["what_ptr"].shape == (*inp.w.shape[2:], c_out, cgi_p)
+    assert not prep["what_ptr"][..., cg_in:].any(), "w_hat's padding must be zeros"
+    wgrad_x = next(dict(zip(k.arg_names, a))["x_ptr"] for k, _, a in launched
+                   if k is conv_bwd._wgrad_kernel)
+    assert wgrad_x.shape == (n, groups * cgi_p, h, w)
+    expected = torch.zeros(n, h, w, groups, cgi_p, dtype=dtype, device=DEVICE)
+    expected[..., :cg_in] = inp.x.permute(0, 2, 3, 1).reshape(n, h, w, groups, cg_in)
+    assert torch.equal(wgrad_x.permute(0, 2, 3, 1).reshape(n, h, w, groups, cgi_p), expected)
+
+    monkeypatch.setattr(conv_fwd, "_STAGE_INPUT", False)
+    launched.clear()
+    plain = _kernel(dy, inp, c, r_x)
+    assert _prep_launch(launched)[2]["hn_ptr"].shape[1] == c_out
+    for name, a, b in zip(("dx", "dw", "db", "dk"), out, plain):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), f"{name}: padded and unpadded operands differ"
+
+
 def _strided_weight(w):
     """w's values in a non-contiguous tensor (every other input channel of a wider one)."""
     wide = torch.empty(w.shape[0], 2 * w.shape[1], *w.shape[2:], dtype=w.dtype, device=w.device)
@@ -682,7 +736,14 @@ def test_filter_programs_of_the_prep_launch(monkeypatch, c_in, c_out, groups, ke
     _, _, args = _prep_launch(launched)
     expected = R.filter_norms(w.double(), EPS)
     assert_close(args["rw_ptr"], expected, 1e-6, 1e-6, "r_w")
-    assert_close(args["what_ptr"], (w.double() / expected.reshape(-1, 1, 1, 1)).permute(2, 3, 0, 1),
+    # rows of aligned_count(C_in/G) elements, zeros past C_in/G
+    cg_in = c_in // groups
+    w_hat = args["what_ptr"]
+    assert not w_hat[..., cg_in:].any()
+    assert w_hat.shape[-1] == (cg_in if c_out == groups else -(-cg_in // 16) * 16 if cg_in >= 16
+                               else cg_in)
+    assert_close(w_hat[..., :cg_in],
+                 (w.double() / expected.reshape(-1, 1, 1, 1)).permute(2, 3, 0, 1),
                  1e-6, 1e-6, "w_hat")
 
 
