@@ -35,7 +35,9 @@ Kernels and passes of the GEMM path (in this order; 5-6 launches with every grad
    (kh, kw) is the same for every pixel, so it loops over exactly those taps (no zero-stuffing,
    no masked-out MMAs).
 4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
-   ranges that write fp32 partials; ``_dw_finalize_kernel`` sums the partials in split order and
+   ranges that write fp32 partials (its columns: the channels of one tap a program, or below 16
+   channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
+   not fill 3 of 16 columns and Hn is not re-read once per tap); ``_dw_finalize_kernel`` sums the partials in split order and
    applies ``/ r_w - w S / r_w^2``. No atomics anywhere: same inputs -> bitwise same gradients.
 
 Numerics: fp32 accumulation everywhere; fp32 inputs use tf32 tensor cores iff
@@ -663,6 +665,32 @@ def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_x
 
 
 @triton.jit
+def _flat_input_tile(offs_m, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_xh, stride_xw,
+                     HoWo, Wo, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                     PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, WIDE: tl.constexpr):
+    """The im2col rows of output pixels offs_m [BM] for the flattened filter positions with
+    taps (kh, kw) [BK] (k_mask [BK]): offsets of the input pixels they read, [BM, BK] without
+    the channel term (int64 if WIDE, else int32), and whether each lies inside the image --
+    the x operand of the flat-K wgrad (_wgrad_kernel's FLAT_K). HoWo, Wo as _tap_input_rows."""
+    n = offs_m // HoWo
+    hw = offs_m % HoWo
+    top = (hw // Wo) * SH - PH
+    left = (hw % Wo) * SW - PW
+    hi = top[:, None] + (kh * DH)[None, :]
+    wi = left[:, None] + (kw * DW)[None, :]
+    valid = (m_mask[:, None] & k_mask[None, :]
+             & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+    # the offset as a row part plus a column part: one add per element
+    if WIDE:
+        row = n.to(tl.int64) * stride_xn + top.to(tl.int64) * stride_xh + left.to(tl.int64) * stride_xw
+        col = (kh * DH).to(tl.int64) * stride_xh + (kw * DW).to(tl.int64) * stride_xw
+    else:
+        row = n * stride_xn + top * stride_xh + left * stride_xw
+        col = (kh * DH) * stride_xh + (kw * DW) * stride_xw
+    return row[:, None] + col[None, :], valid
+
+
+@triton.jit
 def _wgrad_kernel(
     hn_ptr, x_ptr, part_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, CGI_P, CGO_P, G,
@@ -672,10 +700,17 @@ def _wgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    RUNTIME_DIV: tl.constexpr,
+    RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Partial weight gradient sum_{m in split} Hn[m, o] * x_patch[m, ci, kh, kw].
+
+    Two layouts of the GEMM's N axis (FLAT_K, wgrad_config): per tap -- program axis 1 is the
+    tap (kh, kw), the columns BLOCK_CI input channels of it (C_in/G >= 16: contiguous channel
+    loads) -- or flat -- axis 1 walks k = (kh * KW + kw) * CG_IN + ci in blocks of BLOCK_CI,
+    each element gathered with its own (tap, ci) (C_in/G < 16: a first layer's 3 channels
+    would fill 3 of 16 columns per tap, and Hn would be read once per tap instead of once per
+    k block: 25 times for a 5x5 filter).
 
     hn_ptr:   [M = N*Ho*Wo, G, CGO_P] contiguous (Hn = G / r_x, input dtype; zeros past CG_OUT
               in each group).
@@ -694,14 +729,19 @@ def _wgrad_kernel(
     UPCAST_DOT, DOT_PRECISION: see _dgrad_kernel.
     BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
     BLOCK_M: output pixels per reduction step.
-    Grid: (cdiv(CG_OUT, BLOCK_O) * cdiv(CG_IN, BLOCK_CI), KH*KW, SPLIT * G).
+    FLAT_K: the flat layout above (CGI_P = CG_IN there).
+    Grid: (cdiv(CG_OUT, BLOCK_O) * cdiv(CG_IN, BLOCK_CI), KH*KW, SPLIT * G), or with FLAT_K
+    (cdiv(CG_OUT, BLOCK_O), cdiv(KH*KW*CG_IN, BLOCK_CI), SPLIT * G).
     """
     pid_oc = tl.program_id(0)
-    tap = tl.program_id(1)
+    tap = tl.program_id(1)     # FLAT_K: the k block
     pid_sg = tl.program_id(2)
     s = pid_sg % SPLIT
     g = pid_sg // SPLIT
-    n_ci_blocks = tl.cdiv(CG_IN, BLOCK_CI)
+    if FLAT_K:
+        n_ci_blocks = 1
+    else:
+        n_ci_blocks = tl.cdiv(CG_IN, BLOCK_CI)
     pid_o = pid_oc // n_ci_blocks
     pid_ci = pid_oc % n_ci_blocks
     kh = tap // KW
@@ -714,6 +754,14 @@ def _wgrad_kernel(
     ci_mask = offs_ci < CG_IN
     x_chan = ((g * CGI_P + offs_ci).to(tl.int64) * stride_xc)[None, :]
     hn_col = g * CGO_P + offs_ol
+    if FLAT_K:   # column j of the tile is k = tap * BLOCK_CI + j = (kh * KW + kw) * CG_IN + ci
+        offs_k = tap * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        k_mask = offs_k < KH * KW * CG_IN
+        ci_k = offs_k % CG_IN
+        tap_k = offs_k // CG_IN
+        kh_k = tap_k // KW
+        kw_k = tap_k % KW
+        x_chan = ((g * CGI_P + ci_k).to(tl.int64) * stride_xc)[None, :]
 
     m_start = s * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
@@ -721,29 +769,45 @@ def _wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        if RUNTIME_DIV:
-            x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                           stride_xw, howo_rt, wo_rt, SH, SW, PH, PW, DH, DW,
-                                           WIDE_OFFSETS)
+        if FLAT_K:
+            if RUNTIME_DIV:
+                x_offs, x_mask = _flat_input_tile(offs_m, m_mask, kh_k, kw_k, k_mask, H, W,
+                                                  stride_xn, stride_xh, stride_xw, howo_rt, wo_rt,
+                                                  SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
+            else:
+                x_offs, x_mask = _flat_input_tile(offs_m, m_mask, kh_k, kw_k, k_mask, H, W,
+                                                  stride_xn, stride_xh, stride_xw, HoWo, Wo,
+                                                  SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
         else:
-            x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                           stride_xw, HoWo, Wo, SH, SW, PH, PW, DH, DW,
-                                           WIDE_OFFSETS)
+            if RUNTIME_DIV:
+                x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn,
+                                               stride_xh, stride_xw, howo_rt, wo_rt, SH, SW, PH,
+                                               PW, DH, DW, WIDE_OFFSETS)
+            else:
+                x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn,
+                                               stride_xh, stride_xw, HoWo, Wo, SH, SW, PH, PW,
+                                               DH, DW, WIDE_OFFSETS)
+            x_offs = x_row[:, None]
+            x_mask = valid[:, None] & (offs_ci < CGI_P)[None, :]
         if WIDE_OFFSETS:
             hn_row = offs_m.to(tl.int64) * (G * CGO_P)
         else:
             hn_row = offs_m * (G * CGO_P)
         ht = tl.load(hn_ptr + hn_row[None, :] + hn_col[:, None],
                      mask=(offs_ol < CGO_P)[:, None] & m_mask[None, :], other=0.0)
-        xt = tl.load(x_ptr + x_row[:, None] + x_chan,
-                     mask=valid[:, None] & (offs_ci < CGI_P)[None, :], other=0.0)
+        xt = tl.load(x_ptr + x_offs + x_chan, mask=x_mask, other=0.0)
         if UPCAST_DOT:
             ht = ht.to(tl.float32)
             xt = xt.to(tl.float32)
         acc = tl.dot(ht, xt, acc, input_precision=DOT_PRECISION)
 
-    dst = ((s * (KH * KW) + tap) * C_out + offs_o).to(tl.int64)[:, None] * CG_IN + offs_ci[None, :]
-    tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & ci_mask[None, :])
+    if FLAT_K:
+        dst = (((s * (KH * KW) + tap_k).to(tl.int64)[None, :] * C_out + offs_o[:, None]) * CG_IN
+               + ci_k[None, :])
+        tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & k_mask[None, :])
+    else:
+        dst = ((s * (KH * KW) + tap) * C_out + offs_o).to(tl.int64)[:, None] * CG_IN + offs_ci[None, :]
+        tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & ci_mask[None, :])
 
 
 @triton.jit
@@ -984,12 +1048,17 @@ def dgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
                 num_warps=4, num_stages=3)
 
 
-def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype) -> dict:
+def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> dict:
     """Tiles for _wgrad_kernel: up to 128x128 (o x ci) per program per tap, reducing over 64
-    (16-bit) or 32 (fp32) output pixels per step with 3 pipeline stages."""
+    (16-bit) or 32 (fp32) output pixels per step with 3 pipeline stages. Below 16 input
+    channels a group the flat layout (FLAT_K): the columns run over the ``taps`` * C_in/G
+    filter positions together, up to 128 (fp32: 64, the gathered x tile is 4 bytes a lane)."""
     block_m = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_O=_pow2_clamp(cg_out, 16, 128), BLOCK_CI=_pow2_clamp(cg_in, 16, 128), BLOCK_M=block_m,
-                num_warps=4, num_stages=3)
+    flat = cg_in < 16
+    block_ci = (_pow2_clamp(taps * cg_in, 16, 64 if dtype == torch.float32 else 128) if flat
+                else _pow2_clamp(cg_in, 16, 128))
+    return dict(BLOCK_O=_pow2_clamp(cg_out, 16, 128), BLOCK_CI=block_ci, BLOCK_M=block_m,
+                FLAT_K=flat, num_warps=4, num_stages=3)
 
 
 def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
@@ -1358,20 +1427,24 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
 
     # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
     if need_dw:
-        cfg = wgrad_config(cg_in, cg_out, dtype)
-        base = groups * _cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]) * kh * kw
+        cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
+        if cfg["FLAT_K"]:   # program axis 1: blocks of the flattened (tap, ci) axis
+            grid_ci, grid_k = 1, _cdiv(kh * kw * cg_in, cfg["BLOCK_CI"])
+        else:
+            grid_ci, grid_k = _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw
+        base = groups * _cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci * grid_k
         split = _wgrad_split(m_out, base, cfg["BLOCK_M"], dev)
         m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
         split = _cdiv(m_out, m_per_split)
         w_part = torch.empty((split, kh * kw, c_out, cg_in), device=dev, dtype=torch.float32)
-        grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw, split * groups)
+        grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci, grid_k, split * groups)
         _launch(_wgrad_kernel, grid,
                 (hn, x_wgrad, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out,
                  cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split,
                  *x_wgrad.stride(), ho * wo, wo),
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
-                RUNTIME_DIV=_wgrad_runtime_div(c_out),
+                RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
@@ -1589,7 +1662,8 @@ def aot_specs() -> list:
                     signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
                     constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
-                                    BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
+                                    FLAT_K=cfg["FLAT_K"], BLOCK_O=cfg["BLOCK_O"],
+                                    BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
                                       M_PER_SPLIT=4096,
@@ -1602,6 +1676,22 @@ def aot_specs() -> list:
                     spec = specs[-3]
                     specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_rtdiv_"),
                                       constexprs=dict(spec["constexprs"], RUNTIME_DIV=True)))
+            # the flat-K wgrad (C_in/G < 16): a first layer, 3 -> 64 channels, 5x5, on a
+            # channels_last [128, 3, 32, 32] input (edge.cin3_5x5)
+            cfg = wgrad_config(3, 64, dtype, 25)
+            specs.append(dict(
+                name=f"conv_bwd_wgrad_5x5_cin3_flat_{ptag}", fn=_wgrad_kernel,
+                signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
+                constexprs=dict(KH=5, KW=5, SH=1, SW=1, PH=2, PW=2, DH=1, DW=1, HoWo=32 * 32,
+                                Wo=32, UPCAST_DOT=False, DOT_PRECISION=precision,
+                                WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
+                                BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
+                                BLOCK_M=cfg["BLOCK_M"]),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
+                example_args=dict(C_out=64, CG_IN=3, CG_OUT=64, CGI_P=3, CGO_P=64, G=1,
+                                  M_PER_SPLIT=512, howo_rt=32 * 32, wo_rt=32,
+                                  stride_xn=32 * 32 * 3, stride_xc=1, stride_xh=32 * 3,
+                                  stride_xw=3)))
         # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles;
         # the prep pass with the heaviest operator (sigmoid: arccos and exps per element)
         prep_cfg = depthwise_config("prep", interpreter=False)

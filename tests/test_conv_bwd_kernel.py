@@ -701,6 +701,50 @@ def test_aligned_gemm_operands(geom, channels_last, dtype, rtol, atol_frac, monk
             assert torch.equal(a, b), f"{name}: padded and unpadded operands differ"
 
 
+@pytest.mark.parametrize("geom", [
+    dict(operator="sigmoid", c_in=3, c_out=20, kernel=5, padding=2, h=7, w=6),
+    dict(operator="linear", c_in=16, c_out=12, groups=2, stride=2, padding=2, dilation=2, h=9,
+         w=8),
+], ids=["cin3-5x5", "g2-cg8-s2-d2"])
+def test_flat_k_wgrad(geom, monkeypatch):
+    """Below 16 input channels a group the wgrad's columns run over the flattened (tap, channel)
+    axis (FLAT_K: one program covers every tap, Hn is read once per k block instead of once per
+    tap): grid axis 1 counts k blocks, dw matches the float64 reference and equals the per-tap
+    layout's (the same products summed in the same order)."""
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(torch.float32, channels_last=True, **geom)
+    mask = (False, True, False, False)
+    flat = _kernel(dy, inp, c, r_x, mask)
+    _check_all(flat, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+    c_out, cg_in, kh, kw = inp.w.shape
+    cfg = conv_bwd.wgrad_config(cg_in, c_out // inp.groups, torch.float32, kh * kw)
+    assert cfg["FLAT_K"]
+    (_, grid, _), = [(k, g, a) for k, g, a in launched if k is conv_bwd._wgrad_kernel]
+    assert grid[1] == -(-kh * kw * cg_in // cfg["BLOCK_CI"])
+
+    real_config = conv_bwd.wgrad_config
+
+    def per_tap(cg_in, cg_out, dtype, taps=1):
+        return dict(real_config(cg_in, cg_out, dtype), FLAT_K=False, BLOCK_CI=16)
+    monkeypatch.setattr(conv_bwd, "wgrad_config", per_tap)
+    launched.clear()
+    tapwise = _kernel(dy, inp, c, r_x, mask)
+    (_, grid, _), = [(k, g, a) for k, g, a in launched if k is conv_bwd._wgrad_kernel]
+    assert grid[1] == kh * kw
+    assert torch.equal(flat[1], tapwise[1])
+
+
+def test_wgrad_layout_rule():
+    """FLAT_K below 16 input channels a group, with up to 128 columns (64 for fp32) of the
+    taps * C_in/G filter positions; per tap from 16 channels up."""
+    cfg = conv_bwd.wgrad_config(3, 64, torch.bfloat16, 25)
+    assert cfg["FLAT_K"] and cfg["BLOCK_CI"] == 128
+    assert conv_bwd.wgrad_config(3, 64, torch.float32, 25)["BLOCK_CI"] == 64
+    assert conv_bwd.wgrad_config(3, 64, torch.bfloat16, 9)["BLOCK_CI"] == 32
+    cfg = conv_bwd.wgrad_config(16, 64, torch.bfloat16, 9)
+    assert not cfg["FLAT_K"] and cfg["BLOCK_CI"] == 16
+
+
 def _strided_weight(w):
     """w's values in a non-contiguous tensor (every other input channel of a wider one)."""
     wide = torch.empty(w.shape[0], 2 * w.shape[1], *w.shape[2:], dtype=w.dtype, device=w.device)
