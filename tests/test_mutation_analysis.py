@@ -72,15 +72,21 @@ def check(case, inputs):
     del launches[:]
 
 dt = torch.bfloat16
-for operator, groups, save_output, w_cl in (("cosine", 1, False, False), ("cosine", 1, False, True),
-                                            ("sigmoid", 2, False, False), ("linear", 1, True, False),
-                                            ("cosine", 8, True, False), ("sigmoid", 8, False, False)):
-    case = f"conv {operator} groups={groups} save_output={save_output} w_channels_last={w_cl}"
-    x = torch.randn(2, 8, 6, 6, dtype=dt).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(8, 8 // groups, 3, 3, dtype=dt)
+# (operator, groups, save_output, w channels_last, channels, x channels_last); 20 channels
+# (channels_last) and 40 in two groups (NCHW): the staged input and the padded Hn / w_hat rows
+for operator, groups, save_output, w_cl, ch, x_cl in (
+        ("cosine", 1, False, False, 8, True), ("cosine", 1, False, True, 8, True),
+        ("sigmoid", 2, False, False, 8, True), ("linear", 1, True, False, 8, True),
+        ("cosine", 8, True, False, 8, True), ("sigmoid", 8, False, False, 8, True),
+        ("cosine", 1, False, True, 20, True), ("sigmoid", 2, False, False, 40, False)):
+    case = (f"conv {operator} groups={groups} save_output={save_output} w_channels_last={w_cl} "
+            f"channels={ch} x_channels_last={x_cl}")
+    x = torch.randn(2, ch, 6, 6, dtype=dt)
+    x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
+    w = torch.randn(ch, ch // groups, 3, 3, dtype=dt)
     w = w.contiguous(memory_format=torch.channels_last) if w_cl else w
-    b = torch.randn(8, dtype=dt)
-    k = torch.rand(8, dtype=dt) + 0.2 if operator == "sigmoid" else None
+    b = torch.randn(ch, dtype=dt)
+    k = torch.rand(ch, dtype=dt) + 0.2 if operator == "sigmoid" else None
     y, c, r_x = conv_fwd.sphere_conv2d_fwd(x, w, b, k, (1, 1), (1, 1), (1, 1), groups, operator,
                                            1e-4, store_c=not save_output)
     check(case + " fwd", dict(x=x, w=w, b=b, k=k))
