@@ -79,8 +79,8 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
-from .conv_fwd import (aligned_count, depthwise_inv_norms, depthwise_window, stage_input_tile,
-                       staged_channels)
+from .conv_fwd import (aligned_count, dense_plane, depthwise_inv_norms, depthwise_window,
+                       stage_input_tile, staged_channels)
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -1398,7 +1398,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                            *dy.stride(), *c.stride()) + filter_args_padded
                 + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride()),
                 BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
-                DENSE_PLANE=wd == 1 or x.stride(2) == wd * x.stride(3), BLOCK_P=stage_p,
+                DENSE_PLANE=dense_plane(x), BLOCK_P=stage_p,
                 BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
@@ -1407,9 +1407,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne)
 
     x_wgrad = x_staged if stage_x else x
-    wide = _needs_wide_offsets(x_wgrad if stage_x else x, m_out * groups * cgo_p, (kh, kw),
-                               (ph, pw), (dh, dw_)) or _needs_wide_offsets(x, 0, (kh, kw),
-                                                                           (ph, pw), (dh, dw_))
+    wide = _needs_wide_offsets(x, m_out * groups * cgo_p, (kh, kw), (ph, pw), (dh, dw_))
+    if stage_x:   # the wgrad's copy has channels x's has not
+        wide = wide or _needs_wide_offsets(x_staged, 0, (kh, kw), (ph, pw), (dh, dw_))
     # 3. dgrad fused with the norm correction
     if need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last

@@ -678,9 +678,10 @@ def staged_channels(x, c_in_g):
     return aligned_count(c_in_g)
 
 
-def _dense_plane(x):
-    """DENSE_PLANE of stage_input_tile: a pixel's offset is (h * W + w) * stride_w."""
-    return x.shape[3] == 1 or x.stride(2) == x.shape[3] * x.stride(3)
+def dense_plane(x):
+    """DENSE_PLANE of stage_input_tile: a pixel's offset is (h * W + w) * stride_w -- rows W
+    strides apart, or a single row (a width-1 slice keeps its parent's row stride: not dense)."""
+    return x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3)
 
 
 def _prepare_operands(x, w, groups, prepass, cg_pad=0):
@@ -721,7 +722,7 @@ def _prepare_operands(x, w, groups, prepass, cg_pad=0):
             n_sq, _cdiv(h * wd, cfg["BLOCK_P"]), h * wd, wd, c_in_g, cp, groups, *x.stride(),
             *w.stride())
     flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, STORE_Q=prepass,
-                 STAGE_X=stage, DENSE_PLANE=_dense_plane(x),
+                 STAGE_X=stage, DENSE_PLANE=dense_plane(x),
                  BLOCK=min(cfg["BLOCK"], max(16, _next_pow2(kh * kw * cp))),
                  BLOCK_P=cfg["BLOCK_P"],
                  BLOCK_C=min(cfg["BLOCK_C"], max(16, _next_pow2(cp))),

@@ -24,6 +24,7 @@ from helpers import (RANDOM_CASES, assert_close, assert_close_to_reference, make
 from sphereops import reference as R
 
 conv_bwd = pytest.importorskip("sphereops_kernels.conv_bwd")
+conv_fwd = pytest.importorskip("sphereops_kernels.conv_fwd")
 sphere_conv2d_bwd = conv_bwd.sphere_conv2d_bwd
 
 EPS = 1e-4
@@ -743,6 +744,19 @@ def test_wgrad_layout_rule():
     assert conv_bwd.wgrad_config(3, 64, torch.bfloat16, 9)["BLOCK_CI"] == 32
     cfg = conv_bwd.wgrad_config(16, 64, torch.bfloat16, 9)
     assert not cfg["FLAT_K"] and cfg["BLOCK_CI"] == 16
+
+
+@pytest.mark.parametrize("cols", [slice(1, 4), slice(2, 3)], ids=["cols-1-4", "width-1"])
+def test_staged_input_from_a_view(cols):
+    """Views the staging must address by their strides: a column slice of an NCHW input (rows
+    6 elements apart for a width of 3) and a width-1 slice (its row stride still the
+    parent's: not a dense plane) -- every gradient against the float64 reference."""
+    inp, _, _, _ = _case(torch.float32, operator="sigmoid", c_in=20, c_out=18, h=5, w=6)
+    inp = dataclasses.replace(inp, x=inp.x[:, :, :, cols])
+    assert conv_fwd.staged_channels(inp.x, 20) == 32 and not conv_fwd.dense_plane(inp.x)
+    c, r_x = _saved_state(inp)
+    dy = torch.randn(c.shape, dtype=torch.float64).to(DEVICE, torch.float32)
+    _check_all(_kernel(dy, inp, c, r_x), dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
 
 
 def _strided_weight(w):
