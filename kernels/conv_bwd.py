@@ -8,7 +8,8 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes of the GEMM path (in this order; 5-6 launches with every gradient):
+Kernels and passes of the GEMM path (in this order; 4 launches with every gradient, 6 when
+the partial sums of step 1 take two levels):
 
 1. ``_prep_kernel``, one launch with two kinds of program. The filter programs (first in the
    grid; only when dx or dw is asked; ``_filter_norm_block``) compute r_w [C_out] fp32 and the
@@ -28,7 +29,9 @@ Kernels and passes of the GEMM path (in this order; 5-6 launches with every grad
    tiles across the groups (``_prep_kernel`` gives each program one group), filter programs
    included.
 2. ``_reduce_partials_kernel``: sums the partials of step 1 in a fixed order -> S (fp32), db, dk
-   (two levels, i.e. two launches, once there are more than 512 partial rows).
+   (two levels, i.e. two launches, once there are more than 512 partial rows). One level
+   with a wgrad runs as extra programs of the wgrad launch instead (``_fold_reduction``): S is
+   only read by the finalize after it, db and dk by nobody here.
 3. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
@@ -462,11 +465,22 @@ def _reduce_partials_kernel(
     FINAL: write the gradients instead of next-level partials.
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_R: partial rows per loop step. BLOCK_C: channels per program.
-    Grid: (cdiv(C_out, BLOCK_C), cdiv(R, ROWS_PER_PROGRAM)).
+    Grid: (cdiv(C_out, BLOCK_C), cdiv(R, ROWS_PER_PROGRAM)). (A single final level can also
+    ride in the wgrad launch: _wgrad_kernel's REDUCE programs run the same _reduce_column_block.)
     """
-    pid = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    n_out_rows = tl.num_programs(1)
+    _reduce_column_block(part_ptr, out_ptr, s_ptr, db_ptr, dk_ptr, tl.program_id(0),
+                         tl.program_id(1), tl.num_programs(1), R, C_out, ROWS_PER_PROGRAM,
+                         NEED_S, NEED_DB, NEED_DK, FINAL, EMULATE_RTNE, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _reduce_column_block(
+    part_ptr, out_ptr, s_ptr, db_ptr, dk_ptr, pid, pid_r, n_out_rows, R, C_out, ROWS_PER_PROGRAM,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, FINAL: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Channel block ``pid`` x row range ``pid_r`` (of ``n_out_rows``) of
+    _reduce_partials_kernel (arguments as there)."""
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C_out
     acc_s = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -692,15 +706,17 @@ def _flat_input_tile(offs_m, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_xh,
 
 @triton.jit
 def _wgrad_kernel(
-    hn_ptr, x_ptr, part_ptr,
+    hn_ptr, x_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, CGI_P, CGO_P, G,
-    M_PER_SPLIT, SPLIT,
+    M_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
     stride_xn, stride_xc, stride_xh, stride_xw, howo_rt, wo_rt,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
     RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Partial weight gradient sum_{m in split} Hn[m, o] * x_patch[m, ci, kh, kw].
@@ -730,12 +746,23 @@ def _wgrad_kernel(
     BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
     BLOCK_M: output pixels per reduction step.
     FLAT_K: the flat layout above (CGI_P = CG_IN there).
-    Grid: (cdiv(CG_OUT, BLOCK_O) * cdiv(CG_IN, BLOCK_CI), KH*KW, SPLIT * G), or with FLAT_K
-    (cdiv(CG_OUT, BLOCK_O), cdiv(KH*KW*CG_IN, BLOCK_CI), SPLIT * G).
+    The prep partials' column sums, when they take one level (R rows, at most the reduce
+    kernel's ROWS_PER_PROGRAM), ride in this launch instead of one of their own: programs past
+    axis 2's SPLIT * G run _reduce_column_block's final level -- red_ptr [3, R, C_out] fp32 in,
+    S into s_ptr [C_out] fp32 (NEED_S), db into db_ptr and dk into dk_ptr [C_out] (NEED_DB /
+    NEED_DK), RED_PROGRAMS = cdiv(C_out, BLOCK_RC) of them, BLOCK_R rows a step, EMULATE_RTNE
+    as _reduce_partials_kernel; without them (all three flags False) none runs.
+    Grid: (cdiv(CG_OUT, BLOCK_O) * cdiv(CG_IN, BLOCK_CI), KH*KW, SPLIT * G + E), or with FLAT_K
+    (cdiv(CG_OUT, BLOCK_O), cdiv(KH*KW*CG_IN, BLOCK_CI), SPLIT * G + E), E = the slices the
+    reduce programs need (0 without them).
     """
     pid_oc = tl.program_id(0)
     tap = tl.program_id(1)     # FLAT_K: the k block
     pid_sg = tl.program_id(2)
+    # a reduce program (none in the grid unless asked) runs the GEMM part with an empty pixel
+    # range and no store: the GEMM code stays unbranched (in an if/else its build took 245
+    # registers instead of 208, sm_90 bf16 128x128)
+    is_reduce = pid_sg >= SPLIT * G
     s = pid_sg % SPLIT
     g = pid_sg // SPLIT
     if FLAT_K:
@@ -764,7 +791,7 @@ def _wgrad_kernel(
         x_chan = ((g * CGI_P + ci_k).to(tl.int64) * stride_xc)[None, :]
 
     m_start = s * M_PER_SPLIT
-    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    m_end = tl.where(is_reduce, m_start, tl.minimum(m_start + M_PER_SPLIT, M))
     acc = tl.zeros([BLOCK_O, BLOCK_CI], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -804,10 +831,17 @@ def _wgrad_kernel(
     if FLAT_K:
         dst = (((s * (KH * KW) + tap_k).to(tl.int64)[None, :] * C_out + offs_o[:, None]) * CG_IN
                + ci_k[None, :])
-        tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & k_mask[None, :])
+        tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & k_mask[None, :] & (not is_reduce))
     else:
         dst = ((s * (KH * KW) + tap) * C_out + offs_o).to(tl.int64)[:, None] * CG_IN + offs_ci[None, :]
-        tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & ci_mask[None, :])
+        tl.store(part_ptr + dst, acc, mask=o_mask[:, None] & ci_mask[None, :] & (not is_reduce))
+    if is_reduce:
+        slice_size = tl.num_programs(0) * tl.num_programs(1)
+        red = (pid_sg - SPLIT * G) * slice_size + tap * tl.num_programs(0) + pid_oc
+        if red < RED_PROGRAMS:
+            _reduce_column_block(red_ptr, s_ptr, s_ptr, db_ptr, dk_ptr, red, 0, 1, R, C_out,
+                                 tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
+                                 EMULATE_RTNE, BLOCK_R, BLOCK_RC)
 
 
 @triton.jit
@@ -1052,10 +1086,12 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> 
     """Tiles for _wgrad_kernel: up to 128x128 (o x ci) per program per tap, reducing over 64
     (16-bit) or 32 (fp32) output pixels per step with 3 pipeline stages. Below 16 input
     channels a group the flat layout (FLAT_K): the columns run over the ``taps`` * C_in/G
-    filter positions together, up to 128 (fp32: 64, the gathered x tile is 4 bytes a lane)."""
+    filter positions together, up to 64 (fp32: 32) -- every lane of the gathered x tile
+    computes its own address: at 128 columns the 16-bit build took 255 registers and spilled
+    256 B a thread (sm_90, 3 -> 64 channels, 5x5), at 64 about 170 and nothing."""
     block_m = 32 if dtype == torch.float32 else 64
     flat = cg_in < 16
-    block_ci = (_pow2_clamp(taps * cg_in, 16, 64 if dtype == torch.float32 else 128) if flat
+    block_ci = (_pow2_clamp(taps * cg_in, 16, 32 if dtype == torch.float32 else 64) if flat
                 else _pow2_clamp(cg_in, 16, 128))
     return dict(BLOCK_O=_pow2_clamp(cg_out, 16, 128), BLOCK_CI=block_ci, BLOCK_M=block_m,
                 FLAT_K=flat, num_warps=4, num_stages=3)
@@ -1403,8 +1439,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
 
-    # 2. deterministic sums of the partials
-    s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne)
+    # 2. deterministic sums of the partials; one level rides in the wgrad launch (step 4)
+    fold = _fold_reduction(need_dw, r_rows)
+    s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne,
+                                            run=not fold)
 
     x_wgrad = x_staged if stage_x else x
     wide = _needs_wide_offsets(x, m_out * groups * cgo_p, (kh, kw), (ph, pw), (dh, dw_))
@@ -1438,13 +1476,20 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         split = _cdiv(m_out, m_per_split)
         w_part = torch.empty((split, kh * kw, c_out, cg_in), device=dev, dtype=torch.float32)
         grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci, grid_k, split * groups)
+        # the folded reduction: its programs in extra slices of grid axis 2
+        red = REDUCE_CONFIG
+        red_programs = _cdiv(c_out, red["BLOCK_C"]) if fold else 0
+        grid = grid[:2] + (grid[2] + _cdiv(red_programs, grid[0] * grid[1]),)
         _launch(_wgrad_kernel, grid,
-                (hn, x_wgrad, w_part, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out,
-                 cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split,
-                 *x_wgrad.stride(), ho * wo, wo),
+                (hn, x_wgrad, w_part, partials, s_sum, db if need_db else s_sum,
+                 dk if need_dk else s_sum, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out,
+                 cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split, r_rows,
+                 red_programs, *x_wgrad.stride(), ho * wo, wo),
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
+                NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
+                EMULATE_RTNE=rtne, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
@@ -1452,16 +1497,22 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     return dx, dw, db, dk
 
 
-def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne):
+def _fold_reduction(need_dw: bool, r_rows: int) -> bool:
+    """Whether the prep partials' sums run inside the wgrad launch (one launch fewer): with a
+    wgrad, when they take a single level (r_rows <= ROWS_PER_PROGRAM)."""
+    return need_dw and r_rows <= REDUCE_CONFIG["ROWS_PER_PROGRAM"]
+
+
+def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, run=True):
     """``(S [C_out] fp32, db, dk)`` from the prep pass's partials [3, r_rows, C_out] with
     _reduce_partials_kernel: fixed-order sums, two levels (two launches) above
     ROWS_PER_PROGRAM rows. S is a 1-element placeholder unless need_dw; db / dk None unless
-    needed (w's / k's dtype)."""
+    needed (w's / k's dtype). ``run=False``: only allocated (the wgrad launch fills them)."""
     c_out, dev = w.shape[0], w.device
     s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
     db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
     dk = torch.empty(c_out, device=dev, dtype=k.dtype) if need_dk else None
-    if not (need_dw or need_db or need_dk):
+    if not (run and (need_dw or need_db or need_dk)):
         return s_sum, db, dk
     cfg = REDUCE_CONFIG
     flags = dict(NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
@@ -1617,6 +1668,18 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                              if fn is _prep_kernel else {})))
 
 
+def _WGRAD_POINTERS(t: str) -> dict:   # noqa: N802 (a table, spelled like the constants)
+    """_wgrad_kernel's pointer types for input-dtype pointer type ``t``."""
+    return {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32", "red_ptr": "*fp32", "s_ptr": "*fp32",
+            "db_ptr": t, "dk_ptr": t}
+
+
+# the wgrad specs model the common launch: every gradient but dk, the one-level reduction of
+# the prep partials (S and db) in the same launch
+_WGRAD_REDUCE = dict(NEED_S=True, NEED_DB=True, NEED_DK=False, EMULATE_RTNE=False,
+                     BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"])
+
+
 def aot_specs() -> list:
     """One spec per (kernel, config, dtype) for the AOT compile check.
 
@@ -1659,14 +1722,15 @@ def aot_specs() -> list:
                 cfg = wgrad_config(cg, cg, dtype)
                 specs.append(dict(
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
-                    signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
+                    signature=_signature(_wgrad_kernel, _WGRAD_POINTERS(t)),
                     constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
                                     FLAT_K=cfg["FLAT_K"], BLOCK_O=cfg["BLOCK_O"],
-                                    BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"]),
+                                    BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
+                                    **_WGRAD_REDUCE),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
-                                      M_PER_SPLIT=4096,
+                                      M_PER_SPLIT=4096, R=400, RED_PROGRAMS=c // 32,
                                       howo_rt=(h // st) * (w // st), wo_rt=w // st, **x_strides_cl)))
                 if label == "3x3_c128":   # the int64-offset builds (tensors near 2^31 elements)
                     for spec in specs[-2:]:
@@ -1681,15 +1745,15 @@ def aot_specs() -> list:
             cfg = wgrad_config(3, 64, dtype, 25)
             specs.append(dict(
                 name=f"conv_bwd_wgrad_5x5_cin3_flat_{ptag}", fn=_wgrad_kernel,
-                signature=_signature(_wgrad_kernel, {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32"}),
+                signature=_signature(_wgrad_kernel, _WGRAD_POINTERS(t)),
                 constexprs=dict(KH=5, KW=5, SH=1, SW=1, PH=2, PW=2, DH=1, DW=1, HoWo=32 * 32,
                                 Wo=32, UPCAST_DOT=False, DOT_PRECISION=precision,
                                 WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
                                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
-                                BLOCK_M=cfg["BLOCK_M"]),
+                                BLOCK_M=cfg["BLOCK_M"], **_WGRAD_REDUCE),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                 example_args=dict(C_out=64, CG_IN=3, CG_OUT=64, CGI_P=3, CGO_P=64, G=1,
-                                  M_PER_SPLIT=512, howo_rt=32 * 32, wo_rt=32,
+                                  M_PER_SPLIT=512, R=2048, RED_PROGRAMS=0, howo_rt=32 * 32, wo_rt=32,
                                   stride_xn=32 * 32 * 3, stride_xc=1, stride_xh=32 * 3,
                                   stride_xw=3)))
         # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles;

@@ -540,15 +540,46 @@ def test_aot_specs_are_well_formed():
 
 @pytest.mark.parametrize("operator", ["linear", "sigmoid"])
 def test_two_level_partial_reduction(monkeypatch, operator):
-    """Big batches sum the prep partials in two levels (rows split over programs); shrink the
-    level size so the tiny test shapes take that path, with a ragged last split."""
+    """Big batches sum the prep partials in two levels (rows split over programs) in reduce
+    launches of their own; shrink the level size so the tiny test shapes take that path, with
+    a ragged last split."""
     monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_R", 2)
     monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "ROWS_PER_PROGRAM", 2)
+    launched = _record_launches(monkeypatch)
     inp, c, r_x, dy = _case(torch.float32, operator=operator, n=3, h=7, w=7)
     rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // conv_bwd.prep_config(operator)["BLOCK_M"])
     assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows > 2, got {rows}"
     out = _kernel(dy, inp, c, r_x, (False, True, True, True))
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, (False, True, True, True))
+    assert [k.__name__ for k, _, _ in launched].count("_reduce_partials_kernel") == 2
+
+
+@pytest.mark.parametrize("mask", [ALL, (False, True, False, False), (True, True, True, False)],
+                         ids=["all", "dw", "no-dk"])
+def test_reduction_in_the_wgrad_launch(monkeypatch, mask):
+    """A one-level reduction of the prep partials runs as extra programs of the wgrad launch:
+    with more channel blocks than one grid slice holds (several extra slices, most programs of
+    the last one idle) S, db and dk are the reduce kernel's, bitwise (same fixed-order sums)."""
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_C", 2)   # 9 channel blocks
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", c_in=6, c_out=18, groups=3,
+                            kernel=1, padding=0, h=5, w=5)
+    folded = _kernel(dy, inp, c, r_x, mask)
+    names = [k.__name__ for k, _, _ in launched]
+    assert "_reduce_partials_kernel" not in names
+    (_, grid, args), = [(k, g, a) for k, g, a in launched if k is conv_bwd._wgrad_kernel]
+    args = dict(zip(conv_bwd._wgrad_kernel.arg_names, args))
+    assert args["RED_PROGRAMS"] == 9 and grid[0] * grid[1] < 9
+    assert grid[2] == args["SPLIT"] * inp.groups + -(-9 // (grid[0] * grid[1]))
+    _check_all(folded, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+    monkeypatch.setattr(conv_bwd, "_fold_reduction", lambda need_dw, rows: False)
+    launched.clear()
+    separate = _kernel(dy, inp, c, r_x, mask)
+    assert "_reduce_partials_kernel" in [k.__name__ for k, _, _ in launched]
+    for name, a, b in zip(("dx", "dw", "db", "dk"), folded, separate):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("geom", [dict(), dict(stride=2, padding=2, dilation=2, groups=2),
@@ -620,16 +651,17 @@ _P, _RED, _DG, _WG, _FIN = ("prep", "_reduce_partials_kernel", "_dgrad_kernel", 
                                   dict(operator="linear", c_in=8, c_out=4, groups=4, h=7, w=7)],
                          ids=["per-group", "channelwise"])
 @pytest.mark.parametrize("mask,expected", [
-    (ALL, [_P, _RED, _DG, _WG, _FIN]),                     # was 6 launches with _filter_norm_kernel
-    ((True, False, False, False), [_P, _DG]),              # was 3
-    ((False, True, False, False), [_P, _RED, _WG, _FIN]),  # was 5
-    ((False, False, True, True), [_P, _RED]),              # no filters needed: 2 as before
+    (ALL, [_P, _DG, _WG, _FIN]),                     # was 6 with _filter_norm_kernel, then 5
+    ((True, False, False, False), [_P, _DG]),        # was 3
+    ((False, True, False, False), [_P, _WG, _FIN]),  # was 5, then 4
+    ((False, False, True, True), [_P, _RED]),        # no filters, no wgrad: 2 as before
 ], ids=["all", "dx", "dw", "db-dk"])
 def test_gemm_backward_launches(monkeypatch, geom, mask, expected):
-    """The GEMM backward computes the filter norms (r_w, w_hat) in the prep launch: one launch
-    fewer than with the separate filter-norm kernel (5 with every gradient and a one-level
-    reduction). Filter programs run iff dx or dw is asked, cdiv(C_out, BLOCK_O) of them ahead
-    of the output-pixel blocks on grid axis 0; db / dk alone launch none."""
+    """The GEMM backward computes the filter norms (r_w, w_hat) in the prep launch, and with a
+    wgrad a one-level reduction of the prep partials (S, db, dk) rides in the wgrad launch: 4
+    launches with every gradient. Filter programs run iff dx or dw is asked, cdiv(C_out,
+    BLOCK_O) of them ahead of the output-pixel blocks on grid axis 0; db / dk alone launch none
+    and keep the reduce kernel."""
     assert not hasattr(conv_bwd, "_filter_norm_kernel")
     launched = _record_launches(monkeypatch)
     inp, c, r_x, dy = _case(torch.float32, **geom)
@@ -736,12 +768,12 @@ def test_flat_k_wgrad(geom, monkeypatch):
 
 
 def test_wgrad_layout_rule():
-    """FLAT_K below 16 input channels a group, with up to 128 columns (64 for fp32) of the
+    """FLAT_K below 16 input channels a group, with up to 64 columns (32 for fp32) of the
     taps * C_in/G filter positions; per tap from 16 channels up."""
     cfg = conv_bwd.wgrad_config(3, 64, torch.bfloat16, 25)
-    assert cfg["FLAT_K"] and cfg["BLOCK_CI"] == 128
-    assert conv_bwd.wgrad_config(3, 64, torch.float32, 25)["BLOCK_CI"] == 64
-    assert conv_bwd.wgrad_config(3, 64, torch.bfloat16, 9)["BLOCK_CI"] == 32
+    assert cfg["FLAT_K"] and cfg["BLOCK_CI"] == 64
+    assert conv_bwd.wgrad_config(3, 64, torch.float32, 25)["BLOCK_CI"] == 32
+    assert conv_bwd.wgrad_config(2, 64, torch.bfloat16, 9)["BLOCK_CI"] == 32
     cfg = conv_bwd.wgrad_config(16, 64, torch.bfloat16, 9)
     assert not cfg["FLAT_K"] and cfg["BLOCK_CI"] == 16
 
