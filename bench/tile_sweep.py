@@ -85,10 +85,11 @@ def _geometry(shape: S.ConvShape) -> tuple:
 
 @contextlib.contextmanager
 def _backward_tile(conv_bwd, kernel: str, cfg: dict):
-    """The backward launcher's ``dgrad_config`` / ``wgrad_config`` answer ``cfg`` for the block."""
+    """The backward launcher's ``dgrad_config`` / ``wgrad_config`` answer ``cfg``'s tile for the
+    block; the rest of the real answer (the wgrad's FLAT_K layout) stays."""
     name = "dgrad_config" if kernel == "dgrad" else "wgrad_config"
     real = getattr(conv_bwd, name)
-    setattr(conv_bwd, name, lambda *args, **kwargs: dict(cfg))
+    setattr(conv_bwd, name, lambda *args, **kwargs: {**real(*args, **kwargs), **cfg})
     try:
         yield
     finally:

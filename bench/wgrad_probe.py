@@ -96,8 +96,9 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
         CB._WGRAD_RUNTIME_DIV = cfg["runtime_div"]
         if cfg["tile"] is not None:
             bo, bci, bm, st = cfg["tile"]
-            CB.wgrad_config = lambda *a, **kw: dict(BLOCK_O=bo, BLOCK_CI=bci, BLOCK_M=bm,
-                                                    num_warps=4, num_stages=st)
+            CB.wgrad_config = lambda *a, **kw: dict(orig_config(*a, **kw), BLOCK_O=bo,
+                                                    BLOCK_CI=bci, BLOCK_M=bm, num_warps=4,
+                                                    num_stages=st)
         if cfg["split"] is not None:
             CB._wgrad_split = lambda *a, **kw: cfg["split"]
         c_arg = c.clone()
