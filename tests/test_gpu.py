@@ -352,6 +352,36 @@ def test_odd_geometry_vs_float64(precision, request):
 
 
 @pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+@pytest.mark.parametrize("layer", ["cin3_5x5", "odd_nchw"])
+def test_flat_wgrad_and_staged_input_vs_float64(layer, precision, request):
+    """Code paths no other GPU test takes at size: a first layer (3 -> 64 channels, 5x5: the
+    flat-K wgrad, whose pixel divisions are constants since C_out is a multiple of 16 -- the
+    constant-divisor build of the per-tap wgrad went wrong on an H200 for odd channel counts)
+    and an odd-channel NCHW input (29 -> 40 channels: staged input, padded Hn / w_hat rows).
+    bf16, linear, y and every gradient against float64."""
+    from helpers import make_conv_inputs
+
+    geo = (dict(n=64, c_in=3, c_out=64, h=32, w=32, kernel=(5, 5), padding=2, dilation=1)
+           if layer == "cin3_5x5" else
+           dict(n=16, c_in=29, c_out=40, h=30, w=30, kernel=(3, 3), padding=1, dilation=1))
+    inp = make_conv_inputs(**geo, stride=1, groups=1, operator="linear", bias=True,
+                           dtype=torch.bfloat16, device=DEVICE,
+                           channels_last=layer == "cin3_5x5")
+    pad, dil = (geo["padding"],) * 2, (geo["dilation"],) * 2
+    leaves = [t.detach().clone().requires_grad_(True) for t in (inp.x, inp.w, inp.bias)]
+    y = sphereops.sphere_conv2d(*leaves, padding=pad, dilation=dil, operator="linear", eps=EPS,
+                                backend="triton")
+    dy = torch.randn_like(y, dtype=torch.float64)
+    fused = [y] + list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (inp.x, inp.w, inp.bias)]
+    y64 = reference.conv2d_autograd(*leaves64, None, (1, 1), pad, dil, 1, "linear", EPS)
+    ref = [y64] + list(torch.autograd.grad(y64, leaves64, dy))
+    rtol, atol = TOLERANCES["bf16"]
+    for name, out, expected in zip(("y", "dx", "dw", "db"), fused, ref):
+        _check(request.node.name, name, out, expected, rtol, atol)
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
 @pytest.mark.parametrize("geometry", ["3x3", "3x3_s2", "grouped"])
 def test_prepass_patch_norms_vs_float64(geometry, precision, request):
     """The forward with patch_norms="prepass" (channel sums of squares first, a window sum after
