@@ -69,7 +69,7 @@ version read c and r_x too and a separate wgrad re-read Hn and x.
 
 Known limits: grouped convolutions with a few channels per group (but more than one) run
 through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. Eager
-launches cost host time per kernel (5-6 launches per call); under CUDA graphs /
+launches cost host time per kernel (4-6 launches per call); under CUDA graphs /
 torch.compile that disappears.
 """
 from __future__ import annotations
