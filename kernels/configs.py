@@ -85,15 +85,24 @@ def fits_fma_dot(config) -> bool:
     return kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] <= 64 * 64 * 64
 
 
+def fits_flat_k_loop(config) -> bool:
+    """Whether a GEMM config suits the forward's flat K loop (C_in/G < 16: every lane of the x
+    tile gathers its own (tap, channel) with its own 64-bit address). AOT, sm_90, bf16, a 3 ->
+    64 channel 5x5 conv: BLOCK_M x BLOCK_K = 8192 spills 568-1352 B a thread, and so does a
+    128-wide N at 4096 (160 B); 128x64x32, 64x64x64, 128x32x32 and 128x16x16 spill nothing."""
+    kw = config.kwargs
+    return kw["BLOCK_M"] * kw["BLOCK_K"] <= 4096 and kw["BLOCK_N"] <= 64
+
+
 def prune_conv_fwd_configs(configs, named_args, **kwargs):
     """Drop configs whose N or K block is far larger than the problem needs (pure padding).
 
     Keeps a config when BLOCK_N <= max(16, next_pow2(C_out/G)), BLOCK_K <= max(32, next_pow2(K
     step range)) (C_in/G for the channel-chunk loop, C_in/G*kh*kw for the flat loop),
     num_warps < 8 unless the dtype is 16-bit and the filter 1x1 or the patch norms come from the
-    pre-pass (NORMS_FROM_Q), for fused norms none of FUSED_NORM_FAULTY_TILES, and, for exact
-    fp32, the tile fits the FMA dot
-    (:func:`fits_fma_dot`); always keeps at least one config.
+    pre-pass (NORMS_FROM_Q), for fused norms none of FUSED_NORM_FAULTY_TILES, for exact fp32
+    the tile fits the FMA dot (:func:`fits_fma_dot`), and for the flat K loop (C_in/G < 16)
+    the tile fits it (:func:`fits_flat_k_loop`); always keeps at least one config.
     """
     def arg(name, default=None):
         # positional launch arguments arrive in named_args, keyword ones (constexprs) in kwargs
@@ -117,7 +126,8 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
             if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= max(32, k_cap)
             and (c.num_warps < 8 or ((one_by_one or norms_from_q) and not fp32))
             and (norms_from_q or _tile(c) not in FUSED_NORM_FAULTY_TILES)
-            and (fits_fma_dot(c) or not exact_fp32)]
+            and (fits_fma_dot(c) or not exact_fp32)
+            and (c_in_g >= 16 or fits_flat_k_loop(c))]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
     return kept

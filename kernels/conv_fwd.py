@@ -49,6 +49,7 @@ from .configs import (
     conv_fwd_configs,
     conv_fwd_default_config,
     conv_fwd_interpreter_config,
+    fits_flat_k_loop,
     fits_fma_dot,
     prune_conv_fwd_configs,
 )
@@ -261,17 +262,17 @@ def _sphere_conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)   # patch sums of squares (NORMS_IN_LOOP)
 
+    # Each row's window origin, once: a step then adds tap offsets that are the same for every
+    # row (a scalar in the channel-chunk loop, a [BLOCK_K] vector in the flat one) and compares
+    # the origins against tap-shifted bounds, instead of forming hi, wi and hi * stride_xh +
+    # wi * stride_xw per row and step (sm_90 bf16 3x3: 277 -> 233 SASS instructions a step at
+    # 128x64x64, 290 -> 258 at 128x128x64; folding mask_m into the origins made it 245).
+    if WIDE_OFFSETS:
+        x_win = x_rows + (h_base.to(tl.int64) * stride_xh + w_base.to(tl.int64) * stride_xw)
+    else:   # in-image offsets fit int32 (launcher): half the address arithmetic
+        x_win = x_rows + (h_base * stride_xh + w_base * stride_xw)
     if CHANNEL_CHUNKS:
         n_chunks = tl.cdiv(c_in_per_group, BLOCK_K)
-        # Each row's window origin, once: a step then adds one tap offset that is the same for
-        # every row (a scalar) and compares the origins against tap-shifted bounds (scalars),
-        # instead of forming hi, wi and hi * stride_xh + wi * stride_xw per row and step
-        # (sm_90 bf16 3x3: 277 -> 233 SASS instructions a step at 128x64x64, 290 -> 258 at
-        # 128x128x64; folding mask_m into the origins instead made it 245).
-        if WIDE_OFFSETS:
-            x_win = x_rows + (h_base.to(tl.int64) * stride_xh + w_base.to(tl.int64) * stride_xw)
-        else:   # in-image offsets fit int32 (launcher): half the address arithmetic
-            x_win = x_rows + (h_base * stride_xh + w_base * stride_xw)
         # one flat loop over (tap, chunk) so the software pipeliner sees a single K loop; tap and
         # the chunk's first channel are carried from step to step (it // n_chunks by a runtime
         # divisor cost an integer division every step)
@@ -310,16 +311,17 @@ def _sphere_conv_fwd_kernel(
             tap = offs_k // c_in_per_group
             r = tap // KW
             s = tap - r * KW
-            hi = h_base[:, None] + (r * dil_h)[None, :]
-            wi = w_base[:, None] + (s * dil_w)[None, :]
+            dh = r * dil_h
+            dw = s * dil_w
             valid = (mask_m[:, None] & mask_k[None, :]
-                     & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w))
+                     & (h_base[:, None] >= -dh[None, :]) & (h_base[:, None] < (in_h - dh)[None, :])
+                     & (w_base[:, None] >= -dw[None, :]) & (w_base[:, None] < (in_w - dw)[None, :]))
             if WIDE_OFFSETS:
-                x_ptrs = (x_rows[:, None] + hi.to(tl.int64) * stride_xh
-                          + wi.to(tl.int64) * stride_xw + cin.to(tl.int64)[None, :] * stride_xc)
+                col_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+                           + cin.to(tl.int64) * stride_xc)
             else:
-                x_ptrs = x_rows[:, None] + (hi * stride_xh + wi * stride_xw + cin[None, :] * stride_xc)
-            x_tile = tl.load(x_ptrs, mask=valid, other=0.0)
+                col_off = dh * stride_xh + dw * stride_xw + cin * stride_xc
+            x_tile = tl.load(x_win[:, None] + col_off[None, :], mask=valid, other=0.0)
             w_ptrs = w_cols[None, :] + offs_k[:, None]
             w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT,
@@ -1061,6 +1063,23 @@ def aot_specs():
                                    f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                    dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
                                    cfg.num_warps, cfg.num_stages, gemm=True))
+        # the flat K loop (C_in/G < 16): a first layer, 3 -> 64 channels, 5x5, on a channels_last
+        # [128, 3, 32, 32] input (edge.cin3_5x5), on the 64-wide tiles the pruning keeps there
+        flat_example = dict(_GEMM_EXAMPLE, n_pixels=128 * 32 * 32, c_in_per_group=3, in_h=32,
+                            in_w=32, out_h=32, out_w=32, stride_xn=32 * 32 * 3, stride_xh=32 * 3,
+                            stride_xw=3, stride_yn=32 * 32 * 64, stride_yh=32 * 64, pad_h=2,
+                            pad_w=2)
+        for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4
+                    and c.kwargs["BLOCK_N"] == 64 and fits_flat_k_loop(c)]:
+            bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            constexprs = dict(KH=5, KW=5, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=False,
+                              DOT_PRECISION="tf32" if dtype_name == "fp32" else "ieee",
+                              UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
+                              NORMS_FROM_Q=True, WIDE_OFFSETS=False, **cfg.kwargs)
+            specs.append(_spec(f"conv_fwd_gemm_flat_5x5_cin3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                               f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
+                               dtype_name, constexprs, flat_example, cfg.num_warps,
+                               cfg.num_stages, gemm=True))
         if dtype_name != "fp32":
             cfg = next(c for c in conv_fwd_configs() if c.num_warps == 8)
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

@@ -780,8 +780,13 @@ def test_aot_specs_are_well_formed():
     n_gemm, n_eight_warps = len(cfgs), sum(c.num_warps >= 8 for c in cfgs)
     # every config on the default path (pre-pass norms), 3x3: fp16, bf16, fp32-tf32; 8-warp
     # tiles are 16-bit only (pruned for fp32 at launch)
-    default = [s for s in specs if s["gemm"] and s["constexprs"].get("NORMS_FROM_Q")]
+    default = [s for s in specs if s["gemm"] and s["constexprs"].get("NORMS_FROM_Q")
+               and s["constexprs"]["CHANNEL_CHUNKS"]]
     assert len(default) == n_gemm * 3 - n_eight_warps
+    # the flat K loop (a 3-channel 5x5 first layer) on its 64-wide tiles, every dtype
+    flat = [s for s in specs if s["gemm"] and not s["constexprs"]["CHANNEL_CHUNKS"]]
+    assert len(flat) == 2 * 3 and all(configs.fits_flat_k_loop(triton.Config(
+        {k: s["constexprs"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})) for s in flat)
     assert all(s["constexprs"]["KH"] == 3 and not s["constexprs"]["WIDE_OFFSETS"] for s in default)
     # the fused-norm variant on two 4-warp 3x3 tiles per dtype plus its 8-warp 1x1 tile (16-bit)
     # and the int64-offset variant on the two 4-warp tiles per dtype
@@ -837,7 +842,7 @@ def test_aot_compile_smallest_gemm_config_emits_wgmma():
 def test_config_pruning_follows_the_shape_and_the_dot_unit():
     """The launch-time pruning: exact fp32 keeps only tiles that fit the FMA dot, tensor-core
     dtypes keep the large tiles, 8 warps only for 16-bit 1x1 filters or pre-pass norms, no N
-    block far above C_out/G."""
+    block far above C_out/G, the flat K loop only tiles that fit it."""
     cfgs = configs.conv_fwd_configs()
     wide = dict(c_out_per_group=256, c_in_per_group=256, KH=3, KW=3)
 
@@ -869,3 +874,8 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
                      KH=5, KW=5, NORMS_FROM_Q=True))
     assert (128, 64, 32, 4) in odd and all(n <= 64 and k <= 32 for _, n, k, _ in odd)
     assert all(bn <= 16 for _, bn, _, _ in tiles(kept(torch.bfloat16, "ieee", c_out_per_group=16)))
+    # the flat K loop (a 3-channel first layer): no tile that spills there
+    flat = kept(torch.bfloat16, "ieee", c_out_per_group=64, c_in_per_group=3, KH=5, KW=5,
+                NORMS_FROM_Q=True)
+    assert (128, 64, 32, 4) in tiles(flat) and (128, 64, 64, 4) not in tiles(flat)
+    assert all(configs.fits_flat_k_loop(c) for c in flat)
