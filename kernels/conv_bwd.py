@@ -8,7 +8,7 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes of the GEMM path (in this order; 4 launches with every gradient, 6 when
+Kernels and passes of the GEMM path (in this order; 4 launches with every gradient, 5 when
 the partial sums of step 1 take two levels):
 
 1. ``_prep_kernel``, one launch with two kinds of program. The filter programs (first in the
@@ -29,9 +29,10 @@ the partial sums of step 1 take two levels):
    tiles across the groups (``_prep_kernel`` gives each program one group), filter programs
    included.
 2. ``_reduce_partials_kernel``: sums the partials of step 1 in a fixed order -> S (fp32), db, dk
-   (two levels, i.e. two launches, once there are more than 512 partial rows). One level
-   with a wgrad runs as extra programs of the wgrad launch instead (``_fold_reduction``): S is
-   only read by the finalize after it, db and dk by nobody here.
+   (two levels once there are more than 512 partial rows). With a wgrad the final level runs
+   as extra programs of the wgrad launch instead (``_fold_reduction``; S is only read by the
+   finalize after it, db and dk by nobody here), so this kernel launches only for a first
+   level or when no wgrad is asked.
 3. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
@@ -465,8 +466,8 @@ def _reduce_partials_kernel(
     FINAL: write the gradients instead of next-level partials.
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     BLOCK_R: partial rows per loop step. BLOCK_C: channels per program.
-    Grid: (cdiv(C_out, BLOCK_C), cdiv(R, ROWS_PER_PROGRAM)). (A single final level can also
-    ride in the wgrad launch: _wgrad_kernel's REDUCE programs run the same _reduce_column_block.)
+    Grid: (cdiv(C_out, BLOCK_C), cdiv(R, ROWS_PER_PROGRAM)). (The final level can also ride in
+    the wgrad launch: _wgrad_kernel's reduce programs run the same _reduce_column_block.)
     """
     _reduce_column_block(part_ptr, out_ptr, s_ptr, db_ptr, dk_ptr, tl.program_id(0),
                          tl.program_id(1), tl.num_programs(1), R, C_out, ROWS_PER_PROGRAM,
@@ -754,9 +755,9 @@ def _wgrad_kernel(
     BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
     BLOCK_M: output pixels per reduction step.
     FLAT_K: the flat layout above (CGI_P = CG_IN there).
-    The prep partials' column sums, when they take one level (R rows, at most the reduce
-    kernel's ROWS_PER_PROGRAM), ride in this launch instead of one of their own: programs past
-    axis 2's SPLIT * G run _reduce_column_block's final level -- red_ptr [3, R, C_out] fp32 in,
+    The final level of the prep partials' column sums rides in this launch instead of one of
+    its own: programs past axis 2's SPLIT * G run _reduce_column_block's final level over
+    red_ptr [3, R, C_out] fp32 (the prep partials, or the reduce kernel's first level of them),
     S into s_ptr [C_out] fp32 (NEED_S), db into db_ptr and dk into dk_ptr [C_out] (NEED_DB /
     NEED_DK), RED_PROGRAMS = cdiv(C_out, BLOCK_RC) of them, BLOCK_R rows a step, EMULATE_RTNE
     as _reduce_partials_kernel; without them (all three flags False) none runs.
@@ -1447,10 +1448,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
 
-    # 2. deterministic sums of the partials; one level rides in the wgrad launch (step 4)
-    fold = _fold_reduction(need_dw, r_rows)
-    s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne,
-                                            run=not fold)
+    # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4)
+    fold = _fold_reduction(need_dw)
+    s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
+        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
 
     x_wgrad = x_staged if stage_x else x
     wide = _needs_wide_offsets(x, m_out * groups * cgo_p, (kh, kw), (ph, pw), (dh, dw_))
@@ -1489,9 +1490,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         red_programs = _cdiv(c_out, red["BLOCK_C"]) if fold else 0
         grid = grid[:2] + (grid[2] + _cdiv(red_programs, grid[0] * grid[1]),)
         _launch(_wgrad_kernel, grid,
-                (hn, x_wgrad, w_part, partials, s_sum, db if need_db else s_sum,
+                (hn, x_wgrad, w_part, red_level, s_sum, db if need_db else s_sum,
                  dk if need_dk else s_sum, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out,
-                 cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split, r_rows,
+                 cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split, red_rows,
                  red_programs, *x_wgrad.stride(), ho * wo, wo),
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
@@ -1505,23 +1506,26 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     return dx, dw, db, dk
 
 
-def _fold_reduction(need_dw: bool, r_rows: int) -> bool:
-    """Whether the prep partials' sums run inside the wgrad launch (one launch fewer): with a
-    wgrad, when they take a single level (r_rows <= ROWS_PER_PROGRAM)."""
-    return need_dw and r_rows <= REDUCE_CONFIG["ROWS_PER_PROGRAM"]
+def _fold_reduction(need_dw: bool) -> bool:
+    """Whether the final level of the prep partials' sums runs inside the wgrad launch (one
+    launch fewer): whenever there is a wgrad (S is read by the finalize after it)."""
+    return need_dw
 
 
-def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, run=True):
-    """``(S [C_out] fp32, db, dk)`` from the prep pass's partials [3, r_rows, C_out] with
-    _reduce_partials_kernel: fixed-order sums, two levels (two launches) above
-    ROWS_PER_PROGRAM rows. S is a 1-element placeholder unless need_dw; db / dk None unless
-    needed (w's / k's dtype). ``run=False``: only allocated (the wgrad launch fills them)."""
+def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne,
+                            final=True):
+    """``(S [C_out] fp32, db, dk, level, rows)`` from the prep pass's partials [3, r_rows, C_out]
+    with _reduce_partials_kernel: fixed-order sums, two levels above ROWS_PER_PROGRAM rows. S is
+    a 1-element placeholder unless need_dw; db / dk None unless needed (w's / k's dtype).
+    ``final=False``: the first level (if any) runs, the final one is left to the caller's next
+    launch (the wgrad's reduce programs) over ``level`` [3, rows, C_out], and S, db, dk come
+    back unwritten."""
     c_out, dev = w.shape[0], w.device
     s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
     db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
     dk = torch.empty(c_out, device=dev, dtype=k.dtype) if need_dk else None
-    if not (run and (need_dw or need_db or need_dk)):
-        return s_sum, db, dk
+    if not (need_dw or need_db or need_dk):
+        return s_sum, db, dk, partials, r_rows
     cfg = REDUCE_CONFIG
     flags = dict(NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk, EMULATE_RTNE=rtne,
                  BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
@@ -1534,10 +1538,11 @@ def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, r
         _launch(_reduce_partials_kernel, (c_blocks, n_split),
                 (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False, **flags)
         rows, level = n_split, nxt
-    _launch(_reduce_partials_kernel, (c_blocks, 1),
-            (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
-            FINAL=True, **flags)
-    return s_sum, db, dk
+    if final:
+        _launch(_reduce_partials_kernel, (c_blocks, 1),
+                (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
+                FINAL=True, **flags)
+    return s_sum, db, dk, level, rows
 
 
 def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne):
@@ -1568,8 +1573,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
             NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
             num_warps=cfg["num_warps"])
-    s_sum, db, dk = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk,
-                                            rtne)
+    s_sum, db, dk, _, _ = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db,
+                                                  need_dk, rtne)
     dx = dw = None
     if need_grads:
         cfg = depthwise_config("grad")

@@ -540,9 +540,9 @@ def test_aot_specs_are_well_formed():
 
 @pytest.mark.parametrize("operator", ["linear", "sigmoid"])
 def test_two_level_partial_reduction(monkeypatch, operator):
-    """Big batches sum the prep partials in two levels (rows split over programs) in reduce
-    launches of their own; shrink the level size so the tiny test shapes take that path, with
-    a ragged last split."""
+    """Big batches sum the prep partials in two levels (rows split over programs), the first
+    in a reduce launch of its own (the final one too without a wgrad); shrink the level size so
+    the tiny test shapes take that path, with a ragged last split."""
     monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_R", 2)
     monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "ROWS_PER_PROGRAM", 2)
     launched = _record_launches(monkeypatch)
@@ -551,6 +551,11 @@ def test_two_level_partial_reduction(monkeypatch, operator):
     assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows > 2, got {rows}"
     out = _kernel(dy, inp, c, r_x, (False, True, True, True))
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, (False, True, True, True))
+    # the first level in a launch of its own, the final one in the wgrad launch
+    assert [k.__name__ for k, _, _ in launched].count("_reduce_partials_kernel") == 1
+    launched.clear()
+    out = _kernel(dy, inp, c, r_x, (False, False, True, True))   # no wgrad: both levels here
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, (False, False, True, True))
     assert [k.__name__ for k, _, _ in launched].count("_reduce_partials_kernel") == 2
 
 
@@ -572,7 +577,7 @@ def test_reduction_in_the_wgrad_launch(monkeypatch, mask):
     assert args["RED_PROGRAMS"] == 9 and grid[0] * grid[1] < 9
     assert grid[2] == args["SPLIT"] * inp.groups + -(-9 // (grid[0] * grid[1]))
     _check_all(folded, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
-    monkeypatch.setattr(conv_bwd, "_fold_reduction", lambda need_dw, rows: False)
+    monkeypatch.setattr(conv_bwd, "_fold_reduction", lambda need_dw: False)
     launched.clear()
     separate = _kernel(dy, inp, c, r_x, mask)
     assert "_reduce_partials_kernel" in [k.__name__ for k, _, _ in launched]
