@@ -454,10 +454,10 @@ def stage_input_tile(
     zeros), the layout the GEMM kernels read fastest (see ``staged_channels``).
     x_ptr [N, G*CG, H, W] with strides (stride_xn, stride_xc, stride_xh, stride_xw); q_ptr
     [N, G, H, W] fp32 contiguous (stored iff STORE_Q); xs_ptr as above (stored iff STAGE_X).
-    DENSE_PLANE: stride_xh == W * stride_xw (NCHW and channels_last alike), so a pixel's offset
-    is hw * stride_xw: for NCHW the tile's pixels are then visibly contiguous and the loads
-    coalesce along them. The conv kernels' callers: _prepare_operands_kernel here and
-    conv_bwd's prep kernel (the weight gradient's staged input)."""
+    DENSE_PLANE (:func:`dense_plane`: rows W strides apart, as in NCHW and channels_last, or a
+    single row): a pixel's offset is hw * stride_xw, so for NCHW the tile's pixels are visibly
+    contiguous and the loads coalesce along them. Called by _prepare_operands_kernel here and
+    by conv_bwd's prep kernel (the weight gradient's staged input)."""
     n = (pid_p // img_tiles).to(tl.int64)
     hw = (pid_p % img_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = hw < HW
