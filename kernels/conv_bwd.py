@@ -926,8 +926,8 @@ def _depthwise_prep_kernel(
 
 @triton.jit
 def _depthwise_grad_kernel(
-    hn_ptr, a_ptr, w_ptr, rw_ptr, x_ptr, dx_ptr, part_ptr,
-    n_in_pixels, C, H, W, Ho, Wo, PIX_PER_SPLIT,
+    hn_ptr, a_ptr, w_ptr, rw_ptr, x_ptr, dx_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
+    n_in_pixels, C, H, W, Ho, Wo, PIX_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
     stride_wc, stride_wh, stride_ww,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
@@ -935,6 +935,8 @@ def _depthwise_grad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     TAPS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pure depthwise dx and weight-gradient partials in one pass over the input pixels.
@@ -962,10 +964,16 @@ def _depthwise_grad_kernel(
     KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation. TAPS: KH*KW rounded
     up to a power of two (the partials' register tile). EMULATE_RTNE: interpreter-only bf16
     rounding (epilogue.to_dtype_of).
-    Grid: (SPLIT, cdiv(C, BLOCK_C)).
+    The final level of the prep partials' column sums rides in this launch, as in
+    _wgrad_kernel: programs with axis-0 index >= SPLIT run _reduce_column_block over red_ptr
+    [3, R, C] fp32 into s_ptr (NEED_S), db_ptr (NEED_DB), dk_ptr (NEED_DK), RED_PROGRAMS =
+    cdiv(C, BLOCK_RC) of them, BLOCK_R rows a step; they run the pixel loop over an empty
+    range and store nothing else.
+    Grid: (SPLIT + cdiv(RED_PROGRAMS, cdiv(C, BLOCK_C)), cdiv(C, BLOCK_C)).
     """
     split = tl.program_id(0)
     pid_c = tl.program_id(1)
+    is_reduce = split >= SPLIT
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     c64 = offs_c.to(tl.int64)
@@ -973,7 +981,7 @@ def _depthwise_grad_kernel(
     tap_ids = tl.arange(0, TAPS)
     w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
     p_start = split * PIX_PER_SPLIT
-    p_end = tl.minimum(p_start + PIX_PER_SPLIT, n_in_pixels)
+    p_end = tl.where(is_reduce, p_start, tl.minimum(p_start + PIX_PER_SPLIT, n_in_pixels))
     for m0 in range(p_start, p_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < p_end
@@ -1017,7 +1025,13 @@ def _depthwise_grad_kernel(
     if NEED_DW:
         part_rows = (split * (KH * KW) + tap_ids).to(tl.int64)
         tl.store(part_ptr + part_rows[:, None] * C + c64[None, :], w_part,
-                 mask=(tap_ids < KH * KW)[:, None] & c_mask[None, :])
+                 mask=(tap_ids < KH * KW)[:, None] & c_mask[None, :] & (not is_reduce))
+    if is_reduce:
+        red = (split - SPLIT) * tl.num_programs(1) + pid_c
+        if red < RED_PROGRAMS:
+            _reduce_column_block(red_ptr, s_ptr, s_ptr, db_ptr, dk_ptr, red, 0, 1, R, C,
+                                 tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
+                                 EMULATE_RTNE, BLOCK_R, BLOCK_RC)
 
 
 @triton.jit
@@ -1547,9 +1561,10 @@ def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, r
 
 def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne):
     """(dx, dw, db, dk) of a pure depthwise conv (C_in = C_out = G), recomputing c and r_x:
-    _depthwise_prep_kernel (Hn, A, r_w and the column partials), the partials' reduction, then
+    _depthwise_prep_kernel (Hn, A, r_w and the column partials), the partials' reduction (a
+    first level over 512 rows; the final one inside the grad launch), then
     _depthwise_grad_kernel (dx and the weight-gradient partials in one pass) and the finalize.
-    3-5 launches; the forward saved nothing."""
+    2-4 launches; the forward saved nothing."""
     from sphereops.reference import ARCCOS_DELTA  # its single source
 
     need_dx, need_dw, need_db, need_dk = need
@@ -1573,8 +1588,9 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
             NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
             num_warps=cfg["num_warps"])
-    s_sum, db, dk, _, _ = _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db,
-                                                  need_dk, rtne)
+    # the final level rides in the grad launch when there is one (as in the GEMM path's wgrad)
+    s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
+        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads)
     dx = dw = None
     if need_grads:
         cfg = depthwise_config("grad")
@@ -1590,13 +1606,18 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
         w_part = torch.empty((split, kh * kw, c, 1) if need_dw else (1,), device=dev,
                              dtype=torch.float32)
         dx_arg = dx if need_dx else hn   # never written without NEED_DX
-        _launch(_depthwise_grad_kernel, (split, c_tiles),
-                (hn, a_buf, w, r_w, x, dx_arg, w_part, n_in, c, h, wd, ho, wo, pix_per_split,
-                 w.stride(0), w.stride(2), w.stride(3), *x.stride(),
-                 *(dx.stride() if need_dx else x.stride())),
+        red = REDUCE_CONFIG
+        red_programs = _cdiv(c, red["BLOCK_C"]) if (need_dw or need_db or need_dk) else 0
+        grid = (split + _cdiv(red_programs, c_tiles), c_tiles)
+        _launch(_depthwise_grad_kernel, grid,
+                (hn, a_buf, w, r_w, x, dx_arg, w_part, red_level, s_sum,
+                 db if need_db else s_sum, dk if need_dk else s_sum, n_in, c, h, wd, ho, wo,
+                 pix_per_split, split, red_rows, red_programs, w.stride(0), w.stride(2),
+                 w.stride(3), *x.stride(), *(dx.stride() if need_dx else x.stride())),
                 **geometry, NEED_DX=need_dx, NEED_DW=need_dw, TAPS=_next_pow2(kh * kw),
-                EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-                num_warps=cfg["num_warps"])
+                EMULATE_RTNE=rtne, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
+                BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
         if need_dw:
             dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
     return dx, dw, db, dk
@@ -1687,9 +1708,9 @@ def _WGRAD_POINTERS(t: str) -> dict:   # noqa: N802 (a table, spelled like the c
             "db_ptr": t, "dk_ptr": t}
 
 
-# the wgrad specs model the common launch: every gradient but dk, the one-level reduction of
-# the prep partials (S and db) in the same launch
-_WGRAD_REDUCE = dict(NEED_S=True, NEED_DB=True, NEED_DK=False, EMULATE_RTNE=False,
+# the wgrad and depthwise-grad specs model the common launch: every gradient but dk, the final
+# reduction level of the prep partials (S and db) in the same launch
+_FOLDED_REDUCE = dict(NEED_S=True, NEED_DB=True, NEED_DK=False, EMULATE_RTNE=False,
                      BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"])
 
 
@@ -1740,7 +1761,7 @@ def aot_specs() -> list:
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
                                     FLAT_K=cfg["FLAT_K"], BLOCK_O=cfg["BLOCK_O"],
                                     BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
-                                    **_WGRAD_REDUCE),
+                                    **_FOLDED_REDUCE),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
                                       M_PER_SPLIT=4096, R=400, RED_PROGRAMS=c // 32,
@@ -1763,7 +1784,7 @@ def aot_specs() -> list:
                                 Wo=32, UPCAST_DOT=False, DOT_PRECISION=precision,
                                 WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
                                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
-                                BLOCK_M=cfg["BLOCK_M"], **_WGRAD_REDUCE),
+                                BLOCK_M=cfg["BLOCK_M"], **_FOLDED_REDUCE),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                 example_args=dict(C_out=64, CG_IN=3, CG_OUT=64, CGI_P=3, CGO_P=64, G=1,
                                   M_PER_SPLIT=512, R=2048, RED_PROGRAMS=0, howo_rt=32 * 32, wo_rt=32,
@@ -1794,11 +1815,15 @@ def aot_specs() -> list:
                 name=f"conv_bwd_depthwise_grad_{label}_{tag}", fn=_depthwise_grad_kernel,
                 signature=_signature(_depthwise_grad_kernel,
                                      {"hn_ptr": t, "a_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
-                                      "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32"}),
-                constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=16, EMULATE_RTNE=False,
-                                BLOCK_M=grad_cfg["BLOCK_M"], BLOCK_C=grad_cfg["BLOCK_C"]),
+                                      "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32",
+                                      "red_ptr": "*fp32", "s_ptr": "*fp32", "db_ptr": t,
+                                      "dk_ptr": t}),
+                constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=16,
+                                **_FOLDED_REDUCE, BLOCK_M=grad_cfg["BLOCK_M"],
+                                BLOCK_C=grad_cfg["BLOCK_C"]),
                 num_warps=grad_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-                example_args=dict(C=c, PIX_PER_SPLIT=4096, **x_strides_cl, **w_strides,
+                example_args=dict(C=c, PIX_PER_SPLIT=4096, SPLIT=528, R=400,
+                                  RED_PROGRAMS=c // 32, **x_strides_cl, **w_strides,
                                   stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c,
                                   stride_dxw=c)))
         # the memory-bound passes, once per dtype: the sigmoid prep (the heaviest epilogue) and

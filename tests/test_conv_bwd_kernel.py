@@ -856,8 +856,9 @@ def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     inp, c, r_x, dy = _case(torch.bfloat16, operator="sigmoid", c_in=20, c_out=20, groups=20,
                             h=9, w=8, channels_last=True)
     first = _kernel(dy, inp, c, r_x)
-    assert set(launched) == {KB._depthwise_prep_kernel, KB._reduce_partials_kernel,
-                             KB._depthwise_grad_kernel, KB._dw_finalize_kernel}, launched
+    # the partial sums' one level rides in the grad launch: 3 launches
+    assert launched == [KB._depthwise_prep_kernel, KB._depthwise_grad_kernel,
+                        KB._dw_finalize_kernel], launched
     second = _kernel(dy, inp, c.new_empty(0), r_x.new_empty(0))
     for name, a, b in zip(("dx", "dw", "db", "dk"), first, second):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between runs"
@@ -871,6 +872,27 @@ def test_pure_depthwise_uses_the_elementwise_kernels(monkeypatch):
     _kernel(dy, inp, c, r_x)
     assert KB._dgrad_kernel in launched and KB._depthwise_grad_kernel not in launched
     assert KB._prep_kernel in launched and KB._channelwise_prep_kernel not in launched
+
+
+@pytest.mark.parametrize("mask", [ALL, (True, False, True, True), (False, False, True, True)],
+                         ids=["all", "dx-db-dk", "db-dk"])
+def test_depthwise_reduction_in_the_grad_launch(monkeypatch, mask):
+    """The depthwise path's partial sums: a first level (here forced: 2 rows a program) in a
+    reduce launch, the final level as extra programs of the grad launch (several extra rows of
+    programs: 1-channel reduce blocks against 16-channel tiles), or both in reduce launches
+    when neither dx nor dw is asked -- every gradient against the float64 reference."""
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_R", 2)
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "ROWS_PER_PROGRAM", 2)
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_C", 1)
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", c_in=20, c_out=20, groups=20,
+                            h=18, w=16, stride=2)
+    rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // conv_bwd.depthwise_config("prep")["BLOCK_M"])
+    assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows > 2, got {rows}"
+    out = _kernel(dy, inp, c, r_x, mask)
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+    names = [k.__name__ for k, _, _ in launched]
+    assert names.count("_reduce_partials_kernel") == (1 if mask[0] or mask[1] else 2), names
 
 
 @pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["dx-only", "dw-only"])
