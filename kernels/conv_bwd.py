@@ -1400,7 +1400,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # w_hat's rows get cgo_p / cgi_p elements (a multiple of 16 from 16 channels up), and an
     # input not in the fast layout (NCHW, C_in/G not a multiple of 16) is staged for the wgrad
     # by the prep launch. Otherwise the 5x5 bf16 loops of a 29 -> 61 channel conv are
-    # 1521 (dgrad, 440 B of spills) and 1159 (wgrad) SASS instructions a step, 292 and 206
+    # 1443 (dgrad, 376 B of spills) and 1132 (wgrad) SASS instructions a step, 302 and 195
     # aligned (sm_90, triton 3.9). The channelwise path (C_out/G = 1) keeps its layout.
     if cg_out > 1:
         cgo_p, cgi_p = aligned_count(cg_out), aligned_count(cg_in)
@@ -1702,7 +1702,7 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                              if fn is _prep_kernel else {})))
 
 
-def _WGRAD_POINTERS(t: str) -> dict:   # noqa: N802 (a table, spelled like the constants)
+def _wgrad_pointers(t: str) -> dict:
     """_wgrad_kernel's pointer types for input-dtype pointer type ``t``."""
     return {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32", "red_ptr": "*fp32", "s_ptr": "*fp32",
             "db_ptr": t, "dk_ptr": t}
@@ -1756,7 +1756,7 @@ def aot_specs() -> list:
                 cfg = wgrad_config(cg, cg, dtype)
                 specs.append(dict(
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,
-                    signature=_signature(_wgrad_kernel, _WGRAD_POINTERS(t)),
+                    signature=_signature(_wgrad_kernel, _wgrad_pointers(t)),
                     constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
                                     FLAT_K=cfg["FLAT_K"], BLOCK_O=cfg["BLOCK_O"],
@@ -1779,7 +1779,7 @@ def aot_specs() -> list:
             cfg = wgrad_config(3, 64, dtype, 25)
             specs.append(dict(
                 name=f"conv_bwd_wgrad_5x5_cin3_flat_{ptag}", fn=_wgrad_kernel,
-                signature=_signature(_wgrad_kernel, _WGRAD_POINTERS(t)),
+                signature=_signature(_wgrad_kernel, _wgrad_pointers(t)),
                 constexprs=dict(KH=5, KW=5, SH=1, SW=1, PH=2, PW=2, DH=1, DW=1, HoWo=32 * 32,
                                 Wo=32, UPCAST_DOT=False, DOT_PRECISION=precision,
                                 WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
