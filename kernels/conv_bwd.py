@@ -56,13 +56,15 @@ Under the interpreter (``TRITON_INTERPRET=1``) 16-bit ``tl.dot`` operands are up
 hand (the interpreter's cast is not); the GPU build is unchanged (constexprs ``UPCAST_DOT``,
 ``EMULATE_RTNE``).
 
-Pure depthwise convs (C_in/G = C_out/G = 1) take their own memory-bound path, 4-5 launches:
-the forward saved neither c nor r_x (conv_fwd's depthwise kernel reads x and writes y only), so
-``_depthwise_prep_kernel`` recomputes each window with the forward's own helpers (and r_w from
-the same taps: no filter programs), stores Hn and A pixel-major ([M, C], read along the
-channels at every tap) with the column partials; after their reduction
-``_depthwise_grad_kernel`` walks the input pixels once for dx and the weight-gradient partials
-together (elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
+Pure depthwise convs (C_in/G = C_out/G = 1) take their own elementwise path, 3 launches (4
+when the partials need a first reduction level): the forward saved neither c nor r_x
+(conv_fwd's depthwise kernel reads x and writes y only), so ``_depthwise_prep_kernel``
+recomputes each window with the forward's own helpers (and r_w from the same taps: no filter
+programs), stores Hn and A pixel-major ([M, C], read along the channels at every tap) with the
+column partials and the filter taps over r_w tap-major; ``_depthwise_grad_kernel`` (with the
+partials' final reduction in the same launch) walks the input pixels once for dx and the
+weight-gradient partials together, its taps unrolled
+(elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
 the padded-GEMM path measured 12.8 ms on an H200 for 64x256x28x28 bf16, 10x the unfused
 reference), then the shared finalize. DRAM bytes per output element, 16-bit, stride 1: about
 10 in the prep (dy, x, Hn, fp32 A) and 10 in the grad pass (Hn, A, x, dx), where the saved-state
@@ -855,7 +857,7 @@ def _wgrad_kernel(
 
 @triton.jit
 def _depthwise_prep_kernel(
-    dy_ptr, x_ptr, w_ptr, k_ptr, hn_ptr, a_ptr, rw_ptr, part_ptr,
+    dy_ptr, x_ptr, w_ptr, k_ptr, hn_ptr, a_ptr, rw_ptr, ws_ptr, part_ptr,
     M, C, H, W, Ho, Wo, R, stride_k, eps,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -879,6 +881,9 @@ def _depthwise_prep_kernel(
     a_ptr:  [M, C] fp32 contiguous (iff STORE_A): pixel-major like Hn, as the depthwise grad
             kernel reads both along the channels at every tap.
     rw_ptr: [C] fp32, r_w = sqrt(||w_c||^2 + eps), written by the pid_m == 0 programs.
+    ws_ptr: [KH*KW, C] fp32 contiguous, w[c, tap] / r_w[c] (iff STORE_A: the grad kernel's dx
+            taps, one vector load a tap there instead of a strided load, a conversion and a
+            product per channel), written by the pid_m == 0 programs.
     part_ptr: [3, R, C] fp32 partials as _prep_kernel's (conv_bwd's reduction follows).
     R = cdiv(M, BLOCK_M) = grid axis 0. KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride,
     padding, dilation. OPERATOR, DELTA, STORE_*, NEED_*, EMULATE_RTNE as _prep_kernel.
@@ -903,7 +908,15 @@ def _depthwise_prep_kernel(
     inv_norms, inv_rx = depthwise_inv_norms(q, wsq, eps)
     cv = clamp_cos(s * inv_norms)
     if pid_m == 0:
-        tl.store(rw_ptr + offs_o, tl.sqrt(wsq + eps), mask=c_mask)
+        r_w = tl.sqrt(wsq + eps)
+        tl.store(rw_ptr + offs_o, r_w, mask=c_mask)
+        if STORE_A:
+            inv_rw = 1.0 / r_w
+            for tap in tl.static_range(KH * KW):
+                wv = tl.load(w_ptr + o64 * stride_wc + ((tap // KW) * stride_wh
+                                                        + (tap % KW) * stride_ww),
+                             mask=c_mask, other=0.0).to(tl.float32)
+                tl.store(ws_ptr + tap * C + offs_o, wv * inv_rw, mask=c_mask)
     dy_row = (n.to(tl.int64) * stride_dyn + ho.to(tl.int64) * stride_dyh
               + wo.to(tl.int64) * stride_dyw)
     dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :], mask=mask,
@@ -926,9 +939,8 @@ def _depthwise_prep_kernel(
 
 @triton.jit
 def _depthwise_grad_kernel(
-    hn_ptr, a_ptr, w_ptr, rw_ptr, x_ptr, dx_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
+    hn_ptr, a_ptr, ws_ptr, x_ptr, dx_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
     n_in_pixels, C, H, W, Ho, Wo, PIX_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
-    stride_wc, stride_wh, stride_ww,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -954,7 +966,8 @@ def _depthwise_grad_kernel(
 
     hn_ptr: [M = N*Ho*Wo, C] contiguous (Hn = G / r_x, input dtype).
     a_ptr:  [M, C] fp32 contiguous (A), read iff NEED_DX.
-    w_ptr:  [C, 1, KH, KW], strides (stride_wc, -, stride_wh, stride_ww). rw_ptr: [C] fp32 r_w.
+    ws_ptr: [KH*KW, C] fp32 contiguous, w[c, tap] / r_w[c] (from the prep kernel), read iff
+            NEED_DX.
     x_ptr / dx_ptr: [N, C, H, W], strides (stride_xn, ...) / (stride_dxn, ...); dx written
             iff NEED_DX.
     part_ptr: [SPLIT, KH*KW, C] fp32 contiguous (iff NEED_DW): _dw_finalize_kernel's layout
@@ -977,9 +990,12 @@ def _depthwise_grad_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     c64 = offs_c.to(tl.int64)
-    inv_rw = 1.0 / tl.load(rw_ptr + offs_c, mask=c_mask, other=1.0)
     tap_ids = tl.arange(0, TAPS)
-    w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
+    # One weight-gradient accumulator a tap (a tuple, indexed by the unrolled tap), summed over
+    # the pixels once after the loop: a [BLOCK_C] sum a tap and step -- a cross-warp reduction
+    # with 4 barriers -- took 70 of the 150 SASS instructions of a tap when the taps were a
+    # rolled loop (sm_90, bf16, 32 x 32)
+    w_acc = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * (KH * KW)
     p_start = split * PIX_PER_SPLIT
     p_end = tl.where(is_reduce, p_start, tl.minimum(p_start + PIX_PER_SPLIT, n_in_pixels))
     for m0 in range(p_start, p_end, BLOCK_M):
@@ -996,32 +1012,45 @@ def _depthwise_grad_kernel(
                      other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        # a rolled loop: unrolled, the taps' loads all stay in flight and spill (make aot-check)
-        for tap in range(KH * KW):
-            # output pixel (ho, wo) whose window puts tap (kh, kw) on this input pixel, if any
-            th = hi + PH - (tap // KW) * DH
-            tw = wi + PW - (tap % KW) * DW
-            ho = th // SH
-            wo = tw // SW
-            valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
-                     & (ho < Ho) & (wo < Wo))
+        # the output pixel (ho, wo) whose window puts tap (kh, kw) on this input pixel: (hi +
+        # PH - kh DH) / SH, if that divides and lies in the output; at stride 1 a tap's Hn row
+        # is the tap-0 row (hi + PH, wi + PW) shifted by a scalar, its bounds tap-shifted scalars
+        hp = hi + PH
+        wp = wi + PW
+        row0 = ((n64 * Ho + hp) * Wo + wp) * C
+        for tap in tl.static_range(KH * KW):
+            dh = (tap // KW) * DH
+            dw_ = (tap % KW) * DW
+            if SH == 1 and SW == 1:
+                valid = m_mask & (hp >= dh) & (hp < Ho + dh) & (wp >= dw_) & (wp < Wo + dw_)
+                rows = row0 - (dh * Wo + dw_).to(tl.int64) * C
+            else:
+                th = hp - dh
+                tw = wp - dw_
+                ho = th // SH
+                wo = tw // SW
+                valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
+                         & (ho < Ho) & (wo < Wo))
+                rows = ((n64 * Ho + ho) * Wo + wo) * C
             mask = valid[:, None] & c_mask[None, :]
-            rows = ((n64 * Ho + ho) * Wo + wo)[:, None] * C + c64[None, :]
-            h = tl.load(hn_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            offs = rows[:, None] + c64[None, :]
+            h = tl.load(hn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if NEED_DX:
-                wv = tl.load(w_ptr + c64 * stride_wc + (tap // KW) * stride_wh
-                             + (tap % KW) * stride_ww, mask=c_mask, other=0.0).to(tl.float32)
-                acc += h * (wv * inv_rw)[None, :]
-                box += tl.load(a_ptr + rows, mask=mask, other=0.0)
+                wv = tl.load(ws_ptr + tap * C + offs_c, mask=c_mask, other=0.0)
+                acc += h * wv[None, :]
+                box += tl.load(a_ptr + offs, mask=mask, other=0.0)
             if NEED_DW:
-                # this tile's sum for tap t, added into row t of the partials (others + 0.0)
-                tap_sum = tl.sum(h * xv, axis=0)
-                w_part += tl.where(tap_ids[:, None] == tap, tap_sum[None, :], 0.0)
+                w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
         if NEED_DX:
             dx = acc - xv * box
             dx_row = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
             tl.store(dx_ptr + dx_row[:, None] + (c64 * stride_dxc)[None, :],
                      to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
+    w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
+    if NEED_DW:
+        for tap in tl.static_range(KH * KW):
+            w_part = tl.where((tap_ids == tap)[:, None], tl.sum(w_acc[tap], axis=0)[None, :],
+                              w_part)
     if NEED_DW:
         part_rows = (split * (KH * KW) + tap_ids).to(tl.int64)
         tl.store(part_ptr + part_rows[:, None] * C + c64[None, :], w_part,
@@ -1121,14 +1150,18 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> 
 
 
 def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
-    """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): memory-bound
-    elementwise work over [pixels x channels] tiles, channels contiguous in Hn, A and
-    channels_last x: 32 x 32 tiles, 8 warps, 4 elements a thread. Registers (AOT compiles of
-    these kernels at several tiles, sm_90, bf16, triton 3.9): the prep pass unrolls its KH*KW window loads,
-    104-108 registers at 32 x 32 against 194-204 at 32 x 64 (one CTA an SM) and 255 plus
-    spills at 64 x 64; the grad kernel (taps rolled, two loads in flight a step, so it lives
-    on occupancy) 64 registers at 32 x 32 -- four CTAs, 32 warps an SM -- against 128 at 32 x 64
-    and 168 at 64 x 64. Under the interpreter: small tiles, so the test shapes still
+    """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): elementwise
+    work over [pixels x channels] tiles, channels contiguous in Hn, A and channels_last x:
+    32 x 32 tiles, 8 warps, 4 elements a thread. Registers (AOT compiles at several tiles,
+    sm_90, bf16, triton 3.9): the prep pass unrolls its KH*KW window loads, 104-120 registers
+    at 32 x 32 against 194-204 at 32 x 64 and 255 plus spills at 64 x 64. The grad kernel
+    unrolls its taps too (every tap's Hn and A loads in flight, a weight-gradient accumulator
+    a tap): 167 registers at 32 x 32, one CTA an SM, 479 SASS instructions a 32-pixel step
+    (3x3, stride 1) -- the rolled-tap build it replaced took 64 registers and 1512 a step, and
+    a kernel this simple is bound by issuing them (edge.depthwise, 64x256x28x28: ~145 us of
+    issue at full rate for the old build, 417 us measured for the whole backward, H200
+    20261127-1606). Other tiles: 16 x 32 118 registers but 341 a 16-pixel step; 32 x 32 with
+    4 warps 190 and 767 a step. Under the interpreter: small tiles, so the test shapes still
     cover several tiles and their masks (``interpreter`` None: whether it runs now)."""
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
@@ -1206,9 +1239,9 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
 
 def _depthwise_split(steps: int, c_tiles: int, device: torch.device) -> int:
     """Pixel ranges of the depthwise grad kernel when it also sums the weight-gradient
-    partials: about four programs per SM in all (as many 8-warp, 64-register programs as an SM
-    holds at once: it is latency-bound), each at least four tiles long, at most 512 ranges
-    (the finalize sums them 16 at a time). Under the interpreter up to 3, as _wgrad_split."""
+    partials: about four programs per SM in all (one 8-warp, 167-register program fits an SM at
+    a time, so four equal waves), each at least four tiles long, at most 512 ranges (the
+    finalize sums them 16 at a time). Under the interpreter up to 3, as _wgrad_split."""
     if device.type != "cuda":
         return max(1, min(3, steps))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -1561,10 +1594,10 @@ def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, r
 
 def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne):
     """(dx, dw, db, dk) of a pure depthwise conv (C_in = C_out = G), recomputing c and r_x:
-    _depthwise_prep_kernel (Hn, A, r_w and the column partials), the partials' reduction (a
-    first level over 512 rows; the final one inside the grad launch), then
-    _depthwise_grad_kernel (dx and the weight-gradient partials in one pass) and the finalize.
-    2-4 launches; the forward saved nothing."""
+    _depthwise_prep_kernel (Hn, A, r_w, the filter taps over r_w and the column partials), the
+    partials' reduction (a first level over 512 rows; the final one inside the grad launch),
+    then _depthwise_grad_kernel (dx and the weight-gradient partials in one pass) and the
+    finalize. 2-4 launches; the forward saved nothing."""
     from sphereops.reference import ARCCOS_DELTA  # its single source
 
     need_dx, need_dw, need_db, need_dk = need
@@ -1578,10 +1611,12 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     hn = torch.empty((m_out, c) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((m_out, c) if need_dx else (1,), device=dev, dtype=torch.float32)
     r_w = torch.empty(c, device=dev, dtype=torch.float32)
+    w_scaled = torch.empty((kh * kw, c) if need_dx else (1,), device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c), device=dev, dtype=torch.float32)
     sigmoid = operator == "sigmoid"
     _launch(_depthwise_prep_kernel, (r_rows, _cdiv(c, cfg["BLOCK_C"])),
-            (dy, x, w, k if sigmoid else r_w, hn, a_buf, r_w, partials, m_out, c, h, wd, ho, wo,
+            (dy, x, w, k if sigmoid else r_w, hn, a_buf, r_w, w_scaled, partials, m_out, c, h,
+             wd, ho, wo,
              r_rows, k.stride(0) if sigmoid else 0, float(eps), *dy.stride(), *x.stride(),
              w.stride(0), w.stride(2), w.stride(3)),
             **geometry, OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
@@ -1610,10 +1645,10 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
         red_programs = _cdiv(c, red["BLOCK_C"]) if (need_dw or need_db or need_dk) else 0
         grid = (split + _cdiv(red_programs, c_tiles), c_tiles)
         _launch(_depthwise_grad_kernel, grid,
-                (hn, a_buf, w, r_w, x, dx_arg, w_part, red_level, s_sum,
+                (hn, a_buf, w_scaled, x, dx_arg, w_part, red_level, s_sum,
                  db if need_db else s_sum, dk if need_dk else s_sum, n_in, c, h, wd, ho, wo,
-                 pix_per_split, split, red_rows, red_programs, w.stride(0), w.stride(2),
-                 w.stride(3), *x.stride(), *(dx.stride() if need_dx else x.stride())),
+                 pix_per_split, split, red_rows, red_programs, *x.stride(),
+                 *(dx.stride() if need_dx else x.stride())),
                 **geometry, NEED_DX=need_dx, NEED_DW=need_dw, TAPS=_next_pow2(kh * kw),
                 EMULATE_RTNE=rtne, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"],
@@ -1801,7 +1836,8 @@ def aot_specs() -> list:
                 name=f"conv_bwd_depthwise_prep_sigmoid_{label}_{tag}", fn=_depthwise_prep_kernel,
                 signature=_signature(_depthwise_prep_kernel,
                                      {"dy_ptr": t, "x_ptr": t, "w_ptr": t, "k_ptr": t, "hn_ptr": t,
-                                      "a_ptr": "*fp32", "rw_ptr": "*fp32", "part_ptr": "*fp32"},
+                                      "a_ptr": "*fp32", "rw_ptr": "*fp32", "ws_ptr": "*fp32",
+                                      "part_ptr": "*fp32"},
                                      floats=("eps",)),
                 constexprs=dict(**geo, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
                                 STORE_HN=True, STORE_A=True, NEED_S=True, NEED_DB=True,
@@ -1814,7 +1850,7 @@ def aot_specs() -> list:
             specs.append(dict(
                 name=f"conv_bwd_depthwise_grad_{label}_{tag}", fn=_depthwise_grad_kernel,
                 signature=_signature(_depthwise_grad_kernel,
-                                     {"hn_ptr": t, "a_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
+                                     {"hn_ptr": t, "a_ptr": "*fp32", "ws_ptr": "*fp32",
                                       "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32",
                                       "red_ptr": "*fp32", "s_ptr": "*fp32", "db_ptr": t,
                                       "dk_ptr": t}),
@@ -1823,7 +1859,7 @@ def aot_specs() -> list:
                                 BLOCK_C=grad_cfg["BLOCK_C"]),
                 num_warps=grad_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, PIX_PER_SPLIT=4096, SPLIT=528, R=400,
-                                  RED_PROGRAMS=c // 32, **x_strides_cl, **w_strides,
+                                  RED_PROGRAMS=c // 32, **x_strides_cl,
                                   stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c,
                                   stride_dxw=c)))
         # the memory-bound passes, once per dtype: the sigmoid prep (the heaviest epilogue) and

@@ -359,16 +359,19 @@ def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c
     n_idx, h_base, w_base, mask_m [BM]: image, window origin (may be negative: padding), valid
     pixel. offs_c, mask_c [BC]: channels. x_ptr [N, C, H, W] with strides (stride_x*); w_ptr
     [C, 1, KH, KW] with strides (stride_wc, -, stride_wh, stride_ww)."""
-    x_base = (x_ptr + n_idx.to(tl.int64)[:, None] * stride_xn
+    # each row's window origin once (it may lie in the padding: only masked lanes point
+    # there); a tap adds a scalar offset and compares the origin against tap-shifted bounds
+    x_base = (x_ptr + (n_idx.to(tl.int64) * stride_xn + h_base.to(tl.int64) * stride_xh
+                       + w_base.to(tl.int64) * stride_xw)[:, None]
               + offs_c.to(tl.int64)[None, :] * stride_xc)
     s = tl.zeros((BM, BC), dtype=tl.float32)
     q = tl.zeros((BM, BC), dtype=tl.float32)
     wsq = tl.zeros((BC,), dtype=tl.float32)
     for tap in tl.static_range(KH * KW):
-        hi = h_base + (tap // KW) * dil_h
-        wi = w_base + (tap % KW) * dil_w
-        inside = mask_m & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
-        x_ptrs = x_base + (hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None]
+        dh = (tap // KW) * dil_h
+        dw = (tap % KW) * dil_w
+        inside = mask_m & (h_base >= -dh) & (h_base < in_h - dh) & (w_base >= -dw) & (w_base < in_w - dw)
+        x_ptrs = x_base + (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw)
         xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + offs_c.to(tl.int64) * stride_wc + (tap // KW) * stride_wh
                      + (tap % KW) * stride_ww, mask=mask_c, other=0.0).to(tl.float32)
@@ -382,8 +385,8 @@ def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c
 def depthwise_inv_norms(q, wsq, eps):
     """``1 / (r_x r_w)`` [BM, BC] and ``1 / r_x`` [BM, BC] from :func:`depthwise_window`'s q and
     wsq (eps inside both square roots), so c = clamp(s * inv_norms) everywhere it is formed."""
-    inv_rx = 1.0 / tl.sqrt(q + eps)
-    return inv_rx * (1.0 / tl.sqrt(wsq + eps))[None, :], inv_rx
+    inv_rx = tl.rsqrt(q + eps)
+    return inv_rx * tl.rsqrt(wsq + eps)[None, :], inv_rx
 
 
 @triton.jit
