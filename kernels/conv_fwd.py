@@ -370,7 +370,8 @@ def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c
     for tap in tl.static_range(KH * KW):
         dh = (tap // KW) * dil_h
         dw = (tap % KW) * dil_w
-        inside = mask_m & (h_base >= -dh) & (h_base < in_h - dh) & (w_base >= -dw) & (w_base < in_w - dw)
+        inside = (mask_m & (h_base >= -dh) & (h_base < in_h - dh) & (w_base >= -dw)
+                  & (w_base < in_w - dw))
         x_ptrs = x_base + (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw)
         xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + offs_c.to(tl.int64) * stride_wc + (tap // KW) * stride_wh
