@@ -364,6 +364,9 @@ def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c
     x_base = (x_ptr + (n_idx.to(tl.int64) * stride_xn + h_base.to(tl.int64) * stride_xh
                        + w_base.to(tl.int64) * stride_xw)[:, None]
               + offs_c.to(tl.int64)[None, :] * stride_xc)
+    # the filters unmasked: lanes past the last channel read the last channel's taps (they
+    # are never stored), so the loads need no predicate and no zeroed destination
+    w_rows = w_ptr + tl.where(mask_c, offs_c, 0).to(tl.int64) * stride_wc
     s = tl.zeros((BM, BC), dtype=tl.float32)
     q = tl.zeros((BM, BC), dtype=tl.float32)
     wsq = tl.zeros((BC,), dtype=tl.float32)
@@ -374,8 +377,7 @@ def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c
                   & (w_base < in_w - dw))
         x_ptrs = x_base + (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw)
         xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + offs_c.to(tl.int64) * stride_wc + (tap // KW) * stride_wh
-                     + (tap % KW) * stride_ww, mask=mask_c, other=0.0).to(tl.float32)
+        wv = tl.load(w_rows + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
         s += xv * wv[None, :]
         q += xv * xv
         wsq += wv * wv
