@@ -1151,22 +1151,24 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> 
 
 def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
     """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): elementwise
-    work over [pixels x channels] tiles, channels contiguous in Hn, A and channels_last x:
-    32 x 32 tiles, 8 warps, 4 elements a thread. Registers (AOT compiles at several tiles,
-    sm_90, bf16, triton 3.9): the prep pass unrolls its KH*KW window loads, 104-120 registers
-    at 32 x 32 against 194-204 at 32 x 64 and 255 plus spills at 64 x 64. The grad kernel
-    unrolls its taps too (every tap's Hn and A loads in flight, a weight-gradient accumulator
-    a tap): 167 registers at 32 x 32, one CTA an SM, 479 SASS instructions a 32-pixel step
-    (3x3, stride 1) -- the rolled-tap build it replaced took 64 registers and 1512 a step, and
-    a kernel this simple is bound by issuing them (edge.depthwise, 64x256x28x28: ~145 us of
-    issue at full rate for the old build, 417 us measured for the whole backward, H200
-    20261127-1606). Other tiles: 16 x 32 118 registers but 341 a 16-pixel step; 32 x 32 with
-    4 warps 190 and 767 a step. Under the interpreter: small tiles, so the test shapes still
+    work over [pixels x channels] tiles, channels contiguous in Hn, A and channels_last x, 4
+    elements a thread. Registers and SASS (AOT compiles at several tiles, sm_90, bf16, triton
+    3.9): the prep pass (32 x 32, 8 warps) unrolls its KH*KW window loads, 104-122 registers
+    against 194-204 at 32 x 64 and 255 plus spills at 64 x 64. The grad kernel unrolls its
+    taps too (every tap's Hn and A loads in flight, a weight-gradient accumulator a tap): 16 x
+    32 with 4 warps, 144 registers -- three CTAs, 12 warps an SM -- and 487 SASS instructions
+    a 16-pixel step (3x3, stride 1), as many an element as 32 x 32 with 8 warps (479 a 32-pixel
+    step, 167 registers, one CTA an SM). The rolled-tap build it replaced took 1512 a 32-pixel
+    step at 64 registers, and a kernel this simple is bound by issuing them (edge.depthwise,
+    64x256x28x28: ~145 us of issue at full rate for the old build, 417 us measured for the whole
+    backward, H200 20261127-1606). Under the interpreter: small tiles, so the test shapes still
     cover several tiles and their masks (``interpreter`` None: whether it runs now)."""
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
     if _interpreting() if interpreter is None else interpreter:
         return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4)
+    if kernel == "grad":
+        return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4)
     return dict(BLOCK_M=32, BLOCK_C=32, num_warps=8)
 
 
@@ -1239,13 +1241,14 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
 
 def _depthwise_split(steps: int, c_tiles: int, device: torch.device) -> int:
     """Pixel ranges of the depthwise grad kernel when it also sums the weight-gradient
-    partials: about four programs per SM in all (one 8-warp, 167-register program fits an SM at
-    a time, so four equal waves), each at least four tiles long, at most 512 ranges (the
-    finalize sums them 16 at a time). Under the interpreter up to 3, as _wgrad_split."""
+    partials: about three programs per SM in all (as many 4-warp, 144-register programs as an
+    SM holds at once: one wave of equal ranges), each at least four tiles long, at most 512
+    ranges (the finalize sums them 16 at a time). Under the interpreter up to 3, as
+    _wgrad_split."""
     if device.type != "cuda":
         return max(1, min(3, steps))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_cdiv(4 * sms, max(c_tiles, 1)), steps // 4, 512))
+    return max(1, min(_cdiv(3 * sms, max(c_tiles, 1)), steps // 4, 512))
 
 
 # ---------------------------------------------------------------------------------------------
