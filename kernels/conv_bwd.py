@@ -85,8 +85,8 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
-from .conv_fwd import (aligned_count, dense_plane, depthwise_inv_norms, depthwise_window,
-                       stage_input_tile, staged_channels)
+from .conv_fwd import (aligned_count, dense_plane, depthwise_filter_taps, depthwise_inv_norms,
+                       depthwise_window, stage_input_tile, staged_channels)
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -868,6 +868,7 @@ def _depthwise_prep_kernel(
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
 ):
     """The prep pass of a pure depthwise conv (C_in = C_out = G = C), from dy, x and w: the
     forward saved nothing, so each (output pixel, channel) recomputes its window exactly as the
@@ -884,57 +885,74 @@ def _depthwise_prep_kernel(
     ws_ptr: [KH*KW, C] fp32 contiguous, w[c, tap] / r_w[c] (iff STORE_A: the grad kernel's dx
             taps, one vector load a tap there instead of a strided load, a conversion and a
             product per channel), written by the pid_m == 0 programs.
-    part_ptr: [3, R, C] fp32 partials as _prep_kernel's (conv_bwd's reduction follows).
-    R = cdiv(M, BLOCK_M) = grid axis 0. KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride,
-    padding, dilation. OPERATOR, DELTA, STORE_*, NEED_*, EMULATE_RTNE as _prep_kernel.
+    part_ptr: [3, R, C] fp32 partials as _prep_kernel's (conv_bwd's reduction follows), one
+            row a program.
+    R = cdiv(M, BLOCK_M * ROW_BLOCKS) = grid axis 0: a program takes ROW_BLOCKS consecutive
+    tiles of BLOCK_M output pixels, which share its filter loads (conv_fwd.
+    depthwise_filter_taps) and its column sums (summed across the rows once, at the end).
+    KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation. OPERATOR, DELTA,
+    STORE_*, NEED_*, EMULATE_RTNE as _prep_kernel.
     Grid: (R, cdiv(C, BLOCK_C)).
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
     offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_o < C
     o64 = offs_o.to(tl.int64)
-    mask = m_mask[:, None] & c_mask[None, :]
-    n = offs_m // (Ho * Wo)
-    hw = offs_m % (Ho * Wo)
-    ho = hw // Wo
-    wo = hw % Wo
-    s, q, wsq = depthwise_window(x_ptr, w_ptr, n, ho * SH - PH, wo * SW - PW, m_mask, offs_o,
-                                  c_mask, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                                  stride_wc, stride_wh, stride_ww, DH, DW, KH, KW,
-                                  BLOCK_M, BLOCK_C)
-    inv_norms, inv_rx = depthwise_inv_norms(q, wsq, eps)
-    cv = clamp_cos(s * inv_norms)
+    taps, wsq, inv_rw = depthwise_filter_taps(w_ptr, offs_o, c_mask, stride_wc, stride_wh,
+                                              stride_ww, eps, KH, KW)
     if pid_m == 0:
         r_w = tl.sqrt(wsq + eps)
         tl.store(rw_ptr + offs_o, r_w, mask=c_mask)
         if STORE_A:
-            inv_rw = 1.0 / r_w
+            inv_r = 1.0 / r_w
             for tap in tl.static_range(KH * KW):
-                wv = tl.load(w_ptr + o64 * stride_wc + ((tap // KW) * stride_wh
-                                                        + (tap % KW) * stride_ww),
-                             mask=c_mask, other=0.0).to(tl.float32)
-                tl.store(ws_ptr + tap * C + offs_o, wv * inv_rw, mask=c_mask)
-    dy_row = (n.to(tl.int64) * stride_dyn + ho.to(tl.int64) * stride_dyh
-              + wo.to(tl.int64) * stride_dyw)
-    dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
+                tl.store(ws_ptr + tap * C + offs_o, taps[tap] * inv_r, mask=c_mask)
     if OPERATOR == 2:
         kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
     else:
         kv = 1.0
-    grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
-    gc = grad_c * cv
-    rows = offs_m.to(tl.int64)[:, None] * C + o64[None, :]
-    if STORE_HN:
-        tl.store(hn_ptr + rows, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE), mask=mask)
-    if STORE_A:
-        tl.store(a_ptr + rows, gc * inv_rx * inv_rx, mask=mask)
-    # masked lanes: dy = 0 there, so G, G c and dy dg/dk are 0 and the column sums exact
-    _store_column_partials(part_ptr, R, pid_m, C, offs_o, c_mask, mask, dy, cv, kv, gc,
-                           NEED_S, NEED_DB, NEED_DK)
+    s_cols = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    db_cols = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    dk_cols = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for rb in range(ROW_BLOCKS):
+        offs_m = (pid_m * ROW_BLOCKS + rb) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        mask = m_mask[:, None] & c_mask[None, :]
+        n = offs_m // (Ho * Wo)
+        hw = offs_m % (Ho * Wo)
+        ho = hw // Wo
+        wo = hw % Wo
+        s, q = depthwise_window(x_ptr, taps, n, ho * SH - PH, wo * SW - PW, m_mask, offs_o,
+                                c_mask, H, W, stride_xn, stride_xc, stride_xh, stride_xw, DH,
+                                DW, KH, KW, BLOCK_M, BLOCK_C)
+        inv_norms, inv_rx = depthwise_inv_norms(q, inv_rw, eps)
+        cv = clamp_cos(s * inv_norms)
+        dy_row = (n.to(tl.int64) * stride_dyn + ho.to(tl.int64) * stride_dyh
+                  + wo.to(tl.int64) * stride_dyw)
+        dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
+        gc = grad_c * cv
+        rows = offs_m.to(tl.int64)[:, None] * C + o64[None, :]
+        if STORE_HN:
+            tl.store(hn_ptr + rows, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE),
+                     mask=mask)
+        if STORE_A:
+            tl.store(a_ptr + rows, gc * inv_rx * inv_rx, mask=mask)
+        # masked lanes: dy = 0 there, so G, G c and dy dg/dk are 0 and the column sums exact
+        if NEED_S:
+            s_cols += gc
+        if NEED_DB:
+            db_cols += dy
+        if NEED_DK:
+            dk_cols += tl.where(mask, dy * dg_dk(cv, kv), 0.0)
+    if NEED_S:
+        tl.store(part_ptr + pid_m * C + offs_o, tl.sum(s_cols, axis=0), mask=c_mask)
+    if NEED_DB:
+        tl.store(part_ptr + (R + pid_m) * C + offs_o, tl.sum(db_cols, axis=0), mask=c_mask)
+    if NEED_DK:
+        tl.store(part_ptr + (2 * R + pid_m) * C + offs_o, tl.sum(dk_cols, axis=0), mask=c_mask)
 
 
 @triton.jit
@@ -1166,10 +1184,10 @@ def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
     if _interpreting() if interpreter is None else interpreter:
-        return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4)
+        return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=2)
     if kernel == "grad":
         return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4)
-    return dict(BLOCK_M=32, BLOCK_C=32, num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_C=32, num_warps=8, ROW_BLOCKS=4)
 
 
 def prep_config(operator: str, from_output: bool = False) -> dict:
@@ -1610,7 +1628,7 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     m_out = n * ho * wo
     need_grads = need_dx or need_dw
     cfg = depthwise_config("prep")
-    r_rows = _cdiv(m_out, cfg["BLOCK_M"])
+    r_rows = _cdiv(m_out, cfg["BLOCK_M"] * cfg["ROW_BLOCKS"])
     hn = torch.empty((m_out, c) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((m_out, c) if need_dx else (1,), device=dev, dtype=torch.float32)
     r_w = torch.empty(c, device=dev, dtype=torch.float32)
@@ -1625,7 +1643,7 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
             **geometry, OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
             NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            num_warps=cfg["num_warps"])
+            ROW_BLOCKS=cfg["ROW_BLOCKS"], num_warps=cfg["num_warps"])
     # the final level rides in the grad launch when there is one (as in the GEMM path's wgrad)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads)
@@ -1845,7 +1863,7 @@ def aot_specs() -> list:
                 constexprs=dict(**geo, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
                                 STORE_HN=True, STORE_A=True, NEED_S=True, NEED_DB=True,
                                 NEED_DK=True, EMULATE_RTNE=False, BLOCK_M=prep_cfg["BLOCK_M"],
-                                BLOCK_C=prep_cfg["BLOCK_C"]),
+                                BLOCK_C=prep_cfg["BLOCK_C"], ROW_BLOCKS=prep_cfg["ROW_BLOCKS"]),
                 num_warps=prep_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, **x_strides_cl, **w_strides,
                                   stride_dyn=(h // st) * (w // st) * c, stride_dyc=1,

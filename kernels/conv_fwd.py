@@ -345,31 +345,46 @@ def _sphere_conv_fwd_kernel(
 
 
 @triton.jit
-def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c, in_h, in_w,
-                      stride_xn, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww,
-                      dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
-                      BC: tl.constexpr):
-    """The depthwise window of BM output pixels x BC channels, all fp32: ``(s, q, wsq)`` with
-    s [BM, BC] = sum over taps of w x, q [BM, BC] = sum of x^2 (the patch norms squared, one
-    per pixel and channel) and wsq [BC] = sum of w^2 (the filter norms squared, from the same
-    KH*KW weights the taps load: no filter-norm launch).
+def depthwise_filter_taps(w_ptr, offs_c, mask_c, stride_wc, stride_wh, stride_ww, eps,
+                          KH: tl.constexpr, KW: tl.constexpr):
+    """The filters of BC depthwise channels, loaded once for every pixel block a program
+    takes: ``(taps, wsq, inv_rw)`` -- a tuple of KH*KW [BC] fp32 filter columns (tap = kh * KW
+    + kw), wsq [BC] = sum of their squares (the filter norms squared: no filter-norm launch)
+    and inv_rw = 1 / r_w = rsqrt(wsq + eps).
+
+    w_ptr [C, 1, KH, KW] with strides (stride_wc, -, stride_wh, stride_ww); offs_c, mask_c
+    [BC]. The loads are unmasked: lanes past the last channel read channel 0's taps (they are
+    never stored), so a load needs no predicate and no zeroed destination."""
+    w_rows = w_ptr + tl.where(mask_c, offs_c, 0).to(tl.int64) * stride_wc
+    wv = tl.load(w_rows).to(tl.float32)
+    taps = (wv,)
+    wsq = wv * wv
+    for tap in tl.static_range(1, KH * KW):
+        wv = tl.load(w_rows + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
+        taps = taps + (wv,)
+        wsq += wv * wv
+    return taps, wsq, tl.rsqrt(wsq + eps)
+
+
+@triton.jit
+def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c, in_h, in_w,
+                     stride_xn, stride_xc, stride_xh, stride_xw, dil_h, dil_w,
+                     KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """The depthwise window of BM output pixels x BC channels, fp32: ``(s, q)`` with s [BM, BC]
+    = sum over taps of w x and q [BM, BC] = sum of x^2 (the patch norms squared, one per pixel
+    and channel); ``taps`` from :func:`depthwise_filter_taps`.
 
     The one definition of c for pure depthwise convs: the forward's epilogue and the backward's
     recompute (conv_bwd._depthwise_prep_kernel) both take it with :func:`depthwise_inv_norms`.
     n_idx, h_base, w_base, mask_m [BM]: image, window origin (may be negative: padding), valid
-    pixel. offs_c, mask_c [BC]: channels. x_ptr [N, C, H, W] with strides (stride_x*); w_ptr
-    [C, 1, KH, KW] with strides (stride_wc, -, stride_wh, stride_ww)."""
+    pixel. offs_c, mask_c [BC]: channels. x_ptr [N, C, H, W] with strides (stride_x*)."""
     # each row's window origin once (it may lie in the padding: only masked lanes point
     # there); a tap adds a scalar offset and compares the origin against tap-shifted bounds
     x_base = (x_ptr + (n_idx.to(tl.int64) * stride_xn + h_base.to(tl.int64) * stride_xh
                        + w_base.to(tl.int64) * stride_xw)[:, None]
               + offs_c.to(tl.int64)[None, :] * stride_xc)
-    # the filters unmasked: lanes past the last channel read the last channel's taps (they
-    # are never stored), so the loads need no predicate and no zeroed destination
-    w_rows = w_ptr + tl.where(mask_c, offs_c, 0).to(tl.int64) * stride_wc
     s = tl.zeros((BM, BC), dtype=tl.float32)
     q = tl.zeros((BM, BC), dtype=tl.float32)
-    wsq = tl.zeros((BC,), dtype=tl.float32)
     for tap in tl.static_range(KH * KW):
         dh = (tap // KW) * dil_h
         dw = (tap % KW) * dil_w
@@ -377,19 +392,18 @@ def depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c
                   & (w_base < in_w - dw))
         x_ptrs = x_base + (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw)
         xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        wv = tl.load(w_rows + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
-        s += xv * wv[None, :]
+        s += xv * taps[tap][None, :]
         q += xv * xv
-        wsq += wv * wv
-    return s, q, wsq
+    return s, q
 
 
 @triton.jit
-def depthwise_inv_norms(q, wsq, eps):
-    """``1 / (r_x r_w)`` [BM, BC] and ``1 / r_x`` [BM, BC] from :func:`depthwise_window`'s q and
-    wsq (eps inside both square roots), so c = clamp(s * inv_norms) everywhere it is formed."""
+def depthwise_inv_norms(q, inv_rw, eps):
+    """``1 / (r_x r_w)`` [BM, BC] and ``1 / r_x`` [BM, BC] from :func:`depthwise_window`'s q
+    (eps inside the square root, as in inv_rw from :func:`depthwise_filter_taps`), so
+    c = clamp(s * inv_norms) everywhere it is formed."""
     inv_rx = tl.rsqrt(q + eps)
-    return inv_rx * tl.rsqrt(wsq + eps)[None, :], inv_rx
+    return inv_rx * inv_rw[None, :], inv_rx
 
 
 @triton.jit
@@ -404,11 +418,12 @@ def _sphere_conv_dw_fwd_kernel(
     eps,
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr,
 ):
-    """Depthwise SphereConv2d forward (G = C_in = C_out); program = (M tile, channel tile).
-    Reads x and the filters, writes y: the only launch of the forward, and it saves nothing
-    (the backward recomputes c and r_x from x and w: ``conv_bwd._depthwise_prep_kernel``).
+    """Depthwise SphereConv2d forward (G = C_in = C_out); program = (ROW_BLOCKS consecutive
+    tiles of BLOCK_M pixels, channel tile). Reads x and the filters, writes y: the only launch
+    of the forward, and it saves nothing (the backward recomputes c and r_x from x and w:
+    ``conv_bwd._depthwise_prep_kernel``).
 
     Pointers (C = channels = G):
       x_ptr      [N, C, H, W] input, strides (stride_xn, stride_xc, stride_xh, stride_xw);
@@ -419,29 +434,33 @@ def _sphere_conv_dw_fwd_kernel(
     Scalars: n_pixels = N*Ho*Wo (< 2^31), C, H, W, Ho, Wo, conv stride/padding/dilation, eps.
     Constexprs: KH, KW filter size (taps unrolled); OPERATOR 0 linear / 1 cosine / 2 sigmoid;
       HAS_BIAS; EMULATE_RTNE (CPU interpreter + bf16 only: round outputs to nearest by hand);
-      BLOCK_M pixels and BLOCK_C channels per program.
+      BLOCK_M pixels and BLOCK_C channels a tile; ROW_BLOCKS pixel tiles a program, which share
+      its filter loads (a thread's channels' KH*KW taps, loaded and converted once).
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_m = offs_m < n_pixels
     mask_c = offs_c < channels
-
-    n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
-                                                        conv_stride_w, pad_h, pad_w)
-    s, q, wsq = depthwise_window(x_ptr, w_ptr, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
-                                  in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw,
-                                  stride_wc, stride_wh, stride_ww, dil_h, dil_w, KH, KW,
-                                  BLOCK_M, BLOCK_C)
-    inv_norms, _ = depthwise_inv_norms(q, wsq, eps)
-    out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
-               + wo.to(tl.int64) * stride_yw)
-    out_offs = out_row[:, None] + offs_c.to(tl.int64)[None, :] * stride_yc
-    out_mask = mask_m[:, None] & mask_c[None, :]
-    # y_ptr stands in for c_ptr: STORE_C False never stores through it
-    store_sphere_tile(s, inv_norms, offs_c, mask_c, out_offs, out_mask, bias_ptr, k_ptr, y_ptr,
-                      y_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, False)
+    taps, wsq, inv_rw = depthwise_filter_taps(w_ptr, offs_c, mask_c, stride_wc, stride_wh,
+                                              stride_ww, eps, KH, KW)
+    out_mask_c = mask_c[None, :]
+    out_cols = offs_c.to(tl.int64)[None, :] * stride_yc
+    for rb in range(ROW_BLOCKS):
+        offs_m = (pid_m * ROW_BLOCKS + rb) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n_pixels
+        n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
+                                                            conv_stride_w, pad_h, pad_w)
+        s, q = depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
+                                in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw, dil_h,
+                                dil_w, KH, KW, BLOCK_M, BLOCK_C)
+        inv_norms, _ = depthwise_inv_norms(q, inv_rw, eps)
+        out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
+                   + wo.to(tl.int64) * stride_yw)
+        out_offs = out_row[:, None] + out_cols
+        out_mask = mask_m[:, None] & out_mask_c
+        # y_ptr stands in for c_ptr: STORE_C False never stores through it
+        store_sphere_tile(s, inv_norms, offs_c, mask_c, out_offs, out_mask, bias_ptr, k_ptr,
+                          y_ptr, y_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, False)
 
 
 @triton.jit
@@ -568,26 +587,36 @@ def _prepare_operands_kernel(
 
 
 def _dw_configs():
-    """Depthwise tiles: memory bound, so wide channel tiles (contiguous in channels_last) and
-    enough pixels per program to amortise the index math."""
+    """Depthwise tiles: BLOCK_M pixels x BLOCK_C channels (contiguous in channels_last), 8
+    warps (no tensor cores; with 4 the unrolled taps' loads in flight push a tile to 255
+    registers), ROW_BLOCKS tiles a program. The kernel is bound by issuing instructions more
+    than by memory (an H200 runs its old build's SASS for edge.depthwise, 64x256x28x28, in
+    ~48 us at full issue rate; 107 us measured, cuDNN 55, 20261127-1606), and a thread's
+    channels' filter taps -- KH*KW scalar loads, conversions and squares a channel -- cost as
+    much as a pixel row's window: a program that takes several tiles loads them once. SASS an
+    element (sm_90, bf16, 3x3, linear): 64x64 one tile 109, two 88; 32x64 132 / 90; 32x32 156
+    / 112 -- at 140 / 210, 77 / 154 and 48 / 80 registers."""
+    def cfg(block_m, block_c, row_blocks):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks},
+                             num_warps=8, num_stages=1)
     return [
-        # 64 channels x 64 pixels: 128-byte fp16 rows per pixel.  8 warps (no tensor cores
-        # here): with 4, the unrolled taps' loads in flight push the tile to 255 registers.
-        triton.Config({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
-        # 32 channels x 128 pixels: for C < 64 (fewer masked lanes).
-        triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=8, num_stages=1),
-        # 128 channels x 32 pixels: wide layers (MobileNet late stages), small spatial size.
-        triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=8, num_stages=1),
-        # Fewer elements a thread, more CTAs an SM: the tiles above hold 16 a thread and take
-        # 130-148 registers (one 8-warp CTA an SM, sm_90, bf16); 32 x 64 takes 76-92 (two),
-        # 32 x 32 50-59 (four) -- a memory-bound kernel may want the warps more than the ILP.
-        triton.Config({"BLOCK_M": 32, "BLOCK_C": 64}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_M": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1),
+        # 64 channels x 64 pixels, two tiles a program: the fewest instructions an element,
+        # one CTA an SM
+        cfg(64, 64, 2),
+        # 32 channels x 128 pixels: for C < 64 (fewer masked lanes)
+        cfg(128, 32, 1),
+        # 64 channels x 32 pixels, two tiles: as few instructions, shorter programs
+        cfg(32, 64, 2),
+        # 32 x 32, four tiles a program: 80 registers, three CTAs an SM
+        cfg(32, 32, 4),
+        # 32 x 32 alone: 48 registers, five CTAs an SM, the most programs for small layers
+        cfg(32, 32, 1),
     ]
 
 
 def _dw_interpreter_config():
-    return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1)
+    return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16, "ROW_BLOCKS": 2}, num_warps=4,
+                         num_stages=1)
 
 
 # SPHEREOPS_AUTOTUNE=0 skips autotuning (one fixed config per kernel): first-call latency of
@@ -878,7 +907,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                 *geometry, w.stride(0), w.stride(2), w.stride(3), *conv_args)
 
         def dw_grid(meta):
-            return (_cdiv(n_pixels, meta["BLOCK_M"]), _cdiv(c_out, meta["BLOCK_C"]))
+            return (_cdiv(n_pixels, meta["BLOCK_M"] * meta["ROW_BLOCKS"]),
+                    _cdiv(c_out, meta["BLOCK_C"]))
 
         launch(kernel, dw_grid, args, flags, _WHAT)
         return (y,) + empty_state
@@ -1036,7 +1066,7 @@ def aot_specs():
     for cfg in _dw_configs():
         for dtype_name in ("fp16", "bf16", "fp32"):
             name = (f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}"
-                    f"_{dtype_name}")
+                    f"_rb{cfg.kwargs['ROW_BLOCKS']}_{dtype_name}")
             constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, EMULATE_RTNE=False,
                               **cfg.kwargs)
             specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,

@@ -887,7 +887,8 @@ def test_depthwise_reduction_in_the_grad_launch(monkeypatch, mask):
     launched = _record_launches(monkeypatch)
     inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", c_in=20, c_out=20, groups=20,
                             h=18, w=16, stride=2)
-    rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // conv_bwd.depthwise_config("prep")["BLOCK_M"])
+    cfg = conv_bwd.depthwise_config("prep")
+    rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // (cfg["BLOCK_M"] * cfg["ROW_BLOCKS"]))
     assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows > 2, got {rows}"
     out = _kernel(dy, inp, c, r_x, mask)
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)

@@ -506,7 +506,8 @@ def test_forward_every_gpu_config(cfg, case):
 
 
 @pytest.mark.parametrize("cfg", F._dw_configs(),
-                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}")
+                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}"
+                                       f"x{c.kwargs['ROW_BLOCKS']}")
 def test_forward_every_depthwise_config(cfg):
     inp = make_conv_inputs(**CONV_CASES["depthwise"], operator="linear", device=DEVICE,
                            channels_last=True)
