@@ -85,8 +85,9 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
-from .conv_fwd import (aligned_count, dense_plane, depthwise_filter_taps, depthwise_inv_norms,
-                       depthwise_window, stage_input_tile, staged_channels)
+from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, aligned_count, dense_plane,
+                       depthwise_filter_taps, depthwise_inv_norms, depthwise_window, filter_tap,
+                       stage_input_tile, staged_channels)
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -907,7 +908,9 @@ def _depthwise_prep_kernel(
         if STORE_A:
             inv_r = 1.0 / r_w
             for tap in tl.static_range(KH * KW):
-                tl.store(ws_ptr + tap * C + offs_o, taps[tap] * inv_r, mask=c_mask)
+                tl.store(ws_ptr + tap * C + offs_o,
+                         filter_tap(taps, tap, stride_wh, stride_ww, KH, KW) * inv_r,
+                         mask=c_mask)
     if OPERATOR == 2:
         kv = tl.load(k_ptr + offs_o * stride_k, mask=c_mask, other=1.0).to(tl.float32)[None, :]
     else:
@@ -924,8 +927,8 @@ def _depthwise_prep_kernel(
         ho = hw // Wo
         wo = hw % Wo
         s, q = depthwise_window(x_ptr, taps, n, ho * SH - PH, wo * SW - PW, m_mask, offs_o,
-                                c_mask, H, W, stride_xn, stride_xc, stride_xh, stride_xw, DH,
-                                DW, KH, KW, BLOCK_M, BLOCK_C)
+                                c_mask, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
+                                stride_wh, stride_ww, DH, DW, KH, KW, BLOCK_M, BLOCK_C)
         inv_norms, inv_rx = depthwise_inv_norms(q, inv_rw, eps)
         cv = clamp_cos(s * inv_norms)
         dy_row = (n.to(tl.int64) * stride_dyn + ho.to(tl.int64) * stride_dyh
@@ -953,6 +956,42 @@ def _depthwise_prep_kernel(
         tl.store(part_ptr + (R + pid_m) * C + offs_o, tl.sum(db_cols, axis=0), mask=c_mask)
     if NEED_DK:
         tl.store(part_ptr + (2 * R + pid_m) * C + offs_o, tl.sum(dk_cols, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64, m_mask, c_mask, c64,
+                        offs_c, C, Ho, Wo, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                        DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr):
+    """One tap of _depthwise_grad_kernel for its [BM] input pixels x [BC] channels: ``(h, h w,
+    a)`` -- Hn at the output pixel whose window puts tap (kh, kw) = (tap // KW, tap % KW) on
+    the input pixel (0 where there is none), h times the tap's w / r_w, and A there (both 0
+    without NEED_DX), all fp32.
+
+    That output pixel is ((hp - kh DH) / SH, (wp - kw DW) / SW) with hp, wp = the input row and
+    column plus the padding, if both divide and lie in the output; at stride 1 its Hn row is
+    the tap-0 row ``row0`` = ((n Ho + hp) Wo + wp) C shifted by a scalar, its bounds
+    tap-shifted scalars. hn_ptr, a_ptr [M, C] and ws_ptr [KH*KW, C] as the kernel's."""
+    dh = (tap // KW) * DH
+    dw = (tap % KW) * DW
+    if SH == 1 and SW == 1:
+        valid = m_mask & (hp >= dh) & (hp < Ho + dh) & (wp >= dw) & (wp < Wo + dw)
+        rows = row0 - (dh * Wo + dw).to(tl.int64) * C
+    else:
+        th = hp - dh
+        tw = wp - dw
+        ho = th // SH
+        wo = tw // SW
+        valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
+                 & (ho < Ho) & (wo < Wo))
+        rows = ((n64 * Ho + ho) * Wo + wo) * C
+    mask = valid[:, None] & c_mask[None, :]
+    offs = rows[:, None] + c64[None, :]
+    h = tl.load(hn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NEED_DX:
+        wv = tl.load(ws_ptr + tap * C + offs_c, mask=c_mask, other=0.0)
+        return h, h * wv[None, :], tl.load(a_ptr + offs, mask=mask, other=0.0)
+    else:
+        return h, 0.0, 0.0
 
 
 @triton.jit
@@ -1009,11 +1048,15 @@ def _depthwise_grad_kernel(
     c_mask = offs_c < C
     c64 = offs_c.to(tl.int64)
     tap_ids = tl.arange(0, TAPS)
-    # One weight-gradient accumulator a tap (a tuple, indexed by the unrolled tap), summed over
-    # the pixels once after the loop: a [BLOCK_C] sum a tap and step -- a cross-warp reduction
-    # with 4 barriers -- took 70 of the 150 SASS instructions of a tap when the taps were a
-    # rolled loop (sm_90, bf16, 32 x 32)
-    w_acc = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * (KH * KW)
+    # Up to CACHED_TAPS taps (3x3) the taps are unrolled with one weight-gradient accumulator
+    # a tap (a tuple indexed by the tap), summed over the pixels once after the loop: a
+    # [BLOCK_C] sum a tap and step -- a cross-warp reduction with 4 barriers -- took 70 of
+    # the 150 SASS instructions of a tap when the taps were a rolled loop (sm_90, bf16, 32 x
+    # 32). Larger filters keep the rolled loop and that sum (25 or 49 accumulators would not
+    # fit the registers).
+    UNROLL: tl.constexpr = KH * KW <= CACHED_TAPS
+    w_acc = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * (KH * KW if UNROLL else 1)
+    w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
     p_start = split * PIX_PER_SPLIT
     p_end = tl.where(is_reduce, p_start, tl.minimum(p_start + PIX_PER_SPLIT, n_in_pixels))
     for m0 in range(p_start, p_end, BLOCK_M):
@@ -1030,42 +1073,35 @@ def _depthwise_grad_kernel(
                      other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        # the output pixel (ho, wo) whose window puts tap (kh, kw) on this input pixel: (hi +
-        # PH - kh DH) / SH, if that divides and lies in the output; at stride 1 a tap's Hn row
-        # is the tap-0 row (hi + PH, wi + PW) shifted by a scalar, its bounds tap-shifted scalars
         hp = hi + PH
         wp = wi + PW
         row0 = ((n64 * Ho + hp) * Wo + wp) * C
-        for tap in tl.static_range(KH * KW):
-            dh = (tap // KW) * DH
-            dw_ = (tap % KW) * DW
-            if SH == 1 and SW == 1:
-                valid = m_mask & (hp >= dh) & (hp < Ho + dh) & (wp >= dw_) & (wp < Wo + dw_)
-                rows = row0 - (dh * Wo + dw_).to(tl.int64) * C
-            else:
-                th = hp - dh
-                tw = wp - dw_
-                ho = th // SH
-                wo = tw // SW
-                valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
-                         & (ho < Ho) & (wo < Wo))
-                rows = ((n64 * Ho + ho) * Wo + wo) * C
-            mask = valid[:, None] & c_mask[None, :]
-            offs = rows[:, None] + c64[None, :]
-            h = tl.load(hn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if NEED_DX:
-                wv = tl.load(ws_ptr + tap * C + offs_c, mask=c_mask, other=0.0)
-                acc += h * wv[None, :]
-                box += tl.load(a_ptr + offs, mask=mask, other=0.0)
-            if NEED_DW:
-                w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
+        if UNROLL:
+            for tap in tl.static_range(KH * KW):
+                h, hw_, a = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64,
+                                                m_mask, c_mask, c64, offs_c, C, Ho, Wo, KW, SH,
+                                                SW, DH, DW, NEED_DX)
+                acc += hw_
+                box += a
+                if NEED_DW:
+                    w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
+        else:
+            for tap in range(KH * KW):
+                h, hw_, a = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64,
+                                                m_mask, c_mask, c64, offs_c, C, Ho, Wo, KW, SH,
+                                                SW, DH, DW, NEED_DX)
+                acc += hw_
+                box += a
+                if NEED_DW:
+                    # this tile's sum for tap t, added into row t of the partials (others + 0)
+                    tap_sum = tl.sum(h * xv, axis=0)
+                    w_part += tl.where(tap_ids[:, None] == tap, tap_sum[None, :], 0.0)
         if NEED_DX:
             dx = acc - xv * box
             dx_row = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
             tl.store(dx_ptr + dx_row[:, None] + (c64 * stride_dxc)[None, :],
                      to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
-    w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
-    if NEED_DW:
+    if NEED_DW and UNROLL:
         for tap in tl.static_range(KH * KW):
             w_part = tl.where((tap_ids == tap)[:, None], tl.sum(w_acc[tap], axis=0)[None, :],
                               w_part)
@@ -1628,6 +1664,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     m_out = n * ho * wo
     need_grads = need_dx or need_dw
     cfg = depthwise_config("prep")
+    if kh * kw > MAX_CACHED_TAPS:   # uncached filter columns: one tile a program
+        cfg = dict(cfg, ROW_BLOCKS=1)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"] * cfg["ROW_BLOCKS"])
     hn = torch.empty((m_out, c) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((m_out, c) if need_dx else (1,), device=dev, dtype=torch.float32)
@@ -1851,8 +1889,10 @@ def aot_specs() -> list:
         prep_cfg = depthwise_config("prep", interpreter=False)
         grad_cfg = depthwise_config("grad", interpreter=False)
         w_strides = dict(stride_wc=9, stride_wh=3, stride_ww=1)
-        for label, st in (("3x3", 1), ("3x3_s2", 2)):
-            geo = dict(KH=3, KW=3, SH=st, SW=st, PH=1, PW=1, DH=1, DW=1)
+        # 5x5: more taps than are cached (the grad kernel's rolled taps, one prep tile a program)
+        for label, ks, st in (("3x3", 3, 1), ("3x3_s2", 3, 2), ("5x5", 5, 1)):
+            geo = dict(KH=ks, KW=ks, SH=st, SW=st, PH=ks // 2, PW=ks // 2, DH=1, DW=1)
+            rows = prep_cfg["ROW_BLOCKS"] if ks * ks <= MAX_CACHED_TAPS else 1
             specs.append(dict(
                 name=f"conv_bwd_depthwise_prep_sigmoid_{label}_{tag}", fn=_depthwise_prep_kernel,
                 signature=_signature(_depthwise_prep_kernel,
@@ -1863,7 +1903,7 @@ def aot_specs() -> list:
                 constexprs=dict(**geo, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
                                 STORE_HN=True, STORE_A=True, NEED_S=True, NEED_DB=True,
                                 NEED_DK=True, EMULATE_RTNE=False, BLOCK_M=prep_cfg["BLOCK_M"],
-                                BLOCK_C=prep_cfg["BLOCK_C"], ROW_BLOCKS=prep_cfg["ROW_BLOCKS"]),
+                                BLOCK_C=prep_cfg["BLOCK_C"], ROW_BLOCKS=rows),
                 num_warps=prep_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, **x_strides_cl, **w_strides,
                                   stride_dyn=(h // st) * (w // st) * c, stride_dyc=1,
@@ -1875,7 +1915,7 @@ def aot_specs() -> list:
                                       "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32",
                                       "red_ptr": "*fp32", "s_ptr": "*fp32", "db_ptr": t,
                                       "dk_ptr": t}),
-                constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=16,
+                constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=_next_pow2(ks * ks),
                                 **_FOLDED_REDUCE, BLOCK_M=grad_cfg["BLOCK_M"],
                                 BLOCK_C=grad_cfg["BLOCK_C"]),
                 num_warps=grad_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,

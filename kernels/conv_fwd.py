@@ -344,35 +344,62 @@ def _sphere_conv_fwd_kernel(
         tl.store(rx_ptr + rx_offs, r_x, mask=mask_m)
 
 
+# Depthwise filters of up to this many taps are loaded once a program and kept in registers (a
+# thread's channels x taps: 36 for 3x3 at four channels a thread); larger ones -- 5x5 took
+# 176-255 registers that way (sm_90, bf16) -- are loaded a tap at a time in every window.
+MAX_CACHED_TAPS = 9
+CACHED_TAPS = tl.constexpr(MAX_CACHED_TAPS)
+
+
 @triton.jit
 def depthwise_filter_taps(w_ptr, offs_c, mask_c, stride_wc, stride_wh, stride_ww, eps,
                           KH: tl.constexpr, KW: tl.constexpr):
-    """The filters of BC depthwise channels, loaded once for every pixel block a program
-    takes: ``(taps, wsq, inv_rw)`` -- a tuple of KH*KW [BC] fp32 filter columns (tap = kh * KW
-    + kw), wsq [BC] = sum of their squares (the filter norms squared: no filter-norm launch)
-    and inv_rw = 1 / r_w = rsqrt(wsq + eps).
+    """The filters of BC depthwise channels for every pixel tile a program takes: ``(taps, wsq,
+    inv_rw)`` -- ``taps`` for :func:`filter_tap` (up to CACHED_TAPS taps: a tuple of the KH*KW
+    [BC] fp32 filter columns, tap = kh * KW + kw, loaded once; beyond: the channels' filter
+    pointers, the columns loaded where used), wsq [BC] = sum of the squared taps (the filter
+    norms squared: no filter-norm launch) and inv_rw = 1 / r_w = rsqrt(wsq + eps).
 
     w_ptr [C, 1, KH, KW] with strides (stride_wc, -, stride_wh, stride_ww); offs_c, mask_c
     [BC]. The loads are unmasked: lanes past the last channel read channel 0's taps (they are
     never stored), so a load needs no predicate and no zeroed destination."""
     w_rows = w_ptr + tl.where(mask_c, offs_c, 0).to(tl.int64) * stride_wc
     wv = tl.load(w_rows).to(tl.float32)
-    taps = (wv,)
     wsq = wv * wv
-    for tap in tl.static_range(1, KH * KW):
-        wv = tl.load(w_rows + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
-        taps = taps + (wv,)
-        wsq += wv * wv
+    if KH * KW <= CACHED_TAPS:
+        taps = (wv,)
+        for tap in tl.static_range(1, KH * KW):
+            wv = filter_tap((w_rows,), tap, stride_wh, stride_ww, KH, KW)
+            taps = taps + (wv,)
+            wsq += wv * wv
+    else:
+        taps = (w_rows,)
+        for tap in range(1, KH * KW):
+            wv = filter_tap(taps, tap, stride_wh, stride_ww, KH, KW)
+            wsq += wv * wv
     return taps, wsq, tl.rsqrt(wsq + eps)
 
 
 @triton.jit
+def filter_tap(taps, tap, stride_wh, stride_ww, KH: tl.constexpr, KW: tl.constexpr):
+    """Tap ``tap`` (kh * KW + kw) of :func:`depthwise_filter_taps`' filters, [BC] fp32: from its
+    cache (a constexpr ``tap``), or loaded through the filter pointers in ``taps[0]``."""
+    if KH * KW <= CACHED_TAPS and len(taps) == KH * KW:
+        wv = taps[tap]
+    else:
+        wv = tl.load(taps[0] + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
+    return wv
+
+
+@triton.jit
 def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c, in_h, in_w,
-                     stride_xn, stride_xc, stride_xh, stride_xw, dil_h, dil_w,
-                     KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                     stride_xn, stride_xc, stride_xh, stride_xw, stride_wh, stride_ww, dil_h,
+                     dil_w, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
+                     BC: tl.constexpr):
     """The depthwise window of BM output pixels x BC channels, fp32: ``(s, q)`` with s [BM, BC]
     = sum over taps of w x and q [BM, BC] = sum of x^2 (the patch norms squared, one per pixel
-    and channel); ``taps`` from :func:`depthwise_filter_taps`.
+    and channel); ``taps`` from :func:`depthwise_filter_taps` (filter strides stride_wh,
+    stride_ww for taps that are not cached).
 
     The one definition of c for pure depthwise convs: the forward's epilogue and the backward's
     recompute (conv_bwd._depthwise_prep_kernel) both take it with :func:`depthwise_inv_norms`.
@@ -392,7 +419,7 @@ def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
                   & (w_base < in_w - dw))
         x_ptrs = x_base + (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw)
         xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        s += xv * taps[tap][None, :]
+        s += xv * filter_tap(taps, tap, stride_wh, stride_ww, KH, KW)[None, :]
         q += xv * xv
     return s, q
 
@@ -451,8 +478,8 @@ def _sphere_conv_dw_fwd_kernel(
         n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
                                                             conv_stride_w, pad_h, pad_w)
         s, q = depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
-                                in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw, dil_h,
-                                dil_w, KH, KW, BLOCK_M, BLOCK_C)
+                                in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw,
+                                stride_wh, stride_ww, dil_h, dil_w, KH, KW, BLOCK_M, BLOCK_C)
         inv_norms, _ = depthwise_inv_norms(q, inv_rw, eps)
         out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                    + wo.to(tl.int64) * stride_yw)
@@ -614,6 +641,23 @@ def _dw_configs():
     ]
 
 
+def prune_dw_configs(configs, named_args, **kwargs):
+    """Several pixel tiles a program only for filters whose taps stay cached (at most
+    MAX_CACHED_TAPS): a larger filter's columns are loaded in every window, and the compiler
+    hoists those loads out of the tile loop -- 5x5 at 32 x 32 x 4 took 245 registers."""
+    def arg(name):
+        return int(kwargs.get(name, named_args.get(name, 1)))
+
+    if arg("KH") * arg("KW") <= MAX_CACHED_TAPS:
+        return configs
+    single = [c for c in configs if c.kwargs["ROW_BLOCKS"] == 1]
+    if single:
+        return single
+    first = configs[0]   # e.g. SPHEREOPS_AUTOTUNE=0: its one config, a tile a program
+    return [triton.Config({**first.kwargs, "ROW_BLOCKS": 1}, num_warps=first.num_warps,
+                          num_stages=first.num_stages)]
+
+
 def _dw_interpreter_config():
     return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16, "ROW_BLOCKS": 2}, num_warps=4,
                          num_stages=1)
@@ -637,6 +681,7 @@ _sphere_conv_fwd_autotuned = triton.autotune(
 
 _sphere_conv_dw_fwd_autotuned = triton.autotune(
     configs=_dw_cfgs, key=["n_pixels", "channels", "KH", "KW", "stride_xc"],
+    prune_configs_by={"early_config_prune": prune_dw_configs},
 )(_sphere_conv_dw_fwd_kernel)
 
 
@@ -1071,6 +1116,12 @@ def aot_specs():
                               **cfg.kwargs)
             specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
                                _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
+            if cfg.kwargs["ROW_BLOCKS"] == 1:   # 5x5: filter columns loaded in every window
+                specs.append(_spec(name.replace("depthwise_", "depthwise_5x5_"),
+                                   _sphere_conv_dw_fwd_kernel, dtype_name,
+                                   dict(constexprs, KH=5, KW=5), dict(_DW_EXAMPLE, pad_h=2,
+                                                                      pad_w=2),
+                                   cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):
         # the preparation launch (filter packing + norms and the patch-norm pre-pass in one
         # grid); the fused-norm GEMM (patch_norms="fused") and the int64 build on the two

@@ -133,6 +133,10 @@ GRID = [
                  id="depthwise-s2-c20"),
     pytest.param(dict(operator="cosine", c_in=6, c_out=6, groups=6, kernel=(3, 2), stride=(2, 1),
                       padding=(2, 0), dilation=(2, 1), h=9, w=7), id="depthwise-rect-d2"),
+    # a 5x5 depthwise filter: more taps than the kernels keep cached (the grad kernel's
+    # rolled tap loop, the prep pass one tile a program)
+    pytest.param(dict(operator="linear", c_in=10, c_out=10, groups=10, kernel=5, padding=2,
+                      h=7, w=6), id="depthwise-5x5"),
     pytest.param(dict(operator="sigmoid", n=1, c_in=136, c_out=72, h=5, w=6),
                  id="multi-chunk-channels"),
     # one output channel per group: the channelwise prep pass, with several channel tiles (72

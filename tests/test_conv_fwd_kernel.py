@@ -233,6 +233,10 @@ CONV_CASES = {
     "grouped_chunks": dict(n=1, c_in=32, h=5, w=5, c_out=8, kernel=3, padding=1, groups=2),
     # depthwise: the dedicated kernel
     "depthwise": dict(n=2, c_in=12, h=6, w=7, c_out=12, kernel=3, padding=1, groups=12),
+    # depthwise 5x5, strided: more taps than the kernel keeps cached (filter columns loaded
+    # in every window, one pixel tile a program)
+    "depthwise_5x5": dict(n=2, c_in=10, h=9, w=8, c_out=10, kernel=5, stride=2, padding=2,
+                          groups=10),
     # depthwise with a channel multiplier: implicit GEMM with C_in/G = 1, C_out/G = 2
     "depthwise_mult": dict(n=1, c_in=6, h=6, w=6, c_out=12, kernel=3, stride=2, padding=1,
                            groups=6),
@@ -503,6 +507,18 @@ def test_forward_every_gpu_config(cfg, case):
                            channels_last=True)
     out = _run_kernel(inp, config=cfg, force_gemm=True)
     _check_against_reference(inp, out, torch.float32, 1e-5, 1e-5, saves_state=True)
+
+
+def test_depthwise_configs_beyond_the_cached_taps():
+    """Filters with more taps than MAX_CACHED_TAPS keep only one-tile-a-program configs (or
+    the first made one); up to it every config stays."""
+    configs = F._dw_configs()
+    assert F.prune_dw_configs(configs, {}, KH=3, KW=3) == configs
+    kept = F.prune_dw_configs(configs, {}, KH=5, KW=5)
+    assert kept and all(c.kwargs["ROW_BLOCKS"] == 1 for c in kept)
+    assert len(kept) < len(configs)
+    (only,) = F.prune_dw_configs(configs[:1], {}, KH=1, KW=F.MAX_CACHED_TAPS + 1)
+    assert only.kwargs == {**configs[0].kwargs, "ROW_BLOCKS": 1}
 
 
 @pytest.mark.parametrize("cfg", F._dw_configs(),
