@@ -10,7 +10,7 @@ keeping the Triton kernels.
 Compile time dominates this tier (every (dtype, operator, layout, geometry) is a separate
 specialisation of several kernels), so the operator x precision x layout matrix is a covering
 design rather than the full product: every operator, every precision (fp32 with tf32 off and on,
-fp16, bf16), both layouts and five geometries each appear, every (operator, layout) and
+fp16, bf16), both layouts and every geometry appear, every (operator, layout) and
 (precision, layout) pair appears, and the extra tests reuse those compiled specialisations.
 
 ``SPHEREOPS_GPU_REPORT=<file.json>`` records the measured error of every comparison next to its
@@ -51,6 +51,7 @@ GEOMETRIES = {
     "1x1": (32, 128, 256, 32, 1, 1, 0, 1),
     "depthwise": (32, 128, 128, 32, 3, 1, 1, 128),
     "depthwise_s2": (32, 96, 96, 33, 3, 2, 1, 96),
+    "depthwise_5x5": (16, 64, 64, 28, 5, 1, 2, 64),
     "grouped": (32, 128, 128, 32, 3, 1, 1, 4),
 }
 
@@ -67,6 +68,8 @@ CASES = [
     # and stride 2 on an odd size (input pixels no tap reaches; ragged tiles)
     ("linear", "bf16", True, "depthwise"),
     ("cosine", "fp16", True, "depthwise_s2"),
+    # a filter over the cached taps: columns loaded in every window, the rolled grad taps
+    ("sigmoid", "bf16", True, "depthwise_5x5"),
     ("cosine", "fp32", True, "grouped"),
     ("linear", "bf16", False, "grouped"),
     ("cosine", "fp16", True, "3x3_s2"),
