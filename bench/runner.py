@@ -561,11 +561,33 @@ class Runner:
         self.on_progress = on_progress
         self._plain_done: set = set()
         self.interrupted = False
-        self.graphs_ok = True       # False after a failed CUDA-graph capture (no more captures)
+        self.graphs_ok = True       # False after failed captures of two providers (none more)
+        self.graph_failed: set = set()   # providers whose capture failed (not captured again)
         # GPU: the median, as DESIGN section 5 asks.  CPU (a shared 2-core machine, where other
         # processes preempt the timed calls): the minimum, the least-disturbed repeat; both are
         # recorded in every row either way.
         self.statistic_key = "median_ms" if cfg.is_cuda else "min_ms"
+
+    # -- CUDA-graph captures ---------------------------------------------------------------------
+    def capture_allowed(self, prov: str) -> bool:
+        """Whether ``prov``'s calls may still be captured for device time."""
+        return self.graphs_ok and prov not in self.graph_failed
+
+    def capture_failed(self, prov: str, mode: str, error: str) -> None:
+        """A capture of ``prov`` failed: that provider is not captured again (on the H200,
+        torch.compile's fwd+bwd capture failed on one layer, and the run then stopped every
+        capture, the other providers' device times of all later rows lost with it). A failed
+        capture can also leave the process's CUDA state broken (a CUDA-RNG user failed every
+        later job, 20261127-1606; the inputs come from the CPU RNG since): a second provider
+        failing stops all captures."""
+        self.graph_failed.add(prov)
+        if len(self.graph_failed) > 1:
+            self.graphs_ok = False
+            self.notes.append(f"CUDA-graph timing stopped after failed captures of "
+                              f"{', '.join(sorted(self.graph_failed))} ({prov} {mode}: {error})")
+        else:
+            self.notes.append(f"CUDA-graph timing of {prov} stopped after a failed capture "
+                              f"({mode}: {error})")
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -806,7 +828,7 @@ class Runner:
                 continue
             rec = record(prov, mode, status="ok", **common, **res)
             timed[(prov, mode)] = rec
-            if (self.cfg.graphs and self.graphs_ok and device.type == "cuda"
+            if (self.cfg.graphs and self.capture_allowed(prov) and device.type == "cuda"
                     and mode in GRAPH_MODES and not self.budget.exhausted()):
                 try:
                     step, _ = make_steps(fn, inputs, mode)
@@ -815,11 +837,7 @@ class Runner:
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. a sync inside the call
                     rec["graph_error"] = _short_error(exc)
-                    # a failed capture can leave the process's CUDA state (RNG offsets) broken:
-                    # no further captures in this run
-                    self.graphs_ok = False
-                    self.notes.append(f"CUDA-graph timing stopped after a failed capture "
-                                      f"({prov} {mode}: {rec['graph_error']})")
+                    self.capture_failed(prov, mode, rec["graph_error"])
                 _free(device)
             if mode == "fwd+bwd" and device.type == "cuda":
                 try:

@@ -231,6 +231,20 @@ def test_spent_budget_skips_and_says_so():
     assert "skipped for the budget" in REP.summary_markdown(res)
 
 
+def test_a_failed_capture_stops_that_provider_then_all():
+    """One provider's failed CUDA-graph capture stops its own captures only; a second
+    provider's stops every capture (the process's CUDA state may be what is broken)."""
+    run = RN.Runner(_tiny_cfg())
+    assert run.capture_allowed("compiled_best") and run.capture_allowed("sphereops")
+    run.capture_failed("compiled_best", "fwd+bwd", "AcceleratorError: capture")
+    assert not run.capture_allowed("compiled_best")
+    assert run.capture_allowed("sphereops") and run.capture_allowed("conv2d")
+    assert any("compiled_best" in n for n in run.notes)
+    run.capture_failed("sphereops", "fwd", "AcceleratorError: capture")
+    assert not run.capture_allowed("conv2d") and not run.graphs_ok
+    assert "stopped after failed captures of compiled_best, sphereops" in run.notes[-1]
+
+
 def test_measure_times_what_it_runs():
     import time
     res = T.measure(lambda i: time.sleep(0.004), CPU, 2, warmup=1, min_reps=3, max_reps=5,
