@@ -959,18 +959,19 @@ def _depthwise_prep_kernel(
 
 
 @triton.jit
-def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64, m_mask, c_mask, c64,
-                        offs_c, C, Ho, Wo, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, rows, acc, box, c_mask, c64, offs_c, C, Ho,
+                        Wo, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                         DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr):
-    """One tap of _depthwise_grad_kernel for its [BM] input pixels x [BC] channels: ``(h, h w,
-    a)`` -- Hn at the output pixel whose window puts tap (kh, kw) = (tap // KW, tap % KW) on
-    the input pixel (0 where there is none), h times the tap's w / r_w, and A there (both 0
-    without NEED_DX), all fp32.
+    """One tap of _depthwise_grad_kernel for its [BM] input pixels x [BC] channels: ``(h, acc,
+    box)`` -- h = Hn at the output pixel whose window puts tap (kh, kw) = (tap // KW, tap % KW)
+    on the input pixel (0 where there is none), acc + h w / r_w and box + A there (unchanged
+    without NEED_DX), all fp32. ``rows`` = (hp, wp, row0, n64, m_mask) of the pixels.
 
     That output pixel is ((hp - kh DH) / SH, (wp - kw DW) / SW) with hp, wp = the input row and
     column plus the padding, if both divide and lie in the output; at stride 1 its Hn row is
     the tap-0 row ``row0`` = ((n Ho + hp) Wo + wp) C shifted by a scalar, its bounds
     tap-shifted scalars. hn_ptr, a_ptr [M, C] and ws_ptr [KH*KW, C] as the kernel's."""
+    hp, wp, row0, n64, m_mask = rows
     dh = (tap // KW) * DH
     dw = (tap % KW) * DW
     if SH == 1 and SW == 1:
@@ -989,9 +990,9 @@ def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64, m_mask, c
     h = tl.load(hn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if NEED_DX:
         wv = tl.load(ws_ptr + tap * C + offs_c, mask=c_mask, other=0.0)
-        return h, h * wv[None, :], tl.load(a_ptr + offs, mask=mask, other=0.0)
-    else:
-        return h, 0.0, 0.0
+        acc += h * wv[None, :]
+        box += tl.load(a_ptr + offs, mask=mask, other=0.0)
+    return h, acc, box
 
 
 @triton.jit
@@ -1076,22 +1077,19 @@ def _depthwise_grad_kernel(
         hp = hi + PH
         wp = wi + PW
         row0 = ((n64 * Ho + hp) * Wo + wp) * C
+        rows = (hp, wp, row0, n64, m_mask)
         if UNROLL:
             for tap in tl.static_range(KH * KW):
-                h, hw_, a = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64,
-                                                m_mask, c_mask, c64, offs_c, C, Ho, Wo, KW, SH,
-                                                SW, DH, DW, NEED_DX)
-                acc += hw_
-                box += a
+                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, rows, acc, box,
+                                                  c_mask, c64, offs_c, C, Ho, Wo, KW, SH, SW,
+                                                  DH, DW, NEED_DX)
                 if NEED_DW:
                     w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
         else:
             for tap in range(KH * KW):
-                h, hw_, a = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, hp, wp, row0, n64,
-                                                m_mask, c_mask, c64, offs_c, C, Ho, Wo, KW, SH,
-                                                SW, DH, DW, NEED_DX)
-                acc += hw_
-                box += a
+                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, rows, acc, box,
+                                                  c_mask, c64, offs_c, C, Ho, Wo, KW, SH, SW,
+                                                  DH, DW, NEED_DX)
                 if NEED_DW:
                     # this tile's sum for tap t, added into row t of the partials (others + 0)
                     tap_sum = tl.sum(h * xv, axis=0)
