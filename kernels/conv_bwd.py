@@ -91,12 +91,11 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, aligned_count, dense_plane,
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
-from .launch import launch, offsets_need_int64
+from .launch import MAX_PIXELS, launch, offsets_need_int64
 from .launch import next_pow2 as _next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_INT32_MAX = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1461,8 +1460,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     if x.device.type != "cuda" and not interpreting:
         raise ValueError("sphere_conv2d_bwd needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     m_out = n * ho * wo
-    if max(m_out, n * h * wd) > _INT32_MAX:
-        raise ValueError("more than 2^31-1 pixels in one batch is not supported; split the batch")
+    if max(m_out, n * h * wd) > MAX_PIXELS:
+        raise ValueError(f"N*Ho*Wo = {m_out} output and N*H*W = {n * h * wd} input pixels: more "
+                         f"than the kernels' int32 pixel indices take ({MAX_PIXELS} = 2^31 - "
+                         "4097); split the batch")
 
     need_dk = need_dk and operator == "sigmoid"
     need_grads = need_dx or need_dw

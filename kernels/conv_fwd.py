@@ -55,7 +55,7 @@ from .configs import (
 )
 from .epilogue import store_sphere_tile
 from .launch import cdiv as _cdiv
-from .launch import interpreting, launch, offsets_need_int64
+from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64
 from .launch import next_pow2 as _next_pow2
 
 _INTERPRET = interpreting()
@@ -927,8 +927,9 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     fmt = _output_memory_format(x)
     y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     n_pixels = n * ho * wo
-    if n_pixels >= 2 ** 31:
-        raise ValueError(f"N*Ho*Wo = {n_pixels} output pixels exceeds 2^31 - 1; split the batch")
+    if n_pixels > MAX_PIXELS:
+        raise ValueError(f"N*Ho*Wo = {n_pixels} output pixels is more than the kernels' int32 "
+                         f"pixel indices take ({MAX_PIXELS} = 2^31 - 4097); split the batch")
     if c_in_g == 0:
         raise ValueError("C_in/groups must be >= 1")
     flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None,

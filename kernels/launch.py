@@ -69,6 +69,12 @@ def offsets_need_int64(x, first_dim: int, kernel, padding, dilation, other_numel
     return 2 * (max(span + reach, other_numel) + 1) >= 2 ** 31
 
 
+# The most pixels one call's kernels index in int32: a tile's row offsets run up to a tile
+# (at most 4096 rows with the row blocks) past the last pixel before the masks drop them, and
+# must not wrap around there.
+MAX_PIXELS = 2 ** 31 - 1 - 4096
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) in plain Python for the launchers' grids and tiles: triton.cdiv (and
     triton.next_power_of_2) are jit-callables whose argument unwrapping costs ~4 us of host time

@@ -519,6 +519,25 @@ def test_bad_input(override, exc, word):
         _bad_call(**override)
 
 
+@pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "depthwise"])
+def test_pixel_count_limit(groups):
+    """As the forward's: MAX_PIXELS pixels pass (meta tensors: shapes only), one more is
+    refused, naming both pixel counts and what to do."""
+    def call(n):
+        x = torch.empty(n, 4, 1, 1, device="meta")
+        dy = torch.empty(n, 4, 1, 1, device="meta")
+        c = torch.empty(n, 4, 1, 1, device="meta")
+        r_x = torch.empty(n, groups, 1, 1, device="meta")
+        w = torch.empty(4, 4 // groups, 1, 1, device="meta")
+        return sphere_conv2d_bwd(dy, x, w, None, c, r_x, (1, 1), (0, 0), (1, 1), groups,
+                                 "cosine", EPS)
+
+    dx, dw, _, _ = call(conv_fwd.MAX_PIXELS)
+    assert dx.shape == (conv_fwd.MAX_PIXELS, 4, 1, 1) and dw.shape == (4, 4 // groups, 1, 1)
+    with pytest.raises(ValueError, match="int32 pixel indices.*split the batch"):
+        call(conv_fwd.MAX_PIXELS + 1)
+
+
 def test_aot_specs_are_well_formed():
     """The AOT specs name real parameters and type every one of them (compiling them is
     ``make aot-check``)."""

@@ -431,6 +431,21 @@ def test_patch_norms_choice_is_checked():
     assert not F._prepass_fits(1, 2 ** 31, 1, 1)
 
 
+@pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "depthwise"])
+def test_pixel_count_limit(groups):
+    """The kernels index pixels in int32 and a tile runs up to a tile past the last pixel:
+    MAX_PIXELS output pixels pass (shape inference on meta tensors), one more is refused with a
+    message that says what to do, on the GEMM and the depthwise path."""
+    w = torch.empty(4, 4 // groups, 1, 1, device="meta")
+    ok = torch.empty(F.MAX_PIXELS, 4, 1, 1, device="meta")
+    y, _, _ = F.sphere_conv2d_fwd(ok, w, None, None, (1, 1), (0, 0), (1, 1), groups, "cosine",
+                                  EPS)
+    assert y.shape == (F.MAX_PIXELS, 4, 1, 1)
+    over = torch.empty(F.MAX_PIXELS + 1, 4, 1, 1, device="meta")
+    with pytest.raises(ValueError, match="int32 pixel indices.*split the batch"):
+        F.sphere_conv2d_fwd(over, w, None, None, (1, 1), (0, 0), (1, 1), groups, "cosine", EPS)
+
+
 def test_inputs_past_the_prepass_limits_take_fused_norms(monkeypatch):
     """By default an input too large for the pre-pass (here 2^24 pixel tiles x 128 groups:
     more programs than a 1-D grid holds) takes the fused norms, and its preparation launch has
