@@ -364,30 +364,36 @@ def depthwise_filter_taps(w_ptr, offs_c, mask_c, stride_wc, stride_wh, stride_ww
     [BC]. The loads are unmasked: lanes past the last channel read channel 0's taps (they are
     never stored), so a load needs no predicate and no zeroed destination."""
     w_rows = w_ptr + tl.where(mask_c, offs_c, 0).to(tl.int64) * stride_wc
-    wv = tl.load(w_rows).to(tl.float32)
+    wv = _load_filter_tap(w_rows, 0, stride_wh, stride_ww, KW)
     wsq = wv * wv
     if KH * KW <= CACHED_TAPS:
         taps = (wv,)
         for tap in tl.static_range(1, KH * KW):
-            wv = filter_tap((w_rows,), tap, stride_wh, stride_ww, KH, KW)
+            wv = _load_filter_tap(w_rows, tap, stride_wh, stride_ww, KW)
             taps = taps + (wv,)
             wsq += wv * wv
     else:
         taps = (w_rows,)
         for tap in range(1, KH * KW):
-            wv = filter_tap(taps, tap, stride_wh, stride_ww, KH, KW)
+            wv = _load_filter_tap(w_rows, tap, stride_wh, stride_ww, KW)
             wsq += wv * wv
     return taps, wsq, tl.rsqrt(wsq + eps)
 
 
 @triton.jit
+def _load_filter_tap(w_rows, tap, stride_wh, stride_ww, KW: tl.constexpr):
+    return tl.load(w_rows + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
+
+
+@triton.jit
 def filter_tap(taps, tap, stride_wh, stride_ww, KH: tl.constexpr, KW: tl.constexpr):
     """Tap ``tap`` (kh * KW + kw) of :func:`depthwise_filter_taps`' filters, [BC] fp32: from its
-    cache (a constexpr ``tap``), or loaded through the filter pointers in ``taps[0]``."""
-    if KH * KW <= CACHED_TAPS and len(taps) == KH * KW:
+    cache (up to CACHED_TAPS taps; ``tap`` a constexpr then), else loaded through the filter
+    pointers in ``taps[0]``."""
+    if KH * KW <= CACHED_TAPS:
         wv = taps[tap]
     else:
-        wv = tl.load(taps[0] + ((tap // KW) * stride_wh + (tap % KW) * stride_ww)).to(tl.float32)
+        wv = _load_filter_tap(taps[0], tap, stride_wh, stride_ww, KW)
     return wv
 
 
