@@ -451,6 +451,36 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
     assert not bad, "configs off vs float64:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_every_depthwise_config_vs_float64(kernel, request):
+    """Every depthwise forward config the autotuner may pick (after its pruning: a 5x5 filter
+    keeps one tile a program), launched directly on a bf16 channels_last depthwise conv
+    against float64, y to twice bf16's output rounding: the autotuner would pick a wrong tile
+    as readily as a right one."""
+    from sphereops_kernels import conv_fwd
+
+    n, c, hw = 16, 96, 29
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    x = torch.randn(n, c, hw, hw, generator=gen).to(DEVICE, torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, 1, kernel, kernel, generator=gen).to(DEVICE, torch.bfloat16)
+    b = (0.1 * torch.randn(c, generator=gen)).to(DEVICE, torch.bfloat16)
+    geo = ((1, 1), (kernel // 2,) * 2, (1, 1), c)
+    y64, _, _ = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo,
+                                         "linear", EPS)
+    cands = conv_fwd.prune_dw_configs(conv_fwd._dw_configs(), {}, KH=kernel, KW=kernel)
+    assert cands
+    bad = []
+    for cfg in cands:
+        y, _, _ = conv_fwd._sphere_conv2d_fwd_impl(x, w, b, None, *geo, "linear", EPS,
+                                                   config=cfg)
+        y_err = ((y.double() - y64).norm() / y64.norm()).item()
+        _RECORDS.append({"test": request.node.name, "name": f"{cfg}", "y_rel": y_err})
+        if not y_err <= 5e-3:
+            bad.append(f"{cfg}: y rel {y_err:.2e}")
+    assert not bad, "depthwise configs off vs float64:\n" + "\n".join(bad)
+
+
 def test_acos_on_the_gpu():
     """acos_f32 against float64 with the CPU test's bound (3.5e-7 rad): its square root comes
     from the hardware's approximate reciprocal square root plus a Newton step, and the
