@@ -71,7 +71,10 @@ reference), then the shared finalize. DRAM bytes per output element, 16-bit, str
 version read c and r_x too and a separate wgrad re-read Hn and x.
 
 Known limits: grouped convolutions with a few channels per group (but more than one) run
-through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. Eager
+through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. The pure
+depthwise kernels tile [pixels x channels] with the channels contiguous: an NCHW input (and
+dy, dx) is read channel-strided, uncoalesced (the GEMM path stages such inputs; this one does
+not yet). Eager
 launches cost host time per kernel (4-6 launches per call); under CUDA graphs /
 torch.compile that disappears.
 """
