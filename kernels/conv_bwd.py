@@ -219,17 +219,33 @@ def _grad_c_tile(dy_ptr, c_ptr, k_ptr, bias_ptr, dy_row, c_row, offs_o, c_mask, 
 
 
 @triton.jit
-def _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
-                           NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr):
-    """This program's column sums into part_ptr [3, R, C_out] row pid_m: S = sum G c, db = sum
-    dy, dk = sum dy dg/dk (each iff asked)."""
+def _dk_terms(mask, dy, cv, kv):
+    """dy dg/dk of a tile, 0 in the masked lanes: the summands of dk."""
+    return tl.where(mask, dy * dg_dk(cv, kv), 0.0)
+
+
+@triton.jit
+def _store_column_sums(part_ptr, R, pid_m, C_out, offs_o, c_mask, gc, dy, dk_terms,
+                       NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr):
+    """Column sums of [rows x BC] tiles into part_ptr [3, R, C_out] row pid_m: S = sum G c,
+    db = sum dy, dk = sum of dk_terms (each iff asked; masked lanes hold zeros)."""
     if NEED_S:
         tl.store(part_ptr + pid_m * C_out + offs_o, tl.sum(gc, axis=0), mask=c_mask)
     if NEED_DB:
         tl.store(part_ptr + (R + pid_m) * C_out + offs_o, tl.sum(dy, axis=0), mask=c_mask)
     if NEED_DK:
-        dk = tl.where(mask, dy * dg_dk(cv, kv), 0.0)
-        tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk, axis=0), mask=c_mask)
+        tl.store(part_ptr + (2 * R + pid_m) * C_out + offs_o, tl.sum(dk_terms, axis=0),
+                 mask=c_mask)
+
+
+@triton.jit
+def _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, cv, kv, gc,
+                           NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr):
+    """This program's column sums into part_ptr [3, R, C_out] row pid_m: S = sum G c, db = sum
+    dy, dk = sum dy dg/dk (each iff asked)."""
+    dk_terms = _dk_terms(mask, dy, cv, kv) if NEED_DK else gc   # gc: unread without NEED_DK
+    _store_column_sums(part_ptr, R, pid_m, C_out, offs_o, c_mask, gc, dy, dk_terms,
+                       NEED_S, NEED_DB, NEED_DK)
 
 
 @triton.jit
@@ -804,6 +820,15 @@ def _wgrad_kernel(
         kw_k = tap_k % KW
         x_chan = ((g * CGI_P + ci_k).to(tl.int64) * stride_xc)[None, :]
 
+    # the pixel -> (image, row, column) divisors: constexprs (multiply-shifts), or with
+    # RUNTIME_DIV the same values as runtime integers (true divisions)
+    if RUNTIME_DIV:
+        howo_div = howo_rt
+        wo_div = wo_rt
+    else:
+        howo_div = HoWo
+        wo_div = Wo
+
     m_start = s * M_PER_SPLIT
     m_end = tl.where(is_reduce, m_start, tl.minimum(m_start + M_PER_SPLIT, M))
     acc = tl.zeros([BLOCK_O, BLOCK_CI], dtype=tl.float32)
@@ -811,23 +836,13 @@ def _wgrad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
         if FLAT_K:
-            if RUNTIME_DIV:
-                x_offs, x_mask = _flat_input_tile(offs_m, m_mask, kh_k, kw_k, k_mask, H, W,
-                                                  stride_xn, stride_xh, stride_xw, howo_rt, wo_rt,
-                                                  SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
-            else:
-                x_offs, x_mask = _flat_input_tile(offs_m, m_mask, kh_k, kw_k, k_mask, H, W,
-                                                  stride_xn, stride_xh, stride_xw, HoWo, Wo,
-                                                  SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
+            x_offs, x_mask = _flat_input_tile(offs_m, m_mask, kh_k, kw_k, k_mask, H, W,
+                                              stride_xn, stride_xh, stride_xw, howo_div, wo_div,
+                                              SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
         else:
-            if RUNTIME_DIV:
-                x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn,
-                                               stride_xh, stride_xw, howo_rt, wo_rt, SH, SW, PH,
-                                               PW, DH, DW, WIDE_OFFSETS)
-            else:
-                x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn,
-                                               stride_xh, stride_xw, HoWo, Wo, SH, SW, PH, PW,
-                                               DH, DW, WIDE_OFFSETS)
+            x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
+                                           stride_xw, howo_div, wo_div, SH, SW, PH, PW, DH, DW,
+                                           WIDE_OFFSETS)
             x_offs = x_row[:, None]
             x_mask = valid[:, None] & (offs_ci < CGI_P)[None, :]
         if WIDE_OFFSETS:
@@ -951,29 +966,25 @@ def _depthwise_prep_kernel(
         if NEED_DB:
             db_cols += dy
         if NEED_DK:
-            dk_cols += tl.where(mask, dy * dg_dk(cv, kv), 0.0)
-    if NEED_S:
-        tl.store(part_ptr + pid_m * C + offs_o, tl.sum(s_cols, axis=0), mask=c_mask)
-    if NEED_DB:
-        tl.store(part_ptr + (R + pid_m) * C + offs_o, tl.sum(db_cols, axis=0), mask=c_mask)
-    if NEED_DK:
-        tl.store(part_ptr + (2 * R + pid_m) * C + offs_o, tl.sum(dk_cols, axis=0), mask=c_mask)
+            dk_cols += _dk_terms(mask, dy, cv, kv)
+    _store_column_sums(part_ptr, R, pid_m, C, offs_o, c_mask, s_cols, db_cols, dk_cols,
+                       NEED_S, NEED_DB, NEED_DK)
 
 
 @triton.jit
-def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, rows, acc, box, c_mask, c64, offs_c, C, Ho,
+def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, c64, offs_c, C, Ho,
                         Wo, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                         DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr):
     """One tap of _depthwise_grad_kernel for its [BM] input pixels x [BC] channels: ``(h, acc,
     box)`` -- h = Hn at the output pixel whose window puts tap (kh, kw) = (tap // KW, tap % KW)
     on the input pixel (0 where there is none), acc + h w / r_w and box + A there (unchanged
-    without NEED_DX), all fp32. ``rows`` = (hp, wp, row0, n64, m_mask) of the pixels.
+    without NEED_DX), all fp32. ``pix`` = (hp, wp, row0, n64, m_mask) of the input pixels.
 
     That output pixel is ((hp - kh DH) / SH, (wp - kw DW) / SW) with hp, wp = the input row and
     column plus the padding, if both divide and lie in the output; at stride 1 its Hn row is
     the tap-0 row ``row0`` = ((n Ho + hp) Wo + wp) C shifted by a scalar, its bounds
     tap-shifted scalars. hn_ptr, a_ptr [M, C] and ws_ptr [KH*KW, C] as the kernel's."""
-    hp, wp, row0, n64, m_mask = rows
+    hp, wp, row0, n64, m_mask = pix
     dh = (tap // KW) * DH
     dw = (tap % KW) * DW
     if SH == 1 and SW == 1:
@@ -1079,17 +1090,17 @@ def _depthwise_grad_kernel(
         hp = hi + PH
         wp = wi + PW
         row0 = ((n64 * Ho + hp) * Wo + wp) * C
-        rows = (hp, wp, row0, n64, m_mask)
+        pix = (hp, wp, row0, n64, m_mask)
         if UNROLL:
             for tap in tl.static_range(KH * KW):
-                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, rows, acc, box,
+                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
                                                   c_mask, c64, offs_c, C, Ho, Wo, KW, SH, SW,
                                                   DH, DW, NEED_DX)
                 if NEED_DW:
                     w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
         else:
             for tap in range(KH * KW):
-                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, rows, acc, box,
+                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
                                                   c_mask, c64, offs_c, C, Ho, Wo, KW, SH, SW,
                                                   DH, DW, NEED_DX)
                 if NEED_DW:
@@ -1203,7 +1214,7 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> 
                 FLAT_K=flat, num_warps=4, num_stages=3)
 
 
-def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
+def depthwise_config(kernel: str, interpreter: Optional[bool] = None, taps: int = 9) -> dict:
     """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): elementwise
     work over [pixels x channels] tiles, channels contiguous in Hn, A and channels_last x, 4
     elements a thread. Registers and SASS (AOT compiles at several tiles, sm_90, bf16, triton
@@ -1216,14 +1227,20 @@ def depthwise_config(kernel: str, interpreter: Optional[bool] = None) -> dict:
     step at 64 registers, and a kernel this simple is bound by issuing them (edge.depthwise,
     64x256x28x28: ~145 us of issue at full rate for the old build, 417 us measured for the whole
     backward, H200 20261127-1606). Under the interpreter: small tiles, so the test shapes still
-    cover several tiles and their masks (``interpreter`` None: whether it runs now)."""
+    cover several tiles and their masks (``interpreter`` None: whether it runs now). The prep
+    pass takes several pixel tiles a program (ROW_BLOCKS) only for filters of at most
+    MAX_CACHED_TAPS ``taps`` (KH*KW), whose columns stay cached (conv_fwd.prune_dw_configs)."""
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
     if _interpreting() if interpreter is None else interpreter:
-        return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=2)
-    if kernel == "grad":
+        cfg = dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=2)
+    elif kernel == "grad":
         return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4)
-    return dict(BLOCK_M=32, BLOCK_C=32, num_warps=8, ROW_BLOCKS=4)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_C=32, num_warps=8, ROW_BLOCKS=4)
+    if taps > MAX_CACHED_TAPS:
+        cfg["ROW_BLOCKS"] = 1
+    return cfg
 
 
 def prep_config(operator: str, from_output: bool = False) -> dict:
@@ -1665,9 +1682,7 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     dev, dtype = x.device, x.dtype
     m_out = n * ho * wo
     need_grads = need_dx or need_dw
-    cfg = depthwise_config("prep")
-    if kh * kw > MAX_CACHED_TAPS:   # uncached filter columns: one tile a program
-        cfg = dict(cfg, ROW_BLOCKS=1)
+    cfg = depthwise_config("prep", taps=kh * kw)
     r_rows = _cdiv(m_out, cfg["BLOCK_M"] * cfg["ROW_BLOCKS"])
     hn = torch.empty((m_out, c) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((m_out, c) if need_dx else (1,), device=dev, dtype=torch.float32)
@@ -1894,7 +1909,6 @@ def aot_specs() -> list:
         # 5x5: more taps than are cached (the grad kernel's rolled taps, one prep tile a program)
         for label, ks, st in (("3x3", 3, 1), ("3x3_s2", 3, 2), ("5x5", 5, 1)):
             geo = dict(KH=ks, KW=ks, SH=st, SW=st, PH=ks // 2, PW=ks // 2, DH=1, DW=1)
-            rows = prep_cfg["ROW_BLOCKS"] if ks * ks <= MAX_CACHED_TAPS else 1
             specs.append(dict(
                 name=f"conv_bwd_depthwise_prep_sigmoid_{label}_{tag}", fn=_depthwise_prep_kernel,
                 signature=_signature(_depthwise_prep_kernel,
@@ -1905,7 +1919,8 @@ def aot_specs() -> list:
                 constexprs=dict(**geo, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
                                 STORE_HN=True, STORE_A=True, NEED_S=True, NEED_DB=True,
                                 NEED_DK=True, EMULATE_RTNE=False, BLOCK_M=prep_cfg["BLOCK_M"],
-                                BLOCK_C=prep_cfg["BLOCK_C"], ROW_BLOCKS=rows),
+                                BLOCK_C=prep_cfg["BLOCK_C"],
+                                ROW_BLOCKS=depthwise_config("prep", False, ks * ks)["ROW_BLOCKS"]),
                 num_warps=prep_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, **x_strides_cl, **w_strides,
                                   stride_dyn=(h // st) * (w // st) * c, stride_dyc=1,

@@ -70,8 +70,8 @@ def offsets_need_int64(x, first_dim: int, kernel, padding, dilation, other_numel
 
 
 # The most pixels one call's kernels index in int32: a tile's row offsets run up to a tile
-# (at most 4096 rows with the row blocks) past the last pixel before the masks drop them, and
-# must not wrap around there.
+# past the last pixel before the masks drop them (128 rows at most today, the depthwise row
+# blocks included; 4096 leaves room) and must not wrap around there.
 MAX_PIXELS = 2 ** 31 - 1 - 4096
 
 
