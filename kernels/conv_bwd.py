@@ -243,9 +243,12 @@ def _store_column_partials(part_ptr, R, pid_m, C_out, offs_o, c_mask, mask, dy, 
                            NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr):
     """This program's column sums into part_ptr [3, R, C_out] row pid_m: S = sum G c, db = sum
     dy, dk = sum dy dg/dk (each iff asked)."""
-    dk_terms = _dk_terms(mask, dy, cv, kv) if NEED_DK else gc   # gc: unread without NEED_DK
-    _store_column_sums(part_ptr, R, pid_m, C_out, offs_o, c_mask, gc, dy, dk_terms,
-                       NEED_S, NEED_DB, NEED_DK)
+    _store_column_sums(part_ptr, R, pid_m, C_out, offs_o, c_mask, gc, dy, gc, NEED_S, NEED_DB,
+                       False)
+    if NEED_DK:   # formed after the other stores, as before: formed first, the sigmoid prep's
+        # sm_90 build went from 163 registers to 96 plus 16 B of stack (make aot-check)
+        _store_column_sums(part_ptr, R, pid_m, C_out, offs_o, c_mask, gc, dy,
+                           _dk_terms(mask, dy, cv, kv), False, False, True)
 
 
 @triton.jit
