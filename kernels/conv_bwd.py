@@ -88,9 +88,10 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
-from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, aligned_count, dense_plane,
-                       depthwise_filter_taps, depthwise_inv_norms, depthwise_window, filter_tap,
-                       stage_input_tile, staged_channels)
+from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, dense_plane,
+                       depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
+                       depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
+                       load_tile, stage_input_tile, staged_channels, tile_ptrs)
 from .epilogue import to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -877,6 +878,25 @@ def _wgrad_kernel(
 
 
 @triton.jit
+def _dw_state_offsets(tile, n, pix, c64, C, HoWo, ROW_W: tl.constexpr, BM: tl.constexpr):
+    """Offsets of the depthwise backward's state Hn and A (written by the prep kernel, read by
+    the grad kernel) for the pixels of a tile and channels c64 [BC] int64: ``(rows [BM], cols
+    [BC])``, int64, the element at rows[:, None] + cols[None, :].
+
+    ROW_W 0 (channels_last x): [N*Ho*Wo, C], channels contiguous, the pixels flat -- ``tile`` of
+    :func:`conv_fwd.depthwise_pixel_tile`'s consecutive BM pixels, so the row is the flat index.
+    ROW_W > 0 (NCHW x): [N, C, Ho*Wo], pixels contiguous, n the tile's image and pix [BM] the
+    pixel within it (ho * Wo + wo) -- along a row, like x's loads and dy's."""
+    if ROW_W == 0:
+        rows = (tile * BM + tl.arange(0, BM)).to(tl.int64) * C
+        cols = c64
+    else:
+        rows = n.to(tl.int64) * C * HoWo + pix
+        cols = c64 * HoWo
+    return rows, cols
+
+
+@triton.jit
 def _depthwise_prep_kernel(
     dy_ptr, x_ptr, w_ptr, k_ptr, hn_ptr, a_ptr, rw_ptr, ws_ptr, part_ptr,
     M, C, H, W, Ho, Wo, R, stride_k, eps,
@@ -889,7 +909,7 @@ def _depthwise_prep_kernel(
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    ROW_BLOCKS: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr, ROW_W: tl.constexpr,
 ):
     """The prep pass of a pure depthwise conv (C_in = C_out = G = C), from dy, x and w: the
     forward saved nothing, so each (output pixel, channel) recomputes its window exactly as the
@@ -899,18 +919,20 @@ def _depthwise_prep_kernel(
     dy_ptr: [N, C, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     x_ptr:  [N, C, H, W], strides (stride_xn, ...). w_ptr: [C, 1, KH, KW] strides (stride_wc, -,
             stride_wh, stride_ww). k_ptr: [C], stride stride_k (read iff sigmoid).
-    hn_ptr: [M = N*Ho*Wo, C] contiguous, input dtype (iff STORE_HN).
-    a_ptr:  [M, C] fp32 contiguous (iff STORE_A): pixel-major like Hn, as the depthwise grad
-            kernel reads both along the channels at every tap.
+    hn_ptr: Hn, input dtype (iff STORE_HN), in the layout of :func:`_dw_state_offsets`:
+            [M = N*Ho*Wo, C] contiguous (ROW_W 0, channels_last x) or [N, C, Ho*Wo]
+            contiguous (row tiles, NCHW x) -- along the axis x's loads run.
+    a_ptr:  A, fp32 (iff STORE_A), laid out as Hn.
     rw_ptr: [C] fp32, r_w = sqrt(||w_c||^2 + eps), written by the pid_m == 0 programs.
     ws_ptr: [KH*KW, C] fp32 contiguous, w[c, tap] / r_w[c] (iff STORE_A: the grad kernel's dx
             taps, one vector load a tap there instead of a strided load, a conversion and a
             product per channel), written by the pid_m == 0 programs.
     part_ptr: [3, R, C] fp32 partials as _prep_kernel's (conv_bwd's reduction follows), one
             row a program.
-    R = cdiv(M, BLOCK_M * ROW_BLOCKS) = grid axis 0: a program takes ROW_BLOCKS consecutive
-    tiles of BLOCK_M output pixels, which share its filter loads (conv_fwd.
-    depthwise_filter_taps) and its column sums (summed across the rows once, at the end).
+    R = grid axis 0: a program takes ROW_BLOCKS consecutive tiles of BLOCK_M output pixels
+    (conv_fwd.depthwise_pixel_tile: ROW_W 0 consecutive pixels, else blocks of rows up to
+    ROW_W wide), which share its filter loads (conv_fwd.depthwise_filter_taps) and its column
+    sums (summed across the rows once, at the end).
     KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation. OPERATOR, DELTA,
     STORE_*, NEED_*, EMULATE_RTNE as _prep_kernel.
     Grid: (R, cdiv(C, BLOCK_C)).
@@ -938,26 +960,27 @@ def _depthwise_prep_kernel(
     s_cols = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     db_cols = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     dk_cols = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    n_images = M // (Ho * Wo)
+    ROWS_FAST: tl.constexpr = ROW_W > 0
     for rb in range(ROW_BLOCKS):
-        offs_m = (pid_m * ROW_BLOCKS + rb) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
+        tile = pid_m * ROW_BLOCKS + rb
+        n, ho, wo, m_mask = depthwise_pixel_tile(tile, n_images, Ho, Wo, ROW_W, BLOCK_M)
         mask = m_mask[:, None] & c_mask[None, :]
-        n = offs_m // (Ho * Wo)
-        hw = offs_m % (Ho * Wo)
-        ho = hw // Wo
-        wo = hw % Wo
         s, q = depthwise_window(x_ptr, taps, n, ho * SH - PH, wo * SW - PW, m_mask, offs_o,
                                 c_mask, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                                stride_wh, stride_ww, DH, DW, KH, KW, BLOCK_M, BLOCK_C)
+                                stride_wh, stride_ww, DH, DW, KH, KW, BLOCK_M, BLOCK_C,
+                                ROWS_FAST)
         inv_norms, inv_rx = depthwise_inv_norms(q, inv_rw, eps)
         cv = clamp_cos(s * inv_norms)
         dy_row = (n.to(tl.int64) * stride_dyn + ho.to(tl.int64) * stride_dyh
                   + wo.to(tl.int64) * stride_dyw)
-        dy = tl.load(dy_ptr + dy_row[:, None] + (o64 * stride_dyc)[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
+        dy = load_tile(tile_ptrs(dy_ptr, dy_row, o64 * stride_dyc, ROWS_FAST), m_mask, c_mask,
+                       ROWS_FAST).to(tl.float32)
         grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
         gc = grad_c * cv
-        rows = offs_m.to(tl.int64)[:, None] * C + o64[None, :]
+        pix_rows, chan_cols = _dw_state_offsets(tile, n, ho * Wo + wo, o64, C, Ho * Wo, ROW_W,
+                                                BLOCK_M)
+        rows = pix_rows[:, None] + chan_cols[None, :]
         if STORE_HN:
             tl.store(hn_ptr + rows, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE),
                      mask=mask)
@@ -975,24 +998,28 @@ def _depthwise_prep_kernel(
 
 
 @triton.jit
-def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, c64, offs_c, C, Ho,
+def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, cols, offs_c, C, Ho,
                         Wo, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr):
+                        DH: tl.constexpr, DW: tl.constexpr, NEED_DX: tl.constexpr,
+                        ROW_W: tl.constexpr):
     """One tap of _depthwise_grad_kernel for its [BM] input pixels x [BC] channels: ``(h, acc,
     box)`` -- h = Hn at the output pixel whose window puts tap (kh, kw) = (tap // KW, tap % KW)
     on the input pixel (0 where there is none), acc + h w / r_w and box + A there (unchanged
     without NEED_DX), all fp32. ``pix`` = (hp, wp, row0, n64, m_mask) of the input pixels.
 
     That output pixel is ((hp - kh DH) / SH, (wp - kw DW) / SW) with hp, wp = the input row and
-    column plus the padding, if both divide and lie in the output; at stride 1 its Hn row is
-    the tap-0 row ``row0`` = ((n Ho + hp) Wo + wp) C shifted by a scalar, its bounds
-    tap-shifted scalars. hn_ptr, a_ptr [M, C] and ws_ptr [KH*KW, C] as the kernel's."""
+    column plus the padding, if both divide and lie in the output; at stride 1 its state row
+    is the tap-0 row ``row0`` (the state row of output pixel (hp, wp)) shifted by a scalar, its
+    bounds tap-shifted scalars. Hn and A are in _dw_state_offsets' layout for ROW_W (cols: its
+    channel offsets); ws_ptr [KH*KW, C] as the kernel's."""
     hp, wp, row0, n64, m_mask = pix
     dh = (tap // KW) * DH
     dw = (tap % KW) * DW
+    # a pixel's step in the state: C (channels_last order) or 1 (planes, ROW_W > 0)
+    pixel_step = C if ROW_W == 0 else 1
     if SH == 1 and SW == 1:
         valid = m_mask & (hp >= dh) & (hp < Ho + dh) & (wp >= dw) & (wp < Wo + dw)
-        rows = row0 - (dh * Wo + dw).to(tl.int64) * C
+        rows = row0 - (dh * Wo + dw).to(tl.int64) * pixel_step
     else:
         th = hp - dh
         tw = wp - dw
@@ -1000,21 +1027,24 @@ def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, c64, 
         wo = tw // SW
         valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
                  & (ho < Ho) & (wo < Wo))
-        rows = ((n64 * Ho + ho) * Wo + wo) * C
-    mask = valid[:, None] & c_mask[None, :]
-    offs = rows[:, None] + c64[None, :]
-    h = tl.load(hn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ROW_W == 0:
+            rows = ((n64 * Ho + ho) * Wo + wo) * C
+        else:
+            rows = n64 * C * Ho * Wo + ho * Wo + wo
+    ROWS_FAST: tl.constexpr = ROW_W > 0
+    offs = tile_ptrs(0, rows, cols, ROWS_FAST)
+    h = load_tile(hn_ptr + offs, valid, c_mask, ROWS_FAST).to(tl.float32)
     if NEED_DX:
         wv = tl.load(ws_ptr + tap * C + offs_c, mask=c_mask, other=0.0)
         acc += h * wv[None, :]
-        box += tl.load(a_ptr + offs, mask=mask, other=0.0)
+        box += load_tile(a_ptr + offs, valid, c_mask, ROWS_FAST)
     return h, acc, box
 
 
 @triton.jit
 def _depthwise_grad_kernel(
     hn_ptr, a_ptr, ws_ptr, x_ptr, dx_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
-    n_in_pixels, C, H, W, Ho, Wo, PIX_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
+    n_images, C, H, W, Ho, Wo, n_tiles, TILES_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -1023,7 +1053,7 @@ def _depthwise_grad_kernel(
     TAPS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_W: tl.constexpr,
 ):
     """Pure depthwise dx and weight-gradient partials in one pass over the input pixels.
 
@@ -1038,16 +1068,18 @@ def _depthwise_grad_kernel(
     So Hn and x are read once for both gradients (the wgrad of a separate kernel read them again,
     once per tap).
 
-    hn_ptr: [M = N*Ho*Wo, C] contiguous (Hn = G / r_x, input dtype).
-    a_ptr:  [M, C] fp32 contiguous (A), read iff NEED_DX.
+    hn_ptr: Hn = G / r_x (input dtype) and a_ptr: A (fp32, read iff NEED_DX), in
+            _dw_state_offsets' layout for ROW_W ([N*Ho*Wo, C] for 0, [N, C, Ho*Wo] else).
     ws_ptr: [KH*KW, C] fp32 contiguous, w[c, tap] / r_w[c] (from the prep kernel), read iff
             NEED_DX.
     x_ptr / dx_ptr: [N, C, H, W], strides (stride_xn, ...) / (stride_dxn, ...); dx written
             iff NEED_DX.
     part_ptr: [SPLIT, KH*KW, C] fp32 contiguous (iff NEED_DW): _dw_finalize_kernel's layout
             (C_in per group 1), still to be divided by r_w there.
-    n_in_pixels = N*H*W (< 2^31, checked by the launcher); program s takes input pixels
-    [s * PIX_PER_SPLIT, (s + 1) * PIX_PER_SPLIT), a multiple of BLOCK_M, BLOCK_M at a time.
+    n_images = N; the input pixels (N*H*W < 2^31, checked by the launcher) in n_tiles tiles of
+    BLOCK_M (conv_fwd.depthwise_pixel_tile, ROW_W as there: 0 for channels_last x, else the
+    row width for NCHW); program s takes tiles [s * TILES_PER_SPLIT, (s + 1) *
+    TILES_PER_SPLIT).
     KH, KW, SH, SW, PH, PW, DH, DW: filter size, stride, padding, dilation. TAPS: KH*KW rounded
     up to a power of two (the partials' register tile). EMULATE_RTNE: interpreter-only bf16
     rounding (epilogue.to_dtype_of).
@@ -1074,38 +1106,40 @@ def _depthwise_grad_kernel(
     UNROLL: tl.constexpr = KH * KW <= CACHED_TAPS
     w_acc = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * (KH * KW if UNROLL else 1)
     w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
-    p_start = split * PIX_PER_SPLIT
-    p_end = tl.where(is_reduce, p_start, tl.minimum(p_start + PIX_PER_SPLIT, n_in_pixels))
-    for m0 in range(p_start, p_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < p_end
-        n = offs_m // (H * W)
-        rem = offs_m % (H * W)
-        hi = rem // W
-        wi = rem % W
+    ROWS_FAST: tl.constexpr = ROW_W > 0
+    # the state's channel offsets (_dw_state_offsets)
+    cols = c64 if ROW_W == 0 else c64 * (Ho * Wo)
+    t_start = split * TILES_PER_SPLIT
+    t_end = tl.where(is_reduce, t_start, tl.minimum(t_start + TILES_PER_SPLIT, n_tiles))
+    for t in range(t_start, t_end):
+        n, hi, wi, m_mask = depthwise_pixel_tile(t, n_images, H, W, ROW_W, BLOCK_M)
         n64 = n.to(tl.int64)
         out_mask = m_mask[:, None] & c_mask[None, :]
         x_row = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
-        xv = tl.load(x_ptr + x_row[:, None] + (c64 * stride_xc)[None, :], mask=out_mask,
-                     other=0.0).to(tl.float32)
+        xv = load_tile(tile_ptrs(x_ptr, x_row, c64 * stride_xc, ROWS_FAST), m_mask, c_mask,
+                       ROWS_FAST).to(tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         hp = hi + PH
         wp = wi + PW
-        row0 = ((n64 * Ho + hp) * Wo + wp) * C
+        # the state row of output pixel (hp, wp), which tap 0 reads at stride 1
+        if ROW_W == 0:
+            row0 = ((n64 * Ho + hp) * Wo + wp) * C
+        else:
+            row0 = n64 * C * Ho * Wo + hp * Wo + wp
         pix = (hp, wp, row0, n64, m_mask)
         if UNROLL:
             for tap in tl.static_range(KH * KW):
                 h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
-                                                  c_mask, c64, offs_c, C, Ho, Wo, KW, SH, SW,
-                                                  DH, DW, NEED_DX)
+                                                  c_mask, cols, offs_c, C, Ho, Wo, KW, SH, SW,
+                                                  DH, DW, NEED_DX, ROW_W)
                 if NEED_DW:
                     w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
         else:
             for tap in range(KH * KW):
                 h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
-                                                  c_mask, c64, offs_c, C, Ho, Wo, KW, SH, SW,
-                                                  DH, DW, NEED_DX)
+                                                  c_mask, cols, offs_c, C, Ho, Wo, KW, SH, SW,
+                                                  DH, DW, NEED_DX, ROW_W)
                 if NEED_DW:
                     # this tile's sum for tap t, added into row t of the partials (others + 0)
                     tap_sum = tl.sum(h * xv, axis=0)
@@ -1217,7 +1251,8 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> 
                 FLAT_K=flat, num_warps=4, num_stages=3)
 
 
-def depthwise_config(kernel: str, interpreter: Optional[bool] = None, taps: int = 9) -> dict:
+def depthwise_config(kernel: str, interpreter: Optional[bool] = None, taps: int = 9,
+                     rows: bool = False) -> dict:
     """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): elementwise
     work over [pixels x channels] tiles, channels contiguous in Hn, A and channels_last x, 4
     elements a thread. Registers and SASS (AOT compiles at several tiles, sm_90, bf16, triton
@@ -1232,13 +1267,21 @@ def depthwise_config(kernel: str, interpreter: Optional[bool] = None, taps: int 
     backward, H200 20261127-1606). Under the interpreter: small tiles, so the test shapes still
     cover several tiles and their masks (``interpreter`` None: whether it runs now). The prep
     pass takes several pixel tiles a program (ROW_BLOCKS) only for filters of at most
-    MAX_CACHED_TAPS ``taps`` (KH*KW), whose columns stay cached (conv_fwd.prune_dw_configs)."""
+    MAX_CACHED_TAPS ``taps`` (KH*KW), whose columns stay cached (conv_fwd.prune_dw_configs).
+
+    ``rows``: tiles for NCHW x (row tiles, lanes along the pixels: conv_fwd.
+    depthwise_pixel_tile), where a thread holds one pixel of several channels, so the channel
+    tile narrows to 16 at the same 4 elements a thread: the prep pass 32 x 16 x 4 row blocks
+    with 4 warps (157 registers linear, 185 sigmoid; 64 x 16 x 2 took 255 with sigmoid), the
+    grad kernel 32 x 16 with 4 warps (168 registers, three CTAs an SM as channels_last's)."""
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
     if _interpreting() if interpreter is None else interpreter:
         cfg = dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=2)
     elif kernel == "grad":
-        return dict(BLOCK_M=16, BLOCK_C=32, num_warps=4)
+        return dict(BLOCK_M=32 if rows else 16, BLOCK_C=16 if rows else 32, num_warps=4)
+    elif rows:
+        cfg = dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=4)
     else:
         cfg = dict(BLOCK_M=32, BLOCK_C=32, num_warps=8, ROW_BLOCKS=4)
     if taps > MAX_CACHED_TAPS:
@@ -1685,10 +1728,13 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     dev, dtype = x.device, x.dtype
     m_out = n * ho * wo
     need_grads = need_dx or need_dw
-    cfg = depthwise_config("prep", taps=kh * kw)
-    r_rows = _cdiv(m_out, cfg["BLOCK_M"] * cfg["ROW_BLOCKS"])
-    hn = torch.empty((m_out, c) if need_grads else (1,), device=dev, dtype=dtype)
-    a_buf = torch.empty((m_out, c) if need_dx else (1,), device=dev, dtype=torch.float32)
+    # NCHW x: tiles of output rows, read along the pixels, and Hn / A in planes (ROW_W > 0)
+    row_w = depthwise_row_width(x, wo)
+    cfg = depthwise_config("prep", taps=kh * kw, rows=row_w > 0)
+    r_rows = _cdiv(depthwise_tile_count(n, ho, wo, row_w, cfg["BLOCK_M"]), cfg["ROW_BLOCKS"])
+    # Hn and A: [N*Ho*Wo, C] or [N, C, Ho*Wo] (_dw_state_offsets), flat here
+    hn = torch.empty((m_out * c,) if need_grads else (1,), device=dev, dtype=dtype)
+    a_buf = torch.empty((m_out * c,) if need_dx else (1,), device=dev, dtype=torch.float32)
     r_w = torch.empty(c, device=dev, dtype=torch.float32)
     w_scaled = torch.empty((kh * kw, c) if need_dx else (1,), device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c), device=dev, dtype=torch.float32)
@@ -1701,21 +1747,23 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
             **geometry, OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
             NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            ROW_BLOCKS=cfg["ROW_BLOCKS"], num_warps=cfg["num_warps"])
+            ROW_BLOCKS=cfg["ROW_BLOCKS"], ROW_W=row_w, num_warps=cfg["num_warps"])
     # the final level rides in the grad launch when there is one (as in the GEMM path's wgrad)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads)
     dx = dw = None
     if need_grads:
-        cfg = depthwise_config("grad")
-        n_in = n * h * wd
-        steps = _cdiv(n_in, cfg["BLOCK_M"])
+        # the state's layout is the prep's (row_w > 0: planes); the input pixels' row tiles
+        # take the input's own width
+        in_row_w = depthwise_row_width(x, wd) if row_w else 0
+        cfg = depthwise_config("grad", rows=row_w > 0)
+        steps = depthwise_tile_count(n, h, wd, in_row_w, cfg["BLOCK_M"])
         c_tiles = _cdiv(c, cfg["BLOCK_C"])
         # without dw every tile is its own program; with it, contiguous ranges of tiles (the
         # partials grow with the number of ranges): about as many programs as fit at once
         split = _depthwise_split(steps, c_tiles, dev) if need_dw else steps
-        pix_per_split = _cdiv(steps, split) * cfg["BLOCK_M"]
-        split = _cdiv(n_in, pix_per_split)
+        tiles_per_split = _cdiv(steps, split)
+        split = _cdiv(steps, tiles_per_split)
         dx = torch.empty_like(x) if need_dx else None  # preserves NCHW / channels_last
         w_part = torch.empty((split, kh * kw, c, 1) if need_dw else (1,), device=dev,
                              dtype=torch.float32)
@@ -1725,13 +1773,13 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
         grid = (split + _cdiv(red_programs, c_tiles), c_tiles)
         _launch(_depthwise_grad_kernel, grid,
                 (hn, a_buf, w_scaled, x, dx_arg, w_part, red_level, s_sum,
-                 db if need_db else s_sum, dk if need_dk else s_sum, n_in, c, h, wd, ho, wo,
-                 pix_per_split, split, red_rows, red_programs, *x.stride(),
+                 db if need_db else s_sum, dk if need_dk else s_sum, n, c, h, wd, ho, wo, steps,
+                 tiles_per_split, split, red_rows, red_programs, *x.stride(),
                  *(dx.stride() if need_dx else x.stride())),
                 **geometry, NEED_DX=need_dx, NEED_DW=need_dw, TAPS=_next_pow2(kh * kw),
                 EMULATE_RTNE=rtne, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+                BLOCK_C=cfg["BLOCK_C"], ROW_W=in_row_w, num_warps=cfg["num_warps"])
         if need_dw:
             dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
     return dx, dw, db, dk
@@ -1904,16 +1952,30 @@ def aot_specs() -> list:
                                   M_PER_SPLIT=512, R=2048, RED_PROGRAMS=0, howo_rt=32 * 32, wo_rt=32,
                                   stride_xn=32 * 32 * 3, stride_xc=1, stride_xh=32 * 3,
                                   stride_xw=3)))
-        # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2; GPU tiles;
-        # the prep pass with the heaviest operator (sigmoid: arccos and exps per element)
-        prep_cfg = depthwise_config("prep", interpreter=False)
-        grad_cfg = depthwise_config("grad", interpreter=False)
+        # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2, 5x5; GPU
+        # tiles; the prep pass with the heaviest operator (sigmoid: arccos and exps per element);
+        # channels_last x (flat pixel tiles) and NCHW x (row tiles, state in planes)
         w_strides = dict(stride_wc=9, stride_wh=3, stride_ww=1)
-        # 5x5: more taps than are cached (the grad kernel's rolled taps, one prep tile a program)
-        for label, ks, st in (("3x3", 3, 1), ("3x3_s2", 3, 2), ("5x5", 5, 1)):
+        for layout, label, ks, st in (("cl", "3x3", 3, 1), ("cl", "3x3_s2", 3, 2),
+                                      ("cl", "5x5", 5, 1), ("nchw", "3x3", 3, 1),
+                                      ("nchw", "3x3_s2", 3, 2)):
+            rows = layout == "nchw"
+            prep_cfg = depthwise_config("prep", False, ks * ks, rows=rows)
+            grad_cfg = depthwise_config("grad", False, rows=rows)
             geo = dict(KH=ks, KW=ks, SH=st, SW=st, PH=ks // 2, PW=ks // 2, DH=1, DW=1)
+            ho, wo = h // st, w // st
+            name = f"{label}_{tag}" if layout == "cl" else f"{label}_nchw_{tag}"
+            if rows:
+                x_strides = dict(stride_xn=c * h * w, stride_xc=h * w, stride_xh=w, stride_xw=1)
+                dy_strides = dict(stride_dyn=c * ho * wo, stride_dyc=ho * wo, stride_dyh=wo,
+                                  stride_dyw=1)
+            else:
+                x_strides = x_strides_cl
+                dy_strides = dict(stride_dyn=ho * wo * c, stride_dyc=1, stride_dyh=wo * c,
+                                  stride_dyw=c)
+            dx_strides = {k.replace("_x", "_dx"): v for k, v in x_strides.items()}
             specs.append(dict(
-                name=f"conv_bwd_depthwise_prep_sigmoid_{label}_{tag}", fn=_depthwise_prep_kernel,
+                name=f"conv_bwd_depthwise_prep_sigmoid_{name}", fn=_depthwise_prep_kernel,
                 signature=_signature(_depthwise_prep_kernel,
                                      {"dy_ptr": t, "x_ptr": t, "w_ptr": t, "k_ptr": t, "hn_ptr": t,
                                       "a_ptr": "*fp32", "rw_ptr": "*fp32", "ws_ptr": "*fp32",
@@ -1922,14 +1984,13 @@ def aot_specs() -> list:
                 constexprs=dict(**geo, OPERATOR=OPERATOR_CODES["sigmoid"], DELTA=1e-6,
                                 STORE_HN=True, STORE_A=True, NEED_S=True, NEED_DB=True,
                                 NEED_DK=True, EMULATE_RTNE=False, BLOCK_M=prep_cfg["BLOCK_M"],
-                                BLOCK_C=prep_cfg["BLOCK_C"],
-                                ROW_BLOCKS=depthwise_config("prep", False, ks * ks)["ROW_BLOCKS"]),
+                                BLOCK_C=prep_cfg["BLOCK_C"], ROW_BLOCKS=prep_cfg["ROW_BLOCKS"],
+                                ROW_W=min(_next_pow2(wo), MAX_ROW_W) if rows else 0),
                 num_warps=prep_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-                example_args=dict(C=c, **x_strides_cl, **w_strides,
-                                  stride_dyn=(h // st) * (w // st) * c, stride_dyc=1,
-                                  stride_dyh=(w // st) * c, stride_dyw=c)))
+                example_args=dict(C=c, H=h, W=w, Ho=ho, Wo=wo, **x_strides, **w_strides,
+                                  **dy_strides)))
             specs.append(dict(
-                name=f"conv_bwd_depthwise_grad_{label}_{tag}", fn=_depthwise_grad_kernel,
+                name=f"conv_bwd_depthwise_grad_{name}", fn=_depthwise_grad_kernel,
                 signature=_signature(_depthwise_grad_kernel,
                                      {"hn_ptr": t, "a_ptr": "*fp32", "ws_ptr": "*fp32",
                                       "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32",
@@ -1937,12 +1998,11 @@ def aot_specs() -> list:
                                       "dk_ptr": t}),
                 constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=_next_pow2(ks * ks),
                                 **_FOLDED_REDUCE, BLOCK_M=grad_cfg["BLOCK_M"],
-                                BLOCK_C=grad_cfg["BLOCK_C"]),
+                                BLOCK_C=grad_cfg["BLOCK_C"],
+                                ROW_W=min(_next_pow2(w), MAX_ROW_W) if rows else 0),
                 num_warps=grad_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
-                example_args=dict(C=c, PIX_PER_SPLIT=4096, SPLIT=528, R=400,
-                                  RED_PROGRAMS=c // 32, **x_strides_cl,
-                                  stride_dxn=h * w * c, stride_dxc=1, stride_dxh=w * c,
-                                  stride_dxw=c)))
+                example_args=dict(C=c, H=h, W=w, Ho=ho, Wo=wo, TILES_PER_SPLIT=256, SPLIT=528,
+                                  R=400, RED_PROGRAMS=c // 32, **x_strides, **dx_strides)))
         # the memory-bound passes, once per dtype: the sigmoid prep (the heaviest epilogue) and
         # the saved-output variant (c recovered from y and the bias, with a sine for linear),
         # each with its filter programs (r_w and w_hat) for 3x3 filters of 128 input channels

@@ -32,7 +32,9 @@ Pure depthwise convs (C_in/G == C_out/G == 1), one launch: ``_sphere_conv_dw_fwd
 padding), the filter norms summed from the weights its taps load. Memory-bound, so it moves
 what cuDNN moves -- x in, y out -- and saves neither c nor r_x (an fp32 r_x per channel would
 be twice y's bytes): the backward recomputes both with the same ``depthwise_window`` /
-``depthwise_inv_norms`` (``conv_bwd._depthwise_prep_kernel``).
+``depthwise_inv_norms`` (``conv_bwd._depthwise_prep_kernel``). Channels_last tiles are
+consecutive pixels with the lanes along the channels; NCHW tiles are whole rows with the lanes
+along the pixels (``depthwise_pixel_tile``, ``tile_ptrs``), each layout with its own configs.
 
 The launcher ``sphere_conv2d_fwd`` follows docs/ARCHITECTURE.md exactly.
 """
@@ -398,10 +400,94 @@ def filter_tap(taps, tap, stride_wh, stride_ww, KH: tl.constexpr, KW: tl.constex
 
 
 @triton.jit
+def depthwise_pixel_tile(tile, n_images, height, width, ROW_W: tl.constexpr, BM: tl.constexpr):
+    """Pixel tile ``tile`` of an [n_images, height, width] pixel grid: ``(n, h, w, mask)``, each
+    [BM] (n a scalar for row tiles), int32.
+
+    ROW_W == 0: BM consecutive pixels in (n, h, w) order -- for channels_last tensors, whose
+    channels are the contiguous axis, so the pixels' order does not matter.
+    ROW_W > 0: a block of BM // TW rows x TW columns of one image, TW = min(ROW_W, BM) (the
+    launcher's next power of two of the width, capped) -- for NCHW tensors, whose pixels along
+    a row are the contiguous axis: the lanes of a load then run along a row, and Triton sees
+    the TW-long contiguity (no division by a runtime width splits it) and coalesces along it.
+    The tiles of an image run row block by row block, TW-wide column blocks within."""
+    r = tl.arange(0, BM)
+    if ROW_W == 0:
+        offs = tile * BM + r
+        mask = offs < n_images * height * width
+        n = offs // (height * width)
+        hw = offs % (height * width)
+        h = hw // width
+        w = hw % width
+    else:
+        TW: tl.constexpr = ROW_W if ROW_W < BM else BM
+        col_tiles = tl.cdiv(width, TW)
+        image_tiles = tl.cdiv(height, BM // TW) * col_tiles
+        n = tile // image_tiles
+        t = tile % image_tiles
+        h = (t // col_tiles) * (BM // TW) + r // TW
+        w = (t % col_tiles) * TW + r % TW
+        # a tile past the last image (a program's last row blocks) has no rows
+        mask = (h < tl.where(n < n_images, height, 0)) & (w < width)
+    return n, h, w, mask
+
+
+def depthwise_tile_count(n_images: int, height: int, width: int, row_w: int, bm: int) -> int:
+    """How many :func:`depthwise_pixel_tile` tiles of BM pixels cover the grid (host side)."""
+    if row_w == 0:
+        return _cdiv(n_images * height * width, bm)
+    tw = min(row_w, bm)
+    return n_images * _cdiv(height, bm // tw) * _cdiv(width, tw)
+
+
+# Row tiles are at most this wide (wider rows take several column blocks).
+MAX_ROW_W = 64
+
+
+def depthwise_row_width(t: torch.Tensor, width: int) -> int:
+    """The ROW_W constexpr of the depthwise kernels for tensor ``t`` [N, C, H, W] whose pixel
+    grid is ``width`` wide: 0 (flat pixel tiles) when its channels are contiguous (channels_last),
+    else the width's next power of two up to MAX_ROW_W (row tiles, see
+    :func:`depthwise_pixel_tile`)."""
+    if t.stride(1) == 1 and t.shape[1] > 1:
+        return 0
+    return min(_next_pow2(max(width, 1)), MAX_ROW_W)
+
+
+@triton.jit
+def tile_ptrs(ptr, rows, cols, ROWS_FAST: tl.constexpr):
+    """Pointers ptr + rows[:, None] + cols[None, :] of a [BM, BC] tile (rows: pixel offsets,
+    cols: channel offsets; ptr 0 gives the offsets alone) -- held transposed, [BC, BM], when
+    ROWS_FAST; read them with :func:`load_tile`.
+
+    Why transposed: Triton lays a load's lanes along the axis it can prove contiguous and, when
+    it can prove neither (an NCHW window at stride 2, the gradient gathered at stride 2), along
+    the last axis. Pixels last makes that fallback run along the pixels -- a warp reads a few
+    32-byte sectors of one channel plane -- instead of across 32 channel planes, a sector per
+    lane (NCHW read channel-first took 2.2x the SASS of channels_last and every load split in
+    32). tl.trans of the loaded tile is a relabelling of its registers, not a copy."""
+    if ROWS_FAST:
+        p = ptr + rows[None, :] + cols[:, None]
+    else:
+        p = ptr + rows[:, None] + cols[None, :]
+    return p
+
+
+@triton.jit
+def load_tile(ptrs, row_mask, col_mask, ROWS_FAST: tl.constexpr):
+    """The [BM, BC] tile at :func:`tile_ptrs`' pointers (0 where masked), in their dtype."""
+    if ROWS_FAST:
+        v = tl.trans(tl.load(ptrs, mask=col_mask[:, None] & row_mask[None, :], other=0.0))
+    else:
+        v = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    return v
+
+
+@triton.jit
 def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c, in_h, in_w,
                      stride_xn, stride_xc, stride_xh, stride_xw, stride_wh, stride_ww, dil_h,
                      dil_w, KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
-                     BC: tl.constexpr):
+                     BC: tl.constexpr, ROWS_FAST: tl.constexpr):
     """The depthwise window of BM output pixels x BC channels, fp32: ``(s, q)`` with s [BM, BC]
     = sum over taps of w x and q [BM, BC] = sum of x^2 (the patch norms squared, one per pixel
     and channel); ``taps`` from :func:`depthwise_filter_taps` (filter strides stride_wh,
@@ -410,12 +496,13 @@ def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
     The one definition of c for pure depthwise convs: the forward's epilogue and the backward's
     recompute (conv_bwd._depthwise_prep_kernel) both take it with :func:`depthwise_inv_norms`.
     n_idx, h_base, w_base, mask_m [BM]: image, window origin (may be negative: padding), valid
-    pixel. offs_c, mask_c [BC]: channels. x_ptr [N, C, H, W] with strides (stride_x*)."""
+    pixel. offs_c, mask_c [BC]: channels. x_ptr [N, C, H, W] with strides (stride_x*).
+    ROWS_FAST: the loads are laid along the pixels (NCHW: :func:`tile_ptrs`)."""
     # each row's window origin once (it may lie in the padding: only masked lanes point
     # there); a tap adds a scalar offset and compares the origin against tap-shifted bounds
-    x_base = (x_ptr + (n_idx.to(tl.int64) * stride_xn + h_base.to(tl.int64) * stride_xh
-                       + w_base.to(tl.int64) * stride_xw)[:, None]
-              + offs_c.to(tl.int64)[None, :] * stride_xc)
+    x_base = tile_ptrs(x_ptr, n_idx.to(tl.int64) * stride_xn + h_base.to(tl.int64) * stride_xh
+                       + w_base.to(tl.int64) * stride_xw,
+                       offs_c.to(tl.int64) * stride_xc, ROWS_FAST)
     s = tl.zeros((BM, BC), dtype=tl.float32)
     q = tl.zeros((BM, BC), dtype=tl.float32)
     for tap in tl.static_range(KH * KW):
@@ -424,7 +511,7 @@ def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
         inside = (mask_m & (h_base >= -dh) & (h_base < in_h - dh) & (w_base >= -dw)
                   & (w_base < in_w - dw))
         x_ptrs = x_base + (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw)
-        xv = tl.load(x_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        xv = load_tile(x_ptrs, inside, mask_c, ROWS_FAST).to(tl.float32)
         s += xv * filter_tap(taps, tap, stride_wh, stride_ww, KH, KW)[None, :]
         q += xv * xv
     return s, q
@@ -452,6 +539,7 @@ def _sphere_conv_dw_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    ROW_W: tl.constexpr,
 ):
     """Depthwise SphereConv2d forward (G = C_in = C_out); program = (ROW_BLOCKS consecutive
     tiles of BLOCK_M pixels, channel tile). Reads x and the filters, writes y: the only launch
@@ -468,7 +556,9 @@ def _sphere_conv_dw_fwd_kernel(
     Constexprs: KH, KW filter size (taps unrolled); OPERATOR 0 linear / 1 cosine / 2 sigmoid;
       HAS_BIAS; EMULATE_RTNE (CPU interpreter + bf16 only: round outputs to nearest by hand);
       BLOCK_M pixels and BLOCK_C channels a tile; ROW_BLOCKS pixel tiles a program, which share
-      its filter loads (a thread's channels' KH*KW taps, loaded and converted once).
+      its filter loads (a thread's channels' KH*KW taps, loaded and converted once); ROW_W 0:
+      tiles of consecutive pixels (channels_last), else of whole output rows up to ROW_W wide,
+      read and written along the pixels (NCHW; :func:`depthwise_pixel_tile`).
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -478,14 +568,14 @@ def _sphere_conv_dw_fwd_kernel(
                                               stride_ww, eps, KH, KW)
     out_mask_c = mask_c[None, :]
     out_cols = offs_c.to(tl.int64)[None, :] * stride_yc
+    n_images = n_pixels // (out_h * out_w)
     for rb in range(ROW_BLOCKS):
-        offs_m = (pid_m * ROW_BLOCKS + rb) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n_pixels
-        n_idx, pix, ho, wo, h_base, w_base = _output_pixels(offs_m, out_h, out_w, conv_stride_h,
-                                                            conv_stride_w, pad_h, pad_w)
-        s, q = depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
-                                in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw,
-                                stride_wh, stride_ww, dil_h, dil_w, KH, KW, BLOCK_M, BLOCK_C)
+        n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images, out_h,
+                                                     out_w, ROW_W, BLOCK_M)
+        s, q = depthwise_window(x_ptr, taps, n_idx, ho * conv_stride_h - pad_h,
+                                wo * conv_stride_w - pad_w, mask_m, offs_c, mask_c, in_h, in_w,
+                                stride_xn, stride_xc, stride_xh, stride_xw, stride_wh,
+                                stride_ww, dil_h, dil_w, KH, KW, BLOCK_M, BLOCK_C, ROW_W > 0)
         inv_norms, _ = depthwise_inv_norms(q, inv_rw, eps)
         out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                    + wo.to(tl.int64) * stride_yw)
@@ -647,6 +737,29 @@ def _dw_configs():
     ]
 
 
+def _dw_row_configs():
+    """Depthwise tiles for row tiles (NCHW: ROW_W > 0, see depthwise_pixel_tile). Their lanes
+    run along the pixels, so a thread holds several channels of one pixel -- each with its KH*KW
+    cached taps -- where channels_last's threads hold eight channels of two pixels: narrow
+    channel tiles keep that in registers (64 x 64 took 255 registers and spilled, sm_90 bf16).
+    The NCHW loads cannot be vectorised (the padding offsets the window from any alignment
+    Triton can prove), one 16-bit load an element and tap against channels_last's eight. SASS
+    an element (sm_90, bf16, 3x3, linear; sigmoid in brackets), registers: 64 x 16 x 2 with 4
+    warps 106 (173), 234; with 8 warps 123 (189), 128; 32 x 16 x 4 with 4 warps 122 (189), 127;
+    64 x 16 alone 161 (227) with the filter loads, 96. The last NCHW build (channels across a
+    warp's lanes: a sector a lane, 32 a load) took 223 an element, 255 registers."""
+    def cfg(block_m, block_c, row_blocks, warps):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks},
+                             num_warps=warps, num_stages=1)
+    return [
+        cfg(64, 16, 2, 4),    # the fewest instructions an element, 8 warps an SM
+        cfg(64, 16, 2, 8),    # 16 warps an SM
+        cfg(32, 16, 4, 4),    # rows up to 32 wide, 16 warps an SM
+        cfg(64, 16, 1, 4),    # the most programs, 20 warps an SM: small layers
+        cfg(128, 16, 1, 8),   # rows of 64 (two a tile), 16 warps an SM
+    ]
+
+
 def prune_dw_configs(configs, named_args, **kwargs):
     """Several pixel tiles a program only for filters whose taps stay cached (at most
     MAX_CACHED_TAPS): a larger filter's columns are loaded in every window, and the compiler
@@ -675,18 +788,26 @@ _AUTOTUNE = os.environ.get("SPHEREOPS_AUTOTUNE", "1") not in ("", "0")
 
 if _INTERPRET:
     _gemm_configs, _dw_cfgs = [conv_fwd_interpreter_config()], [_dw_interpreter_config()]
+    _dw_row_cfgs = _dw_cfgs
 elif not _AUTOTUNE:
     _gemm_configs, _dw_cfgs = [conv_fwd_default_config()], _dw_configs()[:1]
+    _dw_row_cfgs = _dw_row_configs()[:1]
 else:
-    _gemm_configs, _dw_cfgs = conv_fwd_configs(), _dw_configs()
+    _gemm_configs, _dw_cfgs, _dw_row_cfgs = conv_fwd_configs(), _dw_configs(), _dw_row_configs()
 
 _sphere_conv_fwd_autotuned = triton.autotune(
     configs=_gemm_configs, key=CONV_FWD_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": prune_conv_fwd_configs},
 )(_sphere_conv_fwd_kernel)
 
+_DW_AUTOTUNE_KEY = ["n_pixels", "channels", "KH", "KW", "stride_xc", "ROW_W"]
+# channels_last (ROW_W 0) and NCHW (row tiles) have their own tile sets
 _sphere_conv_dw_fwd_autotuned = triton.autotune(
-    configs=_dw_cfgs, key=["n_pixels", "channels", "KH", "KW", "stride_xc"],
+    configs=_dw_cfgs, key=_DW_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_dw_configs},
+)(_sphere_conv_dw_fwd_kernel)
+_sphere_conv_dw_fwd_rows_autotuned = triton.autotune(
+    configs=_dw_row_cfgs, key=_DW_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": prune_dw_configs},
 )(_sphere_conv_dw_fwd_kernel)
 
@@ -949,7 +1070,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         empty_state = (x.new_empty(0), x.new_empty(0, dtype=torch.float32))
         if n_pixels == 0 or c_out == 0:
             return (y,) + empty_state
-        kernel = _sphere_conv_dw_fwd_autotuned
+        row_w = depthwise_row_width(x, wo)
+        kernel = _sphere_conv_dw_fwd_rows_autotuned if row_w else _sphere_conv_dw_fwd_autotuned
         if config is not None:
             kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
                                                           "num_warps": config.num_warps}
@@ -958,8 +1080,11 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                 k.contiguous() if operator == "sigmoid" else w, y, n_pixels, c_out,
                 *geometry, w.stride(0), w.stride(2), w.stride(3), *conv_args)
 
+        flags["ROW_W"] = row_w
+
         def dw_grid(meta):
-            return (_cdiv(n_pixels, meta["BLOCK_M"] * meta["ROW_BLOCKS"]),
+            return (_cdiv(depthwise_tile_count(n, ho, wo, row_w, meta["BLOCK_M"]),
+                          meta["ROW_BLOCKS"]),
                     _cdiv(c_out, meta["BLOCK_C"]))
 
         launch(kernel, dw_grid, args, flags, _WHAT)
@@ -1048,6 +1173,9 @@ _DW_EXAMPLE = dict(
     stride_yn=28 * 28 * 256, stride_yc=1, stride_yh=28 * 256, stride_yw=256,
     stride_wc=9, stride_wh=3, stride_ww=1,
     conv_stride_h=1, conv_stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+_DW_NCHW_EXAMPLE = dict(
+    _DW_EXAMPLE, stride_xn=256 * 28 * 28, stride_xc=28 * 28, stride_xh=28, stride_xw=1,
+    stride_yn=256 * 28 * 28, stride_yc=28 * 28, stride_yh=28, stride_yw=1)
 _PREP_EXAMPLE = dict(
     n_sq_programs=32 * 56 * 56 // _PREP_CONFIG["BLOCK_P"], img_tiles=56 * 56 // _PREP_CONFIG["BLOCK_P"],
     HW=56 * 56, W=56, c_in_per_group=64, cg_pad=64, groups=1,
@@ -1115,20 +1243,25 @@ def aot_specs():
                 specs.append(_spec(name, _sphere_conv_fwd_kernel, dtype_name, constexprs,
                                    example, cfg.num_warps, cfg.num_stages,
                                    gemm=not (dtype_name == "fp32" and precision == "ieee")))
-    for cfg in _dw_configs():
-        for dtype_name in ("fp16", "bf16", "fp32"):
-            name = (f"conv_fwd_depthwise_{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_C']}"
-                    f"_rb{cfg.kwargs['ROW_BLOCKS']}_{dtype_name}")
-            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, EMULATE_RTNE=False,
-                              **cfg.kwargs)
-            specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
-                               _DW_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=False))
-            if cfg.kwargs["ROW_BLOCKS"] == 1:   # 5x5: filter columns loaded in every window
-                specs.append(_spec(name.replace("depthwise_", "depthwise_5x5_"),
-                                   _sphere_conv_dw_fwd_kernel, dtype_name,
-                                   dict(constexprs, KH=5, KW=5), dict(_DW_EXAMPLE, pad_h=2,
-                                                                      pad_w=2),
-                                   cfg.num_warps, cfg.num_stages, gemm=False))
+    # channels_last (flat pixel tiles) and NCHW (row tiles of the 28-wide example: ROW_W 32)
+    dw_sets = (("", _dw_configs(), _DW_EXAMPLE, 0),
+               ("nchw_", _dw_row_configs(), _DW_NCHW_EXAMPLE, 32))
+    for layout, configs, example, row_w in dw_sets:
+        for cfg in configs:
+            for dtype_name in ("fp16", "bf16", "fp32"):
+                name = (f"conv_fwd_depthwise_{layout}{cfg.kwargs['BLOCK_M']}x"
+                        f"{cfg.kwargs['BLOCK_C']}_rb{cfg.kwargs['ROW_BLOCKS']}"
+                        + (f"_w{cfg.num_warps}" if layout else "") + f"_{dtype_name}")
+                constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True,
+                                  EMULATE_RTNE=False, ROW_W=row_w, **cfg.kwargs)
+                specs.append(_spec(name, _sphere_conv_dw_fwd_kernel, dtype_name, constexprs,
+                                   example, cfg.num_warps, cfg.num_stages, gemm=False))
+                if cfg.kwargs["ROW_BLOCKS"] == 1:   # 5x5: filter columns loaded in every window
+                    specs.append(_spec(name.replace("depthwise_", "depthwise_5x5_"),
+                                       _sphere_conv_dw_fwd_kernel, dtype_name,
+                                       dict(constexprs, KH=5, KW=5),
+                                       dict(example, pad_h=2, pad_w=2),
+                                       cfg.num_warps, cfg.num_stages, gemm=False))
     for dtype_name in ("fp16", "bf16", "fp32"):
         # the preparation launch (filter packing + norms and the patch-norm pre-pass in one
         # grid); the fused-norm GEMM (patch_norms="fused") and the int64 build on the two

@@ -909,7 +909,7 @@ def test_depthwise_reduction_in_the_grad_launch(monkeypatch, mask):
     monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_C", 1)
     launched = _record_launches(monkeypatch)
     inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", c_in=20, c_out=20, groups=20,
-                            h=18, w=16, stride=2)
+                            h=18, w=16, stride=2, channels_last=True)
     cfg = conv_bwd.depthwise_config("prep")
     rows = -(-c.shape[0] * c.shape[2] * c.shape[3] // (cfg["BLOCK_M"] * cfg["ROW_BLOCKS"]))
     assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows > 2, got {rows}"
@@ -965,3 +965,53 @@ def test_random_geometries_match_closed_form_reference(seed):
                 _check_grad(o, r64, rs, torch.float32, 2e-5, 2e-5, f"{name} (saved output)")
     except AssertionError as err:
         raise AssertionError(f"geometry {geom}: {err}") from err
+
+
+def _depthwise_row_case(dtype, max_row_w, monkeypatch, **geom):
+    monkeypatch.setattr(conv_fwd, "MAX_ROW_W", max_row_w)
+    return _case(dtype, operator="sigmoid", n=3, c_in=20, c_out=20, groups=20, h=9, w=13,
+                 **geom)
+
+
+# NCHW x: the depthwise prep and grad kernels take row tiles (conv_fwd.depthwise_pixel_tile,
+# ROW_W > 0) and keep Hn and A in [N, C, Ho*Wo] planes. MAX_ROW_W = 4 splits every row (output
+# and input) into several column blocks; 64 takes whole rows, several a tile; stride 2 puts
+# the gathered state rows out of line; the rectangular dilated filter mixes both.
+@pytest.mark.parametrize("max_row_w", [4, 64], ids=["split-rows", "whole-rows"])
+@pytest.mark.parametrize("geom", [
+    pytest.param(dict(), id="3x3"),
+    pytest.param(dict(stride=2), id="s2"),
+    pytest.param(dict(kernel=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+                 id="rect-d2"),
+])
+@pytest.mark.parametrize("dtype,rtol,atol_frac", [DTYPE_TOLS[0], DTYPE_TOLS[2]])
+def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol_frac, monkeypatch):
+    inp, c, r_x, dy = _depthwise_row_case(dtype, max_row_w, monkeypatch, **geom)
+    launched = []
+    real_launch = conv_bwd._launch
+    monkeypatch.setattr(conv_bwd, "_launch", lambda kernel, grid, args, **kw: (
+        launched.append((kernel, kw)), real_launch(kernel, grid, args, **kw))[1])
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
+    row_w = {k: kw.get("ROW_W") for k, kw in launched}
+    wo, wd = dy.shape[3], inp.x.shape[3]
+    assert row_w[conv_bwd._depthwise_prep_kernel] == min(triton_next_pow2(wo), max_row_w)
+    assert row_w[conv_bwd._depthwise_grad_kernel] == min(triton_next_pow2(wd), max_row_w)
+
+
+def triton_next_pow2(v):
+    return 1 << (int(v) - 1).bit_length()
+
+
+@pytest.mark.parametrize("x_layout,dy_layout", [("nchw", "channels_last"),
+                                                ("channels_last", "nchw")])
+def test_depthwise_mixed_layouts(x_layout, dy_layout, monkeypatch):
+    """dy in the other memory format than x: the tiles follow x (row tiles for NCHW x, flat
+    for channels_last), dy is read through its own strides, dx follows x."""
+    inp, c, r_x, dy = _depthwise_row_case(torch.float32, 8, monkeypatch, stride=(2, 1))
+    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    inp.x = inp.x.contiguous(memory_format=fmt[x_layout])
+    dy = dy.contiguous(memory_format=fmt[dy_layout])
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
+    assert out[0].is_contiguous(memory_format=fmt[x_layout])

@@ -911,3 +911,59 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
                 NORMS_FROM_Q=True)
     assert (128, 64, 32, 4) in tiles(flat) and (128, 64, 64, 4) not in tiles(flat)
     assert all(configs.fits_flat_k_loop(c) for c in flat)
+
+
+# NCHW depthwise convs take row tiles (depthwise_pixel_tile with ROW_W > 0): blocks of whole
+# output rows read along the pixels. MAX_ROW_W = 4 splits every row into several column blocks;
+# 64 takes whole rows, several a tile; 15 tiles of 2 rows (3 images of 9 rows, 13 wide) leave
+# a program's second row block past the last image.
+@pytest.mark.parametrize("max_row_w", [4, 64], ids=["split-rows", "whole-rows"])
+@pytest.mark.parametrize("geom", [
+    pytest.param(dict(), id="3x3"),
+    pytest.param(dict(stride=2), id="s2"),
+    pytest.param(dict(kernel=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+                 id="rect-d2"),
+])
+@pytest.mark.parametrize("dtype, rtol, atol", [DTYPE_TOLS[0], DTYPE_TOLS[2]])
+def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol, monkeypatch):
+    monkeypatch.setattr(F, "MAX_ROW_W", max_row_w)
+    flags = []
+    real_launch = F.launch
+    monkeypatch.setattr(F, "launch", lambda kernel, grid, args, kw, what: (
+        flags.append(dict(kw)), real_launch(kernel, grid, args, kw, what))[1])
+    inp = make_conv_inputs(n=3, c_in=20, h=9, w=13, c_out=20, groups=20, operator="sigmoid",
+                           dtype=dtype, device=DEVICE, **geom)
+    out = _run_kernel(inp)
+    _check_against_reference(inp, out, dtype, rtol, atol)
+    wo = out[0].shape[3]
+    (launched,) = flags
+    assert launched["ROW_W"] == min(triton.next_power_of_2(wo), max_row_w)
+    if max_row_w == 64 and not geom:
+        ho, bm = out[0].shape[2], F._dw_interpreter_config().kwargs["BLOCK_M"]
+        assert F.depthwise_tile_count(3, ho, wo, launched["ROW_W"], bm) == 15
+
+
+def test_depthwise_row_width_rule():
+    """Flat pixel tiles (ROW_W 0) where the channels are contiguous, row tiles -- the width's
+    next power of two up to MAX_ROW_W -- otherwise: NCHW, a strided view, one channel."""
+    x = torch.empty(2, 8, 5, 6)
+    assert F.depthwise_row_width(x.contiguous(memory_format=torch.channels_last), 6) == 0
+    assert F.depthwise_row_width(x, 6) == 8
+    assert F.depthwise_row_width(x, 1) == 1
+    assert F.depthwise_row_width(x, 1000) == F.MAX_ROW_W
+    assert F.depthwise_row_width(torch.empty(2, 8, 5, 12)[..., ::2], 6) == 8
+    one = torch.empty(2, 1, 5, 6).contiguous(memory_format=torch.channels_last)
+    assert F.depthwise_row_width(one, 6) == 8   # one channel: the pixels are the contiguous axis
+    # the host's tile count: flat tiles, or per image row blocks x column blocks
+    assert F.depthwise_tile_count(3, 5, 6, 0, 32) == 3
+    assert F.depthwise_tile_count(3, 5, 6, 8, 32) == 3 * 2 * 1
+    assert F.depthwise_tile_count(3, 5, 100, 64, 32) == 3 * 5 * 4
+
+
+@pytest.mark.parametrize("cfg", F._dw_row_configs(),
+                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}"
+                                       f"x{c.kwargs['ROW_BLOCKS']}w{c.num_warps}")
+def test_forward_every_depthwise_row_config(cfg):
+    """Every NCHW (row-tile) tile the autotuner may pick, forced: rows of 7 in 8-wide tiles."""
+    inp = make_conv_inputs(**CONV_CASES["depthwise"], operator="linear", device=DEVICE)
+    _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)

@@ -70,6 +70,9 @@ CASES = [
     ("cosine", "fp16", True, "depthwise_s2"),
     # a filter over the cached taps: columns loaded in every window, the rolled grad taps
     ("sigmoid", "bf16", True, "depthwise_5x5"),
+    # NCHW depthwise: row tiles read along the pixels, the backward's state in planes, stride 2
+    # on an odd size (33 -> 17: rows of 17 in 32-wide tiles)
+    ("linear", "bf16", False, "depthwise_s2"),
     ("cosine", "fp32", True, "grouped"),
     ("linear", "bf16", False, "grouped"),
     ("cosine", "fp16", True, "3x3_s2"),
@@ -451,24 +454,27 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
     assert not bad, "configs off vs float64:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("kernel", [3, 5])
-def test_every_depthwise_config_vs_float64(kernel, request):
+def test_every_depthwise_config_vs_float64(kernel, layout, request):
     """Every depthwise forward config the autotuner may pick (after its pruning: a 5x5 filter
-    keeps one tile a program), launched directly on a bf16 channels_last depthwise conv
-    against float64, y to twice bf16's output rounding: the autotuner would pick a wrong tile
-    as readily as a right one."""
+    keeps one tile a program) -- channels_last's flat tiles, NCHW's row tiles -- launched
+    directly on a bf16 depthwise conv against float64, y to twice bf16's output rounding: the
+    autotuner would pick a wrong tile as readily as a right one."""
     from sphereops_kernels import conv_fwd
 
     n, c, hw = 16, 96, 29
     gen = torch.Generator(device="cpu").manual_seed(5)
     x = torch.randn(n, c, hw, hw, generator=gen).to(DEVICE, torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, 1, kernel, kernel, generator=gen).to(DEVICE, torch.bfloat16)
     b = (0.1 * torch.randn(c, generator=gen)).to(DEVICE, torch.bfloat16)
     geo = ((1, 1), (kernel // 2,) * 2, (1, 1), c)
     y64, _, _ = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo,
                                          "linear", EPS)
-    cands = conv_fwd.prune_dw_configs(conv_fwd._dw_configs(), {}, KH=kernel, KW=kernel)
+    configs = conv_fwd._dw_configs() if layout == "channels_last" else conv_fwd._dw_row_configs()
+    cands = conv_fwd.prune_dw_configs(configs, {}, KH=kernel, KW=kernel)
     assert cands
     bad = []
     for cfg in cands:

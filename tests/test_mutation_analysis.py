@@ -73,12 +73,14 @@ def check(case, inputs):
 
 dt = torch.bfloat16
 # (operator, groups, save_output, w channels_last, channels, x channels_last); 20 channels
-# (channels_last) and 40 in two groups (NCHW): the staged input and the padded Hn / w_hat rows
+# (channels_last) and 40 in two groups (NCHW): the staged input and the padded Hn / w_hat rows;
+# pure depthwise in channels_last (flat tiles) and NCHW (row tiles)
 for operator, groups, save_output, w_cl, ch, x_cl in (
         ("cosine", 1, False, False, 8, True), ("cosine", 1, False, True, 8, True),
         ("sigmoid", 2, False, False, 8, True), ("linear", 1, True, False, 8, True),
         ("cosine", 8, True, False, 8, True), ("sigmoid", 8, False, False, 8, True),
-        ("cosine", 1, False, True, 20, True), ("sigmoid", 2, False, False, 40, False)):
+        ("cosine", 1, False, True, 20, True), ("sigmoid", 2, False, False, 40, False),
+        ("linear", 8, False, False, 8, False)):
     case = (f"conv {operator} groups={groups} save_output={save_output} w_channels_last={w_cl} "
             f"channels={ch} x_channels_last={x_cl}")
     x = torch.randn(2, ch, 6, 6, dtype=dt)
