@@ -298,10 +298,13 @@ def plan(cfg: RunConfig) -> list:
         if compiled:
             for shape in main_shapes[early_compile:]:
                 jobs.append(ConvJob(shape, dtype, layout, op, compiled, "headline"))
-        if cfg.is_cuda and not cfg.full and "edge.depthwise" in {s.name for s in main_shapes}:
-            # the pure depthwise kernels read NCHW channel-strided (no staging: scalar loads,
-            # 2.2x the SASS of channels_last), and NCHW is PyTorch's default: measure it
-            jobs.append(ConvJob(S.BY_NAME["edge.depthwise"], dtype, "nchw", op, eager, "dtypes"))
+        main_names = {s.name for s in main_shapes}
+        if cfg.is_cuda and not cfg.full:
+            # NCHW is PyTorch's default: the pure depthwise kernels' row tiles and the GEMM
+            # path's pixel-wise NCHW stores (y, c, dx) are measured there, on one layer each
+            for name in ("edge.depthwise", "r18.l3"):
+                if name in main_names:
+                    jobs.append(ConvJob(S.BY_NAME[name], dtype, "nchw", op, eager, "dtypes"))
         for tier in [t for t in tiers if t != "headline"]:
             for dtype_, layout_, op_ in tiers[tier]:
                 for shape in sweep_shapes:

@@ -91,8 +91,8 @@ from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
 from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, dense_plane,
                        depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
-                       load_tile, stage_input_tile, staged_channels, tile_ptrs)
-from .epilogue import to_dtype_of
+                       pixels_fast, stage_input_tile, staged_channels)
+from .epilogue import column_quarters, load_tile, store_tile, tile_ptrs, to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
 from .launch import MAX_PIXELS, launch, offsets_need_int64
@@ -551,7 +551,7 @@ def _dgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr, STEP_W: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PIXELS_FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = sum_{taps, o} Hn[pixel(tap), o] * w_hat[tap, o, ci] - x * boxsum^T(A).
@@ -572,6 +572,8 @@ def _dgrad_kernel(
     UPCAST_DOT: upcast 16-bit operands to fp32 before tl.dot (interpreter only).
     DOT_PRECISION: "tf32" or "ieee" for fp32 operands.
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
+    PIXELS_FAST: x and dx not channels_last (NCHW): their tiles are read and written with the
+    lanes along the pixels (epilogue.load_tile / store_tile), not one channel plane a lane.
     BLOCK_M: input pixels of one phase per program. BLOCK_N: input channels per program.
     BLOCK_K: output channels per reduction step.
     Grid: (cdiv(N*HP*WP, BLOCK_M), cdiv(CG_IN, BLOCK_N), G*SH*SW).
@@ -679,15 +681,37 @@ def _dgrad_kernel(
                 a_offs = ((n * G + g) * Ho + ho) * Wo + wo
             box += tl.load(a_ptr + a_offs, mask=valid, other=0.0)
 
-    c64 = (g * CG_IN + offs_ci).to(tl.int64)
-    out_mask = m_mask[:, None] & ci_mask[None, :]
-    x_offs = (n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)[:, None] \
-        + (c64 * stride_xc)[None, :]
-    xv = tl.load(x_ptr + x_offs, mask=out_mask, other=0.0).to(tl.float32)
+    x_rows = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+    dx_rows = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
+    if PIXELS_FAST:
+        # a quarter of the columns at a time: the transposed x tile next to the whole fp32
+        # accumulator spilled 1128 B a thread (sm_90, bf16, 128 x 128)
+        QUARTER: tl.constexpr = BLOCK_N // 4
+        quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
+        for k in tl.static_range(4):
+            _dgrad_store(quarters[k], box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN,
+                         pid_n * BLOCK_N + k * QUARTER + tl.arange(0, QUARTER), CG_IN, m_mask,
+                         stride_xc,
+                         stride_dxc, EMULATE_RTNE, True)
+    else:
+        _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, offs_ci, CG_IN,
+                     m_mask, stride_xc, stride_dxc, EMULATE_RTNE, False)
+
+
+@triton.jit
+def _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, offs_ci, CG_IN, m_mask,
+                 stride_xc, stride_dxc, EMULATE_RTNE: tl.constexpr, PIXELS_FAST: tl.constexpr):
+    """dx = acc - x * box for the dgrad tile's columns offs_ci [BC] (input channels within the
+    group, valid below CG_IN; c_first: the group's first channel) and its [BM] pixels: acc
+    [BM, BC] fp32, box [BM] fp32, x_rows / dx_rows [BM] int64 pixel offsets into x / dx."""
+    ci_mask = offs_ci < CG_IN
+    c64 = (c_first + offs_ci).to(tl.int64)
+    xv = load_tile(tile_ptrs(x_ptr, x_rows, c64 * stride_xc, PIXELS_FAST), m_mask, ci_mask,
+                   PIXELS_FAST).to(tl.float32)
     dx = acc - xv * box[:, None]
-    dx_offs = (n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw)[:, None] \
-        + (c64 * stride_dxc)[None, :]
-    tl.store(dx_ptr + dx_offs, to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
+    store_tile(dx_ptr + dx_rows[:, None] + (c64 * stride_dxc)[None, :],
+               to_dtype_of(dx, dx_ptr, EMULATE_RTNE), m_mask[:, None] & ci_mask[None, :],
+               PIXELS_FAST)
 
 
 @triton.jit
@@ -1638,8 +1662,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 **geometry,
                 STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                PIXELS_FAST=pixels_fast(dx), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
     if need_dw:
@@ -1910,7 +1934,8 @@ def aot_specs() -> list:
                                                          "x_ptr": t, "dx_ptr": t}),
                     constexprs=dict(**geo, STEP_H=st, STEP_W=st, HP=_cdiv(h, st), WP=_cdiv(w, st), UPCAST_DOT=False,
                                     DOT_PRECISION=precision, EMULATE_RTNE=False, WIDE_OFFSETS=False,
-                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
+                                    PIXELS_FAST=False, BLOCK_M=cfg["BLOCK_M"],
+                                    BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
                                       **x_strides_cl, stride_dxn=h * w * c, stride_dxc=1,
@@ -1936,6 +1961,15 @@ def aot_specs() -> list:
                     spec = specs[-3]
                     specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_rtdiv_"),
                                       constexprs=dict(spec["constexprs"], RUNTIME_DIV=True)))
+                if label in ("3x3_c128", "3x3_s2_c128"):   # NCHW x and dx: lanes along pixels
+                    spec = next(sp for sp in specs
+                                if sp["name"] == f"conv_bwd_dgrad_{label}_{ptag}")
+                    specs.append(dict(spec, name=spec["name"].replace(f"_{label}_", f"_{label}_nchw_"),
+                                      constexprs=dict(spec["constexprs"], PIXELS_FAST=True),
+                                      example_args=dict(
+                                          spec["example_args"], stride_xn=c * h * w, stride_xc=h * w,
+                                          stride_xh=w, stride_xw=1, stride_dxn=c * h * w,
+                                          stride_dxc=h * w, stride_dxh=w, stride_dxw=1)))
             # the flat-K wgrad (C_in/G < 16): a first layer, 3 -> 64 channels, 5x5, on a
             # channels_last [128, 3, 32, 32] input (edge.cin3_5x5)
             cfg = wgrad_config(3, 64, dtype, 25)

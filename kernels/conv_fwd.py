@@ -55,7 +55,7 @@ from .configs import (
     fits_fma_dot,
     prune_conv_fwd_configs,
 )
-from .epilogue import store_sphere_tile
+from .epilogue import column_quarters, load_tile, store_sphere_tile, tile_ptrs
 from .launch import cdiv as _cdiv
 from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64
 from .launch import next_pow2 as _next_pow2
@@ -71,7 +71,8 @@ _CHANNEL_CHUNK_MIN = 16
 @triton.jit
 def _store_column_slice(acc, o_glob, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                         bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
+                        PIXELS_FAST: tl.constexpr):
     """The epilogue of one column slice of the GEMM tile (see _store_gemm_tile).
 
     acc: [BM, BS] fp32 dot products; o_glob: [BS] global output channels, valid below o_end;
@@ -82,50 +83,28 @@ def _store_column_slice(acc, o_glob, o_end, inv_rx, out_row, mask_m, w_sqnorm_pt
     out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
     store_sphere_tile(acc, inv_rx[:, None] * inv_rw[None, :], o_glob, mask_n, out_offs,
                        mask_m[:, None] & mask_n[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
-                       OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C)
+                       OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, PIXELS_FAST)
 
 
 @triton.jit
 def _store_gemm_tile(acc, o_first, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                      bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The GEMM kernel's epilogue, run on four column quarters of the tile in turn.
+                     PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The GEMM kernel's epilogue, run on four column quarters of the tile in turn
+    (epilogue.column_quarters).
 
     Forming c and g over a whole 128x128 fp32 tile at once needs more than 255 registers a
     thread with 4 warps (the sigmoid epilogue spilled 1152 B a thread on sm_90, make aot-check);
-    a quarter at a time spills nothing. The reshape/permute/split only renames accumulator
-    registers (no shared-memory round trip in the PTX). o_first: the tile's first global output
-    channel; the rest as _store_column_slice."""
+    a quarter at a time spills nothing. o_first: the tile's first global output channel; the
+    rest as _store_column_slice."""
     q: tl.constexpr = BLOCK_N // 4
     o_q = o_first + tl.arange(0, q)
-    # acc[m, (2a + b) q + j] -> [m, b, j, a]: split by a into halves [m, b, j], each
-    # permuted to [m, j, b] and split by b into quarters
-    halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, q)), (0, 2, 3, 1))
-    left, right = tl.split(halves)
-    left = tl.permute(left, (0, 2, 1))
-    right = tl.permute(right, (0, 2, 1))
-    _store_column_half(left, o_q, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, q)
-    _store_column_half(right, o_q + 2 * q, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps,
-                       stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS,
-                       EMULATE_RTNE, STORE_C, q)
-
-
-@triton.jit
-def _store_column_half(half, o_half, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
-                       bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
-                       Q: tl.constexpr):
-    """One half of _store_gemm_tile: ``half [BM, Q, 2]`` holds columns ``b * Q + j`` of the
-    half at ``[m, j, b]``; its two quarters go through _store_column_slice in turn."""
-    first, second = tl.split(half)
-    _store_column_slice(first, o_half, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps,
-                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE,
-                        STORE_C)
-    _store_column_slice(second, o_half + Q, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps,
-                        stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE,
-                        STORE_C)
+    quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
+    for k in tl.static_range(4):
+        _store_column_slice(quarters[k], o_q + k * q, o_end, inv_rx, out_row, mask_m,
+                            w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr,
+                            OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, PIXELS_FAST)
 
 
 @triton.jit
@@ -191,6 +170,7 @@ def _sphere_conv_fwd_kernel(
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     STORE_C: tl.constexpr, NORMS_FROM_Q: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    OUT_PIXELS_FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
@@ -229,6 +209,9 @@ def _sphere_conv_fwd_kernel(
       WIDE_OFFSETS    int64 offsets inside an image too (the launcher sets it when one
                       sample's span could pass 2^30 elements); else int32 there (the sample
                       offset n * stride_xn is int64 either way).
+      OUT_PIXELS_FAST y and c not channels_last (NCHW): stored with the lanes along the
+                      pixels (epilogue.store_tile) -- across the channels, as Triton lays them
+                      out for a flat pixel index, each lane wrote its own 32-byte sector.
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     pid = tl.program_id(0)
@@ -338,7 +321,8 @@ def _sphere_conv_fwd_kernel(
                + wo.to(tl.int64) * stride_yw)
     _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1),
                      1.0 / r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr,
-                     y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, BLOCK_M, BLOCK_N)
+                     y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, OUT_PIXELS_FAST,
+                     BLOCK_M, BLOCK_N)
 
     if pid_n == 0:
         # r_x is the same for every N tile of this M tile: one writer
@@ -452,35 +436,6 @@ def depthwise_row_width(t: torch.Tensor, width: int) -> int:
     if t.stride(1) == 1 and t.shape[1] > 1:
         return 0
     return min(_next_pow2(max(width, 1)), MAX_ROW_W)
-
-
-@triton.jit
-def tile_ptrs(ptr, rows, cols, ROWS_FAST: tl.constexpr):
-    """Pointers ptr + rows[:, None] + cols[None, :] of a [BM, BC] tile (rows: pixel offsets,
-    cols: channel offsets; ptr 0 gives the offsets alone) -- held transposed, [BC, BM], when
-    ROWS_FAST; read them with :func:`load_tile`.
-
-    Why transposed: Triton lays a load's lanes along the axis it can prove contiguous and, when
-    it can prove neither (an NCHW window at stride 2, the gradient gathered at stride 2), along
-    the last axis. Pixels last makes that fallback run along the pixels -- a warp reads a few
-    32-byte sectors of one channel plane -- instead of across 32 channel planes, a sector per
-    lane (NCHW read channel-first took 2.2x the SASS of channels_last and every load split in
-    32). tl.trans of the loaded tile is a relabelling of its registers, not a copy."""
-    if ROWS_FAST:
-        p = ptr + rows[None, :] + cols[:, None]
-    else:
-        p = ptr + rows[:, None] + cols[None, :]
-    return p
-
-
-@triton.jit
-def load_tile(ptrs, row_mask, col_mask, ROWS_FAST: tl.constexpr):
-    """The [BM, BC] tile at :func:`tile_ptrs`' pointers (0 where masked), in their dtype."""
-    if ROWS_FAST:
-        v = tl.trans(tl.load(ptrs, mask=col_mask[:, None] & row_mask[None, :], other=0.0))
-    else:
-        v = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    return v
 
 
 @triton.jit
@@ -952,6 +907,13 @@ def _prepare_operands(x, w, groups, prepass, cg_pad=0):
     return packed, sqnorm, q, staged
 
 
+def pixels_fast(t: torch.Tensor) -> bool:
+    """Whether a kernel stores (or loads) ``t`` [N, C, H, W] through a flat pixel index with its
+    lanes along the pixels (epilogue.store_tile / load_tile ROWS_FAST): when its channels are
+    not the contiguous axis (NCHW, or a single channel)."""
+    return t.stride(1) != 1 or t.shape[1] == 1
+
+
 def _check_pair(name, value, minimum):
     # fast path first (every call passes through here: the generic checks cost ~3 us a pair)
     if type(value) is tuple and len(value) == 2:
@@ -1120,7 +1082,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         precision = "ieee"
     flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, DOT_PRECISION=precision,
                  UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, NORMS_FROM_Q=prepass,
-                 WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)))
+                 WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)),
+                 OUT_PIXELS_FAST=pixels_fast(y))
     kernel = _sphere_conv_fwd_autotuned
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
@@ -1236,7 +1199,8 @@ def aot_specs():
                 constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
                                   UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                                  NORMS_FROM_Q=True, WIDE_OFFSETS=False, **cfg.kwargs)
+                                  NORMS_FROM_Q=True, WIDE_OFFSETS=False, OUT_PIXELS_FAST=False,
+                                  **cfg.kwargs)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -1281,11 +1245,23 @@ def aot_specs():
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"
+            # NCHW y and c (the input staged): stored with the lanes along the pixels
+            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
+                              DOT_PRECISION=precision, UPCAST_DOT=False, EMULATE_RTNE=False,
+                              STORE_C=True, NORMS_FROM_Q=True, WIDE_OFFSETS=False,
+                              OUT_PIXELS_FAST=True, **cfg.kwargs)
+            specs.append(_spec(f"conv_fwd_gemm_nchw_out_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                               f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
+                               dtype_name, constexprs,
+                               dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1, stride_yn=64 * 56 * 56,
+                                    stride_yc=56 * 56, stride_yh=56, stride_yw=1),
+                               cfg.num_warps, cfg.num_stages, gemm=True))
             for variant, prepass, wide in (("fused", False, False), ("wide", False, True)):
                 constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True,
                                   CHANNEL_CHUNKS=True, DOT_PRECISION=precision, UPCAST_DOT=False,
                                   EMULATE_RTNE=False, STORE_C=True, NORMS_FROM_Q=prepass,
-                                  WIDE_OFFSETS=wide, **cfg.kwargs)
+                                  WIDE_OFFSETS=wide, OUT_PIXELS_FAST=False,
+                                  **cfg.kwargs)
                 specs.append(_spec(f"conv_fwd_gemm_{variant}_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                                    f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                    dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
@@ -1302,7 +1278,8 @@ def aot_specs():
             constexprs = dict(KH=5, KW=5, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=False,
                               DOT_PRECISION="tf32" if dtype_name == "fp32" else "ieee",
                               UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                              NORMS_FROM_Q=True, WIDE_OFFSETS=False, **cfg.kwargs)
+                              NORMS_FROM_Q=True, WIDE_OFFSETS=False, OUT_PIXELS_FAST=False,
+                                  **cfg.kwargs)
             specs.append(_spec(f"conv_fwd_gemm_flat_5x5_cin3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                                f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                dtype_name, constexprs, flat_example, cfg.num_warps,
@@ -1312,7 +1289,8 @@ def aot_specs():
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             constexprs = dict(KH=1, KW=1, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
                               DOT_PRECISION="ieee", UPCAST_DOT=False, EMULATE_RTNE=False,
-                              STORE_C=True, NORMS_FROM_Q=False, WIDE_OFFSETS=False, **cfg.kwargs)
+                              STORE_C=True, NORMS_FROM_Q=False, WIDE_OFFSETS=False,
+                              OUT_PIXELS_FAST=False, **cfg.kwargs)
             specs.append(_spec(f"conv_fwd_gemm_fused_1x1_{bm}x{bn}x{bk}_w8_s{cfg.num_stages}"
                                f"_{dtype_name}", _sphere_conv_fwd_kernel, dtype_name, constexprs,
                                dict(_GEMM_EXAMPLE, pad_h=0, pad_w=0), cfg.num_warps,

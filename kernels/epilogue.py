@@ -30,10 +30,67 @@ def to_dtype_of(v, dst_ptr, EMULATE_RTNE: tl.constexpr):
 
 
 @triton.jit
+def tile_ptrs(ptr, rows, cols, ROWS_FAST: tl.constexpr):
+    """Pointers ptr + rows[:, None] + cols[None, :] of a [BM, BC] tile (rows: pixel offsets,
+    cols: channel offsets; ptr 0 gives the offsets alone) -- held transposed, [BC, BM], when
+    ROWS_FAST; read them with :func:`load_tile`.
+
+    Why transposed: Triton lays a load's (or store's) lanes along the axis it can prove
+    contiguous and, when it can prove neither (an NCHW window at stride 2, a flat pixel index
+    divided by a runtime width), along the last axis. Pixels last makes that fallback run
+    along the pixels -- a warp touches a few 32-byte sectors of one channel plane -- instead
+    of across 32 channel planes, a sector a lane (sm_90 TTGIR of the NCHW builds: lanes
+    [1, 32] on the channel axis). tl.trans of a tile relabels its registers, it copies
+    nothing."""
+    if ROWS_FAST:
+        p = ptr + rows[None, :] + cols[:, None]
+    else:
+        p = ptr + rows[:, None] + cols[None, :]
+    return p
+
+
+@triton.jit
+def load_tile(ptrs, row_mask, col_mask, ROWS_FAST: tl.constexpr):
+    """The [BM, BC] tile at :func:`tile_ptrs`' pointers (0 where masked), in their dtype."""
+    if ROWS_FAST:
+        v = tl.trans(tl.load(ptrs, mask=col_mask[:, None] & row_mask[None, :], other=0.0))
+    else:
+        v = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    return v
+
+
+@triton.jit
+def column_quarters(acc, BM: tl.constexpr, BN: tl.constexpr):
+    """The four column quarters of ``acc`` [BM, BN], each [BM, BN // 4], left to right -- for
+    epilogues that would not fit their registers over a whole tile at once. The reshape,
+    permutes and splits only rename accumulator registers (no shared-memory round trip in the
+    PTX): acc[m, (2a + b) q + j] -> [m, b, j, a], split by a into halves [m, b, j], each
+    permuted to [m, j, b] and split by b."""
+    q: tl.constexpr = BN // 4
+    halves = tl.permute(tl.reshape(acc, (BM, 2, 2, q)), (0, 2, 3, 1))
+    left, right = tl.split(halves)
+    q0, q1 = tl.split(tl.permute(left, (0, 2, 1)))
+    q2, q3 = tl.split(tl.permute(right, (0, 2, 1)))
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def store_tile(ptrs, value, mask, ROWS_FAST: tl.constexpr):
+    """Store the [BM, BC] tile ``value`` at ``ptrs`` [BM, BC] where ``mask``; ROWS_FAST: through
+    the transposed tile, so that the lanes run along the rows (pixels) where Triton can prove
+    no contiguity on either axis (see :func:`tile_ptrs`)."""
+    if ROWS_FAST:
+        tl.store(tl.trans(ptrs), tl.trans(value), mask=tl.trans(mask))
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def store_sphere_tile(acc, inv_norms, o_glob, mask_n, out_offs, out_mask,
                       bias_ptr, k_ptr, y_ptr, c_ptr,
                       OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr = True):
+                      EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr = True,
+                      PIXELS_FAST: tl.constexpr = False):
     """c = clamp(acc * inv_norms), y = g(c) + b; store c (unless not STORE_C), then y.
 
     acc: [BM, BN] fp32 dot products; inv_norms: 1 / (r_x r_w) broadcastable to acc (fp32) --
@@ -45,13 +102,14 @@ def store_sphere_tile(acc, inv_norms, o_glob, mask_n, out_offs, out_mask,
     y_ptr, c_ptr: the outputs (the input's dtype) addressed through out_offs.
     Constexprs: OPERATOR 0 linear / 1 cosine / 2 sigmoid; HAS_BIAS adds the bias after g;
       EMULATE_RTNE: see to_dtype_of; STORE_C: False when the caller saves y for the backward
-      (c_ptr is then never written).
+      (c_ptr is then never written); PIXELS_FAST: store along the rows (pixels) where Triton
+      cannot see their contiguity -- NCHW outputs of a flat pixel index (:func:`store_tile`).
     """
     c = clamp_cos(acc * inv_norms)
     # c is stored before g is formed so that it can die element by element inside g: keeping
     # both full tiles live at once costs registers a large tile does not have
     if STORE_C:
-        tl.store(c_ptr + out_offs, to_dtype_of(c, c_ptr, EMULATE_RTNE), mask=out_mask)
+        store_tile(c_ptr + out_offs, to_dtype_of(c, c_ptr, EMULATE_RTNE), out_mask, PIXELS_FAST)
     if OPERATOR == 2:
         k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
         g = g_of_c(c, k[None, :], OPERATOR)
@@ -60,4 +118,4 @@ def store_sphere_tile(acc, inv_norms, o_glob, mask_n, out_offs, out_mask,
     if HAS_BIAS:
         b = tl.load(bias_ptr + o_glob, mask=mask_n, other=0.0).to(tl.float32)
         g = g + b[None, :]
-    tl.store(y_ptr + out_offs, to_dtype_of(g, y_ptr, EMULATE_RTNE), mask=out_mask)
+    store_tile(y_ptr + out_offs, to_dtype_of(g, y_ptr, EMULATE_RTNE), out_mask, PIXELS_FAST)

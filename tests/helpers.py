@@ -82,6 +82,31 @@ def make_conv_inputs(n=2, c_in=8, h=9, w=9, c_out=16, kernel=3, stride=1, paddin
 # (120 passed through the kernels when the sweep was added).
 RANDOM_CASES = int(os.environ.get("SPHEREOPS_RANDOM_CASES", "8"))
 
+# Pure depthwise convs on NCHW input (the kernels' row tiles), 20 channels over 3 images of
+# 9 x 13 (make_conv_inputs arguments), with these on top: 3x3 at stride 1, stride 2 (gathered
+# state rows out of line in the backward), a rectangular dilated filter with mixed strides.
+DEPTHWISE_ROW_CASE = dict(n=3, c_in=20, c_out=20, groups=20, h=9, w=13)
+DEPTHWISE_ROW_GEOMETRIES = {
+    "3x3": dict(),
+    "s2": dict(stride=2),
+    "rect-d2": dict(kernel=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+}
+
+
+def record_launches(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` (a launch function whose first argument is the kernel) by one
+    that records ``(kernel, keyword arguments)`` -- the kernel's constexprs and launch options,
+    or for a launch taking them as its fourth positional argument, those -- and still launches.
+    Returns the list it appends to."""
+    real = getattr(module, name)
+    calls = []
+
+    def record(kernel, *args, **kwargs):
+        calls.append((kernel, dict(kwargs) if kwargs else dict(args[2])))
+        return real(kernel, *args, **kwargs)
+    monkeypatch.setattr(module, name, record)
+    return calls
+
 
 def random_conv_geometry(seed: int) -> dict:
     """A conv drawn from a seeded RNG: kernel 1-4 per side, stride 1-3, padding 0-2, dilation

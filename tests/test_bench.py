@@ -491,7 +491,8 @@ def test_gpu_plan_puts_the_headline_first_and_covers_every_config():
     assert configs >= {("bf16", "channels_last", op) for op in P.BENCH_OPERATORS}
     assert configs >= {("fp16", "channels_last", "linear"), ("tf32", "channels_last", "linear"),
                        ("fp32", "channels_last", "linear"), ("bf16", "nchw", "linear")}
-    assert any(j.shape.name == "edge.depthwise" and j.layout == "nchw" for j in conv)
+    nchw = {j.shape.name for j in conv if j.layout == "nchw" and j.tier == "dtypes"}
+    assert {"edge.depthwise", "r18.l3"} <= nchw
     full = RN.plan(RN.RunConfig(device=torch.device("cuda"), full=True))
     assert {j.shape.name for j in full if isinstance(j, RN.ConvJob)} == {s.name for s in S.FULL}
     assert "criterion" not in jobs and RN.plan(_tiny_cfg(configs=None, criterion=True))[0] == "criterion"

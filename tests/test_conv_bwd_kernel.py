@@ -19,8 +19,9 @@ import math
 import pytest
 import torch
 
-from helpers import (RANDOM_CASES, assert_close, assert_close_to_reference, make_conv_inputs,
-                     make_near_parallel_conv_inputs, random_conv_geometry)
+from helpers import (DEPTHWISE_ROW_CASE, DEPTHWISE_ROW_GEOMETRIES, RANDOM_CASES, assert_close,
+                     assert_close_to_reference, make_conv_inputs, make_near_parallel_conv_inputs,
+                     random_conv_geometry, record_launches)
 from sphereops import reference as R
 
 conv_bwd = pytest.importorskip("sphereops_kernels.conv_bwd")
@@ -967,10 +968,13 @@ def test_random_geometries_match_closed_form_reference(seed):
         raise AssertionError(f"geometry {geom}: {err}") from err
 
 
+def _next_pow2(v):
+    return 1 << (int(v) - 1).bit_length()
+
+
 def _depthwise_row_case(dtype, max_row_w, monkeypatch, **geom):
     monkeypatch.setattr(conv_fwd, "MAX_ROW_W", max_row_w)
-    return _case(dtype, operator="sigmoid", n=3, c_in=20, c_out=20, groups=20, h=9, w=13,
-                 **geom)
+    return _case(dtype, operator="sigmoid", **DEPTHWISE_ROW_CASE, **geom)
 
 
 # NCHW x: the depthwise prep and grad kernels take row tiles (conv_fwd.depthwise_pixel_tile,
@@ -978,29 +982,18 @@ def _depthwise_row_case(dtype, max_row_w, monkeypatch, **geom):
 # and input) into several column blocks; 64 takes whole rows, several a tile; stride 2 puts
 # the gathered state rows out of line; the rectangular dilated filter mixes both.
 @pytest.mark.parametrize("max_row_w", [4, 64], ids=["split-rows", "whole-rows"])
-@pytest.mark.parametrize("geom", [
-    pytest.param(dict(), id="3x3"),
-    pytest.param(dict(stride=2), id="s2"),
-    pytest.param(dict(kernel=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
-                 id="rect-d2"),
-])
+@pytest.mark.parametrize("geom", list(DEPTHWISE_ROW_GEOMETRIES))
 @pytest.mark.parametrize("dtype,rtol,atol_frac", [DTYPE_TOLS[0], DTYPE_TOLS[2]])
 def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol_frac, monkeypatch):
-    inp, c, r_x, dy = _depthwise_row_case(dtype, max_row_w, monkeypatch, **geom)
-    launched = []
-    real_launch = conv_bwd._launch
-    monkeypatch.setattr(conv_bwd, "_launch", lambda kernel, grid, args, **kw: (
-        launched.append((kernel, kw)), real_launch(kernel, grid, args, **kw))[1])
+    inp, c, r_x, dy = _depthwise_row_case(dtype, max_row_w, monkeypatch,
+                                          **DEPTHWISE_ROW_GEOMETRIES[geom])
+    launched = record_launches(monkeypatch, conv_bwd, "_launch")
     out = _kernel(dy, inp, c, r_x)
     _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
     row_w = {k: kw.get("ROW_W") for k, kw in launched}
     wo, wd = dy.shape[3], inp.x.shape[3]
-    assert row_w[conv_bwd._depthwise_prep_kernel] == min(triton_next_pow2(wo), max_row_w)
-    assert row_w[conv_bwd._depthwise_grad_kernel] == min(triton_next_pow2(wd), max_row_w)
-
-
-def triton_next_pow2(v):
-    return 1 << (int(v) - 1).bit_length()
+    assert row_w[conv_bwd._depthwise_prep_kernel] == min(_next_pow2(wo), max_row_w)
+    assert row_w[conv_bwd._depthwise_grad_kernel] == min(_next_pow2(wd), max_row_w)
 
 
 @pytest.mark.parametrize("x_layout,dy_layout", [("nchw", "channels_last"),
@@ -1015,3 +1008,16 @@ def test_depthwise_mixed_layouts(x_layout, dy_layout, monkeypatch):
     out = _kernel(dy, inp, c, r_x)
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
     assert out[0].is_contiguous(memory_format=fmt[x_layout])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dgrad_reads_and_writes_along_the_pixels_for_nchw(layout, monkeypatch):
+    """NCHW x and dx: the dgrad kernel's x tile and dx store go through the transposed tile
+    (PIXELS_FAST); channels_last directly -- both against the float64 reference."""
+    launched = record_launches(monkeypatch, conv_bwd, "_launch")
+    inp, c, r_x, dy = _case(torch.float32, operator="cosine", stride=2,
+                            channels_last=layout == "channels_last")
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
+    (dgrad,) = [kw for k, kw in launched if k is conv_bwd._dgrad_kernel]
+    assert dgrad["PIXELS_FAST"] is (layout == "nchw")

@@ -17,10 +17,13 @@ from sphereops_kernels import angular, configs  # noqa: E402
 from sphereops_kernels import conv_fwd as F  # noqa: E402
 
 from helpers import (  # noqa: E402
+    DEPTHWISE_ROW_CASE,
+    DEPTHWISE_ROW_GEOMETRIES,
     assert_close,
     assert_close_to_reference,
     make_conv_inputs,
     make_near_parallel_conv_inputs,
+    record_launches,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -813,8 +816,11 @@ def test_aot_specs_are_well_formed():
     # every config on the default path (pre-pass norms), 3x3: fp16, bf16, fp32-tf32; 8-warp
     # tiles are 16-bit only (pruned for fp32 at launch)
     default = [s for s in specs if s["gemm"] and s["constexprs"].get("NORMS_FROM_Q")
-               and s["constexprs"]["CHANNEL_CHUNKS"]]
+               and s["constexprs"]["CHANNEL_CHUNKS"] and not s["constexprs"]["OUT_PIXELS_FAST"]]
     assert len(default) == n_gemm * 3 - n_eight_warps
+    # NCHW outputs (stores along the pixels) on the two 4-warp 3x3 tiles per dtype
+    nchw = [s for s in specs if s["gemm"] and s["constexprs"]["OUT_PIXELS_FAST"]]
+    assert len(nchw) == 2 * 3 and all(s["example_args"]["stride_yc"] != 1 for s in nchw)
     # the flat K loop (a 3-channel 5x5 first layer) on its 64-wide tiles, every dtype
     flat = [s for s in specs if s["gemm"] and not s["constexprs"]["CHANNEL_CHUNKS"]]
     assert len(flat) == 2 * 3 and all(configs.fits_flat_k_loop(triton.Config(
@@ -918,27 +924,19 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
 # 64 takes whole rows, several a tile; 15 tiles of 2 rows (3 images of 9 rows, 13 wide) leave
 # a program's second row block past the last image.
 @pytest.mark.parametrize("max_row_w", [4, 64], ids=["split-rows", "whole-rows"])
-@pytest.mark.parametrize("geom", [
-    pytest.param(dict(), id="3x3"),
-    pytest.param(dict(stride=2), id="s2"),
-    pytest.param(dict(kernel=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
-                 id="rect-d2"),
-])
+@pytest.mark.parametrize("geom", list(DEPTHWISE_ROW_GEOMETRIES))
 @pytest.mark.parametrize("dtype, rtol, atol", [DTYPE_TOLS[0], DTYPE_TOLS[2]])
 def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol, monkeypatch):
     monkeypatch.setattr(F, "MAX_ROW_W", max_row_w)
-    flags = []
-    real_launch = F.launch
-    monkeypatch.setattr(F, "launch", lambda kernel, grid, args, kw, what: (
-        flags.append(dict(kw)), real_launch(kernel, grid, args, kw, what))[1])
-    inp = make_conv_inputs(n=3, c_in=20, h=9, w=13, c_out=20, groups=20, operator="sigmoid",
-                           dtype=dtype, device=DEVICE, **geom)
+    flags = record_launches(monkeypatch, F, "launch")
+    inp = make_conv_inputs(**DEPTHWISE_ROW_CASE, **DEPTHWISE_ROW_GEOMETRIES[geom],
+                           operator="sigmoid", dtype=dtype, device=DEVICE)
     out = _run_kernel(inp)
     _check_against_reference(inp, out, dtype, rtol, atol)
     wo = out[0].shape[3]
-    (launched,) = flags
+    ((_, launched),) = flags
     assert launched["ROW_W"] == min(triton.next_power_of_2(wo), max_row_w)
-    if max_row_w == 64 and not geom:
+    if max_row_w == 64 and geom == "3x3":
         ho, bm = out[0].shape[2], F._dw_interpreter_config().kwargs["BLOCK_M"]
         assert F.depthwise_tile_count(3, ho, wo, launched["ROW_W"], bm) == 15
 
@@ -967,3 +965,16 @@ def test_forward_every_depthwise_row_config(cfg):
     """Every NCHW (row-tile) tile the autotuner may pick, forced: rows of 7 in 8-wide tiles."""
     inp = make_conv_inputs(**CONV_CASES["depthwise"], operator="linear", device=DEVICE)
     _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gemm_stores_along_the_pixels_for_nchw(channels_last, monkeypatch):
+    """NCHW outputs of the GEMM forward are stored through the transposed tile (lanes along
+    the pixels: OUT_PIXELS_FAST), channels_last ones directly -- both against float64."""
+    flags = record_launches(monkeypatch, F, "launch")
+    inp = make_conv_inputs(**CONV_CASES["3x3_chunks"], operator="sigmoid", device=DEVICE,
+                           channels_last=channels_last)
+    _check_against_reference(inp, _run_kernel(inp), torch.float32, 1e-5, 1e-5)
+    (gemm,) = [f for _, f in flags if "OUT_PIXELS_FAST" in f]
+    assert gemm["OUT_PIXELS_FAST"] is (not channels_last)
+    assert F.pixels_fast(torch.empty(2, 1, 3, 3).contiguous(memory_format=torch.channels_last))
