@@ -431,9 +431,9 @@ MAX_ROW_W = 64
 def depthwise_row_width(t: torch.Tensor, width: int) -> int:
     """The ROW_W constexpr of the depthwise kernels for tensor ``t`` [N, C, H, W] whose pixel
     grid is ``width`` wide: 0 (flat pixel tiles) when its channels are contiguous (channels_last),
-    else the width's next power of two up to MAX_ROW_W (row tiles, see
+    else (:func:`pixels_fast`) the width's next power of two up to MAX_ROW_W (row tiles, see
     :func:`depthwise_pixel_tile`)."""
-    if t.stride(1) == 1 and t.shape[1] > 1:
+    if not pixels_fast(t):
         return 0
     return min(_next_pow2(max(width, 1)), MAX_ROW_W)
 
