@@ -60,8 +60,10 @@ Pure depthwise convs (C_in/G = C_out/G = 1) take their own elementwise path, 3 l
 when the partials need a first reduction level): the forward saved neither c nor r_x
 (conv_fwd's depthwise kernel reads x and writes y only), so ``_depthwise_prep_kernel``
 recomputes each window with the forward's own helpers (and r_w from the same taps: no filter
-programs), stores Hn and A pixel-major ([M, C], read along the channels at every tap) with the
-column partials and the filter taps over r_w tap-major; ``_depthwise_grad_kernel`` (with the
+programs), stores Hn and A -- pixel-major [M, C] for channels_last x (read along the channels at
+every tap), in [N, C, Ho*Wo] planes for NCHW x (row tiles read along the pixels:
+conv_fwd.depthwise_pixel_tile) -- with the column partials and the filter taps over r_w
+tap-major; ``_depthwise_grad_kernel`` (with the
 partials' final reduction in the same launch) walks the input pixels once for dx and the
 weight-gradient partials together, its taps unrolled
 (elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
@@ -71,10 +73,10 @@ reference), then the shared finalize. DRAM bytes per output element, 16-bit, str
 version read c and r_x too and a separate wgrad re-read Hn and x.
 
 Known limits: grouped convolutions with a few channels per group (but more than one) run
-through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. The pure
-depthwise kernels tile [pixels x channels] with the channels contiguous: an NCHW input (and
-dy, dx) is read channel-strided, uncoalesced (the GEMM path stages such inputs; this one does
-not yet). Eager
+through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. NCHW
+tensors are read and written with scalar 16-bit accesses along the pixels (coalesced, not
+vectorised: the padding offsets a window from any alignment Triton can prove); channels_last
+is the fast layout. Eager
 launches cost host time per kernel (4-6 launches per call); under CUDA graphs /
 torch.compile that disappears.
 """
