@@ -701,8 +701,9 @@ def _dw_row_configs():
     Triton can prove), one 16-bit load an element and tap against channels_last's eight. SASS
     an element (sm_90, bf16, 3x3, linear; sigmoid in brackets), registers: 64 x 16 x 2 with 4
     warps 106 (173), 234; with 8 warps 123 (189), 128; 32 x 16 x 4 with 4 warps 122 (189), 127;
-    64 x 16 alone 161 (227) with the filter loads, 96. The last NCHW build (channels across a
-    warp's lanes: a sector a lane, 32 a load) took 223 an element, 255 registers."""
+    64 x 16 alone 161 (227) with the filter loads, 96. The NCHW build before row tiles (the
+    channels_last tiles with a warp's lanes across the channels: a sector a lane, 32 a load)
+    took 178-223 an element over those tiles, 96-255 registers."""
     def cfg(block_m, block_c, row_blocks, warps):
         return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks},
                              num_warps=warps, num_stages=1)
