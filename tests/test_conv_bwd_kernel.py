@@ -1021,3 +1021,14 @@ def test_dgrad_reads_and_writes_along_the_pixels_for_nchw(layout, monkeypatch):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
     (dgrad,) = [kw for k, kw in launched if k is conv_bwd._dgrad_kernel]
     assert dgrad["PIXELS_FAST"] is (layout == "nchw")
+
+
+def test_depthwise_rows_wider_than_the_tile():
+    """NCHW rows wider than the prep and grad tiles (ROW_W 64 > BLOCK_M: each tile one row
+    segment), 40 wide, against float64."""
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", n=1, c_in=4, c_out=4, groups=4,
+                            h=4, w=40)
+    for kernel in ("prep", "grad"):
+        assert conv_bwd.depthwise_config(kernel, rows=True)["BLOCK_M"] < 64
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)

@@ -978,3 +978,13 @@ def test_gemm_stores_along_the_pixels_for_nchw(channels_last, monkeypatch):
     (gemm,) = [f for _, f in flags if "OUT_PIXELS_FAST" in f]
     assert gemm["OUT_PIXELS_FAST"] is (not channels_last)
     assert F.pixels_fast(torch.empty(2, 1, 3, 3).contiguous(memory_format=torch.channels_last))
+
+
+def test_depthwise_rows_wider_than_the_tile():
+    """Rows wider than a tile (ROW_W > BLOCK_M: the tile is one row segment of BLOCK_M, TW
+    capped at BLOCK_M), here 20-wide rows in 16-pixel tiles, against float64."""
+    inp = make_conv_inputs(n=2, c_in=6, h=5, w=20, c_out=6, groups=6, operator="cosine",
+                           device=DEVICE)
+    assert F.depthwise_row_width(inp.x, 20) == 32
+    cfg = triton.Config({"BLOCK_M": 16, "BLOCK_C": 16, "ROW_BLOCKS": 2}, num_warps=4)
+    _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
