@@ -63,10 +63,9 @@ recomputes each window with the forward's own helpers (and r_w from the same tap
 programs), stores Hn and A -- pixel-major [M, C] for channels_last x (read along the channels at
 every tap), in [N, C, Ho*Wo] planes for NCHW x (row tiles read along the pixels:
 conv_fwd.depthwise_pixel_tile) -- with the column partials and the filter taps over r_w
-tap-major; ``_depthwise_grad_kernel`` (with the
-partials' final reduction in the same launch) walks the input pixels once for dx and the
-weight-gradient partials together, its taps unrolled
-(elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
+tap-major; ``_depthwise_grad_kernel`` (with the partials' final reduction in the same launch)
+walks the input pixels once for dx and the weight-gradient partials together, its taps
+unrolled (elementwise FMAs over [pixels x channels] tiles: a GEMM would be 15/16 padding, and
 the padded-GEMM path measured 12.8 ms on an H200 for 64x256x28x28 bf16, 10x the unfused
 reference), then the shared finalize. DRAM bytes per output element, 16-bit, stride 1: about
 10 in the prep (dy, x, Hn, fp32 A) and 10 in the grad pass (Hn, A, x, dx), where the saved-state
@@ -76,9 +75,8 @@ Known limits: grouped convolutions with a few channels per group (but more than 
 through the GEMM kernels with 16-wide padded tiles: correct, far from memory speed. NCHW
 tensors are read and written with scalar 16-bit accesses along the pixels (coalesced, not
 vectorised: the padding offsets a window from any alignment Triton can prove); channels_last
-is the fast layout. Eager
-launches cost host time per kernel (4-6 launches per call); under CUDA graphs /
-torch.compile that disappears.
+is the fast layout. Eager launches cost host time per kernel (4-6 launches per call); under
+CUDA graphs / torch.compile that disappears.
 """
 from __future__ import annotations
 
@@ -693,8 +691,7 @@ def _dgrad_kernel(
         for k in tl.static_range(4):
             _dgrad_store(quarters[k], box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN,
                          pid_n * BLOCK_N + k * QUARTER + tl.arange(0, QUARTER), CG_IN, m_mask,
-                         stride_xc,
-                         stride_dxc, EMULATE_RTNE, True)
+                         stride_xc, stride_dxc, EMULATE_RTNE, True)
     else:
         _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, offs_ci, CG_IN,
                      m_mask, stride_xc, stride_dxc, EMULATE_RTNE, False)
@@ -904,22 +901,28 @@ def _wgrad_kernel(
 
 
 @triton.jit
-def _dw_state_offsets(tile, n, pix, c64, C, HoWo, ROW_W: tl.constexpr, BM: tl.constexpr):
-    """Offsets of the depthwise backward's state Hn and A (written by the prep kernel, read by
-    the grad kernel) for the pixels of a tile and channels c64 [BC] int64: ``(rows [BM], cols
-    [BC])``, int64, the element at rows[:, None] + cols[None, :].
-
-    ROW_W 0 (channels_last x): [N*Ho*Wo, C], channels contiguous, the pixels flat -- ``tile`` of
-    :func:`conv_fwd.depthwise_pixel_tile`'s consecutive BM pixels, so the row is the flat index.
-    ROW_W > 0 (NCHW x): [N, C, Ho*Wo], pixels contiguous, n the tile's image and pix [BM] the
-    pixel within it (ho * Wo + wo) -- along a row, like x's loads and dy's."""
+def _dw_state_row(n64, pix, C, HoWo, ROW_W: tl.constexpr):
+    """The layout of the depthwise backward's state Hn and A (written by the prep kernel, read
+    by the grad kernel): the offset of output pixel ``pix`` (ho * Wo + wo) of image ``n64``
+    (int64), to which :func:`_dw_state_col` adds a channel's. ROW_W 0 (channels_last x):
+    [N*Ho*Wo, C], channels contiguous; ROW_W > 0 (NCHW x, row tiles): [N, C, Ho*Wo] planes,
+    pixels contiguous -- along the axis the kernels' x and dy accesses run. Linear in pix, so
+    the row of pix - d is this row minus the row of pixel d of image 0."""
     if ROW_W == 0:
-        rows = (tile * BM + tl.arange(0, BM)).to(tl.int64) * C
-        cols = c64
+        row = (n64 * HoWo + pix) * C
     else:
-        rows = n.to(tl.int64) * C * HoWo + pix
-        cols = c64 * HoWo
-    return rows, cols
+        row = n64 * C * HoWo + pix
+    return row
+
+
+@triton.jit
+def _dw_state_col(c64, HoWo, ROW_W: tl.constexpr):
+    """Channel offsets c64 [BC] int64 in the state (:func:`_dw_state_row`)."""
+    if ROW_W == 0:
+        col = c64
+    else:
+        col = c64 * HoWo
+    return col
 
 
 @triton.jit
@@ -945,7 +948,7 @@ def _depthwise_prep_kernel(
     dy_ptr: [N, C, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     x_ptr:  [N, C, H, W], strides (stride_xn, ...). w_ptr: [C, 1, KH, KW] strides (stride_wc, -,
             stride_wh, stride_ww). k_ptr: [C], stride stride_k (read iff sigmoid).
-    hn_ptr: Hn, input dtype (iff STORE_HN), in the layout of :func:`_dw_state_offsets`:
+    hn_ptr: Hn, input dtype (iff STORE_HN), in the layout of :func:`_dw_state_row`:
             [M = N*Ho*Wo, C] contiguous (ROW_W 0, channels_last x) or [N, C, Ho*Wo]
             contiguous (row tiles, NCHW x) -- along the axis x's loads run.
     a_ptr:  A, fp32 (iff STORE_A), laid out as Hn.
@@ -1004,9 +1007,11 @@ def _depthwise_prep_kernel(
                        ROWS_FAST).to(tl.float32)
         grad_c = dy * dg_dc(cv, kv, OPERATOR, DELTA)
         gc = grad_c * cv
-        pix_rows, chan_cols = _dw_state_offsets(tile, n, ho * Wo + wo, o64, C, Ho * Wo, ROW_W,
-                                                BLOCK_M)
-        rows = pix_rows[:, None] + chan_cols[None, :]
+        if ROW_W == 0:   # the tile's consecutive pixels: their flat index is the state row
+            pix_rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * C
+        else:
+            pix_rows = _dw_state_row(n.to(tl.int64), ho * Wo + wo, C, Ho * Wo, ROW_W)
+        rows = pix_rows[:, None] + _dw_state_col(o64, Ho * Wo, ROW_W)[None, :]
         if STORE_HN:
             tl.store(hn_ptr + rows, to_dtype_of(grad_c * inv_rx, hn_ptr, EMULATE_RTNE),
                      mask=mask)
@@ -1036,16 +1041,14 @@ def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, cols,
     That output pixel is ((hp - kh DH) / SH, (wp - kw DW) / SW) with hp, wp = the input row and
     column plus the padding, if both divide and lie in the output; at stride 1 its state row
     is the tap-0 row ``row0`` (the state row of output pixel (hp, wp)) shifted by a scalar, its
-    bounds tap-shifted scalars. Hn and A are in _dw_state_offsets' layout for ROW_W (cols: its
+    bounds tap-shifted scalars. Hn and A are in _dw_state_row's layout for ROW_W (cols: its
     channel offsets); ws_ptr [KH*KW, C] as the kernel's."""
     hp, wp, row0, n64, m_mask = pix
     dh = (tap // KW) * DH
     dw = (tap % KW) * DW
-    # a pixel's step in the state: C (channels_last order) or 1 (planes, ROW_W > 0)
-    pixel_step = C if ROW_W == 0 else 1
     if SH == 1 and SW == 1:
         valid = m_mask & (hp >= dh) & (hp < Ho + dh) & (wp >= dw) & (wp < Wo + dw)
-        rows = row0 - (dh * Wo + dw).to(tl.int64) * pixel_step
+        rows = row0 - _dw_state_row(0, (dh * Wo + dw).to(tl.int64), C, Ho * Wo, ROW_W)
     else:
         th = hp - dh
         tw = wp - dw
@@ -1053,10 +1056,7 @@ def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, cols,
         wo = tw // SW
         valid = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
                  & (ho < Ho) & (wo < Wo))
-        if ROW_W == 0:
-            rows = ((n64 * Ho + ho) * Wo + wo) * C
-        else:
-            rows = n64 * C * Ho * Wo + ho * Wo + wo
+        rows = _dw_state_row(n64, ho * Wo + wo, C, Ho * Wo, ROW_W)
     ROWS_FAST: tl.constexpr = ROW_W > 0
     offs = tile_ptrs(0, rows, cols, ROWS_FAST)
     h = load_tile(hn_ptr + offs, valid, c_mask, ROWS_FAST).to(tl.float32)
@@ -1095,7 +1095,7 @@ def _depthwise_grad_kernel(
     once per tap).
 
     hn_ptr: Hn = G / r_x (input dtype) and a_ptr: A (fp32, read iff NEED_DX), in
-            _dw_state_offsets' layout for ROW_W ([N*Ho*Wo, C] for 0, [N, C, Ho*Wo] else).
+            _dw_state_row's layout for ROW_W ([N*Ho*Wo, C] for 0, [N, C, Ho*Wo] else).
     ws_ptr: [KH*KW, C] fp32 contiguous, w[c, tap] / r_w[c] (from the prep kernel), read iff
             NEED_DX.
     x_ptr / dx_ptr: [N, C, H, W], strides (stride_xn, ...) / (stride_dxn, ...); dx written
@@ -1133,8 +1133,7 @@ def _depthwise_grad_kernel(
     w_acc = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * (KH * KW if UNROLL else 1)
     w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
     ROWS_FAST: tl.constexpr = ROW_W > 0
-    # the state's channel offsets (_dw_state_offsets)
-    cols = c64 if ROW_W == 0 else c64 * (Ho * Wo)
+    cols = _dw_state_col(c64, Ho * Wo, ROW_W)
     t_start = split * TILES_PER_SPLIT
     t_end = tl.where(is_reduce, t_start, tl.minimum(t_start + TILES_PER_SPLIT, n_tiles))
     for t in range(t_start, t_end):
@@ -1149,10 +1148,7 @@ def _depthwise_grad_kernel(
         hp = hi + PH
         wp = wi + PW
         # the state row of output pixel (hp, wp), which tap 0 reads at stride 1
-        if ROW_W == 0:
-            row0 = ((n64 * Ho + hp) * Wo + wp) * C
-        else:
-            row0 = n64 * C * Ho * Wo + hp * Wo + wp
+        row0 = _dw_state_row(n64, hp * Wo + wp, C, Ho * Wo, ROW_W)
         pix = (hp, wp, row0, n64, m_mask)
         if UNROLL:
             for tap in tl.static_range(KH * KW):
@@ -1758,7 +1754,7 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     row_w = depthwise_row_width(x, wo)
     cfg = depthwise_config("prep", taps=kh * kw, rows=row_w > 0)
     r_rows = _cdiv(depthwise_tile_count(n, ho, wo, row_w, cfg["BLOCK_M"]), cfg["ROW_BLOCKS"])
-    # Hn and A: [N*Ho*Wo, C] or [N, C, Ho*Wo] (_dw_state_offsets), flat here
+    # Hn and A: [N*Ho*Wo, C] or [N, C, Ho*Wo] (_dw_state_row), flat here
     hn = torch.empty((m_out * c,) if need_grads else (1,), device=dev, dtype=dtype)
     a_buf = torch.empty((m_out * c,) if need_dx else (1,), device=dev, dtype=torch.float32)
     r_w = torch.empty(c, device=dev, dtype=torch.float32)
@@ -1767,9 +1763,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     sigmoid = operator == "sigmoid"
     _launch(_depthwise_prep_kernel, (r_rows, _cdiv(c, cfg["BLOCK_C"])),
             (dy, x, w, k if sigmoid else r_w, hn, a_buf, r_w, w_scaled, partials, m_out, c, h,
-             wd, ho, wo,
-             r_rows, k.stride(0) if sigmoid else 0, float(eps), *dy.stride(), *x.stride(),
-             w.stride(0), w.stride(2), w.stride(3)),
+             wd, ho, wo, r_rows, k.stride(0) if sigmoid else 0, float(eps), *dy.stride(),
+             *x.stride(), w.stride(0), w.stride(2), w.stride(3)),
             **geometry, OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
             NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
