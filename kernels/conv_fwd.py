@@ -1172,6 +1172,19 @@ def _spec(name, fn, dtype_name, constexprs, example_args, num_warps, num_stages,
                 dtype=dtype_name, gemm=gemm)
 
 
+def _gemm_constexprs(taps, precision, cfg, **overrides):
+    """The GEMM forward's constexprs in an AOT spec: a taps x taps filter with the heaviest
+    epilogue (sigmoid, bias) on the default launch -- channel-chunk K loop, pre-pass patch
+    norms, c stored, int32 offsets, a channels_last output -- with ``overrides``, and the tile
+    of ``cfg``."""
+    constexprs = dict(KH=taps, KW=taps, OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
+                      CHANNEL_CHUNKS=True, DOT_PRECISION=precision, UPCAST_DOT=False,
+                      EMULATE_RTNE=False, STORE_C=True, NORMS_FROM_Q=True, WIDE_OFFSETS=False,
+                      OUT_PIXELS_FAST=False)
+    constexprs.update(overrides)
+    return dict(constexprs, **cfg.kwargs)
+
+
 def aot_specs():
     """Compile specs for ``make aot-check`` (docs/ARCHITECTURE.md), one per kernel x config x
     dtype: every GEMM config x fp16/bf16/fp32 (x tf32/ieee for fp32; ieee only for the
@@ -1197,11 +1210,7 @@ def aot_specs():
                 if dtype_name == "fp32" and (cfg.num_warps >= 8
                                              or (precision == "ieee" and not fits_fma_dot(cfg))):
                     continue  # pruned at launch: never runs
-                constexprs = dict(KH=taps, KW=taps, OPERATOR=sigmoid, HAS_BIAS=True,
-                                  CHANNEL_CHUNKS=True, DOT_PRECISION=precision,
-                                  UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                                  NORMS_FROM_Q=True, WIDE_OFFSETS=False, OUT_PIXELS_FAST=False,
-                                  **cfg.kwargs)
+                constexprs = _gemm_constexprs(taps, precision, cfg)
                 name = (f"conv_fwd_gemm_{taps}x{taps}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                         f"_s{cfg.num_stages}_{dtype_name}"
                         + (f"_{precision}" if dtype_name == "fp32" else ""))
@@ -1247,10 +1256,7 @@ def aot_specs():
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"
             # NCHW y and c (the input staged): stored with the lanes along the pixels
-            constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
-                              DOT_PRECISION=precision, UPCAST_DOT=False, EMULATE_RTNE=False,
-                              STORE_C=True, NORMS_FROM_Q=True, WIDE_OFFSETS=False,
-                              OUT_PIXELS_FAST=True, **cfg.kwargs)
+            constexprs = _gemm_constexprs(3, precision, cfg, OUT_PIXELS_FAST=True)
             specs.append(_spec(f"conv_fwd_gemm_nchw_out_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                                f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                dtype_name, constexprs,
@@ -1258,11 +1264,8 @@ def aot_specs():
                                     stride_yc=56 * 56, stride_yh=56, stride_yw=1),
                                cfg.num_warps, cfg.num_stages, gemm=True))
             for variant, prepass, wide in (("fused", False, False), ("wide", False, True)):
-                constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True,
-                                  CHANNEL_CHUNKS=True, DOT_PRECISION=precision, UPCAST_DOT=False,
-                                  EMULATE_RTNE=False, STORE_C=True, NORMS_FROM_Q=prepass,
-                                  WIDE_OFFSETS=wide, OUT_PIXELS_FAST=False,
-                                  **cfg.kwargs)
+                constexprs = _gemm_constexprs(3, precision, cfg, NORMS_FROM_Q=prepass,
+                                              WIDE_OFFSETS=wide)
                 specs.append(_spec(f"conv_fwd_gemm_{variant}_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                                    f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                    dtype_name, constexprs, dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1),
@@ -1276,11 +1279,8 @@ def aot_specs():
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4
                     and c.kwargs["BLOCK_N"] == 64 and fits_flat_k_loop(c)]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            constexprs = dict(KH=5, KW=5, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=False,
-                              DOT_PRECISION="tf32" if dtype_name == "fp32" else "ieee",
-                              UPCAST_DOT=False, EMULATE_RTNE=False, STORE_C=True,
-                              NORMS_FROM_Q=True, WIDE_OFFSETS=False, OUT_PIXELS_FAST=False,
-                                  **cfg.kwargs)
+            constexprs = _gemm_constexprs(5, "tf32" if dtype_name == "fp32" else "ieee", cfg,
+                                          CHANNEL_CHUNKS=False)
             specs.append(_spec(f"conv_fwd_gemm_flat_5x5_cin3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
                                f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
                                dtype_name, constexprs, flat_example, cfg.num_warps,
@@ -1288,10 +1288,7 @@ def aot_specs():
         if dtype_name != "fp32":
             cfg = next(c for c in conv_fwd_configs() if c.num_warps == 8)
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            constexprs = dict(KH=1, KW=1, OPERATOR=sigmoid, HAS_BIAS=True, CHANNEL_CHUNKS=True,
-                              DOT_PRECISION="ieee", UPCAST_DOT=False, EMULATE_RTNE=False,
-                              STORE_C=True, NORMS_FROM_Q=False, WIDE_OFFSETS=False,
-                              OUT_PIXELS_FAST=False, **cfg.kwargs)
+            constexprs = _gemm_constexprs(1, "ieee", cfg, NORMS_FROM_Q=False)
             specs.append(_spec(f"conv_fwd_gemm_fused_1x1_{bm}x{bn}x{bk}_w8_s{cfg.num_stages}"
                                f"_{dtype_name}", _sphere_conv_fwd_kernel, dtype_name, constexprs,
                                dict(_GEMM_EXAMPLE, pad_h=0, pad_w=0), cfg.num_warps,
