@@ -93,19 +93,21 @@ DEPTHWISE_ROW_GEOMETRIES = {
 }
 
 
-def record_launches(monkeypatch, module, name: str) -> list:
-    """Replace ``module.name`` (a launch function whose first argument is the kernel) by one
-    that records ``(kernel, keyword arguments)`` -- the kernel's constexprs and launch options,
-    or for a launch taking them as its fourth positional argument, those -- and still launches.
-    Returns the list it appends to."""
+def record_launches(monkeypatch, module, name: str) -> tuple:
+    """Replace ``module.name`` -- a launcher taking (kernel, grid, args), then the kernel's
+    constexprs and launch options as keyword arguments (conv_bwd._launch) or as one dict
+    argument (launch.launch) -- by one that records each launch and still runs it. Returns
+    ``(launches, flags)``: the [(kernel, grid, args)] and the [dict of constexprs and options]
+    of the launches, in order."""
     real = getattr(module, name)
-    calls = []
+    launches, flags = [], []
 
-    def record(kernel, *args, **kwargs):
-        calls.append((kernel, dict(kwargs) if kwargs else dict(args[2])))
-        return real(kernel, *args, **kwargs)
+    def record(kernel, grid, args, *rest, **kwargs):
+        launches.append((kernel, grid, args))
+        flags.append(dict(kwargs) if kwargs else dict(rest[0]))
+        return real(kernel, grid, args, *rest, **kwargs)
     monkeypatch.setattr(module, name, record)
-    return calls
+    return launches, flags
 
 
 def random_conv_geometry(seed: int) -> dict:

@@ -653,14 +653,7 @@ def test_wide_offsets_follow_the_sizes():
 
 def _record_launches(monkeypatch):
     """[(kernel, grid, args)] of every launch conv_bwd makes from now on (they still run)."""
-    launched = []
-    real_launch = conv_bwd._launch
-
-    def record(kernel, grid, args, **kwargs):
-        launched.append((kernel, grid, args))
-        return real_launch(kernel, grid, args, **kwargs)
-    monkeypatch.setattr(conv_bwd, "_launch", record)
-    return launched
+    return record_launches(monkeypatch, conv_bwd, "_launch")[0]
 
 
 def _prep_launch(launched):
@@ -987,10 +980,10 @@ def _depthwise_row_case(dtype, max_row_w, monkeypatch, **geom):
 def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol_frac, monkeypatch):
     inp, c, r_x, dy = _depthwise_row_case(dtype, max_row_w, monkeypatch,
                                           **DEPTHWISE_ROW_GEOMETRIES[geom])
-    launched = record_launches(monkeypatch, conv_bwd, "_launch")
+    launches, flags = record_launches(monkeypatch, conv_bwd, "_launch")
     out = _kernel(dy, inp, c, r_x)
     _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
-    row_w = {k: kw.get("ROW_W") for k, kw in launched}
+    row_w = {k: kw.get("ROW_W") for (k, _, _), kw in zip(launches, flags)}
     wo, wd = dy.shape[3], inp.x.shape[3]
     assert row_w[conv_bwd._depthwise_prep_kernel] == min(_next_pow2(wo), max_row_w)
     assert row_w[conv_bwd._depthwise_grad_kernel] == min(_next_pow2(wd), max_row_w)
@@ -1014,12 +1007,12 @@ def test_depthwise_mixed_layouts(x_layout, dy_layout, monkeypatch):
 def test_dgrad_reads_and_writes_along_the_pixels_for_nchw(layout, monkeypatch):
     """NCHW x and dx: the dgrad kernel's x tile and dx store go through the transposed tile
     (PIXELS_FAST); channels_last directly -- both against the float64 reference."""
-    launched = record_launches(monkeypatch, conv_bwd, "_launch")
+    launches, flags = record_launches(monkeypatch, conv_bwd, "_launch")
     inp, c, r_x, dy = _case(torch.float32, operator="cosine", stride=2,
                             channels_last=layout == "channels_last")
     out = _kernel(dy, inp, c, r_x)
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
-    (dgrad,) = [kw for k, kw in launched if k is conv_bwd._dgrad_kernel]
+    (dgrad,) = [kw for (k, _, _), kw in zip(launches, flags) if k is conv_bwd._dgrad_kernel]
     assert dgrad["PIXELS_FAST"] is (layout == "nchw")
 
 

@@ -277,14 +277,7 @@ def test_forward_patch_norms_from_the_prepass(case, channels_last, dtype, rtol, 
 
 def _record_launches(monkeypatch):
     """Every launch of the forward launcher, recorded as (kernel, grid, args) and run."""
-    launched = []
-    real_launch = F.launch
-
-    def record(kernel, grid, args, kwargs, what):
-        launched.append((kernel, grid, args))
-        real_launch(kernel, grid, args, kwargs, what)
-    monkeypatch.setattr(F, "launch", record)
-    return launched
+    return record_launches(monkeypatch, F, "launch")[0]
 
 
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
@@ -928,13 +921,13 @@ def test_config_pruning_follows_the_shape_and_the_dot_unit():
 @pytest.mark.parametrize("dtype, rtol, atol", [DTYPE_TOLS[0], DTYPE_TOLS[2]])
 def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol, monkeypatch):
     monkeypatch.setattr(F, "MAX_ROW_W", max_row_w)
-    flags = record_launches(monkeypatch, F, "launch")
+    _, flags = record_launches(monkeypatch, F, "launch")
     inp = make_conv_inputs(**DEPTHWISE_ROW_CASE, **DEPTHWISE_ROW_GEOMETRIES[geom],
                            operator="sigmoid", dtype=dtype, device=DEVICE)
     out = _run_kernel(inp)
     _check_against_reference(inp, out, dtype, rtol, atol)
     wo = out[0].shape[3]
-    ((_, launched),) = flags
+    (launched,) = flags
     assert launched["ROW_W"] == min(triton.next_power_of_2(wo), max_row_w)
     if max_row_w == 64 and geom == "3x3":
         ho, bm = out[0].shape[2], F._dw_interpreter_config().kwargs["BLOCK_M"]
@@ -971,11 +964,11 @@ def test_forward_every_depthwise_row_config(cfg):
 def test_gemm_stores_along_the_pixels_for_nchw(channels_last, monkeypatch):
     """NCHW outputs of the GEMM forward are stored through the transposed tile (lanes along
     the pixels: OUT_PIXELS_FAST), channels_last ones directly -- both against float64."""
-    flags = record_launches(monkeypatch, F, "launch")
+    _, flags = record_launches(monkeypatch, F, "launch")
     inp = make_conv_inputs(**CONV_CASES["3x3_chunks"], operator="sigmoid", device=DEVICE,
                            channels_last=channels_last)
     _check_against_reference(inp, _run_kernel(inp), torch.float32, 1e-5, 1e-5)
-    (gemm,) = [f for _, f in flags if "OUT_PIXELS_FAST" in f]
+    (gemm,) = [f for f in flags if "OUT_PIXELS_FAST" in f]
     assert gemm["OUT_PIXELS_FAST"] is (not channels_last)
     assert F.pixels_fast(torch.empty(2, 1, 3, 3).contiguous(memory_format=torch.channels_last))
 
