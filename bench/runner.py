@@ -298,10 +298,10 @@ def plan(cfg: RunConfig) -> list:
         if compiled:
             for shape in main_shapes[early_compile:]:
                 jobs.append(ConvJob(shape, dtype, layout, op, compiled, "headline"))
-        main_names = {s.name for s in main_shapes}
         if cfg.is_cuda and not cfg.full:
             # NCHW is PyTorch's default: the pure depthwise kernels' row tiles and the GEMM
             # path's pixel-wise NCHW stores (y, c, dx) are measured there, on one layer each
+            main_names = {s.name for s in main_shapes}
             for name in ("edge.depthwise", "r18.l3"):
                 if name in main_names:
                     jobs.append(ConvJob(S.BY_NAME[name], dtype, "nchw", op, eager, "dtypes"))
@@ -568,7 +568,6 @@ class Runner:
         self.on_progress = on_progress
         self._plain_done: set = set()
         self.interrupted = False
-        self.graphs_ok = True       # False after failed captures of two providers (none more)
         self.graph_failed: set = set()   # providers whose capture failed (not captured again)
         # GPU: the median, as DESIGN section 5 asks.  CPU (a shared 2-core machine, where other
         # processes preempt the timed calls): the minimum, the least-disturbed repeat; both are
@@ -576,6 +575,11 @@ class Runner:
         self.statistic_key = "median_ms" if cfg.is_cuda else "min_ms"
 
     # -- CUDA-graph captures ---------------------------------------------------------------------
+    @property
+    def graphs_ok(self) -> bool:
+        """False after failed captures of two providers: nothing is captured any more."""
+        return len(self.graph_failed) < 2
+
     def capture_allowed(self, prov: str) -> bool:
         """Whether ``prov``'s calls may still be captured for device time."""
         return self.graphs_ok and prov not in self.graph_failed
@@ -588,8 +592,7 @@ class Runner:
         later job, 20261127-1606; the inputs come from the CPU RNG since): a second provider
         failing stops all captures."""
         self.graph_failed.add(prov)
-        if len(self.graph_failed) > 1:
-            self.graphs_ok = False
+        if not self.graphs_ok:
             self.notes.append(f"CUDA-graph timing stopped after failed captures of "
                               f"{', '.join(sorted(self.graph_failed))} ({prov} {mode}: {error})")
         else:
