@@ -50,6 +50,7 @@ from pathlib import Path
 #: Kernel modules whose ``aot_specs()`` are collected by default.
 KERNEL_MODULES = (
     "sphereops_kernels.conv_fwd",
+    "sphereops_kernels.conv_fwd_grid",
     "sphereops_kernels.conv_bwd",
     "sphereops_kernels.linear",
 )

@@ -143,3 +143,49 @@ def conv_fwd_interpreter_config():
     """The single config used under TRITON_INTERPRET=1 (CPU tests): small blocks, so that the
     tiny test shapes still cover several M/N tiles, several K steps and the tile masks."""
     return _cfg(32, 16, 16, num_stages=1, group_m=2, num_warps=4)
+
+
+def conv_fwd_grid_configs(interpreter=False):
+    """Configs for ``conv_fwd_grid._sphere_conv_fwd_grid_kernel`` (TMA operands, a K loop that
+    is loads and MMAs only). 4 warps (one warpgroup) and 8 (two sharing the tile: the
+    pre-pass norms are the build a GPU showed right at 8 warps); 3-4 stages of TMA boxes.
+    Under the interpreter one small tile, so tiny test shapes cover several M and N tiles."""
+    if interpreter:
+        return [_cfg(32, 16, 16, num_stages=1, group_m=2)]
+    return [
+        _cfg(128, 128, 64, num_stages=3),
+        _cfg(128, 128, 64, num_stages=3, num_warps=8),
+        _cfg(128, 64, 64, num_stages=4),
+        _cfg(64, 128, 64, num_stages=4),
+        _cfg(128, 128, 32, num_stages=4),
+        _cfg(64, 64, 64, num_stages=4),
+        _cfg(128, 32, 32, num_stages=4),
+        _cfg(128, 16, 16, num_stages=4),
+    ]
+
+
+def fits_grid_channels(config, c_pad: int, dtype) -> bool:
+    """Whether a grid-path config can run on groups of ``c_pad`` channels: BLOCK_K divides
+    c_pad (a box past a group's channels would read the next group's, which the packed
+    filters' next tap would then multiply), and fp32 boxes stay within one 128-byte swizzle
+    row (BLOCK_K <= 32); 8 warps for 16-bit only (no GPU test has run an 8-warp tf32 tile)."""
+    block_k = config.kwargs["BLOCK_K"]
+    if c_pad % block_k:
+        return False
+    if dtype == torch.float32 and (block_k > 32 or config.num_warps >= 8):
+        return False
+    return True
+
+
+def prune_conv_fwd_grid_configs(configs, named_args, **kwargs):
+    """Keep the grid configs that fit the channels (:func:`fits_grid_channels`) and whose N
+    block is at most max(16, next_pow2(C_out/G)); always keeps at least one (BLOCK_K 16
+    divides every c_pad)."""
+    c_pad = int(named_args["c_pad"])
+    n_cap = max(16, triton.next_power_of_2(int(named_args["c_out_per_group"])))
+    dtype = named_args["y_ptr"].dtype
+    kept = [c for c in configs
+            if fits_grid_channels(c, c_pad, dtype) and c.kwargs["BLOCK_N"] <= n_cap]
+    if not kept:
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]))]
+    return kept

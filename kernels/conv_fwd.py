@@ -57,7 +57,7 @@ from .configs import (
 )
 from .epilogue import column_quarters, load_tile, store_sphere_tile, tile_ptrs
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64
+from .launch import MAX_PIXELS, interpreting, is_graph_tracing, launch, offsets_need_int64
 from .launch import next_pow2 as _next_pow2
 
 _INTERPRET = interpreting()
@@ -158,6 +158,25 @@ def _window_sum(q_ptr, n_idx, g, groups, h_base, w_base, mask_m, in_h, in_w, dil
 
 
 @triton.jit
+def gemm_tile_of_program(pid, groups, m_rows, n_cols, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(group, M tile, N tile)`` of a GEMM forward program: the group fastest (neighbouring
+    programs read neighbouring channels of grouped convs), then GROUP_M consecutive M tiles
+    sweep all N tiles before moving on, so the input rows of a band stay in L2 while every
+    filter tile passes over them."""
+    g = pid % groups
+    pid_mn = pid // groups
+    num_pid_m = tl.cdiv(m_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    num_pid_in_band = GROUP_M * num_pid_n
+    first_pid_m = (pid_mn // num_pid_in_band) * GROUP_M
+    band_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid_mn % num_pid_in_band) % band_m
+    pid_n = (pid_mn % num_pid_in_band) // band_m
+    return g, pid_m, pid_n
+
+
+@triton.jit
 def _sphere_conv_fwd_kernel(
     x_ptr, w_ptr, w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr, q_ptr,
     n_pixels, c_out_per_group, c_in_per_group, groups,
@@ -214,20 +233,8 @@ def _sphere_conv_fwd_kernel(
                       out for a flat pixel index, each lane wrote its own 32-byte sector.
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
-    pid = tl.program_id(0)
-    # group index fastest: neighbouring programs read neighbouring channels (grouped convs)
-    g = pid % groups
-    pid_mn = pid // groups
-    num_pid_m = tl.cdiv(n_pixels, BLOCK_M)
-    num_pid_n = tl.cdiv(c_out_per_group, BLOCK_N)
-    # swizzle: GROUP_M consecutive M tiles sweep all N tiles before moving on, so the input
-    # rows of a GROUP_M band stay in L2 while every filter tile passes over them
-    num_pid_in_band = GROUP_M * num_pid_n
-    band = pid_mn // num_pid_in_band
-    first_pid_m = band * GROUP_M
-    band_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid_mn % num_pid_in_band) % band_m
-    pid_n = (pid_mn % num_pid_in_band) // band_m
+    g, pid_m, pid_n = gemm_tile_of_program(tl.program_id(0), groups, n_pixels, c_out_per_group,
+                                           BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32: n_pixels < 2^31 (launcher)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -859,6 +866,18 @@ def dense_plane(x):
     return x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3)
 
 
+def packed_filter_buffers(w, cp):
+    """``(packed, sqnorm, already_packed)`` for _pack_filter: the filters [C_out, KH, KW, cp]
+    in the GEMM's K order -- a view of w when its memory order is that already (a channels_last
+    weight, cp = C_in/G): no copy -- and the [C_out] fp32 squared norms."""
+    c_out, c_in_g, kh, kw = w.shape
+    already_packed = cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
+    packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
+        (c_out, kh, kw, cp), dtype=w.dtype, device=w.device)
+    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
+    return packed, sqnorm, already_packed
+
+
 def _prepare_operands(x, w, groups, prepass, cg_pad=0):
     """``(w_packed, w_sqnorm, q, x_staged)`` from ONE launch of _prepare_operands_kernel.
 
@@ -878,11 +897,7 @@ def _prepare_operands(x, w, groups, prepass, cg_pad=0):
                          "batch or use patch_norms='fused'")
     stage = bool(cg_pad) and fits
     cp = cg_pad if stage else c_in_g
-    # the packed order is the memory order of a channels_last weight: then no copy is needed
-    already_packed = cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
-    packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
-        (c_out, kh, kw, cp), dtype=w.dtype, device=w.device)
-    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
+    packed, sqnorm, already_packed = packed_filter_buffers(w, cp)
     q = (torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device) if prepass
          else None)
     staged = (torch.empty((n, h, wd, groups * cp), dtype=x.dtype, device=x.device) if stage
@@ -996,9 +1011,12 @@ def sphere_conv2d_fwd(x, w, bias, k, stride, padding, dilation, groups, operator
 
 
 def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, operator, eps,
-                            config=None, force_gemm=False, store_c=True, patch_norms=None):
+                            config=None, force_gemm=False, store_c=True, patch_norms=None,
+                            grid_path=None):
     """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
-    depthwise shapes to the implicit-GEMM kernel (both for tests)."""
+    depthwise shapes to the implicit-GEMM kernel (both for tests). ``grid_path``: True / False
+    forces the stride-1 grid path (conv_fwd_grid) on or off where it applies; None: on iff
+    SPHEREOPS_FWD_GRID=1 and no graph is being traced."""
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
                                              operator, eps)
     n, c_in, h, wd = x.shape
@@ -1060,6 +1078,19 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         return y, c, r_x
 
     prepass = patch_norms == "prepass"
+    if x.dtype == torch.float32:
+        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    else:
+        precision = "ieee"
+    flags.update(STORE_C=store_c, DOT_PRECISION=precision, OUT_PIXELS_FAST=pixels_fast(y),
+                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16)
+    if grid_path is None:
+        grid_path = conv_fwd_grid().ENABLED and not is_graph_tracing()
+    if grid_path and conv_fwd_grid().grid_path_applies(x, w, (sh, sw), (ph, pw), (dh, dw),
+                                                       groups, (ho, wo), precision, patch_norms):
+        conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,
+                                     (ph, pw), (dh, dw), eps, flags, config)
+        return y, c, r_x
     # one launch before the conv kernel: the filters in K order (kh, kw, c) -- a no-op for
     # channels_last weights -- and their squared norms, plus the GEMM kernel's patch-norm
     # pre-pass q unless patch_norms="fused"
@@ -1075,16 +1106,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     bias_arg = bias.contiguous() if bias is not None else w_sqnorm
     k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
     common_tail = geometry + conv_args
-    flags["STORE_C"] = store_c
-
-    if x.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    else:
-        precision = "ieee"
-    flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, DOT_PRECISION=precision,
-                 UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16, NORMS_FROM_Q=prepass,
-                 WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)),
-                 OUT_PIXELS_FAST=pixels_fast(y))
+    flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, NORMS_FROM_Q=prepass,
+                 WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)))
     kernel = _sphere_conv_fwd_autotuned
     if config is not None:
         kernel = _sphere_conv_fwd_kernel
@@ -1098,6 +1121,19 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
 
     launch(kernel, grid, args, flags, _WHAT)
     return y, c, r_x
+
+
+_GRID_MODULE = None
+
+
+def conv_fwd_grid():
+    """The stride-1 grid path's module (conv_fwd_grid imports this one's device helpers, so it
+    is imported on first use)."""
+    global _GRID_MODULE
+    if _GRID_MODULE is None:
+        from . import conv_fwd_grid as module
+        _GRID_MODULE = module
+    return _GRID_MODULE
 
 
 # ---------------------------------------------------------------------------------------------

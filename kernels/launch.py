@@ -49,7 +49,7 @@ def launch(kernel, grid, args, kwargs, what: str) -> None:
                 _launch_cuda(kernel, grid, args, kwargs)
     elif not _is_fake(first):
         kernel[grid](*args, **kwargs)
-    elif _is_graph_tracing():
+    elif is_graph_tracing():
         raise NotImplementedError(
             f"the Triton interpreter (CPU) path of {what} cannot be traced into a graph "
             "(torch.compile / make_fx); use the reference backend on CPU")
@@ -109,7 +109,8 @@ def _is_fake(t) -> bool:
     return t.device.type == "meta" or is_fake(t)
 
 
-def _is_graph_tracing() -> bool:
+def is_graph_tracing() -> bool:
+    """Whether a graph is being traced (torch.compile / make_fx: a proxy mode is active)."""
     try:
         from torch.fx.experimental.proxy_tensor import get_proxy_mode
     except ImportError:  # pragma: no cover - a torch without the helper: refuse to be safe

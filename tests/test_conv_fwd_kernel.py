@@ -981,3 +981,199 @@ def test_depthwise_rows_wider_than_the_tile():
     assert F.depthwise_row_width(inp.x, 20) == 32
     cfg = triton.Config({"BLOCK_M": 16, "BLOCK_C": 16, "ROW_BLOCKS": 2}, num_warps=4)
     _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stride-1 grid path (conv_fwd_grid: the padded pixel grid through TMA descriptors)
+# ---------------------------------------------------------------------------------------------
+
+from sphereops_kernels import conv_fwd_grid as FG  # noqa: E402
+
+# Stride-1 geometries; comments say what each tests of the grid's shared padding.
+GRID_CASES = {
+    # 3x3 "same": one zero column / row between rows / images serves both sides; a full and a
+    # partial channel chunk (24 -> Cp 32), a partial N tile
+    "3x3_same": dict(n=2, c_in=24, h=6, w=7, c_out=20, kernel=3, padding=1),
+    # rectangular, dilated, padding wider than the dilated half filter on one axis (Hq = Ho)
+    # and none on the other (windows that never wrap)
+    "rect_dilated": dict(n=2, c_in=20, h=5, w=9, c_out=12, kernel=(3, 2), padding=(3, 0),
+                         dilation=(2, 3)),
+    # 5x5, padding 3 > 2: outputs past the pitch (Wq = Wo = W + 2)
+    "5x5_overpad": dict(n=1, c_in=18, h=7, w=6, c_out=8, kernel=5, padding=3),
+    # groups: each group's channels at its own column of the grid and of the packed filters
+    "grouped": dict(n=1, c_in=40, h=5, w=4, c_out=12, kernel=3, padding=1, groups=2),
+    # 1x1 without padding: an aligned channels_last input is the grid itself (no staging)
+    "1x1": dict(n=3, c_in=32, h=5, w=5, c_out=16, kernel=1, padding=0),
+    # valid conv, no bias
+    "valid_no_bias": dict(n=2, c_in=16, h=6, w=6, c_out=16, kernel=3, padding=0, bias=False),
+}
+
+
+@pytest.fixture
+def tf32_allowed(exact_fp32):
+    """fp32 takes the grid path with TF32 only (exact fp32 keeps the conv_fwd kernel); after
+    exact_fp32, which restores the switch."""
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+
+
+def _grid_tolerances(dtype, rtol, atol):
+    """The fp32 grid path runs TF32 on a GPU (10 mantissa bits: c within ~2e-3, as
+    test_forward_tf32_when_allowed); the interpreter computes fp32 exactly."""
+    if dtype == torch.float32 and DEVICE == "cuda":
+        return 3e-3, 3e-3
+    return rtol, atol
+
+
+def _run_grid(inp, monkeypatch, **kwargs):
+    """The forward forced onto the grid path; fails unless its two kernels are what ran."""
+    launched = record_launches(monkeypatch, FG, "launch")[0]
+    out = _run_kernel(inp, grid_path=True, patch_norms="prepass", **kwargs)
+    kernels = [kernel for kernel, _, _ in launched]
+    want = FG._sphere_conv_fwd_grid_kernel if "config" in kwargs else \
+        FG._sphere_conv_fwd_grid_autotuned
+    assert kernels == [FG._prepare_grid_kernel, want], kernels
+    return out, launched
+
+
+@pytest.mark.usefixtures("tf32_allowed")
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("case", list(GRID_CASES))
+def test_grid_forward_matches_reference(case, operator, channels_last, dtype, rtol, atol,
+                                        monkeypatch):
+    inp = make_conv_inputs(**GRID_CASES[case], operator=operator, dtype=dtype, device=DEVICE,
+                           channels_last=channels_last)
+    out, _ = _run_grid(inp, monkeypatch)
+    _check_against_reference(inp, out, dtype, *_grid_tolerances(dtype, rtol, atol))
+
+
+@pytest.mark.usefixtures("tf32_allowed")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_grid_staging_and_operands(channels_last, monkeypatch):
+    """The preparation launch's grid against one built with torch: zero rows and columns
+    around every image (one run between neighbours), channels padded to 16; q its rows' sums of
+    squares in fp32 (|x| ~ 300: fp16 squares would overflow); the TMA boxes follow the tile."""
+    inp = make_conv_inputs(**GRID_CASES["3x3_same"], operator="cosine", dtype=torch.float16,
+                           device=DEVICE, channels_last=channels_last, scale=300.0)
+    (y, c, r_x), launched = _run_grid(inp, monkeypatch)
+    _check_against_reference(inp, (y, c, r_x), torch.float16, 0.0, 1e-3)
+    (_, _, prep_args), (_, _, gemm_args) = launched
+    prep = dict(zip(FG._prepare_grid_kernel.arg_names, prep_args))
+    gemm = dict(zip(FG._sphere_conv_fwd_grid_kernel.arg_names, gemm_args))
+    n, c_in, h, w = inp.x.shape
+    hq, wq = FG.grid_pitches(h, w, 1, 1, h, w)
+    assert (hq, wq) == (h + 1, w + 1)
+    expect = torch.zeros(n, hq, wq, 32, dtype=torch.float64)
+    expect[:, 1:, 1:, :c_in] = inp.x.double().permute(0, 2, 3, 1).cpu()
+    grid_x = prep["grid_ptr"]
+    assert grid_x.shape == (n * hq * wq, 32)
+    assert torch.equal(grid_x.double().cpu(), expect.reshape(n * hq * wq, 32))
+    assert_close(prep["q_ptr"][0], expect.pow(2).sum(-1).reshape(-1), 1e-5, 0.0, "q")
+    assert gemm["x_desc"].base is grid_x and gemm["c_pad"] == 32
+    assert gemm["m_grid"] == n * hq * wq and gemm["w_q"] == wq
+
+
+@pytest.mark.usefixtures("tf32_allowed")
+def test_grid_reads_an_aligned_1x1_input_where_it_lies(monkeypatch):
+    """1x1, no padding, channels_last with C_in/G a multiple of 16: the descriptor is built on
+    x itself and the preparation launch stages nothing (STAGE_X off), NCHW is staged."""
+    for channels_last, staged in ((True, False), (False, True)):
+        inp = make_conv_inputs(**GRID_CASES["1x1"], operator="linear", device=DEVICE,
+                               channels_last=channels_last)
+        launches, flags = record_launches(monkeypatch, FG, "launch")
+        out = _run_kernel(inp, grid_path=True, patch_norms="prepass")
+        _check_against_reference(inp, out, torch.float32, *_grid_tolerances(
+            torch.float32, 1e-5, 1e-5))
+        assert flags[0]["STAGE_X"] is staged
+        base = dict(zip(FG._sphere_conv_fwd_grid_kernel.arg_names, launches[1][2]))["x_desc"].base
+        assert (base.data_ptr() == inp.x.data_ptr()) is not staged
+        monkeypatch.undo()
+
+
+@pytest.mark.usefixtures("tf32_allowed")
+@pytest.mark.parametrize("cfg", FG.conv_fwd_grid_configs(),
+                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x"
+                                       f"{c.kwargs['BLOCK_K']}w{c.num_warps}")
+def test_grid_every_gpu_config(cfg, monkeypatch):
+    """Every GPU tile of the grid path, forced, on a 64-channel conv (every BLOCK_K divides
+    its Cp) whose tiles are mostly grid rows that are no output pixel or past the end."""
+    inp = make_conv_inputs(n=1, c_in=64, h=5, w=6, c_out=20, kernel=3, padding=1,
+                           operator="sigmoid", device=DEVICE, channels_last=True)
+    out, _ = _run_grid(inp, monkeypatch, config=cfg)
+    _check_against_reference(inp, out, torch.float32, *_grid_tolerances(
+        torch.float32, 1e-5, 1e-5))
+
+
+@pytest.mark.usefixtures("tf32_allowed")
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
+def test_grid_hard_inputs(dtype, rtol, atol, monkeypatch):
+    """Zero patches (image 0: r_x = sqrt(eps), c = 0, y = bias) and a NaN pixel (NaN exactly in
+    the outputs whose window holds it) on the grid path."""
+    inp = make_conv_inputs(**GRID_CASES["3x3_same"], operator="sigmoid", dtype=dtype,
+                           device=DEVICE, channels_last=True)
+    x = inp.x.clone()
+    x[0] = 0
+    x[1, 3, 2, 4] = float("nan")
+    inp.x = x
+    (y, c, r_x), _ = _run_grid(inp, monkeypatch)
+    (y64, _, _), _ = _references(inp)
+    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(y64))
+    assert 0 < int(torch.isnan(y64).sum()) < y64[1].numel()
+    assert (c[0] == 0).all()
+    assert torch.allclose(r_x[0], torch.full_like(r_x[0], math.sqrt(EPS)), rtol=1e-6, atol=0)
+    _check_against_reference(inp, (y, c, r_x), dtype, *_grid_tolerances(dtype, rtol, atol))
+
+
+def test_grid_path_rule():
+    """Where the grid path applies: stride 1, C_in/G >= 16, 16-bit or tf32, pre-pass norms."""
+    x = torch.empty(2, 32, 8, 8, dtype=torch.bfloat16)
+    w = torch.empty(16, 32, 3, 3, dtype=torch.bfloat16)
+
+    def applies(x=x, w=w, stride=(1, 1), groups=1, precision="ieee", norms="prepass"):
+        return FG.grid_path_applies(x, w, stride, (1, 1), (1, 1), groups, (8, 8), precision,
+                                    norms)
+    assert applies()
+    assert not applies(stride=(2, 2)) and not applies(stride=(1, 2))
+    assert not applies(norms="fused")
+    assert not applies(x=x[:, :8], w=w[:, :8])             # C_in/G = 8: flat K loop
+    assert not applies(groups=4, w=w[:, :8])
+    assert not applies(x=x.float(), w=w.float())           # exact fp32
+    assert applies(x=x.float(), w=w.float(), precision="tf32")
+    huge = torch.empty(2 ** 31 // 81 + 1, 32, 8, 8, dtype=torch.bfloat16, device="meta")
+    assert not applies(x=huge)                             # grid rows past int32
+
+
+def test_grid_path_is_opt_in(monkeypatch):
+    """Unless asked (SPHEREOPS_FWD_GRID=1, grid_path=True) the conv_fwd kernel runs; with the
+    switch on, an eligible conv takes the grid and a strided one does not."""
+    inp = make_conv_inputs(**GRID_CASES["3x3_same"], operator="linear", dtype=torch.float16,
+                           device=DEVICE, channels_last=True)
+    launched = _record_launches(monkeypatch)
+    _run_kernel(inp)
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned
+    monkeypatch.setattr(FG, "ENABLED", True)
+    grid_launches = record_launches(monkeypatch, FG, "launch")[0]
+    _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
+    assert grid_launches[-1][0] is FG._sphere_conv_fwd_grid_autotuned
+    inp.stride = (2, 2)
+    _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+
+
+def test_grid_config_pruning():
+    """BLOCK_K divides Cp; fp32 boxes of at most 32 channels and 4 warps; N capped by C_out/G."""
+    cfgs = FG.conv_fwd_grid_configs()
+    y16 = torch.empty(0, dtype=torch.bfloat16)
+    y32 = torch.empty(0, dtype=torch.float32)
+    kept = configs.prune_conv_fwd_grid_configs(cfgs, {"c_pad": 48, "c_out_per_group": 64,
+                                                      "y_ptr": y16})
+    assert kept and all(c.kwargs["BLOCK_K"] == 16 for c in kept)
+    kept = configs.prune_conv_fwd_grid_configs(cfgs, {"c_pad": 64, "c_out_per_group": 40,
+                                                      "y_ptr": y32})
+    assert kept and all(c.kwargs["BLOCK_K"] <= 32 and c.num_warps == 4
+                        and c.kwargs["BLOCK_N"] <= 64 for c in kept)
+    kept = configs.prune_conv_fwd_grid_configs(cfgs, {"c_pad": 128, "c_out_per_group": 256,
+                                                      "y_ptr": y16})
+    assert len(kept) == len(cfgs)

@@ -408,6 +408,21 @@ def test_prepass_patch_norms_vs_float64(geometry, precision, request):
     torch.testing.assert_close(r_x, r_x_fused, rtol=1e-5, atol=0)
 
 
+def _seeded_bf16_conv(seed, n, c_in, c_out, hw, kernel, padding, dilation, channels_last):
+    """``(x, w, b, geometry, float64 reference forward)`` of a stride-1 bf16 conv (linear),
+    the same inputs on every run (a CPU generator seeded with ``seed``)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, c_in, hw, hw, generator=gen).to(DEVICE, torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, kernel, kernel, generator=gen).to(DEVICE, torch.bfloat16)
+    b = (0.1 * torch.randn(c_out, generator=gen)).to(DEVICE, torch.bfloat16)
+    geo = ((1, 1), (padding,) * 2, (dilation,) * 2, 1)
+    ref = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo, "linear",
+                                   EPS)
+    return x, w, b, geo, ref
+
+
 # (N, C_in, C_out, H=W, kernel, padding, dilation): a ResNet-like 3x3 layer, the benchmark's
 # odd edge case shrunk in N (odd channel counts, 5x5, dilated: every mask is partial) and a
 # ResNet-50-like 1x1 reduction (the fused path's 8-warp tile)
@@ -427,14 +442,8 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
     from sphereops_kernels import configs, conv_fwd
 
     n, c_in, c_out, hw, kernel, padding, dilation = CONFIG_GEOMETRIES[geometry]
-    gen = torch.Generator(device="cpu").manual_seed(3)
-    x = torch.randn(n, c_in, hw, hw, generator=gen).to(DEVICE, torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(c_out, c_in, kernel, kernel, generator=gen).to(DEVICE, torch.bfloat16)
-    b = (0.1 * torch.randn(c_out, generator=gen)).to(DEVICE, torch.bfloat16)
-    geo = ((1, 1), (padding,) * 2, (dilation,) * 2, 1)
-    y64, _, rx64 = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo,
-                                            "linear", EPS)
+    x, w, b, geo, (y64, _, rx64) = _seeded_bf16_conv(3, n, c_in, c_out, hw, kernel, padding,
+                                                     dilation, channels_last=True)
     # the same pruning the autotuner applies at launch time (configs.prune_conv_fwd_configs)
     cands = configs.prune_conv_fwd_configs(
         configs.conv_fwd_configs(), dict(c_out_per_group=c_out, c_in_per_group=c_in, KH=kernel,
@@ -452,6 +461,59 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
         if not (rx_err <= 1e-5 and y_err <= 5e-3):
             bad.append(f"{cfg}: r_x rel {rx_err:.2e}, y rel {y_err:.2e}")
     assert not bad, "configs off vs float64:\n" + "\n".join(bad)
+
+
+# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last) for the stride-1 grid path
+# (conv_fwd_grid, SPHEREOPS_FWD_GRID=1): a ResNet-like 3x3 layer; the odd edge case (29
+# channels staged to 32, 5x5 dilated, padding past the dilated half filter); a 1x1 reduction
+# whose aligned channels_last input is the grid itself; an 8x8 image (a quarter of the grid
+# rows no output pixel) from NCHW
+GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
+                   "odd_5x5_d2": (8, 29, 61, 33, 5, 4, 2, True),
+                   "1x1": (32, 256, 64, 28, 1, 0, 1, True),
+                   "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False)}
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+@pytest.mark.parametrize("geometry", sorted(GRID_GEOMETRIES))
+def test_every_grid_config_vs_float64(geometry, precision, request):
+    """Every config of the grid path (TMA boxes of the padded grid) the autotuner may pick for
+    the shape, launched directly, against float64 with the tight bounds of
+    test_every_forward_config_vs_float64 (r_x to fp32 rounding, y to 5e-3 relative)."""
+    from sphereops_kernels import configs, conv_fwd, conv_fwd_grid
+
+    n, c_in, c_out, hw, kernel, padding, dilation, channels_last = GRID_GEOMETRIES[geometry]
+    x, w, b, geo, (y64, c64, rx64) = _seeded_bf16_conv(5, n, c_in, c_out, hw, kernel, padding,
+                                                       dilation, channels_last)
+    c_pad = -(-c_in // conv_fwd_grid.GRID_ALIGN) * conv_fwd_grid.GRID_ALIGN
+    cands = configs.prune_conv_fwd_grid_configs(
+        configs.conv_fwd_grid_configs(), dict(c_pad=c_pad, c_out_per_group=c_out, y_ptr=x))
+    assert cands
+    bad = []
+    for cfg in cands:
+        y, c, r_x = conv_fwd._sphere_conv2d_fwd_impl(x, w, b, None, *geo, "linear", EPS,
+                                                     config=cfg, patch_norms="prepass",
+                                                     grid_path=True)
+        errs = {name: ((out.double() - ref).norm() / ref.norm()).item()
+                for name, out, ref in (("r_x", r_x, rx64), ("y", y, y64), ("c", c, c64))}
+        _RECORDS.append({"test": request.node.name, "name": f"{cfg}", **errs})
+        if not (errs["r_x"] <= 1e-5 and errs["y"] <= 5e-3 and errs["c"] <= 5e-3):
+            bad.append(f"{cfg}: " + ", ".join(f"{k} rel {v:.2e}" for k, v in errs.items()))
+    assert not bad, "grid configs off vs float64:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "tf32"], indirect=True)
+def test_grid_path_forward_backward_vs_float64(precision, request, monkeypatch):
+    """SPHEREOPS_FWD_GRID on, through the public op and autograd: the grid forward's y and its
+    saved c and r_x feeding the backward, fp16 and tf32, NCHW, sigmoid (per-channel k)."""
+    from sphereops_kernels import conv_fwd_grid
+
+    monkeypatch.setattr(conv_fwd_grid, "ENABLED", True)
+    x, w, b, k, conv = _make_inputs("sigmoid", DTYPES[precision], False, "3x3")
+    names, fused, ref = _fused_and_reference(x, w, b, k, conv, "sigmoid")
+    rtol, atol = TOLERANCES[precision]
+    for name, out, r in zip(names, fused, ref):
+        _check(request.node.name, name, out, r, rtol, atol)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])

@@ -1,0 +1,356 @@
+"""SphereConv2d forward for stride-1 convs as a plain TMA GEMM over a padded pixel grid.
+
+The implicit-GEMM kernel of ``conv_fwd`` gathers its input tile with one address per row and a
+padding mask per step; Triton can then only pipeline it through ``cp.async`` with the address
+arithmetic in the same warps as the MMAs (~30% of the bf16 roofline on an H200's large layers,
+``bench/results/*1606*``). For stride 1 the gather disappears if the input is laid out on a grid
+whose zero padding is stored:
+
+    grid    [N*Hq*Wq, G*Cp]   row p = (n, i, j): input pixel (i - PH, j - PW), zeros outside
+                              the image; Cp = C_in/G rounded up to 16 (zeros past C_in/G)
+    Hq = max(H + PH, Ho),  Wq = max(W + PW, Wo)
+
+One zero run of PW columns sits between two rows' data and serves as the right padding of one
+and the left padding of the next (likewise PH rows between two images): a window that runs past
+a row's end lands in the next row's left padding. Output pixel (n, ho, wo) is grid row
+p = (n*Hq + ho)*Wq + wo, and its tap (r, s) reads grid row p + r*DH*Wq + s*DW -- the same
+offset for every row of a tile. So every K step of an M tile is one rectangular
+``[BLOCK_M, BLOCK_K]`` box of the grid (a TMA load, rows past the end filled with zeros by the
+hardware) and one ``[BLOCK_N, BLOCK_K]`` box of the packed filters: wgmma from shared memory,
+no masks and no address arithmetic in the K loop. The price: the grid rows that are no output
+pixel (Hq*Wq - Ho*Wo of every image: 3.5% at 56x56, 15% at 14x14, 27% at 8x8 for a 3x3
+"same" conv) are computed and dropped, and the input is written once more (the staging pass,
+merged with the pre-pass norms and the filter packing in one launch).
+
+* ``_prepare_grid_kernel`` -- one launch: grid rows (the staged input and each row's channel
+  sum of squares q, zeros on padding) and, in the same 1-D grid, the filters (conv_fwd's
+  ``_pack_filter``: packed with Cp channels a tap, squared norms).
+* ``_sphere_conv_fwd_grid_kernel`` -- the TMA GEMM, then the epilogue of conv_fwd's kernel:
+  r_x from the KH x KW box sum of q (mask-free offsets on the grid), c, g(c), bias, stores at
+  the rows that are output pixels.
+
+Chosen by ``conv_fwd`` for stride-1 convs with C_in/G >= 16 in 16-bit or tf32 when
+``SPHEREOPS_FWD_GRID=1`` (off by default until a GPU run has checked and timed it: the
+interpreter tests cover its numerics, the AOT check its compile; see :func:`grid_path_applies`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import conv_fwd_grid_configs, fits_grid_channels, prune_conv_fwd_grid_configs
+from .conv_fwd import _pack_filter, _store_gemm_tile, gemm_tile_of_program, packed_filter_buffers
+from .launch import cdiv, interpreting, launch
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - a triton without host-side tensor descriptors
+    TensorDescriptor = None
+
+_INTERPRET = interpreting()
+_WHAT = "sphere_conv2d_fwd"
+
+# SPHEREOPS_FWD_GRID=1 sends eligible convs here (grid_path_applies); off by default until a
+# GPU run has verified and timed the path
+ENABLED = os.environ.get("SPHEREOPS_FWD_GRID", "0") not in ("", "0")
+
+# the staging programs: BLOCK_P grid rows x BLOCK_C channels a step; BLOCK filter elements a step
+PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
+# channels a group of the grid are padded to a multiple of this (TMA: 16-byte row pitch and box)
+GRID_ALIGN = 16
+
+
+def grid_pitches(h, w, ph, pw, ho, wo):
+    """``(Hq, Wq)``: rows an image and columns a row of the padded grid (module docstring)."""
+    return max(h + ph, ho), max(w + pw, wo)
+
+
+def grid_path_applies(x, w, stride, padding, dilation, groups, out_hw, precision,
+                      patch_norms) -> bool:
+    """Whether a conv can take the grid path: stride 1, C_in/G >= 16 (the channel-chunk
+    loop), 16-bit or tf32 (exact fp32 runs its dot on the FMA units, operands in registers:
+    the conv_fwd kernel's tiles suit it better), pre-pass patch norms (the path has no in-loop
+    variant), host-side tensor descriptors in this triton, and the grid's rows plus a window's
+    reach and a tile within int32."""
+    if TensorDescriptor is None or tuple(stride) != (1, 1) or patch_norms != "prepass":
+        return False
+    if x.dtype == torch.float32 and precision != "tf32":
+        return False
+    n, c_in, h, wd = x.shape
+    _, c_in_g, kh, kw = w.shape
+    if c_in_g < 16:
+        return False
+    hq, wq = grid_pitches(h, wd, padding[0], padding[1], *out_hw)
+    reach = (kh - 1) * dilation[0] * wq + (kw - 1) * dilation[1] + 256
+    return n * hq * wq + reach < 2 ** 31
+
+
+@triton.jit
+def _prepare_grid_kernel(
+    x_ptr, grid_ptr, q_ptr, w_ptr, packed_ptr, sqnorm_ptr,
+    n_grid_programs, m_grid, hw_q, w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad, groups,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr, WRITE_PACKED: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The grid path's preparation, one launch; 1-D grid of ``n_grid_programs + C_out``:
+
+    * pid < n_grid_programs (= cdiv(M, BLOCK_P) * G, group fastest): BLOCK_P grid rows of group
+      ``pid % G``: q[g, p] = sum over the group's channels of x^2 (fp32; 0 on padding) and, if
+      STAGE_X, the rows themselves (all Cp channels, zeros on padding and past C_in/G);
+    * pid >= n_grid_programs: filter ``pid - n_grid_programs`` (conv_fwd._pack_filter).
+
+    Pointers (Cg = C_in/G, Cp = c_pad, M = m_grid = N*Hq*Wq):
+      x_ptr       [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh, stride_xw).
+      grid_ptr    [M, G*Cp] contiguous, x's dtype: the staged grid, written iff STAGE_X (else
+                  any output).
+      q_ptr       [G, M] fp32 contiguous.
+      w_ptr, packed_ptr, sqnorm_ptr: as conv_fwd._prepare_operands_kernel (packed with Cp).
+    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G.
+    """
+    pid = tl.program_id(0)
+    if pid < n_grid_programs:
+        g = pid % groups
+        p = (pid // groups) * BLOCK_P + tl.arange(0, BLOCK_P)
+        in_grid = p < m_grid
+        img = p // hw_q
+        rem = p - img * hw_q
+        hi = rem // w_q - pad_h
+        wi = rem % w_q - pad_w
+        data = in_grid & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
+        src = (img.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh
+               + wi.to(tl.int64) * stride_xw)
+        dst = p.to(tl.int64) * (groups * c_pad) + g * c_pad
+        sumsq = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for c0 in range(0, c_pad if STAGE_X else c_in_per_group, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            chan = (g * c_in_per_group + offs_c).to(tl.int64) * stride_xc
+            v = tl.load(x_ptr + src[:, None] + chan[None, :],
+                        mask=data[:, None] & (offs_c < c_in_per_group)[None, :], other=0.0)
+            if STAGE_X:
+                tl.store(grid_ptr + dst[:, None] + offs_c[None, :], v,
+                         mask=in_grid[:, None] & (offs_c < c_pad)[None, :])
+            vf = v.to(tl.float32)
+            sumsq += vf * vf
+        tl.store(q_ptr + g.to(tl.int64) * m_grid + p, tl.sum(sumsq, axis=1), mask=in_grid)
+    else:
+        _pack_filter(w_ptr, packed_ptr, sqnorm_ptr, (pid - n_grid_programs).to(tl.int64),
+                     c_in_per_group, c_pad, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
+                     WRITE_PACKED, BLOCK)
+
+
+@triton.jit
+def _sphere_conv_fwd_grid_kernel(
+    y_ptr, x_desc, w_desc, w_sqnorm_ptr, bias_ptr, k_ptr, c_ptr, rx_ptr, q_ptr,
+    m_grid, hw_q, w_q, c_out_per_group, c_pad, groups, out_h, out_w,
+    stride_yn, stride_yc, stride_yh, stride_yw, dil_h, dil_w, eps,
+    KH: tl.constexpr, KW: tl.constexpr, OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    STORE_C: tl.constexpr, OUT_PIXELS_FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Stride-1 SphereConv2d forward on the padded grid; program = (group, M tile, N tile).
+
+    Descriptors and pointers (Cp = c_pad, a multiple of BLOCK_K; Og = C_out/G; M = m_grid):
+      x_desc     TMA descriptor of the grid [M, G*Cp] (row pitch G*Cp), block [BLOCK_M, BLOCK_K].
+      w_desc     TMA descriptor of the packed filters [C_out, KH*KW*Cp] (contiguous), block
+                 [BLOCK_N, BLOCK_K].
+      w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr: as conv_fwd._sphere_conv_fwd_kernel
+                 (y and c [N, C_out, Ho, Wo] with strides (stride_yn, stride_yc, stride_yh,
+                 stride_yw); rx [N, G, Ho, Wo] fp32 contiguous).
+      q_ptr      [G, M] fp32 contiguous: each grid row's sum of squares (0 on padding).
+    Scalars: hw_q = Hq*Wq, w_q = Wq, Og, Cp, G, Ho, Wo, dilation, eps.
+    Constexprs: as conv_fwd._sphere_conv_fwd_kernel (the pre-pass norms and the channel-chunk
+      loop always; offsets int32: the launcher keeps M plus the window's reach below 2^31).
+
+    A box row past M reads zeros (TMA's out-of-bounds fill). Filter rows of the next group (an
+    N tile past Og) and of no filter (past C_out: zeros) only reach columns the epilogue drops.
+    """
+    g, pid_m, pid_n = gemm_tile_of_program(tl.program_id(0), groups, m_grid, c_out_per_group,
+                                           BLOCK_M, BLOCK_N, GROUP_M)
+    p0 = pid_m * BLOCK_M
+    w_row = g * c_out_per_group + pid_n * BLOCK_N
+    x_col = g * c_pad
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_chunks = c_pad // BLOCK_K
+    tap = 0
+    c0 = 0
+    for it in range(0, KH * KW * n_chunks):
+        r = tap // KW
+        s = tap - r * KW
+        x_tile = x_desc.load([p0 + r * dil_h * w_q + s * dil_w, x_col + c0])
+        w_tile = w_desc.load([w_row, tap * c_pad + c0])
+        if UPCAST_DOT:   # the interpreter's bf16 dot is wrong (conv_fwd)
+            acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32).T, acc,
+                         input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x_tile, w_tile.T, acc, input_precision=DOT_PRECISION)
+        c0 += BLOCK_K
+        wrap = c0 >= c_pad
+        tap += wrap.to(tl.int32)
+        c0 = tl.where(wrap, 0, c0)
+
+    rows = p0 + tl.arange(0, BLOCK_M)
+    img = rows // hw_q
+    rem = rows - img * hw_q
+    ho = rem // w_q
+    wo = rem - ho * w_q
+    mask_m = (rows < m_grid) & (ho < out_h) & (wo < out_w)
+    q_rows = q_ptr + g.to(tl.int64) * m_grid
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(KH * KW):
+        pos = rows + (t // KW) * dil_h * w_q + (t % KW) * dil_w
+        sumsq += tl.load(q_rows + pos, mask=mask_m & (pos < m_grid), other=0.0)
+    r_x = tl.sqrt(sumsq + eps)
+    out_row = (img.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
+               + wo.to(tl.int64) * stride_yw)
+    _store_gemm_tile(acc, w_row, c_out_per_group * (g + 1), 1.0 / r_x, out_row, mask_m,
+                     w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR,
+                     HAS_BIAS, EMULATE_RTNE, STORE_C, OUT_PIXELS_FAST, BLOCK_M, BLOCK_N)
+    if pid_n == 0:
+        # r_x is the same for every N tile of this M tile: one writer
+        rx_offs = ((img.to(tl.int64) * groups + g) * out_h + ho) * out_w + wo
+        tl.store(rx_ptr + rx_offs, r_x, mask=mask_m)
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' boxes follow the config's tile."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+_grid_configs = conv_fwd_grid_configs(interpreter=_INTERPRET)
+if os.environ.get("SPHEREOPS_AUTOTUNE", "1") in ("", "0"):   # as conv_fwd: one fixed tile
+    _grid_configs = _grid_configs[:1]
+for _cfg in _grid_configs:
+    _cfg.pre_hook = _set_block_shapes
+_sphere_conv_fwd_grid_autotuned = triton.autotune(
+    configs=_grid_configs,
+    key=["m_grid", "c_out_per_group", "c_pad", "KH", "KW"],
+    prune_configs_by={"early_config_prune": prune_conv_fwd_grid_configs},
+)(_sphere_conv_fwd_grid_kernel)
+
+
+def direct_grid(x, groups, padding, c_pad):
+    """x itself as the grid [N*H*W, C] when it already is one: no padding, channels_last
+    contiguous, Cp = C_in/G, 16-byte aligned (a 1x1 conv on an aligned channels_last input);
+    else None."""
+    n, c_in, h, wd = x.shape
+    if tuple(padding) != (0, 0) or c_pad != c_in // groups:
+        return None
+    if not x.permute(0, 2, 3, 1).is_contiguous() or x.data_ptr() % 16:
+        return None
+    return x.permute(0, 2, 3, 1).reshape(n * h * wd, c_in)
+
+
+def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config=None):
+    """Launch the grid path for ``y``, ``c`` (empty: not stored) and ``r_x``, allocated by
+    conv_fwd's launcher, which has validated everything and checked :func:`grid_path_applies`.
+    ``flags``: the constexprs conv_fwd's kernel would get (KH, KW, OPERATOR, HAS_BIAS,
+    EMULATE_RTNE, STORE_C, DOT_PRECISION, UPCAST_DOT, OUT_PIXELS_FAST); ``config``: a
+    triton.Config that bypasses autotuning (tests)."""
+    (ph, pw), (dh, dw) = padding, dilation
+    n, c_in, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
+    groups = c_in // c_in_g
+    ho, wo = y.shape[2], y.shape[3]
+    hq, wq = grid_pitches(h, wd, ph, pw, ho, wo)
+    m_grid = n * hq * wq
+    c_pad = cdiv(c_in_g, GRID_ALIGN) * GRID_ALIGN
+    dev = x.device
+    grid_x = direct_grid(x, groups, (ph, pw), c_pad)
+    stage = grid_x is None
+    if stage:
+        grid_x = torch.empty((m_grid, groups * c_pad), dtype=x.dtype, device=dev)
+    q = torch.empty((groups, m_grid), dtype=torch.float32, device=dev)
+    packed, sqnorm, already_packed = packed_filter_buffers(w, c_pad)
+    cfg = PREP_CONFIG
+    n_grid_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
+    # outputs never alias an input (torch.compile's mutation analysis): unused ones get sqnorm
+    launch(_prepare_grid_kernel, (n_grid_programs + c_out,),
+           (x, grid_x if stage else sqnorm, q, w, sqnorm if already_packed else packed, sqnorm,
+            n_grid_programs, m_grid, hq * wq, wq, h, wd, ph, pw, c_in_g, c_pad, groups,
+            *x.stride(), *w.stride()),
+           dict(KH=kh, KW=kw, STAGE_X=stage, WRITE_PACKED=not already_packed,
+                BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
+                BLOCK_C=min(cfg["BLOCK_C"], c_pad), num_warps=cfg["num_warps"]), _WHAT)
+    w_flat = packed.reshape(c_out, kh * kw * c_pad)
+    # the boxes are placeholders until the config is known (_set_block_shapes)
+    x_desc = TensorDescriptor.from_tensor(grid_x, [16, 16])
+    w_desc = TensorDescriptor.from_tensor(w_flat, [16, 16])
+    kernel_flags = {key: flags[key] for key in (
+        "KH", "KW", "OPERATOR", "HAS_BIAS", "DOT_PRECISION", "UPCAST_DOT", "EMULATE_RTNE",
+        "STORE_C", "OUT_PIXELS_FAST")}
+    kernel = _sphere_conv_fwd_grid_autotuned
+    if config is not None:
+        kernel = _sphere_conv_fwd_grid_kernel
+        kernel_flags.update(config.kwargs, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
+        _set_block_shapes({"x_desc": x_desc, "w_desc": w_desc, **config.kwargs})
+    # bias / k unread without a bias / for linear and cosine, c without STORE_C: any tensor
+    # y first: launch() takes the device from the first argument (a tensor)
+    args = (y, x_desc, w_desc, sqnorm, bias.contiguous() if bias is not None else sqnorm,
+            k.contiguous() if k is not None else sqnorm,
+            c if flags["STORE_C"] else sqnorm, r_x, q, m_grid, hq * wq, wq, c_out // groups,
+            c_pad, groups, ho, wo, *y.stride(), dh, dw, float(eps))
+
+    def grid(meta):
+        return (groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(c_out // groups, meta["BLOCK_N"]),)
+
+    launch(kernel, grid, args, kernel_flags, _WHAT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (docs/ARCHITECTURE.md, "The AOT compile check contract")
+# ---------------------------------------------------------------------------------------------
+
+# The modelled launch: a channels_last 3x3 "same" conv, N=32, 64 -> 64 channels at 56x56
+# (ResNet stage 1): Hq = Wq = 57.
+_GRID_EXAMPLE = dict(m_grid=32 * 57 * 57, hw_q=57 * 57, w_q=57, c_out_per_group=64, c_pad=64,
+                     groups=1, out_h=56, out_w=56, stride_yn=56 * 56 * 64, stride_yc=1,
+                     stride_yh=56 * 64, stride_yw=64, dil_h=1, dil_w=1)
+_PREP_EXAMPLE = dict(n_grid_programs=32 * 57 * 57 // PREP_CONFIG["BLOCK_P"], m_grid=32 * 57 * 57,
+                     hw_q=57 * 57, w_q=57, in_h=56, in_w=56, pad_h=1, pad_w=1,
+                     c_in_per_group=64, c_pad=64, groups=1, stride_xn=56 * 56 * 64,
+                     stride_xc=1, stride_xh=56 * 64, stride_xw=64, stride_wo=64 * 9,
+                     stride_wc=9, stride_wh=3, stride_ww=1)
+
+
+def aot_specs():
+    """Compile specs for ``make aot-check``: every grid config x fp16/bf16/tf32 (the
+    configs fp32 prunes -- BLOCK_K > 32, 8 warps -- left out) as 3x3 convs with the heaviest
+    epilogue (sigmoid, bias, c stored), the descriptors typed by the tile's boxes; and the
+    preparation kernel per dtype, staging and not."""
+    from .angular import OPERATOR_CODES
+    from .conv_fwd import _spec
+
+    specs = []
+    for cfg in conv_fwd_grid_configs():
+        bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        for dtype_name, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16),
+                                        ("fp32", torch.float32)):
+            if not fits_grid_channels(cfg, 64, torch_dtype):
+                continue
+            precision = "tf32" if dtype_name == "fp32" else "ieee"
+            constexprs = dict(KH=3, KW=3, OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
+                              DOT_PRECISION=precision, UPCAST_DOT=False, EMULATE_RTNE=False,
+                              STORE_C=True, OUT_PIXELS_FAST=False, **cfg.kwargs)
+            spec = _spec(f"conv_fwd_grid_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}_s{cfg.num_stages}"
+                         f"_{dtype_name}", _sphere_conv_fwd_grid_kernel, dtype_name, constexprs,
+                         _GRID_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=True)
+            spec["signature"].update(x_desc=f"tensordesc<{dtype_name}[{bm},{bk}]>",
+                                     w_desc=f"tensordesc<{dtype_name}[{bn},{bk}]>")
+            specs.append(spec)
+    for dtype_name in ("fp16", "bf16", "fp32"):
+        for stage in (True, False):
+            constexprs = dict(KH=3, KW=3, STAGE_X=stage, WRITE_PACKED=True,
+                              BLOCK=PREP_CONFIG["BLOCK"], BLOCK_P=PREP_CONFIG["BLOCK_P"],
+                              BLOCK_C=PREP_CONFIG["BLOCK_C"])
+            specs.append(_spec(f"conv_fwd_grid_prepare{'_stage' if stage else ''}_{dtype_name}",
+                               _prepare_grid_kernel, dtype_name, constexprs, _PREP_EXAMPLE,
+                               PREP_CONFIG["num_warps"], 1, gemm=False))
+    return specs
