@@ -57,7 +57,7 @@ from .configs import (
 )
 from .epilogue import column_quarters, load_tile, store_sphere_tile, tile_ptrs
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, interpreting, is_graph_tracing, launch, offsets_need_int64
+from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64, plain_launch
 from .launch import next_pow2 as _next_pow2
 
 _INTERPRET = interpreting()
@@ -1016,7 +1016,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
     depthwise shapes to the implicit-GEMM kernel (both for tests). ``grid_path``: True / False
     forces the stride-1 grid path (conv_fwd_grid) on or off where it applies; None: on iff
-    SPHEREOPS_FWD_GRID=1 and no graph is being traced."""
+    SPHEREOPS_FWD_GRID=1 and the launches are plain (``launch.plain_launch``: eager, not traced)."""
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
                                              operator, eps)
     n, c_in, h, wd = x.shape
@@ -1085,7 +1085,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     flags.update(STORE_C=store_c, DOT_PRECISION=precision, OUT_PIXELS_FAST=pixels_fast(y),
                  UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16)
     if grid_path is None:
-        grid_path = conv_fwd_grid().ENABLED and not is_graph_tracing()
+        grid_path = conv_fwd_grid().ENABLED and plain_launch(x)
     if grid_path and conv_fwd_grid().grid_path_applies(x, w, (sh, sw), (ph, pw), (dh, dw),
                                                        groups, (ho, wo), precision, patch_norms):
         conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,

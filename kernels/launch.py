@@ -56,6 +56,14 @@ def launch(kernel, grid, args, kwargs, what: str) -> None:
     # else: fake-tensor propagation only (shape/dtype inference): the outputs are allocated
 
 
+def plain_launch(first) -> bool:
+    """Whether :func:`launch` would start a kernel whose first argument is ``first`` plainly:
+    no graph being traced and, on CUDA, torch.library's wrap_triton switch off (eager calls
+    through sphereops.ops). Kernels with arguments that only a plain launch is known to take
+    (host-side TMA descriptors: conv_fwd_grid) run only then."""
+    return not is_graph_tracing() and not (first.is_cuda and _wrap_triton_enabled())
+
+
 def offsets_need_int64(x, first_dim: int, kernel, padding, dilation, other_numel: int = 0) -> bool:
     """Whether a kernel's offsets into ``x`` from dim ``first_dim`` on (1: inside one sample,
     0: across the batch) -- a window tap's, masked lanes in the padding included -- or into a

@@ -1160,6 +1160,27 @@ def test_grid_path_is_opt_in(monkeypatch):
     inp.stride = (2, 2)
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
     assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+    # a traced graph (or wrap_triton launches on CUDA) keeps the conv_fwd kernel
+    from sphereops_kernels import launch as L
+    monkeypatch.setattr(L, "is_graph_tracing", lambda: True)
+    inp.stride = (1, 1)
+    _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+
+
+def test_plain_launch_rule(monkeypatch):
+    """plain_launch: not while a graph is traced; on CUDA only with wrap_triton switched off."""
+    from types import SimpleNamespace
+
+    from sphereops_kernels import launch as L
+    cpu, cuda = SimpleNamespace(is_cuda=False), SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(L, "is_graph_tracing", lambda: False)
+    monkeypatch.setattr(L, "_wrap_triton_enabled", lambda: True)
+    assert L.plain_launch(cpu) and not L.plain_launch(cuda)
+    monkeypatch.setattr(L, "_wrap_triton_enabled", lambda: False)
+    assert L.plain_launch(cpu) and L.plain_launch(cuda)
+    monkeypatch.setattr(L, "is_graph_tracing", lambda: True)
+    assert not L.plain_launch(cpu) and not L.plain_launch(cuda)
 
 
 def test_grid_config_pruning():
