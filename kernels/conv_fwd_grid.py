@@ -42,7 +42,14 @@ import triton
 import triton.language as tl
 
 from .configs import conv_fwd_grid_configs, fits_grid_channels, prune_conv_fwd_grid_configs
-from .conv_fwd import _pack_filter, _store_gemm_tile, gemm_tile_of_program, packed_filter_buffers
+from .conv_fwd import (
+    _pack_filter,
+    _store_gemm_tile,
+    gemm_tile_of_program,
+    packed_filter_buffers,
+    pixels_fast,
+)
+from .epilogue import load_tile, tile_ptrs
 from .launch import cdiv, interpreting, launch
 
 try:
@@ -68,14 +75,30 @@ def grid_pitches(h, w, ph, pw, ho, wo):
     return max(h + ph, ho), max(w + pw, wo)
 
 
+_TMA_BY_DEVICE = {}
+
+
+def has_tma(device) -> bool:
+    """Whether a CUDA device has the Tensor Memory Accelerator (compute capability >= 9.0);
+    asked once a device, at the first call (no device query at import time)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TMA_BY_DEVICE:
+        _TMA_BY_DEVICE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _TMA_BY_DEVICE[index]
+
+
 def grid_path_applies(x, w, stride, padding, dilation, groups, out_hw, precision,
                       patch_norms) -> bool:
     """Whether a conv can take the grid path: stride 1, C_in/G >= 16 (the channel-chunk
     loop), 16-bit or tf32 (exact fp32 runs its dot on the FMA units, operands in registers:
     the conv_fwd kernel's tiles suit it better), pre-pass patch norms (the path has no in-loop
-    variant), host-side tensor descriptors in this triton, and the grid's rows plus a window's
-    reach and a tile within int32."""
+    variant), host-side tensor descriptors in this triton and TMA on the GPU (Hopper on: Triton
+    lowers descriptor loads to plain loads before it, where this kernel spills -- sm_80 128 x
+    128 x 64, docs/aot_table.md), and the grid's rows plus a window's reach and a tile within
+    int32."""
     if TensorDescriptor is None or tuple(stride) != (1, 1) or patch_norms != "prepass":
+        return False
+    if x.is_cuda and not has_tma(x.device):
         return False
     if x.dtype == torch.float32 and precision != "tf32":
         return False
@@ -95,7 +118,8 @@ def _prepare_grid_kernel(
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wc, stride_wh, stride_ww,
     KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr, WRITE_PACKED: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    PIXELS_FAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """The grid path's preparation, one launch; 1-D grid of ``n_grid_programs + C_out``:
 
@@ -111,6 +135,10 @@ def _prepare_grid_kernel(
       q_ptr       [G, M] fp32 contiguous.
       w_ptr, packed_ptr, sqnorm_ptr: as conv_fwd._prepare_operands_kernel (packed with Cp).
     Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G.
+    PIXELS_FAST (conv_fwd.pixels_fast: x's channels not its contiguous axis, NCHW): x is read
+    through the transposed tile (epilogue.tile_ptrs), lanes along the pixels; the grid rows'
+    own source addresses show Triton no contiguity (padding gaps), so it would otherwise lay
+    the lanes across the channel planes, a 32-byte sector a lane.
     """
     pid = tl.program_id(0)
     if pid < n_grid_programs:
@@ -129,8 +157,8 @@ def _prepare_grid_kernel(
         for c0 in range(0, c_pad if STAGE_X else c_in_per_group, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             chan = (g * c_in_per_group + offs_c).to(tl.int64) * stride_xc
-            v = tl.load(x_ptr + src[:, None] + chan[None, :],
-                        mask=data[:, None] & (offs_c < c_in_per_group)[None, :], other=0.0)
+            v = load_tile(tile_ptrs(x_ptr, src, chan, PIXELS_FAST), data,
+                          offs_c < c_in_per_group, PIXELS_FAST)
             if STAGE_X:
                 tl.store(grid_ptr + dst[:, None] + offs_c[None, :], v,
                          mask=in_grid[:, None] & (offs_c < c_pad)[None, :])
@@ -276,7 +304,7 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
             n_grid_programs, m_grid, hq * wq, wq, h, wd, ph, pw, c_in_g, c_pad, groups,
             *x.stride(), *w.stride()),
            dict(KH=kh, KW=kw, STAGE_X=stage, WRITE_PACKED=not already_packed,
-                BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
+                PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
                 BLOCK_C=min(cfg["BLOCK_C"], c_pad), num_warps=cfg["num_warps"]), _WHAT)
     w_flat = packed.reshape(c_out, kh * kw * c_pad)
     # the boxes are placeholders until the config is known (_set_block_shapes)
@@ -346,11 +374,16 @@ def aot_specs():
                                      w_desc=f"tensordesc<{dtype_name}[{bn},{bk}]>")
             specs.append(spec)
     for dtype_name in ("fp16", "bf16", "fp32"):
-        for stage in (True, False):
-            constexprs = dict(KH=3, KW=3, STAGE_X=stage, WRITE_PACKED=True,
+        # staging a channels_last input, an NCHW one (read along the pixels), and the q pass
+        # alone (an aligned 1x1 input read in place)
+        for label, stage, nchw in (("_stage", True, False), ("_stage_nchw", True, True),
+                                   ("", False, False)):
+            constexprs = dict(KH=3, KW=3, STAGE_X=stage, WRITE_PACKED=True, PIXELS_FAST=nchw,
                               BLOCK=PREP_CONFIG["BLOCK"], BLOCK_P=PREP_CONFIG["BLOCK_P"],
                               BLOCK_C=PREP_CONFIG["BLOCK_C"])
-            specs.append(_spec(f"conv_fwd_grid_prepare{'_stage' if stage else ''}_{dtype_name}",
-                               _prepare_grid_kernel, dtype_name, constexprs, _PREP_EXAMPLE,
-                               PREP_CONFIG["num_warps"], 1, gemm=False))
+            example = (dict(_PREP_EXAMPLE, stride_xc=56 * 56, stride_xh=56, stride_xw=1)
+                       if nchw else _PREP_EXAMPLE)
+            specs.append(_spec(f"conv_fwd_grid_prepare{label}_{dtype_name}", _prepare_grid_kernel,
+                               dtype_name, constexprs, example, PREP_CONFIG["num_warps"], 1,
+                               gemm=False))
     return specs

@@ -1145,6 +1145,20 @@ def test_grid_path_rule():
     assert not applies(x=huge)                             # grid rows past int32
 
 
+def test_grid_path_needs_tma_on_cuda(monkeypatch):
+    """On CUDA only devices with TMA (compute capability >= 9) take the grid path, asked once
+    a device."""
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return {0: (8, 0), 1: (9, 0)}[index]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(FG, "_TMA_BY_DEVICE", {})
+    assert not FG.has_tma(torch.device("cuda", 0)) and FG.has_tma(torch.device("cuda", 1))
+    assert FG.has_tma(torch.device("cuda", 1)) and asked == [0, 1]
+
+
 def test_grid_path_is_opt_in(monkeypatch):
     """Unless asked (SPHEREOPS_FWD_GRID=1, grid_path=True) the conv_fwd kernel runs; with the
     switch on, an eligible conv takes the grid and a strided one does not."""
