@@ -866,12 +866,14 @@ def dense_plane(x):
     return x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3)
 
 
-def packed_filter_buffers(w, cp):
+def packed_filter_buffers(w, cp, align=1):
     """``(packed, sqnorm, already_packed)`` for _pack_filter: the filters [C_out, KH, KW, cp]
     in the GEMM's K order -- a view of w when its memory order is that already (a channels_last
-    weight, cp = C_in/G): no copy -- and the [C_out] fp32 squared norms."""
+    weight, cp = C_in/G) and its address a multiple of ``align`` bytes: no copy -- and the
+    [C_out] fp32 squared norms."""
     c_out, c_in_g, kh, kw = w.shape
-    already_packed = cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
+    already_packed = (cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
+                      and w.data_ptr() % align == 0)
     packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
         (c_out, kh, kw, cp), dtype=w.dtype, device=w.device)
     sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)

@@ -295,7 +295,8 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
     if stage:
         grid_x = torch.empty((m_grid, groups * c_pad), dtype=x.dtype, device=dev)
     q = torch.empty((groups, m_grid), dtype=torch.float32, device=dev)
-    packed, sqnorm, already_packed = packed_filter_buffers(w, c_pad)
+    # a TMA descriptor's base must be 16-byte aligned: a misaligned weight view is packed
+    packed, sqnorm, already_packed = packed_filter_buffers(w, c_pad, align=16)
     cfg = PREP_CONFIG
     n_grid_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
     # outputs never alias an input (torch.compile's mutation analysis): unused ones get sqnorm

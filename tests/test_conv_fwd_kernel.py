@@ -1093,6 +1093,27 @@ def test_grid_reads_an_aligned_1x1_input_where_it_lies(monkeypatch):
 
 
 @pytest.mark.usefixtures("tf32_allowed")
+def test_grid_packs_a_misaligned_weight_view(monkeypatch):
+    """A channels_last weight is the packed filters as it lies, unless its address is not a
+    multiple of 16 bytes (a TMA descriptor's base must be): then it is copied."""
+    inp = make_conv_inputs(**GRID_CASES["3x3_same"], operator="linear", dtype=torch.float16,
+                           device=DEVICE, channels_last=True)
+    inp.w = inp.w[:, :16].contiguous(memory_format=torch.channels_last)
+    inp.x = inp.x[:, :16].contiguous(memory_format=torch.channels_last)
+    c_out, cg, kh, kw = inp.w.shape
+    storage = torch.empty(inp.w.numel() + 1, dtype=inp.w.dtype, device=DEVICE)
+    shifted = storage[1:].view(c_out, kh, kw, cg).permute(0, 3, 1, 2)
+    shifted.copy_(inp.w)
+    for w, copied in ((inp.w, False), (shifted, True)):
+        inp.w = w
+        out, launched = _run_grid(inp, monkeypatch)
+        _check_against_reference(inp, out, torch.float16, 0.0, 1e-3)
+        base = dict(zip(FG._sphere_conv_fwd_grid_kernel.arg_names, launched[1][2]))["w_desc"].base
+        assert (base.data_ptr() != w.data_ptr()) is copied
+        monkeypatch.undo()
+
+
+@pytest.mark.usefixtures("tf32_allowed")
 @pytest.mark.parametrize("cfg", FG.conv_fwd_grid_configs(),
                          ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x"
                                        f"{c.kwargs['BLOCK_K']}w{c.num_warps}")
