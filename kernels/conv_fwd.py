@@ -1023,6 +1023,9 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                                              operator, eps)
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
+    # the grid path always takes its norms from its own pre-pass; it is off only when the caller
+    # asks for in-loop norms
+    grid_norms = patch_norms or "prepass"
     if patch_norms is None:
         patch_norms = (default_patch_norms(kh, kw) if _prepass_fits(n, h * wd, groups, c_out)
                        else "fused")
@@ -1089,7 +1092,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if grid_path is None:
         grid_path = conv_fwd_grid().ENABLED and plain_launch(x)
     if grid_path and conv_fwd_grid().grid_path_applies(x, w, (sh, sw), (ph, pw), (dh, dw),
-                                                       groups, (ho, wo), precision, patch_norms):
+                                                       groups, (ho, wo), precision, grid_norms):
         conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,
                                      (ph, pw), (dh, dw), eps, flags, config)
         return y, c, r_x

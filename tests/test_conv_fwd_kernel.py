@@ -1195,12 +1195,19 @@ def test_grid_path_is_opt_in(monkeypatch):
     inp.stride = (2, 2)
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
     assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+    inp.stride = (1, 1)   # in-loop norms asked for: the grid path has none
+    _check_against_reference(inp, _run_kernel(inp, patch_norms="fused"), torch.float16, 0.0, 1e-3)
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+    # a 1x1 filter (in-loop norms by default on the conv_fwd path) takes the grid all the same
+    one = make_conv_inputs(**GRID_CASES["1x1"], operator="linear", dtype=torch.float16,
+                           device=DEVICE, channels_last=True)
+    _check_against_reference(one, _run_kernel(one), torch.float16, 0.0, 1e-3)
+    assert grid_launches[-1][0] is FG._sphere_conv_fwd_grid_autotuned and len(grid_launches) == 4
     # a traced graph (or wrap_triton launches on CUDA) keeps the conv_fwd kernel
     from sphereops_kernels import launch as L
     monkeypatch.setattr(L, "is_graph_tracing", lambda: True)
-    inp.stride = (1, 1)
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
-    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 4
 
 
 def test_plain_launch_rule(monkeypatch):

@@ -46,6 +46,29 @@ def _train(model, data, steps, lr=0.1):
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_training_follows_reference(channels_last):
+    _check_training(channels_last, allow_tf32=False)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
+                    reason="CPU interpreter variant (on a GPU the grid path is tf32 for fp32; "
+                           "tests/test_gpu.py checks it against float64 there)")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_training_with_the_grid_forward_follows_reference(channels_last, monkeypatch):
+    """The same with SPHEREOPS_FWD_GRID on: the 1x1 16 -> 16 layer's forward runs on the padded
+    grid (read in place when channels_last) and its saved state feeds the backward. TF32 is
+    allowed so that fp32 qualifies; the interpreter computes it exactly."""
+    from sphereops_kernels import conv_fwd_grid
+
+    launched = []
+    real = conv_fwd_grid.launch
+    monkeypatch.setattr(conv_fwd_grid, "ENABLED", True)
+    monkeypatch.setattr(conv_fwd_grid, "launch",
+                        lambda kernel, *rest: launched.append(kernel) or real(kernel, *rest))
+    _check_training(channels_last, allow_tf32=True)
+    assert conv_fwd_grid._sphere_conv_fwd_grid_autotuned in launched
+
+
+def _check_training(channels_last, allow_tf32):
     dev = _device()
     ref_model = _net("reference").to(dev)
     tri_model = copy.deepcopy(ref_model)
@@ -57,7 +80,7 @@ def test_triton_training_follows_reference(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
         ref_model, tri_model = (m.to(memory_format=torch.channels_last) for m in (ref_model, tri_model))
     target = torch.randint(0, 5, (4,), device=dev)
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with torch.backends.cudnn.flags(allow_tf32=allow_tf32):
         ref = _train(ref_model, (x, target), steps=4)
         tri = _train(tri_model, (x, target), steps=4)
     assert ref[-1] < ref[0], f"the reference run should learn: {ref}"
