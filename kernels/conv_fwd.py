@@ -1092,7 +1092,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if grid_path is None:
         grid_path = conv_fwd_grid().ENABLED and plain_launch(x)
     if grid_path and conv_fwd_grid().grid_path_applies(x, w, (sh, sw), (ph, pw), (dh, dw),
-                                                       groups, (ho, wo), precision, grid_norms):
+                                                       (ho, wo), precision, grid_norms):
         conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,
                                      (ph, pw), (dh, dw), eps, flags, config)
         return y, c, r_x

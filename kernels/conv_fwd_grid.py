@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .configs import conv_fwd_grid_configs, fits_grid_channels, prune_conv_fwd_grid_configs
 from .conv_fwd import (
+    _CHANNEL_CHUNK_MIN,
     _pack_filter,
     _store_gemm_tile,
     gemm_tile_of_program,
@@ -66,8 +67,14 @@ ENABLED = os.environ.get("SPHEREOPS_FWD_GRID", "0") not in ("", "0")
 
 # the staging programs: BLOCK_P grid rows x BLOCK_C channels a step; BLOCK filter elements a step
 PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
-# channels a group of the grid are padded to a multiple of this (TMA: 16-byte row pitch and box)
+# channels a group of the grid are padded to a multiple of this (TMA: 16-byte row pitch and box),
+# whatever SPHEREOPS_STAGE_INPUT says (conv_fwd.aligned_count follows that A/B switch)
 GRID_ALIGN = 16
+
+
+def grid_channels(c_in_per_group: int) -> int:
+    """Cp: the channels a group has on the grid (and a tap in the packed filters)."""
+    return cdiv(c_in_per_group, GRID_ALIGN) * GRID_ALIGN
 
 
 def grid_pitches(h, w, ph, pw, ho, wo):
@@ -87,8 +94,7 @@ def has_tma(device) -> bool:
     return _TMA_BY_DEVICE[index]
 
 
-def grid_path_applies(x, w, stride, padding, dilation, groups, out_hw, precision,
-                      patch_norms) -> bool:
+def grid_path_applies(x, w, stride, padding, dilation, out_hw, precision, patch_norms) -> bool:
     """Whether a conv can take the grid path: stride 1, C_in/G >= 16 (the channel-chunk
     loop), 16-bit or tf32 (exact fp32 runs its dot on the FMA units, operands in registers:
     the conv_fwd kernel's tiles suit it better), pre-pass patch norms (the path has no in-loop
@@ -102,9 +108,9 @@ def grid_path_applies(x, w, stride, padding, dilation, groups, out_hw, precision
         return False
     if x.dtype == torch.float32 and precision != "tf32":
         return False
-    n, c_in, h, wd = x.shape
+    n, _, h, wd = x.shape
     _, c_in_g, kh, kw = w.shape
-    if c_in_g < 16:
+    if c_in_g < _CHANNEL_CHUNK_MIN:
         return False
     hq, wq = grid_pitches(h, wd, padding[0], padding[1], *out_hw)
     reach = (kh - 1) * dilation[0] * wq + (kw - 1) * dilation[1] + 256
@@ -288,7 +294,7 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
     ho, wo = y.shape[2], y.shape[3]
     hq, wq = grid_pitches(h, wd, ph, pw, ho, wo)
     m_grid = n * hq * wq
-    c_pad = cdiv(c_in_g, GRID_ALIGN) * GRID_ALIGN
+    c_pad = grid_channels(c_in_g)
     dev = x.device
     grid_x = direct_grid(x, groups, (ph, pw), c_pad)
     stage = grid_x is None

@@ -1152,14 +1152,13 @@ def test_grid_path_rule():
     x = torch.empty(2, 32, 8, 8, dtype=torch.bfloat16)
     w = torch.empty(16, 32, 3, 3, dtype=torch.bfloat16)
 
-    def applies(x=x, w=w, stride=(1, 1), groups=1, precision="ieee", norms="prepass"):
-        return FG.grid_path_applies(x, w, stride, (1, 1), (1, 1), groups, (8, 8), precision,
-                                    norms)
+    def applies(x=x, w=w, stride=(1, 1), precision="ieee", norms="prepass"):
+        return FG.grid_path_applies(x, w, stride, (1, 1), (1, 1), (8, 8), precision, norms)
     assert applies()
     assert not applies(stride=(2, 2)) and not applies(stride=(1, 2))
     assert not applies(norms="fused")
     assert not applies(x=x[:, :8], w=w[:, :8])             # C_in/G = 8: flat K loop
-    assert not applies(groups=4, w=w[:, :8])
+    assert not applies(w=w[:, :8])                         # groups=4: C_in/G = 8
     assert not applies(x=x.float(), w=w.float())           # exact fp32
     assert applies(x=x.float(), w=w.float(), precision="tf32")
     huge = torch.empty(2 ** 31 // 81 + 1, 32, 8, 8, dtype=torch.bfloat16, device="meta")

@@ -485,7 +485,7 @@ def test_every_grid_config_vs_float64(geometry, precision, request):
     n, c_in, c_out, hw, kernel, padding, dilation, channels_last = GRID_GEOMETRIES[geometry]
     x, w, b, geo, (y64, c64, rx64) = _seeded_bf16_conv(5, n, c_in, c_out, hw, kernel, padding,
                                                        dilation, channels_last)
-    c_pad = -(-c_in // conv_fwd_grid.GRID_ALIGN) * conv_fwd_grid.GRID_ALIGN
+    c_pad = conv_fwd_grid.grid_channels(c_in)
     cands = configs.prune_conv_fwd_grid_configs(
         configs.conv_fwd_grid_configs(), dict(c_pad=c_pad, c_out_per_group=c_out, y_ptr=x))
     assert cands

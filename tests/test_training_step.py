@@ -9,6 +9,8 @@ from torch import nn
 
 from sphereops.nn import SphereConv2d, SphereLinear
 
+from helpers import record_launches
+
 pytest.importorskip("triton")
 
 
@@ -59,13 +61,10 @@ def test_triton_training_with_the_grid_forward_follows_reference(channels_last, 
     allowed so that fp32 qualifies; the interpreter computes it exactly."""
     from sphereops_kernels import conv_fwd_grid
 
-    launched = []
-    real = conv_fwd_grid.launch
     monkeypatch.setattr(conv_fwd_grid, "ENABLED", True)
-    monkeypatch.setattr(conv_fwd_grid, "launch",
-                        lambda kernel, *rest: launched.append(kernel) or real(kernel, *rest))
+    launched = record_launches(monkeypatch, conv_fwd_grid, "launch")[0]
     _check_training(channels_last, allow_tf32=True)
-    assert conv_fwd_grid._sphere_conv_fwd_grid_autotuned in launched
+    assert conv_fwd_grid._sphere_conv_fwd_grid_autotuned in [kernel for kernel, _, _ in launched]
 
 
 def _check_training(channels_last, allow_tf32):
