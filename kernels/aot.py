@@ -51,6 +51,7 @@ from pathlib import Path
 KERNEL_MODULES = (
     "sphereops_kernels.conv_fwd",
     "sphereops_kernels.conv_fwd_grid",
+    "sphereops_kernels.conv_bwd_grid",
     "sphereops_kernels.conv_bwd",
     "sphereops_kernels.linear",
 )

@@ -181,11 +181,32 @@ def prune_conv_fwd_grid_configs(configs, named_args, **kwargs):
     """Keep the grid configs that fit the channels (:func:`fits_grid_channels`) and whose N
     block is at most max(16, next_pow2(C_out/G)); always keeps at least one (BLOCK_K 16
     divides every c_pad)."""
-    c_pad = int(named_args["c_pad"])
-    n_cap = max(16, triton.next_power_of_2(int(named_args["c_out_per_group"])))
-    dtype = named_args["y_ptr"].dtype
+    return _prune_grid_configs(configs, int(named_args["c_pad"]),
+                               int(named_args["c_out_per_group"]), named_args["y_ptr"].dtype)
+
+
+def _prune_grid_configs(configs, k_channels, n_channels, dtype):
+    """The grid configs that fit ``k_channels`` (:func:`fits_grid_channels`) with an N block of
+    at most max(16, next_pow2(n_channels)); at least the smallest (BLOCK_K 16 fits any
+    multiple of 16)."""
+    n_cap = max(16, triton.next_power_of_2(n_channels))
     kept = [c for c in configs
-            if fits_grid_channels(c, c_pad, dtype) and c.kwargs["BLOCK_N"] <= n_cap]
+            if fits_grid_channels(c, k_channels, dtype) and c.kwargs["BLOCK_N"] <= n_cap]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]))]
     return kept
+
+
+def dgrad_grid_configs(interpreter=False):
+    """Configs for ``conv_bwd_grid._dgrad_grid_kernel``: the forward grid path's tiles (the
+    same GEMM over grid rows: M = grid rows, N = C_in/G, K = taps x C_out/G), 16-bit only."""
+    return conv_fwd_grid_configs(interpreter)
+
+
+def prune_dgrad_grid_configs(configs, named_args, **kwargs):
+    """Keep the dgrad grid configs whose BLOCK_K divides C_out/G (a box past a group's Hn
+    columns would read the next group's) and whose N block is at most max(16,
+    next_pow2(C_in/G)); always keeps at least one (BLOCK_K 16 divides every C_out/G the path
+    takes)."""
+    return _prune_grid_configs(configs, int(named_args["cg_out"]), int(named_args["cg_in"]),
+                               named_args["dx_ptr"].dtype)

@@ -37,7 +37,9 @@ the partial sums of step 1 take two levels):
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
    (kh, kw) is the same for every pixel, so it loops over exactly those taps (no zero-stuffing,
-   no masked-out MMAs).
+   no masked-out MMAs). Opt-in (``SPHEREOPS_DGRAD_GRID=1``, ``conv_bwd_grid``): a stride-1
+   dgrad as a plain TMA GEMM, step 1 then writing Hn onto a padded grid (``_hn_row``; the
+   wgrad reads it there too).
 4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
    ranges that write fp32 partials (its columns: the channels of one tap a program, or below 16
    channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
@@ -95,7 +97,7 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
 from .epilogue import column_quarters, load_tile, store_tile, tile_ptrs, to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, launch, offsets_need_int64
+from .launch import MAX_PIXELS, launch, offsets_need_int64, plain_launch
 from .launch import next_pow2 as _next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -196,6 +198,30 @@ def _prep_rows(offs_m, HoWo: tl.constexpr, Wo: tl.constexpr, stride_dyn, stride_
 
 
 @triton.jit
+def _hn_row(offs_m, howo, wo_count, HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
+            WIDE: tl.constexpr):
+    """The row of Hn holding flat output pixel offs_m (n*Ho*Wo index): offs_m itself, or with
+    margins (HN_TOP, HN_LEFT > 0: the dgrad's padded grid, conv_bwd_grid) row
+    (n*(Ho + HN_TOP) + HN_TOP + ho) * (Wo + HN_LEFT) + HN_LEFT + wo. int64 if WIDE, else int32.
+    howo = Ho*Wo and wo_count = Wo: constexprs or runtime values."""
+    if HN_TOP == 0 and HN_LEFT == 0:
+        if WIDE:
+            row = offs_m.to(tl.int64)
+        else:
+            row = offs_m
+    else:
+        n = offs_m // howo
+        hw = offs_m % howo
+        ho = hw // wo_count
+        wo = hw % wo_count
+        if WIDE:
+            n = n.to(tl.int64)
+        row = ((n * (howo // wo_count + HN_TOP) + HN_TOP + ho) * (wo_count + HN_LEFT)
+               + HN_LEFT + wo)
+    return row
+
+
+@triton.jit
 def _grad_c_tile(dy_ptr, c_ptr, k_ptr, bias_ptr, dy_row, c_row, offs_o, c_mask, mask,
                  stride_dyc, stride_cc, stride_k, OPERATOR: tl.constexpr, DELTA: tl.constexpr,
                  FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -261,7 +287,7 @@ def _prep_tile(
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The pass over dy and c of _prep_kernel for output-pixel block pid_m of group g
     (arguments as there). Channels CG_OUT .. CGO_P of the group's Hn columns get zeros."""
@@ -284,8 +310,8 @@ def _prep_tile(
         gc = grad_c * cv
         if STORE_HN:
             hn = tl.where(mask, grad_c * inv_rx[:, None], 0.0)
-            hn_ptrs = (hn_ptr + offs_m.to(tl.int64)[:, None] * (G * CGO_P)
-                       + (g * CGO_P + offs_cl)[None, :])
+            hn_ptrs = (hn_ptr + _hn_row(offs_m, HoWo, Wo, HN_TOP, HN_LEFT, True)[:, None]
+                       * (G * CGO_P) + (g * CGO_P + offs_cl)[None, :])
             tl.store(hn_ptrs, to_dtype_of(hn, hn_ptr, EMULATE_RTNE),
                      mask=m_mask[:, None] & (offs_cl < CGO_P)[None, :])
         if STORE_A:
@@ -310,6 +336,7 @@ def _prep_kernel(
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     NORM_FILTERS: tl.constexpr, STORE_W_HAT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CX: tl.constexpr,
 ):
@@ -336,7 +363,10 @@ def _prep_kernel(
             dtype); only read when OPERATOR == 2.
     hn_ptr: [M = N*Ho*Wo, G, CGO_P] contiguous, input dtype: Hn = G / r_x (written iff
             STORE_HN), zeros in channels CG_OUT .. CGO_P of each group (CGO_P = CG_OUT, or
-            rounded up to 16 for aligned GEMM loads: sphere_conv2d_bwd's ``cgo_p``).
+            rounded up to 16 for aligned GEMM loads: sphere_conv2d_bwd's ``cgo_p``); with
+            margins HN_TOP / HN_LEFT (> 0 for the dgrad's grid path) the rows lie on the padded
+            grid [N*(Ho+HN_TOP)*(Wo+HN_LEFT), G, CGO_P] instead (_hn_row; the margin rows are
+            zeroed by the launcher, never written here).
     a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
     part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
               row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
@@ -379,7 +409,7 @@ def _prep_kernel(
                    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
                    stride_cn, stride_cc, stride_ch, stride_cw,
                    OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS, STORE_HN, STORE_A,
-                   NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, BLOCK_M, BLOCK_C)
+                   NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, HN_TOP, HN_LEFT, BLOCK_M, BLOCK_C)
     else:
         if STAGE_X:   # xs_ptr stands in for the q output stage_input_tile never writes here
             stage_input_tile(x_ptr, xs_ptr, xs_ptr, pid - n_filter_programs - R, g, img_tiles,
@@ -602,7 +632,6 @@ def _dgrad_kernel(
     n64 = n.to(tl.int64)
 
     offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ci_mask = offs_ci < CG_IN
 
     # First contributing tap of this phase in each direction (KH / KW: none contributes).
     kh_first = KH
@@ -683,18 +712,31 @@ def _dgrad_kernel(
 
     x_rows = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
     dx_rows = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
+    store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, pid_n * BLOCK_N,
+                     CG_IN, m_mask, stride_xc, stride_dxc, EMULATE_RTNE, PIXELS_FAST, BLOCK_M,
+                     BLOCK_N)
+
+
+@triton.jit
+def store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, col0, CG_IN, m_mask,
+                     stride_xc, stride_dxc, EMULATE_RTNE: tl.constexpr,
+                     PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dgrad epilogue dx = acc - x * box of a [BLOCK_M pixels, BLOCK_N channels] tile whose
+    columns are the group's input channels col0 .. col0 + BLOCK_N (see _dgrad_store); shared
+    with conv_bwd_grid's kernel."""
     if PIXELS_FAST:
         # a quarter of the columns at a time: the transposed x tile next to the whole fp32
         # accumulator spilled 1128 B a thread (sm_90, bf16, 128 x 128)
         QUARTER: tl.constexpr = BLOCK_N // 4
         quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
         for k in tl.static_range(4):
-            _dgrad_store(quarters[k], box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN,
-                         pid_n * BLOCK_N + k * QUARTER + tl.arange(0, QUARTER), CG_IN, m_mask,
+            _dgrad_store(quarters[k], box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,
+                         col0 + k * QUARTER + tl.arange(0, QUARTER), CG_IN, m_mask,
                          stride_xc, stride_dxc, EMULATE_RTNE, True)
     else:
-        _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, offs_ci, CG_IN,
-                     m_mask, stride_xc, stride_dxc, EMULATE_RTNE, False)
+        _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,
+                     col0 + tl.arange(0, BLOCK_N), CG_IN, m_mask, stride_xc, stride_dxc,
+                     EMULATE_RTNE, False)
 
 
 @triton.jit
@@ -771,7 +813,7 @@ def _wgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr,
+    RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr, HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -786,7 +828,8 @@ def _wgrad_kernel(
     k block: 25 times for a 5x5 filter).
 
     hn_ptr:   [M = N*Ho*Wo, G, CGO_P] contiguous (Hn = G / r_x, input dtype; zeros past CG_OUT
-              in each group).
+              in each group), or on the dgrad's padded grid with margins HN_TOP / HN_LEFT
+              (_prep_kernel, _hn_row).
     x_ptr:    [N, G*CGI_P, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw): the
               forward input (CGI_P = CG_IN) or its staged copy (CGI_P = CG_IN rounded up to
               16, channels_last; conv_fwd.staged_channels).
@@ -872,10 +915,7 @@ def _wgrad_kernel(
                                            WIDE_OFFSETS)
             x_offs = x_row[:, None]
             x_mask = valid[:, None] & (offs_ci < CGI_P)[None, :]
-        if WIDE_OFFSETS:
-            hn_row = offs_m.to(tl.int64) * (G * CGO_P)
-        else:
-            hn_row = offs_m * (G * CGO_P)
+        hn_row = _hn_row(offs_m, howo_div, wo_div, HN_TOP, HN_LEFT, WIDE_OFFSETS) * (G * CGO_P)
         ht = tl.load(hn_ptr + hn_row[None, :] + hn_col[:, None],
                      mask=(offs_ol < CGO_P)[:, None] & m_mask[None, :], other=0.0)
         xt = tl.load(x_ptr + x_offs + x_chan, mask=x_mask, other=0.0)
@@ -1453,7 +1493,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                       c: torch.Tensor, r_x: torch.Tensor, stride, padding, dilation, groups: int,
                       operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True),
                       *, c_scratch: bool = False, saved: str = "cosine",
-                      bias: Optional[torch.Tensor] = None):
+                      bias: Optional[torch.Tensor] = None, dgrad_grid: Optional[bool] = None):
     """Backward of SphereConv2d (contract: docs/ARCHITECTURE.md, ``conv2d_backward``).
 
     Args:
@@ -1474,6 +1514,10 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
             Hn there, in the same program, and no later kernel reads c.
         saved: what ``c`` holds: "cosine" or "output" (the forward's y, with ``bias`` the bias
             that went into it; linear and cosine operators; y is never written).
+        dgrad_grid: None (the default: conv_bwd_grid.ENABLED, SPHEREOPS_DGRAD_GRID=1, for
+            plain launches), True / False to ask for the stride-1 TMA dgrad on Hn's padded grid
+            or to keep the implicit-GEMM dgrad (tests); asked for, it still runs only where
+            conv_bwd_grid.dgrad_grid_applies.
 
     Returns:
         (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
@@ -1596,7 +1640,17 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
     else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
         r_w, w_hat, n_filter_programs = r_x, w, 0
-    if (need_grads and c_scratch and cgo_p == cg_out
+    # the stride-1 dgrad on Hn's padded grid (conv_bwd_grid): Hn's rows get margins
+    grid_dgrad = False
+    if need_dx and cg_out > 1:
+        if dgrad_grid is None:
+            dgrad_grid = conv_bwd_grid().ENABLED and plain_launch(x)
+        grid_dgrad = bool(dgrad_grid) and conv_bwd_grid().dgrad_grid_applies(
+            x, w, (sh, sw), (ph, pw), (dh, dw_), cgi_p, cgo_p)
+    hn_margins = conv_bwd_grid().hn_margins((kh, kw), (ph, pw), (dh, dw_)) if grid_dgrad else (0, 0)
+    if grid_dgrad:
+        hn = conv_bwd_grid().hn_grid_buffer(n, ho, wo, hn_margins, groups * cgo_p, dtype, dev)
+    elif (need_grads and c_scratch and cgo_p == cg_out
             and c.permute(0, 2, 3, 1).is_contiguous()):
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
@@ -1635,6 +1689,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride()),
                 BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
                 DENSE_PLANE=dense_plane(x), BLOCK_P=stage_p,
+                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
                 BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
@@ -1645,11 +1700,16 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
 
     x_wgrad = x_staged if stage_x else x
-    wide = _needs_wide_offsets(x, m_out * groups * cgo_p, (kh, kw), (ph, pw), (dh, dw_))
+    wide = _needs_wide_offsets(x, hn.numel(), (kh, kw), (ph, pw), (dh, dw_))
     if stage_x:   # the wgrad's copy has channels x's has not
         wide = wide or _needs_wide_offsets(x_staged, 0, (kh, kw), (ph, pw), (dh, dw_))
     # 3. dgrad fused with the norm correction
-    if need_dx:
+    if grid_dgrad:
+        dx = torch.empty_like(x)  # preserves NCHW / channels_last
+        conv_bwd_grid().grid_dgrad(hn, w_hat, a_buf, x, dx, (ph, pw), (dh, dw_),
+                                   dict(UPCAST_DOT=upcast, EMULATE_RTNE=rtne,
+                                        PIXELS_FAST=pixels_fast(dx)))
+    elif need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
         cfg = dgrad_config(cg_in, cg_out, dtype)
         hp, wp = _cdiv(h, sh), _cdiv(wd, sw)
@@ -1688,6 +1748,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
+                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
                 NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
                 EMULATE_RTNE=rtne, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
@@ -1695,6 +1756,13 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
 
     return dx, dw, db, dk
+
+
+def conv_bwd_grid():
+    """The stride-1 grid dgrad module (kernels/conv_bwd_grid.py), imported at first use: it
+    builds on this module's kernels."""
+    from . import conv_bwd_grid as module
+    return module
 
 
 def _fold_reduction(need_dw: bool) -> bool:
@@ -1848,12 +1916,14 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
-               w: int, fn=None, cg_in: Optional[int] = None, stage: bool = False) -> dict:
+               w: int, fn=None, cg_in: Optional[int] = None, stage: bool = False,
+               hn_margins=(0, 0)) -> dict:
     """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
     pointer type of the input dtype), with its filter programs for 3x3 filters of ``cg_in``
     input channels (default c) and w_hat (filter_norm_config's tiles); ``stage``: with the
-    input tiles staging an NCHW input of cg_in channels (rows padded to aligned_count)."""
+    input tiles staging an NCHW input of cg_in channels (rows padded to aligned_count);
+    ``hn_margins``: Hn written onto the grid dgrad's padded grid (_hn_row)."""
     fn = _prep_kernel if fn is None else fn
     cg_in = c if cg_in is None else cg_in
     cgi_p = aligned_count(cg_in)
@@ -1874,7 +1944,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                         EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
                         BLOCK_O=fcfg["BLOCK_O"], BLOCK_F=fcfg["BLOCK_F"],
                         **(dict(STAGE_X=stage, DENSE_PLANE=True, BLOCK_P=STAGE_CONFIG["BLOCK_P"],
-                                BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]))
+                                BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]),
+                                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1])
                            if fn is _prep_kernel else {})),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
         example_args=dict(C_out=c, CG_IN=cg_in, **strides,
@@ -1945,7 +2016,7 @@ def aot_specs() -> list:
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
                                     FLAT_K=cfg["FLAT_K"], BLOCK_O=cfg["BLOCK_O"],
                                     BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
-                                    **_FOLDED_REDUCE),
+                                    HN_TOP=0, HN_LEFT=0, **_FOLDED_REDUCE),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
                                       M_PER_SPLIT=4096, R=400, RED_PROGRAMS=c // 32,
@@ -1958,6 +2029,9 @@ def aot_specs() -> list:
                     spec = specs[-3]
                     specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_rtdiv_"),
                                       constexprs=dict(spec["constexprs"], RUNTIME_DIV=True)))
+                    if dtype != torch.float32:   # Hn on the grid dgrad's grid (conv_bwd_grid)
+                        specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_hngrid_"),
+                                          constexprs=dict(spec["constexprs"], HN_TOP=1, HN_LEFT=1)))
                 if label in ("3x3_c128", "3x3_s2_c128"):   # NCHW x and dx: lanes along pixels
                     spec = next(sp for sp in specs
                                 if sp["name"] == f"conv_bwd_dgrad_{label}_{ptag}")
@@ -1977,7 +2051,7 @@ def aot_specs() -> list:
                                 Wo=32, UPCAST_DOT=False, DOT_PRECISION=precision,
                                 WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
                                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
-                                BLOCK_M=cfg["BLOCK_M"], **_FOLDED_REDUCE),
+                                BLOCK_M=cfg["BLOCK_M"], HN_TOP=0, HN_LEFT=0, **_FOLDED_REDUCE),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                 example_args=dict(C_out=64, CG_IN=3, CG_OUT=64, CGI_P=3, CGO_P=64, G=1,
                                   M_PER_SPLIT=512, R=2048, RED_PROGRAMS=0, howo_rt=32 * 32, wo_rt=32,
@@ -2046,6 +2120,9 @@ def aot_specs() -> list:
                                 dtype, c, h, w, cg_in=29, stage=True))
         specs.append(_prep_spec(f"conv_bwd_prep_linear_from_output_{tag}", "linear", True, t, dtype,
                                 c, h, w))
+        if dtype != torch.float32:   # Hn onto the grid dgrad's padded grid (conv_bwd_grid)
+            specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_{tag}", "sigmoid", False, t,
+                                    dtype, c, h, w, hn_margins=(1, 1)))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
                                 dtype, c, h, w, fn=_channelwise_prep_kernel, cg_in=2))
         cfg = REDUCE_CONFIG

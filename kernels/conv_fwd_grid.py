@@ -257,16 +257,34 @@ def _set_block_shapes(nargs):
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-_grid_configs = conv_fwd_grid_configs(interpreter=_INTERPRET)
-if os.environ.get("SPHEREOPS_AUTOTUNE", "1") in ("", "0"):   # as conv_fwd: one fixed tile
-    _grid_configs = _grid_configs[:1]
-for _cfg in _grid_configs:
-    _cfg.pre_hook = _set_block_shapes
-_sphere_conv_fwd_grid_autotuned = triton.autotune(
-    configs=_grid_configs,
-    key=["m_grid", "c_out_per_group", "c_pad", "KH", "KW"],
-    prune_configs_by={"early_config_prune": prune_conv_fwd_grid_configs},
-)(_sphere_conv_fwd_grid_kernel)
+def autotune_tma_kernel(kernel, configs, key, prune, set_block_shapes):
+    """``kernel`` autotuned over ``configs`` (the first alone with SPHEREOPS_AUTOTUNE=0, as
+    conv_fwd), each config's pre-hook setting the descriptors' boxes to its tile."""
+    if os.environ.get("SPHEREOPS_AUTOTUNE", "1") in ("", "0"):
+        configs = configs[:1]
+    for cfg in configs:
+        cfg.pre_hook = set_block_shapes
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def launch_tma_kernel(autotuned, kernel, config, descriptors, set_block_shapes, args, flags,
+                      programs, what):
+    """Launch a TMA kernel: ``autotuned``, or with ``config`` (a triton.Config: tests) the plain
+    ``kernel`` at that tile, its descriptors' boxes set here. ``programs(meta)`` -> the 1-D grid
+    for a tile."""
+    if config is not None:
+        autotuned = kernel
+        flags = dict(flags, **config.kwargs, num_warps=config.num_warps,
+                     num_stages=config.num_stages)
+        set_block_shapes(dict(descriptors, **config.kwargs))
+    launch(autotuned, lambda meta: (programs(meta),), args, flags, what)
+
+
+_sphere_conv_fwd_grid_autotuned = autotune_tma_kernel(
+    _sphere_conv_fwd_grid_kernel, conv_fwd_grid_configs(interpreter=_INTERPRET),
+    ["m_grid", "c_out_per_group", "c_pad", "KH", "KW"], prune_conv_fwd_grid_configs,
+    _set_block_shapes)
 
 
 def direct_grid(x, groups, padding, c_pad):
@@ -320,12 +338,6 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
     kernel_flags = {key: flags[key] for key in (
         "KH", "KW", "OPERATOR", "HAS_BIAS", "DOT_PRECISION", "UPCAST_DOT", "EMULATE_RTNE",
         "STORE_C", "OUT_PIXELS_FAST")}
-    kernel = _sphere_conv_fwd_grid_autotuned
-    if config is not None:
-        kernel = _sphere_conv_fwd_grid_kernel
-        kernel_flags.update(config.kwargs, num_warps=config.num_warps,
-                            num_stages=config.num_stages)
-        _set_block_shapes({"x_desc": x_desc, "w_desc": w_desc, **config.kwargs})
     # bias / k unread without a bias / for linear and cosine, c without STORE_C: any tensor
     # y first: launch() takes the device from the first argument (a tensor)
     args = (y, x_desc, w_desc, sqnorm, bias.contiguous() if bias is not None else sqnorm,
@@ -333,10 +345,12 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
             c if flags["STORE_C"] else sqnorm, r_x, q, m_grid, hq * wq, wq, c_out // groups,
             c_pad, groups, ho, wo, *y.stride(), dh, dw, float(eps))
 
-    def grid(meta):
-        return (groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(c_out // groups, meta["BLOCK_N"]),)
-
-    launch(kernel, grid, args, kernel_flags, _WHAT)
+    launch_tma_kernel(
+        _sphere_conv_fwd_grid_autotuned, _sphere_conv_fwd_grid_kernel, config,
+        dict(x_desc=x_desc, w_desc=w_desc), _set_block_shapes, args, kernel_flags,
+        lambda meta: groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(c_out // groups,
+                                                                    meta["BLOCK_N"]),
+        _WHAT)
 
 
 # ---------------------------------------------------------------------------------------------

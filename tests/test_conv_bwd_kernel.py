@@ -1025,3 +1025,185 @@ def test_depthwise_rows_wider_than_the_tile():
         assert conv_bwd.depthwise_config(kernel, rows=True)["BLOCK_M"] < 64
     out = _kernel(dy, inp, c, r_x)
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stride-1 dgrad on Hn's padded grid (sphereops_kernels.conv_bwd_grid), forced on with
+# dgrad_grid=True: the prep pass writes Hn onto the grid, the wgrad reads it there, the dgrad is
+# the TMA GEMM. Under the interpreter one small tile (configs.conv_fwd_grid_configs) so that the
+# tiny shapes cover several M and N tiles and K chunks.
+# ---------------------------------------------------------------------------------------------
+
+conv_bwd_grid = pytest.importorskip("sphereops_kernels.conv_bwd_grid")
+GRID_DTYPE_TOLS = DTYPE_TOLS[1:]   # 16-bit only (dgrad_grid_applies)
+
+GRID_DGRAD_CASES = [
+    pytest.param(dict(operator="cosine", c_in=16, c_out=16), id="3x3-same"),
+    # margins (TOP, LEFT) = (3, 6) from a rectangular filter dilated both ways with less than
+    # "same" padding, two groups
+    pytest.param(dict(operator="sigmoid", c_in=32, c_out=32, groups=2, kernel=(3, 5),
+                      padding=(1, 2), dilation=(2, 2), h=9, w=10), id="rect-dilated-g2"),
+    pytest.param(dict(operator="cosine", c_in=16, c_out=32, kernel=1, padding=0),
+                 id="1x1-no-margins"),
+    pytest.param(dict(operator="linear", n=3, c_in=16, c_out=16, padding=0, h=7, w=6),
+                 id="valid"),
+    # several N tiles (48 input channels) and K chunks (32 output channels), a 5x5 filter
+    pytest.param(dict(operator="sigmoid", c_in=48, c_out=32, kernel=5, padding=1, h=8, w=7),
+                 id="5x5-multi-tile"),
+]
+
+
+def _grid_kernel(dy, inp, c, r_x, monkeypatch, mask=ALL):
+    """sphere_conv2d_bwd with the grid dgrad forced, asserting that it ran."""
+    calls = []
+    real = conv_bwd_grid.grid_dgrad
+    monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
+                        lambda *a, **kw: (calls.append(a), real(*a, **kw))[1])
+    out = sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, c, r_x, *_geometry(inp), mask,
+                            dgrad_grid=True)
+    assert len(calls) == (1 if mask[0] else 0), "the grid dgrad did not run"
+    return out
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("geom", GRID_DGRAD_CASES)
+@pytest.mark.parametrize("dtype,rtol,atol_frac", GRID_DTYPE_TOLS)
+def test_grid_dgrad_matches_reference(geom, layout, dtype, rtol, atol_frac, monkeypatch):
+    """dx from the grid GEMM and dw, db, dk from the kernels that read the gridded Hn, against
+    the float64 closed form."""
+    inp, c, r_x, dy = _case(dtype, channels_last=(layout == "channels_last"), **geom)
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+    _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
+    if layout == "channels_last":
+        assert out[0].is_contiguous(memory_format=torch.channels_last), "dx must follow x's layout"
+
+
+def test_grid_hn_layout(monkeypatch):
+    """The prep pass's Hn on the grid: the data rows hold Hn = G / r_x at (TOP + ho, LEFT + wo)
+    of each image, the margins are zero -- against Hn built in float64 and placed by torch."""
+    inp, c, r_x, dy = _case(torch.float16, operator="cosine", n=2, c_in=16, c_out=16,
+                            kernel=(3, 5), padding=(1, 1), dilation=(1, 2), h=6, w=7,
+                            channels_last=True)
+    seen = []
+    real = conv_bwd_grid.grid_dgrad
+    monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
+                        lambda hn, *a, **kw: (seen.append(hn.clone()), real(hn, *a, **kw))[1])
+    sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, c, r_x, *_geometry(inp), ALL, dgrad_grid=True)
+    top, left = conv_bwd_grid.hn_margins((3, 5), (1, 1), (1, 2))
+    assert (top, left) == (1, 7)
+    n, c_out, ho, wo = c.shape
+    grad_c = dy.double() * R.dg_dc(c.double(), "cosine")
+    expected = torch.zeros(n, ho + top, wo + left, c_out, dtype=torch.float64)
+    expected[:, top:, left:] = (grad_c / r_x.double()).permute(0, 2, 3, 1)
+    got = seen[0].double().view(n, ho + top, wo + left, c_out)
+    assert torch.equal(got[:, :top], torch.zeros_like(got[:, :top])), "top margin not zero"
+    assert torch.equal(got[:, :, :left], torch.zeros_like(got[:, :, :left])), "left margin not zero"
+    assert_close(got, expected, rtol=2.0 ** -10, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,rtol,atol_frac", GRID_DTYPE_TOLS)
+def test_grid_dgrad_hard_inputs(dtype, rtol, atol_frac, monkeypatch):
+    """Zero patches and a zero sample, then NaN in x: the grid path keeps the reference's
+    values and its NaN pattern."""
+    inp = make_conv_inputs(dtype=dtype, device=DEVICE, operator="sigmoid", n=2, c_in=16,
+                           c_out=16, channels_last=True)
+    x = inp.x.clone()
+    x[0, :, 2:7, 1:6] = 0
+    x[1] = 0
+    inp.x = x
+    c, r_x = _saved_state(inp)
+    dy = torch.randn(c.shape, device=DEVICE).to(dtype)
+    _check_all(_grid_kernel(dy, inp, c, r_x, monkeypatch), dy, inp, c, r_x, dtype, rtol,
+               atol_frac)
+    x = inp.x.clone()
+    x[0, 3, 4, 5] = float("nan")
+    inp.x = x
+    c, r_x = _saved_state(inp)
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+    ref64 = _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
+    assert torch.isnan(ref64[0]).any() and torch.isnan(out[0]).any(), "NaN was lost in dx"
+
+
+@pytest.mark.parametrize("dtype,rtol,atol_frac", GRID_DTYPE_TOLS)
+def test_grid_dgrad_near_parallel_patches(dtype, rtol, atol_frac, monkeypatch):
+    """As test_near_parallel_patches, on the grid path: finite, within the rounding bound."""
+    inp = make_near_parallel_conv_inputs(noise=1e-5, dtype=dtype, device=DEVICE,
+                                         operator="linear", padding=0, channels_last=True,
+                                         c_in=16, c_out=16)
+    c, r_x = _saved_state(inp)
+    assert c.float().max().item() > 0.999, "the builder should produce near-parallel patches"
+    dy = torch.randn(c.shape, device=DEVICE).to(dtype)
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+    assert torch.isfinite(out[0]).all()
+    ref64 = _reference(dy, inp, c, r_x, ALL, torch.float64)
+    _check_within_rounding_bound(out, ref64, _reference(dy, inp, c, r_x),
+                                 _rounding_bound(dy, inp, c, r_x), atol_frac)
+
+
+def test_grid_dgrad_every_gpu_config(monkeypatch):
+    """Each config the GPU autotunes over, forced, under the interpreter (the tiles, their
+    descriptor boxes and the quarter-column NCHW epilogue at the GPU's block sizes)."""
+    from sphereops_kernels.configs import conv_fwd_grid_configs
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="cosine", n=1, c_in=64, c_out=64, h=6,
+                            w=5, channels_last=False)
+    real = conv_bwd_grid.grid_dgrad
+    for cfg in conv_fwd_grid_configs(interpreter=False):
+        monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
+                            lambda *a, cfg=cfg, **kw: real(*a, config=cfg, **kw))
+        out = sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, c, r_x, *_geometry(inp),
+                                (True, False, False, False), dgrad_grid=True)
+        mask = (True, False, False, False)
+        ref64 = _reference(dy, inp, c, r_x, mask, torch.float64)
+        _check_grad(out[0], ref64[0], _reference(dy, inp, c, r_x, mask)[0], torch.bfloat16,
+                    1.5e-2, 2.0 ** -7, f"dx {cfg}")
+
+
+@pytest.mark.parametrize("change,applies", [
+    (dict(), True),
+    (dict(padding=0), True),                  # margins (2, 2)
+    (dict(kernel=1, padding=0), True),        # no margins
+    (dict(stride=2), False),
+    (dict(kernel=1, padding=1), False),       # padding past the filter's reach: Hn cropped
+    (dict(dtype=torch.float32), False),       # tf32's wgmma wants a K-major w_hat box
+    (dict(c_in=8), False),                    # C_in/G < 16
+    (dict(c_out=24), False),                  # C_out/G not a multiple of 16
+    (dict(groups=2), False),                  # 16 / 2 = 8 channels a group
+])
+def test_grid_dgrad_rule(change, applies):
+    geom = dict(c_in=16, c_out=32, kernel=3, stride=1, padding=1, dilation=1, groups=1,
+                dtype=torch.bfloat16)
+    geom.update(change)
+    k = geom["kernel"]
+    x = torch.empty(2, geom["c_in"], 9, 9, dtype=geom["dtype"])
+    w = torch.empty(geom["c_out"], geom["c_in"] // geom["groups"], k, k, dtype=geom["dtype"])
+    pair = (lambda v: (v, v))
+    cgi_p = conv_fwd.aligned_count(geom["c_in"] // geom["groups"])
+    cgo_p = conv_fwd.aligned_count(geom["c_out"] // geom["groups"])
+    assert conv_bwd_grid.dgrad_grid_applies(x, w, pair(geom["stride"]), pair(geom["padding"]),
+                                            pair(geom["dilation"]), cgi_p, cgo_p) == applies
+
+
+def test_grid_dgrad_is_opt_in(monkeypatch):
+    """Off by default (SPHEREOPS_DGRAD_GRID unset); with ENABLED the default launch takes it."""
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="cosine", c_in=16, c_out=16,
+                            channels_last=True)
+    calls = []
+    real = conv_bwd_grid.grid_dgrad
+    monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
+                        lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    assert not conv_bwd_grid.ENABLED
+    _kernel(dy, inp, c, r_x)
+    assert calls == []
+    monkeypatch.setattr(conv_bwd_grid, "ENABLED", True)
+    _kernel(dy, inp, c, r_x)
+    assert calls == [1]
+
+
+def test_grid_dgrad_aot_specs_are_well_formed():
+    specs = conv_bwd_grid.aot_specs()
+    assert specs
+    for s in specs:
+        names = set(s["fn"].arg_names)
+        assert set(s["signature"]) == names, s["name"]
+        assert s["signature"]["a_ptr"] == "*fp32"
+        assert s["signature"]["hn_desc"].startswith("tensordesc<")

@@ -516,6 +516,73 @@ def test_grid_path_forward_backward_vs_float64(precision, request, monkeypatch):
         _check(request.node.name, name, out, r, rtol, atol)
 
 
+# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last) for the stride-1 grid dgrad
+# (conv_bwd_grid, SPHEREOPS_DGRAD_GRID=1): a ResNet-like 3x3 layer; a 5x5 dilated filter with
+# less than "same" padding (margins 4 and 4) on an odd size; a 1x1 expansion (no margins); an
+# 8x8 image from NCHW (the quarter-column epilogue)
+DGRAD_GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
+                         "5x5_d2": (8, 48, 64, 33, 5, 4, 2, True),
+                         "1x1": (32, 64, 256, 28, 1, 0, 1, True),
+                         "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False)}
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+@pytest.mark.parametrize("geometry", sorted(DGRAD_GRID_GEOMETRIES))
+def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkeypatch):
+    """Every config of the grid dgrad the autotuner may pick for the shape, forced, against the
+    float64 closed-form backward on the same saved state: dx (the TMA GEMM on Hn's grid) and dw
+    (the wgrad reading the gridded Hn) within max(5e-3, 2 x the implicit-GEMM path's error)."""
+    from sphereops_kernels import configs, conv_bwd, conv_bwd_grid
+
+    n, c_in, c_out, hw, kernel, padding, dilation, channels_last = DGRAD_GRID_GEOMETRIES[geometry]
+    x, w, b, geo, (y64, c64, rx64) = _seeded_bf16_conv(7, n, c_in, c_out, hw, kernel, padding,
+                                                       dilation, channels_last)
+    gen = torch.Generator(device="cpu").manual_seed(8)
+    dy = torch.randn(y64.shape, generator=gen).to(DEVICE, torch.bfloat16)
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    c, r_x = c64.to(torch.bfloat16), rx64.float()
+    args = (dy, x, w, None, c, r_x, *geo, "linear", EPS, (True, True, False, False))
+    ref = reference.conv2d_backward(dy.double(), x.double(), w.double(), None, c.double(),
+                                    r_x.double(), *geo, "linear", EPS, (True, True, False, False))
+
+    def rel(out, r):
+        return ((out.double() - r).norm() / r.norm()).item()
+
+    base = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=False)
+    bounds = [max(5e-3, 2 * rel(o, r)) for o, r in zip(base[:2], ref[:2])]
+    cands = configs.prune_dgrad_grid_configs(
+        configs.dgrad_grid_configs(), dict(cg_out=c_out, cg_in=c_in, dx_ptr=x))
+    assert cands
+    real = conv_bwd_grid.grid_dgrad
+    bad = []
+    for cfg in cands:
+        monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
+                            lambda *a, cfg=cfg, **kw: real(*a, config=cfg, **kw))
+        dx, dw, _, _ = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=True)
+        errs = {"dx": rel(dx, ref[0]), "dw": rel(dw, ref[1])}
+        _RECORDS.append({"test": request.node.name, "name": f"{cfg}", **errs,
+                         "bound_dx": bounds[0], "bound_dw": bounds[1]})
+        if not (errs["dx"] <= bounds[0] and errs["dw"] <= bounds[1]):
+            bad.append(f"{cfg}: " + ", ".join(f"{k} rel {v:.2e}" for k, v in errs.items()))
+    assert not bad, f"dgrad grid configs off vs float64 (bounds {bounds}):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"], indirect=True)
+def test_grid_paths_forward_backward_vs_float64(precision, request, monkeypatch):
+    """Both grid paths on (SPHEREOPS_FWD_GRID, SPHEREOPS_DGRAD_GRID), through the public op and
+    autograd, channels_last, sigmoid (per-channel k): y, dx, dw, db, dk against float64."""
+    from sphereops_kernels import conv_bwd_grid, conv_fwd_grid
+
+    monkeypatch.setattr(conv_fwd_grid, "ENABLED", True)
+    monkeypatch.setattr(conv_bwd_grid, "ENABLED", True)
+    x, w, b, k, conv = _make_inputs("sigmoid", DTYPES[precision], True, "3x3")
+    names, fused, ref = _fused_and_reference(x, w, b, k, conv, "sigmoid")
+    rtol, atol = TOLERANCES[precision]
+    for name, out, r in zip(names, fused, ref):
+        _check(request.node.name, name, out, r, rtol, atol)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("kernel", [3, 5])
 def test_every_depthwise_config_vs_float64(kernel, layout, request):

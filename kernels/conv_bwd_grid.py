@@ -1,0 +1,252 @@
+"""SphereConv2d dgrad for stride-1 convs as a plain TMA GEMM over Hn laid out on a padded grid.
+
+At stride 1 the dgrad ``dx = conv_transpose(Hn, w_hat) - x * boxsum^T(A)`` (conv_bwd) is a
+convolution of Hn [N, Ho, Wo, C_out] with the flipped unit filters, padding
+``TOP = (KH-1)*DH - PH`` rows and ``LEFT = (KW-1)*DW - PW`` columns, output H x W. This module
+applies conv_fwd_grid's trick to it: the prep pass of conv_bwd writes Hn straight onto a grid
+whose zero margins are stored (conv_bwd._hn_row),
+
+    Hn grid  [N*Hq*Wq, G*Og]   row (n, i, j): Hn at output pixel (i - TOP, j - LEFT), zeros
+                               in the margins (i < TOP or j < LEFT)
+    Hq = Ho + TOP = H + PH,  Wq = Wo + LEFT = W + PW
+
+so that input pixel (n, hi, wi) is grid row p = (n*Hq + hi)*Wq + wi and the flipped tap (r, s)
+-- filter tap (KH-1-r, KW-1-s) -- reads grid row p + r*DH*Wq + s*DW: the same offset for every
+row of a tile. Each row's data ends exactly at the pitch (LEFT + Wo = Wq), so the next row's
+LEFT zero columns are a row's right padding, and the next image's TOP zero rows an image's
+bottom padding; past the last image TMA's out-of-bounds fill gives the zeros. Every K step is
+then one ``[BLOCK_M, BLOCK_K]`` TMA box of the grid and one ``[BLOCK_K, BLOCK_N]`` box of
+w_hat [KH*KW*C_out, CGI_P]: no masks or address arithmetic in the K loop, as in the forward
+grid path. The margins cost TOP + LEFT zero runs the launcher writes (two strided memsets of
+Hq*Wq - Ho*Wo rows an image: 3.6% of Hn at 56x56 for a 3x3 "same" conv) and those rows'
+dropped MMAs; the wgrad reads the same Hn through the same row map (conv_bwd._hn_row).
+
+The epilogue is the implicit-GEMM dgrad's (conv_bwd.store_dgrad_tile): the box sum of A over
+the taps that reach each pixel (masked loads of A [N, G, Ho, Wo], once a tile), then
+``dx = acc - x * box`` at the rows that are input pixels.
+
+Taken (:func:`dgrad_grid_applies`) for stride-1 convs with 0 <= padding <= (K-1)*dilation,
+C_in/G >= 16 and C_out/G a multiple of 16, in fp16 / bf16 (a tf32 wgmma wants both operands
+K-major; w_hat's box is N-major), on TMA GPUs, in plain launches, when
+``SPHEREOPS_DGRAD_GRID=1`` (off by default until a GPU run has checked and timed it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
+from .conv_bwd import store_dgrad_tile
+from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
+from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, has_tma,
+                            launch_tma_kernel)
+from .launch import cdiv, interpreting
+
+_INTERPRET = interpreting()
+_WHAT = "sphere_conv2d_bwd"
+
+# SPHEREOPS_DGRAD_GRID=1 sends eligible dgrads here (dgrad_grid_applies); off by default until
+# a GPU run has verified and timed the path
+ENABLED = os.environ.get("SPHEREOPS_DGRAD_GRID", "0") not in ("", "0")
+
+
+def hn_margins(kernel, padding, dilation):
+    """``(TOP, LEFT)``: the zero rows above and columns left of Hn's data on the grid -- the
+    padding of the stride-1 dgrad seen as a convolution of Hn with the flipped filters."""
+    return tuple((k - 1) * d - p for k, p, d in zip(kernel, padding, dilation))
+
+
+def dgrad_grid_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool:
+    """Whether the dgrad of a conv can run on the grid: stride 1; margins >= 0 (padding at
+    most the dilated filter's reach; more would crop Hn); fp16 / bf16; C_in/G >= 16 (the
+    grid GEMM's N) with w_hat's rows 16-byte aligned (TMA); C_out/G a multiple of 16 stored
+    unpadded (every K box within one group's Hn columns and one tap's w_hat rows); host
+    descriptors in this triton and TMA on the GPU; the grid's rows plus a window's reach within
+    int32."""
+    if TensorDescriptor is None or tuple(stride) != (1, 1):
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.is_cuda and not has_tma(x.device):
+        return False
+    n, c_in, h, wd = x.shape
+    c_out, cg_in, kh, kw = w.shape
+    cg_out = c_out // (c_in // cg_in)
+    if cg_in < _CHANNEL_CHUNK_MIN or (cgi_p * x.element_size()) % 16:
+        return False
+    if cg_out % GRID_ALIGN or cgo_p != cg_out:
+        return False
+    top, left = hn_margins((kh, kw), padding, dilation)
+    if top < 0 or left < 0:
+        return False
+    hq, wq = h + padding[0], wd + padding[1]
+    reach = (kh - 1) * dilation[0] * wq + (kw - 1) * dilation[1] + 256
+    return n * hq * wq + reach < 2 ** 31
+
+
+def hn_grid_buffer(n, ho, wo, margins, columns, dtype, device):
+    """Hn's padded grid [N*Hq*Wq, columns] with its margins zeroed; the prep kernel writes the
+    data rows (conv_bwd._hn_row)."""
+    top, left = margins
+    hq, wq = ho + top, wo + left
+    hn = torch.empty((n * hq * wq, columns), dtype=dtype, device=device)
+    view = hn.view(n, hq, wq, columns)
+    if top:
+        view[:, :top].zero_()
+    if left:
+        view[:, top:, :left].zero_()
+    return hn
+
+
+@triton.jit
+def _dgrad_grid_kernel(
+    dx_ptr, hn_desc, w_desc, a_ptr, x_ptr,
+    m_grid, hw_q, w_q, in_h, in_w, out_h, out_w, c_out, cg_in, cg_out, groups,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    PIXELS_FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Stride-1 dgrad on Hn's padded grid; program = (group, M tile of grid rows, N tile of the
+    group's input channels).
+
+    Descriptors and pointers (Og = cg_out, a multiple of BLOCK_K; M = m_grid = N*Hq*Wq):
+      hn_desc  TMA descriptor of the Hn grid [M, G*Og] (module docstring), block
+               [BLOCK_M, BLOCK_K].
+      w_desc   TMA descriptor of w_hat [KH*KW*C_out, CGI_P] (conv_bwd's unit filters, tap-major,
+               zeros past C_in/G), block [BLOCK_K, BLOCK_N].
+      a_ptr    [N, G, Ho, Wo] fp32 contiguous (A = sum_o G c / r_x^2).
+      x_ptr    [N, G*cg_in, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
+      dx_ptr   [N, G*cg_in, H, W], strides (stride_dxn, ...): every element written once.
+    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, Ho, Wo, C_out, C_in/G, C_out/G, G, padding, dilation.
+    Constexprs: filter size; UPCAST_DOT, EMULATE_RTNE (interpreter only); PIXELS_FAST (x and dx
+      NCHW: conv_bwd.store_dgrad_tile); the tile. Offsets int32 in the loop (the launcher keeps
+      M plus the window's reach below 2^31), int64 into x and dx.
+
+    A box row past M reads zeros (TMA fill); w_hat columns past CGI_P read zeros and those past
+    C_in/G reach only columns the epilogue drops.
+    """
+    g, pid_m, pid_n = gemm_tile_of_program(tl.program_id(0), groups, m_grid, cg_in,
+                                           BLOCK_M, BLOCK_N, GROUP_M)
+    p0 = pid_m * BLOCK_M
+    hn_col = g * cg_out
+    ci0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_chunks = cg_out // BLOCK_K
+    tap = 0
+    c0 = 0
+    for it in range(0, KH * KW * n_chunks):
+        r = tap // KW
+        s = tap - r * KW
+        h_tile = hn_desc.load([p0 + r * dil_h * w_q + s * dil_w, hn_col + c0])
+        # flipped tap (r, s) is filter tap (KH-1-r, KW-1-s): w_hat row block KH*KW-1-tap
+        w_tile = w_desc.load([(KH * KW - 1 - tap) * c_out + hn_col + c0, ci0])
+        if UPCAST_DOT:   # the interpreter's 16-bit dot is wrong (conv_bwd)
+            acc = tl.dot(h_tile.to(tl.float32), w_tile.to(tl.float32), acc)
+        else:
+            acc = tl.dot(h_tile, w_tile, acc)
+        c0 += BLOCK_K
+        wrap = c0 >= cg_out
+        tap += wrap.to(tl.int32)
+        c0 = tl.where(wrap, 0, c0)
+
+    rows = p0 + tl.arange(0, BLOCK_M)
+    img = rows // hw_q
+    rem = rows - img * hw_q
+    hi = rem // w_q
+    wi = rem - hi * w_q
+    m_mask = (rows < m_grid) & (hi < in_h) & (wi < in_w)
+    img64 = img.to(tl.int64)
+    # the box sum of A over the taps that reach each pixel: output (hi + PH - kh*DH, ...)
+    a_rows = a_ptr + (img64 * groups + g) * out_h * out_w
+    box = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(KH * KW):
+        ho = hi + pad_h - (t // KW) * dil_h
+        wo = wi + pad_w - (t % KW) * dil_w
+        ok = m_mask & (ho >= 0) & (ho < out_h) & (wo >= 0) & (wo < out_w)
+        box += tl.load(a_rows + ho * out_w + wo, mask=ok, other=0.0)
+    x_rows = img64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+    dx_rows = img64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
+    store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * cg_in, ci0, cg_in, m_mask,
+                     stride_xc, stride_dxc, EMULATE_RTNE, PIXELS_FAST, BLOCK_M, BLOCK_N)
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' boxes follow the config's tile."""
+    nargs["hn_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+_dgrad_grid_autotuned = autotune_tma_kernel(
+    _dgrad_grid_kernel, dgrad_grid_configs(interpreter=_INTERPRET),
+    ["m_grid", "cg_in", "cg_out", "KH", "KW"], prune_dgrad_grid_configs, _set_block_shapes)
+
+
+def grid_dgrad(hn, w_hat, a_buf, x, dx, padding, dilation, flags, config=None):
+    """Launch the grid dgrad into ``dx`` (allocated by conv_bwd's launcher, which has validated
+    everything, checked :func:`dgrad_grid_applies` and had the prep pass write ``hn`` onto the
+    grid of :func:`hn_grid_buffer`). ``flags``: UPCAST_DOT, EMULATE_RTNE, PIXELS_FAST;
+    ``config``: a triton.Config that bypasses autotuning (tests)."""
+    (ph, pw), (dh, dw) = padding, dilation
+    n, c_in, h, wd = x.shape
+    kh, kw, c_out, cgi_p = w_hat.shape
+    groups, ho, wo = a_buf.shape[1], a_buf.shape[2], a_buf.shape[3]
+    hq, wq = h + ph, wd + pw
+    m_grid = n * hq * wq
+    if hn.shape[0] != m_grid:
+        raise AssertionError(f"Hn grid has {hn.shape[0]} rows, expected {m_grid}")
+    # the boxes are placeholders until the config is known (_set_block_shapes)
+    hn_desc = TensorDescriptor.from_tensor(hn, [16, 16])
+    w_desc = TensorDescriptor.from_tensor(w_hat.view(kh * kw * c_out, cgi_p), [16, 16])
+    cg_in = c_in // groups
+    args = (dx, hn_desc, w_desc, a_buf, x, m_grid, hq * wq, wq, h, wd, ho, wo, c_out, cg_in,
+            c_out // groups, groups, *x.stride(), *dx.stride(), ph, pw, dh, dw)
+    launch_tma_kernel(
+        _dgrad_grid_autotuned, _dgrad_grid_kernel, config, dict(hn_desc=hn_desc, w_desc=w_desc),
+        _set_block_shapes, args, dict(KH=kh, KW=kw, **flags),
+        lambda meta: groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), _WHAT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (docs/ARCHITECTURE.md, "The AOT compile check contract")
+# ---------------------------------------------------------------------------------------------
+
+# The modelled launch: the dgrad of a channels_last 3x3 "same" conv, N=32, 64 -> 64 channels
+# at 56x56 (ResNet stage 1): Hq = Wq = 57.
+_DGRAD_EXAMPLE = dict(m_grid=32 * 57 * 57, hw_q=57 * 57, w_q=57, in_h=56, in_w=56, out_h=56,
+                      out_w=56, c_out=64, cg_in=64, cg_out=64, groups=1,
+                      stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64,
+                      stride_dxn=56 * 56 * 64, stride_dxc=1, stride_dxh=56 * 64, stride_dxw=64,
+                      pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+
+
+def aot_specs():
+    """Compile specs for ``make aot-check``: every dgrad grid config x fp16/bf16 as the dgrad
+    of a 3x3 conv, channels_last and NCHW (the quarter-column epilogue), the descriptors typed
+    by the tile's boxes."""
+    from .conv_fwd import _spec
+
+    specs = []
+    for cfg in dgrad_grid_configs():
+        bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        for dtype_name in ("fp16", "bf16"):
+            for label, nchw in (("", False), ("_nchw", True)):
+                constexprs = dict(KH=3, KW=3, UPCAST_DOT=False, EMULATE_RTNE=False,
+                                  PIXELS_FAST=nchw, **cfg.kwargs)
+                example = _DGRAD_EXAMPLE
+                if nchw:
+                    example = dict(example, stride_xc=56 * 56, stride_xh=56, stride_xw=1,
+                                   stride_dxc=56 * 56, stride_dxh=56, stride_dxw=1)
+                spec = _spec(f"conv_bwd_dgrad_grid_3x3{label}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                             f"_s{cfg.num_stages}_{dtype_name}", _dgrad_grid_kernel, dtype_name,
+                             constexprs, example, cfg.num_warps, cfg.num_stages, gemm=True)
+                spec["signature"].update(a_ptr="*fp32",
+                                         hn_desc=f"tensordesc<{dtype_name}[{bm},{bk}]>",
+                                         w_desc=f"tensordesc<{dtype_name}[{bk},{bn}]>")
+                specs.append(spec)
+    return specs
