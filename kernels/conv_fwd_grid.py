@@ -51,7 +51,7 @@ from .conv_fwd import (
     pixels_fast,
 )
 from .epilogue import load_tile, tile_ptrs
-from .launch import cdiv, interpreting, launch
+from .launch import cdiv, interpreting, launch, next_pow2
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -330,7 +330,7 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
             *x.stride(), *w.stride()),
            dict(KH=kh, KW=kw, STAGE_X=stage, WRITE_PACKED=not already_packed,
                 PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
-                BLOCK_C=min(cfg["BLOCK_C"], c_pad), num_warps=cfg["num_warps"]), _WHAT)
+                BLOCK_C=min(cfg["BLOCK_C"], next_pow2(c_pad)), num_warps=cfg["num_warps"]), _WHAT)
     w_flat = packed.reshape(c_out, kh * kw * c_pad)
     # the boxes are placeholders until the config is known (_set_block_shapes)
     x_desc = TensorDescriptor.from_tensor(grid_x, [16, 16])

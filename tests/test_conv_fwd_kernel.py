@@ -1000,8 +1000,9 @@ GRID_CASES = {
                          dilation=(2, 3)),
     # 5x5, padding 3 > 2: outputs past the pitch (Wq = Wo = W + 2)
     "5x5_overpad": dict(n=1, c_in=18, h=7, w=6, c_out=8, kernel=5, padding=3),
-    # groups: each group's channels at its own column of the grid and of the packed filters
-    "grouped": dict(n=1, c_in=40, h=5, w=4, c_out=12, kernel=3, padding=1, groups=2),
+    # groups: each group's channels at its own column of the grid and of the packed filters;
+    # 48 channels a group (Cp not a power of two: the staging's channel block rounds up)
+    "grouped": dict(n=1, c_in=96, h=5, w=4, c_out=12, kernel=3, padding=1, groups=2),
     # 1x1 without padding: an aligned channels_last input is the grid itself (no staging)
     "1x1": dict(n=3, c_in=32, h=5, w=5, c_out=16, kernel=1, padding=0),
     # valid conv, no bias
