@@ -261,10 +261,13 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,8})\*/\s+([^;]*);")
 
 def sass_summary(cubin: bytes) -> dict:
     """Instruction counts of a kernel's SASS (``cuobjdump -sass``; no GPU needed):
-    ``{"total", "loop", "loop_mma", "mufu"}`` -- ``loop`` is the longest backward branch's body
-    (the main K loop of a GEMM kernel), ``loop_mma`` its HGMMA/HMMA count, ``mufu`` the
-    special-function-unit instructions (reciprocals, square roots, exponentials: a quarter of
-    the FMA rate). A GPU-free measure of how much a kernel issues per K step and outside it."""
+    ``{"total", "loop", "loop_mma", "mufu"}`` -- ``loop`` is the body of the main K loop of a
+    GEMM kernel: the shortest backward branch's body that holds an HGMMA/HMMA (an enclosing
+    loop -- a persistent or epilogue loop around it -- would count its prologue too), or in a
+    kernel without one the longest backward branch's body; ``loop_mma`` its HGMMA/HMMA count,
+    ``mufu`` the special-function-unit instructions (reciprocals, square roots, exponentials:
+    a quarter of the FMA rate). A GPU-free measure of how much a kernel issues per K step and
+    outside it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -275,15 +278,18 @@ def sass_summary(cubin: bytes) -> dict:
     def opcode(t):
         return (t.split()[1] if t.startswith("@") and len(t.split()) > 1 else t.split()[0]).split(".")[0]
 
-    loop = []
+    def mma_count(body):
+        return sum(opcode(t) in ("HGMMA", "HMMA") for t in body)
+
+    loops = []
     for addr, t in ins:
         target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", t)
         if target and int(target.group(1), 16) < addr:
-            body = [x for a, x in ins if int(target.group(1), 16) <= a <= addr]
-            if len(body) > len(loop):
-                loop = body
-    return {"total": len(ins), "loop": len(loop),
-            "loop_mma": sum(opcode(t) in ("HGMMA", "HMMA") for t in loop),
+            loops.append([x for a, x in ins if int(target.group(1), 16) <= a <= addr])
+    with_mma = [body for body in loops if mma_count(body)]
+    loop = (min(with_mma, key=len) if with_mma
+            else max(loops, key=len) if loops else [])
+    return {"total": len(ins), "loop": len(loop), "loop_mma": mma_count(loop),
             "mufu": sum(opcode(t) == "MUFU" for _, t in ins)}
 
 
