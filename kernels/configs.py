@@ -207,6 +207,12 @@ def prune_dgrad_grid_configs(configs, named_args, **kwargs):
     """Keep the dgrad grid configs whose BLOCK_K divides C_out/G (a box past a group's Hn
     columns would read the next group's) and whose N block is at most max(16,
     next_pow2(C_in/G)); always keeps at least one (BLOCK_K 16 divides every C_out/G the path
-    takes)."""
+    takes). For NCHW x and dx (PIXELS_FAST) no 4-warp tile with a 128-wide N block: under
+    triton 3.6 their transposed epilogue spills 32-696 B a thread (sm_90 AOT compile under
+    3.6; the 3.9 builds of docs/aot_table.md spill nothing), and triton 3.6 is what the GPU
+    machine has."""
+    if kwargs.get("PIXELS_FAST"):
+        configs = [c for c in configs
+                   if not (c.num_warps == 4 and c.kwargs["BLOCK_N"] >= 128)] or configs
     return _prune_grid_configs(configs, int(named_args["cg_out"]), int(named_args["cg_in"]),
                                named_args["dx_ptr"].dtype)

@@ -39,7 +39,8 @@ the partial sums of step 1 take two levels):
    (kh, kw) is the same for every pixel, so it loops over exactly those taps (no zero-stuffing,
    no masked-out MMAs). Opt-in (``SPHEREOPS_DGRAD_GRID=1``, ``conv_bwd_grid``): a stride-1
    dgrad as a plain TMA GEMM, step 1 then writing Hn onto a padded grid (``_hn_row``; the
-   wgrad reads it there too).
+   wgrad reads it there too; ``SPHEREOPS_WGRAD_GRID=1`` runs that wgrad as a TMA GEMM as well,
+   ``conv_bwd_grid``).
 4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
    ranges that write fp32 partials (its columns: the channels of one tap a program, or below 16
    channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
@@ -1493,7 +1494,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                       c: torch.Tensor, r_x: torch.Tensor, stride, padding, dilation, groups: int,
                       operator: str, eps: float, output_mask: Sequence[bool] = (True, True, True, True),
                       *, c_scratch: bool = False, saved: str = "cosine",
-                      bias: Optional[torch.Tensor] = None, dgrad_grid: Optional[bool] = None):
+                      bias: Optional[torch.Tensor] = None, dgrad_grid: Optional[bool] = None,
+                      wgrad_grid: Optional[bool] = None):
     """Backward of SphereConv2d (contract: docs/ARCHITECTURE.md, ``conv2d_backward``).
 
     Args:
@@ -1514,10 +1516,11 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
             Hn there, in the same program, and no later kernel reads c.
         saved: what ``c`` holds: "cosine" or "output" (the forward's y, with ``bias`` the bias
             that went into it; linear and cosine operators; y is never written).
-        dgrad_grid: None (the default: conv_bwd_grid.ENABLED, SPHEREOPS_DGRAD_GRID=1, for
-            plain launches), True / False to ask for the stride-1 TMA dgrad on Hn's padded grid
-            or to keep the implicit-GEMM dgrad (tests); asked for, it still runs only where
-            conv_bwd_grid.dgrad_grid_applies.
+        dgrad_grid, wgrad_grid: None (the default: conv_bwd_grid.ENABLED / WGRAD_ENABLED,
+            SPHEREOPS_DGRAD_GRID=1 / SPHEREOPS_WGRAD_GRID=1, for plain launches), True / False to
+            ask for the stride-1 TMA dgrad / wgrad on padded grids or to keep the implicit-GEMM
+            kernels (tests); asked for, they still run only where
+            conv_bwd_grid.grid_backward_applies.
 
     Returns:
         (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
@@ -1625,9 +1628,23 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # aligned (sm_90, triton 3.9). The channelwise path (C_out/G = 1) keeps its layout.
     if cg_out > 1:
         cgo_p, cgi_p = aligned_count(cg_out), aligned_count(cg_in)
-        stage_x = need_dw and staged_channels(x, cg_in) > 0
     else:
-        cgo_p, cgi_p, stage_x = cg_out, cg_in, False
+        cgo_p, cgi_p = cg_out, cg_in
+    # the stride-1 dgrad / wgrad on padded grids (conv_bwd_grid): Hn's rows get margins
+    grid_dgrad = grid_wgrad = False
+    if need_grads and cg_out > 1:
+        if dgrad_grid is None:
+            dgrad_grid = conv_bwd_grid().ENABLED and plain_launch(x)
+        if wgrad_grid is None:
+            wgrad_grid = conv_bwd_grid().WGRAD_ENABLED and plain_launch(x)
+        if ((dgrad_grid and need_dx) or (wgrad_grid and need_dw)) and \
+                conv_bwd_grid().grid_backward_applies(x, w, (sh, sw), (ph, pw), (dh, dw_),
+                                                      cgi_p, cgo_p):
+            grid_dgrad, grid_wgrad = bool(dgrad_grid) and need_dx, bool(wgrad_grid) and need_dw
+    hn_margins = ((0, 0) if not (grid_dgrad or grid_wgrad)
+                  else conv_bwd_grid().hn_margins((kh, kw), (ph, pw), (dh, dw_)))
+    # the wgrad's copy of an input outside the fast layout (the grid wgrad stages its own)
+    stage_x = cg_out > 1 and need_dw and not grid_wgrad and staged_channels(x, cg_in) > 0
 
     # 1. the prep launch: the elementwise pass over dy and c and, in the same grid, the filter
     # norms (and the unit filters for the dgrad) when dx or dw is asked
@@ -1640,15 +1657,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
     else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
         r_w, w_hat, n_filter_programs = r_x, w, 0
-    # the stride-1 dgrad on Hn's padded grid (conv_bwd_grid): Hn's rows get margins
-    grid_dgrad = False
-    if need_dx and cg_out > 1:
-        if dgrad_grid is None:
-            dgrad_grid = conv_bwd_grid().ENABLED and plain_launch(x)
-        grid_dgrad = bool(dgrad_grid) and conv_bwd_grid().dgrad_grid_applies(
-            x, w, (sh, sw), (ph, pw), (dh, dw_), cgi_p, cgo_p)
-    hn_margins = conv_bwd_grid().hn_margins((kh, kw), (ph, pw), (dh, dw_)) if grid_dgrad else (0, 0)
-    if grid_dgrad:
+    if grid_dgrad or grid_wgrad:
         hn = conv_bwd_grid().hn_grid_buffer(n, ho, wo, hn_margins, groups * cgo_p, dtype, dev)
     elif (need_grads and c_scratch and cgo_p == cg_out
             and c.permute(0, 2, 3, 1).is_contiguous()):
@@ -1695,7 +1704,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         x_staged = x_staged.permute(0, 3, 1, 2)
 
     # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4)
-    fold = _fold_reduction(need_dw)
+    fold = _fold_reduction(need_dw) and not grid_wgrad
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
 
@@ -1724,7 +1733,11 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
-    if need_dw:
+    if grid_wgrad:
+        w_part, split = conv_bwd_grid().grid_wgrad(hn, x, c_out, groups, (kh, kw), (ph, pw),
+                                                   (dh, dw_), upcast)
+        dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
+    elif need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
         if cfg["FLAT_K"]:   # program axis 1: blocks of the flattened (tap, ci) axis
             grid_ci, grid_k = 1, _cdiv(kh * kw * cg_in, cfg["BLOCK_CI"])
@@ -1759,7 +1772,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
 
 
 def conv_bwd_grid():
-    """The stride-1 grid dgrad module (kernels/conv_bwd_grid.py), imported at first use: it
+    """The stride-1 grid dgrad / wgrad module (kernels/conv_bwd_grid.py), imported at first use: it
     builds on this module's kernels."""
     from . import conv_bwd_grid as module
     return module

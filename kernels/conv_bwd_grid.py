@@ -1,4 +1,4 @@
-"""SphereConv2d dgrad for stride-1 convs as a plain TMA GEMM over Hn laid out on a padded grid.
+"""SphereConv2d dgrad and wgrad for stride-1 convs as plain TMA GEMMs over padded grids.
 
 At stride 1 the dgrad ``dx = conv_transpose(Hn, w_hat) - x * boxsum^T(A)`` (conv_bwd) is a
 convolution of Hn [N, Ho, Wo, C_out] with the flipped unit filters, padding
@@ -25,10 +25,25 @@ The epilogue is the implicit-GEMM dgrad's (conv_bwd.store_dgrad_tile): the box s
 the taps that reach each pixel (masked loads of A [N, G, Ho, Wo], once a tile), then
 ``dx = acc - x * box`` at the rows that are input pixels.
 
-Taken (:func:`dgrad_grid_applies`) for stride-1 convs with 0 <= padding <= (K-1)*dilation,
+The wgrad ``dw[o, ci, r, s] = sum_p Hn[p, o] x[p + tap, ci]`` takes the same Hn grid and x on
+the forward grid path's padded grid (conv_fwd_grid: pixel (n, hi, wi) at row
+(n*Hq + PH + hi)*Wq + PW + wi; at stride 1 with PH <= (KH-1)*DH its Hq, Wq are Hn's), staged
+by conv_fwd_grid's preparation kernel behind ``slack`` zero rows: then Hn's row p and tap
+(r, s) meet x-grid row p + (r*DH - TOP)*Wq + s*DW - LEFT, again one offset for every row, so
+each reduction step is a ``[BLOCK_M, BLOCK_O]`` box of Hn and a ``[BLOCK_M, BLOCK_CI]`` box of
+x and a wgmma (Hn's margin rows are zero: their products vanish). Partials and finalize are
+conv_bwd's (fp32 split-K, fixed-order sum); the prep partials' last reduction level runs in
+its own launch here instead of riding in the wgrad's.
+
+sm_90 bf16 SASS a K step (``python -m sphereops_kernels.aot --sass``, triton 3.9): dgrad 106
+against the implicit-GEMM dgrad's 340 (128 x 128 x 64), wgrad 95 against 494 (128 x 128, 64
+pixels a step), the same 8 wgmma each.
+
+Taken (:func:`grid_backward_applies`) for stride-1 convs with 0 <= padding <= (K-1)*dilation,
 C_in/G >= 16 and C_out/G a multiple of 16, in fp16 / bf16 (a tf32 wgmma wants both operands
 K-major; w_hat's box is N-major), on TMA GPUs, in plain launches, when
-``SPHEREOPS_DGRAD_GRID=1`` (off by default until a GPU run has checked and timed it).
+``SPHEREOPS_DGRAD_GRID=1`` (dgrad) / ``SPHEREOPS_WGRAD_GRID=1`` (wgrad); both off by default
+until a GPU run has checked and timed them.
 """
 from __future__ import annotations
 
@@ -40,17 +55,19 @@ import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
 from .conv_bwd import store_dgrad_tile
-from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
-from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, has_tma,
+from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program, pixels_fast
+from .conv_fwd_grid import (GRID_ALIGN, PREP_CONFIG, TensorDescriptor, _prepare_grid_kernel,
+                            autotune_tma_kernel, direct_grid, grid_channels, has_tma,
                             launch_tma_kernel)
-from .launch import cdiv, interpreting
+from .launch import cdiv, interpreting, launch, next_pow2
 
 _INTERPRET = interpreting()
 _WHAT = "sphere_conv2d_bwd"
 
-# SPHEREOPS_DGRAD_GRID=1 sends eligible dgrads here (dgrad_grid_applies); off by default until
-# a GPU run has verified and timed the path
+# SPHEREOPS_DGRAD_GRID=1 / SPHEREOPS_WGRAD_GRID=1 send eligible dgrads / wgrads here
+# (grid_backward_applies); off by default until a GPU run has verified and timed them
 ENABLED = os.environ.get("SPHEREOPS_DGRAD_GRID", "0") not in ("", "0")
+WGRAD_ENABLED = os.environ.get("SPHEREOPS_WGRAD_GRID", "0") not in ("", "0")
 
 
 def hn_margins(kernel, padding, dilation):
@@ -59,8 +76,8 @@ def hn_margins(kernel, padding, dilation):
     return tuple((k - 1) * d - p for k, p, d in zip(kernel, padding, dilation))
 
 
-def dgrad_grid_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool:
-    """Whether the dgrad of a conv can run on the grid: stride 1; margins >= 0 (padding at
+def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool:
+    """Whether the dgrad and wgrad of a conv can run on the grids: stride 1; margins >= 0 (padding at
     most the dilated filter's reach; more would crop Hn); fp16 / bf16; C_in/G >= 16 (the
     grid GEMM's N) with w_hat's rows 16-byte aligned (TMA); C_out/G a multiple of 16 stored
     unpadded (every K box within one group's Hn columns and one tap's w_hat rows); host
@@ -189,7 +206,7 @@ _dgrad_grid_autotuned = autotune_tma_kernel(
 
 def grid_dgrad(hn, w_hat, a_buf, x, dx, padding, dilation, flags, config=None):
     """Launch the grid dgrad into ``dx`` (allocated by conv_bwd's launcher, which has validated
-    everything, checked :func:`dgrad_grid_applies` and had the prep pass write ``hn`` onto the
+    everything, checked :func:`grid_backward_applies` and had the prep pass write ``hn`` onto the
     grid of :func:`hn_grid_buffer`). ``flags``: UPCAST_DOT, EMULATE_RTNE, PIXELS_FAST;
     ``config``: a triton.Config that bypasses autotuning (tests)."""
     (ph, pw), (dh, dw) = padding, dilation
@@ -212,6 +229,139 @@ def grid_dgrad(hn, w_hat, a_buf, x, dx, padding, dilation, flags, config=None):
         lambda meta: groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), _WHAT)
 
 
+@triton.jit
+def _wgrad_grid_kernel(
+    part_ptr, hn_desc, x_desc,
+    m_grid, w_q, c_out, cg_in, cg_out, c_pad, groups, n_split, rows_per_split,
+    top, left, slack, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Stride-1 wgrad partials on the grids: sum over this split's grid rows p of
+    Hn[p, o] * x[p + shift(tap), ci], a TMA GEMM with no masks.
+
+    Descriptors and pointers (M = m_grid = N*Hq*Wq, Og = cg_out, Cp = c_pad):
+      hn_desc   TMA descriptor of the Hn grid [M, G*Og] (module docstring), block
+                [BLOCK_M, BLOCK_O].
+      x_desc    TMA descriptor of [slack + M, G*Cp]: ``slack`` zero rows, then x on the forward
+                grid path's padded grid (conv_fwd_grid: pixel (n, hi, wi) at row
+                (n*Hq + PH + hi)*Wq + PW + wi, same Hq and Wq as Hn's grid), block
+                [BLOCK_M, BLOCK_CI].
+      part_ptr  [n_split, KH*KW, C_out, cg_in] fp32 contiguous: this program's tile of split s,
+                tap (r, s') (as conv_bwd._wgrad_kernel's partials; conv_bwd._finalize_dw).
+    Row p of Hn's grid is output pixel (ho, wo) = (i - top, j - left) of its image; the tap's
+    input pixel (ho - PH + r*DH, wo - PW + s*DW) is x-grid row p + (r*DH - top)*Wq + s*DW - left
+    (the shift; + slack >= 0). Hn's margin rows are zero, so their products vanish; rows past
+    M read zeros (TMA fill). Box columns past a group's Og / C_in/G reach only dropped
+    accumulator rows / columns.
+    Scalars: Wq, C_out, C_in/G, C_out/G, Cp, G, n_split, rows a split (a multiple of BLOCK_M),
+    top / left (Hn's margins), slack = top*Wq + left, dilation.
+    Grid: (cdiv(Og, BLOCK_O) * cdiv(C_in/G, BLOCK_CI), KH*KW, n_split * G).
+    """
+    pid_oc = tl.program_id(0)
+    tap = tl.program_id(1)
+    pid_sg = tl.program_id(2)
+    split = pid_sg % n_split
+    g = pid_sg // n_split
+    n_ci_blocks = tl.cdiv(cg_in, BLOCK_CI)
+    o0 = (pid_oc // n_ci_blocks) * BLOCK_O
+    ci0 = (pid_oc % n_ci_blocks) * BLOCK_CI
+    r = tap // KW
+    x_shift = slack + (r * dil_h - top) * w_q + (tap - r * KW) * dil_w - left
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, m_grid)
+    acc = tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        h_tile = hn_desc.load([m0, g * cg_out + o0])
+        x_tile = x_desc.load([m0 + x_shift, g * c_pad + ci0])
+        if UPCAST_DOT:   # the interpreter's 16-bit dot is wrong (conv_bwd)
+            acc = tl.dot(h_tile.to(tl.float32).T, x_tile.to(tl.float32), acc)
+        else:
+            acc = tl.dot(h_tile.T, x_tile, acc)
+    offs_o = o0 + tl.arange(0, BLOCK_O)
+    offs_ci = ci0 + tl.arange(0, BLOCK_CI)
+    dst = (((split * (KH * KW) + tap) * c_out + g * cg_out + offs_o).to(tl.int64)[:, None] * cg_in
+           + offs_ci[None, :])
+    tl.store(part_ptr + dst, acc, mask=(offs_o < cg_out)[:, None] & (offs_ci < cg_in)[None, :])
+
+
+def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dict:
+    """The wgrad grid's tile: up to 128 x 128 (o x ci), 64 grid rows a step, 3 stages of TMA
+    boxes (as conv_bwd.wgrad_config's 16-bit tile); under the interpreter 16 x 16 x 32 so that
+    tiny test shapes cover several tiles and steps."""
+    if interpreter:
+        return dict(BLOCK_O=16, BLOCK_CI=16, BLOCK_M=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_O=min(128, max(16, triton.next_power_of_2(cg_out))),
+                BLOCK_CI=min(128, max(16, triton.next_power_of_2(cg_in))), BLOCK_M=64,
+                num_warps=4, num_stages=3)
+
+
+def stage_x_grid(x, groups, kernel, padding, dilation):
+    """``(x_grid, slack)``: x on the forward grid path's padded grid behind ``slack`` zero rows
+    (the wgrad's most negative tap shift; :func:`_wgrad_grid_kernel`), written by
+    conv_fwd_grid's preparation kernel (grid programs only), or x itself when it already is
+    that grid (conv_fwd_grid.direct_grid: an aligned channels_last 1x1 input, no slack)."""
+    n, c_in, h, wd = x.shape
+    (ph, pw) = padding
+    cg_in = c_in // groups
+    c_pad = grid_channels(cg_in)
+    hq, wq = h + ph, wd + pw
+    m_grid = n * hq * wq
+    top, left = hn_margins(kernel, padding, dilation)
+    slack = top * wq + left
+    if slack == 0:
+        direct = direct_grid(x, groups, padding, c_pad)
+        if direct is not None:
+            return direct, 0
+    storage = torch.empty((slack + m_grid, groups * c_pad), dtype=x.dtype, device=x.device)
+    if slack:
+        storage[:slack].zero_()
+    q = torch.empty((groups, m_grid), dtype=torch.float32, device=x.device)
+    cfg = PREP_CONFIG
+    n_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
+    # grid programs only (no filter programs: w, packed and sqnorm are never touched)
+    launch(_prepare_grid_kernel, (n_programs,),
+           (x, storage[slack:], q, x, q, q, n_programs, m_grid, hq * wq, wq, h, wd, ph, pw,
+            cg_in, c_pad, groups, *x.stride(), 0, 0, 0, 0),
+           dict(KH=kernel[0], KW=kernel[1], STAGE_X=True, WRITE_PACKED=False,
+                PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
+                BLOCK_C=min(cfg["BLOCK_C"], next_pow2(c_pad)), num_warps=cfg["num_warps"]), _WHAT)
+    return storage, slack
+
+
+def grid_wgrad(hn, x, c_out, groups, kernel, padding, dilation, upcast):
+    """``(partials [split, KH*KW, C_out, C_in/G] fp32, split)`` of the stride-1 wgrad from Hn on
+    its grid (conv_bwd's prep pass) and x staged onto the forward grid (:func:`stage_x_grid`);
+    conv_bwd._finalize_dw turns them into dw. conv_bwd's launcher has validated everything and
+    checked :func:`grid_backward_applies`."""
+    from .conv_bwd import _wgrad_split
+
+    n, c_in, h, wd = x.shape
+    kh, kw = kernel
+    cg_in, cg_out = c_in // groups, c_out // groups
+    c_pad = grid_channels(cg_in)
+    hq, wq = h + padding[0], wd + padding[1]
+    m_grid = n * hq * wq
+    if hn.shape[0] != m_grid:
+        raise AssertionError(f"Hn grid has {hn.shape[0]} rows, expected {m_grid}")
+    top, left = hn_margins(kernel, padding, dilation)
+    x_grid, slack = stage_x_grid(x, groups, kernel, padding, dilation)
+    cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
+    bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
+    base = groups * cdiv(cg_out, bo) * cdiv(cg_in, bci) * kh * kw
+    split = _wgrad_split(m_grid, base, bm, x.device)
+    rows_per_split = cdiv(cdiv(m_grid, split), bm) * bm
+    split = cdiv(m_grid, rows_per_split)
+    partials = torch.empty((split, kh * kw, c_out, cg_in), dtype=torch.float32, device=x.device)
+    hn_desc = TensorDescriptor.from_tensor(hn, [bm, bo])
+    x_desc = TensorDescriptor.from_tensor(x_grid, [bm, bci])
+    launch(_wgrad_grid_kernel, (cdiv(cg_out, bo) * cdiv(cg_in, bci), kh * kw, split * groups),
+           (partials, hn_desc, x_desc, m_grid, wq, c_out, cg_in, cg_out, c_pad, groups, split,
+            rows_per_split, top, left, slack, dilation[0], dilation[1]),
+           dict(KH=kh, KW=kw, UPCAST_DOT=upcast, **cfg), _WHAT)
+    return partials, split
+
+
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (docs/ARCHITECTURE.md, "The AOT compile check contract")
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +377,8 @@ _DGRAD_EXAMPLE = dict(m_grid=32 * 57 * 57, hw_q=57 * 57, w_q=57, in_h=56, in_w=5
 
 def aot_specs():
     """Compile specs for ``make aot-check``: every dgrad grid config x fp16/bf16 as the dgrad
-    of a 3x3 conv, channels_last and NCHW (the quarter-column epilogue), the descriptors typed
-    by the tile's boxes."""
+    of a 3x3 conv, channels_last and NCHW (the quarter-column epilogue), and the wgrad grid's
+    tiles, the descriptors typed by the tile's boxes."""
     from .conv_fwd import _spec
 
     specs = []
@@ -249,4 +399,23 @@ def aot_specs():
                                          hn_desc=f"tensordesc<{dtype_name}[{bm},{bk}]>",
                                          w_desc=f"tensordesc<{dtype_name}[{bk},{bn}]>")
                 specs.append(spec)
+    # the wgrad grid's tile per dtype (64 -> 64 channels: 64 x 64 x 64; 128 -> 128: 128 x 128
+    # x 64) and the x staging (conv_fwd_grid's preparation kernel, grid programs only) is in
+    # conv_fwd_grid's specs
+    for cg in (64, 128):
+        cfg = wgrad_grid_config(cg, cg)
+        bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
+        example = dict(m_grid=32 * 57 * 57, w_q=57, c_out=cg, cg_in=cg, cg_out=cg, c_pad=cg,
+                       groups=1, n_split=11, rows_per_split=9472, top=1, left=1, slack=58,
+                       dil_h=1, dil_w=1)
+        for dtype_name in ("fp16", "bf16"):
+            spec = _spec(f"conv_bwd_wgrad_grid_3x3_c{cg}_{bo}x{bci}x{bm}_{dtype_name}",
+                         _wgrad_grid_kernel, dtype_name,
+                         dict(KH=3, KW=3, UPCAST_DOT=False, BLOCK_O=bo, BLOCK_CI=bci,
+                              BLOCK_M=bm), example, cfg["num_warps"], cfg["num_stages"],
+                         gemm=True)
+            spec["signature"].update(part_ptr="*fp32",
+                                     hn_desc=f"tensordesc<{dtype_name}[{bm},{bo}]>",
+                                     x_desc=f"tensordesc<{dtype_name}[{bm},{bci}]>")
+            specs.append(spec)
     return specs

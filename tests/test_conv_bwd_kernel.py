@@ -1035,7 +1035,7 @@ def test_depthwise_rows_wider_than_the_tile():
 # ---------------------------------------------------------------------------------------------
 
 conv_bwd_grid = pytest.importorskip("sphereops_kernels.conv_bwd_grid")
-GRID_DTYPE_TOLS = DTYPE_TOLS[1:]   # 16-bit only (dgrad_grid_applies)
+GRID_DTYPE_TOLS = DTYPE_TOLS[1:]   # 16-bit only (grid_backward_applies)
 
 GRID_DGRAD_CASES = [
     pytest.param(dict(operator="cosine", c_in=16, c_out=16), id="3x3-same"),
@@ -1053,26 +1053,35 @@ GRID_DGRAD_CASES = [
 ]
 
 
-def _grid_kernel(dy, inp, c, r_x, monkeypatch, mask=ALL):
-    """sphere_conv2d_bwd with the grid dgrad forced, asserting that it ran."""
-    calls = []
-    real = conv_bwd_grid.grid_dgrad
-    monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
-                        lambda *a, **kw: (calls.append(a), real(*a, **kw))[1])
+def _grid_kernel(dy, inp, c, r_x, monkeypatch, mask=ALL, wgrad_grid=True):
+    """sphere_conv2d_bwd with the grid dgrad (and the grid wgrad, or the implicit-GEMM wgrad
+    reading the gridded Hn) forced, asserting that they ran."""
+    calls = {"grid_dgrad": 0, "grid_wgrad": 0}
+    for name in calls:
+        real = getattr(conv_bwd_grid, name)
+
+        def counted(*a, name=name, real=real, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+        monkeypatch.setattr(conv_bwd_grid, name, counted)
     out = sphere_conv2d_bwd(dy, inp.x, inp.w, inp.k, c, r_x, *_geometry(inp), mask,
-                            dgrad_grid=True)
-    assert len(calls) == (1 if mask[0] else 0), "the grid dgrad did not run"
+                            dgrad_grid=True, wgrad_grid=wgrad_grid)
+    assert calls == {"grid_dgrad": int(mask[0]), "grid_wgrad": int(mask[1] and wgrad_grid)}, \
+        f"grid kernels that ran: {calls}"
     return out
 
 
+@pytest.mark.parametrize("wgrad", ["grid-wgrad", "gemm-wgrad"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("geom", GRID_DGRAD_CASES)
 @pytest.mark.parametrize("dtype,rtol,atol_frac", GRID_DTYPE_TOLS)
-def test_grid_dgrad_matches_reference(geom, layout, dtype, rtol, atol_frac, monkeypatch):
-    """dx from the grid GEMM and dw, db, dk from the kernels that read the gridded Hn, against
-    the float64 closed form."""
+def test_grid_backward_matches_reference(geom, layout, dtype, rtol, atol_frac, wgrad,
+                                         monkeypatch):
+    """dx from the grid dgrad, dw from the grid wgrad (or from the implicit-GEMM wgrad reading
+    the gridded Hn), db and dk from the prep pass that writes Hn onto the grid, against the
+    float64 closed form."""
     inp, c, r_x, dy = _case(dtype, channels_last=(layout == "channels_last"), **geom)
-    out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch, wgrad_grid=(wgrad == "grid-wgrad"))
     _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
     if layout == "channels_last":
         assert out[0].is_contiguous(memory_format=torch.channels_last), "dx must follow x's layout"
@@ -1124,6 +1133,17 @@ def test_grid_dgrad_hard_inputs(dtype, rtol, atol_frac, monkeypatch):
     assert torch.isnan(ref64[0]).any() and torch.isnan(out[0]).any(), "NaN was lost in dx"
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grid_dgrad_fp16_large_inputs(layout, monkeypatch):
+    """|x| ~ 300 in fp16 (x^2 overflows fp16) on the grid path: finite, full fp16 accuracy."""
+    inp, c, r_x, dy = _case(torch.float16, operator="linear", scale=300.0, c_in=16, c_out=16,
+                            channels_last=(layout == "channels_last"))
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+    for o in out[:3]:
+        assert torch.isfinite(o).all()
+    _check_all(out, dy, inp, c, r_x, torch.float16, 2e-3, 2.0 ** -9)
+
+
 @pytest.mark.parametrize("dtype,rtol,atol_frac", GRID_DTYPE_TOLS)
 def test_grid_dgrad_near_parallel_patches(dtype, rtol, atol_frac, monkeypatch):
     """As test_near_parallel_patches, on the grid path: finite, within the rounding bound."""
@@ -1138,6 +1158,17 @@ def test_grid_dgrad_near_parallel_patches(dtype, rtol, atol_frac, monkeypatch):
     ref64 = _reference(dy, inp, c, r_x, ALL, torch.float64)
     _check_within_rounding_bound(out, ref64, _reference(dy, inp, c, r_x),
                                  _rounding_bound(dy, inp, c, r_x), atol_frac)
+
+
+@pytest.mark.parametrize("mask", [(False, True, True, False), (True, False, False, False)],
+                         ids=["dw-db", "dx"])
+def test_grid_backward_one_gradient(mask, monkeypatch):
+    """Hn goes onto the grid for whichever grid kernel runs: the wgrad alone (no dx asked: a
+    first layer) and the dgrad alone."""
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="sigmoid", c_in=16, c_out=32, padding=0,
+                            channels_last=True)
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch, mask=mask)
+    _check_all(out, dy, inp, c, r_x, torch.bfloat16, 1.5e-2, 2.0 ** -7, mask)
 
 
 def test_grid_dgrad_every_gpu_config(monkeypatch):
@@ -1179,22 +1210,25 @@ def test_grid_dgrad_rule(change, applies):
     pair = (lambda v: (v, v))
     cgi_p = conv_fwd.aligned_count(geom["c_in"] // geom["groups"])
     cgo_p = conv_fwd.aligned_count(geom["c_out"] // geom["groups"])
-    assert conv_bwd_grid.dgrad_grid_applies(x, w, pair(geom["stride"]), pair(geom["padding"]),
+    assert conv_bwd_grid.grid_backward_applies(x, w, pair(geom["stride"]), pair(geom["padding"]),
                                             pair(geom["dilation"]), cgi_p, cgo_p) == applies
 
 
-def test_grid_dgrad_is_opt_in(monkeypatch):
-    """Off by default (SPHEREOPS_DGRAD_GRID unset); with ENABLED the default launch takes it."""
+@pytest.mark.parametrize("switch,kernel", [("ENABLED", "grid_dgrad"),
+                                           ("WGRAD_ENABLED", "grid_wgrad")])
+def test_grid_backward_is_opt_in(switch, kernel, monkeypatch):
+    """Off by default (SPHEREOPS_DGRAD_GRID / SPHEREOPS_WGRAD_GRID unset); with the switch on
+    the default launch takes that grid kernel."""
     inp, c, r_x, dy = _case(torch.bfloat16, operator="cosine", c_in=16, c_out=16,
                             channels_last=True)
     calls = []
-    real = conv_bwd_grid.grid_dgrad
-    monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
+    real = getattr(conv_bwd_grid, kernel)
+    monkeypatch.setattr(conv_bwd_grid, kernel,
                         lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    assert not conv_bwd_grid.ENABLED
+    assert not getattr(conv_bwd_grid, switch)
     _kernel(dy, inp, c, r_x)
     assert calls == []
-    monkeypatch.setattr(conv_bwd_grid, "ENABLED", True)
+    monkeypatch.setattr(conv_bwd_grid, switch, True)
     _kernel(dy, inp, c, r_x)
     assert calls == [1]
 
@@ -1205,5 +1239,5 @@ def test_grid_dgrad_aot_specs_are_well_formed():
     for s in specs:
         names = set(s["fn"].arg_names)
         assert set(s["signature"]) == names, s["name"]
-        assert s["signature"]["a_ptr"] == "*fp32"
         assert s["signature"]["hn_desc"].startswith("tensordesc<")
+    assert {s["fn"].__name__ for s in specs} == {"_dgrad_grid_kernel", "_wgrad_grid_kernel"}

@@ -531,7 +531,8 @@ DGRAD_GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
 def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkeypatch):
     """Every config of the grid dgrad the autotuner may pick for the shape, forced, against the
     float64 closed-form backward on the same saved state: dx (the TMA GEMM on Hn's grid) and dw
-    (the wgrad reading the gridded Hn) within max(5e-3, 2 x the implicit-GEMM path's error)."""
+    (the implicit-GEMM wgrad reading the gridded Hn) within max(5e-3, 2 x the implicit-GEMM
+    path's error); then the grid wgrad's dw (x staged onto the forward's grid) likewise."""
     from sphereops_kernels import configs, conv_bwd, conv_bwd_grid
 
     n, c_in, c_out, hw, kernel, padding, dilation, channels_last = DGRAD_GRID_GEOMETRIES[geometry]
@@ -549,7 +550,7 @@ def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkey
     def rel(out, r):
         return ((out.double() - r).norm() / r.norm()).item()
 
-    base = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=False)
+    base = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=False, wgrad_grid=False)
     bounds = [max(5e-3, 2 * rel(o, r)) for o, r in zip(base[:2], ref[:2])]
     cands = configs.prune_dgrad_grid_configs(
         configs.dgrad_grid_configs(), dict(cg_out=c_out, cg_in=c_in, dx_ptr=x))
@@ -559,23 +560,32 @@ def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkey
     for cfg in cands:
         monkeypatch.setattr(conv_bwd_grid, "grid_dgrad",
                             lambda *a, cfg=cfg, **kw: real(*a, config=cfg, **kw))
-        dx, dw, _, _ = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=True)
+        dx, dw, _, _ = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=True, wgrad_grid=False)
         errs = {"dx": rel(dx, ref[0]), "dw": rel(dw, ref[1])}
         _RECORDS.append({"test": request.node.name, "name": f"{cfg}", **errs,
                          "bound_dx": bounds[0], "bound_dw": bounds[1]})
         if not (errs["dx"] <= bounds[0] and errs["dw"] <= bounds[1]):
             bad.append(f"{cfg}: " + ", ".join(f"{k} rel {v:.2e}" for k, v in errs.items()))
+    monkeypatch.setattr(conv_bwd_grid, "grid_dgrad", real)
+    _, dw, _, _ = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=True, wgrad_grid=True)
+    err = rel(dw, ref[1])
+    _RECORDS.append({"test": request.node.name, "name": "grid wgrad", "dw": err,
+                     "bound_dw": bounds[1]})
+    if not err <= bounds[1]:
+        bad.append(f"grid wgrad: dw rel {err:.2e}")
     assert not bad, f"dgrad grid configs off vs float64 (bounds {bounds}):\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"], indirect=True)
 def test_grid_paths_forward_backward_vs_float64(precision, request, monkeypatch):
-    """Both grid paths on (SPHEREOPS_FWD_GRID, SPHEREOPS_DGRAD_GRID), through the public op and
-    autograd, channels_last, sigmoid (per-channel k): y, dx, dw, db, dk against float64."""
+    """Every grid path on (SPHEREOPS_FWD_GRID, SPHEREOPS_DGRAD_GRID, SPHEREOPS_WGRAD_GRID),
+    through the public op and autograd, channels_last, sigmoid (per-channel k): y, dx, dw, db,
+    dk against float64."""
     from sphereops_kernels import conv_bwd_grid, conv_fwd_grid
 
     monkeypatch.setattr(conv_fwd_grid, "ENABLED", True)
     monkeypatch.setattr(conv_bwd_grid, "ENABLED", True)
+    monkeypatch.setattr(conv_bwd_grid, "WGRAD_ENABLED", True)
     x, w, b, k, conv = _make_inputs("sigmoid", DTYPES[precision], True, "3x3")
     names, fused, ref = _fused_and_reference(x, w, b, k, conv, "sigmoid")
     rtol, atol = TOLERANCES[precision]
