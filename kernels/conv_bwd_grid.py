@@ -55,11 +55,11 @@ import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
 from .conv_bwd import store_dgrad_tile
-from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program, pixels_fast
-from .conv_fwd_grid import (GRID_ALIGN, PREP_CONFIG, TensorDescriptor, _prepare_grid_kernel,
-                            autotune_tma_kernel, direct_grid, grid_channels, has_tma,
-                            launch_tma_kernel)
-from .launch import cdiv, interpreting, launch, next_pow2
+from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
+from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
+                            grid_channels, grid_row_pixels, has_tma, launch_grid_preparation,
+                            launch_tma_kernel, next_channel_chunk, tap_row_offset)
+from .launch import cdiv, interpreting, launch
 
 _INTERPRET = interpreting()
 _WHAT = "sphere_conv2d_bwd"
@@ -158,26 +158,17 @@ def _dgrad_grid_kernel(
     tap = 0
     c0 = 0
     for it in range(0, KH * KW * n_chunks):
-        r = tap // KW
-        s = tap - r * KW
-        h_tile = hn_desc.load([p0 + r * dil_h * w_q + s * dil_w, hn_col + c0])
+        h_tile = hn_desc.load([p0 + tap_row_offset(tap, KW, dil_h, dil_w, w_q), hn_col + c0])
         # flipped tap (r, s) is filter tap (KH-1-r, KW-1-s): w_hat row block KH*KW-1-tap
         w_tile = w_desc.load([(KH * KW - 1 - tap) * c_out + hn_col + c0, ci0])
         if UPCAST_DOT:   # the interpreter's 16-bit dot is wrong (conv_bwd)
             acc = tl.dot(h_tile.to(tl.float32), w_tile.to(tl.float32), acc)
         else:
             acc = tl.dot(h_tile, w_tile, acc)
-        c0 += BLOCK_K
-        wrap = c0 >= cg_out
-        tap += wrap.to(tl.int32)
-        c0 = tl.where(wrap, 0, c0)
+        tap, c0 = next_channel_chunk(tap, c0, cg_out, BLOCK_K)
 
     rows = p0 + tl.arange(0, BLOCK_M)
-    img = rows // hw_q
-    rem = rows - img * hw_q
-    hi = rem // w_q
-    wi = rem - hi * w_q
-    m_mask = (rows < m_grid) & (hi < in_h) & (wi < in_w)
+    img, hi, wi, m_mask = grid_row_pixels(rows, m_grid, hw_q, w_q, in_h, in_w)
     img64 = img.to(tl.int64)
     # the box sum of A over the taps that reach each pixel: output (hi + PH - kh*DH, ...)
     a_rows = a_ptr + (img64 * groups + g) * out_h * out_w
@@ -266,8 +257,7 @@ def _wgrad_grid_kernel(
     n_ci_blocks = tl.cdiv(cg_in, BLOCK_CI)
     o0 = (pid_oc // n_ci_blocks) * BLOCK_O
     ci0 = (pid_oc % n_ci_blocks) * BLOCK_CI
-    r = tap // KW
-    x_shift = slack + (r * dil_h - top) * w_q + (tap - r * KW) * dil_w - left
+    x_shift = slack + tap_row_offset(tap, KW, dil_h, dil_w, w_q) - top * w_q - left
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, m_grid)
     acc = tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32)
@@ -316,16 +306,9 @@ def stage_x_grid(x, groups, kernel, padding, dilation):
     storage = torch.empty((slack + m_grid, groups * c_pad), dtype=x.dtype, device=x.device)
     if slack:
         storage[:slack].zero_()
-    q = torch.empty((groups, m_grid), dtype=torch.float32, device=x.device)
-    cfg = PREP_CONFIG
-    n_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
-    # grid programs only (no filter programs: w, packed and sqnorm are never touched)
-    launch(_prepare_grid_kernel, (n_programs,),
-           (x, storage[slack:], q, x, q, q, n_programs, m_grid, hq * wq, wq, h, wd, ph, pw,
-            cg_in, c_pad, groups, *x.stride(), 0, 0, 0, 0),
-           dict(KH=kernel[0], KW=kernel[1], STAGE_X=True, WRITE_PACKED=False,
-                PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
-                BLOCK_C=min(cfg["BLOCK_C"], next_pow2(c_pad)), num_warps=cfg["num_warps"]), _WHAT)
+    # the rows only: no sums of squares, no filter programs
+    launch_grid_preparation(x, storage[slack:], None, groups, padding, (hq, wq), kernel,
+                            what=_WHAT)
     return storage, slack
 
 

@@ -123,22 +123,23 @@ def _prepare_grid_kernel(
     n_grid_programs, m_grid, hw_q, w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad, groups,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wc, stride_wh, stride_ww,
-    KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr, WRITE_PACKED: tl.constexpr,
-    PIXELS_FAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr, STORE_Q: tl.constexpr,
+    WRITE_PACKED: tl.constexpr, PIXELS_FAST: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The grid path's preparation, one launch; 1-D grid of ``n_grid_programs + C_out``:
 
     * pid < n_grid_programs (= cdiv(M, BLOCK_P) * G, group fastest): BLOCK_P grid rows of group
-      ``pid % G``: q[g, p] = sum over the group's channels of x^2 (fp32; 0 on padding) and, if
-      STAGE_X, the rows themselves (all Cp channels, zeros on padding and past C_in/G);
+      ``pid % G``: if STORE_Q, q[g, p] = sum over the group's channels of x^2 (fp32; 0 on
+      padding) and, if STAGE_X, the rows themselves (all Cp channels, zeros on padding and
+      past C_in/G; the wgrad grid of conv_bwd_grid stages without q);
     * pid >= n_grid_programs: filter ``pid - n_grid_programs`` (conv_fwd._pack_filter).
 
     Pointers (Cg = C_in/G, Cp = c_pad, M = m_grid = N*Hq*Wq):
       x_ptr       [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh, stride_xw).
       grid_ptr    [M, G*Cp] contiguous, x's dtype: the staged grid, written iff STAGE_X (else
                   any output).
-      q_ptr       [G, M] fp32 contiguous.
+      q_ptr       [G, M] fp32 contiguous, written iff STORE_Q (else any output).
       w_ptr, packed_ptr, sqnorm_ptr: as conv_fwd._prepare_operands_kernel (packed with Cp).
     Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G.
     PIXELS_FAST (conv_fwd.pixels_fast: x's channels not its contiguous axis, NCHW): x is read
@@ -168,13 +169,43 @@ def _prepare_grid_kernel(
             if STAGE_X:
                 tl.store(grid_ptr + dst[:, None] + offs_c[None, :], v,
                          mask=in_grid[:, None] & (offs_c < c_pad)[None, :])
-            vf = v.to(tl.float32)
-            sumsq += vf * vf
-        tl.store(q_ptr + g.to(tl.int64) * m_grid + p, tl.sum(sumsq, axis=1), mask=in_grid)
+            if STORE_Q:
+                vf = v.to(tl.float32)
+                sumsq += vf * vf
+        if STORE_Q:
+            tl.store(q_ptr + g.to(tl.int64) * m_grid + p, tl.sum(sumsq, axis=1), mask=in_grid)
     else:
         _pack_filter(w_ptr, packed_ptr, sqnorm_ptr, (pid - n_grid_programs).to(tl.int64),
                      c_in_per_group, c_pad, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
                      WRITE_PACKED, BLOCK)
+
+
+@triton.jit
+def tap_row_offset(tap, KW: tl.constexpr, dil_h, dil_w, w_q):
+    """The grid-row offset of filter tap ``tap`` = r * KW + s on a grid of pitch Wq:
+    r*DH*Wq + s*DW, the same for every row of a tile."""
+    r = tap // KW
+    return r * dil_h * w_q + (tap - r * KW) * dil_w
+
+
+@triton.jit
+def next_channel_chunk(tap, c0, channels, BLOCK_K: tl.constexpr):
+    """The grid GEMMs' K loop counters after a step: ``(tap, c0)`` BLOCK_K channels on,
+    wrapping to the next tap at ``channels`` (carried: a division a step would cost more)."""
+    c0 += BLOCK_K
+    wrap = c0 >= channels
+    return tap + wrap.to(tl.int32), tl.where(wrap, 0, c0)
+
+
+@triton.jit
+def grid_row_pixels(rows, m_grid, hw_q, w_q, h_lim, w_lim):
+    """Grid rows [BM] -> ``(image, row i, column j, mask)``: the mask keeps the rows inside
+    the grid whose (i, j) is a pixel of the H x W (h_lim x w_lim) image the kernel writes."""
+    img = rows // hw_q
+    rem = rows - img * hw_q
+    i = rem // w_q
+    j = rem - i * w_q
+    return img, i, j, (rows < m_grid) & (i < h_lim) & (j < w_lim)
 
 
 @triton.jit
@@ -214,26 +245,17 @@ def _sphere_conv_fwd_grid_kernel(
     tap = 0
     c0 = 0
     for it in range(0, KH * KW * n_chunks):
-        r = tap // KW
-        s = tap - r * KW
-        x_tile = x_desc.load([p0 + r * dil_h * w_q + s * dil_w, x_col + c0])
+        x_tile = x_desc.load([p0 + tap_row_offset(tap, KW, dil_h, dil_w, w_q), x_col + c0])
         w_tile = w_desc.load([w_row, tap * c_pad + c0])
         if UPCAST_DOT:   # the interpreter's bf16 dot is wrong (conv_fwd)
             acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32).T, acc,
                          input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=DOT_PRECISION)
-        c0 += BLOCK_K
-        wrap = c0 >= c_pad
-        tap += wrap.to(tl.int32)
-        c0 = tl.where(wrap, 0, c0)
+        tap, c0 = next_channel_chunk(tap, c0, c_pad, BLOCK_K)
 
     rows = p0 + tl.arange(0, BLOCK_M)
-    img = rows // hw_q
-    rem = rows - img * hw_q
-    ho = rem // w_q
-    wo = rem - ho * w_q
-    mask_m = (rows < m_grid) & (ho < out_h) & (wo < out_w)
+    img, ho, wo, mask_m = grid_row_pixels(rows, m_grid, hw_q, w_q, out_h, out_w)
     q_rows = q_ptr + g.to(tl.int64) * m_grid
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in range(KH * KW):
@@ -299,6 +321,36 @@ def direct_grid(x, groups, padding, c_pad):
     return x.permute(0, 2, 3, 1).reshape(n * h * wd, c_in)
 
 
+def launch_grid_preparation(x, grid_out, q, groups, padding, pitches, kernel, filters=None,
+                            what=_WHAT):
+    """One launch of :func:`_prepare_grid_kernel`: x onto ``grid_out`` [N*Hq*Wq, G*Cp] (None: x
+    is the grid already, read in place), each grid row's sum of squares into ``q`` [G, M]
+    (None: not computed), and with ``filters`` = (w, packed, sqnorm, write_packed) the filter
+    programs (conv_fwd._pack_filter); ``pitches`` = (Hq, Wq)."""
+    n, c_in, h, wd = x.shape
+    c_in_g = c_in // groups
+    c_pad = grid_channels(c_in_g)
+    hq, wq = pitches
+    m_grid = n * hq * wq
+    cfg = PREP_CONFIG
+    n_grid_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
+    if filters is None:   # no filter programs: their pointers are never touched
+        spare = grid_out if grid_out is not None else q
+        w, packed, sqnorm, write_packed, n_filters, w_strides = x, spare, spare, False, 0, (0,) * 4
+    else:
+        w, packed, sqnorm, write_packed = filters
+        n_filters, w_strides = w.shape[0], w.stride()
+    # outputs never alias an input (torch.compile's mutation analysis): unused ones get sqnorm
+    launch(_prepare_grid_kernel, (n_grid_programs + n_filters,),
+           (x, grid_out if grid_out is not None else sqnorm, q if q is not None else sqnorm, w,
+            packed, sqnorm, n_grid_programs, m_grid, hq * wq, wq, h, wd, padding[0], padding[1],
+            c_in_g, c_pad, groups, *x.stride(), *w_strides),
+           dict(KH=kernel[0], KW=kernel[1], STAGE_X=grid_out is not None, STORE_Q=q is not None,
+                WRITE_PACKED=write_packed, PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"],
+                BLOCK_P=cfg["BLOCK_P"], BLOCK_C=min(cfg["BLOCK_C"], next_pow2(c_pad)),
+                num_warps=cfg["num_warps"]), what)
+
+
 def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config=None):
     """Launch the grid path for ``y``, ``c`` (empty: not stored) and ``r_x``, allocated by
     conv_fwd's launcher, which has validated everything and checked :func:`grid_path_applies`.
@@ -321,16 +373,9 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
     q = torch.empty((groups, m_grid), dtype=torch.float32, device=dev)
     # a TMA descriptor's base must be 16-byte aligned: a misaligned weight view is packed
     packed, sqnorm, already_packed = packed_filter_buffers(w, c_pad, align=16)
-    cfg = PREP_CONFIG
-    n_grid_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
-    # outputs never alias an input (torch.compile's mutation analysis): unused ones get sqnorm
-    launch(_prepare_grid_kernel, (n_grid_programs + c_out,),
-           (x, grid_x if stage else sqnorm, q, w, sqnorm if already_packed else packed, sqnorm,
-            n_grid_programs, m_grid, hq * wq, wq, h, wd, ph, pw, c_in_g, c_pad, groups,
-            *x.stride(), *w.stride()),
-           dict(KH=kh, KW=kw, STAGE_X=stage, WRITE_PACKED=not already_packed,
-                PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"],
-                BLOCK_C=min(cfg["BLOCK_C"], next_pow2(c_pad)), num_warps=cfg["num_warps"]), _WHAT)
+    launch_grid_preparation(x, grid_x if stage else None, q, groups, (ph, pw), (hq, wq),
+                            (kh, kw), (w, sqnorm if already_packed else packed, sqnorm,
+                                       not already_packed))
     w_flat = packed.reshape(c_out, kh * kw * c_pad)
     # the boxes are placeholders until the config is known (_set_block_shapes)
     x_desc = TensorDescriptor.from_tensor(grid_x, [16, 16])
@@ -395,11 +440,15 @@ def aot_specs():
                                      w_desc=f"tensordesc<{dtype_name}[{bn},{bk}]>")
             specs.append(spec)
     for dtype_name in ("fp16", "bf16", "fp32"):
-        # staging a channels_last input, an NCHW one (read along the pixels), and the q pass
-        # alone (an aligned 1x1 input read in place)
-        for label, stage, nchw in (("_stage", True, False), ("_stage_nchw", True, True),
-                                   ("", False, False)):
-            constexprs = dict(KH=3, KW=3, STAGE_X=stage, WRITE_PACKED=True, PIXELS_FAST=nchw,
+        # staging a channels_last input, an NCHW one (read along the pixels), the q pass
+        # alone (an aligned 1x1 input read in place), and the staging alone (conv_bwd_grid's
+        # wgrad: no q)
+        for label, stage, store_q, nchw in (("_stage", True, True, False),
+                                            ("_stage_nchw", True, True, True),
+                                            ("", False, True, False),
+                                            ("_stage_noq", True, False, False)):
+            constexprs = dict(KH=3, KW=3, STAGE_X=stage, STORE_Q=store_q, WRITE_PACKED=True,
+                              PIXELS_FAST=nchw,
                               BLOCK=PREP_CONFIG["BLOCK"], BLOCK_P=PREP_CONFIG["BLOCK_P"],
                               BLOCK_C=PREP_CONFIG["BLOCK_C"])
             example = (dict(_PREP_EXAMPLE, stride_xc=56 * 56, stride_xh=56, stride_xw=1)

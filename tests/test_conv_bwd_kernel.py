@@ -329,15 +329,21 @@ def test_exactly_parallel_patch_is_finite(operator):
 @pytest.mark.parametrize("dtype,rtol,atol_frac", DTYPE_TOLS)
 def test_zero_patches(dtype, rtol, atol_frac, geom):
     """All-zero regions and a whole zero sample: r_x = sqrt(eps), c = 0."""
+    inp, c, r_x, dy = _zero_patch_case(dtype, **geom)
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
+
+
+def _zero_patch_case(dtype, **geom):
+    """A sigmoid conv of 2 samples whose first has an all-zero region and second is all zero,
+    with its saved state and a gradient."""
     inp = make_conv_inputs(dtype=dtype, device=DEVICE, operator="sigmoid", n=2, **geom)
     x = inp.x.clone()
     x[0, :, 2:7, 1:6] = 0
     x[1] = 0
     inp.x = x
     c, r_x = _saved_state(inp)
-    dy = torch.randn(c.shape, device=DEVICE).to(dtype)
-    out = _kernel(dy, inp, c, r_x)
-    _check_all(out, dy, inp, c, r_x, dtype, rtol, atol_frac)
+    return inp, c, r_x, torch.randn(c.shape, device=DEVICE).to(dtype)
 
 
 @pytest.mark.parametrize("geom", HARD_GEOMS)
@@ -1114,14 +1120,7 @@ def test_grid_hn_layout(monkeypatch):
 def test_grid_dgrad_hard_inputs(dtype, rtol, atol_frac, monkeypatch):
     """Zero patches and a zero sample, then NaN in x: the grid path keeps the reference's
     values and its NaN pattern."""
-    inp = make_conv_inputs(dtype=dtype, device=DEVICE, operator="sigmoid", n=2, c_in=16,
-                           c_out=16, channels_last=True)
-    x = inp.x.clone()
-    x[0, :, 2:7, 1:6] = 0
-    x[1] = 0
-    inp.x = x
-    c, r_x = _saved_state(inp)
-    dy = torch.randn(c.shape, device=DEVICE).to(dtype)
+    inp, c, r_x, dy = _zero_patch_case(dtype, c_in=16, c_out=16, channels_last=True)
     _check_all(_grid_kernel(dy, inp, c, r_x, monkeypatch), dy, inp, c, r_x, dtype, rtol,
                atol_frac)
     x = inp.x.clone()
