@@ -27,7 +27,10 @@ the partial sums of step 1 take two levels):
    sigmoid operator, which would be recomputed KH*KW times in dgrad). With one output channel
    per group (depthwise) ``_channelwise_prep_kernel`` does the same over [pixels x channels]
    tiles across the groups (``_prep_kernel`` gives each program one group), filter programs
-   included.
+   included. More kinds of program ride in ``_prep_kernel``'s launch after the pass: the
+   wgrad's staged input (inputs outside the fast layout), and for the stride-1 grid paths
+   (``conv_bwd_grid``) x staged onto the grid wgrad's padded grid and the zero margin rows of
+   Hn's grid.
 2. ``_reduce_partials_kernel``: sums the partials of step 1 in a fixed order -> S (fp32), db, dk
    (two levels once there are more than 512 partial rows). With a wgrad the final level runs
    as extra programs of the wgrad launch instead (``_fold_reduction``; S is only read by the
@@ -40,7 +43,7 @@ the partial sums of step 1 take two levels):
    no masked-out MMAs). Opt-in (``SPHEREOPS_DGRAD_GRID=1``, ``conv_bwd_grid``): a stride-1
    dgrad as a plain TMA GEMM, step 1 then writing Hn onto a padded grid (``_hn_row``; the
    wgrad reads it there too; ``SPHEREOPS_WGRAD_GRID=1`` runs that wgrad as a TMA GEMM as well,
-   ``conv_bwd_grid``).
+   ``conv_bwd_grid``, the same 4 launches).
 4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
    ranges that write fp32 partials (its columns: the channels of one tap a program, or below 16
    channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
@@ -95,6 +98,7 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
                        depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
                        pixels_fast, stage_input_tile, staged_channels)
+from .conv_fwd_grid import stage_grid_rows
 from .epilogue import column_quarters, load_tile, store_tile, tile_ptrs, to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -332,11 +336,13 @@ def _prep_kernel(
     stride_cn, stride_cc, stride_ch, stride_cw,
     n_filter_programs, CG_IN, CGI_P, stride_wo, stride_wc, stride_wh, stride_ww, eps,
     img_tiles, HW_IN, W_IN, stride_xn, stride_xc, stride_xh, stride_xw,
+    n_stage_programs, grid_lead, grid_cp,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     NORM_FILTERS: tl.constexpr, STORE_W_HAT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, STAGE_GRID: tl.constexpr,
+    X_PIXELS_FAST: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CX: tl.constexpr,
@@ -345,14 +351,19 @@ def _prep_kernel(
     of output pixels and one group a program, and in the same grid the filter norms and (for
     inputs not in the GEMM kernels' fast layout) the wgrad's staged input.
 
-    Grid: (n_filter_programs + R (+ N * img_tiles with STAGE_X), G). Programs
+    Grid: (n_filter_programs + R + n_stage_programs + E, G). Programs
     pid0 < n_filter_programs of column g == 0 run filter block pid0 (_filter_norm_block: r_w,
     and w_hat iff STORE_W_HAT); those of the other columns return at once. Programs
     n_filter_programs <= pid0 < n_filter_programs + R run output-pixel block
-    pid0 - n_filter_programs of group g (_prep_tile); the rest (STAGE_X) copy input tile
-    pid0 - n_filter_programs - R of group g to xs (conv_fwd.stage_input_tile). The filter
-    blocks come first so that their loops (latency-bound: dependent round trips to memory)
-    start with the first wave instead of trailing the pass.
+    pid0 - n_filter_programs of group g (_prep_tile); the next n_stage_programs stage block
+    t = pid0 - n_filter_programs - R of group g's input: with STAGE_X input tile t to xs
+    (conv_fwd.stage_input_tile: N * img_tiles of them), with STAGE_GRID rows t * BLOCK_P.. of
+    the stride-1 grid wgrad's x grid (conv_fwd_grid.stage_grid_rows: cdiv(grid_lead + N*Hq*Wq,
+    BLOCK_P) of them); the last E (HN_TOP or HN_LEFT > 0: cdiv(the margin rows, BLOCK_M)) zero
+    block pid0 - n_filter_programs - R - n_stage_programs of Hn's margin rows in group g's
+    columns (_zero_hn_margins). The filter blocks come first so that their loops
+    (latency-bound: dependent round trips to memory) start with the first wave instead of
+    trailing the pass.
 
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
@@ -366,8 +377,8 @@ def _prep_kernel(
             STORE_HN), zeros in channels CG_OUT .. CGO_P of each group (CGO_P = CG_OUT, or
             rounded up to 16 for aligned GEMM loads: sphere_conv2d_bwd's ``cgo_p``); with
             margins HN_TOP / HN_LEFT (> 0 for the dgrad's grid path) the rows lie on the padded
-            grid [N*(Ho+HN_TOP)*(Wo+HN_LEFT), G, CGO_P] instead (_hn_row; the margin rows are
-            zeroed by the launcher, never written here).
+            grid [N*(Ho+HN_TOP)*(Wo+HN_LEFT), G, CGO_P] instead (_hn_row; the margin rows
+            zeroed by this launch's last programs).
     a_ptr:  [N, G, Ho, Wo] fp32 contiguous: A = sum_{o in group} G c / r_x^2 (iff STORE_A).
     part_ptr: [3, R, C_out] fp32 contiguous partial sums over this program's pixels:
               row 0 S = G c (iff NEED_S), row 1 dy (iff NEED_DB), row 2 dy dg/dk (iff NEED_DK).
@@ -377,8 +388,11 @@ def _prep_kernel(
     what_ptr: [KH, KW, C_out, CGI_P] contiguous in w's dtype: w_hat = w / r_w (written iff
               STORE_W_HAT; zeros in columns CG_IN .. CGI_P).
     x_ptr:  [N, G*CG_IN, H, W] the forward input, strides (stride_xn, stride_xc, stride_xh,
-            stride_xw), read iff STAGE_X; xs_ptr: [N, H, W, G, CGI_P] contiguous, its staged
-            copy (zero-padded channels), written iff STAGE_X (else any output).
+            stride_xw), read iff STAGE_X or STAGE_GRID; xs_ptr: [N, H, W, G, CGI_P]
+            contiguous, its staged copy (zero-padded channels), written iff STAGE_X; with
+            STAGE_GRID instead x on the grid wgrad's padded grid [grid_lead + N*Hq*Wq,
+            G*grid_cp] (conv_bwd_grid.x_grid_buffer; Hq = Ho + HN_TOP = H + PH, Wq = Wo + HN_LEFT
+            = W + PW at stride 1); else any output.
     M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M): the output-pixel blocks.
     n_filter_programs: cdiv(C_out, BLOCK_O) with NORM_FILTERS, else 0. CG_IN = C_in / G.
     eps: the epsilon inside r_w's square root. img_tiles = cdiv(H*W, BLOCK_P), HW_IN = H*W,
@@ -395,6 +409,9 @@ def _prep_kernel(
     BLOCK_M: output pixels per program. BLOCK_C: channels per loop step.
     BLOCK_O, BLOCK_F: filters per filter program, filter elements per step (filter_norm_config).
     STAGE_X, DENSE_PLANE, BLOCK_P x BLOCK_CX: the input tiles (conv_fwd.stage_input_tile).
+    STAGE_GRID, X_PIXELS_FAST (x NCHW), grid_lead (zero rows ahead of the grid), grid_cp (its
+    channels a group), BLOCK_P x BLOCK_CX: the x grid's rows (STAGE_X and STAGE_GRID are never
+    both set).
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -411,11 +428,53 @@ def _prep_kernel(
                    stride_cn, stride_cc, stride_ch, stride_cw,
                    OPERATOR, DELTA, FROM_OUTPUT, HAS_BIAS, STORE_HN, STORE_A,
                    NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, HN_TOP, HN_LEFT, BLOCK_M, BLOCK_C)
+    elif pid < n_filter_programs + R + n_stage_programs:
+        t = pid - n_filter_programs - R
+        # xs_ptr stands in for the q output neither stager writes here
+        if STAGE_X:
+            stage_input_tile(x_ptr, xs_ptr, xs_ptr, t, g, img_tiles, HW_IN, W_IN, CG_IN, CGI_P,
+                             G, stride_xn, stride_xc, stride_xh, stride_xw, False, True,
+                             DENSE_PLANE, BLOCK_P, BLOCK_CX)
+        if STAGE_GRID:
+            ho = HoWo // Wo
+            in_h = HW_IN // W_IN
+            stage_grid_rows(x_ptr, xs_ptr, xs_ptr, t, g, grid_lead,
+                            (M // HoWo) * (ho + HN_TOP) * (Wo + HN_LEFT),
+                            (ho + HN_TOP) * (Wo + HN_LEFT), Wo + HN_LEFT, in_h, W_IN,
+                            ho + HN_TOP - in_h, Wo + HN_LEFT - W_IN, CG_IN, grid_cp, G,
+                            stride_xn, stride_xc, stride_xh, stride_xw, True, False,
+                            X_PIXELS_FAST, BLOCK_P, BLOCK_CX)
     else:
-        if STAGE_X:   # xs_ptr stands in for the q output stage_input_tile never writes here
-            stage_input_tile(x_ptr, xs_ptr, xs_ptr, pid - n_filter_programs - R, g, img_tiles,
-                             HW_IN, W_IN, CG_IN, CGI_P, G, stride_xn, stride_xc, stride_xh,
-                             stride_xw, False, True, DENSE_PLANE, BLOCK_P, BLOCK_CX)
+        if HN_TOP + HN_LEFT > 0:
+            _zero_hn_margins(hn_ptr, pid - n_filter_programs - R - n_stage_programs, g,
+                             M // HoWo, HoWo, Wo, G, CGO_P, HN_TOP, HN_LEFT, BLOCK_M, BLOCK_C)
+
+
+@triton.jit
+def _zero_hn_margins(hn_ptr, tile, g, n_images, HoWo: tl.constexpr, Wo: tl.constexpr, G, CGO_P,
+                     HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """Zeros into margin rows ``tile * BLOCK_M ..`` of Hn's grid [N*Hq*Wq, G, CGO_P] (_hn_row;
+    Hq = Ho + HN_TOP, Wq = Wo + HN_LEFT), group ``g``'s columns. Margin index i of image n
+    runs over the HN_TOP full rows first (row i), then the HN_LEFT leading columns of each
+    of the Ho data rows."""
+    WQ = Wo + HN_LEFT
+    BAND = HN_TOP * WQ
+    PER_IMAGE = BAND + (HoWo // Wo) * HN_LEFT
+    i = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = i < n_images * PER_IMAGE
+    n = i // PER_IMAGE
+    r = i - n * PER_IMAGE
+    if HN_LEFT > 0:
+        strip = tl.maximum(r - BAND, 0)
+        in_row = (HN_TOP + strip // HN_LEFT) * WQ + strip % HN_LEFT
+        r = tl.where(r < BAND, r, in_row)
+    row = (n.to(tl.int64) * ((HoWo // Wo + HN_TOP) * WQ) + r) * (G * CGO_P) + g * CGO_P
+    zeros = tl.zeros((BLOCK_M, BLOCK_C), dtype=hn_ptr.dtype.element_ty)
+    for c0 in range(0, CGO_P, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(hn_ptr + row[:, None] + offs_c[None, :], zeros,
+                 mask=valid[:, None] & (offs_c < CGO_P)[None, :])
 
 
 @triton.jit
@@ -1657,17 +1716,28 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
     else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
         r_w, w_hat, n_filter_programs = r_x, w, 0
+    n_margin_programs = 0
     if grid_dgrad or grid_wgrad:
         hn = conv_bwd_grid().hn_grid_buffer(n, ho, wo, hn_margins, groups * cgo_p, dtype, dev)
+        n_margin_programs = _cdiv(conv_bwd_grid().hn_margin_rows(n, ho, wo, hn_margins),
+                                  cfg["BLOCK_M"])
     elif (need_grads and c_scratch and cgo_p == cg_out
             and c.permute(0, 2, 3, 1).is_contiguous()):
         hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
     else:
         hn = torch.empty((m_out, groups * cgo_p) if need_grads else (1,), device=dev, dtype=dtype)
     stage_p = STAGE_CONFIG["BLOCK_P"]
-    x_staged = (torch.empty((n, h, wd, groups * cgi_p), device=dev, dtype=dtype) if stage_x
-                else None)
-    n_stage_programs = n * _cdiv(h * wd, stage_p) if stage_x else 0
+    x_staged, n_stage_programs, stage_cp = None, 0, cgi_p
+    x_grid, x_grid_slack, stage_grid = None, 0, False
+    if stage_x:
+        x_staged = torch.empty((n, h, wd, groups * cgi_p), device=dev, dtype=dtype)
+        n_stage_programs = n * _cdiv(h * wd, stage_p)
+    elif grid_wgrad:   # x onto its padded grid (conv_bwd_grid.x_grid_buffer), in this launch
+        x_grid, x_grid_slack, stage_grid = conv_bwd_grid().x_grid_buffer(
+            x, groups, (kh, kw), (ph, pw), (dh, dw_))
+        if stage_grid:
+            n_stage_programs = _cdiv(x_grid.shape[0], stage_p)
+            stage_cp = x_grid.shape[1] // groups
     a_shape = (n, groups, ho, wo) if need_dx else (1,)
     a_buf = torch.empty(a_shape, device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
@@ -1690,21 +1760,24 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 + filter_args,
                 BLOCK_C=cfg["BLOCK_C"], **prep_flags)
     else:
-        # x_staged's place without staging: any output (never stored through: STAGE_X)
-        _launch(_prep_kernel, (n_filter_programs + r_rows + n_stage_programs, groups),
-                prep_in + (x, x_staged if stage_x else partials,
+        # the staged copy's place without staging: any output (never stored through)
+        x_out = x_staged if stage_x else x_grid if stage_grid else partials
+        _launch(_prep_kernel,
+                (n_filter_programs + r_rows + n_stage_programs + n_margin_programs, groups),
+                prep_in + (x, x_out,
                            m_out, ho * wo, wo, c_out, cg_out, cgo_p, groups, r_rows, k_stride,
                            *dy.stride(), *c.stride()) + filter_args_padded
-                + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride()),
+                + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride(), n_stage_programs,
+                   x_grid_slack, stage_cp),
                 BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
-                DENSE_PLANE=dense_plane(x), BLOCK_P=stage_p,
-                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
-                BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
+                DENSE_PLANE=dense_plane(x), STAGE_GRID=stage_grid, X_PIXELS_FAST=pixels_fast(x),
+                BLOCK_P=stage_p, HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
+                BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
 
     # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4)
-    fold = _fold_reduction(need_dw) and not grid_wgrad
+    fold = _fold_reduction(need_dw)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
 
@@ -1733,9 +1806,14 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
+    # the folded reduction's operands and switches (either wgrad launch)
+    reduction = (red_level, s_sum, db if need_db else s_sum, dk if need_dk else s_sum, red_rows)
+    reduction_flags = dict(NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
+                           EMULATE_RTNE=rtne)
     if grid_wgrad:
-        w_part, split = conv_bwd_grid().grid_wgrad(hn, x, c_out, groups, (kh, kw), (ph, pw),
-                                                   (dh, dw_), upcast)
+        w_part, split = conv_bwd_grid().grid_wgrad(hn, x_grid, x_grid_slack, x, c_out, groups,
+                                                   (kh, kw), (ph, pw), (dh, dw_), upcast,
+                                                   reduction, reduction_flags)
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
     elif need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
@@ -1753,17 +1831,16 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         red = REDUCE_CONFIG
         red_programs = _cdiv(c_out, red["BLOCK_C"]) if fold else 0
         grid = grid[:2] + (grid[2] + _cdiv(red_programs, grid[0] * grid[1]),)
+        red_ptr, s_ptr, db_ptr, dk_ptr, _ = reduction
         _launch(_wgrad_kernel, grid,
-                (hn, x_wgrad, w_part, red_level, s_sum, db if need_db else s_sum,
-                 dk if need_dk else s_sum, m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out,
-                 cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split, split, red_rows,
-                 red_programs, *x_wgrad.stride(), ho * wo, wo),
+                (hn, x_wgrad, w_part, red_ptr, s_ptr, db_ptr, dk_ptr, m_out, ho * wo, wo, h, wd,
+                 c_out, cg_in, cg_out, cgi_p if stage_x else cg_in, cgo_p, groups, m_per_split,
+                 split, red_rows, red_programs, *x_wgrad.stride(), ho * wo, wo),
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
-                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
-                NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
-                EMULATE_RTNE=rtne, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
+                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1], **reduction_flags,
+                BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
@@ -1930,13 +2007,15 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
                w: int, fn=None, cg_in: Optional[int] = None, stage: bool = False,
-               hn_margins=(0, 0)) -> dict:
+               hn_margins=(0, 0), stage_grid: bool = False) -> dict:
     """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
     pointer type of the input dtype), with its filter programs for 3x3 filters of ``cg_in``
     input channels (default c) and w_hat (filter_norm_config's tiles); ``stage``: with the
     input tiles staging an NCHW input of cg_in channels (rows padded to aligned_count);
-    ``hn_margins``: Hn written onto the grid dgrad's padded grid (_hn_row)."""
+    ``hn_margins``: Hn written onto the grid dgrad's padded grid (_hn_row), its margins zeroed
+    by the same launch; ``stage_grid``: and the grid wgrad's x grid staged from a channels_last
+    input of cg_in channels (3x3 "same": one zero row and column, lead Wq + 1 rows)."""
     fn = _prep_kernel if fn is None else fn
     cg_in = c if cg_in is None else cg_in
     cgi_p = aligned_count(cg_in)
@@ -1956,7 +2035,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                         NORM_FILTERS=True, STORE_W_HAT=True, KH=3, KW=3,
                         EMULATE_RTNE=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
                         BLOCK_O=fcfg["BLOCK_O"], BLOCK_F=fcfg["BLOCK_F"],
-                        **(dict(STAGE_X=stage, DENSE_PLANE=True, BLOCK_P=STAGE_CONFIG["BLOCK_P"],
+                        **(dict(STAGE_X=stage, DENSE_PLANE=True, STAGE_GRID=stage_grid,
+                                X_PIXELS_FAST=False, BLOCK_P=STAGE_CONFIG["BLOCK_P"],
                                 BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]),
                                 HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1])
                            if fn is _prep_kernel else {})),
@@ -1964,8 +2044,14 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
         example_args=dict(C_out=c, CG_IN=cg_in, **strides,
                           **(dict(CG_OUT=c, CGO_P=c, CGI_P=cgi_p,
                                   img_tiles=_cdiv(h * w, STAGE_CONFIG["BLOCK_P"]), HW_IN=h * w,
-                                  W_IN=w, stride_xn=h * w * cg_in, stride_xc=h * w,
-                                  stride_xh=w, stride_xw=1)
+                                  W_IN=w, **(dict(stride_xn=h * w * cg_in, stride_xc=1,
+                                                  stride_xh=w * cg_in, stride_xw=cg_in)
+                                             if stage_grid else
+                                             dict(stride_xn=h * w * cg_in, stride_xc=h * w,
+                                                  stride_xh=w, stride_xw=1)),
+                                  n_stage_programs=_cdiv(32 * (h + 1) * (w + 1) + w + 2,
+                                                         STAGE_CONFIG["BLOCK_P"]),
+                                  grid_lead=w + 2, grid_cp=cgi_p)
                              if fn is _prep_kernel else {})))
 
 
@@ -2136,6 +2222,10 @@ def aot_specs() -> list:
         if dtype != torch.float32:   # Hn onto the grid dgrad's padded grid (conv_bwd_grid)
             specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_{tag}", "sigmoid", False, t,
                                     dtype, c, h, w, hn_margins=(1, 1)))
+            # and x onto the grid wgrad's (conv_bwd_grid.x_grid_buffer)
+            specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_gridx_{tag}", "sigmoid",
+                                    False, t, dtype, c, h, w, hn_margins=(1, 1),
+                                    stage_grid=True))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
                                 dtype, c, h, w, fn=_channelwise_prep_kernel, cg_in=2))
         cfg = REDUCE_CONFIG

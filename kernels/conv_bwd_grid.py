@@ -17,9 +17,10 @@ LEFT zero columns are a row's right padding, and the next image's TOP zero rows 
 bottom padding; past the last image TMA's out-of-bounds fill gives the zeros. Every K step is
 then one ``[BLOCK_M, BLOCK_K]`` TMA box of the grid and one ``[BLOCK_K, BLOCK_N]`` box of
 w_hat [KH*KW*C_out, CGI_P]: no masks or address arithmetic in the K loop, as in the forward
-grid path. The margins cost TOP + LEFT zero runs the launcher writes (two strided memsets of
-Hq*Wq - Ho*Wo rows an image: 3.6% of Hn at 56x56 for a 3x3 "same" conv) and those rows'
-dropped MMAs; the wgrad reads the same Hn through the same row map (conv_bwd._hn_row).
+grid path. The margins (Hq*Wq - Ho*Wo rows an image: 3.6% of Hn at 56x56 for a 3x3 "same"
+conv) are zeroed by extra programs of the same prep launch (conv_bwd._zero_hn_margins), and
+their rows' MMAs are computed and dropped; the wgrad reads the same Hn through the same row
+map (conv_bwd._hn_row).
 
 The epilogue is the implicit-GEMM dgrad's (conv_bwd.store_dgrad_tile): the box sum of A over
 the taps that reach each pixel (masked loads of A [N, G, Ho, Wo], once a tile), then
@@ -27,13 +28,15 @@ the taps that reach each pixel (masked loads of A [N, G, Ho, Wo], once a tile), 
 
 The wgrad ``dw[o, ci, r, s] = sum_p Hn[p, o] x[p + tap, ci]`` takes the same Hn grid and x on
 the forward grid path's padded grid (conv_fwd_grid: pixel (n, hi, wi) at row
-(n*Hq + PH + hi)*Wq + PW + wi; at stride 1 with PH <= (KH-1)*DH its Hq, Wq are Hn's), staged
-by conv_fwd_grid's preparation kernel behind ``slack`` zero rows: then Hn's row p and tap
-(r, s) meet x-grid row p + (r*DH - TOP)*Wq + s*DW - LEFT, again one offset for every row, so
-each reduction step is a ``[BLOCK_M, BLOCK_O]`` box of Hn and a ``[BLOCK_M, BLOCK_CI]`` box of
-x and a wgmma (Hn's margin rows are zero: their products vanish). Partials and finalize are
-conv_bwd's (fp32 split-K, fixed-order sum); the prep partials' last reduction level runs in
-its own launch here instead of riding in the wgrad's.
+(n*Hq + PH + hi)*Wq + PW + wi; at stride 1 with PH <= (KH-1)*DH its Hq, Wq are Hn's) behind
+``slack`` zero rows, staged by more programs of the same prep launch
+(conv_fwd_grid.stage_grid_rows): then Hn's row p and tap (r, s) meet x-grid row
+p + (r*DH - TOP)*Wq + s*DW - LEFT, again one offset for every row, so each reduction step is a
+``[BLOCK_M, BLOCK_O]`` box of Hn and a ``[BLOCK_M, BLOCK_CI]`` box of x and a wgmma (Hn's
+margin rows are zero: their products vanish). Partials and finalize are conv_bwd's (fp32
+split-K, fixed-order sum), and the prep partials' last reduction level rides in the wgrad
+launch as there: the grid backward issues the implicit-GEMM backward's launches (prep, dgrad,
+wgrad, finalize).
 
 sm_90 bf16 SASS a K step (``python -m sphereops_kernels.aot --sass``, triton 3.9): dgrad 106
 against the implicit-GEMM dgrad's 340 (128 x 128 x 64), wgrad 95 against 494 (128 x 128, 64
@@ -54,11 +57,11 @@ import triton
 import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
-from .conv_bwd import store_dgrad_tile
+from .conv_bwd import REDUCE_CONFIG, _reduce_column_block, _wgrad_split, store_dgrad_tile
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
-                            grid_channels, grid_row_pixels, has_tma, launch_grid_preparation,
-                            launch_tma_kernel, next_channel_chunk, tap_row_offset)
+                            grid_channels, grid_row_pixels, has_tma, launch_tma_kernel,
+                            next_channel_chunk, tap_row_offset)
 from .launch import cdiv, interpreting, launch
 
 _INTERPRET = interpreting()
@@ -105,17 +108,18 @@ def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool
 
 
 def hn_grid_buffer(n, ho, wo, margins, columns, dtype, device):
-    """Hn's padded grid [N*Hq*Wq, columns] with its margins zeroed; the prep kernel writes the
-    data rows (conv_bwd._hn_row)."""
+    """Hn's padded grid [N*Hq*Wq, columns], unwritten: conv_bwd's prep launch writes the data
+    rows (_hn_row) and zeroes the margin rows (:func:`hn_margin_rows` of them,
+    conv_bwd._zero_hn_margins)."""
     top, left = margins
-    hq, wq = ho + top, wo + left
-    hn = torch.empty((n * hq * wq, columns), dtype=dtype, device=device)
-    view = hn.view(n, hq, wq, columns)
-    if top:
-        view[:, :top].zero_()
-    if left:
-        view[:, top:, :left].zero_()
-    return hn
+    return torch.empty((n * (ho + top) * (wo + left), columns), dtype=dtype, device=device)
+
+
+def hn_margin_rows(n, ho, wo, margins) -> int:
+    """The rows of Hn's grid that are margins: TOP full rows and LEFT columns of the Ho data
+    rows, in each of the N images."""
+    top, left = margins
+    return n * (top * (wo + left) + ho * left)
 
 
 @triton.jit
@@ -222,10 +226,12 @@ def grid_dgrad(hn, w_hat, a_buf, x, dx, padding, dilation, flags, config=None):
 
 @triton.jit
 def _wgrad_grid_kernel(
-    part_ptr, hn_desc, x_desc,
+    part_ptr, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr,
     m_grid, w_q, c_out, cg_in, cg_out, c_pad, groups, n_split, rows_per_split,
-    top, left, slack, dil_h, dil_w,
+    top, left, slack, dil_h, dil_w, R, RED_PROGRAMS,
     KH: tl.constexpr, KW: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Stride-1 wgrad partials on the grids: sum over this split's grid rows p of
@@ -247,11 +253,19 @@ def _wgrad_grid_kernel(
     accumulator rows / columns.
     Scalars: Wq, C_out, C_in/G, C_out/G, Cp, G, n_split, rows a split (a multiple of BLOCK_M),
     top / left (Hn's margins), slack = top*Wq + left, dilation.
-    Grid: (cdiv(Og, BLOCK_O) * cdiv(C_in/G, BLOCK_CI), KH*KW, n_split * G).
+    The final level of the prep partials' column sums rides in this launch, as in
+    conv_bwd._wgrad_kernel (red_ptr [3, R, C_out], s_ptr, db_ptr, dk_ptr, RED_PROGRAMS,
+    NEED_S / NEED_DB / NEED_DK, EMULATE_RTNE, BLOCK_R, BLOCK_RC as there): programs past axis
+    2's n_split * G run conv_bwd._reduce_column_block.
+    Grid: (cdiv(Og, BLOCK_O) * cdiv(C_in/G, BLOCK_CI), KH*KW, n_split * G + E), E = the slices
+    the reduce programs need (0 without them).
     """
     pid_oc = tl.program_id(0)
     tap = tl.program_id(1)
     pid_sg = tl.program_id(2)
+    # a reduce program runs the GEMM part with an empty row range and no store (unbranched
+    # GEMM code, as conv_bwd._wgrad_kernel)
+    is_reduce = pid_sg >= n_split * groups
     split = pid_sg % n_split
     g = pid_sg // n_split
     n_ci_blocks = tl.cdiv(cg_in, BLOCK_CI)
@@ -259,7 +273,7 @@ def _wgrad_grid_kernel(
     ci0 = (pid_oc % n_ci_blocks) * BLOCK_CI
     x_shift = slack + tap_row_offset(tap, KW, dil_h, dil_w, w_q) - top * w_q - left
     m_start = split * rows_per_split
-    m_end = tl.minimum(m_start + rows_per_split, m_grid)
+    m_end = tl.where(is_reduce, m_start, tl.minimum(m_start + rows_per_split, m_grid))
     acc = tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         h_tile = hn_desc.load([m0, g * cg_out + o0])
@@ -272,7 +286,15 @@ def _wgrad_grid_kernel(
     offs_ci = ci0 + tl.arange(0, BLOCK_CI)
     dst = (((split * (KH * KW) + tap) * c_out + g * cg_out + offs_o).to(tl.int64)[:, None] * cg_in
            + offs_ci[None, :])
-    tl.store(part_ptr + dst, acc, mask=(offs_o < cg_out)[:, None] & (offs_ci < cg_in)[None, :])
+    tl.store(part_ptr + dst, acc,
+             mask=(offs_o < cg_out)[:, None] & (offs_ci < cg_in)[None, :] & (not is_reduce))
+    if is_reduce:
+        red = ((pid_sg - n_split * groups) * tl.num_programs(0) * tl.num_programs(1)
+               + tap * tl.num_programs(0) + pid_oc)
+        if red < RED_PROGRAMS:
+            _reduce_column_block(red_ptr, s_ptr, s_ptr, db_ptr, dk_ptr, red, 0, 1, R, c_out,
+                                 tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
+                                 EMULATE_RTNE, BLOCK_R, BLOCK_RC)
 
 
 def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dict:
@@ -286,49 +308,46 @@ def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dic
                 num_warps=4, num_stages=3)
 
 
-def stage_x_grid(x, groups, kernel, padding, dilation):
-    """``(x_grid, slack)``: x on the forward grid path's padded grid behind ``slack`` zero rows
-    (the wgrad's most negative tap shift; :func:`_wgrad_grid_kernel`), written by
-    conv_fwd_grid's preparation kernel (grid programs only), or x itself when it already is
-    that grid (conv_fwd_grid.direct_grid: an aligned channels_last 1x1 input, no slack)."""
+def x_grid_buffer(x, groups, kernel, padding, dilation):
+    """``(x_grid, slack, staged)``: the wgrad's x on the forward grid path's padded grid behind
+    ``slack`` zero rows (the most negative tap shift, :func:`_wgrad_grid_kernel`), as
+    [slack + N*Hq*Wq, G*Cp], unwritten (``staged``: conv_bwd's prep launch stages it with
+    conv_fwd_grid.stage_grid_rows); or x itself when it already is that grid
+    (conv_fwd_grid.direct_grid: an aligned channels_last 1x1 input, no slack; ``staged``
+    False)."""
     n, c_in, h, wd = x.shape
-    (ph, pw) = padding
-    cg_in = c_in // groups
-    c_pad = grid_channels(cg_in)
-    hq, wq = h + ph, wd + pw
-    m_grid = n * hq * wq
+    c_pad = grid_channels(c_in // groups)
     top, left = hn_margins(kernel, padding, dilation)
+    wq = wd + padding[1]
     slack = top * wq + left
     if slack == 0:
         direct = direct_grid(x, groups, padding, c_pad)
         if direct is not None:
-            return direct, 0
+            return direct, 0, False
+    m_grid = n * (h + padding[0]) * wq
     storage = torch.empty((slack + m_grid, groups * c_pad), dtype=x.dtype, device=x.device)
-    if slack:
-        storage[:slack].zero_()
-    # the rows only: no sums of squares, no filter programs
-    launch_grid_preparation(x, storage[slack:], None, groups, padding, (hq, wq), kernel,
-                            what=_WHAT)
-    return storage, slack
+    return storage, slack, True
 
 
-def grid_wgrad(hn, x, c_out, groups, kernel, padding, dilation, upcast):
+def grid_wgrad(hn, x_grid, slack, x, c_out, groups, kernel, padding, dilation, upcast,
+               reduction, reduction_flags):
     """``(partials [split, KH*KW, C_out, C_in/G] fp32, split)`` of the stride-1 wgrad from Hn on
-    its grid (conv_bwd's prep pass) and x staged onto the forward grid (:func:`stage_x_grid`);
-    conv_bwd._finalize_dw turns them into dw. conv_bwd's launcher has validated everything and
-    checked :func:`grid_backward_applies`."""
-    from .conv_bwd import _wgrad_split
-
+    its grid and x on its grid behind ``slack`` zero rows (:func:`x_grid_buffer`), both written
+    by conv_bwd's prep launch; conv_bwd._finalize_dw turns them into dw. ``reduction`` =
+    (red_ptr, s_ptr, db_ptr, dk_ptr, R) and ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK,
+    EMULATE_RTNE): the final level of the prep partials' sums, run by extra programs of this
+    launch (conv_bwd._wgrad_kernel's). conv_bwd's launcher has validated everything and checked
+    :func:`grid_backward_applies`."""
     n, c_in, h, wd = x.shape
     kh, kw = kernel
     cg_in, cg_out = c_in // groups, c_out // groups
     c_pad = grid_channels(cg_in)
-    hq, wq = h + padding[0], wd + padding[1]
-    m_grid = n * hq * wq
-    if hn.shape[0] != m_grid:
-        raise AssertionError(f"Hn grid has {hn.shape[0]} rows, expected {m_grid}")
+    wq = wd + padding[1]
+    m_grid = n * (h + padding[0]) * wq
+    if hn.shape[0] != m_grid or x_grid.shape[0] != slack + m_grid:
+        raise AssertionError(f"grids of {hn.shape[0]} / {x_grid.shape[0]} rows, expected "
+                             f"{m_grid} / {slack + m_grid}")
     top, left = hn_margins(kernel, padding, dilation)
-    x_grid, slack = stage_x_grid(x, groups, kernel, padding, dilation)
     cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
     bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
     base = groups * cdiv(cg_out, bo) * cdiv(cg_in, bci) * kh * kw
@@ -338,10 +357,18 @@ def grid_wgrad(hn, x, c_out, groups, kernel, padding, dilation, upcast):
     partials = torch.empty((split, kh * kw, c_out, cg_in), dtype=torch.float32, device=x.device)
     hn_desc = TensorDescriptor.from_tensor(hn, [bm, bo])
     x_desc = TensorDescriptor.from_tensor(x_grid, [bm, bci])
-    launch(_wgrad_grid_kernel, (cdiv(cg_out, bo) * cdiv(cg_in, bci), kh * kw, split * groups),
-           (partials, hn_desc, x_desc, m_grid, wq, c_out, cg_in, cg_out, c_pad, groups, split,
-            rows_per_split, top, left, slack, dilation[0], dilation[1]),
-           dict(KH=kh, KW=kw, UPCAST_DOT=upcast, **cfg), _WHAT)
+    red = REDUCE_CONFIG
+    red_ptr, s_ptr, db_ptr, dk_ptr, red_rows = reduction
+    folded = any(reduction_flags[key] for key in ("NEED_S", "NEED_DB", "NEED_DK"))
+    red_programs = cdiv(c_out, red["BLOCK_C"]) if folded else 0
+    grid = (cdiv(cg_out, bo) * cdiv(cg_in, bci), kh * kw, split * groups)
+    grid = grid[:2] + (grid[2] + cdiv(red_programs, grid[0] * grid[1]),)
+    launch(_wgrad_grid_kernel, grid,
+           (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, m_grid, wq, c_out, cg_in,
+            cg_out, c_pad, groups, split, rows_per_split, top, left, slack, dilation[0],
+            dilation[1], red_rows, red_programs),
+           dict(KH=kh, KW=kw, UPCAST_DOT=upcast, **reduction_flags, BLOCK_R=red["BLOCK_R"],
+                BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
     return partials, split
 
 
@@ -390,14 +417,17 @@ def aot_specs():
         bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
         example = dict(m_grid=32 * 57 * 57, w_q=57, c_out=cg, cg_in=cg, cg_out=cg, c_pad=cg,
                        groups=1, n_split=11, rows_per_split=9472, top=1, left=1, slack=58,
-                       dil_h=1, dil_w=1)
+                       dil_h=1, dil_w=1, R=400, RED_PROGRAMS=cg // REDUCE_CONFIG["BLOCK_C"])
         for dtype_name in ("fp16", "bf16"):
+            # with the folded reduction of S and db (conv_bwd's wgrad specs: _FOLDED_REDUCE)
             spec = _spec(f"conv_bwd_wgrad_grid_3x3_c{cg}_{bo}x{bci}x{bm}_{dtype_name}",
                          _wgrad_grid_kernel, dtype_name,
-                         dict(KH=3, KW=3, UPCAST_DOT=False, BLOCK_O=bo, BLOCK_CI=bci,
-                              BLOCK_M=bm), example, cfg["num_warps"], cfg["num_stages"],
-                         gemm=True)
-            spec["signature"].update(part_ptr="*fp32",
+                         dict(KH=3, KW=3, UPCAST_DOT=False, NEED_S=True, NEED_DB=True,
+                              NEED_DK=False, EMULATE_RTNE=False,
+                              BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"],
+                              BLOCK_O=bo, BLOCK_CI=bci, BLOCK_M=bm), example, cfg["num_warps"],
+                         cfg["num_stages"], gemm=True)
+            spec["signature"].update(part_ptr="*fp32", red_ptr="*fp32", s_ptr="*fp32",
                                      hn_desc=f"tensordesc<{dtype_name}[{bm},{bo}]>",
                                      x_desc=f"tensordesc<{dtype_name}[{bm},{bci}]>")
             specs.append(spec)

@@ -118,62 +118,83 @@ def grid_path_applies(x, w, stride, padding, dilation, out_hw, precision, patch_
 
 
 @triton.jit
+def stage_grid_rows(
+    x_ptr, grid_ptr, q_ptr, tile, g, lead, m_grid, hw_q, w_q, in_h, in_w, pad_h, pad_w,
+    c_in_per_group, c_pad, groups, stride_xn, stride_xc, stride_xh, stride_xw,
+    STAGE_X: tl.constexpr, STORE_Q: tl.constexpr, PIXELS_FAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Rows ``tile * BLOCK_P ..`` of a staged grid of group ``g``: ``lead`` zero rows, then the
+    grid (module docstring); grid row p = buffer row p + lead. If STAGE_X the rows (all Cp
+    channels; zeros on padding, in the lead rows and past C_in/G); if STORE_Q the grid rows'
+    sums of squares over the group's channels (fp32; 0 on padding).
+
+      x_ptr     [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh, stride_xw).
+      grid_ptr  [lead + M, G*Cp] contiguous, x's dtype (written iff STAGE_X).
+      q_ptr     [G, M] fp32 contiguous (written iff STORE_Q).
+    Scalars: M = m_grid = N*Hq*Wq, hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg = C_in/G, Cp, G.
+    PIXELS_FAST (conv_fwd.pixels_fast: x's channels not its contiguous axis, NCHW): x is read
+    through the transposed tile (epilogue.tile_ptrs), lanes along the pixels; the grid rows'
+    own source addresses show Triton no contiguity (padding gaps), so it would otherwise lay
+    the lanes across the channel planes, a 32-byte sector a lane."""
+    r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_buffer = r < lead + m_grid
+    # lead rows: grid row < 0, clamped to 0 for the (masked) index arithmetic
+    p = tl.maximum(r - lead, 0)
+    in_grid = in_buffer & (r >= lead)
+    img = p // hw_q
+    rem = p - img * hw_q
+    hi = rem // w_q - pad_h
+    wi = rem % w_q - pad_w
+    data = in_grid & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
+    src = (img.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh
+           + wi.to(tl.int64) * stride_xw)
+    dst = r.to(tl.int64) * (groups * c_pad) + g * c_pad
+    sumsq = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, c_pad if STAGE_X else c_in_per_group, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        chan = (g * c_in_per_group + offs_c).to(tl.int64) * stride_xc
+        v = load_tile(tile_ptrs(x_ptr, src, chan, PIXELS_FAST), data,
+                      offs_c < c_in_per_group, PIXELS_FAST)
+        if STAGE_X:
+            tl.store(grid_ptr + dst[:, None] + offs_c[None, :], v,
+                     mask=in_buffer[:, None] & (offs_c < c_pad)[None, :])
+        if STORE_Q:
+            vf = v.to(tl.float32)
+            sumsq += vf * vf
+    if STORE_Q:
+        tl.store(q_ptr + g.to(tl.int64) * m_grid + p, tl.sum(sumsq, axis=1), mask=in_grid)
+
+
+@triton.jit
 def _prepare_grid_kernel(
     x_ptr, grid_ptr, q_ptr, w_ptr, packed_ptr, sqnorm_ptr,
     n_grid_programs, m_grid, hw_q, w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad, groups,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wc, stride_wh, stride_ww,
-    KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr, STORE_Q: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr,
     WRITE_PACKED: tl.constexpr, PIXELS_FAST: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The grid path's preparation, one launch; 1-D grid of ``n_grid_programs + C_out``:
 
     * pid < n_grid_programs (= cdiv(M, BLOCK_P) * G, group fastest): BLOCK_P grid rows of group
-      ``pid % G``: if STORE_Q, q[g, p] = sum over the group's channels of x^2 (fp32; 0 on
-      padding) and, if STAGE_X, the rows themselves (all Cp channels, zeros on padding and
-      past C_in/G; the wgrad grid of conv_bwd_grid stages without q);
+      ``pid % G`` (:func:`stage_grid_rows`, no lead rows): q[g, p] = sum over the group's
+      channels of x^2 (fp32; 0 on padding) and, if STAGE_X, the rows themselves;
     * pid >= n_grid_programs: filter ``pid - n_grid_programs`` (conv_fwd._pack_filter).
 
     Pointers (Cg = C_in/G, Cp = c_pad, M = m_grid = N*Hq*Wq):
-      x_ptr       [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh, stride_xw).
-      grid_ptr    [M, G*Cp] contiguous, x's dtype: the staged grid, written iff STAGE_X (else
-                  any output).
-      q_ptr       [G, M] fp32 contiguous, written iff STORE_Q (else any output).
+      x_ptr, grid_ptr, q_ptr: as :func:`stage_grid_rows` (grid_ptr [M, G*Cp], written iff
+                  STAGE_X, else any output; q_ptr [G, M] fp32 always written).
       w_ptr, packed_ptr, sqnorm_ptr: as conv_fwd._prepare_operands_kernel (packed with Cp).
-    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G.
-    PIXELS_FAST (conv_fwd.pixels_fast: x's channels not its contiguous axis, NCHW): x is read
-    through the transposed tile (epilogue.tile_ptrs), lanes along the pixels; the grid rows'
-    own source addresses show Triton no contiguity (padding gaps), so it would otherwise lay
-    the lanes across the channel planes, a 32-byte sector a lane.
+    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G. PIXELS_FAST: as there.
     """
     pid = tl.program_id(0)
     if pid < n_grid_programs:
-        g = pid % groups
-        p = (pid // groups) * BLOCK_P + tl.arange(0, BLOCK_P)
-        in_grid = p < m_grid
-        img = p // hw_q
-        rem = p - img * hw_q
-        hi = rem // w_q - pad_h
-        wi = rem % w_q - pad_w
-        data = in_grid & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
-        src = (img.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh
-               + wi.to(tl.int64) * stride_xw)
-        dst = p.to(tl.int64) * (groups * c_pad) + g * c_pad
-        sumsq = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for c0 in range(0, c_pad if STAGE_X else c_in_per_group, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            chan = (g * c_in_per_group + offs_c).to(tl.int64) * stride_xc
-            v = load_tile(tile_ptrs(x_ptr, src, chan, PIXELS_FAST), data,
-                          offs_c < c_in_per_group, PIXELS_FAST)
-            if STAGE_X:
-                tl.store(grid_ptr + dst[:, None] + offs_c[None, :], v,
-                         mask=in_grid[:, None] & (offs_c < c_pad)[None, :])
-            if STORE_Q:
-                vf = v.to(tl.float32)
-                sumsq += vf * vf
-        if STORE_Q:
-            tl.store(q_ptr + g.to(tl.int64) * m_grid + p, tl.sum(sumsq, axis=1), mask=in_grid)
+        stage_grid_rows(x_ptr, grid_ptr, q_ptr, pid // groups, pid % groups, 0, m_grid, hw_q,
+                        w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad, groups,
+                        stride_xn, stride_xc, stride_xh, stride_xw, STAGE_X, True, PIXELS_FAST,
+                        BLOCK_P, BLOCK_C)
     else:
         _pack_filter(w_ptr, packed_ptr, sqnorm_ptr, (pid - n_grid_programs).to(tl.int64),
                      c_in_per_group, c_pad, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
@@ -321,12 +342,11 @@ def direct_grid(x, groups, padding, c_pad):
     return x.permute(0, 2, 3, 1).reshape(n * h * wd, c_in)
 
 
-def launch_grid_preparation(x, grid_out, q, groups, padding, pitches, kernel, filters=None,
-                            what=_WHAT):
+def launch_grid_preparation(x, grid_out, q, groups, padding, pitches, kernel, filters):
     """One launch of :func:`_prepare_grid_kernel`: x onto ``grid_out`` [N*Hq*Wq, G*Cp] (None: x
-    is the grid already, read in place), each grid row's sum of squares into ``q`` [G, M]
-    (None: not computed), and with ``filters`` = (w, packed, sqnorm, write_packed) the filter
-    programs (conv_fwd._pack_filter); ``pitches`` = (Hq, Wq)."""
+    is the grid already, read in place), each grid row's sum of squares into ``q`` [G, M] and
+    the filter programs (conv_fwd._pack_filter) with ``filters`` = (w, packed, sqnorm,
+    write_packed); ``pitches`` = (Hq, Wq)."""
     n, c_in, h, wd = x.shape
     c_in_g = c_in // groups
     c_pad = grid_channels(c_in_g)
@@ -334,21 +354,22 @@ def launch_grid_preparation(x, grid_out, q, groups, padding, pitches, kernel, fi
     m_grid = n * hq * wq
     cfg = PREP_CONFIG
     n_grid_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
-    if filters is None:   # no filter programs: their pointers are never touched
-        spare = grid_out if grid_out is not None else q
-        w, packed, sqnorm, write_packed, n_filters, w_strides = x, spare, spare, False, 0, (0,) * 4
-    else:
-        w, packed, sqnorm, write_packed = filters
-        n_filters, w_strides = w.shape[0], w.stride()
+    w, packed, sqnorm, write_packed = filters
     # outputs never alias an input (torch.compile's mutation analysis): unused ones get sqnorm
-    launch(_prepare_grid_kernel, (n_grid_programs + n_filters,),
-           (x, grid_out if grid_out is not None else sqnorm, q if q is not None else sqnorm, w,
-            packed, sqnorm, n_grid_programs, m_grid, hq * wq, wq, h, wd, padding[0], padding[1],
-            c_in_g, c_pad, groups, *x.stride(), *w_strides),
-           dict(KH=kernel[0], KW=kernel[1], STAGE_X=grid_out is not None, STORE_Q=q is not None,
+    launch(_prepare_grid_kernel, (n_grid_programs + w.shape[0],),
+           (x, grid_out if grid_out is not None else sqnorm, q, w, packed, sqnorm,
+            n_grid_programs, m_grid, hq * wq, wq, h, wd, padding[0], padding[1], c_in_g, c_pad,
+            groups, *x.stride(), *w.stride()),
+           dict(KH=kernel[0], KW=kernel[1], STAGE_X=grid_out is not None,
                 WRITE_PACKED=write_packed, PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"],
-                BLOCK_P=cfg["BLOCK_P"], BLOCK_C=min(cfg["BLOCK_C"], next_pow2(c_pad)),
-                num_warps=cfg["num_warps"]), what)
+                BLOCK_P=cfg["BLOCK_P"], BLOCK_C=grid_stage_block_c(c_pad),
+                num_warps=cfg["num_warps"]), _WHAT)
+
+
+def grid_stage_block_c(c_pad: int) -> int:
+    """Channels a step of :func:`stage_grid_rows`: at most PREP_CONFIG's, a power of two
+    (Cp = 48 takes 64, its last 16 masked)."""
+    return min(PREP_CONFIG["BLOCK_C"], next_pow2(c_pad))
 
 
 def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config=None):
@@ -440,15 +461,12 @@ def aot_specs():
                                      w_desc=f"tensordesc<{dtype_name}[{bn},{bk}]>")
             specs.append(spec)
     for dtype_name in ("fp16", "bf16", "fp32"):
-        # staging a channels_last input, an NCHW one (read along the pixels), the q pass
-        # alone (an aligned 1x1 input read in place), and the staging alone (conv_bwd_grid's
-        # wgrad: no q)
-        for label, stage, store_q, nchw in (("_stage", True, True, False),
-                                            ("_stage_nchw", True, True, True),
-                                            ("", False, True, False),
-                                            ("_stage_noq", True, False, False)):
-            constexprs = dict(KH=3, KW=3, STAGE_X=stage, STORE_Q=store_q, WRITE_PACKED=True,
-                              PIXELS_FAST=nchw,
+        # staging a channels_last input, an NCHW one (read along the pixels), and the q pass
+        # alone (an aligned 1x1 input read in place); conv_bwd's prep kernel stages the wgrad's
+        # grid (conv_bwd_prep_*_gridx_*)
+        for label, stage, nchw in (("_stage", True, False), ("_stage_nchw", True, True),
+                                   ("", False, False)):
+            constexprs = dict(KH=3, KW=3, STAGE_X=stage, WRITE_PACKED=True, PIXELS_FAST=nchw,
                               BLOCK=PREP_CONFIG["BLOCK"], BLOCK_P=PREP_CONFIG["BLOCK_P"],
                               BLOCK_C=PREP_CONFIG["BLOCK_C"])
             example = (dict(_PREP_EXAMPLE, stride_xc=56 * 56, stride_xh=56, stride_xw=1)

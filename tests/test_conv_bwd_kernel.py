@@ -1059,6 +1059,24 @@ GRID_DGRAD_CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_grid_buffers(monkeypatch):
+    """The grids come unwritten from their allocators; the prep launch writes every row (data,
+    Hn's zero margins, x's zero padding and lead rows). NaN-filled here, so that a row it
+    misses shows in the gradients instead of whatever the allocator handed out."""
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            out = allocate(*args, **kwargs)
+            buffer = out[0] if isinstance(out, tuple) else out
+            staged = out[2] if isinstance(out, tuple) else True
+            if staged:
+                buffer.fill_(float("nan"))
+            return out
+        return allocate_poisoned
+    for name in ("hn_grid_buffer", "x_grid_buffer"):
+        monkeypatch.setattr(conv_bwd_grid, name, poisoned(getattr(conv_bwd_grid, name)))
+
+
 def _grid_kernel(dy, inp, c, r_x, monkeypatch, mask=ALL, wgrad_grid=True):
     """sphere_conv2d_bwd with the grid dgrad (and the grid wgrad, or the implicit-GEMM wgrad
     reading the gridded Hn) forced, asserting that they ran."""
@@ -1168,6 +1186,35 @@ def test_grid_backward_one_gradient(mask, monkeypatch):
                             channels_last=True)
     out = _grid_kernel(dy, inp, c, r_x, monkeypatch, mask=mask)
     _check_all(out, dy, inp, c, r_x, torch.bfloat16, 1.5e-2, 2.0 ** -7, mask)
+
+
+def test_grid_backward_launches_and_folded_reduction(monkeypatch):
+    """The grid backward issues the implicit-GEMM one's launches: the prep launch (Hn onto its
+    grid with zero margins, x onto the wgrad's grid behind its zero lead rows, in the same
+    grid), the dgrad, the wgrad with the final level of the prep partials' sums in extra
+    programs (two slices here: 16 channel blocks, 9 programs a slice), the finalize. db and dk
+    are bitwise the implicit-GEMM backward's (the same fixed-order sums)."""
+    from sphereops_kernels import conv_fwd_grid
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_C", 4)   # 64 channels: 16 blocks
+    launched = []
+    for module, name in ((conv_bwd, "_launch"), (conv_bwd_grid, "launch"),
+                         (conv_fwd_grid, "launch")):
+        def record(kernel, grid, args, *rest, real=getattr(module, name), **kwargs):
+            launched.append((getattr(kernel, "fn", kernel).__name__, grid, args))
+            return real(kernel, grid, args, *rest, **kwargs)
+        monkeypatch.setattr(module, name, record)
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="sigmoid", c_in=64, c_out=64, groups=4,
+                            h=5, w=6)
+    out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+    assert [name for name, _, _ in launched] == [
+        "_prep_kernel", "_dgrad_grid_kernel", "_wgrad_grid_kernel", "_dw_finalize_kernel"]
+    _, grid, args = launched[2]
+    args = dict(zip(conv_bwd_grid._wgrad_grid_kernel.arg_names, args))
+    assert args["RED_PROGRAMS"] == 16 and grid[0] * grid[1] == 9
+    assert grid[2] == args["n_split"] * 4 + 2
+    _check_all(out, dy, inp, c, r_x, torch.bfloat16, 1.5e-2, 2.0 ** -7)
+    implicit = _kernel(dy, inp, c, r_x)
+    assert torch.equal(out[2], implicit[2]) and torch.equal(out[3], implicit[3])
 
 
 def test_grid_dgrad_every_gpu_config(monkeypatch):
