@@ -438,11 +438,11 @@ def _prep_kernel(
         if STAGE_GRID:
             ho = HoWo // Wo
             in_h = HW_IN // W_IN
-            stage_grid_rows(x_ptr, xs_ptr, xs_ptr, t, g, grid_lead,
-                            (M // HoWo) * (ho + HN_TOP) * (Wo + HN_LEFT),
+            m_grid = (M // HoWo) * (ho + HN_TOP) * (Wo + HN_LEFT)
+            stage_grid_rows(x_ptr, xs_ptr, xs_ptr, t, g, grid_lead, m_grid, m_grid, 1,
                             (ho + HN_TOP) * (Wo + HN_LEFT), Wo + HN_LEFT, in_h, W_IN,
                             ho + HN_TOP - in_h, Wo + HN_LEFT - W_IN, CG_IN, grid_cp, G,
-                            stride_xn, stride_xc, stride_xh, stride_xw, True, False,
+                            stride_xn, stride_xc, stride_xh, stride_xw, 1, 1, True, False,
                             X_PIXELS_FAST, BLOCK_P, BLOCK_CX)
     else:
         if HN_TOP + HN_LEFT > 0:

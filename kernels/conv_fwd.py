@@ -1094,7 +1094,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     if grid_path and conv_fwd_grid().grid_path_applies(x, w, (sh, sw), (ph, pw), (dh, dw),
                                                        (ho, wo), precision, grid_norms):
         conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,
-                                     (ph, pw), (dh, dw), eps, flags, config)
+                                     (sh, sw), (ph, pw), (dh, dw), eps, flags, config)
         return y, c, r_x
     # one launch before the conv kernel: the filters in K order (kh, kw, c) -- a no-op for
     # channels_last weights -- and their squared norms, plus the GEMM kernel's patch-norm

@@ -1,4 +1,4 @@
-"""SphereConv2d forward for stride-1 convs as a plain TMA GEMM over a padded pixel grid.
+"""SphereConv2d forward as a plain TMA GEMM over a padded pixel grid (phase planes at stride > 1).
 
 The implicit-GEMM kernel of ``conv_fwd`` gathers its input tile with one address per row and a
 padding mask per step; Triton can then only pipeline it through ``cp.async`` with the address
@@ -22,6 +22,17 @@ pixel (Hq*Wq - Ho*Wo of every image: 3.5% at 56x56, 15% at 14x14, 27% at 8x8 for
 "same" conv) are computed and dropped, and the input is written once more (the staging pass,
 merged with the pre-pass norms and the filter packing in one launch).
 
+At stride (SH, SW) > 1 a tap's rows are no longer one box of such a grid (the window origins of
+neighbouring outputs lie SW pixels apart), so the input is split by phase: plane (a, b) holds
+the padded input's pixels (i*SH + a, j*SW + b), Hq = Ho + (KH-1)*DH // SH rows of Wq = Wo +
+(KW-1)*DW // SW, all planes stacked in one grid [planes*N*Hq*Wq, G*Cp]. Tap (r, s) of output
+(n, ho, wo) is pixel (ho*SH + r*DH, wo*SW + s*DW) of the padded input, i.e. row (ho + r*DH //
+SH, wo + s*DW // SW) of plane (r*DH % SH, s*DW % SW): again one offset for every row of a tile
+(:func:`strided_tap_row_offset`). Each plane keeps its own zero columns (the shared runs of
+stride 1 would put a window's overrun on another phase); the planes together hold about the
+input's pixels once (a 1x1 filter reads one plane: only it is staged), and the rows computed and
+dropped, Hq*Wq - Ho*Wo an image, are 13% more MMA work for a 3x3 stride-2 conv at 32x32 -> 16x16.
+
 * ``_prepare_grid_kernel`` -- one launch: grid rows (the staged input and each row's channel
   sum of squares q, zeros on padding) and, in the same 1-D grid, the filters (conv_fwd's
   ``_pack_filter``: packed with Cp channels a tap, squared norms).
@@ -29,7 +40,7 @@ merged with the pre-pass norms and the filter packing in one launch).
   r_x from the KH x KW box sum of q (mask-free offsets on the grid), c, g(c), bias, stores at
   the rows that are output pixels.
 
-Chosen by ``conv_fwd`` for stride-1 convs with C_in/G >= 16 in 16-bit or tf32 when
+Chosen by ``conv_fwd`` for convs with C_in/G >= 16 in 16-bit or tf32 when
 ``SPHEREOPS_FWD_GRID=1`` (off by default until a GPU run has checked and timed it: the
 interpreter tests cover its numerics, the AOT check its compile; see :func:`grid_path_applies`).
 """
@@ -78,8 +89,24 @@ def grid_channels(c_in_per_group: int) -> int:
 
 
 def grid_pitches(h, w, ph, pw, ho, wo):
-    """``(Hq, Wq)``: rows an image and columns a row of the padded grid (module docstring)."""
+    """``(Hq, Wq)``: rows an image and columns a row of the stride-1 padded grid (module
+    docstring)."""
     return max(h + ph, ho), max(w + pw, wo)
+
+
+def strided_grid_geometry(x_hw, out_hw, kernel, stride, padding, dilation):
+    """``(Hq, Wq, planes_h, planes_w)`` of the grid for a conv (module docstring): at stride 1
+    :func:`grid_pitches` and one plane. Else one plane a phase (a, b) of the padded input that
+    a tap reads (planes_h = SH unless the filter has one row, then 1; likewise planes_w), each
+    with rows Hq = Ho + (KH-1)*DH // SH of Wq = Wo + (KW-1)*DW // SW columns, so that an output
+    pixel's every tap lands inside its own image's plane (no shared padding runs: a window
+    past a plane row's end would land on another phase)."""
+    (h, w), (ho, wo), (kh, kw) = x_hw, out_hw, kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    if (sh, sw) == (1, 1):
+        return (*grid_pitches(h, w, ph, pw, ho, wo), 1, 1)
+    return (ho + (kh - 1) * dh // sh, wo + (kw - 1) * dw // sw,
+            sh if kh > 1 else 1, sw if kw > 1 else 1)
 
 
 _TMA_BY_DEVICE = {}
@@ -95,14 +122,14 @@ def has_tma(device) -> bool:
 
 
 def grid_path_applies(x, w, stride, padding, dilation, out_hw, precision, patch_norms) -> bool:
-    """Whether a conv can take the grid path: stride 1, C_in/G >= 16 (the channel-chunk
+    """Whether a conv can take the grid path: any stride, C_in/G >= 16 (the channel-chunk
     loop), 16-bit or tf32 (exact fp32 runs its dot on the FMA units, operands in registers:
     the conv_fwd kernel's tiles suit it better), pre-pass patch norms (the path has no in-loop
     variant), host-side tensor descriptors in this triton and TMA on the GPU (Hopper on: Triton
     lowers descriptor loads to plain loads before it, where this kernel spills -- sm_80 128 x
     128 x 64, docs/aot_table.md), and the grid's rows plus a window's reach and a tile within
     int32."""
-    if TensorDescriptor is None or tuple(stride) != (1, 1) or patch_norms != "prepass":
+    if TensorDescriptor is None or patch_norms != "prepass":
         return False
     if x.is_cuda and not has_tma(x.device):
         return False
@@ -112,17 +139,19 @@ def grid_path_applies(x, w, stride, padding, dilation, out_hw, precision, patch_
     _, c_in_g, kh, kw = w.shape
     if c_in_g < _CHANNEL_CHUNK_MIN:
         return False
-    hq, wq = grid_pitches(h, wd, padding[0], padding[1], *out_hw)
+    hq, wq, planes_h, planes_w = strided_grid_geometry((h, wd), out_hw, (kh, kw), stride,
+                                                       padding, dilation)
     reach = (kh - 1) * dilation[0] * wq + (kw - 1) * dilation[1] + 256
-    return n * hq * wq + reach < 2 ** 31
+    return planes_h * planes_w * n * hq * wq + reach < 2 ** 31
 
 
 @triton.jit
 def stage_grid_rows(
-    x_ptr, grid_ptr, q_ptr, tile, g, lead, m_grid, hw_q, w_q, in_h, in_w, pad_h, pad_w,
-    c_in_per_group, c_pad, groups, stride_xn, stride_xc, stride_xh, stride_xw,
-    STAGE_X: tl.constexpr, STORE_Q: tl.constexpr, PIXELS_FAST: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, grid_ptr, q_ptr, tile, g, lead, m_grid, m_plane, planes_w, hw_q, w_q, in_h, in_w,
+    pad_h, pad_w, c_in_per_group, c_pad, groups, stride_xn, stride_xc, stride_xh, stride_xw,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, STAGE_X: tl.constexpr,
+    STORE_Q: tl.constexpr, PIXELS_FAST: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Rows ``tile * BLOCK_P ..`` of a staged grid of group ``g``: ``lead`` zero rows, then the
     grid (module docstring); grid row p = buffer row p + lead. If STAGE_X the rows (all Cp
@@ -132,7 +161,11 @@ def stage_grid_rows(
       x_ptr     [N, G*Cg, H, W] input, any strides (stride_xn, stride_xc, stride_xh, stride_xw).
       grid_ptr  [lead + M, G*Cp] contiguous, x's dtype (written iff STAGE_X).
       q_ptr     [G, M] fp32 contiguous (written iff STORE_Q).
-    Scalars: M = m_grid = N*Hq*Wq, hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg = C_in/G, Cp, G.
+    Scalars: M = m_grid = planes * m_plane, m_plane = N*Hq*Wq, hw_q = Hq*Wq, w_q = Wq, H, W,
+    PH, PW, Cg = C_in/G, Cp, G. At stride 1 one plane (m_plane = M, planes_w unread): grid
+    row (n, i, j) holds pixel (i - PH, j - PW). Else (STRIDE_H, STRIDE_W) the M rows are planes
+    of m_plane rows, plane a * planes_w + b holding the phase (a, b) of the padded input: its
+    row (n, i, j) is pixel (i*SH + a - PH, j*SW + b - PW) (:func:`strided_grid_geometry`).
     PIXELS_FAST (conv_fwd.pixels_fast: x's channels not its contiguous axis, NCHW): x is read
     through the transposed tile (epilogue.tile_ptrs), lanes along the pixels; the grid rows'
     own source addresses show Triton no contiguity (padding gaps), so it would otherwise lay
@@ -142,10 +175,19 @@ def stage_grid_rows(
     # lead rows: grid row < 0, clamped to 0 for the (masked) index arithmetic
     p = tl.maximum(r - lead, 0)
     in_grid = in_buffer & (r >= lead)
-    img = p // hw_q
-    rem = p - img * hw_q
-    hi = rem // w_q - pad_h
-    wi = rem % w_q - pad_w
+    if STRIDE_H * STRIDE_W == 1:
+        img = p // hw_q
+        rem = p - img * hw_q
+        hi = rem // w_q - pad_h
+        wi = rem % w_q - pad_w
+    else:
+        plane = p // m_plane
+        pp = p - plane * m_plane
+        img = pp // hw_q
+        rem = pp - img * hw_q
+        a = plane // planes_w
+        hi = (rem // w_q) * STRIDE_H + a - pad_h
+        wi = (rem % w_q) * STRIDE_W + (plane - a * planes_w) - pad_w
     data = in_grid & (hi >= 0) & (hi < in_h) & (wi >= 0) & (wi < in_w)
     src = (img.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh
            + wi.to(tl.int64) * stride_xw)
@@ -169,10 +211,11 @@ def stage_grid_rows(
 @triton.jit
 def _prepare_grid_kernel(
     x_ptr, grid_ptr, q_ptr, w_ptr, packed_ptr, sqnorm_ptr,
-    n_grid_programs, m_grid, hw_q, w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad, groups,
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    n_grid_programs, m_grid, m_plane, planes_w, hw_q, w_q, in_h, in_w, pad_h, pad_w,
+    c_in_per_group, c_pad, groups, stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wc, stride_wh, stride_ww,
-    KH: tl.constexpr, KW: tl.constexpr, STAGE_X: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    STAGE_X: tl.constexpr,
     WRITE_PACKED: tl.constexpr, PIXELS_FAST: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -183,18 +226,19 @@ def _prepare_grid_kernel(
       channels of x^2 (fp32; 0 on padding) and, if STAGE_X, the rows themselves;
     * pid >= n_grid_programs: filter ``pid - n_grid_programs`` (conv_fwd._pack_filter).
 
-    Pointers (Cg = C_in/G, Cp = c_pad, M = m_grid = N*Hq*Wq):
+    Pointers (Cg = C_in/G, Cp = c_pad, M = m_grid = planes * N*Hq*Wq):
       x_ptr, grid_ptr, q_ptr: as :func:`stage_grid_rows` (grid_ptr [M, G*Cp], written iff
                   STAGE_X, else any output; q_ptr [G, M] fp32 always written).
       w_ptr, packed_ptr, sqnorm_ptr: as conv_fwd._prepare_operands_kernel (packed with Cp).
-    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G. PIXELS_FAST: as there.
+    Scalars: m_plane = N*Hq*Wq, planes_w, hw_q = Hq*Wq, w_q = Wq, H, W, PH, PW, Cg, Cp, G;
+    strides and PIXELS_FAST: as :func:`stage_grid_rows`.
     """
     pid = tl.program_id(0)
     if pid < n_grid_programs:
-        stage_grid_rows(x_ptr, grid_ptr, q_ptr, pid // groups, pid % groups, 0, m_grid, hw_q,
-                        w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad, groups,
-                        stride_xn, stride_xc, stride_xh, stride_xw, STAGE_X, True, PIXELS_FAST,
-                        BLOCK_P, BLOCK_C)
+        stage_grid_rows(x_ptr, grid_ptr, q_ptr, pid // groups, pid % groups, 0, m_grid, m_plane,
+                        planes_w, hw_q, w_q, in_h, in_w, pad_h, pad_w, c_in_per_group, c_pad,
+                        groups, stride_xn, stride_xc, stride_xh, stride_xw, STRIDE_H, STRIDE_W,
+                        STAGE_X, True, PIXELS_FAST, BLOCK_P, BLOCK_C)
     else:
         _pack_filter(w_ptr, packed_ptr, sqnorm_ptr, (pid - n_grid_programs).to(tl.int64),
                      c_in_per_group, c_pad, stride_wo, stride_wc, stride_wh, stride_ww, KH, KW,
@@ -207,6 +251,24 @@ def tap_row_offset(tap, KW: tl.constexpr, dil_h, dil_w, w_q):
     r*DH*Wq + s*DW, the same for every row of a tile."""
     r = tap // KW
     return r * dil_h * w_q + (tap - r * KW) * dil_w
+
+
+@triton.jit
+def strided_tap_row_offset(tap, KW: tl.constexpr, STRIDE_H: tl.constexpr,
+                           STRIDE_W: tl.constexpr, dil_h, dil_w, w_q, plane_rows_h,
+                           plane_rows_w):
+    """:func:`tap_row_offset` on a strided grid: tap (r, s) reads phase plane (u % SH, v % SW)
+    (u = r*DH, v = s*DW) at rows (u // SH, v // SW) on, the plane (a, b) beginning at grid row
+    a * plane_rows_h + b * plane_rows_w (= (a * planes_w + b) * N*Hq*Wq)."""
+    if STRIDE_H * STRIDE_W == 1:
+        offset = tap_row_offset(tap, KW, dil_h, dil_w, w_q)
+    else:
+        r = tap // KW
+        u = r * dil_h
+        v = (tap - r * KW) * dil_w
+        offset = ((u % STRIDE_H) * plane_rows_h + (u // STRIDE_H) * w_q
+                  + (v % STRIDE_W) * plane_rows_w + v // STRIDE_W)
+    return offset
 
 
 @triton.jit
@@ -232,28 +294,34 @@ def grid_row_pixels(rows, m_grid, hw_q, w_q, h_lim, w_lim):
 @triton.jit
 def _sphere_conv_fwd_grid_kernel(
     y_ptr, x_desc, w_desc, w_sqnorm_ptr, bias_ptr, k_ptr, c_ptr, rx_ptr, q_ptr,
-    m_grid, hw_q, w_q, c_out_per_group, c_pad, groups, out_h, out_w,
-    stride_yn, stride_yc, stride_yh, stride_yw, dil_h, dil_w, eps,
-    KH: tl.constexpr, KW: tl.constexpr, OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    m_grid, m_total, plane_rows_h, plane_rows_w, hw_q, w_q, c_out_per_group, c_pad, groups,
+    out_h, out_w, stride_yn, stride_yc, stride_yh, stride_yw, dil_h, dil_w, eps,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     STORE_C: tl.constexpr, OUT_PIXELS_FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Stride-1 SphereConv2d forward on the padded grid; program = (group, M tile, N tile).
+    """SphereConv2d forward on the padded grid; program = (group, M tile, N tile) over the
+    first plane's rows (those of the output pixels).
 
-    Descriptors and pointers (Cp = c_pad, a multiple of BLOCK_K; Og = C_out/G; M = m_grid):
-      x_desc     TMA descriptor of the grid [M, G*Cp] (row pitch G*Cp), block [BLOCK_M, BLOCK_K].
+    Descriptors and pointers (Cp = c_pad, a multiple of BLOCK_K; Og = C_out/G; M = m_grid =
+    N*Hq*Wq rows a plane, m_total = planes * M rows in all: one plane at stride 1):
+      x_desc     TMA descriptor of the grid [m_total, G*Cp] (row pitch G*Cp), block
+                 [BLOCK_M, BLOCK_K].
       w_desc     TMA descriptor of the packed filters [C_out, KH*KW*Cp] (contiguous), block
                  [BLOCK_N, BLOCK_K].
       w_sqnorm_ptr, bias_ptr, k_ptr, y_ptr, c_ptr, rx_ptr: as conv_fwd._sphere_conv_fwd_kernel
                  (y and c [N, C_out, Ho, Wo] with strides (stride_yn, stride_yc, stride_yh,
                  stride_yw); rx [N, G, Ho, Wo] fp32 contiguous).
-      q_ptr      [G, M] fp32 contiguous: each grid row's sum of squares (0 on padding).
-    Scalars: hw_q = Hq*Wq, w_q = Wq, Og, Cp, G, Ho, Wo, dilation, eps.
+      q_ptr      [G, m_total] fp32 contiguous: each grid row's sum of squares (0 on padding).
+    Scalars: plane_rows_h / plane_rows_w = the rows between phase planes a and a + 1 / b and
+    b + 1 (:func:`strided_tap_row_offset`; unread at stride 1), hw_q = Hq*Wq, w_q = Wq, Og,
+    Cp, G, Ho, Wo, dilation, eps. STRIDE_H, STRIDE_W: the conv's stride.
     Constexprs: as conv_fwd._sphere_conv_fwd_kernel (the pre-pass norms and the channel-chunk
       loop always; offsets int32: the launcher keeps M plus the window's reach below 2^31).
 
-    A box row past M reads zeros (TMA's out-of-bounds fill). Filter rows of the next group (an
+    A box row past m_total reads zeros (TMA's out-of-bounds fill). Filter rows of the next group (an
     N tile past Og) and of no filter (past C_out: zeros) only reach columns the epilogue drops.
     """
     g, pid_m, pid_n = gemm_tile_of_program(tl.program_id(0), groups, m_grid, c_out_per_group,
@@ -266,7 +334,9 @@ def _sphere_conv_fwd_grid_kernel(
     tap = 0
     c0 = 0
     for it in range(0, KH * KW * n_chunks):
-        x_tile = x_desc.load([p0 + tap_row_offset(tap, KW, dil_h, dil_w, w_q), x_col + c0])
+        x_tile = x_desc.load([p0 + strided_tap_row_offset(tap, KW, STRIDE_H, STRIDE_W, dil_h,
+                                                          dil_w, w_q, plane_rows_h,
+                                                          plane_rows_w), x_col + c0])
         w_tile = w_desc.load([w_row, tap * c_pad + c0])
         if UPCAST_DOT:   # the interpreter's bf16 dot is wrong (conv_fwd)
             acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32).T, acc,
@@ -277,11 +347,17 @@ def _sphere_conv_fwd_grid_kernel(
 
     rows = p0 + tl.arange(0, BLOCK_M)
     img, ho, wo, mask_m = grid_row_pixels(rows, m_grid, hw_q, w_q, out_h, out_w)
-    q_rows = q_ptr + g.to(tl.int64) * m_grid
+    q_rows = q_ptr + g.to(tl.int64) * m_total
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in range(KH * KW):
-        pos = rows + (t // KW) * dil_h * w_q + (t % KW) * dil_w
-        sumsq += tl.load(q_rows + pos, mask=mask_m & (pos < m_grid), other=0.0)
+        if STRIDE_H * STRIDE_W == 1:
+            # this form, not tap_row_offset's: with it ptxas serialises the K loop's wgmmas
+            # (C7515, accumulator registers redefined inside the pipeline; triton 3.6 and 3.9)
+            pos = rows + (t // KW) * dil_h * w_q + (t % KW) * dil_w
+        else:
+            pos = rows + strided_tap_row_offset(t, KW, STRIDE_H, STRIDE_W, dil_h, dil_w, w_q,
+                                                plane_rows_h, plane_rows_w)
+        sumsq += tl.load(q_rows + pos, mask=mask_m & (pos < m_total), other=0.0)
     r_x = tl.sqrt(sumsq + eps)
     out_row = (img.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                + wo.to(tl.int64) * stride_yw)
@@ -326,7 +402,8 @@ def launch_tma_kernel(autotuned, kernel, config, descriptors, set_block_shapes, 
 
 _sphere_conv_fwd_grid_autotuned = autotune_tma_kernel(
     _sphere_conv_fwd_grid_kernel, conv_fwd_grid_configs(interpreter=_INTERPRET),
-    ["m_grid", "c_out_per_group", "c_pad", "KH", "KW"], prune_conv_fwd_grid_configs,
+    ["m_grid", "c_out_per_group", "c_pad", "KH", "KW", "STRIDE_H", "STRIDE_W"],
+    prune_conv_fwd_grid_configs,
     _set_block_shapes)
 
 
@@ -342,25 +419,28 @@ def direct_grid(x, groups, padding, c_pad):
     return x.permute(0, 2, 3, 1).reshape(n * h * wd, c_in)
 
 
-def launch_grid_preparation(x, grid_out, q, groups, padding, pitches, kernel, filters):
-    """One launch of :func:`_prepare_grid_kernel`: x onto ``grid_out`` [N*Hq*Wq, G*Cp] (None: x
-    is the grid already, read in place), each grid row's sum of squares into ``q`` [G, M] and
-    the filter programs (conv_fwd._pack_filter) with ``filters`` = (w, packed, sqnorm,
-    write_packed); ``pitches`` = (Hq, Wq)."""
+def launch_grid_preparation(x, grid_out, q, groups, stride, padding, geometry, kernel,
+                            filters):
+    """One launch of :func:`_prepare_grid_kernel`: x onto ``grid_out`` [planes*N*Hq*Wq, G*Cp]
+    (None: x is the grid already, read in place), each grid row's sum of squares into ``q``
+    [G, planes*N*Hq*Wq] and the filter programs (conv_fwd._pack_filter) with ``filters`` = (w,
+    packed, sqnorm, write_packed); ``geometry`` = :func:`strided_grid_geometry`'s."""
     n, c_in, h, wd = x.shape
     c_in_g = c_in // groups
     c_pad = grid_channels(c_in_g)
-    hq, wq = pitches
-    m_grid = n * hq * wq
+    hq, wq, planes_h, planes_w = geometry
+    m_plane = n * hq * wq
+    m_grid = planes_h * planes_w * m_plane
     cfg = PREP_CONFIG
     n_grid_programs = cdiv(m_grid, cfg["BLOCK_P"]) * groups
     w, packed, sqnorm, write_packed = filters
     # outputs never alias an input (torch.compile's mutation analysis): unused ones get sqnorm
     launch(_prepare_grid_kernel, (n_grid_programs + w.shape[0],),
            (x, grid_out if grid_out is not None else sqnorm, q, w, packed, sqnorm,
-            n_grid_programs, m_grid, hq * wq, wq, h, wd, padding[0], padding[1], c_in_g, c_pad,
-            groups, *x.stride(), *w.stride()),
-           dict(KH=kernel[0], KW=kernel[1], STAGE_X=grid_out is not None,
+            n_grid_programs, m_grid, m_plane, planes_w, hq * wq, wq, h, wd, padding[0],
+            padding[1], c_in_g, c_pad, groups, *x.stride(), *w.stride()),
+           dict(KH=kernel[0], KW=kernel[1], STRIDE_H=stride[0], STRIDE_W=stride[1],
+                STAGE_X=grid_out is not None,
                 WRITE_PACKED=write_packed, PIXELS_FAST=pixels_fast(x), BLOCK=cfg["BLOCK"],
                 BLOCK_P=cfg["BLOCK_P"], BLOCK_C=grid_stage_block_c(c_pad),
                 num_warps=cfg["num_warps"]), _WHAT)
@@ -372,31 +452,33 @@ def grid_stage_block_c(c_pad: int) -> int:
     return min(PREP_CONFIG["BLOCK_C"], next_pow2(c_pad))
 
 
-def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config=None):
+def grid_forward(x, w, bias, k, y, c, r_x, stride, padding, dilation, eps, flags, config=None):
     """Launch the grid path for ``y``, ``c`` (empty: not stored) and ``r_x``, allocated by
     conv_fwd's launcher, which has validated everything and checked :func:`grid_path_applies`.
     ``flags``: the constexprs conv_fwd's kernel would get (KH, KW, OPERATOR, HAS_BIAS,
     EMULATE_RTNE, STORE_C, DOT_PRECISION, UPCAST_DOT, OUT_PIXELS_FAST); ``config``: a
     triton.Config that bypasses autotuning (tests)."""
-    (ph, pw), (dh, dw) = padding, dilation
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     groups = c_in // c_in_g
     ho, wo = y.shape[2], y.shape[3]
-    hq, wq = grid_pitches(h, wd, ph, pw, ho, wo)
+    geometry = strided_grid_geometry((h, wd), (ho, wo), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    hq, wq, planes_h, planes_w = geometry
     m_grid = n * hq * wq
+    m_total = planes_h * planes_w * m_grid
     c_pad = grid_channels(c_in_g)
     dev = x.device
-    grid_x = direct_grid(x, groups, (ph, pw), c_pad)
+    grid_x = direct_grid(x, groups, (ph, pw), c_pad) if (sh, sw) == (1, 1) else None
     stage = grid_x is None
     if stage:
-        grid_x = torch.empty((m_grid, groups * c_pad), dtype=x.dtype, device=dev)
-    q = torch.empty((groups, m_grid), dtype=torch.float32, device=dev)
+        grid_x = torch.empty((m_total, groups * c_pad), dtype=x.dtype, device=dev)
+    q = torch.empty((groups, m_total), dtype=torch.float32, device=dev)
     # a TMA descriptor's base must be 16-byte aligned: a misaligned weight view is packed
     packed, sqnorm, already_packed = packed_filter_buffers(w, c_pad, align=16)
-    launch_grid_preparation(x, grid_x if stage else None, q, groups, (ph, pw), (hq, wq),
-                            (kh, kw), (w, sqnorm if already_packed else packed, sqnorm,
-                                       not already_packed))
+    launch_grid_preparation(x, grid_x if stage else None, q, groups, (sh, sw), (ph, pw),
+                            geometry, (kh, kw), (w, sqnorm if already_packed else packed,
+                                                 sqnorm, not already_packed))
     w_flat = packed.reshape(c_out, kh * kw * c_pad)
     # the boxes are placeholders until the config is known (_set_block_shapes)
     x_desc = TensorDescriptor.from_tensor(grid_x, [16, 16])
@@ -404,12 +486,13 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
     kernel_flags = {key: flags[key] for key in (
         "KH", "KW", "OPERATOR", "HAS_BIAS", "DOT_PRECISION", "UPCAST_DOT", "EMULATE_RTNE",
         "STORE_C", "OUT_PIXELS_FAST")}
+    kernel_flags.update(STRIDE_H=sh, STRIDE_W=sw)
     # bias / k unread without a bias / for linear and cosine, c without STORE_C: any tensor
     # y first: launch() takes the device from the first argument (a tensor)
     args = (y, x_desc, w_desc, sqnorm, bias.contiguous() if bias is not None else sqnorm,
             k.contiguous() if k is not None else sqnorm,
-            c if flags["STORE_C"] else sqnorm, r_x, q, m_grid, hq * wq, wq, c_out // groups,
-            c_pad, groups, ho, wo, *y.stride(), dh, dw, float(eps))
+            c if flags["STORE_C"] else sqnorm, r_x, q, m_grid, m_total, planes_w * m_grid, m_grid,
+            hq * wq, wq, c_out // groups, c_pad, groups, ho, wo, *y.stride(), dh, dw, float(eps))
 
     launch_tma_kernel(
         _sphere_conv_fwd_grid_autotuned, _sphere_conv_fwd_grid_kernel, config,
@@ -424,11 +507,18 @@ def grid_forward(x, w, bias, k, y, c, r_x, padding, dilation, eps, flags, config
 # ---------------------------------------------------------------------------------------------
 
 # The modelled launch: a channels_last 3x3 "same" conv, N=32, 64 -> 64 channels at 56x56
-# (ResNet stage 1): Hq = Wq = 57.
-_GRID_EXAMPLE = dict(m_grid=32 * 57 * 57, hw_q=57 * 57, w_q=57, c_out_per_group=64, c_pad=64,
-                     groups=1, out_h=56, out_w=56, stride_yn=56 * 56 * 64, stride_yc=1,
+# (ResNet stage 1): Hq = Wq = 57; at stride 2 (a downsampling 3x3 conv, 56x56 -> 28x28): four
+# phase planes of 29 x 29.
+_GRID_EXAMPLE = dict(m_grid=32 * 57 * 57, m_total=32 * 57 * 57, plane_rows_h=32 * 57 * 57,
+                     plane_rows_w=32 * 57 * 57, hw_q=57 * 57, w_q=57, c_out_per_group=64,
+                     c_pad=64, groups=1, out_h=56, out_w=56, stride_yn=56 * 56 * 64, stride_yc=1,
                      stride_yh=56 * 64, stride_yw=64, dil_h=1, dil_w=1)
+_GRID_EXAMPLE_S2 = dict(_GRID_EXAMPLE, m_grid=32 * 29 * 29, m_total=4 * 32 * 29 * 29,
+                        plane_rows_h=2 * 32 * 29 * 29, plane_rows_w=32 * 29 * 29,
+                        hw_q=29 * 29, w_q=29, out_h=28, out_w=28, stride_yn=28 * 28 * 64,
+                        stride_yh=28 * 64)
 _PREP_EXAMPLE = dict(n_grid_programs=32 * 57 * 57 // PREP_CONFIG["BLOCK_P"], m_grid=32 * 57 * 57,
+                     m_plane=32 * 57 * 57, planes_w=1,
                      hw_q=57 * 57, w_q=57, in_h=56, in_w=56, pad_h=1, pad_w=1,
                      c_in_per_group=64, c_pad=64, groups=1, stride_xn=56 * 56 * 64,
                      stride_xc=1, stride_xh=56 * 64, stride_xw=64, stride_wo=64 * 9,
@@ -438,8 +528,9 @@ _PREP_EXAMPLE = dict(n_grid_programs=32 * 57 * 57 // PREP_CONFIG["BLOCK_P"], m_g
 def aot_specs():
     """Compile specs for ``make aot-check``: every grid config x fp16/bf16/tf32 (the
     configs fp32 prunes -- BLOCK_K > 32, 8 warps -- left out) as 3x3 convs with the heaviest
-    epilogue (sigmoid, bias, c stored), the descriptors typed by the tile's boxes; and the
-    preparation kernel per dtype, staging and not."""
+    epilogue (sigmoid, bias, c stored), the descriptors typed by the tile's boxes, and every
+    config at stride 2 in bf16 (the tap offsets over phase planes); the preparation kernel per
+    dtype, staging and not, and staging at stride 2."""
     from .angular import OPERATOR_CODES
     from .conv_fwd import _spec
 
@@ -451,26 +542,39 @@ def aot_specs():
             if not fits_grid_channels(cfg, 64, torch_dtype):
                 continue
             precision = "tf32" if dtype_name == "fp32" else "ieee"
-            constexprs = dict(KH=3, KW=3, OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
-                              DOT_PRECISION=precision, UPCAST_DOT=False, EMULATE_RTNE=False,
-                              STORE_C=True, OUT_PIXELS_FAST=False, **cfg.kwargs)
-            spec = _spec(f"conv_fwd_grid_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}_s{cfg.num_stages}"
-                         f"_{dtype_name}", _sphere_conv_fwd_grid_kernel, dtype_name, constexprs,
-                         _GRID_EXAMPLE, cfg.num_warps, cfg.num_stages, gemm=True)
-            spec["signature"].update(x_desc=f"tensordesc<{dtype_name}[{bm},{bk}]>",
-                                     w_desc=f"tensordesc<{dtype_name}[{bn},{bk}]>")
-            specs.append(spec)
+            for stride in (1, 2):
+                if stride == 2 and dtype_name != "bf16":
+                    continue
+                constexprs = dict(KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride,
+                                  OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
+                                  DOT_PRECISION=precision, UPCAST_DOT=False,
+                                  EMULATE_RTNE=False, STORE_C=True, OUT_PIXELS_FAST=False,
+                                  **cfg.kwargs)
+                label = "" if stride == 1 else "_s2"
+                spec = _spec(f"conv_fwd_grid_3x3{label}_{bm}x{bn}x{bk}_w{cfg.num_warps}"
+                             f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_grid_kernel,
+                             dtype_name, constexprs,
+                             _GRID_EXAMPLE if stride == 1 else _GRID_EXAMPLE_S2,
+                             cfg.num_warps, cfg.num_stages, gemm=True)
+                spec["signature"].update(x_desc=f"tensordesc<{dtype_name}[{bm},{bk}]>",
+                                         w_desc=f"tensordesc<{dtype_name}[{bn},{bk}]>")
+                specs.append(spec)
     for dtype_name in ("fp16", "bf16", "fp32"):
         # staging a channels_last input, an NCHW one (read along the pixels), and the q pass
         # alone (an aligned 1x1 input read in place); conv_bwd's prep kernel stages the wgrad's
         # grid (conv_bwd_prep_*_gridx_*)
-        for label, stage, nchw in (("_stage", True, False), ("_stage_nchw", True, True),
-                                   ("", False, False)):
-            constexprs = dict(KH=3, KW=3, STAGE_X=stage, WRITE_PACKED=True, PIXELS_FAST=nchw,
-                              BLOCK=PREP_CONFIG["BLOCK"], BLOCK_P=PREP_CONFIG["BLOCK_P"],
-                              BLOCK_C=PREP_CONFIG["BLOCK_C"])
+        for label, stage, nchw, stride in (("_stage", True, False, 1),
+                                           ("_stage_nchw", True, True, 1), ("", False, False, 1),
+                                           ("_stage_s2", True, False, 2)):
+            constexprs = dict(KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, STAGE_X=stage,
+                              WRITE_PACKED=True, PIXELS_FAST=nchw, BLOCK=PREP_CONFIG["BLOCK"],
+                              BLOCK_P=PREP_CONFIG["BLOCK_P"], BLOCK_C=PREP_CONFIG["BLOCK_C"])
             example = (dict(_PREP_EXAMPLE, stride_xc=56 * 56, stride_xh=56, stride_xw=1)
                        if nchw else _PREP_EXAMPLE)
+            if stride == 2:
+                example = dict(example, m_grid=4 * 32 * 29 * 29, m_plane=32 * 29 * 29,
+                               planes_w=2, hw_q=29 * 29, w_q=29,
+                               n_grid_programs=4 * 32 * 29 * 29 // PREP_CONFIG["BLOCK_P"])
             specs.append(_spec(f"conv_fwd_grid_prepare{label}_{dtype_name}", _prepare_grid_kernel,
                                dtype_name, constexprs, example, PREP_CONFIG["num_warps"], 1,
                                gemm=False))

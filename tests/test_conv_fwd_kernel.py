@@ -984,12 +984,13 @@ def test_depthwise_rows_wider_than_the_tile():
 
 
 # ---------------------------------------------------------------------------------------------
-# The stride-1 grid path (conv_fwd_grid: the padded pixel grid through TMA descriptors)
+# The grid path (conv_fwd_grid: the padded pixel grid through TMA descriptors)
 # ---------------------------------------------------------------------------------------------
 
 from sphereops_kernels import conv_fwd_grid as FG  # noqa: E402
 
-# Stride-1 geometries; comments say what each tests of the grid's shared padding.
+# Geometries; comments say what each tests of the grid's shared padding (stride 1) or of its
+# phase planes (stride > 1).
 GRID_CASES = {
     # 3x3 "same": one zero column / row between rows / images serves both sides; a full and a
     # partial channel chunk (24 -> Cp 32), a partial N tile
@@ -1007,6 +1008,17 @@ GRID_CASES = {
     "1x1": dict(n=3, c_in=32, h=5, w=5, c_out=16, kernel=1, padding=0),
     # valid conv, no bias
     "valid_no_bias": dict(n=2, c_in=16, h=6, w=6, c_out=16, kernel=3, padding=0, bias=False),
+    # stride 2: four phase planes of (Ho + 1) x (Wo + 1); an odd and an even side
+    "3x3_s2": dict(n=2, c_in=24, h=9, w=8, c_out=20, kernel=3, stride=2, padding=1),
+    # 1x1 at stride 2: one plane (every 2nd pixel), staged even for an aligned input
+    "1x1_s2": dict(n=2, c_in=32, h=7, w=6, c_out=16, kernel=1, stride=2, padding=0),
+    # stride (2, 1), dilation 2 along H: every tap row on phase 0 (plane 1 staged, never read),
+    # along W a stride-1 axis with dilation 3 and no padding
+    "s21_dilated": dict(n=2, c_in=16, h=9, w=9, c_out=16, kernel=(3, 2), stride=(2, 1),
+                        padding=(2, 0), dilation=(2, 3)),
+    # 5x5 at stride 3 with groups: nine planes, taps two rows / columns into a plane
+    "5x5_s3_grouped": dict(n=1, c_in=32, h=11, w=10, c_out=8, kernel=5, stride=3, padding=2,
+                           groups=2),
 }
 
 
@@ -1077,6 +1089,35 @@ def test_grid_staging_and_operands(channels_last, monkeypatch):
 
 
 @pytest.mark.usefixtures("tf32_allowed")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_strided_grid_phase_planes(channels_last, monkeypatch):
+    """At stride 2 the preparation launch writes four phase planes, built here with torch from
+    the zero-padded input (plane (a, b) = padded[a::2, b::2], Ho + 1 rows of Wo + 1 columns);
+    q their rows' sums of squares; the GEMM reads the planes through the offsets it is given."""
+    inp = make_conv_inputs(**GRID_CASES["3x3_s2"], operator="cosine", dtype=torch.float16,
+                           device=DEVICE, channels_last=channels_last)
+    (y, c, r_x), launched = _run_grid(inp, monkeypatch)
+    _check_against_reference(inp, (y, c, r_x), torch.float16, 0.0, 1e-3)
+    (_, _, prep_args), (_, _, gemm_args) = launched
+    prep = dict(zip(FG._prepare_grid_kernel.arg_names, prep_args))
+    gemm = dict(zip(FG._sphere_conv_fwd_grid_kernel.arg_names, gemm_args))
+    n, c_in, h, w = inp.x.shape
+    ho, wo = y.shape[2:]
+    hq, wq, planes_h, planes_w = FG.strided_grid_geometry((h, w), (ho, wo), (3, 3), (2, 2),
+                                                          (1, 1), (1, 1))
+    assert (hq, wq, planes_h, planes_w) == (ho + 1, wo + 1, 2, 2)
+    padded = torch.zeros(n, 2 * hq + 1, 2 * wq + 1, 32, dtype=torch.float64)
+    padded[:, 1:h + 1, 1:w + 1, :c_in] = inp.x.double().permute(0, 2, 3, 1).cpu()
+    planes = [padded[:, a::2, b::2][:, :hq, :wq] for a in range(2) for b in range(2)]
+    expect = torch.stack(planes).reshape(4 * n * hq * wq, 32)
+    assert torch.equal(prep["grid_ptr"].double().cpu(), expect)
+    assert_close(prep["q_ptr"][0], expect.pow(2).sum(-1), 1e-5, 0.0, "q")
+    m = n * hq * wq
+    assert (gemm["m_grid"], gemm["m_total"], gemm["plane_rows_h"], gemm["plane_rows_w"]) == \
+        (m, 4 * m, 2 * m, m)
+
+
+@pytest.mark.usefixtures("tf32_allowed")
 def test_grid_reads_an_aligned_1x1_input_where_it_lies(monkeypatch):
     """1x1, no padding, channels_last with C_in/G a multiple of 16: the descriptor is built on
     x itself and the preparation launch stages nothing (STAGE_X off), NCHW is staged."""
@@ -1130,10 +1171,11 @@ def test_grid_every_gpu_config(cfg, monkeypatch):
 
 @pytest.mark.usefixtures("tf32_allowed")
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
-def test_grid_hard_inputs(dtype, rtol, atol, monkeypatch):
+@pytest.mark.parametrize("case", ["3x3_same", "3x3_s2"])
+def test_grid_hard_inputs(case, dtype, rtol, atol, monkeypatch):
     """Zero patches (image 0: r_x = sqrt(eps), c = 0, y = bias) and a NaN pixel (NaN exactly in
     the outputs whose window holds it) on the grid path."""
-    inp = make_conv_inputs(**GRID_CASES["3x3_same"], operator="sigmoid", dtype=dtype,
+    inp = make_conv_inputs(**GRID_CASES[case], operator="sigmoid", dtype=dtype,
                            device=DEVICE, channels_last=True)
     x = inp.x.clone()
     x[0] = 0
@@ -1149,14 +1191,14 @@ def test_grid_hard_inputs(dtype, rtol, atol, monkeypatch):
 
 
 def test_grid_path_rule():
-    """Where the grid path applies: stride 1, C_in/G >= 16, 16-bit or tf32, pre-pass norms."""
+    """Where the grid path applies: any stride, C_in/G >= 16, 16-bit or tf32, pre-pass norms,
+    every phase plane's rows (and a window's reach) within int32."""
     x = torch.empty(2, 32, 8, 8, dtype=torch.bfloat16)
     w = torch.empty(16, 32, 3, 3, dtype=torch.bfloat16)
 
     def applies(x=x, w=w, stride=(1, 1), precision="ieee", norms="prepass"):
         return FG.grid_path_applies(x, w, stride, (1, 1), (1, 1), (8, 8), precision, norms)
-    assert applies()
-    assert not applies(stride=(2, 2)) and not applies(stride=(1, 2))
+    assert applies() and applies(stride=(2, 2)) and applies(stride=(1, 2))
     assert not applies(norms="fused")
     assert not applies(x=x[:, :8], w=w[:, :8])             # C_in/G = 8: flat K loop
     assert not applies(w=w[:, :8])                         # groups=4: C_in/G = 8
@@ -1164,6 +1206,10 @@ def test_grid_path_rule():
     assert applies(x=x.float(), w=w.float(), precision="tf32")
     huge = torch.empty(2 ** 31 // 81 + 1, 32, 8, 8, dtype=torch.bfloat16, device="meta")
     assert not applies(x=huge)                             # grid rows past int32
+    # stride 2 (output 8x8 kept: the rule reads the given out_hw): 4 planes of 9 x 9 rows
+    big = torch.empty(2 ** 31 // 324 + 1, 32, 16, 16, dtype=torch.bfloat16, device="meta")
+    assert applies(x=big[:2 ** 31 // 324 - 16], stride=(2, 2))
+    assert not applies(x=big, stride=(2, 2))
 
 
 def test_grid_path_needs_tma_on_cuda(monkeypatch):
@@ -1182,32 +1228,33 @@ def test_grid_path_needs_tma_on_cuda(monkeypatch):
 
 def test_grid_path_is_opt_in(monkeypatch):
     """Unless asked (SPHEREOPS_FWD_GRID=1, grid_path=True) the conv_fwd kernel runs; with the
-    switch on, an eligible conv takes the grid and a strided one does not."""
+    switch on, an eligible conv takes the grid, a strided one too."""
     inp = make_conv_inputs(**GRID_CASES["3x3_same"], operator="linear", dtype=torch.float16,
                            device=DEVICE, channels_last=True)
     launched = _record_launches(monkeypatch)
     _run_kernel(inp)
     assert launched[-1][0] is F._sphere_conv_fwd_autotuned
     monkeypatch.setattr(FG, "ENABLED", True)
-    grid_launches = record_launches(monkeypatch, FG, "launch")[0]
+    grid_launches, grid_flags = record_launches(monkeypatch, FG, "launch")
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
     assert grid_launches[-1][0] is FG._sphere_conv_fwd_grid_autotuned
     inp.stride = (2, 2)
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
-    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+    assert grid_launches[-1][0] is FG._sphere_conv_fwd_grid_autotuned and len(grid_launches) == 4
+    assert grid_flags[-1]["STRIDE_H"] == grid_flags[-1]["STRIDE_W"] == 2
     inp.stride = (1, 1)   # in-loop norms asked for: the grid path has none
     _check_against_reference(inp, _run_kernel(inp, patch_norms="fused"), torch.float16, 0.0, 1e-3)
-    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 2
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 4
     # a 1x1 filter (in-loop norms by default on the conv_fwd path) takes the grid all the same
     one = make_conv_inputs(**GRID_CASES["1x1"], operator="linear", dtype=torch.float16,
                            device=DEVICE, channels_last=True)
     _check_against_reference(one, _run_kernel(one), torch.float16, 0.0, 1e-3)
-    assert grid_launches[-1][0] is FG._sphere_conv_fwd_grid_autotuned and len(grid_launches) == 4
+    assert grid_launches[-1][0] is FG._sphere_conv_fwd_grid_autotuned and len(grid_launches) == 6
     # a traced graph (or wrap_triton launches on CUDA) keeps the conv_fwd kernel
     from sphereops_kernels import launch as L
     monkeypatch.setattr(L, "is_graph_tracing", lambda: True)
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
-    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 4
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 6
 
 
 def test_plain_launch_rule(monkeypatch):

@@ -408,16 +408,17 @@ def test_prepass_patch_norms_vs_float64(geometry, precision, request):
     torch.testing.assert_close(r_x, r_x_fused, rtol=1e-5, atol=0)
 
 
-def _seeded_bf16_conv(seed, n, c_in, c_out, hw, kernel, padding, dilation, channels_last):
-    """``(x, w, b, geometry, float64 reference forward)`` of a stride-1 bf16 conv (linear),
-    the same inputs on every run (a CPU generator seeded with ``seed``)."""
+def _seeded_bf16_conv(seed, n, c_in, c_out, hw, kernel, padding, dilation, channels_last,
+                      stride=1):
+    """``(x, w, b, geometry, float64 reference forward)`` of a bf16 conv (linear), the same
+    inputs on every run (a CPU generator seeded with ``seed``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, c_in, hw, hw, generator=gen).to(DEVICE, torch.bfloat16)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(c_out, c_in, kernel, kernel, generator=gen).to(DEVICE, torch.bfloat16)
     b = (0.1 * torch.randn(c_out, generator=gen)).to(DEVICE, torch.bfloat16)
-    geo = ((1, 1), (padding,) * 2, (dilation,) * 2, 1)
+    geo = ((stride,) * 2, (padding,) * 2, (dilation,) * 2, 1)
     ref = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo, "linear",
                                    EPS)
     return x, w, b, geo, ref
@@ -468,10 +469,14 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
 # channels staged to 32, 5x5 dilated, padding past the dilated half filter); a 1x1 reduction
 # whose aligned channels_last input is the grid itself; an 8x8 image (a quarter of the grid
 # rows no output pixel) from NCHW
+# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last[, stride]); the strided ones
+# read phase planes (a SphereResNet-32 downsampling 3x3, a ResNet projection 1x1 from NCHW)
 GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
                    "odd_5x5_d2": (8, 29, 61, 33, 5, 4, 2, True),
                    "1x1": (32, 256, 64, 28, 1, 0, 1, True),
-                   "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False)}
+                   "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False),
+                   "3x3_s2": (64, 96, 192, 32, 3, 1, 1, True, 2),
+                   "1x1_s2_nchw": (32, 128, 256, 28, 1, 0, 1, False, 2)}
 
 
 @pytest.mark.parametrize("precision", ["bf16"], indirect=True)
@@ -482,9 +487,8 @@ def test_every_grid_config_vs_float64(geometry, precision, request):
     test_every_forward_config_vs_float64 (r_x to fp32 rounding, y to 5e-3 relative)."""
     from sphereops_kernels import configs, conv_fwd, conv_fwd_grid
 
-    n, c_in, c_out, hw, kernel, padding, dilation, channels_last = GRID_GEOMETRIES[geometry]
-    x, w, b, geo, (y64, c64, rx64) = _seeded_bf16_conv(5, n, c_in, c_out, hw, kernel, padding,
-                                                       dilation, channels_last)
+    x, w, b, geo, (y64, c64, rx64) = _seeded_bf16_conv(5, *GRID_GEOMETRIES[geometry])
+    c_in, c_out = x.shape[1], w.shape[0]
     c_pad = conv_fwd_grid.grid_channels(c_in)
     cands = configs.prune_conv_fwd_grid_configs(
         configs.conv_fwd_grid_configs(), dict(c_pad=c_pad, c_out_per_group=c_out, y_ptr=x))
