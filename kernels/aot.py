@@ -108,6 +108,7 @@ class CompileResult:
     stack_bytes: int = -1
     local_bytes: int = -1
     tensor_cores: str = ""  # e.g. "wgmma m64n128k16 f16" or "none"
+    mma_overlap: str = "-"  # the K loop's wgmma overlap on sm_90 (mma_overlap)
     seconds: float = 0.0
     failures: list = dataclasses.field(default_factory=list)
 
@@ -266,31 +267,66 @@ def sass_summary(cubin: bytes) -> dict:
     loop -- a persistent or epilogue loop around it -- would count its prologue too), or in a
     kernel without one the longest backward branch's body; ``loop_mma`` its HGMMA/HMMA count,
     ``mufu`` the special-function-unit instructions (reciprocals, square roots, exponentials:
-    a quarter of the FMA rate). A GPU-free measure of how much a kernel issues per K step and
-    outside it."""
+    a quarter of the FMA rate), ``overlap`` the loop's wgmma overlap (:func:`mma_overlap`). A
+    GPU-free measure of how much a kernel issues per K step and outside it."""
+    ins = _sass_instructions(cubin)
+    loop = _k_loop(ins)
+    return {"total": len(ins), "loop": len(loop), "loop_mma": _mma_count(loop),
+            "mufu": sum(_opcode(t) == "MUFU" for _, t in ins), "overlap": mma_overlap(loop)}
+
+
+def _sass_instructions(cubin: bytes):
+    """``[(address, instruction text)]`` of a cubin's SASS (``cuobjdump -sass``)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([str(_cuda_bin("cuobjdump")), "-sass", str(path)], check=True,
                               capture_output=True, text=True).stdout
-    ins = [(int(addr, 16), op.strip()) for addr, op in _SASS_LINE.findall(text)]
+    return [(int(addr, 16), op.strip()) for addr, op in _SASS_LINE.findall(text)]
 
-    def opcode(t):
-        return (t.split()[1] if t.startswith("@") and len(t.split()) > 1 else t.split()[0]).split(".")[0]
 
-    def mma_count(body):
-        return sum(opcode(t) in ("HGMMA", "HMMA") for t in body)
+def _opcode(t):
+    return (t.split()[1] if t.startswith("@") and len(t.split()) > 1 else t.split()[0]).split(".")[0]
 
+
+def _mma_count(body):
+    return sum(_opcode(t) in ("HGMMA", "HMMA") for t in body)
+
+
+def _k_loop(ins):
+    """The K loop's instructions (:func:`sass_summary`): the shortest backward branch's body
+    holding an HGMMA/HMMA, else the longest backward branch's body, else []."""
     loops = []
     for addr, t in ins:
         target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", t)
         if target and int(target.group(1), 16) < addr:
             loops.append([x for a, x in ins if int(target.group(1), 16) <= a <= addr])
-    with_mma = [body for body in loops if mma_count(body)]
-    loop = (min(with_mma, key=len) if with_mma
+    with_mma = [body for body in loops if _mma_count(body)]
+    return (min(with_mma, key=len) if with_mma
             else max(loops, key=len) if loops else [])
-    return {"total": len(ins), "loop": len(loop), "loop_mma": mma_count(loop),
-            "mufu": sum(opcode(t) == "MUFU" for _, t in ins)}
+
+
+def mma_overlap(loop) -> str:
+    """How a K loop's Hopper wgmma (SASS ``HGMMA``) overlap, from its instructions:
+
+    * ``"pipelined"``: a step's HGMMAs form one group (only its last carries ``gsb0``, the
+      group's commit) and the wait leaves a group in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x1``):
+      the MMAs of one step run while the next step's operands arrive;
+    * ``"waits"``: the loop waits for its own group every step (``DEPBAR.LE gsb0, 0x0``):
+      Triton did not pipeline the dot, the MMA latency is exposed once a step;
+    * ``"serialized"``: every HGMMA is a group of its own, waited for before the next --
+      ptxas's fallback (info C7515, "wgmma.mma_async instructions are serialized") when other
+      instructions define accumulator registers inside the pipeline; the tile then runs at a
+      fraction of its MMA rate, with no error and no warning from Triton;
+    * ``"-"``: no HGMMA in the loop (sm_80's HMMA are synchronous, or no dot)."""
+    hgmma = [t for t in loop if _opcode(t) == "HGMMA"]
+    if not hgmma:
+        return "-"
+    if len(hgmma) > 1 and all("gsb0" in t for t in hgmma):
+        return "serialized"
+    if any(re.search(r"DEPBAR\.LE\s+gsb0,\s*0x0\b", t) for t in loop):
+        return "waits"
+    return "pipelined"
 
 
 def print_sass_summaries(pattern: str, modules=KERNEL_MODULES, capability: int = 90) -> int:
@@ -384,6 +420,11 @@ def compile_spec(spec, info: SpecInfo, capability: int) -> CompileResult:
     result.local_bytes = usage.get("LOCAL", -1)
     families = tensor_core_families(compiled.asm["ptx"])
     result.tensor_cores = ", ".join(sorted(families)) if families else "none"
+    if any(f.split()[0] == "wgmma" for f in families):
+        result.mma_overlap = mma_overlap(_k_loop(_sass_instructions(compiled.asm["cubin"])))
+    if result.mma_overlap == "serialized":
+        result.failures.append("ptxas serialized the K loop's wgmma (C7515: each waited for "
+                               "before the next)")
 
     limit = SHARED_MEMORY_LIMIT.get(capability)
     if limit is not None and result.shared_bytes > limit:
@@ -515,7 +556,9 @@ def format_table(results, skipped, errors):
         "dtype from the kernel modules' `aot_specs()`, compiled for sm_90 (Hopper) and sm_80",
         "(Ampere). Pass rules: compiles; shared memory per block (dynamic + static) within the",
         "target's limit (sm_90 227 KiB, sm_80 163 KiB); a GEMM kernel emits `wgmma` (sm_90) /",
-        "`mma` (sm_80). Registers and stack (spills) come from `cuobjdump --dump-resource-usage`",
+        "`mma` (sm_80); no K loop whose wgmma ptxas serialized (`K-loop wgmma`: `pipelined`, one",
+        "group in flight; `waits`, the loop waits for its own MMAs each step; `serialized`, ptxas's",
+        "C7515 fallback, fails). Registers and stack (spills) come from `cuobjdump --dump-resource-usage`",
         "and change with the triton/ptxas version (the GPU machines run triton 3.6): they are for",
         "information, watch them in diffs. Specialised like a launch: pointers 16-byte aligned;",
         "integers as in the spec's `example_args` (1 -> constant, multiple of 16 -> divisibility",
@@ -536,8 +579,8 @@ def format_table(results, skipped, errors):
         lines += ["## Module errors", ""] + [f"* {e}" for e in errors] + [""]
     lines += [
         "| kernel | config | switches | dtype | target | shared KiB | regs | stack B | "
-        "tensor cores | gemm | status |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+        "tensor cores | K-loop wgmma | gemm | status |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in results:
         status = "ok" if r.ok else "FAIL: " + "; ".join(r.failures).replace("|", "/")
@@ -545,7 +588,7 @@ def format_table(results, skipped, errors):
             f"| {r.spec.name} | {r.spec.config} | {r.spec.switches or '-'} | {r.spec.dtype} | "
             f"sm_{r.target} | {_kib(r.shared_bytes)} | {r.registers if r.registers >= 0 else '-'} "
             f"| {r.stack_bytes if r.stack_bytes >= 0 else '-'} | {r.tensor_cores or '-'} | "
-            f"{'yes' if r.spec.gemm else 'no'} | {status} |")
+            f"{r.mma_overlap} | {'yes' if r.spec.gemm else 'no'} | {status} |")
     return "\n".join(lines) + "\n"
 
 

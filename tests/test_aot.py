@@ -217,6 +217,7 @@ def test_fixture_gemm_passes_with_tensor_cores(fixture_modules, tmp_path):
         ampere = rows[(f"fixture_gemm_{dtype}", "sm_80")]
         assert re.fullmatch(rf"wgmma m64n\d+k16 {ptx_type}", hopper["tensor cores"]), hopper
         assert re.fullmatch(rf"mma m16n8k16 {ptx_type}", ampere["tensor cores"]), ampere
+        assert hopper["K-loop wgmma"] == "pipelined" and ampere["K-loop wgmma"] == "-"
         for row in (hopper, ampere):
             assert row["status"] == "ok" and row["gemm"] == "yes"
             assert int(row["regs"]) > 0 and int(row["stack B"]) >= 0
@@ -242,6 +243,25 @@ def test_sass_counts_the_k_loop(fixture_modules):
     proc = _run_aot("--modules", "aot_fixture_gemm", "--sass", "no_such_kernel",
                     extra_path=fixture_modules)
     assert proc.returncode == 1 and "no spec name contains" in proc.stdout
+
+
+# K-loop bodies as cuobjdump prints them (operands shortened): a pipelined step (one commit, a
+# group left in flight), a step that waits for its own MMAs, and ptxas's C7515 serialisation
+_PIPELINED = ["WARPGROUP.ARRIVE", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24",
+              "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0", "IADD3 R3, R3, 0x1, RZ",
+              "WARPGROUP.DEPBAR.LE gsb0, 0x1", "@P0 BRA 0x3c0"]
+_WAITS = [t.replace("0x1", "0x0") if "DEPBAR" in t else t for t in _PIPELINED]
+_SERIALIZED = ["WARPGROUP.ARRIVE", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0",
+               "WARPGROUP.DEPBAR.LE gsb0, 0x0", "WARPGROUP.ARRIVE",
+               "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0",
+               "WARPGROUP.DEPBAR.LE gsb0, 0x0", "@P0 BRA 0x3c0"]
+
+
+@pytest.mark.parametrize("loop, expected", [
+    (_PIPELINED, "pipelined"), (_WAITS, "waits"), (_SERIALIZED, "serialized"),
+    (["HMMA.16816.F32.BF16 R4, R8, R12, R4", "@P0 BRA 0x100"], "-"), ([], "-")])
+def test_mma_overlap_reads_the_k_loop(loop, expected):
+    assert aot.mma_overlap(loop) == expected
 
 
 def test_check_fails_on_each_rule(fixture_modules, tmp_path):
