@@ -27,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different seed each run (fresh random inputs), shown in a failing test's report so the
-    failure can be reproduced with ``torch.manual_seed``."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    failure can be reproduced: ``SPHEREOPS_TEST_SEED=<seed> pytest <test id>`` reruns it."""
+    seed = int(os.environ.get("SPHEREOPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     request.node.add_report_section("setup", "seed", f"torch.manual_seed({seed})")
     yield seed

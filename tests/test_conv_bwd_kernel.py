@@ -295,9 +295,23 @@ def test_near_parallel_patches(dtype, rtol, atol_frac, geom):
     out = _kernel(dy, inp, c, r_x)
     for name, o in zip(("dx", "dw", "db"), out):
         assert torch.isfinite(o).all(), f"{name} has non-finite values"
+    if inp.pure_depthwise:
+        # the depthwise backward recomputes c from x and w in fp32 and never reads the saved
+        # (rounded) c: its specification is the float64 recompute. Near c = 1 the gradient's
+        # dependence on c is ill-conditioned, so a float64 reference on the *rounded* c differs
+        # from it by far more than rounding (seed 2811481476: 3e-3 in fp16).
+        c, r_x = _exact_state(inp)
     ref64 = _reference(dy, inp, c, r_x, ALL, torch.float64)
-    ref_same = _reference(dy, inp, c, r_x)
+    ref_same = _reference(dy, inp, *_saved_state(inp))
     _check_within_rounding_bound(out, ref64, ref_same, _rounding_bound(dy, inp, c, r_x), atol_frac)
+
+
+def _exact_state(inp):
+    """c and r_x of the reference forward evaluated in float64 on the (rounded) inputs."""
+    with torch.no_grad():
+        _, c, r_x = R.conv2d_forward(*(t.double() if torch.is_tensor(t) else t for t in inp.args()),
+                                     EPS)
+    return c, r_x
 
 
 def _check_within_rounding_bound(out, ref64, ref_same, bounds, atol_frac):
