@@ -7,13 +7,21 @@ plain ``F.conv2d`` and an empty tensor allocation, then the Python functions tha
 of that time (cProfile, own time). On a GPU the launches are asynchronous, so the host time is
 the issue cost alone (the GPU is synchronised between calls, never inside one).
 
-    python -m bench.host_overhead [--device cuda] [--calls 200] [--top 15]
+``--stub-launches`` (CPU, no GPU needed): the GPU run's layer (bf16, channels_last) through the
+Triton backend with every kernel launch replaced by a no-op: what sphereops' own Python costs a
+call (validation, tile choice, allocations, autograd) without triton's launch path or the
+kernels -- the part of the host time this package controls, measurable on any machine.
+
+    python -m bench.host_overhead [--device cuda] [--calls 200] [--top 15] [--stub-launches]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import importlib
 import io
+import os
 import pstats
 import statistics
 import time
@@ -36,21 +44,62 @@ def _host_us(fn, device: torch.device, calls: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
-    import sphereops
+# the kernel modules that launch (each binds launch.launch by name)
+_LAUNCHING_MODULES = ("conv_fwd", "conv_bwd", "conv_fwd_grid", "conv_bwd_grid", "linear")
 
+
+@contextlib.contextmanager
+def stubbed_launches(counter: list):
+    """Every sphereops kernel launch replaced by a no-op that counts itself in ``counter[0]``."""
+    def no_launch(kernel, grid, args, kwargs, what):
+        counter[0] += 1
+
+    modules = [importlib.import_module(f"sphereops_kernels.{name}") for name in _LAUNCHING_MODULES]
+    saved = [m.launch for m in modules]
+    for m in modules:
+        m.launch = no_launch
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.launch = fn
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--stub-launches", action="store_true",
+                    help="CPU: the Triton backend with every launch a no-op (sphereops' own cost)")
     args = ap.parse_args(argv)
+    if args.stub_launches:
+        if args.device == "cuda":
+            ap.error("--stub-launches runs on the CPU (--device cpu or auto)")
+        args.device = "cpu"
+        # the Triton backend on CPU tensors; must be set before triton decorates the kernels
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if args.stub_launches:
+        counter = [0]
+        with stubbed_launches(counter):
+            return _report(args, device, counter)
+    return _report(args, device, None)
+
+
+def _report(args, device: torch.device, launch_counter) -> int:
+    import sphereops
+
     cuda = device.type == "cuda"
-    # a mid-size ResNet layer on the GPU (bf16, channels_last); a small fp32 one on CPU
-    n, c, hw, dtype = (32, 128, 32, torch.bfloat16) if cuda else (4, 16, 8, torch.float32)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    stub = launch_counter is not None
+    backend = "triton" if stub else "auto"
+    # a mid-size ResNet layer on the GPU -- and with stubbed launches -- (bf16, channels_last);
+    # a small fp32 one through the CPU reference
+    big = cuda or stub
+    n, c, hw, dtype = (32, 128, 32, torch.bfloat16) if big else (4, 16, 8, torch.float32)
+    fmt = torch.channels_last if big else torch.contiguous_format
     x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(c, c, 3, 3, device=device, dtype=dtype)
     b = torch.zeros(c, device=device, dtype=dtype)
@@ -58,7 +107,7 @@ def main(argv=None) -> int:
     leaves = [t.requires_grad_(True) for t in (x, w, b)]
 
     def sphere_fwd():
-        return sphereops.sphere_conv2d(*leaves, padding=1, operator="linear")
+        return sphereops.sphere_conv2d(*leaves, padding=1, operator="linear", backend=backend)
 
     def sphere_fwd_bwd():
         return torch.autograd.grad(sphere_fwd(), leaves, dy)
@@ -69,12 +118,21 @@ def main(argv=None) -> int:
     def conv_fwd_bwd():
         return torch.autograd.grad(conv_fwd(), leaves, dy)
 
-    cases = [("torch.empty_like(x)", lambda: torch.empty_like(x)),
-             ("F.conv2d fwd", conv_fwd), ("F.conv2d fwd+bwd", conv_fwd_bwd),
-             ("sphere_conv2d fwd", sphere_fwd), ("sphere_conv2d fwd+bwd", sphere_fwd_bwd)]
+    cases = [("torch.empty_like(x)", lambda: torch.empty_like(x))]
+    if not stub:   # (on the CPU F.conv2d would time its arithmetic, not its issue cost)
+        cases += [("F.conv2d fwd", conv_fwd), ("F.conv2d fwd+bwd", conv_fwd_bwd)]
+    cases += [("sphere_conv2d fwd", sphere_fwd), ("sphere_conv2d fwd+bwd", sphere_fwd_bwd)]
     for _, fn in cases:          # compile, autotune, allocator growth
         for _ in range(3):
             fn()
+    if stub:
+        launch_counter[0] = 0
+        sphere_fwd()
+        fwd_launches = launch_counter[0]
+        launch_counter[0] = 0
+        sphere_fwd_bwd()
+        print(f"sphereops' own host time, kernel launches stubbed out ({fwd_launches} launches "
+              f"a forward, {launch_counter[0]} a forward+backward not made):")
     print(f"host time to issue one call ({device.type}, {n}x{c}x{hw}x{hw} -> {c}, 3x3, "
           f"{str(dtype).replace('torch.', '')}, median of {args.calls}):")
     for name, fn in cases:

@@ -385,6 +385,19 @@ def test_host_overhead_report_runs_on_cpu(capsys):
     assert "sphere_conv2d fwd+bwd" in out and "F.conv2d fwd" in out and "cProfile" in out
 
 
+def test_host_overhead_with_stubbed_launches_makes_no_launch(capsys):
+    """--stub-launches: the Triton backend's Python runs on the GPU run's layer, every launch a
+    counted no-op (none reaches a kernel: the interpreter would take minutes at that size), and
+    the real launch function is back afterwards."""
+    from bench import host_overhead
+    from sphereops_kernels import conv_bwd, launch
+    assert host_overhead.main(["--stub-launches", "--calls", "2", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 launches a forward, 6 a forward+backward not made" in out
+    assert "sphere_conv2d fwd+bwd" in out and "F.conv2d" not in out
+    assert conv_bwd.launch is launch.launch
+
+
 def test_tile_sweep_checks_every_tile_against_float64(monkeypatch):
     """bench.tile_sweep's rows (here under the interpreter, device time stubbed): each tile's
     result checked against the float64 reference, a tile that fails to run is a row too, the
