@@ -21,10 +21,12 @@ Two kernels: (1) an elementwise pass over ``[M, out]`` tiles writes ``G`` (input
 fp32 per-tile partial sums of ``G c`` (per row and per column), ``dy`` and ``dy dg/dk``;
 (2) one GEMM kernel launched twice, for dx and (on ``G`` transposed, by its strides) for dw,
 reads ``G`` and finishes by summing the partials in a fixed order (deterministic: no atomics
-anywhere). Scaling the *other* GEMM operand by its inverse norm
-inside the K-loop (``w / r_w`` for dx, ``x / r_x`` for dw) keeps the fp16/bf16 operands of
-``tl.dot`` well scaled (rows of unit norm) instead of storing ``G / (r_x r_w)``, which underflows
-in fp16 for large inputs (|x| ~ 300), and lets the remaining per-row factor leave the GEMM.
+anywhere). The *other* GEMM operand is scaled by its inverse norm -- ``w / r_w`` for dx,
+written once by the row-norm launch that computes r_w (weight-sized), and ``x / r_x`` for dw,
+inside the K-loop (an input-sized copy would cost more than it saves) -- which keeps the
+fp16/bf16 operands of ``tl.dot`` well scaled (rows of unit norm) instead of storing
+``G / (r_x r_w)``, which underflows in fp16 for large inputs (|x| ~ 300), and lets the remaining
+per-row factor leave the GEMM.
 
 Dtypes: float32 (tf32 tensor cores iff ``torch.backends.cuda.matmul.allow_tf32``, else exact
 fp32), float16, bfloat16. Accumulation and the epilogue are fp32; outputs in the input dtype,
@@ -42,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .angular import OPERATOR_CODES, cosine_and_dg_dc, dg_dk
-from .epilogue import store_sphere_tile
+from .epilogue import store_sphere_tile, to_dtype_of
 from .launch import cdiv as _cdiv
 from .launch import interpreting as _interpreting
 from .launch import launch
@@ -56,13 +58,17 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_norm_kernel(a_ptr, out_ptr, R, C, stride_ar, stride_ac, eps,
+def _row_norm_kernel(a_ptr, out_ptr, unit_ptr, R, C, stride_ar, stride_ac, eps,
+                     STORE_UNIT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[r] = sqrt(sum_c a[r, c]^2 + eps) in fp32 (the filter norms r_w).
+    """out[r] = sqrt(sum_c a[r, c]^2 + eps) in fp32 (the filter norms r_w) and, with STORE_UNIT,
+    unit[r, c] = a[r, c] / out[r] in a's dtype (the unit filters w_hat of the dx GEMM).
 
-    a_ptr:   [R, C] any float dtype, strides (stride_ar, stride_ac).
-    out_ptr: [R] float32, contiguous.
-    eps:     fp32 scalar added under the square root.
+    a_ptr:    [R, C] any float dtype, strides (stride_ar, stride_ac).
+    out_ptr:  [R] float32, contiguous.
+    unit_ptr: [R, C] a's dtype, contiguous (unwritten without STORE_UNIT).
+    eps:      fp32 scalar added under the square root.
+    EMULATE_RTNE: the interpreter's bf16 rounding fixed up (epilogue.to_dtype_of).
     BLOCK_R: rows per program; BLOCK_C: columns per loop step.
     Grid: (cdiv(R, BLOCK_R),).
     """
@@ -76,7 +82,18 @@ def _row_norm_kernel(a_ptr, out_ptr, R, C, stride_ar, stride_ac, eps,
         a = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac,
                     mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(a * a, axis=1)
-    tl.store(out_ptr + rows, tl.sqrt(acc + eps), mask=row_mask)
+    norm = tl.sqrt(acc + eps)
+    tl.store(out_ptr + rows, norm, mask=row_mask)
+    if STORE_UNIT:
+        # the same product the in-loop scaling forms (a * (1 / r), rounded once to a's dtype)
+        inv = 1.0 / norm
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            mask = row_mask[:, None] & (cols[None, :] < C)
+            a = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac,
+                        mask=mask, other=0.0).to(tl.float32)
+            tl.store(unit_ptr + rows[:, None] * C + cols[None, :],
+                     to_dtype_of(a * inv[:, None], unit_ptr, EMULATE_RTNE), mask=mask)
 
 
 @triton.jit
@@ -215,25 +232,30 @@ def _sphere_linear_bwd_operand_kernel(
         g_ptr, b_ptr, nb_ptr, a_ptr, na_ptr, part_ptr, out_ptr,
         I, J, K, num_part_rows,
         stride_gi, stride_gj, stride_bj, stride_bk, stride_ai, stride_ak, stride_oi, stride_ok,
-        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_IS_UNIT: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """The gradient of one GEMM operand (dx or dw: the same computation, transposed):
 
         out[i, k] = (sum_j G'[i, j] B[j, k] / nb[j]) / na[i] - A[i, k] P[i] / na[i]^2,
         P[i] = sum_t part[t, i] (summed here in tile order: deterministic).
 
-    dx: i = rows m, j = out features, G' = G, B = w, nb = r_w, A = x, na = r_x, part = the row
-        partials of G c (so P / r_x^2 is DESIGN's A).
+    dx: i = rows m, j = out features, G' = G, B = w_hat = w / r_w (B_IS_UNIT: the unit
+        filters the row-norm kernel wrote), A = x, na = r_x, part = the row partials of G c
+        (so P / r_x^2 is DESIGN's A).
     dw: i = out features, j = rows m, G' = G^T (G's strides swapped), B = x, nb = r_x, A = w,
         na = r_w, part = the column partials of G c (P = S).
 
     g_ptr:    G' [I, J] (input dtype), strides (stride_gi, stride_gj).
-    b_ptr:    B [J, K], strides (stride_bj, stride_bk).   nb_ptr: [J] float32 norms.
+    b_ptr:    B [J, K], strides (stride_bj, stride_bk).   nb_ptr: [J] float32 norms (unread
+              with B_IS_UNIT: B's rows already have unit norm).
     a_ptr:    A [I, K], strides (stride_ai, stride_ak).   na_ptr: [I] float32 norms.
     part_ptr: [num_part_rows, I] float32 contiguous partial sums.
     out_ptr:  [I, K] output (input dtype), strides (stride_oi, stride_ok).
     DOT_PRECISION / UPCAST_DOT: as in the forward kernel. Scaling B by 1/nb inside the loop keeps
-    the 16-bit dot operands unit-scaled (see the module docstring).
+    the 16-bit dot operands unit-scaled (see the module docstring); a B scaled in registers
+    makes the loop wait for each wgmma before the next step's scaling (docs/aot_table.md,
+    "K-loop wgmma"), so dx takes B pre-scaled (B_IS_UNIT: both operands straight from the
+    loads, a pipelined loop); dw's B is x, input-sized, and keeps the in-loop scaling.
     BLOCK_I, BLOCK_J (reduction), BLOCK_K: tile sizes.
     Grid: (cdiv(I, BLOCK_I), cdiv(K, BLOCK_K)).
     """
@@ -252,12 +274,18 @@ def _sphere_linear_bwd_operand_kernel(
                     mask=i_mask[:, None] & j_mask[None, :], other=0.0)
         b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_k[None, :] * stride_bk,
                     mask=j_mask[:, None] & k_mask[None, :], other=0.0)
-        inv_nb = 1.0 / tl.load(nb_ptr + offs_j, mask=j_mask, other=1.0)
-        b_unit = b.to(tl.float32) * inv_nb[:, None]
-        if UPCAST_DOT:
-            acc = tl.dot(g.to(tl.float32), b_unit, acc, input_precision=DOT_PRECISION)
+        if B_IS_UNIT:
+            if UPCAST_DOT:
+                acc = tl.dot(g.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(g, b, acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(g, b_unit.to(b.dtype), acc, input_precision=DOT_PRECISION)
+            inv_nb = 1.0 / tl.load(nb_ptr + offs_j, mask=j_mask, other=1.0)
+            b_unit = b.to(tl.float32) * inv_nb[:, None]
+            if UPCAST_DOT:
+                acc = tl.dot(g.to(tl.float32), b_unit, acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(g, b_unit.to(b.dtype), acc, input_precision=DOT_PRECISION)
     p_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
     part_ptrs = part_ptr + offs_i            # pointer steps stay 64-bit: t * I may pass 2^31
     for _ in range(0, num_part_rows):
@@ -385,16 +413,27 @@ def _check_inputs(x: torch.Tensor, w: torch.Tensor, operator: str, k: Optional[t
 
 def filter_norms(w: torch.Tensor, eps: float) -> torch.Tensor:
     """r_w [out] = sqrt(||w_o||^2 + eps) in float32, by the row-norm kernel."""
+    return _row_norms(w, eps, unit=False)[0]
+
+
+def _row_norms(w: torch.Tensor, eps: float, unit: bool):
+    """``(r_w, w_hat)``: r_w as :func:`filter_norms` and, when ``unit``, w / r_w [out, in]
+    contiguous in w's dtype (the dx GEMM's B operand: _sphere_linear_bwd_operand_kernel,
+    B_IS_UNIT), in one launch of the row-norm kernel; w_hat is None otherwise."""
     n, kdim = w.shape
     r_w = torch.empty(n, dtype=torch.float32, device=w.device)
+    w_hat = torch.empty((n, kdim), dtype=w.dtype, device=w.device) if unit else None
     if n == 0:
-        return r_w
+        return r_w, w_hat
     cfg = _ROW_NORM_CONFIG
     grid = (_cdiv(n, cfg["BLOCK_R"]),)
-    _launch(_row_norm_kernel, grid, w, r_w, n, kdim, w.stride(0), w.stride(1), float(eps),
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-    return r_w
+    # without the unit filters unit_ptr gets r_w: never stored through (STORE_UNIT False)
+    _launch(_row_norm_kernel, grid, w, r_w, w_hat if unit else r_w, n, kdim, w.stride(0),
+            w.stride(1), float(eps), STORE_UNIT=unit,
+            EMULATE_RTNE=unit and _interpreting() and w.dtype == torch.bfloat16,
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return r_w, w_hat
 
 
 def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
@@ -433,7 +472,7 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
 
 
 def _launch_operand_grad(cfg, precision, upcast, g, g_strides, b, nb, a, na, part, out,
-                         i_size, j_size, k_size):
+                         i_size, j_size, k_size, b_is_unit):
     """One launch of _sphere_linear_bwd_operand_kernel (dx or dw, see its docstring)."""
     grid = (_cdiv(i_size, cfg["BLOCK_OUT_ROWS"]), _cdiv(k_size, cfg["BLOCK_OUT_COLS"]))
     _launch(_sphere_linear_bwd_operand_kernel, grid,
@@ -441,7 +480,7 @@ def _launch_operand_grad(cfg, precision, upcast, g, g_strides, b, nb, a, na, par
             i_size, j_size, k_size, part.shape[0],
             *g_strides, b.stride(0), b.stride(1), a.stride(0), a.stride(1),
             out.stride(0), out.stride(1),
-            DOT_PRECISION=precision, UPCAST_DOT=upcast,
+            DOT_PRECISION=precision, UPCAST_DOT=upcast, B_IS_UNIT=b_is_unit,
             BLOCK_I=cfg["BLOCK_OUT_ROWS"], BLOCK_J=cfg["BLOCK_RED"], BLOCK_K=cfg["BLOCK_OUT_COLS"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -510,18 +549,18 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     dk = col_part[2].sum(dim=0).to(k.dtype) if need_dk else None
 
     if need_grad_c:
-        r_w = filter_norms(w, eps)
+        r_w, w_hat = _row_norms(w, eps, unit=need_dx)
         r_x = r_x.to(torch.float32).contiguous()
         precision = _dot_precision(x.dtype)
         cfg = _bwd_gemm_config(x.dtype, precision)
         upcast = _interpreting() and x.dtype != torch.float32
         n_stride = grad_c.stride(0)
         if need_dx:   # i = rows, j = out features
-            _launch_operand_grad(cfg, precision, upcast, grad_c, (n_stride, 1), w, r_w, x, r_x,
-                                 row_part, dx, m, n, kdim)
+            _launch_operand_grad(cfg, precision, upcast, grad_c, (n_stride, 1), w_hat, r_w, x,
+                                 r_x, row_part, dx, m, n, kdim, b_is_unit=True)
         if need_dw:   # i = out features, j = rows: G transposed
             _launch_operand_grad(cfg, precision, upcast, grad_c, (1, n_stride), x, r_x, w, r_w,
-                                 col_part[0], dw, n, m, kdim)
+                                 col_part[0], dw, n, m, kdim, b_is_unit=False)
     return dx, dw, db, dk
 
 
@@ -573,8 +612,8 @@ def aot_specs() -> list:
             operand_blocks = dict(BLOCK_I=bcfg["BLOCK_OUT_ROWS"], BLOCK_J=bcfg["BLOCK_RED"],
                                   BLOCK_K=bcfg["BLOCK_OUT_COLS"])
             # dx: i = rows (G row-major), j = out features; dw: G transposed
-            for what, i_size, j_size, g_strides in (("dx", _EX_M, _EX_N, (_EX_N, 1)),
-                                                    ("dw", _EX_N, _EX_M, (1, _EX_N))):
+            for what, i_size, j_size, g_strides, unit_b in (("dx", _EX_M, _EX_N, (_EX_N, 1), True),
+                                                            ("dw", _EX_N, _EX_M, (1, _EX_N), False)):
                 specs.append(dict(
                     name=f"linear_bwd_{what}_{tag}", fn=_sphere_linear_bwd_operand_kernel,
                     signature={"g_ptr": t, "b_ptr": t, "nb_ptr": "*fp32", "a_ptr": t,
@@ -584,9 +623,10 @@ def aot_specs() -> list:
                                "stride_bk": "i32", "stride_ai": "i32", "stride_ak": "i32",
                                "stride_oi": "i32", "stride_ok": "i32",
                                "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr",
-                               "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
-                               "BLOCK_K": "constexpr"},
-                    constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, **operand_blocks),
+                               "B_IS_UNIT": "constexpr", "BLOCK_I": "constexpr",
+                               "BLOCK_J": "constexpr", "BLOCK_K": "constexpr"},
+                    constexprs=dict(DOT_PRECISION=precision, UPCAST_DOT=False, B_IS_UNIT=unit_b,
+                                    **operand_blocks),
                     example_args=dict(I=i_size, J=j_size, K=_EX_K, num_part_rows=j_size // 64,
                                       stride_gi=g_strides[0], stride_gj=g_strides[1],
                                       stride_bj=_EX_K, stride_bk=1, stride_ai=_EX_K, stride_ak=1,
@@ -615,10 +655,11 @@ def aot_specs() -> list:
                 num_warps=ew["num_warps"], num_stages=ew["num_stages"], dtype=dtype, gemm=False))
         specs.append(dict(
             name=f"linear_row_norm_{_TL_DTYPES[dtype]}", fn=_row_norm_kernel,
-            signature={"a_ptr": t, "out_ptr": "*fp32", "R": "i32", "C": "i32",
+            signature={"a_ptr": t, "out_ptr": "*fp32", "unit_ptr": t, "R": "i32", "C": "i32",
                        "stride_ar": "i32", "stride_ac": "i32", "eps": "fp32",
+                       "STORE_UNIT": "constexpr", "EMULATE_RTNE": "constexpr",
                        "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs=dict(BLOCK_R=_ROW_NORM_CONFIG["BLOCK_R"],
+            constexprs=dict(STORE_UNIT=True, EMULATE_RTNE=False, BLOCK_R=_ROW_NORM_CONFIG["BLOCK_R"],
                             BLOCK_C=_ROW_NORM_CONFIG["BLOCK_C"]),
             example_args=dict(R=_EX_N, C=_EX_K, stride_ar=_EX_K, stride_ac=1),
             num_warps=_ROW_NORM_CONFIG["num_warps"], num_stages=_ROW_NORM_CONFIG["num_stages"],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sphereops import reference as R
-from tests.helpers import assert_close, make_linear_inputs
+from tests.helpers import assert_close, make_linear_inputs, record_launches
 
 triton = pytest.importorskip("triton")
 from sphereops_kernels import linear as KL  # noqa: E402  (after TRITON_INTERPRET is set)
@@ -187,6 +187,36 @@ def test_backward_matches_float64_autograd(dtype, rel_atol, operator, shape):
 def test_backward_output_mask(operator, mask):
     x, w, b, k = make_linear_inputs(21, 18, 13, operator=operator, device=DEVICE)
     _run_backward_check(x, w, b, k, operator, torch.float32, 2e-5, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", [(True, True, True, True), (False, True, True, True)],
+                         ids=["dx-dw", "dw-only"])
+def test_dx_gemm_reads_the_unit_filters_the_norm_launch_wrote(dtype, mask, monkeypatch):
+    """dx's GEMM takes w / r_w written once by the row-norm launch (its loop then feeds both
+    operands straight to the MMA: pipelined on sm_90, docs/aot_table.md), dw's GEMM still scales
+    x in the loop; without dx no unit filters are written. The unit filters of column-major w
+    equal w / r_w in float64 up to one rounding to the dtype."""
+    x, w, _, _ = make_linear_inputs(40, 24, 20, operator="cosine", dtype=dtype, device=DEVICE)
+    w = w.t().contiguous().t()   # column-major: the unit filters are still written row-major
+    launches, flags = record_launches(monkeypatch, KL, "launch")
+    y, c, r_x = KL.sphere_linear_fwd(x, w, None, None, "cosine", EPS)
+    del launches[:], flags[:]
+    dy = torch.randn_like(y)
+    KL.sphere_linear_bwd(dy, x, w, None, c, r_x, "cosine", EPS, mask)
+    names = [kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+             for kernel, _, _ in launches]
+    norm_i = names.index("_row_norm_kernel")
+    operand = [i for i, nm in enumerate(names) if nm == "_sphere_linear_bwd_operand_kernel"]
+    assert flags[norm_i]["STORE_UNIT"] == mask[0]
+    assert [flags[i]["B_IS_UNIT"] for i in operand] == ([True, False] if mask[0] else [False])
+    if mask[0]:
+        w_hat = launches[norm_i][2][2]
+        assert launches[operand[0]][2][1] is w_hat and w_hat.is_contiguous()
+        w64 = w.double()
+        exact = w64 / R.filter_norms(w64, EPS)[:, None]
+        tol = UNIT_ROUNDOFF[dtype] * exact.abs() + 1e-6 * exact.abs().max()
+        assert ((w_hat.double() - exact).abs() <= tol).all()
 
 
 def test_no_bias_shared_k_and_noncontiguous_inputs():
