@@ -274,18 +274,16 @@ def _sphere_linear_bwd_operand_kernel(
                     mask=i_mask[:, None] & j_mask[None, :], other=0.0)
         b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_k[None, :] * stride_bk,
                     mask=j_mask[:, None] & k_mask[None, :], other=0.0)
-        if B_IS_UNIT:
-            if UPCAST_DOT:
-                acc = tl.dot(g.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(g, b, acc, input_precision=DOT_PRECISION)
-        else:
+        if not B_IS_UNIT:
             inv_nb = 1.0 / tl.load(nb_ptr + offs_j, mask=j_mask, other=1.0)
             b_unit = b.to(tl.float32) * inv_nb[:, None]
-            if UPCAST_DOT:
-                acc = tl.dot(g.to(tl.float32), b_unit, acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(g, b_unit.to(b.dtype), acc, input_precision=DOT_PRECISION)
+            # rounded back to the operand dtype for the MMA; the interpreter's dot takes it
+            # unrounded (its bf16 cast would truncate)
+            b = b_unit if UPCAST_DOT else b_unit.to(b.dtype)
+        if UPCAST_DOT:
+            acc = tl.dot(g.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(g, b, acc, input_precision=DOT_PRECISION)
     p_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
     part_ptrs = part_ptr + offs_i            # pointer steps stay 64-bit: t * I may pass 2^31
     for _ in range(0, num_part_rows):
