@@ -300,18 +300,17 @@ def test_near_parallel_patches(dtype, rtol, atol_frac, geom):
         # (rounded) c: its specification is the float64 recompute. Near c = 1 the gradient's
         # dependence on c is ill-conditioned, so a float64 reference on the *rounded* c differs
         # from it by far more than rounding (seed 2811481476: 3e-3 in fp16).
-        c, r_x = _exact_state(inp)
+        _, c, r_x = _forward64(inp)
     ref64 = _reference(dy, inp, c, r_x, ALL, torch.float64)
     ref_same = _reference(dy, inp, *_saved_state(inp))
     _check_within_rounding_bound(out, ref64, ref_same, _rounding_bound(dy, inp, c, r_x), atol_frac)
 
 
-def _exact_state(inp):
-    """c and r_x of the reference forward evaluated in float64 on the (rounded) inputs."""
+def _forward64(inp):
+    """(y, c, r_x) of the reference forward evaluated in float64 on the (rounded) inputs."""
     with torch.no_grad():
-        _, c, r_x = R.conv2d_forward(*(t.double() if torch.is_tensor(t) else t for t in inp.args()),
-                                     EPS)
-    return c, r_x
+        return R.conv2d_forward(*(t.double() if torch.is_tensor(t) else t for t in inp.args()),
+                                EPS)
 
 
 def _check_within_rounding_bound(out, ref64, ref_same, bounds, atol_frac):
@@ -960,8 +959,7 @@ def test_random_geometries_match_closed_form_reference(seed):
     inp, c, r_x, dy = _case(torch.float32, **geom)
     try:
         y, c_k, r_k = conv_fwd.sphere_conv2d_fwd(*inp.args(), EPS)
-        y64, c64, r64 = R.conv2d_forward(*(t.double() if isinstance(t, torch.Tensor) else t
-                                           for t in inp.args()), EPS)
+        y64, c64, r64 = _forward64(inp)
         saved = (("y", y, y64), ("c", c_k, c64), ("r_x", r_k, r64))
         if inp.pure_depthwise:   # the depthwise forward saves nothing
             assert c_k.numel() == 0 and r_k.numel() == 0

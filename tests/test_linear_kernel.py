@@ -204,8 +204,7 @@ def test_dx_gemm_reads_the_unit_filters_the_norm_launch_wrote(dtype, mask, monke
     del launches[:], flags[:]
     dy = torch.randn_like(y)
     KL.sphere_linear_bwd(dy, x, w, None, c, r_x, "cosine", EPS, mask)
-    names = [kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-             for kernel, _, _ in launches]
+    names = [kernel.__name__ for kernel, _, _ in launches]
     norm_i = names.index("_row_norm_kernel")
     operand = [i for i, nm in enumerate(names) if nm == "_sphere_linear_bwd_operand_kernel"]
     assert flags[norm_i]["STORE_UNIT"] == mask[0]
