@@ -28,9 +28,9 @@ the partial sums of step 1 take two levels):
    per group (depthwise) ``_channelwise_prep_kernel`` does the same over [pixels x channels]
    tiles across the groups (``_prep_kernel`` gives each program one group), filter programs
    included. More kinds of program ride in ``_prep_kernel``'s launch after the pass: the
-   wgrad's staged input (inputs outside the fast layout), and for the stride-1 grid paths
-   (``conv_bwd_grid``) x staged onto the grid wgrad's padded grid and the zero margin rows of
-   Hn's grid.
+   wgrad's staged input (inputs outside the fast layout), and for the grid paths
+   (``conv_bwd_grid``) x staged onto the grid wgrad's padded grid (its phase planes at
+   stride > 1) and the zero margin rows of Hn's grid.
 2. ``_reduce_partials_kernel``: sums the partials of step 1 in a fixed order -> S (fp32), db, dk
    (two levels once there are more than 512 partial rows). With a wgrad the final level runs
    as extra programs of the wgrad launch instead (``_fold_reduction``; S is only read by the
@@ -40,7 +40,7 @@ the partial sums of step 1 take two levels):
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
    (kh, kw) is the same for every pixel, so it loops over exactly those taps (no zero-stuffing,
-   no masked-out MMAs). Opt-in (``SPHEREOPS_DGRAD_GRID=1``, ``conv_bwd_grid``): a stride-1
+   no masked-out MMAs). Opt-in (``SPHEREOPS_DGRAD_GRID=1``, ``conv_bwd_grid``): the same
    dgrad as a plain TMA GEMM, step 1 then writing Hn onto a padded grid (``_hn_row``; the
    wgrad reads it there too; ``SPHEREOPS_WGRAD_GRID=1`` runs that wgrad as a TMA GEMM as well,
    ``conv_bwd_grid``, the same 4 launches).
@@ -336,14 +336,14 @@ def _prep_kernel(
     stride_cn, stride_cc, stride_ch, stride_cw,
     n_filter_programs, CG_IN, CGI_P, stride_wo, stride_wc, stride_wh, stride_ww, eps,
     img_tiles, HW_IN, W_IN, stride_xn, stride_xc, stride_xh, stride_xw,
-    n_stage_programs, grid_lead, grid_cp,
+    n_stage_programs, grid_lead, grid_cp, grid_pad_h, grid_pad_w, grid_planes, grid_planes_w,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     NORM_FILTERS: tl.constexpr, STORE_W_HAT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, STAGE_GRID: tl.constexpr,
     X_PIXELS_FAST: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
+    HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr, GRID_SH: tl.constexpr, GRID_SW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CX: tl.constexpr,
 ):
@@ -358,12 +358,12 @@ def _prep_kernel(
     pid0 - n_filter_programs of group g (_prep_tile); the next n_stage_programs stage block
     t = pid0 - n_filter_programs - R of group g's input: with STAGE_X input tile t to xs
     (conv_fwd.stage_input_tile: N * img_tiles of them), with STAGE_GRID rows t * BLOCK_P.. of
-    the stride-1 grid wgrad's x grid (conv_fwd_grid.stage_grid_rows: cdiv(grid_lead + N*Hq*Wq,
-    BLOCK_P) of them); the last E (HN_TOP or HN_LEFT > 0: cdiv(the margin rows, BLOCK_M)) zero
-    block pid0 - n_filter_programs - R - n_stage_programs of Hn's margin rows in group g's
-    columns (_zero_hn_margins). The filter blocks come first so that their loops
-    (latency-bound: dependent round trips to memory) start with the first wave instead of
-    trailing the pass.
+    the grid wgrad's x grid (conv_fwd_grid.stage_grid_rows: cdiv(grid_lead +
+    grid_planes*N*Hq*Wq, BLOCK_P) of them); the last E (HN_TOP or HN_LEFT > 0: cdiv(the
+    margin rows, BLOCK_M)) zero block pid0 - n_filter_programs - R - n_stage_programs of Hn's
+    margin rows in group g's columns (_zero_hn_margins). The filter blocks come first so that
+    their loops (latency-bound: dependent round trips to memory) start with the first wave
+    instead of trailing the pass.
 
     dy_ptr: [N, C_out, Ho, Wo], strides (stride_dyn, stride_dyc, stride_dyh, stride_dyw).
     c_ptr:  [N, C_out, Ho, Wo] saved clamped cosine, strides (stride_cn, ...); with FROM_OUTPUT
@@ -390,9 +390,11 @@ def _prep_kernel(
     x_ptr:  [N, G*CG_IN, H, W] the forward input, strides (stride_xn, stride_xc, stride_xh,
             stride_xw), read iff STAGE_X or STAGE_GRID; xs_ptr: [N, H, W, G, CGI_P]
             contiguous, its staged copy (zero-padded channels), written iff STAGE_X; with
-            STAGE_GRID instead x on the grid wgrad's padded grid [grid_lead + N*Hq*Wq,
-            G*grid_cp] (conv_bwd_grid.x_grid_buffer; Hq = Ho + HN_TOP = H + PH, Wq = Wo + HN_LEFT
-            = W + PW at stride 1); else any output.
+            STAGE_GRID instead x on the grid wgrad's padded grid [grid_lead +
+            grid_planes*N*Hq*Wq, G*grid_cp] (conv_bwd_grid.x_grid_buffer; Hq = Ho + HN_TOP,
+            Wq = Wo + HN_LEFT, stride (GRID_SH, GRID_SW), padding (grid_pad_h, grid_pad_w),
+            grid_planes phase planes, grid_planes_w a plane row: conv_fwd_grid.stage_grid_rows);
+            else any output.
     M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M): the output-pixel blocks.
     n_filter_programs: cdiv(C_out, BLOCK_O) with NORM_FILTERS, else 0. CG_IN = C_in / G.
     eps: the epsilon inside r_w's square root. img_tiles = cdiv(H*W, BLOCK_P), HW_IN = H*W,
@@ -410,8 +412,8 @@ def _prep_kernel(
     BLOCK_O, BLOCK_F: filters per filter program, filter elements per step (filter_norm_config).
     STAGE_X, DENSE_PLANE, BLOCK_P x BLOCK_CX: the input tiles (conv_fwd.stage_input_tile).
     STAGE_GRID, X_PIXELS_FAST (x NCHW), grid_lead (zero rows ahead of the grid), grid_cp (its
-    channels a group), BLOCK_P x BLOCK_CX: the x grid's rows (STAGE_X and STAGE_GRID are never
-    both set).
+    channels a group), the padding, planes and stride above, BLOCK_P x BLOCK_CX: the x grid's
+    rows (STAGE_X and STAGE_GRID are never both set).
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -437,13 +439,12 @@ def _prep_kernel(
                              DENSE_PLANE, BLOCK_P, BLOCK_CX)
         if STAGE_GRID:
             ho = HoWo // Wo
-            in_h = HW_IN // W_IN
-            m_grid = (M // HoWo) * (ho + HN_TOP) * (Wo + HN_LEFT)
-            stage_grid_rows(x_ptr, xs_ptr, xs_ptr, t, g, grid_lead, m_grid, m_grid, 1,
-                            (ho + HN_TOP) * (Wo + HN_LEFT), Wo + HN_LEFT, in_h, W_IN,
-                            ho + HN_TOP - in_h, Wo + HN_LEFT - W_IN, CG_IN, grid_cp, G,
-                            stride_xn, stride_xc, stride_xh, stride_xw, 1, 1, True, False,
-                            X_PIXELS_FAST, BLOCK_P, BLOCK_CX)
+            m_plane = (M // HoWo) * (ho + HN_TOP) * (Wo + HN_LEFT)
+            stage_grid_rows(x_ptr, xs_ptr, xs_ptr, t, g, grid_lead, grid_planes * m_plane,
+                            m_plane, grid_planes_w, (ho + HN_TOP) * (Wo + HN_LEFT), Wo + HN_LEFT,
+                            HW_IN // W_IN, W_IN, grid_pad_h, grid_pad_w, CG_IN, grid_cp, G,
+                            stride_xn, stride_xc, stride_xh, stride_xw, GRID_SH, GRID_SW, True,
+                            False, X_PIXELS_FAST, BLOCK_P, BLOCK_CX)
     else:
         if HN_TOP + HN_LEFT > 0:
             _zero_hn_margins(hn_ptr, pid - n_filter_programs - R - n_stage_programs, g,
@@ -1577,7 +1578,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
             that went into it; linear and cosine operators; y is never written).
         dgrad_grid, wgrad_grid: None (the default: conv_bwd_grid.ENABLED / WGRAD_ENABLED,
             SPHEREOPS_DGRAD_GRID=1 / SPHEREOPS_WGRAD_GRID=1, for plain launches), True / False to
-            ask for the stride-1 TMA dgrad / wgrad on padded grids or to keep the implicit-GEMM
+            ask for the TMA dgrad / wgrad on padded grids or to keep the implicit-GEMM
             kernels (tests); asked for, they still run only where
             conv_bwd_grid.grid_backward_applies.
 
@@ -1689,7 +1690,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         cgo_p, cgi_p = aligned_count(cg_out), aligned_count(cg_in)
     else:
         cgo_p, cgi_p = cg_out, cg_in
-    # the stride-1 dgrad / wgrad on padded grids (conv_bwd_grid): Hn's rows get margins
+    # the dgrad / wgrad on padded grids (conv_bwd_grid): Hn's rows get margins
     grid_dgrad = grid_wgrad = False
     if need_grads and cg_out > 1:
         if dgrad_grid is None:
@@ -1701,7 +1702,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                                                       cgi_p, cgo_p):
             grid_dgrad, grid_wgrad = bool(dgrad_grid) and need_dx, bool(wgrad_grid) and need_dw
     hn_margins = ((0, 0) if not (grid_dgrad or grid_wgrad)
-                  else conv_bwd_grid().hn_margins((kh, kw), (ph, pw), (dh, dw_)))
+                  else conv_bwd_grid().grid_margins((h, wd), (ho, wo), (kh, kw), (sh, sw),
+                                                    (ph, pw), (dh, dw_)))
     # the wgrad's copy of an input outside the fast layout (the grid wgrad stages its own)
     stage_x = cg_out > 1 and need_dw and not grid_wgrad and staged_channels(x, cg_in) > 0
 
@@ -1728,14 +1730,15 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         hn = torch.empty((m_out, groups * cgo_p) if need_grads else (1,), device=dev, dtype=dtype)
     stage_p = STAGE_CONFIG["BLOCK_P"]
     x_staged, n_stage_programs, stage_cp = None, 0, cgi_p
-    x_grid, x_grid_slack, stage_grid = None, 0, False
+    x_grid, x_grid_slack, stage_grid, planes_h, planes_w = None, 0, False, 1, 1
     if stage_x:
         x_staged = torch.empty((n, h, wd, groups * cgi_p), device=dev, dtype=dtype)
         n_stage_programs = n * _cdiv(h * wd, stage_p)
     elif grid_wgrad:   # x onto its padded grid (conv_bwd_grid.x_grid_buffer), in this launch
         x_grid, x_grid_slack, stage_grid = conv_bwd_grid().x_grid_buffer(
-            x, groups, (kh, kw), (ph, pw), (dh, dw_))
+            x, groups, (ho, wo), hn_margins, (kh, kw), (sh, sw), (ph, pw))
         if stage_grid:
+            planes_h, planes_w = conv_bwd_grid().x_planes((kh, kw), (sh, sw))
             n_stage_programs = _cdiv(x_grid.shape[0], stage_p)
             stage_cp = x_grid.shape[1] // groups
     a_shape = (n, groups, ho, wo) if need_dx else (1,)
@@ -1768,10 +1771,11 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                            m_out, ho * wo, wo, c_out, cg_out, cgo_p, groups, r_rows, k_stride,
                            *dy.stride(), *c.stride()) + filter_args_padded
                 + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride(), n_stage_programs,
-                   x_grid_slack, stage_cp),
+                   x_grid_slack, stage_cp, ph, pw, planes_h * planes_w, planes_w),
                 BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
                 DENSE_PLANE=dense_plane(x), STAGE_GRID=stage_grid, X_PIXELS_FAST=pixels_fast(x),
                 BLOCK_P=stage_p, HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
+                GRID_SH=sh if stage_grid else 1, GRID_SW=sw if stage_grid else 1,
                 BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
@@ -1788,8 +1792,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # 3. dgrad fused with the norm correction
     if grid_dgrad:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
-        conv_bwd_grid().grid_dgrad(hn, w_hat, a_buf, x, dx, (ph, pw), (dh, dw_),
-                                   dict(UPCAST_DOT=upcast, EMULATE_RTNE=rtne,
+        conv_bwd_grid().grid_dgrad(hn, w_hat, a_buf, x, dx, (sh, sw), (ph, pw), (dh, dw_),
+                                   hn_margins, dict(UPCAST_DOT=upcast, EMULATE_RTNE=rtne,
                                         PIXELS_FAST=pixels_fast(dx)))
     elif need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
@@ -1812,8 +1816,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                            EMULATE_RTNE=rtne)
     if grid_wgrad:
         w_part, split = conv_bwd_grid().grid_wgrad(hn, x_grid, x_grid_slack, x, c_out, groups,
-                                                   (kh, kw), (ph, pw), (dh, dw_), upcast,
-                                                   reduction, reduction_flags)
+                                                   (ho, wo), hn_margins, (kh, kw), (sh, sw),
+                                                   (dh, dw_), upcast, reduction, reduction_flags)
         dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
     elif need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
@@ -1849,7 +1853,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
 
 
 def conv_bwd_grid():
-    """The stride-1 grid dgrad / wgrad module (kernels/conv_bwd_grid.py), imported at first use: it
+    """The grid dgrad / wgrad module (kernels/conv_bwd_grid.py), imported at first use: it
     builds on this module's kernels."""
     from . import conv_bwd_grid as module
     return module
@@ -2007,7 +2011,7 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
                w: int, fn=None, cg_in: Optional[int] = None, stage: bool = False,
-               hn_margins=(0, 0), stage_grid: bool = False) -> dict:
+               hn_margins=(0, 0), stage_grid: bool = False, grid_stride: int = 1) -> dict:
     """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
     pointer type of the input dtype), with its filter programs for 3x3 filters of ``cg_in``
@@ -2015,7 +2019,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
     input tiles staging an NCHW input of cg_in channels (rows padded to aligned_count);
     ``hn_margins``: Hn written onto the grid dgrad's padded grid (_hn_row), its margins zeroed
     by the same launch; ``stage_grid``: and the grid wgrad's x grid staged from a channels_last
-    input of cg_in channels (3x3 "same": one zero row and column, lead Wq + 1 rows)."""
+    input of cg_in channels (3x3 "same": one zero row and column, lead Wq + 1 rows; at
+    ``grid_stride`` 2 its four phase planes)."""
     fn = _prep_kernel if fn is None else fn
     cg_in = c if cg_in is None else cg_in
     cgi_p = aligned_count(cg_in)
@@ -2038,7 +2043,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                         **(dict(STAGE_X=stage, DENSE_PLANE=True, STAGE_GRID=stage_grid,
                                 X_PIXELS_FAST=False, BLOCK_P=STAGE_CONFIG["BLOCK_P"],
                                 BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]),
-                                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1])
+                                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
+                                GRID_SH=grid_stride, GRID_SW=grid_stride)
                            if fn is _prep_kernel else {})),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
         example_args=dict(C_out=c, CG_IN=cg_in, **strides,
@@ -2051,7 +2057,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                                                   stride_xh=w, stride_xw=1)),
                                   n_stage_programs=_cdiv(32 * (h + 1) * (w + 1) + w + 2,
                                                          STAGE_CONFIG["BLOCK_P"]),
-                                  grid_lead=w + 2, grid_cp=cgi_p)
+                                  grid_lead=w + 2, grid_cp=cgi_p, grid_pad_h=1, grid_pad_w=1,
+                                  grid_planes=grid_stride ** 2, grid_planes_w=grid_stride)
                              if fn is _prep_kernel else {})))
 
 
@@ -2226,6 +2233,10 @@ def aot_specs() -> list:
             specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_gridx_{tag}", "sigmoid",
                                     False, t, dtype, c, h, w, hn_margins=(1, 1),
                                     stage_grid=True))
+            # at stride 2: x's phase planes (conv_bwd_grid.x_planes)
+            specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_gridx_s2_{tag}", "sigmoid",
+                                    False, t, dtype, c, h, w, hn_margins=(1, 1),
+                                    stage_grid=True, grid_stride=2))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
                                 dtype, c, h, w, fn=_channelwise_prep_kernel, cg_in=2))
         cfg = REDUCE_CONFIG

@@ -1,4 +1,4 @@
-"""SphereConv2d dgrad and wgrad for stride-1 convs as plain TMA GEMMs over padded grids.
+"""SphereConv2d dgrad and wgrad as plain TMA GEMMs over padded grids (by input phase at stride > 1).
 
 At stride 1 the dgrad ``dx = conv_transpose(Hn, w_hat) - x * boxsum^T(A)`` (conv_bwd) is a
 convolution of Hn [N, Ho, Wo, C_out] with the flipped unit filters, padding
@@ -38,18 +38,34 @@ split-K, fixed-order sum), and the prep partials' last reduction level rides in 
 launch as there: the grid backward issues the implicit-GEMM backward's launches (prep, dgrad,
 wgrad, finalize).
 
-sm_90 bf16 SASS a K step (``python -m sphereops_kernels.aot --sass``, triton 3.9): dgrad 106
-against the implicit-GEMM dgrad's 340 (128 x 128 x 64), wgrad 95 against 494 (128 x 128, 64
-pixels a step), the same 8 wgmma each.
+At stride (SH, SW) > 1 the dgrad splits by input phase, as the forward's grid does by
+output phase: padded input row u = q*SH + a (phase a) is reached only by the filter rows r
+with r*DH = a (mod SH) -- r0, r0 + STEP, ... (STEP = SH / gcd(SH, DH)) -- each from Hn row
+q - t_r, t_r = (r*DH - a) / SH. So a phase's dx is a stride-1 correlation of Hn with its own
+taps, one TMA box a tap again: program axis 1 is the phase, its grid row (n, i, j) is input
+pixel ((i + q0_a)*SH + a - PH, (j + q0_b)*SW + b - PW) (q0: the phase's first row inside the
+image), and tap r reads Hn grid row i + q0_a + TOP - t_r. The margins (:func:`grid_margins`)
+are chosen so that every such read is a data row or a zero row of the image's own margins or
+the next image's top ones, with no stuffed zeros: a phase computes only its own taps (3x3
+stride 2: 4, 2, 2 and 1 of the 9), a phase with none stores dx = -x * 0. The epilogue's box
+sum of A runs over the phase's taps. The wgrad reads x's phase planes (conv_fwd_grid's strided
+grid) laid out with Hn's pitches, so tap (r, s) is again one row offset into plane
+(r*DH % SH, s*DW % SW); TOP >= (KH-1)*DH // SH keeps a tap's rows inside its image's rows of
+the plane.
 
-Taken (:func:`grid_backward_applies`) for stride-1 convs with 0 <= padding <= (K-1)*dilation,
-C_in/G >= 16 and C_out/G a multiple of 16, in fp16 / bf16 (a tf32 wgmma wants both operands
-K-major; w_hat's box is N-major), on TMA GPUs, in plain launches, when
-``SPHEREOPS_DGRAD_GRID=1`` (dgrad) / ``SPHEREOPS_WGRAD_GRID=1`` (wgrad); both off by default
-until a GPU run has checked and timed them.
+sm_90 bf16 SASS a K step (``python -m sphereops_kernels.aot --sass``, triton 3.9): dgrad 106
+(stride 2: 113) against the implicit-GEMM dgrad's 340 (128 x 128 x 64), wgrad 97 (stride 2:
+97) against 494 (128 x 128, 64 pixels a step), the same 8 wgmma each.
+
+Taken (:func:`grid_backward_applies`) at stride 1 for 0 <= padding <= (K-1)*dilation and at
+any larger stride for any padding, with C_in/G >= 16 and C_out/G a multiple of 16, in fp16 /
+bf16 (a tf32 wgmma wants both operands K-major; w_hat's box is N-major), on TMA GPUs, in
+plain launches, when ``SPHEREOPS_DGRAD_GRID=1`` (dgrad) / ``SPHEREOPS_WGRAD_GRID=1``
+(wgrad); both off by default until a GPU run has checked and timed them.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -61,7 +77,7 @@ from .conv_bwd import REDUCE_CONFIG, _reduce_column_block, _wgrad_split, store_d
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
                             grid_channels, grid_row_pixels, has_tma, launch_tma_kernel,
-                            next_channel_chunk, tap_row_offset)
+                            next_channel_chunk, strided_tap_row_offset, tap_row_offset)
 from .launch import cdiv, interpreting, launch
 
 _INTERPRET = interpreting()
@@ -79,14 +95,55 @@ def hn_margins(kernel, padding, dilation):
     return tuple((k - 1) * d - p for k, p, d in zip(kernel, padding, dilation))
 
 
+def _strided_margin(size, out, k, s, p, d):
+    """One axis of :func:`grid_margins` at stride ``s`` > 1 (input ``size``, output ``out``,
+    filter ``k``, padding ``p``, dilation ``d``): the least TOP (or LEFT) for which every
+    phase's box reads of Hn stay on the grid's zeros or data, and the wgrad's x planes (Hn's
+    pitch) hold every row a tap reads inside the image's own rows.
+
+    Padded input index u = q*s + a (phase a); its taps are the r with r*d = a (mod s), which
+    read Hn at q - t_r, t_r = (r*d - a) // s. The phase's input pixels are q = q0 .. q0+hp-1
+    (q0 = ceil((p - a)/s)), its M rows i = q - q0, and tap r reads Hn grid row
+    i + q0 + TOP - t_r. That must be >= 0 (t_r - q0 <= TOP), at most the next image's zero
+    rows (i + q0 + TOP - t_r < out + 2*TOP for i < hp: hp + q0 - t_r - out <= TOP), and the
+    phase's rows must fit the grid (hp <= out + TOP). The wgrad's tap (r, .) meets Hn's data
+    row oh at plane row oh + r*d // s < out + TOP: (k-1)*d // s <= TOP."""
+    need = (k - 1) * d // s
+    for a in range(s):
+        q0 = -((a - p) // s)
+        hp = max(0, -((a - p - size) // s) - q0)
+        need = max(need, hp - out)
+        for r in range(k):
+            if (r * d - a) % s == 0:
+                t = (r * d - a) // s
+                need = max(need, t - q0, hp + q0 - t - out)
+    return need
+
+
+def grid_margins(in_hw, out_hw, kernel, stride, padding, dilation):
+    """``(TOP, LEFT)`` of Hn's grid for a conv: :func:`hn_margins` at stride 1 (negative when
+    the padding exceeds the filter's reach: no grid then), else :func:`_strided_margin` on each
+    axis (never negative)."""
+    if tuple(stride) == (1, 1):
+        return hn_margins(kernel, padding, dilation)
+    return tuple(_strided_margin(*axis) for axis in zip(in_hw, out_hw, kernel, stride, padding,
+                                                        dilation))
+
+
+def x_planes(kernel, stride):
+    """``(planes_h, planes_w)``: the phase planes of x the wgrad reads (conv_fwd_grid's
+    strided grid: one a phase along an axis with stride > 1 and more than one tap)."""
+    return tuple(s if k > 1 else 1 for k, s in zip(kernel, stride))
+
+
 def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool:
-    """Whether the dgrad and wgrad of a conv can run on the grids: stride 1; margins >= 0 (padding at
-    most the dilated filter's reach; more would crop Hn); fp16 / bf16; C_in/G >= 16 (the
-    grid GEMM's N) with w_hat's rows 16-byte aligned (TMA); C_out/G a multiple of 16 stored
-    unpadded (every K box within one group's Hn columns and one tap's w_hat rows); host
-    descriptors in this triton and TMA on the GPU; the grid's rows plus a window's reach within
-    int32."""
-    if TensorDescriptor is None or tuple(stride) != (1, 1):
+    """Whether the dgrad and wgrad of a conv can run on the grids: at stride 1 margins >= 0
+    (padding at most the dilated filter's reach; more would crop Hn), any stride above;
+    fp16 / bf16; C_in/G >= 16 (the grid GEMM's N) with w_hat's rows 16-byte aligned (TMA);
+    C_out/G a multiple of 16 stored unpadded (every K box within one group's Hn columns and
+    one tap's w_hat rows); host descriptors in this triton and TMA on the GPU; the grids' rows
+    plus a window's reach within int32."""
+    if TensorDescriptor is None:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -99,12 +156,15 @@ def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool
         return False
     if cg_out % GRID_ALIGN or cgo_p != cg_out:
         return False
-    top, left = hn_margins((kh, kw), padding, dilation)
+    out_hw = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                   zip((h, wd), (kh, kw), stride, padding, dilation))
+    top, left = grid_margins((h, wd), out_hw, (kh, kw), stride, padding, dilation)
     if top < 0 or left < 0:
         return False
-    hq, wq = h + padding[0], wd + padding[1]
+    hq, wq = out_hw[0] + top, out_hw[1] + left
+    planes_h, planes_w = x_planes((kh, kw), stride)
     reach = (kh - 1) * dilation[0] * wq + (kw - 1) * dilation[1] + 256
-    return n * hq * wq + reach < 2 ** 31
+    return planes_h * planes_w * n * hq * wq + 2 * reach < 2 ** 31
 
 
 def hn_grid_buffer(n, ho, wo, margins, columns, dtype, device):
@@ -123,18 +183,38 @@ def hn_margin_rows(n, ho, wo, margins) -> int:
 
 
 @triton.jit
+def _phase_taps(a, K: tl.constexpr, S: tl.constexpr, STEP: tl.constexpr, dil, pad, size,
+                margin):
+    """One axis of a strided dgrad's phase ``a`` (padded input index u = q*S + a; module
+    docstring, :func:`_strided_margin`): ``(r0, taps, q0, count, base)`` -- the first filter
+    tap r0 with r0*dil = a (mod S) (the phase's taps are r0, r0 + STEP, ..., STEP = S /
+    gcd(S, dil)), their number, the first q of an input pixel, the phase's input pixels, and
+    the Hn grid offset q0 + margin - t_r0 of tap r0 (tap r0 + k*STEP: k*STEP*dil/S less)."""
+    r0 = K
+    for r in tl.static_range(K):
+        # r*dil - a + S > 0: the remainder is C's and Python's alike
+        r0 = tl.where(((r * dil - a + S) % S == 0) & (r0 == K), r, r0)
+    taps = tl.where(r0 < K, (K - r0 + STEP - 1) // STEP, 0)
+    q0 = (pad - a + S - 1) // S
+    count = (pad + size - a + S - 1) // S - q0
+    base = q0 + margin - (r0 * dil - a) // S
+    return r0, taps, q0, count, base
+
+
+@triton.jit
 def _dgrad_grid_kernel(
     dx_ptr, hn_desc, w_desc, a_ptr, x_ptr,
     m_grid, hw_q, w_q, in_h, in_w, out_h, out_w, c_out, cg_in, cg_out, groups,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
-    pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    PIXELS_FAST: tl.constexpr,
+    pad_h, pad_w, dil_h, dil_w, hn_top, hn_left,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    STEP_H: tl.constexpr, STEP_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr, PIXELS_FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Stride-1 dgrad on Hn's padded grid; program = (group, M tile of grid rows, N tile of the
-    group's input channels).
+    """The dgrad on Hn's padded grid; program = (group, M tile of grid rows, N tile of the
+    group's input channels) on axis 0, the input phase (a, b) on axis 1 (one at stride 1).
 
     Descriptors and pointers (Og = cg_out, a multiple of BLOCK_K; M = m_grid = N*Hq*Wq):
       hn_desc  TMA descriptor of the Hn grid [M, G*Og] (module docstring), block
@@ -144,13 +224,18 @@ def _dgrad_grid_kernel(
       a_ptr    [N, G, Ho, Wo] fp32 contiguous (A = sum_o G c / r_x^2).
       x_ptr    [N, G*cg_in, H, W], strides (stride_xn, stride_xc, stride_xh, stride_xw).
       dx_ptr   [N, G*cg_in, H, W], strides (stride_dxn, ...): every element written once.
-    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, Ho, Wo, C_out, C_in/G, C_out/G, G, padding, dilation.
-    Constexprs: filter size; UPCAST_DOT, EMULATE_RTNE (interpreter only); PIXELS_FAST (x and dx
-      NCHW: conv_bwd.store_dgrad_tile); the tile. Offsets int32 in the loop (the launcher keeps
-      M plus the window's reach below 2^31), int64 into x and dx.
+    Scalars: hw_q = Hq*Wq, w_q = Wq, H, W, Ho, Wo, C_out, C_in/G, C_out/G, G, padding, dilation,
+      Hn's margins (hn_top, hn_left; read at stride > 1).
+    Constexprs: filter size; stride, STEP_H/W = stride / gcd(stride, dilation) (the distance
+      between a phase's taps); UPCAST_DOT, EMULATE_RTNE (interpreter only); PIXELS_FAST (x and
+      dx NCHW: conv_bwd.store_dgrad_tile); the tile. Offsets int32 in the loop (the launcher
+      keeps M plus the window's reach below 2^31), int64 into x and dx.
 
-    A box row past M reads zeros (TMA fill); w_hat columns past CGI_P read zeros and those past
-    C_in/G reach only columns the epilogue drops.
+    At stride 1 grid row (n, i, j) is input pixel (i, j) and the K loop runs over the flipped
+    taps. At stride > 1 it is the phase's input pixel ((i + q0_a)*SH + a - PH, (j + q0_b)*SW +
+    b - PW) and the K loop over the phase's taps only (:func:`_phase_taps`; a phase without
+    taps stores dx = -x * 0). A box row past M reads zeros (TMA fill); w_hat columns past
+    CGI_P read zeros and those past C_in/G reach only columns the epilogue drops.
     """
     g, pid_m, pid_n = gemm_tile_of_program(tl.program_id(0), groups, m_grid, cg_in,
                                            BLOCK_M, BLOCK_N, GROUP_M)
@@ -159,29 +244,76 @@ def _dgrad_grid_kernel(
     ci0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_chunks = cg_out // BLOCK_K
-    tap = 0
-    c0 = 0
-    for it in range(0, KH * KW * n_chunks):
-        h_tile = hn_desc.load([p0 + tap_row_offset(tap, KW, dil_h, dil_w, w_q), hn_col + c0])
-        # flipped tap (r, s) is filter tap (KH-1-r, KW-1-s): w_hat row block KH*KW-1-tap
-        w_tile = w_desc.load([(KH * KW - 1 - tap) * c_out + hn_col + c0, ci0])
-        if UPCAST_DOT:   # the interpreter's 16-bit dot is wrong (conv_bwd)
-            acc = tl.dot(h_tile.to(tl.float32), w_tile.to(tl.float32), acc)
-        else:
-            acc = tl.dot(h_tile, w_tile, acc)
-        tap, c0 = next_channel_chunk(tap, c0, cg_out, BLOCK_K)
+    if STRIDE_H * STRIDE_W == 1:
+        tap = 0
+        c0 = 0
+        for it in range(0, KH * KW * n_chunks):
+            h_tile = hn_desc.load([p0 + tap_row_offset(tap, KW, dil_h, dil_w, w_q), hn_col + c0])
+            # flipped tap (r, s) is filter tap (KH-1-r, KW-1-s): w_hat row block KH*KW-1-tap
+            w_tile = w_desc.load([(KH * KW - 1 - tap) * c_out + hn_col + c0, ci0])
+            if UPCAST_DOT:   # the interpreter's 16-bit dot is wrong (conv_bwd)
+                acc = tl.dot(h_tile.to(tl.float32), w_tile.to(tl.float32), acc)
+            else:
+                acc = tl.dot(h_tile, w_tile, acc)
+            tap, c0 = next_channel_chunk(tap, c0, cg_out, BLOCK_K)
 
-    rows = p0 + tl.arange(0, BLOCK_M)
-    img, hi, wi, m_mask = grid_row_pixels(rows, m_grid, hw_q, w_q, in_h, in_w)
-    img64 = img.to(tl.int64)
-    # the box sum of A over the taps that reach each pixel: output (hi + PH - kh*DH, ...)
-    a_rows = a_ptr + (img64 * groups + g) * out_h * out_w
-    box = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for t in range(KH * KW):
-        ho = hi + pad_h - (t // KW) * dil_h
-        wo = wi + pad_w - (t % KW) * dil_w
-        ok = m_mask & (ho >= 0) & (ho < out_h) & (wo >= 0) & (wo < out_w)
-        box += tl.load(a_rows + ho * out_w + wo, mask=ok, other=0.0)
+        rows = p0 + tl.arange(0, BLOCK_M)
+        img, hi, wi, m_mask = grid_row_pixels(rows, m_grid, hw_q, w_q, in_h, in_w)
+        img64 = img.to(tl.int64)
+        # the box sum of A over the taps that reach each pixel: output (hi + PH - kh*DH, ...)
+        a_rows = a_ptr + (img64 * groups + g) * out_h * out_w
+        box = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t in range(KH * KW):
+            ho = hi + pad_h - (t // KW) * dil_h
+            wo = wi + pad_w - (t % KW) * dil_w
+            ok = m_mask & (ho >= 0) & (ho < out_h) & (wo >= 0) & (wo < out_w)
+            box += tl.load(a_rows + ho * out_w + wo, mask=ok, other=0.0)
+    else:
+        phase = tl.program_id(1)
+        a = phase // STRIDE_W
+        b = phase - a * STRIDE_W
+        r0, taps_h, q0_h, count_h, base_h = _phase_taps(a, KH, STRIDE_H, STEP_H, dil_h, pad_h,
+                                                        in_h, hn_top)
+        s0, taps_w, q0_w, count_w, base_w = _phase_taps(b, KW, STRIDE_W, STEP_W, dil_w, pad_w,
+                                                        in_w, hn_left)
+        # Hn row offset between consecutive taps of the phase: STEP*dil/S
+        dt_h = STEP_H * dil_h // STRIDE_H
+        dt_w = STEP_W * dil_w // STRIDE_W
+        kr = 0
+        ks = 0
+        c0 = 0
+        for it in range(0, taps_h * taps_w * n_chunks):
+            shift = (base_h - kr * dt_h) * w_q + base_w - ks * dt_w
+            h_tile = hn_desc.load([p0 + shift, hn_col + c0])
+            w_row = (r0 + kr * STEP_H) * KW + s0 + ks * STEP_W
+            w_tile = w_desc.load([w_row * c_out + hn_col + c0, ci0])
+            if UPCAST_DOT:
+                acc = tl.dot(h_tile.to(tl.float32), w_tile.to(tl.float32), acc)
+            else:
+                acc = tl.dot(h_tile, w_tile, acc)
+            # the counters (channel chunk, tap column, tap row) carried, no division a step
+            c0 += BLOCK_K
+            wrap_c = c0 >= cg_out
+            c0 = tl.where(wrap_c, 0, c0)
+            ks += wrap_c.to(tl.int32)
+            wrap_s = ks >= taps_w
+            ks = tl.where(wrap_s, 0, ks)
+            kr += wrap_s.to(tl.int32)
+
+        rows = p0 + tl.arange(0, BLOCK_M)
+        img, i, j, m_mask = grid_row_pixels(rows, m_grid, hw_q, w_q, count_h, count_w)
+        hi = (i + q0_h) * STRIDE_H + a - pad_h
+        wi = (j + q0_w) * STRIDE_W + b - pad_w
+        img64 = img.to(tl.int64)
+        # the box sum of A over the phase's taps: output (i + base_h - top - kr*dt_h, ...)
+        a_rows = a_ptr + (img64 * groups + g) * out_h * out_w
+        box = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for kr2 in range(0, taps_h):
+            ho = i + base_h - hn_top - kr2 * dt_h
+            for ks2 in range(0, taps_w):
+                wo = j + base_w - hn_left - ks2 * dt_w
+                ok = m_mask & (ho >= 0) & (ho < out_h) & (wo >= 0) & (wo < out_w)
+                box += tl.load(a_rows + ho * out_w + wo, mask=ok, other=0.0)
     x_rows = img64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
     dx_rows = img64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
     store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * cg_in, ci0, cg_in, m_mask,
@@ -196,19 +328,23 @@ def _set_block_shapes(nargs):
 
 _dgrad_grid_autotuned = autotune_tma_kernel(
     _dgrad_grid_kernel, dgrad_grid_configs(interpreter=_INTERPRET),
-    ["m_grid", "cg_in", "cg_out", "KH", "KW"], prune_dgrad_grid_configs, _set_block_shapes)
+    ["m_grid", "cg_in", "cg_out", "KH", "KW", "STRIDE_H", "STRIDE_W"], prune_dgrad_grid_configs,
+    _set_block_shapes)
 
 
-def grid_dgrad(hn, w_hat, a_buf, x, dx, padding, dilation, flags, config=None):
+def grid_dgrad(hn, w_hat, a_buf, x, dx, stride, padding, dilation, margins, flags,
+               config=None):
     """Launch the grid dgrad into ``dx`` (allocated by conv_bwd's launcher, which has validated
     everything, checked :func:`grid_backward_applies` and had the prep pass write ``hn`` onto the
-    grid of :func:`hn_grid_buffer`). ``flags``: UPCAST_DOT, EMULATE_RTNE, PIXELS_FAST;
-    ``config``: a triton.Config that bypasses autotuning (tests)."""
-    (ph, pw), (dh, dw) = padding, dilation
+    grid of :func:`hn_grid_buffer` with ``margins`` = :func:`grid_margins`). ``flags``:
+    UPCAST_DOT, EMULATE_RTNE, PIXELS_FAST; ``config``: a triton.Config that bypasses
+    autotuning (tests)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, c_in, h, wd = x.shape
     kh, kw, c_out, cgi_p = w_hat.shape
     groups, ho, wo = a_buf.shape[1], a_buf.shape[2], a_buf.shape[3]
-    hq, wq = h + ph, wd + pw
+    top, left = margins
+    hq, wq = ho + top, wo + left
     m_grid = n * hq * wq
     if hn.shape[0] != m_grid:
         raise AssertionError(f"Hn grid has {hn.shape[0]} rows, expected {m_grid}")
@@ -217,42 +353,51 @@ def grid_dgrad(hn, w_hat, a_buf, x, dx, padding, dilation, flags, config=None):
     w_desc = TensorDescriptor.from_tensor(w_hat.view(kh * kw * c_out, cgi_p), [16, 16])
     cg_in = c_in // groups
     args = (dx, hn_desc, w_desc, a_buf, x, m_grid, hq * wq, wq, h, wd, ho, wo, c_out, cg_in,
-            c_out // groups, groups, *x.stride(), *dx.stride(), ph, pw, dh, dw)
+            c_out // groups, groups, *x.stride(), *dx.stride(), ph, pw, dh, dw, top, left)
     launch_tma_kernel(
         _dgrad_grid_autotuned, _dgrad_grid_kernel, config, dict(hn_desc=hn_desc, w_desc=w_desc),
-        _set_block_shapes, args, dict(KH=kh, KW=kw, **flags),
-        lambda meta: groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), _WHAT)
+        _set_block_shapes, args,
+        dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, STEP_H=sh // math.gcd(sh, dh),
+             STEP_W=sw // math.gcd(sw, dw), **flags),
+        lambda meta: groups * cdiv(m_grid, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), _WHAT,
+        phases=sh * sw)
 
 
 @triton.jit
 def _wgrad_grid_kernel(
     part_ptr, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr,
     m_grid, w_q, c_out, cg_in, cg_out, c_pad, groups, n_split, rows_per_split,
-    top, left, slack, dil_h, dil_w, R, RED_PROGRAMS,
-    KH: tl.constexpr, KW: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    top, left, slack, dil_h, dil_w, plane_rows_h, plane_rows_w, R, RED_PROGRAMS,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Stride-1 wgrad partials on the grids: sum over this split's grid rows p of
+    """Wgrad partials on the grids: sum over this split's grid rows p of
     Hn[p, o] * x[p + shift(tap), ci], a TMA GEMM with no masks.
 
     Descriptors and pointers (M = m_grid = N*Hq*Wq, Og = cg_out, Cp = c_pad):
       hn_desc   TMA descriptor of the Hn grid [M, G*Og] (module docstring), block
                 [BLOCK_M, BLOCK_O].
-      x_desc    TMA descriptor of [slack + M, G*Cp]: ``slack`` zero rows, then x on the forward
-                grid path's padded grid (conv_fwd_grid: pixel (n, hi, wi) at row
-                (n*Hq + PH + hi)*Wq + PW + wi, same Hq and Wq as Hn's grid), block
+      x_desc    TMA descriptor of [slack + P*M, G*Cp]: ``slack`` zero rows, then x on the
+                forward grid path's padded grid with Hn's pitches (conv_fwd_grid: at stride 1
+                pixel (n, hi, wi) at row (n*Hq + PH + hi)*Wq + PW + wi; at stride > 1 P phase
+                planes of M rows, plane (a, b) at a * plane_rows_h + b * plane_rows_w holding
+                padded pixel (i*SH + a, j*SW + b) at row (n*Hq + i)*Wq + j), block
                 [BLOCK_M, BLOCK_CI].
       part_ptr  [n_split, KH*KW, C_out, cg_in] fp32 contiguous: this program's tile of split s,
                 tap (r, s') (as conv_bwd._wgrad_kernel's partials; conv_bwd._finalize_dw).
     Row p of Hn's grid is output pixel (ho, wo) = (i - top, j - left) of its image; the tap's
     input pixel (ho - PH + r*DH, wo - PW + s*DW) is x-grid row p + (r*DH - top)*Wq + s*DW - left
-    (the shift; + slack >= 0). Hn's margin rows are zero, so their products vanish; rows past
+    at stride 1 (the shift; + slack >= 0), at stride > 1 row p + (r*DH // SH - top)*Wq +
+    s*DW // SW - left of plane (r*DH % SH, s*DW % SW) (conv_fwd_grid.strided_tap_row_offset;
+    grid_margins keeps every such row inside the image's rows of its plane). Hn's margin rows are zero, so their products vanish; rows past
     M read zeros (TMA fill). Box columns past a group's Og / C_in/G reach only dropped
     accumulator rows / columns.
     Scalars: Wq, C_out, C_in/G, C_out/G, Cp, G, n_split, rows a split (a multiple of BLOCK_M),
-    top / left (Hn's margins), slack = top*Wq + left, dilation.
+    top / left (Hn's margins), slack = top*Wq + left, dilation, the planes' row offsets
+    (plane_rows_h = planes_w * M, plane_rows_w = M; read at stride > 1).
     The final level of the prep partials' column sums rides in this launch, as in
     conv_bwd._wgrad_kernel (red_ptr [3, R, C_out], s_ptr, db_ptr, dk_ptr, RED_PROGRAMS,
     NEED_S / NEED_DB / NEED_DK, EMULATE_RTNE, BLOCK_R, BLOCK_RC as there): programs past axis
@@ -271,7 +416,8 @@ def _wgrad_grid_kernel(
     n_ci_blocks = tl.cdiv(cg_in, BLOCK_CI)
     o0 = (pid_oc // n_ci_blocks) * BLOCK_O
     ci0 = (pid_oc % n_ci_blocks) * BLOCK_CI
-    x_shift = slack + tap_row_offset(tap, KW, dil_h, dil_w, w_q) - top * w_q - left
+    x_shift = (slack + strided_tap_row_offset(tap, KW, STRIDE_H, STRIDE_W, dil_h, dil_w, w_q,
+                                              plane_rows_h, plane_rows_w) - top * w_q - left)
     m_start = split * rows_per_split
     m_end = tl.where(is_reduce, m_start, tl.minimum(m_start + rows_per_split, m_grid))
     acc = tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32)
@@ -308,46 +454,49 @@ def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dic
                 num_warps=4, num_stages=3)
 
 
-def x_grid_buffer(x, groups, kernel, padding, dilation):
-    """``(x_grid, slack, staged)``: the wgrad's x on the forward grid path's padded grid behind
-    ``slack`` zero rows (the most negative tap shift, :func:`_wgrad_grid_kernel`), as
-    [slack + N*Hq*Wq, G*Cp], unwritten (``staged``: conv_bwd's prep launch stages it with
-    conv_fwd_grid.stage_grid_rows); or x itself when it already is that grid
-    (conv_fwd_grid.direct_grid: an aligned channels_last 1x1 input, no slack; ``staged``
-    False)."""
+def x_grid_buffer(x, groups, out_hw, margins, kernel, stride, padding):
+    """``(x_grid, slack, staged)``: the wgrad's x on the forward grid path's padded grid with
+    Hn's pitches (Hq, Wq = Ho + TOP, Wo + LEFT; at stride > 1 the phase planes of
+    :func:`x_planes`) behind ``slack`` zero rows (the most negative tap shift,
+    :func:`_wgrad_grid_kernel`), as [slack + planes*N*Hq*Wq, G*Cp], unwritten (``staged``:
+    conv_bwd's prep launch stages it with conv_fwd_grid.stage_grid_rows); or x itself when it
+    already is that grid (conv_fwd_grid.direct_grid: an aligned channels_last 1x1 input at
+    stride 1, no slack; ``staged`` False)."""
     n, c_in, h, wd = x.shape
     c_pad = grid_channels(c_in // groups)
-    top, left = hn_margins(kernel, padding, dilation)
-    wq = wd + padding[1]
+    top, left = margins
+    hq, wq = out_hw[0] + top, out_hw[1] + left
     slack = top * wq + left
-    if slack == 0:
+    if slack == 0 and tuple(stride) == (1, 1):
         direct = direct_grid(x, groups, padding, c_pad)
         if direct is not None:
             return direct, 0, False
-    m_grid = n * (h + padding[0]) * wq
-    storage = torch.empty((slack + m_grid, groups * c_pad), dtype=x.dtype, device=x.device)
+    planes_h, planes_w = x_planes(kernel, stride)
+    rows = slack + planes_h * planes_w * n * hq * wq
+    storage = torch.empty((rows, groups * c_pad), dtype=x.dtype, device=x.device)
     return storage, slack, True
 
 
-def grid_wgrad(hn, x_grid, slack, x, c_out, groups, kernel, padding, dilation, upcast,
-               reduction, reduction_flags):
-    """``(partials [split, KH*KW, C_out, C_in/G] fp32, split)`` of the stride-1 wgrad from Hn on
-    its grid and x on its grid behind ``slack`` zero rows (:func:`x_grid_buffer`), both written
-    by conv_bwd's prep launch; conv_bwd._finalize_dw turns them into dw. ``reduction`` =
-    (red_ptr, s_ptr, db_ptr, dk_ptr, R) and ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK,
-    EMULATE_RTNE): the final level of the prep partials' sums, run by extra programs of this
-    launch (conv_bwd._wgrad_kernel's). conv_bwd's launcher has validated everything and checked
-    :func:`grid_backward_applies`."""
+def grid_wgrad(hn, x_grid, slack, x, c_out, groups, out_hw, margins, kernel, stride, dilation,
+               upcast, reduction, reduction_flags):
+    """``(partials [split, KH*KW, C_out, C_in/G] fp32, split)`` of the wgrad from Hn on its grid
+    (``margins`` = :func:`grid_margins`) and x on its grid behind ``slack`` zero rows
+    (:func:`x_grid_buffer`), both written by conv_bwd's prep launch; conv_bwd._finalize_dw
+    turns them into dw. ``reduction`` = (red_ptr, s_ptr, db_ptr, dk_ptr, R) and
+    ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE): the final level of the prep
+    partials' sums, run by extra programs of this launch (conv_bwd._wgrad_kernel's). conv_bwd's
+    launcher has validated everything and checked :func:`grid_backward_applies`."""
     n, c_in, h, wd = x.shape
     kh, kw = kernel
     cg_in, cg_out = c_in // groups, c_out // groups
     c_pad = grid_channels(cg_in)
-    wq = wd + padding[1]
-    m_grid = n * (h + padding[0]) * wq
-    if hn.shape[0] != m_grid or x_grid.shape[0] != slack + m_grid:
+    top, left = margins
+    wq = out_hw[1] + left
+    m_grid = n * (out_hw[0] + top) * wq
+    planes_h, planes_w = x_planes(kernel, stride)
+    if hn.shape[0] != m_grid or x_grid.shape[0] != slack + planes_h * planes_w * m_grid:
         raise AssertionError(f"grids of {hn.shape[0]} / {x_grid.shape[0]} rows, expected "
-                             f"{m_grid} / {slack + m_grid}")
-    top, left = hn_margins(kernel, padding, dilation)
+                             f"{m_grid} / {slack + planes_h * planes_w * m_grid}")
     cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
     bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
     base = groups * cdiv(cg_out, bo) * cdiv(cg_in, bci) * kh * kw
@@ -366,9 +515,9 @@ def grid_wgrad(hn, x_grid, slack, x, c_out, groups, kernel, padding, dilation, u
     launch(_wgrad_grid_kernel, grid,
            (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, m_grid, wq, c_out, cg_in,
             cg_out, c_pad, groups, split, rows_per_split, top, left, slack, dilation[0],
-            dilation[1], red_rows, red_programs),
-           dict(KH=kh, KW=kw, UPCAST_DOT=upcast, **reduction_flags, BLOCK_R=red["BLOCK_R"],
-                BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
+            dilation[1], planes_w * m_grid, m_grid, red_rows, red_programs),
+           dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], UPCAST_DOT=upcast,
+                **reduction_flags, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
     return partials, split
 
 
@@ -382,23 +531,28 @@ _DGRAD_EXAMPLE = dict(m_grid=32 * 57 * 57, hw_q=57 * 57, w_q=57, in_h=56, in_w=5
                       out_w=56, c_out=64, cg_in=64, cg_out=64, groups=1,
                       stride_xn=56 * 56 * 64, stride_xc=1, stride_xh=56 * 64, stride_xw=64,
                       stride_dxn=56 * 56 * 64, stride_dxc=1, stride_dxh=56 * 64, stride_dxw=64,
-                      pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+                      pad_h=1, pad_w=1, dil_h=1, dil_w=1, hn_top=1, hn_left=1)
+# the dgrad of a downsampling 3x3 conv, stride 2, 56x56 -> 28x28 (margins (1, 1): Hq = Wq = 29)
+_DGRAD_EXAMPLE_S2 = dict(_DGRAD_EXAMPLE, m_grid=32 * 29 * 29, hw_q=29 * 29, w_q=29, out_h=28,
+                         out_w=28)
 
 
 def aot_specs():
     """Compile specs for ``make aot-check``: every dgrad grid config x fp16/bf16 as the dgrad
-    of a 3x3 conv, channels_last and NCHW (the quarter-column epilogue), and the wgrad grid's
-    tiles, the descriptors typed by the tile's boxes."""
+    of a 3x3 conv, channels_last and NCHW (the quarter-column epilogue) and at stride 2
+    (by phase), and the wgrad grid's tiles (at stride 2 on x's phase planes), the descriptors
+    typed by the tile's boxes."""
     from .conv_fwd import _spec
 
     specs = []
     for cfg in dgrad_grid_configs():
         bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         for dtype_name in ("fp16", "bf16"):
-            for label, nchw in (("", False), ("_nchw", True)):
-                constexprs = dict(KH=3, KW=3, UPCAST_DOT=False, EMULATE_RTNE=False,
+            for label, nchw, stride in (("", False, 1), ("_nchw", True, 1), ("_s2", False, 2)):
+                constexprs = dict(KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, STEP_H=stride,
+                                  STEP_W=stride, UPCAST_DOT=False, EMULATE_RTNE=False,
                                   PIXELS_FAST=nchw, **cfg.kwargs)
-                example = _DGRAD_EXAMPLE
+                example = _DGRAD_EXAMPLE if stride == 1 else _DGRAD_EXAMPLE_S2
                 if nchw:
                     example = dict(example, stride_xc=56 * 56, stride_xh=56, stride_xw=1,
                                    stride_dxc=56 * 56, stride_dxh=56, stride_dxw=1)
@@ -412,17 +566,25 @@ def aot_specs():
     # the wgrad grid's tile per dtype (64 -> 64 channels: 64 x 64 x 64; 128 -> 128: 128 x 128
     # x 64) and the x staging (conv_fwd_grid's preparation kernel, grid programs only) is in
     # conv_fwd_grid's specs
-    for cg in (64, 128):
+    for cg, stride in ((64, 1), (128, 1), (128, 2)):
         cfg = wgrad_grid_config(cg, cg)
         bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
         example = dict(m_grid=32 * 57 * 57, w_q=57, c_out=cg, cg_in=cg, cg_out=cg, c_pad=cg,
                        groups=1, n_split=11, rows_per_split=9472, top=1, left=1, slack=58,
-                       dil_h=1, dil_w=1, R=400, RED_PROGRAMS=cg // REDUCE_CONFIG["BLOCK_C"])
+                       dil_h=1, dil_w=1, plane_rows_h=32 * 57 * 57, plane_rows_w=32 * 57 * 57,
+                       R=400, RED_PROGRAMS=cg // REDUCE_CONFIG["BLOCK_C"])
+        label = ""
+        if stride == 2:   # 56x56 -> 28x28: margins (1, 1), four planes of 32 x 29 x 29 rows
+            m_plane = 32 * 29 * 29
+            example.update(m_grid=m_plane, w_q=29, rows_per_split=2496, slack=30,
+                           plane_rows_h=2 * m_plane, plane_rows_w=m_plane, R=100)
+            label = "_s2"
         for dtype_name in ("fp16", "bf16"):
             # with the folded reduction of S and db (conv_bwd's wgrad specs: _FOLDED_REDUCE)
-            spec = _spec(f"conv_bwd_wgrad_grid_3x3_c{cg}_{bo}x{bci}x{bm}_{dtype_name}",
+            spec = _spec(f"conv_bwd_wgrad_grid_3x3{label}_c{cg}_{bo}x{bci}x{bm}_{dtype_name}",
                          _wgrad_grid_kernel, dtype_name,
-                         dict(KH=3, KW=3, UPCAST_DOT=False, NEED_S=True, NEED_DB=True,
+                         dict(KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, UPCAST_DOT=False,
+                              NEED_S=True, NEED_DB=True,
                               NEED_DK=False, EMULATE_RTNE=False,
                               BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"],
                               BLOCK_O=bo, BLOCK_CI=bci, BLOCK_M=bm), example, cfg["num_warps"],

@@ -1017,7 +1017,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                             grid_path=None):
     """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
     depthwise shapes to the implicit-GEMM kernel (both for tests). ``grid_path``: True / False
-    forces the stride-1 grid path (conv_fwd_grid) on or off where it applies; None: on iff
+    forces the grid path (conv_fwd_grid) on or off where it applies; None: on iff
     SPHEREOPS_FWD_GRID=1 and the launches are plain (``launch.plain_launch``: eager, not traced)."""
     (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
                                              operator, eps)
@@ -1132,7 +1132,7 @@ _GRID_MODULE = None
 
 
 def conv_fwd_grid():
-    """The stride-1 grid path's module (conv_fwd_grid imports this one's device helpers, so it
+    """The grid path's module (conv_fwd_grid imports this one's device helpers, so it
     is imported on first use)."""
     global _GRID_MODULE
     if _GRID_MODULE is None:

@@ -388,16 +388,16 @@ def autotune_tma_kernel(kernel, configs, key, prune, set_block_shapes):
 
 
 def launch_tma_kernel(autotuned, kernel, config, descriptors, set_block_shapes, args, flags,
-                      programs, what):
+                      programs, what, phases=1):
     """Launch a TMA kernel: ``autotuned``, or with ``config`` (a triton.Config: tests) the plain
-    ``kernel`` at that tile, its descriptors' boxes set here. ``programs(meta)`` -> the 1-D grid
-    for a tile."""
+    ``kernel`` at that tile, its descriptors' boxes set here. ``programs(meta)`` -> grid axis
+    0 for a tile; axis 1 has ``phases`` programs."""
     if config is not None:
         autotuned = kernel
         flags = dict(flags, **config.kwargs, num_warps=config.num_warps,
                      num_stages=config.num_stages)
         set_block_shapes(dict(descriptors, **config.kwargs))
-    launch(autotuned, lambda meta: (programs(meta),), args, flags, what)
+    launch(autotuned, lambda meta: (programs(meta), phases), args, flags, what)
 
 
 _sphere_conv_fwd_grid_autotuned = autotune_tma_kernel(

@@ -1046,9 +1046,9 @@ def test_depthwise_rows_wider_than_the_tile():
 
 
 # ---------------------------------------------------------------------------------------------
-# The stride-1 dgrad on Hn's padded grid (sphereops_kernels.conv_bwd_grid), forced on with
-# dgrad_grid=True: the prep pass writes Hn onto the grid, the wgrad reads it there, the dgrad is
-# the TMA GEMM. Under the interpreter one small tile (configs.conv_fwd_grid_configs) so that the
+# The dgrad on Hn's padded grid (sphereops_kernels.conv_bwd_grid; by input phase at stride > 1),
+# forced on with dgrad_grid=True: the prep pass writes Hn onto the grid, the wgrad reads it there
+# (or runs on the grids too), the dgrad is the TMA GEMM. Under the interpreter one small tile (configs.conv_fwd_grid_configs) so that the
 # tiny shapes cover several M and N tiles and K chunks.
 # ---------------------------------------------------------------------------------------------
 
@@ -1068,6 +1068,23 @@ GRID_DGRAD_CASES = [
     # several N tiles (48 input channels) and K chunks (32 output channels), a 5x5 filter
     pytest.param(dict(operator="sigmoid", c_in=48, c_out=32, kernel=5, padding=1, h=8, w=7),
                  id="5x5-multi-tile"),
+    # strided: the dgrad by input phase, the wgrad on x's phase planes (conv_bwd_grid.
+    # grid_margins). 3x3 stride 2: four phases of 4 / 2 / 2 / 1 taps
+    pytest.param(dict(operator="cosine", c_in=16, c_out=16, stride=2, h=8, w=7), id="3x3-s2"),
+    # a 1x1 projection: three phases without taps (dx = 0 there), no margins
+    pytest.param(dict(operator="sigmoid", c_in=16, c_out=32, kernel=1, padding=0, stride=2,
+                      h=8, w=7), id="1x1-s2"),
+    # stride 3 with dilation 2: taps 3 apart in each phase, margins set by the wgrad's planes
+    pytest.param(dict(operator="linear", c_in=16, c_out=32, stride=3, padding=1, dilation=2,
+                      h=11, w=10), id="s3-d2"),
+    # stride (2, 1) with a 3x2 filter; stride 2 with dilation 2 and two groups (every tap in
+    # phase 0: the odd phases have none) and padding past the filter's reach on a 1x1
+    pytest.param(dict(operator="linear", c_in=16, c_out=16, kernel=(3, 2), stride=(2, 1),
+                      padding=(0, 1), h=8, w=7), id="rect-s2x1"),
+    pytest.param(dict(operator="sigmoid", c_in=32, c_out=32, groups=2, stride=2, padding=2,
+                      dilation=2, h=9, w=9), id="s2-d2-g2"),
+    pytest.param(dict(operator="cosine", c_in=16, c_out=16, kernel=1, padding=1, stride=2,
+                      h=7, w=6), id="1x1-s2-wide-padding"),
 ]
 
 
@@ -1123,6 +1140,43 @@ def test_grid_backward_matches_reference(geom, layout, dtype, rtol, atol_frac, w
         assert out[0].is_contiguous(memory_format=torch.channels_last), "dx must follow x's layout"
 
 
+def _random_grid_geometry(seed: int) -> dict:
+    """A strided conv the grid backward takes, drawn from a seeded RNG: kernel 1-4, stride 1-3
+    a side (not both 1), padding 0-3, dilation 1-3, odd sizes, 16 channels a group in and 16
+    or 32 out, one or two groups -- the phase and margin arithmetic's corner cases
+    (grid_margins) that no hand-picked case may hit."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    kernel, stride = (pick(1, 4), pick(1, 4)), (pick(2, 3), pick(1, 3))
+    if pick(0, 1):
+        stride = stride[::-1]
+    dilation, padding = (pick(1, 3), pick(1, 3)), (pick(0, 3), pick(0, 3))
+    groups = pick(1, 2)
+    h = max(pick(3, 13), (kernel[0] - 1) * dilation[0] + 1 - 2 * padding[0])
+    w = max(pick(3, 13), (kernel[1] - 1) * dilation[1] + 1 - 2 * padding[1])
+    return dict(n=pick(1, 3), c_in=16 * groups, c_out=16 * groups * pick(1, 2), groups=groups,
+                kernel=kernel, stride=stride, padding=padding, dilation=dilation, h=h, w=w,
+                operator=("linear", "cosine", "sigmoid")[pick(0, 2)],
+                channels_last=bool(pick(0, 1)))
+
+
+@pytest.mark.parametrize("draw", range(RANDOM_CASES))
+def test_random_strided_geometries_on_the_grids(draw, monkeypatch):
+    """Random strided convs through the grid dgrad and wgrad, the grids NaN-poisoned first: dx,
+    dw, db, dk against the float64 closed form. The geometry's seed comes from the test's own
+    (fresh each run, printed on failure: conftest), so CI meets new geometries every run."""
+    geom = _random_grid_geometry(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+    inp, c, r_x, dy = _case(torch.bfloat16, **geom)
+    try:
+        out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
+        _check_all(out, dy, inp, c, r_x, torch.bfloat16, 1.5e-2, 2.0 ** -7)
+    except AssertionError as err:
+        raise AssertionError(f"geometry {geom}: {err}") from err
+
+
 def test_grid_hn_layout(monkeypatch):
     """The prep pass's Hn on the grid: the data rows hold Hn = G / r_x at (TOP + ho, LEFT + wo)
     of each image, the margins are zero -- against Hn built in float64 and placed by torch."""
@@ -1144,6 +1198,24 @@ def test_grid_hn_layout(monkeypatch):
     assert torch.equal(got[:, :top], torch.zeros_like(got[:, :top])), "top margin not zero"
     assert torch.equal(got[:, :, :left], torch.zeros_like(got[:, :, :left])), "left margin not zero"
     assert_close(got, expected, rtol=2.0 ** -10, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("in_hw,out_hw,kernel,stride,padding,dilation,margins", [
+    # stride 1: the flipped filters' padding, (K-1)*D - P
+    ((9, 9), (9, 9), (3, 5), (1, 1), (1, 2), (1, 1), (1, 2)),
+    # 3x3 stride 2 "same", 32 -> 16: phase 0 (taps 0 and 2, first input row q0 = 1) reads Hn
+    # rows i + 1 and i for its 16 rows i: row 16 = Ho must be a zero row -> TOP 1
+    ((32, 32), (16, 16), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),
+    # a 1x1 projection: phase 0 reads Hn row i itself, the others nothing -> no margins
+    ((56, 56), (28, 28), (1, 1), (2, 2), (0, 0), (1, 1), (0, 0)),
+    # 5x5 stride 2 valid, 9 -> 3: phase 0's taps 0, 2, 4 read Hn rows i, i - 1, i - 2 of its
+    # 5 rows -> 2 zero rows above and 2 below (the next image's top margin)
+    ((9, 9), (3, 3), (5, 5), (2, 2), (0, 0), (1, 1), (2, 2)),
+])
+def test_grid_margins(in_hw, out_hw, kernel, stride, padding, dilation, margins):
+    """Hn's grid margins for the dgrad by phase and the wgrad's phase planes, worked by hand."""
+    assert conv_bwd_grid.grid_margins(in_hw, out_hw, kernel, stride, padding,
+                                      dilation) == margins
 
 
 @pytest.mark.parametrize("dtype,rtol,atol_frac", GRID_DTYPE_TOLS)
@@ -1251,8 +1323,9 @@ def test_grid_dgrad_every_gpu_config(monkeypatch):
     (dict(), True),
     (dict(padding=0), True),                  # margins (2, 2)
     (dict(kernel=1, padding=0), True),        # no margins
-    (dict(stride=2), False),
+    (dict(stride=2), True),                   # by input phase
     (dict(kernel=1, padding=1), False),       # padding past the filter's reach: Hn cropped
+    (dict(kernel=1, padding=1, stride=2), True),   # at stride > 1 any padding
     (dict(dtype=torch.float32), False),       # tf32's wgmma wants a K-major w_hat box
     (dict(c_in=8), False),                    # C_in/G < 16
     (dict(c_out=24), False),                  # C_out/G not a multiple of 16

@@ -464,13 +464,12 @@ def test_every_forward_config_vs_float64(geometry, patch_norms, precision, reque
     assert not bad, "configs off vs float64:\n" + "\n".join(bad)
 
 
-# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last) for the stride-1 grid path
+# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last[, stride]) for the grid path
 # (conv_fwd_grid, SPHEREOPS_FWD_GRID=1): a ResNet-like 3x3 layer; the odd edge case (29
 # channels staged to 32, 5x5 dilated, padding past the dilated half filter); a 1x1 reduction
 # whose aligned channels_last input is the grid itself; an 8x8 image (a quarter of the grid
-# rows no output pixel) from NCHW
-# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last[, stride]); the strided ones
-# read phase planes (a SphereResNet-32 downsampling 3x3, a ResNet projection 1x1 from NCHW)
+# rows no output pixel) from NCHW; the strided ones read phase planes (a SphereResNet-32
+# downsampling 3x3, a ResNet projection 1x1 from NCHW)
 GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
                    "odd_5x5_d2": (8, 29, 61, 33, 5, 4, 2, True),
                    "1x1": (32, 256, 64, 28, 1, 0, 1, True),
@@ -520,14 +519,18 @@ def test_grid_path_forward_backward_vs_float64(precision, request, monkeypatch):
         _check(request.node.name, name, out, r, rtol, atol)
 
 
-# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last) for the stride-1 grid dgrad
+# (N, C_in, C_out, H=W, kernel, padding, dilation, channels_last[, stride]) for the grid dgrad
 # (conv_bwd_grid, SPHEREOPS_DGRAD_GRID=1): a ResNet-like 3x3 layer; a 5x5 dilated filter with
 # less than "same" padding (margins 4 and 4) on an odd size; a 1x1 expansion (no margins); an
-# 8x8 image from NCHW (the quarter-column epilogue)
+# 8x8 image from NCHW (the quarter-column epilogue); strided: a SphereResNet-32 downsampling
+# 3x3 (four phases, 4 / 2 / 2 / 1 taps), a ResNet projection 1x1 from NCHW (three phases
+# without taps: dx = 0 there)
 DGRAD_GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
                          "5x5_d2": (8, 48, 64, 33, 5, 4, 2, True),
                          "1x1": (32, 64, 256, 28, 1, 0, 1, True),
-                         "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False)}
+                         "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False),
+                         "3x3_s2": (64, 96, 192, 32, 3, 1, 1, True, 2),
+                         "1x1_s2_nchw": (32, 128, 256, 28, 1, 0, 1, False, 2)}
 
 
 @pytest.mark.parametrize("precision", ["bf16"], indirect=True)
@@ -539,9 +542,10 @@ def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkey
     path's error); then the grid wgrad's dw (x staged onto the forward's grid) likewise."""
     from sphereops_kernels import configs, conv_bwd, conv_bwd_grid
 
-    n, c_in, c_out, hw, kernel, padding, dilation, channels_last = DGRAD_GRID_GEOMETRIES[geometry]
+    n, c_in, c_out, hw, kernel, padding, dilation, channels_last, *stride = \
+        DGRAD_GRID_GEOMETRIES[geometry]
     x, w, b, geo, (y64, c64, rx64) = _seeded_bf16_conv(7, n, c_in, c_out, hw, kernel, padding,
-                                                       dilation, channels_last)
+                                                       dilation, channels_last, *stride)
     gen = torch.Generator(device="cpu").manual_seed(8)
     dy = torch.randn(y64.shape, generator=gen).to(DEVICE, torch.bfloat16)
     if channels_last:
