@@ -24,7 +24,9 @@ the partial sums of step 1 take two levels):
    (|x|~300 with 64 channels gives H ~ 1e-6), where fp16 keeps only a few bits; Hn is r_w
    (~sqrt(fan_in) * |w|) times larger. Computing the partial sums here rather than inside the
    GEMM operand loads keeps the GEMM main loops pure loads + tl.dot (G needs an arccos for the
-   sigmoid operator, which would be recomputed KH*KW times in dgrad). With one output channel
+   sigmoid operator, which would be recomputed KH*KW times in dgrad; a probe of that variant
+   took the dgrad's K step from 340 SASS instructions to 1689 (linear) and 7191 (sigmoid),
+   spilling: docs/PERFORMANCE_LOG.md). With one output channel
    per group (depthwise) ``_channelwise_prep_kernel`` does the same over [pixels x channels]
    tiles across the groups (``_prep_kernel`` gives each program one group), filter programs
    included. More kinds of program ride in ``_prep_kernel``'s launch after the pass: the
