@@ -45,7 +45,7 @@ the partial sums of step 1 take two levels):
    no masked-out MMAs). Opt-in (``SPHEREOPS_DGRAD_GRID=1``, ``conv_bwd_grid``): the same
    dgrad as a plain TMA GEMM, step 1 then writing Hn onto a padded grid (``_hn_row``; the
    wgrad reads it there too; ``SPHEREOPS_WGRAD_GRID=1`` runs that wgrad as a TMA GEMM as well,
-   ``conv_bwd_grid``, the same 4 launches).
+   ``conv_bwd_grid``, whose last split of each tile also writes dw: 3 launches).
 4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
    ranges that write fp32 partials (its columns: the channels of one tap a program, or below 16
    channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
@@ -339,6 +339,7 @@ def _prep_kernel(
     n_filter_programs, CG_IN, CGI_P, stride_wo, stride_wc, stride_wh, stride_ww, eps,
     img_tiles, HW_IN, W_IN, stride_xn, stride_xc, stride_xh, stride_xw,
     n_stage_programs, grid_lead, grid_cp, grid_pad_h, grid_pad_w, grid_planes, grid_planes_w,
+    cnt_ptr, n_counters,
     OPERATOR: tl.constexpr, DELTA: tl.constexpr, FROM_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_HN: tl.constexpr, STORE_A: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
@@ -355,7 +356,8 @@ def _prep_kernel(
 
     Grid: (n_filter_programs + R + n_stage_programs + E, G). Programs
     pid0 < n_filter_programs of column g == 0 run filter block pid0 (_filter_norm_block: r_w,
-    and w_hat iff STORE_W_HAT); those of the other columns return at once. Programs
+    and w_hat iff STORE_W_HAT; the first also zeroes the n_counters int32 of cnt_ptr, the grid
+    wgrad's tile counters, conv_bwd_grid); those of the other columns return at once. Programs
     n_filter_programs <= pid0 < n_filter_programs + R run output-pixel block
     pid0 - n_filter_programs of group g (_prep_tile); the next n_stage_programs stage block
     t = pid0 - n_filter_programs - R of group g's input: with STAGE_X input tile t to xs
@@ -397,6 +399,8 @@ def _prep_kernel(
             Wq = Wo + HN_LEFT, stride (GRID_SH, GRID_SW), padding (grid_pad_h, grid_pad_w),
             grid_planes phase planes, grid_planes_w a plane row: conv_fwd_grid.stage_grid_rows);
             else any output.
+    cnt_ptr: [n_counters] int32, zeroed by the first filter program (any tensor when
+            n_counters is 0).
     M = N*Ho*Wo, CG_OUT = C_out / G, R = cdiv(M, BLOCK_M): the output-pixel blocks.
     n_filter_programs: cdiv(C_out, BLOCK_O) with NORM_FILTERS, else 0. CG_IN = C_in / G.
     eps: the epsilon inside r_w's square root. img_tiles = cdiv(H*W, BLOCK_P), HW_IN = H*W,
@@ -425,6 +429,11 @@ def _prep_kernel(
                 _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN, CGI_P,
                                    stride_wo, stride_wc, stride_wh, stride_ww, eps,
                                    KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
+                if pid == 0:
+                    offs = tl.arange(0, 256)
+                    for c0 in range(0, n_counters, 256):
+                        tl.store(cnt_ptr + c0 + offs, tl.zeros([256], dtype=tl.int32),
+                                 mask=c0 + offs < n_counters)
     elif pid < n_filter_programs + R:
         _prep_tile(dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
                    pid - n_filter_programs, g, M, HoWo, Wo, C_out, CG_OUT, CGO_P, G, R, stride_k,
@@ -1733,6 +1742,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     stage_p = STAGE_CONFIG["BLOCK_P"]
     x_staged, n_stage_programs, stage_cp = None, 0, cgi_p
     x_grid, x_grid_slack, stage_grid, planes_h, planes_w = None, 0, False, 1, 1
+    # the grid wgrad's tile counters (its last program of a tile writes dw), zeroed by the prep
+    counters = (conv_bwd_grid().wgrad_tile_counters(cg_in, cg_out, groups, kh * kw, dev)
+                if grid_wgrad else None)
     if stage_x:
         x_staged = torch.empty((n, h, wd, groups * cgi_p), device=dev, dtype=dtype)
         n_stage_programs = n * _cdiv(h * wd, stage_p)
@@ -1773,7 +1785,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                            m_out, ho * wo, wo, c_out, cg_out, cgo_p, groups, r_rows, k_stride,
                            *dy.stride(), *c.stride()) + filter_args_padded
                 + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride(), n_stage_programs,
-                   x_grid_slack, stage_cp, ph, pw, planes_h * planes_w, planes_w),
+                   x_grid_slack, stage_cp, ph, pw, planes_h * planes_w, planes_w,
+                   counters if counters is not None else partials,
+                   0 if counters is None else counters.numel()),
                 BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
                 DENSE_PLANE=dense_plane(x), STAGE_GRID=stage_grid, X_PIXELS_FAST=pixels_fast(x),
                 BLOCK_P=stage_p, HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
@@ -1816,11 +1830,11 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     reduction = (red_level, s_sum, db if need_db else s_sum, dk if need_dk else s_sum, red_rows)
     reduction_flags = dict(NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
                            EMULATE_RTNE=rtne)
-    if grid_wgrad:
-        w_part, split = conv_bwd_grid().grid_wgrad(hn, x_grid, x_grid_slack, x, c_out, groups,
-                                                   (ho, wo), hn_margins, (kh, kw), (sh, sw),
-                                                   (dh, dw_), upcast, reduction, reduction_flags)
-        dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
+    if grid_wgrad:   # one launch: the last split of each tile writes dw
+        dw = conv_bwd_grid().grid_wgrad(
+            hn, x_grid, x_grid_slack, x, w, r_w, counters, groups, (ho, wo), hn_margins,
+            (sh, sw), (dh, dw_), upcast, reduction,
+            {key: v for key, v in reduction_flags.items() if key != "NEED_S"})
     elif need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
         if cfg["FLAT_K"]:   # program axis 1: blocks of the flattened (tap, ci) axis
@@ -2030,7 +2044,7 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
     fcfg = filter_norm_config(cg_in * 9)
     pointers = {"dy_ptr": t, "c_ptr": t, "rx_ptr": "*fp32", "k_ptr": t, "bias_ptr": t,
                 "hn_ptr": t, "a_ptr": "*fp32", "part_ptr": "*fp32", "w_ptr": t, "rw_ptr": "*fp32",
-                "what_ptr": t, "x_ptr": t, "xs_ptr": t}
+                "what_ptr": t, "x_ptr": t, "xs_ptr": t, "cnt_ptr": "*i32"}
     strides = dict(stride_dyn=h * w * c, stride_dyc=1, stride_dyh=w * c, stride_dyw=c,
                    stride_cn=h * w * c, stride_cc=1, stride_ch=w * c, stride_cw=c,
                    stride_wo=cg_in * 9, stride_wc=9, stride_wh=3, stride_ww=1)
@@ -2060,7 +2074,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                                   n_stage_programs=_cdiv(32 * (h + 1) * (w + 1) + w + 2,
                                                          STAGE_CONFIG["BLOCK_P"]),
                                   grid_lead=w + 2, grid_cp=cgi_p, grid_pad_h=1, grid_pad_w=1,
-                                  grid_planes=grid_stride ** 2, grid_planes_w=grid_stride)
+                                  grid_planes=grid_stride ** 2, grid_planes_w=grid_stride,
+                                  n_counters=9 if stage_grid else 0)
                              if fn is _prep_kernel else {})))
 
 

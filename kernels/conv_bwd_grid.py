@@ -33,10 +33,12 @@ the forward grid path's padded grid (conv_fwd_grid: pixel (n, hi, wi) at row
 (conv_fwd_grid.stage_grid_rows): then Hn's row p and tap (r, s) meet x-grid row
 p + (r*DH - TOP)*Wq + s*DW - LEFT, again one offset for every row, so each reduction step is a
 ``[BLOCK_M, BLOCK_O]`` box of Hn and a ``[BLOCK_M, BLOCK_CI]`` box of x and a wgmma (Hn's
-margin rows are zero: their products vanish). Partials and finalize are conv_bwd's (fp32
-split-K, fixed-order sum), and the prep partials' last reduction level rides in the wgrad
-launch as there: the grid backward issues the implicit-GEMM backward's launches (prep, dgrad,
-wgrad, finalize).
+margin rows are zero: their products vanish). Partials are conv_bwd's (fp32 split-K), and the
+prep partials' last reduction level rides in the wgrad launch as there; the finalize does too:
+each (tile, tap)'s splits count themselves on a counter the prep launch zeroed, and the split
+that completes the count sums the tile's partials in split order (the same bits whichever
+program finishes) and writes dw. So the grid backward is three launches (prep, dgrad, wgrad),
+one fewer than the implicit-GEMM backward's.
 
 At stride (SH, SW) > 1 the dgrad splits by input phase, as the forward's grid does by
 output phase: padded input row u = q*SH + a (phase a) is reached only by the filter rows r
@@ -75,6 +77,7 @@ import triton.language as tl
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
 from .conv_bwd import REDUCE_CONFIG, _reduce_column_block, _wgrad_split, store_dgrad_tile
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
+from .epilogue import to_dtype_of
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
                             grid_channels, grid_row_pixels, has_tma, launch_tma_kernel,
                             next_channel_chunk, strided_tap_row_offset, tap_row_offset)
@@ -365,9 +368,10 @@ def grid_dgrad(hn, w_hat, a_buf, x, dx, stride, padding, dilation, margins, flag
 
 @triton.jit
 def _wgrad_grid_kernel(
-    part_ptr, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr,
+    part_ptr, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, cnt_ptr, w_ptr, rw_ptr, dw_ptr,
     m_grid, w_q, c_out, cg_in, cg_out, c_pad, groups, n_split, rows_per_split,
     top, left, slack, dil_h, dil_w, plane_rows_h, plane_rows_w, R, RED_PROGRAMS,
+    stride_wo, stride_wc, stride_wh, stride_ww, stride_dwo, stride_dwc, stride_dwh, stride_dww,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
@@ -402,6 +406,13 @@ def _wgrad_grid_kernel(
     conv_bwd._wgrad_kernel (red_ptr [3, R, C_out], s_ptr, db_ptr, dk_ptr, RED_PROGRAMS,
     NEED_S / NEED_DB / NEED_DK, EMULATE_RTNE, BLOCK_R, BLOCK_RC as there): programs past axis
     2's n_split * G run conv_bwd._reduce_column_block.
+    And so does the finalize (conv_bwd._dw_finalize_kernel's work): cnt_ptr [G * axis 0 * KH*KW]
+    int32, zeroed by the prep launch, counts the splits of each (group, o x ci tile, tap) that
+    have stored their partial; the program that brings it to n_split (whichever runs last)
+    sums the tile's n_split partials in split order -- the same bits whatever the order the
+    programs ran in -- and S over the R rows of red_ptr's first plane for its filters, and
+    writes dw = sum / r_w - w * S / r_w^2 (:func:`_finalize_wgrad_tile`; w_ptr, dw_ptr
+    [C_out, C_in/G, KH, KW] through their strides, rw_ptr [C_out] fp32).
     Grid: (cdiv(Og, BLOCK_O) * cdiv(C_in/G, BLOCK_CI), KH*KW, n_split * G + E), E = the slices
     the reduce programs need (0 without them).
     """
@@ -441,6 +452,65 @@ def _wgrad_grid_kernel(
             _reduce_column_block(red_ptr, s_ptr, s_ptr, db_ptr, dk_ptr, red, 0, 1, R, c_out,
                                  tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
                                  EMULATE_RTNE, BLOCK_R, BLOCK_RC)
+    else:
+        # every thread's partial stored before the count goes up; the count is a release (the
+        # stores before it visible to whoever acquires it) and an acquire (the other splits'
+        # partials visible to the program that finishes the tile)
+        tl.debug_barrier()
+        tile = (g * tl.num_programs(0) + pid_oc) * (KH * KW) + tap
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == n_split - 1:
+            _finalize_wgrad_tile(part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0, ci0, tap,
+                                 c_out, cg_in, cg_out, n_split, R,
+                                 stride_wo, stride_wc, stride_wh, stride_ww,
+                                 stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                                 KH, KW, EMULATE_RTNE, BLOCK_O, BLOCK_CI)
+
+
+@triton.jit
+def _finalize_wgrad_tile(part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0, ci0, tap,
+                         c_out, cg_in, cg_out, n_split, R,
+                         stride_wo, stride_wc, stride_wh, stride_ww,
+                         stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                         KH: tl.constexpr, KW: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+                         BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """dw of one (group g, filters o0.., channels ci0.., tap) tile from the n_split partials of
+    part_ptr [n_split, KH*KW, C_out, C_in/G] (summed in split order) and S = the column sums of
+    red_ptr's first [R, C_out] plane (fixed order, FIN_ROWS rows a step): dw = sum / r_w -
+    w * S / r_w^2, stored in dw's dtype. FIN_COLS columns at a time (a whole 128 x 128 fp32
+    tile and its next partial would take every register and spill: ~1 KB a thread). The
+    loads bypass L1 (``.cg``): the partials were written by other programs."""
+    FIN_ROWS: tl.constexpr = 16
+    FIN_COLS: tl.constexpr = 32 if BLOCK_CI > 32 else BLOCK_CI
+    offs_o = o0 + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < cg_out
+    filt = g * cg_out + offs_o
+    s_acc = tl.zeros((FIN_ROWS, BLOCK_O), dtype=tl.float32)
+    # the tail of a launch, once a tile: plain loops, not software-pipelined ones (the
+    # kernel's num_stages would buffer these loads too, for ~90 more registers a thread)
+    for r0 in tl.range(0, R, FIN_ROWS, num_stages=1):
+        rows = r0 + tl.arange(0, FIN_ROWS)
+        s_acc += tl.load(red_ptr + rows.to(tl.int64)[:, None] * c_out + filt[None, :],
+                         mask=(rows < R)[:, None] & o_mask[None, :], other=0.0,
+                         cache_modifier=".cg")
+    s_o = tl.sum(s_acc, axis=0)
+    inv_rw = 1.0 / tl.load(rw_ptr + filt, mask=o_mask, other=1.0)
+    corr = s_o * inv_rw * inv_rw
+    r = tap // KW
+    s = tap - r * KW
+    for c in tl.range(0, BLOCK_CI // FIN_COLS, num_stages=1):
+        offs_ci = ci0 + c * FIN_COLS + tl.arange(0, FIN_COLS)
+        mask = o_mask[:, None] & (offs_ci < cg_in)[None, :]
+        acc = tl.zeros((BLOCK_O, FIN_COLS), dtype=tl.float32)
+        for split in tl.range(0, n_split, num_stages=1):
+            src = ((split * (KH * KW) + tap) * c_out + filt).to(tl.int64)[:, None] * cg_in
+            acc += tl.load(part_ptr + src + offs_ci[None, :], mask=mask, other=0.0,
+                           cache_modifier=".cg")
+        wv = tl.load(w_ptr + filt[:, None] * stride_wo + offs_ci[None, :] * stride_wc
+                     + r * stride_wh + s * stride_ww, mask=mask, other=0.0).to(tl.float32)
+        dw = acc * inv_rw[:, None] - wv * corr[:, None]
+        tl.store(dw_ptr + filt[:, None] * stride_dwo + offs_ci[None, :] * stride_dwc
+                 + r * stride_dwh + s * stride_dww, to_dtype_of(dw, dw_ptr, EMULATE_RTNE),
+                 mask=mask)
 
 
 def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dict:
@@ -477,48 +547,71 @@ def x_grid_buffer(x, groups, out_hw, margins, kernel, stride, padding):
     return storage, slack, True
 
 
-def grid_wgrad(hn, x_grid, slack, x, c_out, groups, out_hw, margins, kernel, stride, dilation,
-               upcast, reduction, reduction_flags):
-    """``(partials [split, KH*KW, C_out, C_in/G] fp32, split)`` of the wgrad from Hn on its grid
-    (``margins`` = :func:`grid_margins`) and x on its grid behind ``slack`` zero rows
-    (:func:`x_grid_buffer`), both written by conv_bwd's prep launch; conv_bwd._finalize_dw
-    turns them into dw. ``reduction`` = (red_ptr, s_ptr, db_ptr, dk_ptr, R) and
-    ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE): the final level of the prep
-    partials' sums, run by extra programs of this launch (conv_bwd._wgrad_kernel's). conv_bwd's
-    launcher has validated everything and checked :func:`grid_backward_applies`."""
+def _wgrad_tiles(cg_in, cg_out, groups, taps):
+    """``(axis-0 programs, tiles)`` of :func:`_wgrad_grid_kernel`: o x ci tiles a group and
+    tap, and all of them (one counter each)."""
+    cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
+    per_group = cdiv(cg_out, cfg["BLOCK_O"]) * cdiv(cg_in, cfg["BLOCK_CI"])
+    return per_group, groups * per_group * taps
+
+
+def wgrad_tile_counters(cg_in, cg_out, groups, taps, device):
+    """The grid wgrad's tile counters [tiles] int32, unwritten: conv_bwd's prep launch zeroes
+    them (its first filter program), the wgrad counts its splits there
+    (:func:`_wgrad_grid_kernel`)."""
+    return torch.empty(_wgrad_tiles(cg_in, cg_out, groups, taps)[1], dtype=torch.int32,
+                       device=device)
+
+
+def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, stride,
+               dilation, upcast, reduction, reduction_flags):
+    """dw of the conv from Hn on its grid (``margins`` = :func:`grid_margins`) and x on its grid
+    behind ``slack`` zero rows (:func:`x_grid_buffer`), both written by conv_bwd's prep launch
+    along with r_w [C_out] fp32 and the zeroed ``counters`` (:func:`wgrad_tile_counters`): one
+    launch, its split-K partials [split, KH*KW, C_out, C_in/G] fp32 finished into dw by the
+    last split of each tile (:func:`_wgrad_grid_kernel`). ``reduction`` = (red_ptr, s_ptr,
+    db_ptr, dk_ptr, R) and ``reduction_flags`` (NEED_DB, NEED_DK, EMULATE_RTNE): the final
+    level of the prep partials' sums (db, dk), run by extra programs of this launch
+    (conv_bwd._wgrad_kernel's); the finishing programs take S from red_ptr themselves.
+    conv_bwd's launcher has validated everything and checked :func:`grid_backward_applies`."""
     n, c_in, h, wd = x.shape
-    kh, kw = kernel
-    cg_in, cg_out = c_in // groups, c_out // groups
+    c_out, cg_in, kh, kw = w.shape
+    cg_out = c_out // groups
     c_pad = grid_channels(cg_in)
     top, left = margins
     wq = out_hw[1] + left
     m_grid = n * (out_hw[0] + top) * wq
-    planes_h, planes_w = x_planes(kernel, stride)
+    planes_h, planes_w = x_planes((kh, kw), stride)
     if hn.shape[0] != m_grid or x_grid.shape[0] != slack + planes_h * planes_w * m_grid:
         raise AssertionError(f"grids of {hn.shape[0]} / {x_grid.shape[0]} rows, expected "
                              f"{m_grid} / {slack + planes_h * planes_w * m_grid}")
     cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
     bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
-    base = groups * cdiv(cg_out, bo) * cdiv(cg_in, bci) * kh * kw
-    split = _wgrad_split(m_grid, base, bm, x.device)
+    per_group, tiles = _wgrad_tiles(cg_in, cg_out, groups, kh * kw)
+    if counters.numel() != tiles:
+        raise AssertionError(f"{counters.numel()} tile counters, expected {tiles}")
+    split = _wgrad_split(m_grid, tiles, bm, x.device)
     rows_per_split = cdiv(cdiv(m_grid, split), bm) * bm
     split = cdiv(m_grid, rows_per_split)
     partials = torch.empty((split, kh * kw, c_out, cg_in), dtype=torch.float32, device=x.device)
+    dw = torch.empty_like(w)
     hn_desc = TensorDescriptor.from_tensor(hn, [bm, bo])
     x_desc = TensorDescriptor.from_tensor(x_grid, [bm, bci])
     red = REDUCE_CONFIG
     red_ptr, s_ptr, db_ptr, dk_ptr, red_rows = reduction
-    folded = any(reduction_flags[key] for key in ("NEED_S", "NEED_DB", "NEED_DK"))
+    folded = any(reduction_flags[key] for key in ("NEED_DB", "NEED_DK"))
     red_programs = cdiv(c_out, red["BLOCK_C"]) if folded else 0
-    grid = (cdiv(cg_out, bo) * cdiv(cg_in, bci), kh * kw, split * groups)
+    grid = (per_group, kh * kw, split * groups)
     grid = grid[:2] + (grid[2] + cdiv(red_programs, grid[0] * grid[1]),)
     launch(_wgrad_grid_kernel, grid,
-           (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, m_grid, wq, c_out, cg_in,
-            cg_out, c_pad, groups, split, rows_per_split, top, left, slack, dilation[0],
-            dilation[1], planes_w * m_grid, m_grid, red_rows, red_programs),
+           (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, counters, w, r_w, dw,
+            m_grid, wq, c_out, cg_in, cg_out, c_pad, groups, split, rows_per_split, top, left,
+            slack, dilation[0], dilation[1], planes_w * m_grid, m_grid, red_rows, red_programs,
+            *w.stride(), *dw.stride()),
            dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], UPCAST_DOT=upcast,
-                **reduction_flags, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
-    return partials, split
+                NEED_S=False, **reduction_flags, BLOCK_R=red["BLOCK_R"],
+                BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
+    return dw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +665,9 @@ def aot_specs():
         example = dict(m_grid=32 * 57 * 57, w_q=57, c_out=cg, cg_in=cg, cg_out=cg, c_pad=cg,
                        groups=1, n_split=11, rows_per_split=9472, top=1, left=1, slack=58,
                        dil_h=1, dil_w=1, plane_rows_h=32 * 57 * 57, plane_rows_w=32 * 57 * 57,
-                       R=400, RED_PROGRAMS=cg // REDUCE_CONFIG["BLOCK_C"])
+                       R=400, RED_PROGRAMS=cg // REDUCE_CONFIG["BLOCK_C"],
+                       stride_wo=cg * 9, stride_wc=9, stride_wh=3, stride_ww=1,
+                       stride_dwo=cg * 9, stride_dwc=9, stride_dwh=3, stride_dww=1)
         label = ""
         if stride == 2:   # 56x56 -> 28x28: margins (1, 1), four planes of 32 x 29 x 29 rows
             m_plane = 32 * 29 * 29
@@ -580,16 +675,17 @@ def aot_specs():
                            plane_rows_h=2 * m_plane, plane_rows_w=m_plane, R=100)
             label = "_s2"
         for dtype_name in ("fp16", "bf16"):
-            # with the folded reduction of S and db (conv_bwd's wgrad specs: _FOLDED_REDUCE)
+            # with the folded reduction of db and the finishing programs (S summed there)
             spec = _spec(f"conv_bwd_wgrad_grid_3x3{label}_c{cg}_{bo}x{bci}x{bm}_{dtype_name}",
                          _wgrad_grid_kernel, dtype_name,
                          dict(KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, UPCAST_DOT=False,
-                              NEED_S=True, NEED_DB=True,
+                              NEED_S=False, NEED_DB=True,
                               NEED_DK=False, EMULATE_RTNE=False,
                               BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"],
                               BLOCK_O=bo, BLOCK_CI=bci, BLOCK_M=bm), example, cfg["num_warps"],
                          cfg["num_stages"], gemm=True)
             spec["signature"].update(part_ptr="*fp32", red_ptr="*fp32", s_ptr="*fp32",
+                                     cnt_ptr="*i32", rw_ptr="*fp32",
                                      hn_desc=f"tensordesc<{dtype_name}[{bm},{bo}]>",
                                      x_desc=f"tensordesc<{dtype_name}[{bm},{bci}]>")
             specs.append(spec)

@@ -1091,18 +1091,19 @@ GRID_DGRAD_CASES = [
 @pytest.fixture(autouse=True)
 def _poisoned_grid_buffers(monkeypatch):
     """The grids come unwritten from their allocators; the prep launch writes every row (data,
-    Hn's zero margins, x's zero padding and lead rows). NaN-filled here, so that a row it
-    misses shows in the gradients instead of whatever the allocator handed out."""
+    Hn's zero margins, x's zero padding and lead rows) and zeroes the wgrad's tile counters.
+    NaN-filled (counters: 1000) here, so that a row or counter it misses shows in the
+    gradients instead of whatever the allocator handed out."""
     def poisoned(allocate):
         def allocate_poisoned(*args, **kwargs):
             out = allocate(*args, **kwargs)
             buffer = out[0] if isinstance(out, tuple) else out
             staged = out[2] if isinstance(out, tuple) else True
-            if staged:
-                buffer.fill_(float("nan"))
+            if staged:   # the wgrad's tile counters: a count that never reaches the splits
+                buffer.fill_(float("nan") if buffer.is_floating_point() else 1000)
             return out
         return allocate_poisoned
-    for name in ("hn_grid_buffer", "x_grid_buffer"):
+    for name in ("hn_grid_buffer", "x_grid_buffer", "wgrad_tile_counters"):
         monkeypatch.setattr(conv_bwd_grid, name, poisoned(getattr(conv_bwd_grid, name)))
 
 
@@ -1273,11 +1274,13 @@ def test_grid_backward_one_gradient(mask, monkeypatch):
 
 
 def test_grid_backward_launches_and_folded_reduction(monkeypatch):
-    """The grid backward issues the implicit-GEMM one's launches: the prep launch (Hn onto its
-    grid with zero margins, x onto the wgrad's grid behind its zero lead rows, in the same
-    grid), the dgrad, the wgrad with the final level of the prep partials' sums in extra
-    programs (two slices here: 16 channel blocks, 9 programs a slice), the finalize. db and dk
-    are bitwise the implicit-GEMM backward's (the same fixed-order sums)."""
+    """The grid backward issues three launches, one fewer than the implicit-GEMM one: the prep
+    launch (Hn onto its grid with zero margins, x onto the wgrad's grid behind its zero lead
+    rows, the wgrad's tile counters zeroed, in the same grid), the dgrad, the wgrad with the
+    final level of the prep partials' sums in extra programs (two slices here: 16 channel
+    blocks, 9 programs a slice) and dw finished by the last split of each tile (no finalize
+    launch; three splits under the interpreter). db and dk are bitwise the implicit-GEMM
+    backward's (the same fixed-order sums)."""
     from sphereops_kernels import conv_fwd_grid
     monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_C", 4)   # 64 channels: 16 blocks
     launched = []
@@ -1291,10 +1294,11 @@ def test_grid_backward_launches_and_folded_reduction(monkeypatch):
                             h=5, w=6)
     out = _grid_kernel(dy, inp, c, r_x, monkeypatch)
     assert [name for name, _, _ in launched] == [
-        "_prep_kernel", "_dgrad_grid_kernel", "_wgrad_grid_kernel", "_dw_finalize_kernel"]
+        "_prep_kernel", "_dgrad_grid_kernel", "_wgrad_grid_kernel"]
     _, grid, args = launched[2]
     args = dict(zip(conv_bwd_grid._wgrad_grid_kernel.arg_names, args))
     assert args["RED_PROGRAMS"] == 16 and grid[0] * grid[1] == 9
+    assert args["n_split"] > 1, "test setup: the finishing program should sum several splits"
     assert grid[2] == args["n_split"] * 4 + 2
     _check_all(out, dy, inp, c, r_x, torch.bfloat16, 1.5e-2, 2.0 ** -7)
     implicit = _kernel(dy, inp, c, r_x)

@@ -539,7 +539,8 @@ def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkey
     """Every config of the grid dgrad the autotuner may pick for the shape, forced, against the
     float64 closed-form backward on the same saved state: dx (the TMA GEMM on Hn's grid) and dw
     (the implicit-GEMM wgrad reading the gridded Hn) within max(5e-3, 2 x the implicit-GEMM
-    path's error); then the grid wgrad's dw (x staged onto the forward's grid) likewise."""
+    path's error); then the grid wgrad's dw (x staged onto the forward's grid) likewise, and
+    bitwise the same over repeated runs."""
     from sphereops_kernels import configs, conv_bwd, conv_bwd_grid
 
     n, c_in, c_out, hw, kernel, padding, dilation, channels_last, *stride = \
@@ -581,6 +582,12 @@ def test_every_dgrad_grid_config_vs_float64(geometry, precision, request, monkey
                      "bound_dw": bounds[1]})
     if not err <= bounds[1]:
         bad.append(f"grid wgrad: dw rel {err:.2e}")
+    # whichever split finishes a tile sums its partials in split order: the same bits each run
+    for _ in range(3):
+        _, again, _, _ = conv_bwd.sphere_conv2d_bwd(*args, dgrad_grid=True, wgrad_grid=True)
+        if not torch.equal(again, dw):
+            bad.append("grid wgrad: dw differs between runs (the finishing split's sum)")
+            break
     assert not bad, f"dgrad grid configs off vs float64 (bounds {bounds}):\n" + "\n".join(bad)
 
 
