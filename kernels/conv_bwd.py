@@ -755,13 +755,7 @@ def _dgrad_kernel(
             h_tile = h_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PRECISION)
-        kc += 1
-        next_tap = kc >= n_kc
-        kc = tl.where(next_tap, 0, kc)
-        tap_w += next_tap.to(tl.int32)
-        next_row = tap_w >= taps_w
-        tap_w = tl.where(next_row, 0, tap_w)
-        tap_h += next_row.to(tl.int32)
+        kc, tap_w, tap_h = next_phase_step(kc, 1, n_kc, tap_w, taps_w, tap_h)
 
     # The box-sum of A over the taps that reach each pixel, after the K loop and unrolled over
     # every tap a phase can have: the loads are independent, so their latencies overlap -- in
@@ -787,6 +781,20 @@ def _dgrad_kernel(
     store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, pid_n * BLOCK_N,
                      CG_IN, m_mask, stride_xc, stride_dxc, EMULATE_RTNE, PIXELS_FAST, BLOCK_M,
                      BLOCK_N)
+
+
+@triton.jit
+def next_phase_step(chunk, chunk_step, chunk_end, tap_w, taps_w, tap_h):
+    """A phase-decomposed dgrad's K loop counters after a step: ``(chunk, tap_w, tap_h)``, the
+    channel chunk ``chunk_step`` on, wrapping at ``chunk_end`` to the phase's next tap column,
+    wrapping at ``taps_w`` to its next tap row (carried from step to step: dividing the step
+    index by runtime tap and chunk counts costs two integer divisions a step)."""
+    chunk += chunk_step
+    next_tap = chunk >= chunk_end
+    chunk = tl.where(next_tap, 0, chunk)
+    tap_w += next_tap.to(tl.int32)
+    next_row = tap_w >= taps_w
+    return chunk, tl.where(next_row, 0, tap_w), tap_h + next_row.to(tl.int32)
 
 
 @triton.jit

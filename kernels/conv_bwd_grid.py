@@ -75,7 +75,8 @@ import triton
 import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
-from .conv_bwd import REDUCE_CONFIG, _reduce_column_block, _wgrad_split, store_dgrad_tile
+from .conv_bwd import (REDUCE_CONFIG, _reduce_column_block, _wgrad_split, next_phase_step,
+                       store_dgrad_tile)
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
 from .epilogue import to_dtype_of
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
@@ -294,14 +295,7 @@ def _dgrad_grid_kernel(
                 acc = tl.dot(h_tile.to(tl.float32), w_tile.to(tl.float32), acc)
             else:
                 acc = tl.dot(h_tile, w_tile, acc)
-            # the counters (channel chunk, tap column, tap row) carried, no division a step
-            c0 += BLOCK_K
-            wrap_c = c0 >= cg_out
-            c0 = tl.where(wrap_c, 0, c0)
-            ks += wrap_c.to(tl.int32)
-            wrap_s = ks >= taps_w
-            ks = tl.where(wrap_s, 0, ks)
-            kr += wrap_s.to(tl.int32)
+            c0, ks, kr = next_phase_step(c0, BLOCK_K, cg_out, ks, taps_w, kr)
 
         rows = p0 + tl.arange(0, BLOCK_M)
         img, i, j, m_mask = grid_row_pixels(rows, m_grid, hw_q, w_q, count_h, count_w)
