@@ -67,6 +67,7 @@ plain launches, when ``SPHEREOPS_DGRAD_GRID=1`` (dgrad) / ``SPHEREOPS_WGRAD_GRID
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -124,10 +125,12 @@ def _strided_margin(size, out, k, s, p, d):
     return need
 
 
+@functools.lru_cache(maxsize=256)
 def grid_margins(in_hw, out_hw, kernel, stride, padding, dilation):
     """``(TOP, LEFT)`` of Hn's grid for a conv: :func:`hn_margins` at stride 1 (negative when
     the padding exceeds the filter's reach: no grid then), else :func:`_strided_margin` on each
-    axis (never negative)."""
+    axis (never negative). Arguments: pairs as tuples (cached: a network has a handful of
+    geometries, and every backward call asks)."""
     if tuple(stride) == (1, 1):
         return hn_margins(kernel, padding, dilation)
     return tuple(_strided_margin(*axis) for axis in zip(in_hw, out_hw, kernel, stride, padding,
