@@ -118,9 +118,9 @@ _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloa
 @triton.jit
 def _filter_norm_block(
     w_ptr, rw_ptr, what_ptr, block, C_out, CG_IN, WHAT_LD,
-    stride_wo, stride_wc, stride_wh, stride_ww, eps,
+    stride_wo, stride_wc, stride_wh, stride_ww, eps, CG_OUT, CGO_P,
     KH: tl.constexpr, KW: tl.constexpr, STORE_W_HAT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    WHAT_PADDED: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """r_w = sqrt(||w_o||^2 + eps) and w_hat = w / r_w for the filters o of block ``block``
     (block * BLOCK_O .. + BLOCK_O): the filter programs of the prep kernels (_prep_kernel,
@@ -129,7 +129,11 @@ def _filter_norm_block(
     w_ptr:    [C_out, CG_IN, KH, KW], strides (stride_wo, stride_wc, stride_wh, stride_ww).
     rw_ptr:   [C_out] fp32, contiguous.
     what_ptr: [KH, KW, C_out, WHAT_LD] in w's dtype, contiguous (written iff STORE_W_HAT; row
-              length WHAT_LD >= CG_IN, see sphere_conv2d_bwd's ``cgi_p``: zeros past CG_IN).
+              length WHAT_LD >= CG_IN, see sphere_conv2d_bwd's ``cgi_p``: zeros past CG_IN);
+              with WHAT_PADDED [KH, KW, G*CGO_P, WHAT_LD] instead, filter o of group g at row
+              g*CGO_P + o % CG_OUT of a tap (the grid dgrad's K boxes stay inside one group's
+              rows when C_out/G is not a multiple of 16; the pad rows are left to the caller,
+              which allocates them zeroed).
     eps: the epsilon inside the square root.
     KH, KW: filter size. STORE_W_HAT: also write w_hat (only dgrad needs it).
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
@@ -158,7 +162,14 @@ def _filter_norm_block(
             ci, tap, mask = _filter_block_index(o_mask, f0, n_f_padded, KH, KW, BLOCK_F)
             wv = _load_filter_block(w_ptr, o64, ci, tap, mask & (ci < CG_IN)[None, :], stride_wo,
                                     stride_wc, stride_wh, stride_ww, KW)
-            dst = what_ptr + (tap.to(tl.int64)[None, :] * C_out + o64[:, None]) * WHAT_LD + ci[None, :]
+            if WHAT_PADDED:
+                rows_a_tap = (C_out // CG_OUT) * CGO_P
+                row = (o64 // CG_OUT) * CGO_P + o64 % CG_OUT
+            else:
+                rows_a_tap = C_out
+                row = o64
+            dst = (what_ptr + (tap.to(tl.int64)[None, :] * rows_a_tap + row[:, None]) * WHAT_LD
+                   + ci[None, :])
             tl.store(dst, to_dtype_of(wv * inv_rw[:, None], what_ptr, EMULATE_RTNE), mask=mask)
 
 
@@ -347,7 +358,7 @@ def _prep_kernel(
     STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, STAGE_GRID: tl.constexpr,
     X_PIXELS_FAST: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr, GRID_SH: tl.constexpr, GRID_SW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    WHAT_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CX: tl.constexpr,
 ):
     """The prep launch of the GEMM backward: the elementwise/row pass over dy and c, one block
@@ -390,7 +401,9 @@ def _prep_kernel(
             stride_ww) (read iff NORM_FILTERS).
     rw_ptr: [C_out] fp32 contiguous: r_w = sqrt(||w_o||^2 + eps) (written iff NORM_FILTERS).
     what_ptr: [KH, KW, C_out, CGI_P] contiguous in w's dtype: w_hat = w / r_w (written iff
-              STORE_W_HAT; zeros in columns CG_IN .. CGI_P).
+              STORE_W_HAT; zeros in columns CG_IN .. CGI_P); with WHAT_PADDED (the grid dgrad,
+              C_out/G not a multiple of 16) [KH, KW, G*CGO_P, CGI_P], each group's rows
+              padded to CGO_P (_filter_norm_block; the caller zeroes the pad rows).
     x_ptr:  [N, G*CG_IN, H, W] the forward input, strides (stride_xn, stride_xc, stride_xh,
             stride_xw), read iff STAGE_X or STAGE_GRID; xs_ptr: [N, H, W, G, CGI_P]
             contiguous, its staged copy (zero-padded channels), written iff STAGE_X; with
@@ -427,8 +440,9 @@ def _prep_kernel(
         if NORM_FILTERS:
             if g == 0:
                 _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN, CGI_P,
-                                   stride_wo, stride_wc, stride_wh, stride_ww, eps,
-                                   KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
+                                   stride_wo, stride_wc, stride_wh, stride_ww, eps, CG_OUT,
+                                   CGO_P, KH, KW, STORE_W_HAT, EMULATE_RTNE, WHAT_PADDED,
+                                   BLOCK_O, BLOCK_F)
                 if pid == 0:
                     offs = tl.arange(0, 256)
                     for c0 in range(0, n_counters, 256):
@@ -562,8 +576,8 @@ def _channelwise_prep_kernel(
         if NORM_FILTERS:
             if pid_c == 0:
                 _filter_norm_block(w_ptr, rw_ptr, what_ptr, pid, C_out, CG_IN, CG_IN,
-                                   stride_wo, stride_wc, stride_wh, stride_ww, eps,
-                                   KH, KW, STORE_W_HAT, EMULATE_RTNE, BLOCK_O, BLOCK_F)
+                                   stride_wo, stride_wc, stride_wh, stride_ww, eps, 1, 1,
+                                   KH, KW, STORE_W_HAT, EMULATE_RTNE, False, BLOCK_O, BLOCK_F)
     else:
         _channelwise_prep_tile(dy_ptr, c_ptr, rx_ptr, k_ptr, bias_ptr, hn_ptr, a_ptr, part_ptr,
                                pid - n_filter_programs, pid_c, M, HoWo, Wo, C_out, R, stride_k,
@@ -1723,6 +1737,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     hn_margins = ((0, 0) if not (grid_dgrad or grid_wgrad)
                   else conv_bwd_grid().grid_margins((h, wd), (ho, wo), (kh, kw), (sh, sw),
                                                     (ph, pw), (dh, dw_)))
+    # the grid dgrad's K boxes must stay in one group's w_hat rows: pad them to cgo_p
+    what_padded = grid_dgrad and cgo_p != cg_out
     # the wgrad's copy of an input outside the fast layout (the grid wgrad stages its own)
     stage_x = cg_out > 1 and need_dw and not grid_wgrad and staged_channels(x, cg_in) > 0
 
@@ -1733,7 +1749,11 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     fcfg = filter_norm_config(cg_in * kh * kw)
     if need_grads:
         r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
-        w_hat = torch.empty((kh, kw, c_out, cgi_p) if need_dx else (1,), device=dev, dtype=dtype)
+        if what_padded:   # the grid dgrad's per-group rows padded to cgo_p: zeros there
+            w_hat = torch.zeros((kh, kw, groups * cgo_p, cgi_p), device=dev, dtype=dtype)
+        else:
+            w_hat = torch.empty((kh, kw, c_out, cgi_p) if need_dx else (1,), device=dev,
+                                dtype=dtype)
         n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
     else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
         r_w, w_hat, n_filter_programs = r_x, w, 0
@@ -1800,6 +1820,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 DENSE_PLANE=dense_plane(x), STAGE_GRID=stage_grid, X_PIXELS_FAST=pixels_fast(x),
                 BLOCK_P=stage_p, HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
                 GRID_SH=sh if stage_grid else 1, GRID_SW=sw if stage_grid else 1,
+                WHAT_PADDED=what_padded,
                 BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
     if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
         x_staged = x_staged.permute(0, 3, 1, 2)
@@ -2042,7 +2063,8 @@ def _signature(fn, pointers: dict, floats=()) -> dict:
 
 def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: int, h: int,
                w: int, fn=None, cg_in: Optional[int] = None, stage: bool = False,
-               hn_margins=(0, 0), stage_grid: bool = False, grid_stride: int = 1) -> dict:
+               hn_margins=(0, 0), stage_grid: bool = False, grid_stride: int = 1,
+               what_padded: bool = False) -> dict:
     """The AOT spec of _prep_kernel (or ``fn``: _channelwise_prep_kernel) for one operator /
     saved state, every output requested, on a channels_last [*, c, h, w] gradient (``t``: the
     pointer type of the input dtype), with its filter programs for 3x3 filters of ``cg_in``
@@ -2051,7 +2073,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
     ``hn_margins``: Hn written onto the grid dgrad's padded grid (_hn_row), its margins zeroed
     by the same launch; ``stage_grid``: and the grid wgrad's x grid staged from a channels_last
     input of cg_in channels (3x3 "same": one zero row and column, lead Wq + 1 rows; at
-    ``grid_stride`` 2 its four phase planes)."""
+    ``grid_stride`` 2 its four phase planes); ``what_padded``: w_hat's group rows padded
+    (the grid dgrad with C_out/G off a multiple of 16)."""
     fn = _prep_kernel if fn is None else fn
     cg_in = c if cg_in is None else cg_in
     cgi_p = aligned_count(cg_in)
@@ -2075,7 +2098,8 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
                                 X_PIXELS_FAST=False, BLOCK_P=STAGE_CONFIG["BLOCK_P"],
                                 BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]),
                                 HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
-                                GRID_SH=grid_stride, GRID_SW=grid_stride)
+                                GRID_SH=grid_stride, GRID_SW=grid_stride,
+                                WHAT_PADDED=what_padded)
                            if fn is _prep_kernel else {})),
         num_warps=cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
         example_args=dict(C_out=c, CG_IN=cg_in, **strides,
@@ -2269,6 +2293,10 @@ def aot_specs() -> list:
             specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_gridx_s2_{tag}", "sigmoid",
                                     False, t, dtype, c, h, w, hn_margins=(1, 1),
                                     stage_grid=True, grid_stride=2))
+            # w_hat's group rows padded for the grid dgrad (C_out/G off a multiple of 16)
+            specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_what_padded_{tag}", "sigmoid",
+                                    False, t, dtype, c, h, w, hn_margins=(1, 1),
+                                    what_padded=True))
         specs.append(_prep_spec(f"conv_bwd_prep_channelwise_sigmoid_{tag}", "sigmoid", False, t,
                                 dtype, c, h, w, fn=_channelwise_prep_kernel, cg_in=2))
         cfg = REDUCE_CONFIG

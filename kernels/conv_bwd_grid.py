@@ -60,7 +60,8 @@ sm_90 bf16 SASS a K step (``python -m sphereops_kernels.aot --sass``, triton 3.9
 97) against 494 (128 x 128, 64 pixels a step), the same 8 wgmma each.
 
 Taken (:func:`grid_backward_applies`) at stride 1 for 0 <= padding <= (K-1)*dilation and at
-any larger stride for any padding, with C_in/G >= 16 and C_out/G a multiple of 16, in fp16 /
+any larger stride for any padding, with C_in/G >= 16 and C_out/G >= 16 (Hn's group columns
+and w_hat's group rows zero-padded to a multiple of 16 when it is not one), in fp16 /
 bf16 (a tf32 wgmma wants both operands K-major; w_hat's box is N-major), on TMA GPUs, in
 plain launches, when ``SPHEREOPS_DGRAD_GRID=1`` (dgrad) / ``SPHEREOPS_WGRAD_GRID=1``
 (wgrad); both off by default until a GPU run has checked and timed them.
@@ -147,8 +148,9 @@ def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool
     """Whether the dgrad and wgrad of a conv can run on the grids: at stride 1 margins >= 0
     (padding at most the dilated filter's reach; more would crop Hn), any stride above;
     fp16 / bf16; C_in/G >= 16 (the grid GEMM's N) with w_hat's rows 16-byte aligned (TMA);
-    C_out/G a multiple of 16 stored unpadded (every K box within one group's Hn columns and
-    one tap's w_hat rows); host descriptors in this triton and TMA on the GPU; the grids' rows
+    Hn's columns a group (cgo_p: C_out/G rounded up to 16 from 16 channels up) a multiple of
+    16, so that every K box stays within one group's Hn columns and w_hat rows (padded alike
+    by the prep launch); host descriptors in this triton and TMA on the GPU; the grids' rows
     plus a window's reach within int32."""
     if TensorDescriptor is None:
         return False
@@ -161,7 +163,7 @@ def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool
     cg_out = c_out // (c_in // cg_in)
     if cg_in < _CHANNEL_CHUNK_MIN or (cgi_p * x.element_size()) % 16:
         return False
-    if cg_out % GRID_ALIGN or cgo_p != cg_out:
+    if cgo_p % GRID_ALIGN or cgo_p < cg_out:
         return False
     out_hw = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
                    zip((h, wd), (kh, kw), stride, padding, dilation))
@@ -223,7 +225,9 @@ def _dgrad_grid_kernel(
     """The dgrad on Hn's padded grid; program = (group, M tile of grid rows, N tile of the
     group's input channels) on axis 0, the input phase (a, b) on axis 1 (one at stride 1).
 
-    Descriptors and pointers (Og = cg_out, a multiple of BLOCK_K; M = m_grid = N*Hq*Wq):
+    Descriptors and pointers (Og = cg_out, a multiple of BLOCK_K; M = m_grid = N*Hq*Wq; when
+    C_out/G is not a multiple of 16 the launcher passes Og = C_out/G rounded up to 16 and
+    C_out = G*Og: Hn's group columns and w_hat's group rows are zero-padded to it):
       hn_desc  TMA descriptor of the Hn grid [M, G*Og] (module docstring), block
                [BLOCK_M, BLOCK_K].
       w_desc   TMA descriptor of w_hat [KH*KW*C_out, CGI_P] (conv_bwd's unit filters, tap-major,
@@ -366,7 +370,7 @@ def grid_dgrad(hn, w_hat, a_buf, x, dx, stride, padding, dilation, margins, flag
 @triton.jit
 def _wgrad_grid_kernel(
     part_ptr, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, cnt_ptr, w_ptr, rw_ptr, dw_ptr,
-    m_grid, w_q, c_out, cg_in, cg_out, c_pad, groups, n_split, rows_per_split,
+    m_grid, w_q, c_out, cg_in, cg_out, cgo_p, c_pad, groups, n_split, rows_per_split,
     top, left, slack, dil_h, dil_w, plane_rows_h, plane_rows_w, R, RED_PROGRAMS,
     stride_wo, stride_wc, stride_wh, stride_ww, stride_dwo, stride_dwc, stride_dwh, stride_dww,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -379,7 +383,7 @@ def _wgrad_grid_kernel(
     Hn[p, o] * x[p + shift(tap), ci], a TMA GEMM with no masks.
 
     Descriptors and pointers (M = m_grid = N*Hq*Wq, Og = cg_out, Cp = c_pad):
-      hn_desc   TMA descriptor of the Hn grid [M, G*Og] (module docstring), block
+      hn_desc   TMA descriptor of the Hn grid [M, G*cgo_p] (module docstring), block
                 [BLOCK_M, BLOCK_O].
       x_desc    TMA descriptor of [slack + P*M, G*Cp]: ``slack`` zero rows, then x on the
                 forward grid path's padded grid with Hn's pitches (conv_fwd_grid: at stride 1
@@ -396,7 +400,8 @@ def _wgrad_grid_kernel(
     grid_margins keeps every such row inside the image's rows of its plane). Hn's margin rows are zero, so their products vanish; rows past
     M read zeros (TMA fill). Box columns past a group's Og / C_in/G reach only dropped
     accumulator rows / columns.
-    Scalars: Wq, C_out, C_in/G, C_out/G, Cp, G, n_split, rows a split (a multiple of BLOCK_M),
+    Scalars: Wq, C_out, C_in/G, C_out/G, cgo_p (Hn's columns a group: C_out/G rounded up to
+    16, zeros past it), Cp, G, n_split, rows a split (a multiple of BLOCK_M),
     top / left (Hn's margins), slack = top*Wq + left, dilation, the planes' row offsets
     (plane_rows_h = planes_w * M, plane_rows_w = M; read at stride > 1).
     The final level of the prep partials' column sums rides in this launch, as in
@@ -430,7 +435,7 @@ def _wgrad_grid_kernel(
     m_end = tl.where(is_reduce, m_start, tl.minimum(m_start + rows_per_split, m_grid))
     acc = tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
-        h_tile = hn_desc.load([m0, g * cg_out + o0])
+        h_tile = hn_desc.load([m0, g * cgo_p + o0])
         x_tile = x_desc.load([m0 + x_shift, g * c_pad + ci0])
         if UPCAST_DOT:   # the interpreter's 16-bit dot is wrong (conv_bwd)
             acc = tl.dot(h_tile.to(tl.float32).T, x_tile.to(tl.float32), acc)
@@ -602,7 +607,7 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     grid = grid[:2] + (grid[2] + cdiv(red_programs, grid[0] * grid[1]),)
     launch(_wgrad_grid_kernel, grid,
            (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, counters, w, r_w, dw,
-            m_grid, wq, c_out, cg_in, cg_out, c_pad, groups, split, rows_per_split, top, left,
+            m_grid, wq, c_out, cg_in, cg_out, hn.shape[1] // groups, c_pad, groups, split, rows_per_split, top, left,
             slack, dilation[0], dilation[1], planes_w * m_grid, m_grid, red_rows, red_programs,
             *w.stride(), *dw.stride()),
            dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], UPCAST_DOT=upcast,
@@ -659,7 +664,8 @@ def aot_specs():
     for cg, stride in ((64, 1), (128, 1), (128, 2)):
         cfg = wgrad_grid_config(cg, cg)
         bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
-        example = dict(m_grid=32 * 57 * 57, w_q=57, c_out=cg, cg_in=cg, cg_out=cg, c_pad=cg,
+        example = dict(m_grid=32 * 57 * 57, w_q=57, c_out=cg, cg_in=cg, cg_out=cg, cgo_p=cg,
+                       c_pad=cg,
                        groups=1, n_split=11, rows_per_split=9472, top=1, left=1, slack=58,
                        dil_h=1, dil_w=1, plane_rows_h=32 * 57 * 57, plane_rows_w=32 * 57 * 57,
                        R=400, RED_PROGRAMS=cg // REDUCE_CONFIG["BLOCK_C"],

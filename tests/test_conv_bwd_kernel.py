@@ -1085,6 +1085,12 @@ GRID_DGRAD_CASES = [
                       dilation=2, h=9, w=9), id="s2-d2-g2"),
     pytest.param(dict(operator="cosine", c_in=16, c_out=16, kernel=1, padding=1, stride=2,
                       h=7, w=6), id="1x1-s2-wide-padding"),
+    # C_out/G not a multiple of 16 (24 -> Hn's columns and w_hat's rows padded to 32 a group),
+    # C_in/G 20 (staged to 32), two groups: the benchmark's odd edge case in small
+    pytest.param(dict(operator="sigmoid", c_in=40, c_out=48, groups=2, kernel=3, padding=2,
+                      dilation=2, h=7, w=6), id="odd-channels-g2"),
+    pytest.param(dict(operator="linear", c_in=20, c_out=24, stride=2, h=8, w=7),
+                 id="odd-channels-s2"),
 ]
 
 
@@ -1143,9 +1149,9 @@ def test_grid_backward_matches_reference(geom, layout, dtype, rtol, atol_frac, w
 
 def _random_grid_geometry(seed: int) -> dict:
     """A strided conv the grid backward takes, drawn from a seeded RNG: kernel 1-4, stride 1-3
-    a side (not both 1), padding 0-3, dilation 1-3, odd sizes, 16 channels a group in and 16
-    or 32 out, one or two groups -- the phase and margin arithmetic's corner cases
-    (grid_margins) that no hand-picked case may hit."""
+    a side (not both 1), padding 0-3, dilation 1-3, odd sizes, 16-24 channels a group in and
+    16-40 out (padded to 16s on the grids), one or two groups -- the phase and margin
+    arithmetic's corner cases (grid_margins) that no hand-picked case may hit."""
     rng = torch.Generator().manual_seed(seed)
 
     def pick(lo, hi):
@@ -1158,7 +1164,8 @@ def _random_grid_geometry(seed: int) -> dict:
     groups = pick(1, 2)
     h = max(pick(3, 13), (kernel[0] - 1) * dilation[0] + 1 - 2 * padding[0])
     w = max(pick(3, 13), (kernel[1] - 1) * dilation[1] + 1 - 2 * padding[1])
-    return dict(n=pick(1, 3), c_in=16 * groups, c_out=16 * groups * pick(1, 2), groups=groups,
+    return dict(n=pick(1, 3), c_in=pick(16, 24) * groups, c_out=pick(16, 40) * groups,
+                groups=groups,
                 kernel=kernel, stride=stride, padding=padding, dilation=dilation, h=h, w=w,
                 operator=("linear", "cosine", "sigmoid")[pick(0, 2)],
                 channels_last=bool(pick(0, 1)))
@@ -1332,7 +1339,8 @@ def test_grid_dgrad_every_gpu_config(monkeypatch):
     (dict(kernel=1, padding=1, stride=2), True),   # at stride > 1 any padding
     (dict(dtype=torch.float32), False),       # tf32's wgmma wants a K-major w_hat box
     (dict(c_in=8), False),                    # C_in/G < 16
-    (dict(c_out=24), False),                  # C_out/G not a multiple of 16
+    (dict(c_out=24), True),                   # C_out/G 24: padded to 32 a group
+    (dict(c_out=24, groups=2, c_in=32), False),   # C_out/G 12: below one K box
     (dict(groups=2), False),                  # 16 / 2 = 8 channels a group
 ])
 def test_grid_dgrad_rule(change, applies):

@@ -524,8 +524,10 @@ def test_grid_path_forward_backward_vs_float64(precision, request, monkeypatch):
 # less than "same" padding (margins 4 and 4) on an odd size; a 1x1 expansion (no margins); an
 # 8x8 image from NCHW (the quarter-column epilogue); strided: a SphereResNet-32 downsampling
 # 3x3 (four phases, 4 / 2 / 2 / 1 taps), a ResNet projection 1x1 from NCHW (three phases
-# without taps: dx = 0 there)
+# without taps: dx = 0 there); the benchmark's odd edge case shrunk in N (29 -> 61 channels:
+# x staged to 32, Hn's columns and w_hat's rows padded to 64)
 DGRAD_GRID_GEOMETRIES = {"3x3": (32, 128, 128, 32, 3, 1, 1, True),
+                         "odd_5x5_d2": (8, 29, 61, 33, 5, 4, 2, True),
                          "5x5_d2": (8, 48, 64, 33, 5, 4, 2, True),
                          "1x1": (32, 64, 256, 28, 1, 0, 1, True),
                          "8x8_nchw": (64, 256, 256, 8, 3, 1, 1, False),
