@@ -100,7 +100,7 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
                        depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
                        pixels_fast, stage_input_tile, staged_channels)
-from .conv_fwd_grid import stage_grid_rows
+from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import column_quarters, load_tile, store_tile, tile_ptrs, to_dtype_of
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -358,7 +358,8 @@ def _prep_kernel(
     STAGE_X: tl.constexpr, DENSE_PLANE: tl.constexpr, STAGE_GRID: tl.constexpr,
     X_PIXELS_FAST: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr, GRID_SH: tl.constexpr, GRID_SW: tl.constexpr,
-    WHAT_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    WHAT_PADDED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CX: tl.constexpr,
 ):
     """The prep launch of the GEMM backward: the elementwise/row pass over dy and c, one block
@@ -719,18 +720,9 @@ def _dgrad_kernel(
 
     offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    # First contributing tap of this phase in each direction (KH / KW: none contributes).
-    kh_first = KH
-    for q in tl.static_range(STEP_H):
-        cand = STEP_H - 1 - q
-        # (ph + PH - cand*DH) mod SH, written with a non-negative left operand.
-        kh_first = tl.where((ph + PH + cand * DH * (SH - 1)) % SH == 0, cand, kh_first)
-    kw_first = KW
-    for q in tl.static_range(STEP_W):
-        cand = STEP_W - 1 - q
-        kw_first = tl.where((pw + PW + cand * DW * (SW - 1)) % SW == 0, cand, kw_first)
-    taps_h = tl.where(kh_first < KH, (KH - kh_first + STEP_H - 1) // STEP_H, 0)
-    taps_w = tl.where(kw_first < KW, (KW - kw_first + STEP_W - 1) // STEP_W, 0)
+    # First contributing tap of this phase in each direction, and how many (none: 0).
+    kh_first, taps_h = phase_first_tap(ph + PH, KH, SH, STEP_H, DH)
+    kw_first, taps_w = phase_first_tap(pw + PW, KW, SW, STEP_W, DW)
     n_kc = tl.cdiv(CG_OUT, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -795,6 +787,20 @@ def _dgrad_kernel(
     store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, pid_n * BLOCK_N,
                      CG_IN, m_mask, stride_xc, stride_dxc, EMULATE_RTNE, PIXELS_FAST, BLOCK_M,
                      BLOCK_N)
+
+
+@triton.jit
+def phase_first_tap(residue, K: tl.constexpr, S: tl.constexpr, STEP: tl.constexpr, dil):
+    """The taps of one axis of a stride phase: ``(first, taps)``, the smallest filter tap r
+    with r*dil = residue (mod S) (``residue`` >= 0: the padded input index's phase) and how
+    many of first, first + STEP, ... lie below K (STEP = S / gcd(S, dil); 0 taps when first
+    is K or more). The first solution, if any, lies below STEP."""
+    first = K
+    for q in tl.static_range(STEP):
+        cand = STEP - 1 - q
+        # (residue - cand*dil) mod S, written with a non-negative left operand
+        first = tl.where((residue + cand * dil * (S - 1)) % S == 0, cand, first)
+    return first, tl.where(first < K, (K - first + STEP - 1) // STEP, 0)
 
 
 @triton.jit
@@ -1731,8 +1737,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         if wgrad_grid is None:
             wgrad_grid = conv_bwd_grid().WGRAD_ENABLED and plain_launch(x)
         if ((dgrad_grid and need_dx) or (wgrad_grid and need_dw)) and \
-                conv_bwd_grid().grid_backward_applies(x, w, (sh, sw), (ph, pw), (dh, dw_),
-                                                      cgi_p, cgo_p):
+                conv_bwd_grid().grid_backward_applies(x, w, (ho, wo), (sh, sw), (ph, pw),
+                                                      (dh, dw_), cgi_p, cgo_p):
             grid_dgrad, grid_wgrad = bool(dgrad_grid) and need_dx, bool(wgrad_grid) and need_dw
     hn_margins = ((0, 0) if not (grid_dgrad or grid_wgrad)
                   else conv_bwd_grid().grid_margins((h, wd), (ho, wo), (kh, kw), (sh, sw),
@@ -1780,7 +1786,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         x_grid, x_grid_slack, stage_grid = conv_bwd_grid().x_grid_buffer(
             x, groups, (ho, wo), hn_margins, (kh, kw), (sh, sw), (ph, pw))
         if stage_grid:
-            planes_h, planes_w = conv_bwd_grid().x_planes((kh, kw), (sh, sw))
+            planes_h, planes_w = phase_planes((kh, kw), (sh, sw))
             n_stage_programs = _cdiv(x_grid.shape[0], stage_p)
             stage_cp = x_grid.shape[1] // groups
     a_shape = (n, groups, ho, wo) if need_dx else (1,)
@@ -1862,8 +1868,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     if grid_wgrad:   # one launch: the last split of each tile writes dw
         dw = conv_bwd_grid().grid_wgrad(
             hn, x_grid, x_grid_slack, x, w, r_w, counters, groups, (ho, wo), hn_margins,
-            (sh, sw), (dh, dw_), upcast, reduction,
-            {key: v for key, v in reduction_flags.items() if key != "NEED_S"})
+            (sh, sw), (dh, dw_), upcast, reduction, reduction_flags)
     elif need_dw:
         cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
         if cfg["FLAT_K"]:   # program axis 1: blocks of the flattened (tap, ci) axis
@@ -2289,7 +2294,7 @@ def aot_specs() -> list:
             specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_gridx_{tag}", "sigmoid",
                                     False, t, dtype, c, h, w, hn_margins=(1, 1),
                                     stage_grid=True))
-            # at stride 2: x's phase planes (conv_bwd_grid.x_planes)
+            # at stride 2: x's phase planes (conv_fwd_grid.phase_planes)
             specs.append(_prep_spec(f"conv_bwd_prep_sigmoid_hngrid_gridx_s2_{tag}", "sigmoid",
                                     False, t, dtype, c, h, w, hn_margins=(1, 1),
                                     stage_grid=True, grid_stride=2))

@@ -56,7 +56,7 @@ grid) laid out with Hn's pitches, so tap (r, s) is again one row offset into pla
 the plane.
 
 sm_90 bf16 SASS a K step (``python -m sphereops_kernels.aot --sass``, triton 3.9): dgrad 106
-(stride 2: 113) against the implicit-GEMM dgrad's 340 (128 x 128 x 64), wgrad 97 (stride 2:
+(stride 2: 114) against the implicit-GEMM dgrad's 340 (128 x 128 x 64), wgrad 97 (stride 2:
 97) against 494 (128 x 128, 64 pixels a step), the same 8 wgmma each.
 
 Taken (:func:`grid_backward_applies`) at stride 1 for 0 <= padding <= (K-1)*dilation and at
@@ -78,12 +78,13 @@ import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
 from .conv_bwd import (REDUCE_CONFIG, _reduce_column_block, _wgrad_split, next_phase_step,
-                       store_dgrad_tile)
+                       phase_first_tap, store_dgrad_tile)
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
 from .epilogue import to_dtype_of
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
                             grid_channels, grid_row_pixels, has_tma, launch_tma_kernel,
-                            next_channel_chunk, strided_tap_row_offset, tap_row_offset)
+                            next_channel_chunk, phase_planes, strided_tap_row_offset,
+                            tap_row_offset)
 from .launch import cdiv, interpreting, launch
 
 _INTERPRET = interpreting()
@@ -138,20 +139,14 @@ def grid_margins(in_hw, out_hw, kernel, stride, padding, dilation):
                                                         dilation))
 
 
-def x_planes(kernel, stride):
-    """``(planes_h, planes_w)``: the phase planes of x the wgrad reads (conv_fwd_grid's
-    strided grid: one a phase along an axis with stride > 1 and more than one tap)."""
-    return tuple(s if k > 1 else 1 for k, s in zip(kernel, stride))
-
-
-def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool:
+def grid_backward_applies(x, w, out_hw, stride, padding, dilation, cgi_p, cgo_p) -> bool:
     """Whether the dgrad and wgrad of a conv can run on the grids: at stride 1 margins >= 0
     (padding at most the dilated filter's reach; more would crop Hn), any stride above;
     fp16 / bf16; C_in/G >= 16 (the grid GEMM's N) with w_hat's rows 16-byte aligned (TMA);
     Hn's columns a group (cgo_p: C_out/G rounded up to 16 from 16 channels up) a multiple of
     16, so that every K box stays within one group's Hn columns and w_hat rows (padded alike
     by the prep launch); host descriptors in this triton and TMA on the GPU; the grids' rows
-    plus a window's reach within int32."""
+    plus a window's reach within int32. ``out_hw``: (Ho, Wo)."""
     if TensorDescriptor is None:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -165,13 +160,11 @@ def grid_backward_applies(x, w, stride, padding, dilation, cgi_p, cgo_p) -> bool
         return False
     if cgo_p % GRID_ALIGN or cgo_p < cg_out:
         return False
-    out_hw = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                   zip((h, wd), (kh, kw), stride, padding, dilation))
     top, left = grid_margins((h, wd), out_hw, (kh, kw), stride, padding, dilation)
     if top < 0 or left < 0:
         return False
     hq, wq = out_hw[0] + top, out_hw[1] + left
-    planes_h, planes_w = x_planes((kh, kw), stride)
+    planes_h, planes_w = phase_planes((kh, kw), stride)
     reach = (kh - 1) * dilation[0] * wq + (kw - 1) * dilation[1] + 256
     return planes_h * planes_w * n * hq * wq + 2 * reach < 2 ** 31
 
@@ -195,15 +188,11 @@ def hn_margin_rows(n, ho, wo, margins) -> int:
 def _phase_taps(a, K: tl.constexpr, S: tl.constexpr, STEP: tl.constexpr, dil, pad, size,
                 margin):
     """One axis of a strided dgrad's phase ``a`` (padded input index u = q*S + a; module
-    docstring, :func:`_strided_margin`): ``(r0, taps, q0, count, base)`` -- the first filter
-    tap r0 with r0*dil = a (mod S) (the phase's taps are r0, r0 + STEP, ..., STEP = S /
-    gcd(S, dil)), their number, the first q of an input pixel, the phase's input pixels, and
-    the Hn grid offset q0 + margin - t_r0 of tap r0 (tap r0 + k*STEP: k*STEP*dil/S less)."""
-    r0 = K
-    for r in tl.static_range(K):
-        # r*dil - a + S > 0: the remainder is C's and Python's alike
-        r0 = tl.where(((r * dil - a + S) % S == 0) & (r0 == K), r, r0)
-    taps = tl.where(r0 < K, (K - r0 + STEP - 1) // STEP, 0)
+    docstring, :func:`_strided_margin`): ``(r0, taps, q0, count, base)`` -- the phase's first
+    filter tap and their number (conv_bwd.phase_first_tap: r0, r0 + STEP, ...), the first q
+    of an input pixel, the phase's input pixels, and the Hn grid offset q0 + margin - t_r0 of
+    tap r0 (tap r0 + k*STEP: k*STEP*dil/S less)."""
+    r0, taps = phase_first_tap(a, K, S, STEP, dil)
     q0 = (pad - a + S - 1) // S
     count = (pad + size - a + S - 1) // S - q0
     base = q0 + margin - (r0 * dil - a) // S
@@ -397,8 +386,8 @@ def _wgrad_grid_kernel(
     input pixel (ho - PH + r*DH, wo - PW + s*DW) is x-grid row p + (r*DH - top)*Wq + s*DW - left
     at stride 1 (the shift; + slack >= 0), at stride > 1 row p + (r*DH // SH - top)*Wq +
     s*DW // SW - left of plane (r*DH % SH, s*DW % SW) (conv_fwd_grid.strided_tap_row_offset;
-    grid_margins keeps every such row inside the image's rows of its plane). Hn's margin rows are zero, so their products vanish; rows past
-    M read zeros (TMA fill). Box columns past a group's Og / C_in/G reach only dropped
+    grid_margins keeps every such row inside the image's rows of its plane). Hn's margin rows
+    are zero, so their products vanish; rows past M read zeros (TMA fill). Box columns past a group's Og / C_in/G reach only dropped
     accumulator rows / columns.
     Scalars: Wq, C_out, C_in/G, C_out/G, cgo_p (Hn's columns a group: C_out/G rounded up to
     16, zeros past it), Cp, G, n_split, rows a split (a multiple of BLOCK_M),
@@ -529,7 +518,7 @@ def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dic
 def x_grid_buffer(x, groups, out_hw, margins, kernel, stride, padding):
     """``(x_grid, slack, staged)``: the wgrad's x on the forward grid path's padded grid with
     Hn's pitches (Hq, Wq = Ho + TOP, Wo + LEFT; at stride > 1 the phase planes of
-    :func:`x_planes`) behind ``slack`` zero rows (the most negative tap shift,
+    conv_fwd_grid.phase_planes) behind ``slack`` zero rows (the most negative tap shift,
     :func:`_wgrad_grid_kernel`), as [slack + planes*N*Hq*Wq, G*Cp], unwritten (``staged``:
     conv_bwd's prep launch stages it with conv_fwd_grid.stage_grid_rows); or x itself when it
     already is that grid (conv_fwd_grid.direct_grid: an aligned channels_last 1x1 input at
@@ -543,16 +532,16 @@ def x_grid_buffer(x, groups, out_hw, margins, kernel, stride, padding):
         direct = direct_grid(x, groups, padding, c_pad)
         if direct is not None:
             return direct, 0, False
-    planes_h, planes_w = x_planes(kernel, stride)
+    planes_h, planes_w = phase_planes(kernel, stride)
     rows = slack + planes_h * planes_w * n * hq * wq
     storage = torch.empty((rows, groups * c_pad), dtype=x.dtype, device=x.device)
     return storage, slack, True
 
 
-def _wgrad_tiles(cg_in, cg_out, groups, taps):
-    """``(axis-0 programs, tiles)`` of :func:`_wgrad_grid_kernel`: o x ci tiles a group and
-    tap, and all of them (one counter each)."""
-    cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
+def _wgrad_tiles(cfg, cg_in, cg_out, groups, taps):
+    """``(axis-0 programs, tiles)`` of :func:`_wgrad_grid_kernel` at tile ``cfg``
+    (:func:`wgrad_grid_config`): o x ci tiles a group and tap, and all of them (one counter
+    each)."""
     per_group = cdiv(cg_out, cfg["BLOCK_O"]) * cdiv(cg_in, cfg["BLOCK_CI"])
     return per_group, groups * per_group * taps
 
@@ -561,7 +550,8 @@ def wgrad_tile_counters(cg_in, cg_out, groups, taps, device):
     """The grid wgrad's tile counters [tiles] int32, unwritten: conv_bwd's prep launch zeroes
     them (its first filter program), the wgrad counts its splits there
     (:func:`_wgrad_grid_kernel`)."""
-    return torch.empty(_wgrad_tiles(cg_in, cg_out, groups, taps)[1], dtype=torch.int32,
+    cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
+    return torch.empty(_wgrad_tiles(cfg, cg_in, cg_out, groups, taps)[1], dtype=torch.int32,
                        device=device)
 
 
@@ -572,9 +562,10 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     along with r_w [C_out] fp32 and the zeroed ``counters`` (:func:`wgrad_tile_counters`): one
     launch, its split-K partials [split, KH*KW, C_out, C_in/G] fp32 finished into dw by the
     last split of each tile (:func:`_wgrad_grid_kernel`). ``reduction`` = (red_ptr, s_ptr,
-    db_ptr, dk_ptr, R) and ``reduction_flags`` (NEED_DB, NEED_DK, EMULATE_RTNE): the final
-    level of the prep partials' sums (db, dk), run by extra programs of this launch
-    (conv_bwd._wgrad_kernel's); the finishing programs take S from red_ptr themselves.
+    db_ptr, dk_ptr, R) and ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, as
+    for conv_bwd._wgrad_kernel): the final level of the prep partials' sums, run by extra
+    programs of this launch -- db and dk only: the finishing programs take S from red_ptr
+    themselves.
     conv_bwd's launcher has validated everything and checked :func:`grid_backward_applies`."""
     n, c_in, h, wd = x.shape
     c_out, cg_in, kh, kw = w.shape
@@ -583,13 +574,13 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     top, left = margins
     wq = out_hw[1] + left
     m_grid = n * (out_hw[0] + top) * wq
-    planes_h, planes_w = x_planes((kh, kw), stride)
+    planes_h, planes_w = phase_planes((kh, kw), stride)
     if hn.shape[0] != m_grid or x_grid.shape[0] != slack + planes_h * planes_w * m_grid:
         raise AssertionError(f"grids of {hn.shape[0]} / {x_grid.shape[0]} rows, expected "
                              f"{m_grid} / {slack + planes_h * planes_w * m_grid}")
     cfg = wgrad_grid_config(cg_in, cg_out, _INTERPRET)
     bo, bci, bm = cfg["BLOCK_O"], cfg["BLOCK_CI"], cfg["BLOCK_M"]
-    per_group, tiles = _wgrad_tiles(cg_in, cg_out, groups, kh * kw)
+    per_group, tiles = _wgrad_tiles(cfg, cg_in, cg_out, groups, kh * kw)
     if counters.numel() != tiles:
         raise AssertionError(f"{counters.numel()} tile counters, expected {tiles}")
     split = _wgrad_split(m_grid, tiles, bm, x.device)
@@ -601,17 +592,18 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     x_desc = TensorDescriptor.from_tensor(x_grid, [bm, bci])
     red = REDUCE_CONFIG
     red_ptr, s_ptr, db_ptr, dk_ptr, red_rows = reduction
-    folded = any(reduction_flags[key] for key in ("NEED_DB", "NEED_DK"))
+    reduction_flags = dict(reduction_flags, NEED_S=False)
+    folded = reduction_flags["NEED_DB"] or reduction_flags["NEED_DK"]
     red_programs = cdiv(c_out, red["BLOCK_C"]) if folded else 0
     grid = (per_group, kh * kw, split * groups)
     grid = grid[:2] + (grid[2] + cdiv(red_programs, grid[0] * grid[1]),)
     launch(_wgrad_grid_kernel, grid,
            (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, counters, w, r_w, dw,
-            m_grid, wq, c_out, cg_in, cg_out, hn.shape[1] // groups, c_pad, groups, split, rows_per_split, top, left,
-            slack, dilation[0], dilation[1], planes_w * m_grid, m_grid, red_rows, red_programs,
-            *w.stride(), *dw.stride()),
+            m_grid, wq, c_out, cg_in, cg_out, hn.shape[1] // groups, c_pad, groups, split,
+            rows_per_split, top, left, slack, dilation[0], dilation[1], planes_w * m_grid,
+            m_grid, red_rows, red_programs, *w.stride(), *dw.stride()),
            dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], UPCAST_DOT=upcast,
-                NEED_S=False, **reduction_flags, BLOCK_R=red["BLOCK_R"],
+                **reduction_flags, BLOCK_R=red["BLOCK_R"],
                 BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
     return dw
 

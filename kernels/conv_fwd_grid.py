@@ -94,19 +94,24 @@ def grid_pitches(h, w, ph, pw, ho, wo):
     return max(h + ph, ho), max(w + pw, wo)
 
 
+def phase_planes(kernel, stride):
+    """``(planes_h, planes_w)``: the phase planes a strided grid holds -- one a phase along an
+    axis with stride > 1 and more than one tap, else one (a 1x1 filter reads phase 0 only)."""
+    return tuple(s if k > 1 else 1 for k, s in zip(kernel, stride))
+
+
 def strided_grid_geometry(x_hw, out_hw, kernel, stride, padding, dilation):
     """``(Hq, Wq, planes_h, planes_w)`` of the grid for a conv (module docstring): at stride 1
     :func:`grid_pitches` and one plane. Else one plane a phase (a, b) of the padded input that
-    a tap reads (planes_h = SH unless the filter has one row, then 1; likewise planes_w), each
-    with rows Hq = Ho + (KH-1)*DH // SH of Wq = Wo + (KW-1)*DW // SW columns, so that an output
-    pixel's every tap lands inside its own image's plane (no shared padding runs: a window
-    past a plane row's end would land on another phase)."""
+    a tap reads (:func:`phase_planes`), each with rows Hq = Ho + (KH-1)*DH // SH of Wq = Wo +
+    (KW-1)*DW // SW columns, so that an output pixel's every tap lands inside its own image's
+    plane (no shared padding runs: a window past a plane row's end would land on another
+    phase)."""
     (h, w), (ho, wo), (kh, kw) = x_hw, out_hw, kernel
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     if (sh, sw) == (1, 1):
         return (*grid_pitches(h, w, ph, pw, ho, wo), 1, 1)
-    return (ho + (kh - 1) * dh // sh, wo + (kw - 1) * dw // sw,
-            sh if kh > 1 else 1, sw if kw > 1 else 1)
+    return (ho + (kh - 1) * dh // sh, wo + (kw - 1) * dw // sw, *phase_planes(kernel, stride))
 
 
 _TMA_BY_DEVICE = {}

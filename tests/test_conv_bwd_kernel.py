@@ -1048,8 +1048,9 @@ def test_depthwise_rows_wider_than_the_tile():
 # ---------------------------------------------------------------------------------------------
 # The dgrad on Hn's padded grid (sphereops_kernels.conv_bwd_grid; by input phase at stride > 1),
 # forced on with dgrad_grid=True: the prep pass writes Hn onto the grid, the wgrad reads it there
-# (or runs on the grids too), the dgrad is the TMA GEMM. Under the interpreter one small tile (configs.conv_fwd_grid_configs) so that the
-# tiny shapes cover several M and N tiles and K chunks.
+# (or runs on the grids too), the dgrad is the TMA GEMM. Under the interpreter one small tile
+# (configs.conv_fwd_grid_configs) so that the tiny shapes cover several M and N tiles and K
+# chunks.
 # ---------------------------------------------------------------------------------------------
 
 conv_bwd_grid = pytest.importorskip("sphereops_kernels.conv_bwd_grid")
@@ -1165,8 +1166,8 @@ def _random_grid_geometry(seed: int) -> dict:
     h = max(pick(3, 13), (kernel[0] - 1) * dilation[0] + 1 - 2 * padding[0])
     w = max(pick(3, 13), (kernel[1] - 1) * dilation[1] + 1 - 2 * padding[1])
     return dict(n=pick(1, 3), c_in=pick(16, 24) * groups, c_out=pick(16, 40) * groups,
-                groups=groups,
-                kernel=kernel, stride=stride, padding=padding, dilation=dilation, h=h, w=w,
+                groups=groups, kernel=kernel, stride=stride, padding=padding,
+                dilation=dilation, h=h, w=w,
                 operator=("linear", "cosine", "sigmoid")[pick(0, 2)],
                 channels_last=bool(pick(0, 1)))
 
@@ -1353,8 +1354,10 @@ def test_grid_dgrad_rule(change, applies):
     pair = (lambda v: (v, v))
     cgi_p = conv_fwd.aligned_count(geom["c_in"] // geom["groups"])
     cgo_p = conv_fwd.aligned_count(geom["c_out"] // geom["groups"])
-    assert conv_bwd_grid.grid_backward_applies(x, w, pair(geom["stride"]), pair(geom["padding"]),
-                                            pair(geom["dilation"]), cgi_p, cgo_p) == applies
+    out = R.output_size(9, k, geom["stride"], geom["padding"], geom["dilation"])
+    assert conv_bwd_grid.grid_backward_applies(x, w, (out, out), pair(geom["stride"]),
+                                               pair(geom["padding"]), pair(geom["dilation"]),
+                                               cgi_p, cgo_p) == applies
 
 
 @pytest.mark.parametrize("switch,kernel", [("ENABLED", "grid_dgrad"),
