@@ -49,7 +49,9 @@ the partial sums of step 1 take two levels):
 4. ``_wgrad_kernel``: implicit GEMM over the N*Ho*Wo reduction, split into SPLIT contiguous
    ranges that write fp32 partials (its columns: the channels of one tap a program, or below 16
    channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
-   not fill 3 of 16 columns and Hn is not re-read once per tap); ``_dw_finalize_kernel`` sums the partials in split order and
+   not fill 3 of 16 columns and Hn is not re-read once per tap; its rows' output pixels carried
+   from step to step, not divided out every step; a 1x1 filter at stride 1 over dense pixel
+   rows reads x as a plain GEMM operand); ``_dw_finalize_kernel`` sums the partials in split order and
    applies ``/ r_w - w S / r_w^2``. No atomics anywhere: same inputs -> bitwise same gradients.
 
 Numerics: fp32 accumulation everywhere; fp32 inputs use tf32 tensor cores iff
@@ -228,15 +230,41 @@ def _hn_row(offs_m, howo, wo_count, HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
         else:
             row = offs_m
     else:
-        n = offs_m // howo
-        hw = offs_m % howo
-        ho = hw // wo_count
-        wo = hw % wo_count
+        n, ho, wo = _pixel_coords(offs_m, howo, wo_count)
         if WIDE:
             n = n.to(tl.int64)
         row = ((n * (howo // wo_count + HN_TOP) + HN_TOP + ho) * (wo_count + HN_LEFT)
                + HN_LEFT + wo)
     return row
+
+
+@triton.jit
+def _pixel_coords(offs_m, howo, wo_count):
+    """(n, ho, wo) of flat output pixels offs_m = (n*Ho + ho)*Wo + wo (howo = Ho*Wo, wo_count =
+    Wo: constexprs, divided by multiply-shifts, or runtime values)."""
+    n = offs_m // howo
+    hw = offs_m % howo
+    return n, hw // wo_count, hw % wo_count
+
+
+@triton.jit
+def _pixel_step(howo, wo_count, STEP: tl.constexpr):
+    """STEP flat pixels as (images, rows, columns) for :func:`_advance_pixels`."""
+    return STEP // howo, (STEP % howo) // wo_count, STEP % wo_count
+
+
+@triton.jit
+def _advance_pixels(n, ho, wo, step_n, step_h, step_w, ho_count, wo_count):
+    """(n, ho, wo) of the pixels STEP further on (step_* from :func:`_pixel_step`): each
+    coordinate stays below its extent and each step's part is below it too, so one carry from
+    wo into ho and one from ho into n suffice, and a loop that walks pixels divides nothing."""
+    wo = wo + step_w
+    carry_w = wo >= wo_count
+    wo = tl.where(carry_w, wo - wo_count, wo)
+    ho = ho + step_h + carry_w.to(tl.int32)
+    carry_h = ho >= ho_count
+    ho = tl.where(carry_h, ho - ho_count, ho)
+    return n + step_n + carry_h.to(tl.int32), ho, wo
 
 
 @triton.jit
@@ -856,19 +884,16 @@ def _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, offs_ci, CG_
 
 
 @triton.jit
-def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_xw,
-                    HoWo, Wo, SH: tl.constexpr, SW: tl.constexpr,
+def _tap_input_rows(n, ho, wo, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_xw,
+                    SH: tl.constexpr, SW: tl.constexpr,
                     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                     WIDE: tl.constexpr):
-    """For output pixels offs_m [BM] (flat n*Ho*Wo index) and filter tap (kh, kw): the offset
-    of the input pixel the tap reads (without the channel term; int64 if WIDE, else int32: the
-    launcher's _needs_wide_offsets) and whether it lies inside the image (not padding) -- the x
-    operand rows of both wgrad kernels. HoWo = Ho*Wo and Wo: constexprs (divisions by constants)
-    or runtime values (_wgrad_kernel's RUNTIME_DIV)."""
-    n = offs_m // HoWo
-    hw = offs_m % HoWo
-    hi = (hw // Wo) * SH - PH + kh * DH
-    wi = (hw % Wo) * SW - PW + kw * DW
+    """For output pixels (n, ho, wo) [BM] and filter tap (kh, kw): the offset of the input pixel
+    the tap reads (without the channel term; int64 if WIDE, else int32: the launcher's
+    _needs_wide_offsets) and whether it lies inside the image (not padding) -- the x operand
+    rows of _wgrad_kernel."""
+    hi = ho * SH - PH + kh * DH
+    wi = wo * SW - PW + kw * DW
     valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
     if WIDE:
         row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
@@ -878,17 +903,15 @@ def _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh, stride_x
 
 
 @triton.jit
-def _flat_input_tile(offs_m, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_xh, stride_xw,
-                     HoWo, Wo, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+def _flat_input_tile(n, ho, wo, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_xh, stride_xw,
+                     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
                      PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, WIDE: tl.constexpr):
-    """The im2col rows of output pixels offs_m [BM] for the flattened filter positions with
+    """The im2col rows of output pixels (n, ho, wo) [BM] for the flattened filter positions with
     taps (kh, kw) [BK] (k_mask [BK]): offsets of the input pixels they read, [BM, BK] without
     the channel term (int64 if WIDE, else int32), and whether each lies inside the image --
-    the x operand of the flat-K wgrad (_wgrad_kernel's FLAT_K). HoWo, Wo as _tap_input_rows."""
-    n = offs_m // HoWo
-    hw = offs_m % HoWo
-    top = (hw // Wo) * SH - PH
-    left = (hw % Wo) * SW - PW
+    the x operand of the flat-K wgrad (_wgrad_kernel's FLAT_K)."""
+    top = ho * SH - PH
+    left = wo * SW - PW
     hi = top[:, None] + (kh * DH)[None, :]
     wi = left[:, None] + (kw * DW)[None, :]
     valid = (m_mask[:, None] & k_mask[None, :]
@@ -913,7 +936,8 @@ def _wgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr, HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
+    RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr, DENSE_ROWS: tl.constexpr,
+    HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -946,6 +970,9 @@ def _wgrad_kernel(
     BLOCK_O: output channels per program. BLOCK_CI: input channels per program.
     BLOCK_M: output pixels per reduction step.
     FLAT_K: the flat layout above (CGI_P = CG_IN there).
+    DENSE_ROWS: a 1x1 filter at stride 1 without padding over an x whose pixels lie
+    stride_xw apart across rows and images (_dense_pixel_rows): output pixel m reads input
+    pixel m, the x tile a plain strided block (no pixel coordinates, no bounds but M).
     The final level of the prep partials' column sums rides in this launch instead of one of
     its own: programs past axis 2's SPLIT * G run _reduce_column_block's final level over
     red_ptr [3, R, C_out] fp32 (the prep partials, or the reduce kernel's first level of them),
@@ -1001,21 +1028,45 @@ def _wgrad_kernel(
 
     m_start = s * M_PER_SPLIT
     m_end = tl.where(is_reduce, m_start, tl.minimum(m_start + M_PER_SPLIT, M))
+    # the rows' output pixels (n, ho, wo): divided out once, then carried BLOCK_M pixels on a
+    # step (_advance_pixels), not divided out of offs_m every step (two divisions and two
+    # remainders a row; sm_90 bf16 K loop 494 -> 451 SASS instructions a step at 3x3, 628 ->
+    # 458 with runtime divisors) -- where the three carried vectors fit: not for int64 offsets
+    # or the flat layout (its gathered x tile already holds ~170 registers: carried, 1706 ->
+    # 904 instructions but spills, in the loop on sm_80), not for exact fp32 (FMA-bound, and
+    # it spilled), not with Hn on a padded grid (HN_TOP / HN_LEFT: its row map needs the
+    # pixels in the Hn tile's transposed layout too; a carried copy moved there: 507 -> 574)
+    CARRY: tl.constexpr = (not FLAT_K and not WIDE_OFFSETS and HN_TOP == 0 and HN_LEFT == 0
+                           and not DENSE_ROWS
+                           and not (DOT_PRECISION == "ieee" and x_ptr.dtype.element_ty == tl.float32))
+    step_n, step_h, step_w = _pixel_step(howo_div, wo_div, BLOCK_M)
+    pix_n, pix_h, pix_w = _pixel_coords(m_start + tl.arange(0, BLOCK_M), howo_div, wo_div)
     acc = tl.zeros([BLOCK_O, BLOCK_CI], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        if FLAT_K:
-            x_offs, x_mask = _flat_input_tile(offs_m, m_mask, kh_k, kw_k, k_mask, H, W,
-                                              stride_xn, stride_xh, stride_xw, howo_div, wo_div,
+        if not CARRY and not DENSE_ROWS:
+            pix_n, pix_h, pix_w = _pixel_coords(offs_m, howo_div, wo_div)
+        if DENSE_ROWS:
+            if WIDE_OFFSETS:
+                x_offs = (offs_m.to(tl.int64) * stride_xw)[:, None]
+            else:
+                x_offs = (offs_m * stride_xw)[:, None]
+            x_mask = m_mask[:, None] & (offs_ci < CGI_P)[None, :]
+        elif FLAT_K:
+            x_offs, x_mask = _flat_input_tile(pix_n, pix_h, pix_w, m_mask, kh_k, kw_k, k_mask,
+                                              H, W, stride_xn, stride_xh, stride_xw,
                                               SH, SW, PH, PW, DH, DW, WIDE_OFFSETS)
         else:
-            x_row, valid = _tap_input_rows(offs_m, m_mask, kh, kw, H, W, stride_xn, stride_xh,
-                                           stride_xw, howo_div, wo_div, SH, SW, PH, PW, DH, DW,
+            x_row, valid = _tap_input_rows(pix_n, pix_h, pix_w, m_mask, kh, kw, H, W, stride_xn,
+                                           stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
                                            WIDE_OFFSETS)
             x_offs = x_row[:, None]
             x_mask = valid[:, None] & (offs_ci < CGI_P)[None, :]
         hn_row = _hn_row(offs_m, howo_div, wo_div, HN_TOP, HN_LEFT, WIDE_OFFSETS) * (G * CGO_P)
+        if CARRY:
+            pix_n, pix_h, pix_w = _advance_pixels(pix_n, pix_h, pix_w, step_n, step_h, step_w,
+                                                 howo_div // wo_div, wo_div)
         ht = tl.load(hn_ptr + hn_row[None, :] + hn_col[:, None],
                      mask=(offs_ol < CGO_P)[:, None] & m_mask[None, :], other=0.0)
         xt = tl.load(x_ptr + x_offs + x_chan, mask=x_mask, other=0.0)
@@ -1567,6 +1618,15 @@ def _needs_wide_offsets(x, hn_numel: int, kernel, padding, dilation) -> bool:
     return offsets_need_int64(x, 0, kernel, padding, dilation, hn_numel)
 
 
+def _dense_pixel_rows(x) -> bool:
+    """Whether pixel (n, h, w) of x [N, C, H, W] lies at ((n*H + h)*W + w) * x.stride(3): rows
+    and images back to back (channels_last contiguous, or its staged copy) -- _wgrad_kernel's
+    DENSE_ROWS. Size-1 dims do not count."""
+    n, _, h, w = x.shape
+    return ((h == 1 or x.stride(2) == w * x.stride(3))
+            and (n == 1 or x.stride(0) == h * w * x.stride(3)))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
         return "tf32"
@@ -1893,6 +1953,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
+                DENSE_ROWS=(not cfg["FLAT_K"] and _dense_pixel_rows(x_wgrad)
+                            and (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)),
                 HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1], **reduction_flags,
                 BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
@@ -2181,7 +2243,8 @@ def aot_specs() -> list:
                     signature=_signature(_wgrad_kernel, _wgrad_pointers(t)),
                     constexprs=dict(**geo, HoWo=(h // st) * (w // st), Wo=w // st, UPCAST_DOT=False,
                                     DOT_PRECISION=precision, WIDE_OFFSETS=False, RUNTIME_DIV=False,
-                                    FLAT_K=cfg["FLAT_K"], BLOCK_O=cfg["BLOCK_O"],
+                                    FLAT_K=cfg["FLAT_K"], DENSE_ROWS=(kk, st, pad) == (1, 1, 0),
+                                    BLOCK_O=cfg["BLOCK_O"],
                                     BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                                     HN_TOP=0, HN_LEFT=0, **_FOLDED_REDUCE),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
@@ -2217,7 +2280,7 @@ def aot_specs() -> list:
                 constexprs=dict(KH=5, KW=5, SH=1, SW=1, PH=2, PW=2, DH=1, DW=1, HoWo=32 * 32,
                                 Wo=32, UPCAST_DOT=False, DOT_PRECISION=precision,
                                 WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
-                                BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
+                                DENSE_ROWS=False, BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
                                 BLOCK_M=cfg["BLOCK_M"], HN_TOP=0, HN_LEFT=0, **_FOLDED_REDUCE),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                 example_args=dict(C_out=64, CG_IN=3, CG_OUT=64, CGI_P=3, CGO_P=64, G=1,

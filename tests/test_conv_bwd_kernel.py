@@ -808,6 +808,61 @@ def test_flat_k_wgrad(geom, monkeypatch):
     assert torch.equal(flat[1], tapwise[1])
 
 
+# Pixel walks of _wgrad_kernel with 16-pixel steps and one split, so that every program takes
+# many steps: images smaller than a step (3x5: each step crosses an image), rows narrower than
+# a step (7 wide: several row carries a step), rows wider than one (19 wide), stride 2 with
+# padding, the flat (tap, channel) layout, and 1x1 filters on dense pixel rows (DENSE_ROWS:
+# channels_last, and NCHW through the staged copy) and on rows that are not (stride 2,
+# padding 1).
+@pytest.mark.parametrize("geom,dense", [
+    (dict(n=6, h=3, w=5), False),
+    (dict(n=3, h=9, w=7), False),
+    (dict(n=1, h=4, w=19), False),
+    (dict(n=4, h=9, w=8, stride=2, padding=2, dilation=2), False),
+    (dict(n=3, c_in=3, c_out=16, kernel=5, padding=2, h=6, w=5), False),
+    (dict(kernel=1, padding=0, h=5, w=7), True),
+    (dict(kernel=1, padding=0, h=5, w=7, channels_last=False), True),
+    (dict(n=4, kernel=1, padding=0, stride=2, h=9, w=7), False),
+    (dict(kernel=1, padding=1, h=5, w=6), False),
+], ids=["3x5-images", "9x7-rows", "19-wide-rows", "s2-d2", "flat-cin3", "1x1-dense",
+        "1x1-dense-nchw", "1x1-s2", "1x1-padded"])
+@pytest.mark.parametrize("runtime_div", [False, True], ids=["const-div", "runtime-div"])
+def test_wgrad_pixel_walk(geom, dense, runtime_div, monkeypatch):
+    """The wgrad divides each row's output pixel into (image, row, column) once and carries it
+    16 pixels on a step (conv_bwd.advance_pixels), or reads dense 1x1 rows directly: dw against
+    the float64 reference, and the DENSE_ROWS switch where expected."""
+    real_config = conv_bwd.wgrad_config
+    monkeypatch.setattr(conv_bwd, "wgrad_config",
+                        lambda *a, **k: dict(real_config(*a, **k), BLOCK_M=16))
+    monkeypatch.setattr(conv_bwd, "_wgrad_split", lambda *a: 1)
+    monkeypatch.setattr(conv_bwd, "_WGRAD_RUNTIME_DIV", runtime_div)
+    launched, flags = record_launches(monkeypatch, conv_bwd, "_launch")
+    geom = dict(dict(operator="linear", n=2, c_in=16, c_out=16, channels_last=True), **geom)
+    inp, c, r_x, dy = _case(torch.float32, **geom)
+    mask = (False, True, False, False)
+    out = _kernel(dy, inp, c, r_x, mask)
+    (args, flag), = [(a, f) for (k, _, a), f in zip(launched, flags)
+                     if k is conv_bwd._wgrad_kernel]
+    args = dict(zip(conv_bwd._wgrad_kernel.arg_names, args))
+    assert args["M"] > 4 * 16, "the walk should take several steps"
+    assert args["SPLIT"] == 1, "one split: every program walks all the pixels"
+    assert flag["DENSE_ROWS"] == dense
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+
+
+def test_dense_pixel_rows():
+    x = torch.empty(2, 8, 5, 7)
+    assert not conv_bwd._dense_pixel_rows(x)                       # NCHW: images C planes apart
+    assert conv_bwd._dense_pixel_rows(x[:1])                       # ... unless there is one
+    assert conv_bwd._dense_pixel_rows(x.contiguous(memory_format=torch.channels_last))
+    assert not conv_bwd._dense_pixel_rows(                         # a column slice: gaps
+        x.contiguous(memory_format=torch.channels_last)[..., 1:])
+    assert conv_bwd._dense_pixel_rows(                             # one row: no row stride
+        x.contiguous(memory_format=torch.channels_last)[:1, :, 2:3, :])
+    assert not conv_bwd._dense_pixel_rows(                         # ... but image gaps
+        x.contiguous(memory_format=torch.channels_last)[:, :, 2:3, :])
+
+
 def test_wgrad_layout_rule():
     """FLAT_K below 16 input channels a group, with up to 64 columns (32 for fp32) of the
     taps * C_in/G filter positions; per tap from 16 channels up."""
