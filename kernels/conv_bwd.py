@@ -768,12 +768,17 @@ def _dgrad_kernel(
     tap_h = 0
     tap_w = 0
     kc = 0
+    w_tile_offs = tl.arange(0, BLOCK_K)[:, None] * CGI_P + offs_ci[None, :]
     for t in range(0, taps_h * taps_w * n_kc):
         kh = kh_first + tap_h * STEP_H
         kw = kw_first + tap_w * STEP_W
         dho = (ph + PH - kh * DH) // SH    # ho = i + dho, wo = j + dwo (exact divisions)
         dwo = (pw + PW - kw * DW) // SW
-        valid = m_mask & (i >= -dho) & (i < Ho - dho) & (j >= -dwo) & (j < Wo - dwo)
+        # 0 <= i + dho < Ho as one unsigned comparison (a negative sum wraps past Ho): two
+        # compares and selects a row fewer
+        # (the comparison is unsigned: Triton promotes the int32 bound to the uint32 side's type,
+        # and Ho / Wo may arrive as constexpr 1, which has no .to)
+        valid = (m_mask & ((i + dho).to(tl.uint32) < Ho) & ((j + dwo).to(tl.uint32) < Wo))
         if WIDE_OFFSETS:
             step_off = (dho.to(tl.int64) * Wo + dwo) * (G * CGO_P)
         else:
@@ -781,8 +786,13 @@ def _dgrad_kernel(
         offs_kl = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         h_tile = tl.load(hn_rows[:, None] + (step_off + offs_kl)[None, :],
                          mask=valid[:, None] & (offs_kl < CGO_P)[None, :], other=0.0)
-        w_rows = (kh * KW + kw).to(tl.int64) * C_out + g * CG_OUT + offs_kl
-        w_tile = tl.load(what_ptr + w_rows[:, None] * CGI_P + offs_ci[None, :],
+        # w_hat's offsets: int32 unless WIDE_OFFSETS (the launcher counts w_hat in) -- 64-bit
+        # row arithmetic for the 8 rows a thread loads cost ~50 instructions a step
+        if WIDE_OFFSETS:
+            w_first = ((kh * KW + kw).to(tl.int64) * C_out + g * CG_OUT + kc * BLOCK_K) * CGI_P
+        else:
+            w_first = ((kh * KW + kw) * C_out + g * CG_OUT + kc * BLOCK_K) * CGI_P
+        w_tile = tl.load(what_ptr + w_first + w_tile_offs,
                          mask=(offs_kl < CG_OUT)[:, None] & (offs_ci < CGI_P)[None, :],
                          other=0.0)
         if UPCAST_DOT:
@@ -894,7 +904,8 @@ def _tap_input_rows(n, ho, wo, m_mask, kh, kw, H, W, stride_xn, stride_xh, strid
     rows of _wgrad_kernel."""
     hi = ho * SH - PH + kh * DH
     wi = wo * SW - PW + kw * DW
-    valid = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    # 0 <= hi < H as one unsigned comparison (a negative hi wraps past H)
+    valid = m_mask & (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W)
     if WIDE:
         row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
     else:
@@ -915,7 +926,7 @@ def _flat_input_tile(n, ho, wo, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_
     hi = top[:, None] + (kh * DH)[None, :]
     wi = left[:, None] + (kw * DW)[None, :]
     valid = (m_mask[:, None] & k_mask[None, :]
-             & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+             & (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W))   # (as _tap_input_rows)
     # the offset as a row part plus a column part: one add per element
     if WIDE:
         row = n.to(tl.int64) * stride_xn + top.to(tl.int64) * stride_xh + left.to(tl.int64) * stride_xw
@@ -1897,7 +1908,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
 
     x_wgrad = x_staged if stage_x else x
-    wide = _needs_wide_offsets(x, hn.numel(), (kh, kw), (ph, pw), (dh, dw_))
+    # (w_hat too: the dgrad's filter offsets are int32 unless wide)
+    wide = _needs_wide_offsets(x, max(hn.numel(), w_hat.numel()), (kh, kw), (ph, pw), (dh, dw_))
     if stage_x:   # the wgrad's copy has channels x's has not
         wide = wide or _needs_wide_offsets(x_staged, 0, (kh, kw), (ph, pw), (dh, dw_))
     # 3. dgrad fused with the norm correction

@@ -275,8 +275,10 @@ def _sphere_conv_fwd_kernel(
             s = tap - r * KW
             dh = r * dil_h
             dw = s * dil_w
-            valid_m = (mask_m & (h_base >= -dh) & (h_base < in_h - dh)
-                       & (w_base >= -dw) & (w_base < in_w - dw))
+            # 0 <= h_base + dh < in_h as one unsigned comparison (a negative sum wraps past
+            # in_h; Triton compares in the uint32 side's type)
+            valid_m = (mask_m & ((h_base + dh).to(tl.uint32) < in_h)
+                       & ((w_base + dw).to(tl.uint32) < in_w))
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mask_c = offs_c < c_in_per_group
             if WIDE_OFFSETS:
@@ -305,9 +307,9 @@ def _sphere_conv_fwd_kernel(
             s = tap - r * KW
             dh = r * dil_h
             dw = s * dil_w
-            valid = (mask_m[:, None] & mask_k[None, :]
-                     & (h_base[:, None] >= -dh[None, :]) & (h_base[:, None] < (in_h - dh)[None, :])
-                     & (w_base[:, None] >= -dw[None, :]) & (w_base[:, None] < (in_w - dw)[None, :]))
+            valid = (mask_m[:, None] & mask_k[None, :]    # (unsigned: as valid_m above)
+                     & ((h_base[:, None] + dh[None, :]).to(tl.uint32) < in_h)
+                     & ((w_base[:, None] + dw[None, :]).to(tl.uint32) < in_w))
             if WIDE_OFFSETS:
                 col_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
                            + cin.to(tl.int64) * stride_xc)
