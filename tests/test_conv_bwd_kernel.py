@@ -850,6 +850,33 @@ def test_wgrad_pixel_walk(geom, dense, runtime_div, monkeypatch):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
 
 
+# (C_in, C_out, groups) -> the dgrad's (EVEN_K, EVEN_N) and the wgrad's (EVEN_O, EVEN_CI):
+# fp32 tiles are BLOCK_K <= 32 / BLOCK_N <= 64 (dgrad), BLOCK_O / BLOCK_CI the channel counts
+# rounded up to powers of two (wgrad)
+@pytest.mark.parametrize("c_in,c_out,groups,dgrad_even,wgrad_even", [
+    (32, 32, 1, (True, True), (True, True)),
+    (64, 64, 2, (True, True), (True, True)),    # an unmasked tile must stay in its group
+    (32, 48, 1, (False, True), (False, True)),  # 48 outputs: a 16-channel K tail / 64-row O tile
+    (48, 32, 1, (True, False), (True, False)),  # 48 inputs in a 64-wide tile
+    (40, 24, 1, (False, False), (True, False)),  # staged / padded to 48 and 32 (Hn's 32
+                                                  # columns fill the wgrad's 32-row O tile)
+], ids=["even", "even-g2", "out-tail", "in-tail", "both-tails"])
+def test_gemm_backward_channel_masks(c_in, c_out, groups, dgrad_even, wgrad_even, monkeypatch):
+    """The dgrad and wgrad drop their K loops' channel masks where the tiles divide the
+    channels (EVEN_K / EVEN_N, EVEN_O / EVEN_CI): the flags where expected, and dx and dw
+    against the float64 reference either way."""
+    launched, flags = record_launches(monkeypatch, conv_bwd, "_launch")
+    inp, c, r_x, dy = _case(torch.float32, operator="cosine", n=2, c_in=c_in, c_out=c_out,
+                            groups=groups, h=6, w=5, channels_last=True)
+    mask = (True, True, False, False)
+    out = _kernel(dy, inp, c, r_x, mask)
+    by_kernel = {k: f for (k, _, _), f in zip(launched, flags)}
+    dgrad, wgrad = by_kernel[conv_bwd._dgrad_kernel], by_kernel[conv_bwd._wgrad_kernel]
+    assert (dgrad["EVEN_K"], dgrad["EVEN_N"]) == dgrad_even
+    assert (wgrad["EVEN_O"], wgrad["EVEN_CI"]) == wgrad_even
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+
+
 def test_dense_pixel_rows():
     x = torch.empty(2, 8, 5, 7)
     assert not conv_bwd._dense_pixel_rows(x)                       # NCHW: images C planes apart
