@@ -95,6 +95,14 @@ def next_pow2(v: int) -> int:
     return 1 << (max(int(v), 1) - 1).bit_length()
 
 
+def pow2_factor(v: int, cap: int = 256) -> int:
+    """The largest power of two dividing ``v`` (``cap`` for 0 or past it): a kernel's
+    constexpr saying which power-of-two tiles divide a channel count, without making the
+    count itself a compile-time constant."""
+    v = int(v)
+    return cap if v == 0 else min(cap, v & -v)
+
+
 def _launch_cuda(kernel, grid, args, kwargs) -> None:
     if _wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)

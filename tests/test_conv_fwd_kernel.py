@@ -809,8 +809,13 @@ def test_aot_specs_are_well_formed():
     # every config on the default path (pre-pass norms), 3x3: fp16, bf16, fp32-tf32; 8-warp
     # tiles are 16-bit only (pruned for fp32 at launch)
     default = [s for s in specs if s["gemm"] and s["constexprs"].get("NORMS_FROM_Q")
-               and s["constexprs"]["CHANNEL_CHUNKS"] and not s["constexprs"]["OUT_PIXELS_FAST"]]
+               and s["constexprs"]["CHANNEL_CHUNKS"] and not s["constexprs"]["OUT_PIXELS_FAST"]
+               and s["constexprs"]["C_ALIGN"] == 256]
     assert len(default) == n_gemm * 3 - n_eight_warps
+    # the channel-masked loads (C_ALIGN / N_ALIGN below the tile) on the two 4-warp 3x3 tiles
+    masked = [s for s in specs if s["gemm"] and s["constexprs"]["C_ALIGN"] < 256]
+    assert len(masked) == 2 * 3 and all(s["constexprs"]["C_ALIGN"] % s["constexprs"]["BLOCK_K"]
+                                        for s in masked)
     # NCHW outputs (stores along the pixels) on the two 4-warp 3x3 tiles per dtype
     nchw = [s for s in specs if s["gemm"] and s["constexprs"]["OUT_PIXELS_FAST"]]
     assert len(nchw) == 2 * 3 and all(s["example_args"]["stride_yc"] != 1 for s in nchw)
@@ -932,6 +937,31 @@ def test_depthwise_row_tiles(max_row_w, geom, dtype, rtol, atol, monkeypatch):
     if max_row_w == 64 and geom == "3x3":
         ho, bm = out[0].shape[2], F._dw_interpreter_config().kwargs["BLOCK_M"]
         assert F.depthwise_tile_count(3, ho, wo, launched["ROW_W"], bm) == 15
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,aligns", [
+    (32, 32, 1, (32, 32)),
+    (64, 96, 2, (32, 16)),    # per group 32 -> 48
+    (48, 40, 1, (16, 8)),     # channel tails in K and N
+    (40, 24, 1, (16, 8)),     # C_in staged to 48 (its K loop sees 48 channels)
+], ids=["even", "groups", "tails", "staged"])
+def test_forward_channel_alignment(c_in, c_out, groups, aligns, monkeypatch):
+    """The GEMM forward learns which power-of-two tiles divide its channel counts (C_ALIGN,
+    N_ALIGN: the K loop drops its channel masks where they do): the values passed, and y
+    against the float64 reference whichever loads the tile took."""
+    launched, flags = record_launches(monkeypatch, F, "launch")
+    inp = make_conv_inputs(n=2, c_in=c_in, c_out=c_out, groups=groups, h=6, w=5,
+                           operator="cosine", dtype=torch.float32, device=DEVICE,
+                           channels_last=True)
+    out = _run_kernel(inp)
+    _check_against_reference(inp, out, torch.float32, *DTYPE_TOLS[0].values[1:])
+    gemm = [f for (k, _, _), f in zip(launched, flags) if "C_ALIGN" in f]
+    assert [(f["C_ALIGN"], f["N_ALIGN"]) for f in gemm] == [aligns]
+
+
+def test_pow2_factor():
+    from sphereops_kernels.launch import pow2_factor
+    assert [pow2_factor(v) for v in (1, 3, 48, 64, 96, 1024, 0)] == [1, 1, 16, 64, 32, 256, 256]
 
 
 def test_depthwise_row_width_rule():
