@@ -101,7 +101,7 @@ from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
 from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, dense_plane,
                        depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
-                       pixels_fast, stage_input_tile, staged_channels)
+                       in_bounds, pixels_fast, stage_input_tile, staged_channels)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import column_quarters, load_tile, store_tile, tile_ptrs, to_dtype_of
 from .launch import interpreting as _interpreting
@@ -777,11 +777,7 @@ def _dgrad_kernel(
         kw = kw_first + tap_w * STEP_W
         dho = (ph + PH - kh * DH) // SH    # ho = i + dho, wo = j + dwo (exact divisions)
         dwo = (pw + PW - kw * DW) // SW
-        # 0 <= i + dho < Ho as one unsigned comparison (a negative sum wraps past Ho): two
-        # compares and selects a row fewer
-        # (the comparison is unsigned: Triton promotes the int32 bound to the uint32 side's type,
-        # and Ho / Wo may arrive as constexpr 1, which has no .to)
-        valid = (m_mask & ((i + dho).to(tl.uint32) < Ho) & ((j + dwo).to(tl.uint32) < Wo))
+        valid = m_mask & in_bounds(i + dho, Ho) & in_bounds(j + dwo, Wo)
         if WIDE_OFFSETS:
             step_off = (dho.to(tl.int64) * Wo + dwo) * (G * CGO_P)
         else:
@@ -917,8 +913,7 @@ def _tap_input_rows(n, ho, wo, m_mask, kh, kw, H, W, stride_xn, stride_xh, strid
     rows of _wgrad_kernel."""
     hi = ho * SH - PH + kh * DH
     wi = wo * SW - PW + kw * DW
-    # 0 <= hi < H as one unsigned comparison (a negative hi wraps past H)
-    valid = m_mask & (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W)
+    valid = m_mask & in_bounds(hi, H) & in_bounds(wi, W)
     if WIDE:
         row = n.to(tl.int64) * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
     else:
@@ -938,8 +933,7 @@ def _flat_input_tile(n, ho, wo, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_
     left = wo * SW - PW
     hi = top[:, None] + (kh * DH)[None, :]
     wi = left[:, None] + (kw * DW)[None, :]
-    valid = (m_mask[:, None] & k_mask[None, :]
-             & (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W))   # (as _tap_input_rows)
+    valid = m_mask[:, None] & k_mask[None, :] & in_bounds(hi, H) & in_bounds(wi, W)
     # the offset as a row part plus a column part: one add per element
     if WIDE:
         row = n.to(tl.int64) * stride_xn + top.to(tl.int64) * stride_xh + left.to(tl.int64) * stride_xw
@@ -1078,9 +1072,7 @@ def _wgrad_kernel(
                 x_offs = (offs_m.to(tl.int64) * stride_xw)[:, None]
             else:
                 x_offs = (offs_m * stride_xw)[:, None]
-            x_mask = m_mask[:, None]
-            if not EVEN_CI:
-                x_mask = x_mask & (offs_ci < CGI_P)[None, :]
+            x_rows_ok = m_mask
         elif FLAT_K:
             x_offs, x_mask = _flat_input_tile(pix_n, pix_h, pix_w, m_mask, kh_k, kw_k, k_mask,
                                               H, W, stride_xn, stride_xh, stride_xw,
@@ -1090,7 +1082,9 @@ def _wgrad_kernel(
                                            stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
                                            WIDE_OFFSETS)
             x_offs = x_row[:, None]
-            x_mask = valid[:, None]
+            x_rows_ok = valid
+        if not FLAT_K:   # (the flat tile's mask covers its columns already)
+            x_mask = x_rows_ok[:, None]
             if not EVEN_CI:
                 x_mask = x_mask & (offs_ci < CGI_P)[None, :]
         hn_row = _hn_row(offs_m, howo_div, wo_div, HN_TOP, HN_LEFT, WIDE_OFFSETS) * (G * CGO_P)

@@ -121,6 +121,15 @@ def _output_pixels(offs_m, out_h, out_w, conv_stride_h, conv_stride_w, pad_h, pa
 
 
 @triton.jit
+def in_bounds(v, bound):
+    """0 <= v < bound as one unsigned comparison: a negative v wraps past any int32 bound.
+    Triton compares a uint32 tensor with an int32 bound as unsigned (ISETP.*.U32); the bound
+    may arrive as constexpr 1, which has no ``.to``. The K loops' padding checks (two compares
+    and selects a row fewer than v >= 0 and v < bound)."""
+    return v.to(tl.uint32) < bound
+
+
+@triton.jit
 def _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION: tl.constexpr,
                      UPCAST_DOT: tl.constexpr, NORMS_IN_LOOP: tl.constexpr):
     """One K step of the implicit GEMM: ``acc += x_tile @ w_tile`` and, with NORMS_IN_LOOP, the
@@ -282,10 +291,7 @@ def _sphere_conv_fwd_kernel(
             s = tap - r * KW
             dh = r * dil_h
             dw = s * dil_w
-            # 0 <= h_base + dh < in_h as one unsigned comparison (a negative sum wraps past
-            # in_h; Triton compares in the uint32 side's type)
-            valid_m = (mask_m & ((h_base + dh).to(tl.uint32) < in_h)
-                       & ((w_base + dw).to(tl.uint32) < in_w))
+            valid_m = mask_m & in_bounds(h_base + dh, in_h) & in_bounds(w_base + dw, in_w)
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mask_c = offs_c < c_in_per_group
             if WIDE_OFFSETS:
@@ -321,9 +327,9 @@ def _sphere_conv_fwd_kernel(
             s = tap - r * KW
             dh = r * dil_h
             dw = s * dil_w
-            valid = (mask_m[:, None] & mask_k[None, :]    # (unsigned: as valid_m above)
-                     & ((h_base[:, None] + dh[None, :]).to(tl.uint32) < in_h)
-                     & ((w_base[:, None] + dw[None, :]).to(tl.uint32) < in_w))
+            valid = (mask_m[:, None] & mask_k[None, :]
+                     & in_bounds(h_base[:, None] + dh[None, :], in_h)
+                     & in_bounds(w_base[:, None] + dw[None, :], in_w))
             if WIDE_OFFSETS:
                 col_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
                            + cin.to(tl.int64) * stride_xc)
