@@ -103,10 +103,11 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
                        in_bounds, pixels_fast, stage_input_tile, staged_channels)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
-from .epilogue import column_quarters, load_tile, store_tile, tile_ptrs, to_dtype_of
+from .epilogue import (column_quarters, load_tile, pixel_runs, store_tile, tile_ptrs,
+                       to_dtype_of)
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, launch, offsets_need_int64, plain_launch
+from .launch import MAX_PIXELS, launch, offsets_need_int64, pixel_run, plain_launch
 from .launch import next_pow2 as _next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -696,8 +697,9 @@ def _dgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr, STEP_W: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-    WIDE_OFFSETS: tl.constexpr, PIXELS_FAST: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr, PIXELS_FAST: tl.constexpr, PIX_RUN: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = sum_{taps, o} Hn[pixel(tap), o] * w_hat[tap, o, ci] - x * boxsum^T(A).
 
@@ -719,6 +721,9 @@ def _dgrad_kernel(
     EMULATE_RTNE: interpreter-only exact bf16 rounding (see epilogue.to_dtype_of).
     PIXELS_FAST: x and dx not channels_last (NCHW): their tiles are read and written with the
     lanes along the pixels (epilogue.load_tile / store_tile), not one channel plane a lane.
+    PIX_RUN: runs of this many pixels aligned and contiguous in x and dx (launch.pixel_run;
+    stride 1 only, where a tile's pixels are consecutive; 1 otherwise): with PIXELS_FAST the
+    epilogue reads x and writes dx in 16-byte vectors along the pixels (epilogue.pixel_runs).
     BLOCK_M: input pixels of one phase per program. BLOCK_N: input channels per program.
     BLOCK_K: output channels per reduction step.
     EVEN_K: BLOCK_K divides CG_OUT = CGO_P (every K step's Hn columns and w_hat rows exist);
@@ -833,7 +838,7 @@ def _dgrad_kernel(
     dx_rows = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
     store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, pid_n * BLOCK_N,
                      CG_IN, m_mask, stride_xc, stride_dxc, EMULATE_RTNE, PIXELS_FAST, BLOCK_M,
-                     BLOCK_N)
+                     BLOCK_N, PIX_RUN)
 
 
 @triton.jit
@@ -867,7 +872,8 @@ def next_phase_step(chunk, chunk_step, chunk_end, tap_w, taps_w, tap_h):
 @triton.jit
 def store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, col0, CG_IN, m_mask,
                      stride_xc, stride_dxc, EMULATE_RTNE: tl.constexpr,
-                     PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PIX_RUN: tl.constexpr = 1):
     """The dgrad epilogue dx = acc - x * box of a [BLOCK_M pixels, BLOCK_N channels] tile whose
     columns are the group's input channels col0 .. col0 + BLOCK_N (see _dgrad_store); shared
     with conv_bwd_grid's kernel."""
@@ -879,27 +885,32 @@ def store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, col0, CG
         for k in tl.static_range(4):
             _dgrad_store(quarters[k], box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,
                          col0 + k * QUARTER + tl.arange(0, QUARTER), CG_IN, m_mask,
-                         stride_xc, stride_dxc, EMULATE_RTNE, True)
+                         stride_xc, stride_dxc, EMULATE_RTNE, True, PIX_RUN)
     else:
         _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,
                      col0 + tl.arange(0, BLOCK_N), CG_IN, m_mask, stride_xc, stride_dxc,
-                     EMULATE_RTNE, False)
+                     EMULATE_RTNE, False, 1)
 
 
 @triton.jit
 def _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, offs_ci, CG_IN, m_mask,
-                 stride_xc, stride_dxc, EMULATE_RTNE: tl.constexpr, PIXELS_FAST: tl.constexpr):
+                 stride_xc, stride_dxc, EMULATE_RTNE: tl.constexpr, PIXELS_FAST: tl.constexpr,
+                 PIX_RUN: tl.constexpr):
     """dx = acc - x * box for the dgrad tile's columns offs_ci [BC] (input channels within the
     group, valid below CG_IN; c_first: the group's first channel) and its [BM] pixels: acc
-    [BM, BC] fp32, box [BM] fp32, x_rows / dx_rows [BM] int64 pixel offsets into x / dx."""
+    [BM, BC] fp32, box [BM] fp32, x_rows / dx_rows [BM] int64 pixel offsets into x / dx;
+    PIX_RUN: epilogue.pixel_runs' RUN for x and dx (1: none)."""
     ci_mask = offs_ci < CG_IN
     c64 = (c_first + offs_ci).to(tl.int64)
-    xv = load_tile(tile_ptrs(x_ptr, x_rows, c64 * stride_xc, PIXELS_FAST), m_mask, ci_mask,
-                   PIXELS_FAST).to(tl.float32)
+    if PIX_RUN > 1:   # provably contiguous along the pixels: Triton lays the lanes there
+        x_offs, tile_mask = pixel_runs(x_rows, c64 * stride_xc, m_mask, ci_mask, PIX_RUN)
+        xv = tl.load(x_ptr + x_offs, mask=tile_mask, other=0.0).to(tl.float32)
+    else:
+        xv = load_tile(tile_ptrs(x_ptr, x_rows, c64 * stride_xc, PIXELS_FAST), m_mask, ci_mask,
+                       PIXELS_FAST).to(tl.float32)
     dx = acc - xv * box[:, None]
-    store_tile(dx_ptr + dx_rows[:, None] + (c64 * stride_dxc)[None, :],
-               to_dtype_of(dx, dx_ptr, EMULATE_RTNE), m_mask[:, None] & ci_mask[None, :],
-               PIXELS_FAST)
+    dx_offs, tile_mask = pixel_runs(dx_rows, c64 * stride_dxc, m_mask, ci_mask, PIX_RUN)
+    store_tile(dx_ptr + dx_offs, to_dtype_of(dx, dx_ptr, EMULATE_RTNE), tile_mask, PIXELS_FAST)
 
 
 @triton.jit
@@ -1946,6 +1957,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
                 PIXELS_FAST=pixels_fast(dx),
+                # stride 1: a tile's pixels are consecutive input pixels (at stride 2 one phase's)
+                PIX_RUN=pixel_run(x, dx) if pixels_fast(dx) and sh == sw == 1 else 1,
                 EVEN_K=cg_out % cfg["BLOCK_K"] == 0 and cgo_p == cg_out,
                 EVEN_N=cgi_p % cfg["BLOCK_N"] == 0,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -2265,7 +2278,7 @@ def aot_specs() -> list:
                                                          "x_ptr": t, "dx_ptr": t}),
                     constexprs=dict(**geo, STEP_H=st, STEP_W=st, HP=_cdiv(h, st), WP=_cdiv(w, st), UPCAST_DOT=False,
                                     DOT_PRECISION=precision, EMULATE_RTNE=False, WIDE_OFFSETS=False,
-                                    PIXELS_FAST=False, EVEN_K=True, EVEN_N=True,
+                                    PIXELS_FAST=False, PIX_RUN=1, EVEN_K=True, EVEN_N=True,
                                     BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
@@ -2306,8 +2319,11 @@ def aot_specs() -> list:
                 if label in ("3x3_c128", "3x3_s2_c128"):   # NCHW x and dx: lanes along pixels
                     spec = next(sp for sp in specs
                                 if sp["name"] == f"conv_bwd_dgrad_{label}_{ptag}")
+                    # in 16-byte runs of pixels at stride 1 (launch.pixel_run), one by one at 2
+                    run = 1 if st > 1 else 16 // dtype.itemsize
                     specs.append(dict(spec, name=spec["name"].replace(f"_{label}_", f"_{label}_nchw_"),
-                                      constexprs=dict(spec["constexprs"], PIXELS_FAST=True),
+                                      constexprs=dict(spec["constexprs"], PIXELS_FAST=True,
+                                                      PIX_RUN=run),
                                       example_args=dict(
                                           spec["example_args"], stride_xn=c * h * w, stride_xc=h * w,
                                           stride_xh=w, stride_xw=1, stride_dxn=c * h * w,

@@ -55,9 +55,9 @@ from .configs import (
     fits_fma_dot,
     prune_conv_fwd_configs,
 )
-from .epilogue import column_quarters, load_tile, store_sphere_tile, tile_ptrs
+from .epilogue import column_quarters, load_tile, pixel_runs, store_sphere_tile, tile_ptrs
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64, plain_launch
+from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64, pixel_run, plain_launch
 from .launch import next_pow2 as _next_pow2
 from .launch import pow2_factor
 
@@ -73,17 +73,19 @@ _CHANNEL_CHUNK_MIN = 16
 def _store_column_slice(acc, o_glob, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                         bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
                         HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
-                        PIXELS_FAST: tl.constexpr):
+                        PIXELS_FAST: tl.constexpr, OUT_RUN: tl.constexpr):
     """The epilogue of one column slice of the GEMM tile (see _store_gemm_tile).
 
     acc: [BM, BS] fp32 dot products; o_glob: [BS] global output channels, valid below o_end;
     inv_rx: [BM] fp32 1 / patch norm; out_row: [BM] int64 offsets of the tile's pixels in y and c;
-    mask_m: [BM]; the other arguments as epilogue.store_sphere_tile."""
+    mask_m: [BM]; OUT_RUN: epilogue.pixel_runs' RUN for y and c (1: none);
+    the other arguments as epilogue.store_sphere_tile."""
     mask_n = o_glob < o_end
     inv_rw = 1.0 / tl.sqrt(tl.load(w_sqnorm_ptr + o_glob, mask=mask_n, other=1.0) + eps)
-    out_offs = out_row[:, None] + o_glob.to(tl.int64)[None, :] * stride_yc
+    out_offs, out_mask = pixel_runs(out_row, o_glob.to(tl.int64) * stride_yc, mask_m, mask_n,
+                                    OUT_RUN)
     store_sphere_tile(acc, inv_rx[:, None] * inv_rw[None, :], o_glob, mask_n, out_offs,
-                       mask_m[:, None] & mask_n[None, :], bias_ptr, k_ptr, y_ptr, c_ptr,
+                       out_mask, bias_ptr, k_ptr, y_ptr, c_ptr,
                        OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, PIXELS_FAST)
 
 
@@ -91,7 +93,8 @@ def _store_column_slice(acc, o_glob, o_end, inv_rx, out_row, mask_m, w_sqnorm_pt
 def _store_gemm_tile(acc, o_first, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc,
                      bias_ptr, k_ptr, y_ptr, c_ptr, OPERATOR: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
-                     PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     OUT_RUN: tl.constexpr = 1):
     """The GEMM kernel's epilogue, run on four column quarters of the tile in turn
     (epilogue.column_quarters).
 
@@ -105,7 +108,7 @@ def _store_gemm_tile(acc, o_first, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr,
     for k in tl.static_range(4):
         _store_column_slice(quarters[k], o_q + k * q, o_end, inv_rx, out_row, mask_m,
                             w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr,
-                            OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, PIXELS_FAST)
+                            OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, PIXELS_FAST, OUT_RUN)
 
 
 @triton.jit
@@ -199,7 +202,8 @@ def _sphere_conv_fwd_kernel(
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNEL_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     STORE_C: tl.constexpr, NORMS_FROM_Q: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    OUT_PIXELS_FAST: tl.constexpr, C_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr,
+    OUT_PIXELS_FAST: tl.constexpr, OUT_RUN: tl.constexpr, C_ALIGN: tl.constexpr,
+    N_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Implicit-GEMM SphereConv2d forward; program = (group, M tile, N tile).
@@ -247,6 +251,9 @@ def _sphere_conv_fwd_kernel(
       OUT_PIXELS_FAST y and c not channels_last (NCHW): stored with the lanes along the
                       pixels (epilogue.store_tile) -- across the channels, as Triton lays them
                       out for a flat pixel index, each lane wrote its own 32-byte sector.
+      OUT_RUN         runs of this many pixels aligned and contiguous in y and c
+                      (launch.pixel_run; 1 for channels_last): with OUT_PIXELS_FAST the
+                      epilogue stores 16-byte vectors along the pixels (epilogue.pixel_runs).
       BLOCK_M/N/K     tile sizes (powers of two >= 16); GROUP_M: M tiles per L2 swizzle group.
     """
     g, pid_m, pid_n = gemm_tile_of_program(tl.program_id(0), groups, n_pixels, c_out_per_group,
@@ -351,7 +358,7 @@ def _sphere_conv_fwd_kernel(
     _store_gemm_tile(acc, g * c_out_per_group + pid_n * BLOCK_N, c_out_per_group * (g + 1),
                      1.0 / r_x, out_row, mask_m, w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr,
                      y_ptr, c_ptr, OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, OUT_PIXELS_FAST,
-                     BLOCK_M, BLOCK_N)
+                     BLOCK_M, BLOCK_N, OUT_RUN)
 
     if pid_n == 0:
         # r_x is the same for every N tile of this M tile: one writer
@@ -1109,7 +1116,9 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     else:
         precision = "ieee"
-    flags.update(STORE_C=store_c, DOT_PRECISION=precision, OUT_PIXELS_FAST=pixels_fast(y),
+    out_pixels_fast = pixels_fast(y)
+    flags.update(STORE_C=store_c, DOT_PRECISION=precision, OUT_PIXELS_FAST=out_pixels_fast,
+                 OUT_RUN=pixel_run(y, *([c] if store_c else [])) if out_pixels_fast else 1,
                  UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16)
     if grid_path is None:
         grid_path = conv_fwd_grid().ENABLED and plain_launch(x)
@@ -1244,7 +1253,7 @@ def _gemm_constexprs(taps, precision, cfg, **overrides):
     constexprs = dict(KH=taps, KW=taps, OPERATOR=OPERATOR_CODES["sigmoid"], HAS_BIAS=True,
                       CHANNEL_CHUNKS=True, DOT_PRECISION=precision, UPCAST_DOT=False,
                       EMULATE_RTNE=False, STORE_C=True, NORMS_FROM_Q=True, WIDE_OFFSETS=False,
-                      OUT_PIXELS_FAST=False, C_ALIGN=256, N_ALIGN=256)
+                      OUT_PIXELS_FAST=False, OUT_RUN=1, C_ALIGN=256, N_ALIGN=256)
     constexprs.update(overrides)
     return dict(constexprs, **cfg.kwargs)
 
@@ -1319,14 +1328,17 @@ def aot_specs():
         for cfg in [c for c in conv_fwd_configs() if c.num_warps == 4][:2]:
             bm, bn, bk = (cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             precision = "tf32" if dtype_name == "fp32" else "ieee"
-            # NCHW y and c (the input staged): stored with the lanes along the pixels
-            constexprs = _gemm_constexprs(3, precision, cfg, OUT_PIXELS_FAST=True)
-            specs.append(_spec(f"conv_fwd_gemm_nchw_out_3x3_{bm}x{bn}x{bk}_w{cfg.num_warps}"
-                               f"_s{cfg.num_stages}_{dtype_name}", _sphere_conv_fwd_kernel,
-                               dtype_name, constexprs,
-                               dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1, stride_yn=64 * 56 * 56,
-                                    stride_yc=56 * 56, stride_yh=56, stride_yw=1),
-                               cfg.num_warps, cfg.num_stages, gemm=True))
+            # NCHW y and c (the input staged): stored with the lanes along the pixels, in
+            # 16-byte runs of pixels (56x56 planes) or, for planes such as 7x7, one by one
+            for label, run in (("", 4 if dtype_name == "fp32" else 8), ("_run1", 1)):
+                constexprs = _gemm_constexprs(3, precision, cfg, OUT_PIXELS_FAST=True,
+                                              OUT_RUN=run)
+                specs.append(_spec(f"conv_fwd_gemm_nchw_out{label}_3x3_{bm}x{bn}x{bk}"
+                                   f"_w{cfg.num_warps}_s{cfg.num_stages}_{dtype_name}",
+                                   _sphere_conv_fwd_kernel, dtype_name, constexprs,
+                                   dict(_GEMM_EXAMPLE, pad_h=1, pad_w=1, stride_yn=64 * 56 * 56,
+                                        stride_yc=56 * 56, stride_yh=56, stride_yw=1),
+                                   cfg.num_warps, cfg.num_stages, gemm=True))
             # (masked: channel counts off the tile, e.g. 61 -> 48, the channel-masked loads)
             for variant, prepass, wide, align in (("fused", False, False, 256),
                                                   ("wide", False, True, 256),

@@ -103,6 +103,26 @@ def pow2_factor(v: int, cap: int = 256) -> int:
     return cap if v == 0 else min(cap, v & -v)
 
 
+def pixel_run(*tensors) -> int:
+    """The pixel-run constexpr (OUT_RUN / PIX_RUN) of a kernel that reads or writes NCHW tensors
+    [N, C, H, W] through a flat pixel index m = (n, h, w): the most pixels R, a power of two up
+    to 16 bytes' worth, such that in every tensor each run of R pixels starting at an m that is
+    a multiple of R lies in one (h, w) plane, is contiguous there and starts at an element
+    offset that is a multiple of R. Then the kernel may tell Triton so (epilogue.pixel_runs)
+    and move R pixels per vector access instead of one element per instruction. It holds when
+    each plane is dense (stride_w 1, stride_h W) and H*W and the channel and batch strides are
+    multiples of R (a run cannot cross a plane boundary, which lies at a multiple of H*W).
+    1: no such run (a plane not dense, an odd H*W such as 7x7). The tensors' base pointers are
+    Triton's own business: it vectorises only what it has proven 16-byte aligned."""
+    run = 16 // tensors[0].element_size()
+    for t in tensors:
+        _, _, h, w = t.shape
+        if t.stride(3) != 1 or (h > 1 and t.stride(2) != w):
+            return 1
+        run = min(run, pow2_factor(h * w), pow2_factor(t.stride(1)), pow2_factor(t.stride(0)))
+    return max(run, 1)
+
+
 def _launch_cuda(kernel, grid, args, kwargs) -> None:
     if _wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)

@@ -1103,17 +1103,26 @@ def test_depthwise_mixed_layouts(x_layout, dy_layout, monkeypatch):
     assert out[0].is_contiguous(memory_format=fmt[x_layout])
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_dgrad_reads_and_writes_along_the_pixels_for_nchw(layout, monkeypatch):
-    """NCHW x and dx: the dgrad kernel's x tile and dx store go through the transposed tile
-    (PIXELS_FAST); channels_last directly -- both against the float64 reference."""
+@pytest.mark.parametrize("layout, geometry, run", [
+    ("nchw", dict(stride=2), 1),        # one phase's pixels: every other input pixel
+    # stride 1, 4x4 planes of three images: runs of 4 pixels (16 bytes of fp32) meeting plane
+    # boundaries inside a tile, a partial last tile
+    ("nchw", dict(n=3, h=4, w=4), 4),
+    ("nchw", dict(h=6, w=5), 2),
+    ("channels_last", dict(stride=2), 1),
+], ids=["nchw-s2", "nchw-run4", "nchw-run2", "channels_last"])
+def test_dgrad_reads_and_writes_along_the_pixels_for_nchw(layout, geometry, run, monkeypatch):
+    """NCHW x and dx: the dgrad kernel's x tile and dx store go along the pixels (PIXELS_FAST),
+    in runs of PIX_RUN pixels at stride 1 (launch.pixel_run); channels_last directly -- all
+    against the float64 reference."""
     launches, flags = record_launches(monkeypatch, conv_bwd, "_launch")
-    inp, c, r_x, dy = _case(torch.float32, operator="cosine", stride=2,
-                            channels_last=layout == "channels_last")
+    inp, c, r_x, dy = _case(torch.float32, operator="cosine",
+                            channels_last=layout == "channels_last", **geometry)
     out = _kernel(dy, inp, c, r_x)
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
     (dgrad,) = [kw for (k, _, _), kw in zip(launches, flags) if k is conv_bwd._dgrad_kernel]
     assert dgrad["PIXELS_FAST"] is (layout == "nchw")
+    assert dgrad["PIX_RUN"] == run
 
 
 def test_depthwise_rows_wider_than_the_tile():

@@ -816,9 +816,15 @@ def test_aot_specs_are_well_formed():
     masked = [s for s in specs if s["gemm"] and s["constexprs"]["C_ALIGN"] < 256]
     assert len(masked) == 2 * 3 and all(s["constexprs"]["C_ALIGN"] % s["constexprs"]["BLOCK_K"]
                                         for s in masked)
-    # NCHW outputs (stores along the pixels) on the two 4-warp 3x3 tiles per dtype
+    # NCHW outputs (stores along the pixels) on the two 4-warp 3x3 tiles per dtype, in 16-byte
+    # runs of pixels (OUT_RUN, 56x56 planes) and one pixel at a time (planes such as 7x7)
     nchw = [s for s in specs if s["gemm"] and s["constexprs"]["OUT_PIXELS_FAST"]]
-    assert len(nchw) == 2 * 3 and all(s["example_args"]["stride_yc"] != 1 for s in nchw)
+    assert len(nchw) == 2 * 3 * 2 and all(s["example_args"]["stride_yc"] != 1 for s in nchw)
+    for s in nchw:
+        itemsize = 4 if s["dtype"] == "fp32" else 2
+        assert s["constexprs"]["OUT_RUN"] == (1 if "_run1_" in s["name"] else 16 // itemsize)
+    assert all(s["constexprs"]["OUT_RUN"] == 1 for s in specs
+               if s["gemm"] and not s["constexprs"]["OUT_PIXELS_FAST"])
     # the flat K loop (a 3-channel 5x5 first layer) on its 64-wide tiles, every dtype
     flat = [s for s in specs if s["gemm"] and not s["constexprs"]["CHANNEL_CHUNKS"]]
     assert len(flat) == 2 * 3 and all(configs.fits_flat_k_loop(triton.Config(
@@ -990,16 +996,25 @@ def test_forward_every_depthwise_row_config(cfg):
     _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_gemm_stores_along_the_pixels_for_nchw(channels_last, monkeypatch):
+@pytest.mark.parametrize("channels_last, case, run", [
+    (False, CONV_CASES["3x3_chunks"], 2),          # 6x5 planes: runs of 2 pixels
+    # 4x4 planes, three images in 48 pixels: runs of 4 (16 bytes of fp32) meeting plane
+    # boundaries inside a tile and a partial last tile
+    (False, dict(n=3, c_in=20, h=4, w=4, c_out=20, kernel=3, padding=1), 4),
+    (False, dict(n=2, c_in=16, h=5, w=5, c_out=16, kernel=3, padding=1), 1),   # 25: no run
+    (True, CONV_CASES["3x3_chunks"], 1),
+], ids=["nchw-run2", "nchw-run4", "nchw-run1", "nhwc"])
+def test_gemm_stores_along_the_pixels_for_nchw(channels_last, case, run, monkeypatch):
     """NCHW outputs of the GEMM forward are stored through the transposed tile (lanes along
-    the pixels: OUT_PIXELS_FAST), channels_last ones directly -- both against float64."""
+    the pixels: OUT_PIXELS_FAST) in runs of OUT_RUN pixels (launch.pixel_run), channels_last
+    ones directly -- all against float64."""
     _, flags = record_launches(monkeypatch, F, "launch")
-    inp = make_conv_inputs(**CONV_CASES["3x3_chunks"], operator="sigmoid", device=DEVICE,
+    inp = make_conv_inputs(**case, operator="sigmoid", device=DEVICE,
                            channels_last=channels_last)
     _check_against_reference(inp, _run_kernel(inp), torch.float32, 1e-5, 1e-5)
     (gemm,) = [f for f in flags if "OUT_PIXELS_FAST" in f]
     assert gemm["OUT_PIXELS_FAST"] is (not channels_last)
+    assert gemm["OUT_RUN"] == run
     assert F.pixels_fast(torch.empty(2, 1, 3, 3).contiguous(memory_format=torch.channels_last))
 
 
