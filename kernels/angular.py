@@ -83,9 +83,23 @@ def _sqrt_refined(z):
 
 
 @triton.jit
-def acos_f32(c):
+def _sqrt_for(z, APPROX_SQRT: tl.constexpr):
+    """sqrt(z), z >= 0: :func:`_sqrt_refined` (~0.5 ulp, ~7 SASS instructions), or with
+    APPROX_SQRT the hardware's approximate square root (one MUFU.SQRT, within 3 ulp by the
+    bound NVIDIA gives for sqrt.approx.f32) -- for results that are rounded to 16 bits next
+    (bf16 / fp16 outputs: 2^-9 / 2^-12 relative, a thousand times coarser)."""
+    if APPROX_SQRT:
+        r = tl.sqrt(z)
+    else:
+        r = _sqrt_refined(z)
+    return r
+
+
+@triton.jit
+def acos_f32(c, APPROX_SQRT: tl.constexpr = False):
     """arccos of an fp32 block with core tl ops only; max error 2.5e-7 rad over [-1, 1] (about
-    one ulp of the result in [2, pi], two in [pi/2, 2]; 1.1e-7 for c >= 0).
+    one ulp of the result in [2, pi], two in [pi/2, 2]; 1.1e-7 for c >= 0). APPROX_SQRT: see
+    :func:`_sqrt_for`.
 
     With a = |c|: for a <= 1/2, acos(c) = pi/2 -+ asin(a) (no cancellation: asin(a) <= pi/6);
     for a > 1/2 the half-angle identity acos(a) = 2 asin(sqrt((1 - a)/2)), where 1 - a is exact
@@ -96,13 +110,41 @@ def acos_f32(c):
     a = tl.abs(c)
     small = a <= 0.5
     z = tl.where(small, a * a, (1.0 - a) * 0.5)
-    t = tl.where(small, a, _sqrt_refined(z))  # ~0.5 ulp: feeds the small angles
+    t = tl.where(small, a, _sqrt_for(z, APPROX_SQRT))  # feeds the small angles
     p = _asin_small(t, z)
     neg = c < 0.0
     # acos(|c|) first (|c| <= 1/2: pi/2 - p; else 2p), then acos(c) = pi - acos(|c|) for c < 0;
     # each constant's fp32 remainder is added before its leading part, as in a two-term sum
     r_abs = tl.where(small, _HALF_PI_HI - (p - _HALF_PI_LO), 2.0 * p)
     return tl.where(neg, (_PI_LO - r_abs) + _PI_HI, r_abs)
+
+
+@triton.jit
+def linear_g(c, APPROX_SQRT: tl.constexpr = False):
+    """g = 1 - 2 arccos(c) / pi, the linear operator, for an fp32 block c in [-1, 1] (every
+    caller clamps first); max error 9e-8 in float32 arithmetic (under one ulp of 1; sampled
+    against float64, tests/test_conv_fwd_kernel.py::test_linear_g_max_error); with
+    APPROX_SQRT (:func:`_sqrt_for`, for 16-bit outputs) up to ~5e-7. NaN gives NaN.
+
+    With a = |c|: 1 - (2/pi) arccos(a) = 1 - sqrt(1 - a) Q(a), where Q = (2/pi) arccos(a) /
+    sqrt(1 - a) is analytic on [0, 1] (the square root carries arccos' singularity at a = 1,
+    and 1 - a is exact in fp32), and arccos(-a) = pi - arccos(a) makes g odd: g(c) = sign(c)
+    g(|c|). Q is our degree-7 minimax fit (Lawson's reweighted least squares on 8000 Chebyshev
+    nodes, weighted by sqrt(1 - a): the error of g). The forward epilogue evaluates this once
+    per output element, where acos_f32 and the scaling by 2/pi took ~28 SASS instructions and
+    this takes ~17 (no branch-free select between two argument reductions, no reflection
+    about pi in two parts)."""
+    a = tl.abs(c)
+    q = -0.0009176749894045861
+    q = q * a + 0.004612596720943963
+    q = q * a - 0.011337552959180925
+    q = q * a + 0.019948780833096924
+    q = q * a - 0.03203011360873676
+    q = q * a + 0.05665869176080348
+    q = q * a - 0.13661853467622462
+    q = q * a + 0.9999999920574553
+    g_abs = 1.0 - _sqrt_for(1.0 - a, APPROX_SQRT) * q
+    return tl.where(c < 0.0, -g_abs, g_abs)
 
 
 @triton.jit
@@ -146,21 +188,22 @@ def csch2_f32(x):
 
 
 @triton.jit
-def g_of_c(c, k, OPERATOR: tl.constexpr):
+def g_of_c(c, k, OPERATOR: tl.constexpr, APPROX_SQRT: tl.constexpr = False):
     """g(theta) for theta = arccos(clamp(c, -1, 1)).
 
     c: fp32 block of cosines (clamped here, NaN kept).
     k: fp32 sigmoid steepness, a scalar or a block broadcastable against c; ignored unless
        OPERATOR == 2 (callers may pass any dummy value then).
     OPERATOR: constexpr int, 0 linear, 1 cosine, 2 sigmoid (see OPERATOR_CODES).
+    APPROX_SQRT: the result is rounded to 16 bits next (:func:`_sqrt_for`).
     """
     c = clamp_cos(c)   # free after store_sphere_tile's clamp: the compiler folds the repeat
     if OPERATOR == 0:
-        g = 1.0 - _TWO_OVER_PI * acos_f32(c)
+        g = linear_g(c, APPROX_SQRT)
     elif OPERATOR == 1:
         g = c
     else:
-        theta = acos_f32(c)
+        theta = acos_f32(c, APPROX_SQRT)
         a = _QUARTER_PI / k
         # 0.5 / k has k's shape (a [1, BN] column block in the epilogue): one reciprocal per
         # column, not a division per element

@@ -131,11 +131,13 @@ def store_sphere_tile(acc, inv_norms, o_glob, mask_n, out_offs, out_mask,
     # both full tiles live at once costs registers a large tile does not have
     if STORE_C:
         store_tile(c_ptr + out_offs, to_dtype_of(c, c_ptr, EMULATE_RTNE), out_mask, PIXELS_FAST)
+    # y in 16 bits: g's square root may be the hardware's approximate one (angular._sqrt_for)
+    approx: tl.constexpr = y_ptr.dtype.element_ty != tl.float32
     if OPERATOR == 2:
         k = tl.load(k_ptr + o_glob, mask=mask_n, other=1.0).to(tl.float32)
-        g = g_of_c(c, k[None, :], OPERATOR)
+        g = g_of_c(c, k[None, :], OPERATOR, approx)
     else:
-        g = g_of_c(c, 1.0, OPERATOR)
+        g = g_of_c(c, 1.0, OPERATOR, approx)
     if HAS_BIAS:
         b = tl.load(bias_ptr + o_glob, mask=mask_n, other=0.0).to(tl.float32)
         g = g + b[None, :]

@@ -103,7 +103,8 @@ def _check_rx(r_x, rx64):
 def _angular_probe_kernel(c_ptr, k_ptr, out_ptr, n, OPERATOR: tl.constexpr, WHAT: tl.constexpr,
                           DELTA: tl.constexpr, BLOCK: tl.constexpr):
     """Evaluates one angular function elementwise.  c_ptr, k_ptr, out_ptr: [n] fp32 contiguous.
-    WHAT: 0 acos_f32, 1 g_of_c, 2 dg_dc, 3 dg_dk.  OPERATOR: angular.OPERATOR_CODES value.
+    WHAT: 0 acos_f32, 1 g_of_c, 2 dg_dc, 3 dg_dk, 4 g_of_c with the approximate square root
+    of 16-bit outputs.  OPERATOR: angular.OPERATOR_CODES value.
     DELTA: the arccos-derivative bound.  BLOCK: elements per program."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -115,12 +116,14 @@ def _angular_probe_kernel(c_ptr, k_ptr, out_ptr, n, OPERATOR: tl.constexpr, WHAT
         r = angular.g_of_c(c, k, OPERATOR)
     elif WHAT == 2:
         r = angular.dg_dc(c, k, OPERATOR, DELTA)
+    elif WHAT == 4:
+        r = angular.g_of_c(c, k, OPERATOR, True)
     else:
         r = angular.dg_dk(c, k)
     tl.store(out_ptr + offs, r, mask=mask)
 
 
-_WHAT = {"acos": 0, "g": 1, "dg_dc": 2, "dg_dk": 3}
+_WHAT = {"acos": 0, "g": 1, "dg_dc": 2, "dg_dk": 3, "g_approx_sqrt": 4}
 
 
 def _probe(what, c, k, operator="linear"):
@@ -160,6 +163,25 @@ def test_acos_f32_max_error():
         f"max |acos_f32 - acos| = {err[worst].item():.3g} at c = {c[worst].item()!r}"
     nan = _probe("acos", torch.tensor([float("nan")]), torch.ones(1))
     assert torch.isnan(nan).all()
+
+
+def test_linear_g_max_error():
+    """The linear operator's g = 1 - 2 arccos(c) / pi (angular.linear_g: its own polynomial,
+    not acos_f32) within 1.5e-7 of float64 -- about one ulp of 1 -- on fresh cosines dense
+    near +-1 and 0; odd in c; NaN stays NaN. (The interpreter's square roots are exact, so the
+    approximate-sqrt build is held to the same bound here; test_gpu checks its own.)"""
+    c = _cosine_samples()
+    ref = R.g_of_c(c.double(), "linear")
+    for what in ("g", "g_approx_sqrt"):
+        out = _probe(what, c, torch.ones_like(c)).double()
+        err = (out - ref).abs()
+        worst = int(err.argmax())
+        assert err[worst].item() <= 1.5e-7, \
+            f"{what}: max |g - ref| = {err[worst].item():.3g} at c = {c[worst].item()!r}"
+        assert torch.equal(_probe(what, -c, torch.ones_like(c)).double(), -out)
+        special = _probe(what, torch.tensor([float("nan"), 1.0, -1.0, 0.0]), torch.ones(4))
+        assert torch.isnan(special[0]) and special[1:].tolist() == pytest.approx(
+            [1.0, -1.0, 0.0], abs=1.5e-7)
 
 
 @pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid"])

@@ -667,3 +667,20 @@ def test_acos_on_the_gpu():
     special = probe(torch.tensor([float("nan"), 1.0, -1.0, 0.0]))
     assert torch.isnan(special[0])
     assert special[1:].tolist() == pytest.approx([0.0, math.pi, math.pi / 2], abs=3e-7)
+
+
+@pytest.mark.parametrize("what, bound", [("g", 2e-7), ("g_approx_sqrt", 6e-7)])
+def test_linear_g_on_the_gpu(what, bound):
+    """The linear operator's g (angular.linear_g) against float64 on the GPU: with the refined
+    square root (fp32 outputs) within 2e-7, with the hardware's approximate one (16-bit
+    outputs: sqrt.approx.f32, 3 ulp) within 6e-7 -- the interpreter cannot tell them apart."""
+    import test_conv_fwd_kernel as F
+
+    c = F._cosine_samples(200000).to(DEVICE).contiguous()
+    out = torch.empty_like(c)
+    F._angular_probe_kernel[(-(-c.numel() // 4096),)](
+        c, torch.ones_like(c), out, c.numel(), 0, F._WHAT[what], reference.ARCCOS_DELTA,
+        BLOCK=4096)
+    err = (out.double() - reference.g_of_c(c.double(), "linear")).abs()
+    worst = int(err.argmax())
+    assert err[worst].item() <= bound, f"{what} off by {err[worst].item():.3g} at c={c[worst].item()!r}"
