@@ -14,6 +14,9 @@ Operators are selected by a ``tl.constexpr`` int so that the unused branches com
     cosine   g = cos(theta) = c            (no arccos at all)
     sigmoid  g = coth(A) * tanh(B),  A = pi / (4k),  B = (pi/2 - theta) / (2k)
 
+theta itself is never formed: :func:`linear_g` computes 1 - 2 theta / pi from c directly, and
+the sigmoid's B is A times that.
+
 All functions take and return fp32 blocks (callers upcast before calling).  Only core ``tl``
 operations are used (no libdevice): the Triton CPU interpreter cannot run libdevice, and the
 same code must compile unchanged for the GPU.
@@ -29,16 +32,9 @@ import triton.language as tl
 OPERATOR_CODES = {"linear": 0, "cosine": 1, "sigmoid": 2}
 """Operator name -> value of the ``OPERATOR`` constexpr taken by the device functions."""
 
-_PI = tl.constexpr(3.141592653589793)
 _HALF_PI = tl.constexpr(1.5707963267948966)
 _TWO_OVER_PI = tl.constexpr(0.6366197723675814)
 _QUARTER_PI = tl.constexpr(0.7853981633974483)
-# pi and pi/2 as an fp32 value plus the remainder, for results near them: adding the remainder
-# to the small term first undoes most of the constant's 4e-8 / 9e-8 representation error
-_PI_HI = tl.constexpr(3.1415927410125732)
-_PI_LO = tl.constexpr(-8.742278012618954e-08)
-_HALF_PI_HI = tl.constexpr(1.5707963705062866)
-_HALF_PI_LO = tl.constexpr(-4.371139006309477e-08)
 
 # Below this |x| tanh is evaluated by its Taylor series: the exp form 1 - e^{-2|x|} loses
 # relative precision by cancellation for small |x|; the 7th-order series has a relative
@@ -55,26 +51,13 @@ def clamp_cos(c):
 
 
 @triton.jit
-def _asin_small(t, z):
-    """asin(t) for t in [0, 0.5], given z = t*t: t + t*z*P(z).  P is our degree-4 weighted
-    least-squares fit of (asin(t) - t) / t^3 on Chebyshev nodes of z in [0, 0.25]; its absolute
-    error on asin is 1.8e-9, far below fp32 rounding."""
-    p = 0.04314234376144639
-    p = p * z + 0.023560711911326283
-    p = p * z + 0.04560723404730619
-    p = p * z + 0.07494082742540477
-    p = p * z + 0.1666678703830789
-    return t + t * z * p
-
-
-@triton.jit
 def _sqrt_refined(z):
     """sqrt(z) for fp32 z >= 0 (or NaN, kept) within ~0.5 ulp; z < 0 is outside its domain.
 
     t = z * rsqrt(z) from the hardware's approximate reciprocal square root (one MUFU), then
     one Newton step on the exact residual z - t^2 (a fused multiply-add). ``sqrt_rn`` gives the
     correctly rounded value but compiles to ~24 SASS instructions with a slow-path branch on
-    sm_90, this to ~6: the forward epilogue takes one per output element (acos_f32), and there
+    sm_90, this to ~6: the forward epilogue takes one per output element (linear_g), and there
     sqrt_rn was a quarter of the 128x128x64 conv kernel's instructions (SASS 9264 -> 7136)."""
     y = tl.rsqrt(tl.where(z > 0.0, z, 1.0))   # no inf at z = 0: t, r and the result are 0
     t = z * y
@@ -96,30 +79,6 @@ def _sqrt_for(z, APPROX_SQRT: tl.constexpr):
 
 
 @triton.jit
-def acos_f32(c, APPROX_SQRT: tl.constexpr = False):
-    """arccos of an fp32 block with core tl ops only; max error 2.5e-7 rad over [-1, 1] (about
-    one ulp of the result in [2, pi], two in [pi/2, 2]; 1.1e-7 for c >= 0). APPROX_SQRT: see
-    :func:`_sqrt_for`.
-
-    With a = |c|: for a <= 1/2, acos(c) = pi/2 -+ asin(a) (no cancellation: asin(a) <= pi/6);
-    for a > 1/2 the half-angle identity acos(a) = 2 asin(sqrt((1 - a)/2)), where 1 - a is exact
-    in fp32 and the sqrt carries the singularity at a = 1, so small angles keep their relative
-    precision; acos(-a) = pi - acos(a).  Domain [-1, 1] (every caller clamps first); NaN gives
-    NaN.
-    """
-    a = tl.abs(c)
-    small = a <= 0.5
-    z = tl.where(small, a * a, (1.0 - a) * 0.5)
-    t = tl.where(small, a, _sqrt_for(z, APPROX_SQRT))  # feeds the small angles
-    p = _asin_small(t, z)
-    neg = c < 0.0
-    # acos(|c|) first (|c| <= 1/2: pi/2 - p; else 2p), then acos(c) = pi - acos(|c|) for c < 0;
-    # each constant's fp32 remainder is added before its leading part, as in a two-term sum
-    r_abs = tl.where(small, _HALF_PI_HI - (p - _HALF_PI_LO), 2.0 * p)
-    return tl.where(neg, (_PI_LO - r_abs) + _PI_HI, r_abs)
-
-
-@triton.jit
 def linear_g(c, APPROX_SQRT: tl.constexpr = False):
     """g = 1 - 2 arccos(c) / pi, the linear operator, for an fp32 block c in [-1, 1] (every
     caller clamps first); max error 9e-8 in float32 arithmetic (under one ulp of 1; sampled
@@ -131,9 +90,12 @@ def linear_g(c, APPROX_SQRT: tl.constexpr = False):
     and 1 - a is exact in fp32), and arccos(-a) = pi - arccos(a) makes g odd: g(c) = sign(c)
     g(|c|). Q is our degree-7 minimax fit (Lawson's reweighted least squares on 8000 Chebyshev
     nodes, weighted by sqrt(1 - a): the error of g). The forward epilogue evaluates this once
-    per output element, where acos_f32 and the scaling by 2/pi took ~28 SASS instructions and
-    this takes ~17 (no branch-free select between two argument reductions, no reflection
-    about pi in two parts)."""
+    per output element, where an arccos (two argument reductions selected branch-free and a
+    reflection about pi in two parts) and the scaling by 2/pi took ~28 SASS instructions and
+    this takes ~17.
+
+    Every operator's angle goes through here: pi/2 - theta = asin(c) = (pi/2) g, so the
+    sigmoid's B = (pi/2 - theta) / (2k) is A g with A = pi / (4k) (:func:`g_of_c`)."""
     a = tl.abs(c)
     q = -0.0009176749894045861
     q = q * a + 0.004612596720943963
@@ -203,11 +165,10 @@ def g_of_c(c, k, OPERATOR: tl.constexpr, APPROX_SQRT: tl.constexpr = False):
     elif OPERATOR == 1:
         g = c
     else:
-        theta = acos_f32(c, APPROX_SQRT)
+        # A = pi / (4k) has k's shape (a [1, BN] column block in the epilogue): one division
+        # per column; B = (pi/2 - theta) / (2k) = A * linear_g(c) (see linear_g)
         a = _QUARTER_PI / k
-        # 0.5 / k has k's shape (a [1, BN] column block in the epilogue): one reciprocal per
-        # column, not a division per element
-        b = (_HALF_PI - theta) * (0.5 / k)
+        b = a * linear_g(c, APPROX_SQRT)
         g = coth_f32(a) * tanh_f32(b)
     return g
 
@@ -237,9 +198,8 @@ def dg_dc(c, k, OPERATOR: tl.constexpr, DELTA: tl.constexpr):
             # g' = -2/pi, dtheta/dc = -inv_sin
             d = _TWO_OVER_PI * inv_sin
         else:
-            theta = acos_f32(c)
             a = _QUARTER_PI / k
-            b = (_HALF_PI - theta) / (2.0 * k)
+            b = a * linear_g(c)   # (pi/2 - theta) / (2k)
             # g' = -coth(A) sech^2(B) / (2k), dtheta/dc = -inv_sin
             d = coth_f32(a) * sech2_f32(b) / (2.0 * k) * inv_sin
     return d
@@ -255,9 +215,8 @@ def dg_dk(c, k):
     c: fp32 block of cosines; k: fp32 steepness (scalar or block broadcastable against c), > 0.
     """
     c = clamp_cos(c)
-    theta = acos_f32(c)
     a = _QUARTER_PI / k
-    b = (_HALF_PI - theta) / (2.0 * k)
+    b = a * linear_g(c)   # (pi/2 - theta) / (2k)
     return (a * csch2_f32(a) * tanh_f32(b) - b * coth_f32(a) * sech2_f32(b)) / k
 
 

@@ -103,16 +103,14 @@ def _check_rx(r_x, rx64):
 def _angular_probe_kernel(c_ptr, k_ptr, out_ptr, n, OPERATOR: tl.constexpr, WHAT: tl.constexpr,
                           DELTA: tl.constexpr, BLOCK: tl.constexpr):
     """Evaluates one angular function elementwise.  c_ptr, k_ptr, out_ptr: [n] fp32 contiguous.
-    WHAT: 0 acos_f32, 1 g_of_c, 2 dg_dc, 3 dg_dk, 4 g_of_c with the approximate square root
-    of 16-bit outputs.  OPERATOR: angular.OPERATOR_CODES value.
+    WHAT: 1 g_of_c, 2 dg_dc, 3 dg_dk, 4 g_of_c with the approximate square root of 16-bit
+    outputs.  OPERATOR: angular.OPERATOR_CODES value.
     DELTA: the arccos-derivative bound.  BLOCK: elements per program."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     c = tl.load(c_ptr + offs, mask=mask, other=0.0)
     k = tl.load(k_ptr + offs, mask=mask, other=1.0)
-    if WHAT == 0:
-        r = angular.acos_f32(c)
-    elif WHAT == 1:
+    if WHAT == 1:
         r = angular.g_of_c(c, k, OPERATOR)
     elif WHAT == 2:
         r = angular.dg_dc(c, k, OPERATOR, DELTA)
@@ -123,7 +121,7 @@ def _angular_probe_kernel(c_ptr, k_ptr, out_ptr, n, OPERATOR: tl.constexpr, WHAT
     tl.store(out_ptr + offs, r, mask=mask)
 
 
-_WHAT = {"acos": 0, "g": 1, "dg_dc": 2, "dg_dk": 3, "g_approx_sqrt": 4}
+_WHAT = {"g": 1, "dg_dc": 2, "dg_dk": 3, "g_approx_sqrt": 4}
 
 
 def _probe(what, c, k, operator="linear"):
@@ -152,23 +150,10 @@ def test_operator_codes():
     assert set(angular.OPERATOR_CODES) == set(R.OPERATORS)
 
 
-def test_acos_f32_max_error():
-    c = _cosine_samples()
-    out = _probe("acos", c, torch.ones_like(c)).double()
-    err = (out - torch.acos(c.double())).abs()
-    # about one ulp of the result where it is largest (ulp(2..pi) = 2.4e-7), with headroom for
-    # the GPU's fused multiply-adds
-    worst = int(err.argmax())
-    assert err[worst].item() <= 3.5e-7, \
-        f"max |acos_f32 - acos| = {err[worst].item():.3g} at c = {c[worst].item()!r}"
-    nan = _probe("acos", torch.tensor([float("nan")]), torch.ones(1))
-    assert torch.isnan(nan).all()
-
-
 def test_linear_g_max_error():
-    """The linear operator's g = 1 - 2 arccos(c) / pi (angular.linear_g: its own polynomial,
-    not acos_f32) within 1.5e-7 of float64 -- about one ulp of 1 -- on fresh cosines dense
-    near +-1 and 0; odd in c; NaN stays NaN. (The interpreter's square roots are exact, so the
+    """The linear operator's g = 1 - 2 arccos(c) / pi (angular.linear_g, through which the
+    sigmoid's angle goes too) within 1.5e-7 of float64 -- about one ulp of 1 -- on fresh
+    cosines dense near +-1 and 0; odd in c; NaN stays NaN. (The interpreter's square roots are exact, so the
     approximate-sqrt build is held to the same bound here; test_gpu checks its own.)"""
     c = _cosine_samples()
     ref = R.g_of_c(c.double(), "linear")

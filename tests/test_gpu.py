@@ -17,7 +17,6 @@ fp16, bf16), both layouts and every geometry appear, every (operator, layout) an
 bound, so a run shows the margins, not only pass/fail.
 """
 import json
-import math
 import os
 
 import pytest
@@ -646,34 +645,12 @@ def test_every_depthwise_config_vs_float64(kernel, layout, request):
     assert not bad, "depthwise configs off vs float64:\n" + "\n".join(bad)
 
 
-def test_acos_on_the_gpu():
-    """acos_f32 against float64 with the CPU test's bound (3.5e-7 rad): its square root comes
-    from the hardware's approximate reciprocal square root plus a Newton step, and the
-    interpreter's rsqrt is exact, so only a GPU tests that path; NaN, +-1 and 0 exactly."""
-    import test_conv_fwd_kernel as F
-
-    def probe(c):
-        c = c.to(DEVICE, torch.float32).contiguous()
-        out = torch.empty_like(c)
-        F._angular_probe_kernel[(-(-c.numel() // 4096),)](
-            c, torch.ones_like(c), out, c.numel(), 0, F._WHAT["acos"], reference.ARCCOS_DELTA,
-            BLOCK=4096)
-        return out.cpu().double()
-
-    c = F._cosine_samples(200000)
-    err = (probe(c) - torch.acos(c.double())).abs()
-    worst = int(err.argmax())
-    assert err[worst].item() <= 3.5e-7, f"acos_f32 off by {err[worst].item():.3g} at c={c[worst].item()!r}"
-    special = probe(torch.tensor([float("nan"), 1.0, -1.0, 0.0]))
-    assert torch.isnan(special[0])
-    assert special[1:].tolist() == pytest.approx([0.0, math.pi, math.pi / 2], abs=3e-7)
-
-
 @pytest.mark.parametrize("what, bound", [("g", 2e-7), ("g_approx_sqrt", 6e-7)])
 def test_linear_g_on_the_gpu(what, bound):
-    """The linear operator's g (angular.linear_g) against float64 on the GPU: with the refined
-    square root (fp32 outputs) within 2e-7, with the hardware's approximate one (16-bit
-    outputs: sqrt.approx.f32, 3 ulp) within 6e-7 -- the interpreter cannot tell them apart."""
+    """The linear operator's g (angular.linear_g, the angle of every operator) against float64
+    on the GPU: with the refined square root (fp32 outputs) within 2e-7, with the hardware's
+    approximate one (16-bit outputs: sqrt.approx.f32, 3 ulp) within 6e-7 -- the interpreter's
+    square roots are exact, so only a GPU tests them; NaN, +-1 and 0 exactly."""
     import test_conv_fwd_kernel as F
 
     c = F._cosine_samples(200000).to(DEVICE).contiguous()
@@ -684,3 +661,8 @@ def test_linear_g_on_the_gpu(what, bound):
     err = (out.double() - reference.g_of_c(c.double(), "linear")).abs()
     worst = int(err.argmax())
     assert err[worst].item() <= bound, f"{what} off by {err[worst].item():.3g} at c={c[worst].item()!r}"
+    special = torch.tensor([float("nan"), 1.0, -1.0, 0.0], device=DEVICE)
+    out = torch.empty_like(special)
+    F._angular_probe_kernel[(1,)](special, torch.ones_like(special), out, 4, 0, F._WHAT[what],
+                                  reference.ARCCOS_DELTA, BLOCK=4096)
+    assert torch.isnan(out[0]) and out[1:].tolist() == pytest.approx([1.0, -1.0, 0.0], abs=bound)
