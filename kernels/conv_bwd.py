@@ -103,7 +103,7 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
                        in_bounds, pixels_fast, stage_input_tile, staged_channels)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
-from .epilogue import (column_quarters, load_tile, pixel_runs, store_tile, tile_ptrs,
+from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_ptrs,
                        to_dtype_of)
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
@@ -879,12 +879,14 @@ def store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first, col0, CG
     with conv_bwd_grid's kernel."""
     if PIXELS_FAST:
         # a quarter of the columns at a time: the transposed x tile next to the whole fp32
-        # accumulator spilled 1128 B a thread (sm_90, bf16, 128 x 128)
-        QUARTER: tl.constexpr = BLOCK_N // 4
-        quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
-        for k in tl.static_range(4):
-            _dgrad_store(quarters[k], box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,
-                         col0 + k * QUARTER + tl.arange(0, QUARTER), CG_IN, m_mask,
+        # accumulator spilled 1128 B a thread (sm_90, bf16, 128 x 128); eighths without known
+        # pixel runs (epilogue.column_slices: triton 3.6 still spilled 576 B with quarters)
+        PARTS: tl.constexpr = 8 if PIX_RUN == 1 and BLOCK_N >= 128 else 4
+        W: tl.constexpr = BLOCK_N // PARTS
+        slices = column_slices(acc, BLOCK_M, BLOCK_N, PARTS)
+        for k in tl.static_range(PARTS):
+            _dgrad_store(slices[k], box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,
+                         col0 + k * W + tl.arange(0, W), CG_IN, m_mask,
                          stride_xc, stride_dxc, EMULATE_RTNE, True, PIX_RUN)
     else:
         _dgrad_store(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, c_first,

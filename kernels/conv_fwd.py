@@ -55,7 +55,7 @@ from .configs import (
     fits_fma_dot,
     prune_conv_fwd_configs,
 )
-from .epilogue import column_quarters, load_tile, pixel_runs, store_sphere_tile, tile_ptrs
+from .epilogue import column_slices, load_tile, pixel_runs, store_sphere_tile, tile_ptrs
 from .launch import cdiv as _cdiv
 from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64, pixel_run, plain_launch
 from .launch import next_pow2 as _next_pow2
@@ -95,18 +95,20 @@ def _store_gemm_tile(acc, o_first, o_end, inv_rx, out_row, mask_m, w_sqnorm_ptr,
                      HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr, STORE_C: tl.constexpr,
                      PIXELS_FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      OUT_RUN: tl.constexpr = 1):
-    """The GEMM kernel's epilogue, run on four column quarters of the tile in turn
-    (epilogue.column_quarters).
+    """The GEMM kernel's epilogue, run on four column quarters of the tile in turn (eighths for
+    NCHW outputs without pixel runs: epilogue.column_slices).
 
     Forming c and g over a whole 128x128 fp32 tile at once needs more than 255 registers a
     thread with 4 warps (the sigmoid epilogue spilled 1152 B a thread on sm_90, make aot-check);
     a quarter at a time spills nothing. o_first: the tile's first global output channel; the
     rest as _store_column_slice."""
-    q: tl.constexpr = BLOCK_N // 4
-    o_q = o_first + tl.arange(0, q)
-    quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
-    for k in tl.static_range(4):
-        _store_column_slice(quarters[k], o_q + k * q, o_end, inv_rx, out_row, mask_m,
+    # eighths where an NCHW tile is stored without known pixel runs (epilogue.column_slices)
+    PARTS: tl.constexpr = 8 if PIXELS_FAST and OUT_RUN == 1 and BLOCK_N >= 128 else 4
+    w: tl.constexpr = BLOCK_N // PARTS
+    o_w = o_first + tl.arange(0, w)
+    slices = column_slices(acc, BLOCK_M, BLOCK_N, PARTS)
+    for k in tl.static_range(PARTS):
+        _store_column_slice(slices[k], o_w + k * w, o_end, inv_rx, out_row, mask_m,
                             w_sqnorm_ptr, eps, stride_yc, bias_ptr, k_ptr, y_ptr, c_ptr,
                             OPERATOR, HAS_BIAS, EMULATE_RTNE, STORE_C, PIXELS_FAST, OUT_RUN)
 

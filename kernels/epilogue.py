@@ -75,6 +75,34 @@ def column_quarters(acc, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _column_halves(part, BM: tl.constexpr, BP: tl.constexpr):
+    """The left and right column halves of ``part`` [BM, BP] (register renaming only, as in
+    :func:`column_quarters`)."""
+    return tl.split(tl.permute(tl.reshape(part, (BM, 2, BP // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def column_slices(acc, BM: tl.constexpr, BN: tl.constexpr, PARTS: tl.constexpr):
+    """The PARTS (4 or 8) column slices of ``acc`` [BM, BN], each [BM, BN // PARTS], left to
+    right: :func:`column_quarters`, each halved for 8.
+
+    Eighths are for epilogues that store along the pixels (NCHW) without known runs of
+    pixels (pixel_runs' RUN 1) on 128-wide tiles: each slice's transposed layout conversion
+    then keeps less of the tile live (triton 3.6, sm_90, 128x128: the forward's NCHW epilogue
+    848 B of spills a thread -> 0; make aot-check)."""
+    q0, q1, q2, q3 = column_quarters(acc, BM, BN)
+    if PARTS == 8:
+        e0, e1 = _column_halves(q0, BM, BN // 4)
+        e2, e3 = _column_halves(q1, BM, BN // 4)
+        e4, e5 = _column_halves(q2, BM, BN // 4)
+        e6, e7 = _column_halves(q3, BM, BN // 4)
+        slices = (e0, e1, e2, e3, e4, e5, e6, e7)
+    else:
+        slices = (q0, q1, q2, q3)
+    return slices
+
+
+@triton.jit
 def pixel_runs(rows, cols, row_mask, col_mask, RUN: tl.constexpr):
     """``(offs, mask)`` [BM, BC] = ``rows[:, None] + cols[None, :]`` and ``row_mask[:, None] &
     col_mask[None, :]`` for a tile of BM pixels (rows: element offsets from a flat pixel index,

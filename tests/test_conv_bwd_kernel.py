@@ -1125,6 +1125,20 @@ def test_dgrad_reads_and_writes_along_the_pixels_for_nchw(layout, geometry, run,
     assert dgrad["PIX_RUN"] == run
 
 
+def test_dgrad_nchw_without_runs_in_eighths(monkeypatch):
+    """NCHW x and dx at stride 2 (a phase's pixels are every other pixel: PIX_RUN 1) on a
+    128-wide dgrad tile: the epilogue works on column eighths (epilogue.column_slices), with
+    full, partial and wholly masked eighths (40 input channels), against float64."""
+    launches, flags = record_launches(monkeypatch, conv_bwd, "_launch")
+    monkeypatch.setattr(conv_bwd, "dgrad_config", lambda *args: dict(
+        BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=1))
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", stride=2, c_in=40, c_out=24)
+    out = _kernel(dy, inp, c, r_x)
+    _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
+    (dgrad,) = [kw for (k, _, _), kw in zip(launches, flags) if k is conv_bwd._dgrad_kernel]
+    assert dgrad["PIXELS_FAST"] and dgrad["PIX_RUN"] == 1 and dgrad["BLOCK_N"] == 128
+
+
 def test_depthwise_rows_wider_than_the_tile():
     """NCHW rows wider than the prep and grad tiles (ROW_W 64 > BLOCK_M: each tile one row
     segment), 40 wide, against float64."""

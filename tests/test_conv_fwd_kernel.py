@@ -1025,6 +1025,20 @@ def test_gemm_stores_along_the_pixels_for_nchw(channels_last, case, run, monkeyp
     assert F.pixels_fast(torch.empty(2, 1, 3, 3).contiguous(memory_format=torch.channels_last))
 
 
+def test_nchw_output_without_runs_in_eighths(monkeypatch):
+    """An NCHW output whose planes give no pixel runs (5x5: OUT_RUN 1) on a 128-wide tile: the
+    epilogue works on column eighths (epilogue.column_slices), here with full, partial and
+    wholly masked eighths (40 filters), against float64."""
+    _, flags = record_launches(monkeypatch, F, "launch")
+    cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8},
+                        num_warps=4, num_stages=1)
+    inp = make_conv_inputs(n=2, c_in=16, h=5, w=5, c_out=40, operator="sigmoid",
+                           device=DEVICE)
+    _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
+    (gemm,) = [f for f in flags if "OUT_PIXELS_FAST" in f]
+    assert gemm["OUT_PIXELS_FAST"] and gemm["OUT_RUN"] == 1 and gemm["BLOCK_N"] == 128
+
+
 def test_depthwise_rows_wider_than_the_tile():
     """Rows wider than a tile (ROW_W > BLOCK_M: the tile is one row segment of BLOCK_M, TW
     capped at BLOCK_M), here 20-wide rows in 16-pixel tiles, against float64."""
