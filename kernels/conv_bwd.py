@@ -1949,6 +1949,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                                         PIXELS_FAST=pixels_fast(dx)))
     elif need_dx:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
+        dx_pixels_fast = pixels_fast(dx)
         cfg = dgrad_config(cg_in, cg_out, dtype)
         hp, wp = _cdiv(h, sh), _cdiv(wd, sw)
         grid = (_cdiv(n * hp * wp, cfg["BLOCK_M"]), _cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
@@ -1958,9 +1959,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 **geometry,
                 STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
-                PIXELS_FAST=pixels_fast(dx),
+                PIXELS_FAST=dx_pixels_fast,
                 # stride 1: a tile's pixels are consecutive input pixels (at stride 2 one phase's)
-                PIX_RUN=pixel_run(x, dx) if pixels_fast(dx) and sh == sw == 1 else 1,
+                PIX_RUN=pixel_run(x, dx) if dx_pixels_fast and sh == sw == 1 else 1,
                 EVEN_K=cg_out % cfg["BLOCK_K"] == 0 and cgo_p == cg_out,
                 EVEN_N=cgi_p % cfg["BLOCK_N"] == 0,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

@@ -120,7 +120,7 @@ def pixel_run(*tensors) -> int:
         if t.stride(3) != 1 or (h > 1 and t.stride(2) != w):
             return 1
         run = min(run, pow2_factor(h * w), pow2_factor(t.stride(1)), pow2_factor(t.stride(0)))
-    return max(run, 1)
+    return run
 
 
 def _launch_cuda(kernel, grid, args, kwargs) -> None:

@@ -153,8 +153,9 @@ def test_operator_codes():
 def test_linear_g_max_error():
     """The linear operator's g = 1 - 2 arccos(c) / pi (angular.linear_g, through which the
     sigmoid's angle goes too) within 1.5e-7 of float64 -- about one ulp of 1 -- on fresh
-    cosines dense near +-1 and 0; odd in c; NaN stays NaN. (The interpreter's square roots are exact, so the
-    approximate-sqrt build is held to the same bound here; test_gpu checks its own.)"""
+    cosines dense near +-1 and 0; odd in c; NaN stays NaN. (The interpreter's square roots
+    are exact, so the approximate-sqrt build is held to the same bound here; test_gpu checks
+    its own.)"""
     c = _cosine_samples()
     ref = R.g_of_c(c.double(), "linear")
     for what in ("g", "g_approx_sqrt"):
