@@ -511,6 +511,58 @@ def depthwise_window(x_ptr, taps, n_idx, h_base, w_base, mask_m, offs_c, mask_c,
 
 
 @triton.jit
+def depthwise_window_group(x_ptr, taps, n_idx, h_base, w_base, mask_g, offs_c, mask_c, in_h,
+                           in_w, stride_xn, stride_xc, stride_xh, stride_xw, dil_h,
+                           KH: tl.constexpr, KW: tl.constexpr, PIX_GROUP: tl.constexpr):
+    """:func:`depthwise_window` for PIX_GROUP horizontally adjacent output pixels at a time,
+    stride 1 and dilation 1 along the width: ``(s, q)``, tuples of PIX_GROUP [BG, BC] fp32
+    tiles, s[p] and q[p] those of the pixels whose window starts at column w_base + p.
+
+    Such windows overlap: the PIX_GROUP + KW - 1 input columns of a kernel row serve all of
+    them, so each input element is loaded, converted and masked once for up to KW outputs
+    instead of once for each (a 3x3 filter over groups of four: 18 loads where single pixels
+    take 36). Every output still sums its own taps in tap order (kernel row by row, column
+    by column), the same floating-point operations as :func:`depthwise_window`'s: the two give
+    the same bits. Only cached taps (KH * KW <= CACHED_TAPS; the launcher's configs).
+
+    n_idx, h_base, w_base, mask_g [BG]: image, first window row / column of the group's
+    first pixel (may be negative: padding), valid group; offs_c, mask_c [BC]. x_ptr [N, C, H,
+    W] with strides (stride_x*); channels_last (the loads run along the channels)."""
+    x_base = (x_ptr + (n_idx.to(tl.int64) * stride_xn + h_base.to(tl.int64) * stride_xh
+                       + w_base.to(tl.int64) * stride_xw)[:, None]
+              + (offs_c.to(tl.int64) * stride_xc)[None, :])
+    s = (tl.zeros((mask_g.shape[0], offs_c.shape[0]), dtype=tl.float32),) * PIX_GROUP
+    q = s
+    for r in tl.static_range(KH):
+        dh = r * dil_h
+        row_ok = mask_g & (h_base >= -dh) & (h_base < in_h - dh)
+        for j in tl.static_range(PIX_GROUP + KW - 1):
+            inside = row_ok & (w_base >= -j) & (w_base < in_w - j)
+            xv = tl.load(x_base + (dh.to(tl.int64) * stride_xh + j * stride_xw),
+                         mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            for p in tl.static_range(PIX_GROUP):
+                if j - p >= 0 and j - p < KW:   # tap (r, j - p) of pixel p
+                    wv = taps[r * KW + j - p]
+                    s = s[:p] + (s[p] + xv * wv[None, :],) + s[p + 1:]
+                    q = q[:p] + (q[p] + xv * xv,) + q[p + 1:]
+    return s, q
+
+
+@triton.jit
+def interleave_rows(tiles, PIX_GROUP: tl.constexpr):
+    """PIX_GROUP [BG, BC] tiles (a tuple of 2 or 4) as one [BG * PIX_GROUP, BC] tile whose row
+    g * PIX_GROUP + p is row g of tiles[p]. join / permute / reshape only rename registers:
+    each thread holds the same rows and columns of every tile."""
+    if PIX_GROUP == 2:
+        t = tl.permute(tl.join(tiles[0], tiles[1]), (0, 2, 1))
+    else:
+        # [BG, BC, lo, hi] with p = 2 hi + lo -> [BG, hi, lo, BC]
+        t = tl.permute(tl.join(tl.join(tiles[0], tiles[1]), tl.join(tiles[2], tiles[3])),
+                       (0, 3, 2, 1))
+    return tl.reshape(t, (tiles[0].shape[0] * PIX_GROUP, tiles[0].shape[1]))
+
+
+@triton.jit
 def depthwise_inv_norms(q, inv_rw, eps):
     """``1 / (r_x r_w)`` [BM, BC] and ``1 / r_x`` [BM, BC] from :func:`depthwise_window`'s q
     (eps inside the square root, as in inv_rw from :func:`depthwise_filter_taps`), so
@@ -532,7 +584,7 @@ def _sphere_conv_dw_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     OPERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-    ROW_W: tl.constexpr,
+    ROW_W: tl.constexpr, PIX_GROUP: tl.constexpr = 1,
 ):
     """Depthwise SphereConv2d forward (G = C_in = C_out); program = (ROW_BLOCKS consecutive
     tiles of BLOCK_M pixels, channel tile). Reads x and the filters, writes y: the only launch
@@ -551,7 +603,11 @@ def _sphere_conv_dw_fwd_kernel(
       BLOCK_M pixels and BLOCK_C channels a tile; ROW_BLOCKS pixel tiles a program, which share
       its filter loads (a thread's channels' KH*KW taps, loaded and converted once); ROW_W 0:
       tiles of consecutive pixels (channels_last), else of whole output rows up to ROW_W wide,
-      read and written along the pixels (NCHW; :func:`depthwise_pixel_tile`).
+      read and written along the pixels (NCHW; :func:`depthwise_pixel_tile`); PIX_GROUP > 1
+      (channels_last, stride and dilation 1 along the width, Wo a multiple of it, cached
+      taps: prune_dw_configs): a tile is BLOCK_M // PIX_GROUP groups of PIX_GROUP
+      horizontally adjacent pixels, whose windows share their input columns
+      (:func:`depthwise_window_group`; the same bits as single pixels).
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -563,12 +619,34 @@ def _sphere_conv_dw_fwd_kernel(
     out_cols = offs_c.to(tl.int64)[None, :] * stride_yc
     n_images = n_pixels // (out_h * out_w)
     for rb in range(ROW_BLOCKS):
-        n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images, out_h,
-                                                     out_w, ROW_W, BLOCK_M)
-        s, q = depthwise_window(x_ptr, taps, n_idx, ho * conv_stride_h - pad_h,
-                                wo * conv_stride_w - pad_w, mask_m, offs_c, mask_c, in_h, in_w,
-                                stride_xn, stride_xc, stride_xh, stride_xw, stride_wh,
-                                stride_ww, dil_h, dil_w, KH, KW, BLOCK_M, BLOCK_C, ROW_W > 0)
+        if PIX_GROUP > 1:
+            # the tile's groups on the grid of groups (Wo / PIX_GROUP of them a row): the same
+            # BLOCK_M pixels as a tile of single pixels, so the grid is unchanged
+            n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images,
+                                                         out_h, out_w // PIX_GROUP, 0,
+                                                         BLOCK_M // PIX_GROUP)
+            wo = wo * PIX_GROUP
+            s_group, q_group = depthwise_window_group(
+                x_ptr, taps, n_idx, ho * conv_stride_h - pad_h, wo - pad_w, mask_m, offs_c,
+                mask_c, in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw, dil_h, KH, KW,
+                PIX_GROUP)
+            # back to one [BLOCK_M, BLOCK_C] tile of consecutive pixels (row g * PIX_GROUP +
+            # p is pixel p of group g), so the epilogue's per-channel work is done once
+            s = interleave_rows(s_group, PIX_GROUP)
+            q = interleave_rows(q_group, PIX_GROUP)
+            # the rows' pixels as a tile of single pixels has them (the interleaved group
+            # coordinates would cross threads: a shared-memory round trip, 1932 -> 2000 SASS
+            # instructions a 128 x 64 bf16 tile)
+            n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images,
+                                                         out_h, out_w, 0, BLOCK_M)
+        else:
+            n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images,
+                                                         out_h, out_w, ROW_W, BLOCK_M)
+            s, q = depthwise_window(x_ptr, taps, n_idx, ho * conv_stride_h - pad_h,
+                                    wo * conv_stride_w - pad_w, mask_m, offs_c, mask_c, in_h,
+                                    in_w, stride_xn, stride_xc, stride_xh, stride_xw,
+                                    stride_wh, stride_ww, dil_h, dil_w, KH, KW, BLOCK_M,
+                                    BLOCK_C, ROW_W > 0)
         inv_norms, _ = depthwise_inv_norms(q, inv_rw, eps)
         out_row = (n_idx.to(tl.int64) * stride_yn + ho.to(tl.int64) * stride_yh
                    + wo.to(tl.int64) * stride_yw)
@@ -711,14 +789,27 @@ def _dw_configs():
     channels' filter taps -- KH*KW scalar loads, conversions and squares a channel -- cost as
     much as a pixel row's window: a program that takes several tiles loads them once. SASS an
     element (sm_90, bf16, 3x3, linear): 64x64 one tile 109, two 88; 32x64 132 / 90; 32x32 156
-    / 112 -- at 140 / 210, 77 / 154 and 48 / 80 registers."""
-    def cfg(block_m, block_c, row_blocks):
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks},
-                             num_warps=8, num_stages=1)
+    / 112 -- at 140 / 210, 77 / 154 and 48 / 80 registers.
+
+    PIX_GROUP > 1 (_sphere_conv_dw_fwd_kernel; only where prune_dw_configs lets it: Wo a
+    multiple of it, stride and dilation 1 along the width, channels_last, cached taps): groups
+    of side-by-side pixels share their windows' input columns. A tile's loop, SASS an element
+    (sm_90, bf16, 3x3, two tiles a program; linear / sigmoid), registers: 64 x 64 single pixels
+    75.2 / 116.9, 212 / 179; groups of 4 69.2 / 101.9 at 127 (two CTAs an SM), 128 x 64 in
+    groups of 4 60.4 / 92.3 at 243 / 228; 64 x 64 in groups of 2 (Wo = 14) 69.3 / 111.6 at
+    176."""
+    def cfg(block_m, block_c, row_blocks, pix_group=1):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks,
+                              "PIX_GROUP": pix_group}, num_warps=8, num_stages=1)
     return [
-        # 64 channels x 64 pixels, two tiles a program: the fewest instructions an element,
-        # one CTA an SM
+        # 64 channels x 64 pixels, two tiles a program: the fewest instructions an element of
+        # the single-pixel tiles, one CTA an SM
         cfg(64, 64, 2),
+        # groups of four pixels: two CTAs an SM at 64 x 64, the fewest instructions at 128 x 64
+        cfg(64, 64, 2, 4),
+        cfg(128, 64, 2, 4),
+        # groups of two (Wo = 14, 2 mod 4)
+        cfg(64, 64, 2, 2),
         # 32 channels x 128 pixels: for C < 64 (fewer masked lanes)
         cfg(128, 32, 1),
         # 64 channels x 32 pixels, two tiles: as few instructions, shorter programs
@@ -743,8 +834,8 @@ def _dw_row_configs():
     channels_last tiles with a warp's lanes across the channels: a sector a lane, 32 a load)
     took 178-223 an element over those tiles, 96-255 registers."""
     def cfg(block_m, block_c, row_blocks, warps):
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks},
-                             num_warps=warps, num_stages=1)
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "ROW_BLOCKS": row_blocks,
+                              "PIX_GROUP": 1}, num_warps=warps, num_stages=1)
     return [
         cfg(64, 16, 2, 4),    # the fewest instructions an element, 8 warps an SM
         cfg(64, 16, 2, 8),    # 16 warps an SM
@@ -754,14 +845,29 @@ def _dw_row_configs():
     ]
 
 
+def pixel_groups_fit(pix_group, out_w, conv_stride_w, dil_w, row_w, taps) -> bool:
+    """Whether _sphere_conv_dw_fwd_kernel may take its pixels in groups of ``pix_group``:
+    side by side in one row (Wo a multiple of it), their windows one input column apart
+    (stride and dilation 1 along the width), tiles of consecutive pixels (channels_last:
+    ``row_w`` 0) and the filter's taps cached (at most MAX_CACHED_TAPS)."""
+    return pix_group == 1 or (out_w % pix_group == 0 and conv_stride_w == 1 and dil_w == 1
+                              and row_w == 0 and taps <= MAX_CACHED_TAPS)
+
+
 def prune_dw_configs(configs, named_args, **kwargs):
-    """Several pixel tiles a program only for filters whose taps stay cached (at most
-    MAX_CACHED_TAPS): a larger filter's columns are loaded in every window, and the compiler
-    hoists those loads out of the tile loop -- 5x5 at 32 x 32 x 4 took 245 registers."""
+    """The configs a launch may take: groups of pixels only where they fit
+    (:func:`pixel_groups_fit`; the arguments it reads are in the autotuning key), and several
+    pixel tiles a program only for filters whose taps stay cached (at most MAX_CACHED_TAPS):
+    a larger filter's columns are loaded in every window, and the compiler hoists those loads
+    out of the tile loop -- 5x5 at 32 x 32 x 4 took 245 registers."""
     def arg(name):
         return int(kwargs.get(name, named_args.get(name, 1)))
 
-    if arg("KH") * arg("KW") <= MAX_CACHED_TAPS:
+    taps = arg("KH") * arg("KW")
+    configs = [c for c in configs
+               if pixel_groups_fit(c.kwargs.get("PIX_GROUP", 1), arg("out_w"),
+                                   arg("conv_stride_w"), arg("dil_w"), arg("ROW_W"), taps)]
+    if taps <= MAX_CACHED_TAPS:
         return configs
     single = [c for c in configs if c.kwargs["ROW_BLOCKS"] == 1]
     if single:
@@ -772,8 +878,8 @@ def prune_dw_configs(configs, named_args, **kwargs):
 
 
 def _dw_interpreter_config():
-    return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16, "ROW_BLOCKS": 2}, num_warps=4,
-                         num_stages=1)
+    return triton.Config({"BLOCK_M": 32, "BLOCK_C": 16, "ROW_BLOCKS": 2, "PIX_GROUP": 1},
+                         num_warps=4, num_stages=1)
 
 
 # SPHEREOPS_AUTOTUNE=0 skips autotuning (one fixed config per kernel): first-call latency of
@@ -794,7 +900,9 @@ _sphere_conv_fwd_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_conv_fwd_configs},
 )(_sphere_conv_fwd_kernel)
 
-_DW_AUTOTUNE_KEY = ["n_pixels", "channels", "KH", "KW", "stride_xc", "ROW_W"]
+# out_w, conv_stride_w, dil_w: which configs prune_dw_configs keeps (pixel groups)
+_DW_AUTOTUNE_KEY = ["n_pixels", "channels", "KH", "KW", "stride_xc", "ROW_W", "out_w",
+                    "conv_stride_w", "dil_w"]
 # channels_last (ROW_W 0) and NCHW (row tiles) have their own tile sets
 _sphere_conv_dw_fwd_autotuned = triton.autotune(
     configs=_dw_cfgs, key=_DW_AUTOTUNE_KEY,
@@ -1298,8 +1406,10 @@ def aot_specs():
     for layout, configs, example, row_w in dw_sets:
         for cfg in configs:
             for dtype_name in ("fp16", "bf16", "fp32"):
+                group = cfg.kwargs["PIX_GROUP"]
                 name = (f"conv_fwd_depthwise_{layout}{cfg.kwargs['BLOCK_M']}x"
                         f"{cfg.kwargs['BLOCK_C']}_rb{cfg.kwargs['ROW_BLOCKS']}"
+                        + (f"_pg{group}" if group > 1 else "")
                         + (f"_w{cfg.num_warps}" if layout else "") + f"_{dtype_name}")
                 constexprs = dict(KH=3, KW=3, OPERATOR=sigmoid, HAS_BIAS=True,
                                   EMULATE_RTNE=False, ROW_W=row_w, **cfg.kwargs)

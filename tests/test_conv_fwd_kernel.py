@@ -530,10 +530,10 @@ def test_forward_every_gpu_config(cfg, case):
 
 def test_depthwise_configs_beyond_the_cached_taps():
     """Filters with more taps than MAX_CACHED_TAPS keep only one-tile-a-program configs (or
-    the first made one); up to it every config stays."""
+    the first made one); up to it every config that fits the geometry stays."""
     configs = F._dw_configs()
-    assert F.prune_dw_configs(configs, {}, KH=3, KW=3) == configs
-    kept = F.prune_dw_configs(configs, {}, KH=5, KW=5)
+    assert F.prune_dw_configs(configs, {}, KH=3, KW=3, out_w=28, ROW_W=0) == configs
+    kept = F.prune_dw_configs(configs, {}, KH=5, KW=5, out_w=28, ROW_W=0)
     assert kept and all(c.kwargs["ROW_BLOCKS"] == 1 for c in kept)
     assert len(kept) < len(configs)
     (only,) = F.prune_dw_configs(configs[:1], {}, KH=1, KW=F.MAX_CACHED_TAPS + 1)
@@ -542,11 +542,48 @@ def test_depthwise_configs_beyond_the_cached_taps():
 
 @pytest.mark.parametrize("cfg", F._dw_configs(),
                          ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_C']}"
-                                       f"x{c.kwargs['ROW_BLOCKS']}")
+                                       f"x{c.kwargs['ROW_BLOCKS']}g{c.kwargs['PIX_GROUP']}")
 def test_forward_every_depthwise_config(cfg):
-    inp = make_conv_inputs(**CONV_CASES["depthwise"], operator="linear", device=DEVICE,
-                           channels_last=True)
+    case = CONV_CASES["depthwise"]
+    if cfg.kwargs["PIX_GROUP"] > 1:   # 8 wide: the groups fit (pixel_groups_fit)
+        case = dict(case, w=8)
+    inp = make_conv_inputs(**case, operator="linear", device=DEVICE, channels_last=True)
     _check_against_reference(inp, _run_kernel(inp, config=cfg), torch.float32, 1e-5, 1e-5)
+
+
+def test_depthwise_pixel_groups_fit():
+    """Groups of pixels only side by side in a row, their windows a column apart, in
+    channels_last's flat tiles, with cached taps -- the rule prune_dw_configs applies, and the
+    arguments it reads are in the autotuning key (a cached pick must fit every launch with
+    the same key)."""
+    fits = F.pixel_groups_fit
+    assert fits(4, 28, 1, 1, 0, 9) and fits(2, 14, 1, 1, 0, 9) and fits(1, 7, 2, 3, 32, 49)
+    assert not fits(4, 14, 1, 1, 0, 9)       # Wo not a multiple of the group
+    assert not fits(2, 28, 2, 1, 0, 9)       # stride 2 along the width
+    assert not fits(2, 28, 1, 2, 0, 9)       # dilation 2 along the width
+    assert not fits(2, 28, 1, 1, 32, 9)      # NCHW row tiles
+    assert not fits(2, 28, 1, 1, 0, 25)      # 5x5: taps not cached
+    groups = {c.kwargs["PIX_GROUP"] for c in F.prune_dw_configs(
+        F._dw_configs(), {"out_w": 14, "conv_stride_w": 1, "dil_w": 1}, KH=3, KW=3, ROW_W=0)}
+    assert groups == {1, 2}
+    assert {"out_w", "conv_stride_w", "dil_w", "ROW_W", "KH", "KW"} <= set(F._DW_AUTOTUNE_KEY)
+
+
+@pytest.mark.parametrize("operator", ["linear", "sigmoid"])
+@pytest.mark.parametrize("group", [2, 4])
+def test_depthwise_pixel_groups_give_the_same_bits(group, operator):
+    """A tile of pixel groups sums every output's taps in the same order as single pixels
+    (depthwise_window_group): y is bitwise the single-pixel tile's, and right against float64
+    -- 3 images of 5 x 8 (groups never cross a row; tiles cross images and end partial), a
+    channel tile partly masked, the padding on every side."""
+    case = dict(n=3, c_in=20, h=5, w=8, c_out=20, kernel=3, padding=1, groups=20)
+    inp = make_conv_inputs(**case, operator=operator, device=DEVICE, channels_last=True)
+    single = triton.Config({"BLOCK_M": 16, "BLOCK_C": 16, "ROW_BLOCKS": 2, "PIX_GROUP": 1},
+                           num_warps=4)
+    grouped = triton.Config({**single.kwargs, "PIX_GROUP": group}, num_warps=4)
+    out = _run_kernel(inp, config=grouped)
+    assert torch.equal(out[0], _run_kernel(inp, config=single)[0])
+    _check_against_reference(inp, out, torch.float32, 1e-5, 1e-5)
 
 
 # Inputs the GEMM kernels cannot read fast where they lie (staged_channels): NCHW, C_in/G not

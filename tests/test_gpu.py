@@ -618,10 +618,13 @@ def test_every_depthwise_config_vs_float64(kernel, layout, request):
     """Every depthwise forward config the autotuner may pick (after its pruning: a 5x5 filter
     keeps one tile a program) -- channels_last's flat tiles, NCHW's row tiles -- launched
     directly on a bf16 depthwise conv against float64, y to twice bf16's output rounding: the
-    autotuner would pick a wrong tile as readily as a right one."""
+    autotuner would pick a wrong tile as readily as a right one. Groups of pixels included
+    (channels_last 3x3)."""
     from sphereops_kernels import conv_fwd
 
-    n, c, hw = 16, 96, 29
+    # 28 wide: groups of 4 and 2 pixels fit (conv_fwd.pixel_groups_fit); 15 images: the
+    # 128-pixel tiles end partial
+    n, c, hw = 15, 96, 28
     gen = torch.Generator(device="cpu").manual_seed(5)
     x = torch.randn(n, c, hw, hw, generator=gen).to(DEVICE, torch.bfloat16)
     if layout == "channels_last":
@@ -632,8 +635,12 @@ def test_every_depthwise_config_vs_float64(kernel, layout, request):
     y64, _, _ = reference.conv2d_forward(x.double(), w.double(), b.double(), None, *geo,
                                          "linear", EPS)
     configs = conv_fwd._dw_configs() if layout == "channels_last" else conv_fwd._dw_row_configs()
-    cands = conv_fwd.prune_dw_configs(configs, {}, KH=kernel, KW=kernel)
+    cands = conv_fwd.prune_dw_configs(configs, {}, KH=kernel, KW=kernel, out_w=hw,
+                                      conv_stride_w=1, dil_w=1,
+                                      ROW_W=conv_fwd.depthwise_row_width(x, hw))
     assert cands
+    if layout == "channels_last" and kernel == 3:
+        assert {cfg.kwargs["PIX_GROUP"] for cfg in cands} == {1, 2, 4}
     bad = []
     for cfg in cands:
         y, _, _ = conv_fwd._sphere_conv2d_fwd_impl(x, w, b, None, *geo, "linear", EPS,
