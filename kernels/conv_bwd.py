@@ -91,6 +91,7 @@ CUDA graphs / torch.compile that disappears.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -101,7 +102,8 @@ from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
 from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, dense_plane,
                        depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
                        depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
-                       in_bounds, pixels_fast, stage_input_tile, staged_channels)
+                       in_bounds, pixel_groups_fit, pixels_fast, stage_input_tile,
+                       staged_channels)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_ptrs,
                        to_dtype_of)
@@ -1299,6 +1301,73 @@ def _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box, c_mask, cols,
 
 
 @triton.jit
+def _depthwise_grad_group(hn_ptr, a_ptr, ws_ptr, x_ptr, dx_ptr, w_acc, tile, n_images, C, H, W,
+                          Ho, Wo, offs_c, c_mask, c64, stride_xn, stride_xc, stride_xh,
+                          stride_xw, stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+                          KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr,
+                          PW: tl.constexpr, DH: tl.constexpr, NEED_DX: tl.constexpr,
+                          NEED_DW: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+                          BG: tl.constexpr, PIX_GROUP: tl.constexpr):
+    """Tile ``tile`` of _depthwise_grad_kernel in groups of PIX_GROUP side-by-side input
+    pixels (BG groups; stride 1, width dilation 1, channels_last x, Hn and A in [N*Ho*Wo, C]):
+    dx of each pixel stored, the weight-gradient products added into ``w_acc`` (a tuple of
+    KH*KW [BG, BC] accumulators, returned).
+
+    Input pixel p of a group (column wi + p) meets tap (r, kw) at output column wi + PW + p -
+    kw, so over a row of taps the group reads the output columns wi + PW - (KW - 1) + j, j in
+    [0, PIX_GROUP + KW - 1): each column's Hn and A are loaded once and serve every pixel
+    with kw = p - j + KW - 1 in [0, KW). The columns are walked right to left, so each pixel
+    still meets its taps in tap order (r, then kw), as _depthwise_grad_tap's loop."""
+    gn, ghi, gwi, g_mask = depthwise_pixel_tile(tile, n_images, H, W // PIX_GROUP, 0, BG)
+    gwi = gwi * PIX_GROUP
+    n64 = gn.to(tl.int64)
+    x_row = n64 * stride_xn + ghi.to(tl.int64) * stride_xh + gwi.to(tl.int64) * stride_xw
+    xv = ()
+    acc = ()
+    box = ()
+    for p in tl.static_range(PIX_GROUP):
+        x_ptrs = x_ptr + (x_row + p * stride_xw)[:, None] + (c64 * stride_xc)[None, :]
+        xv = xv + (tl.load(x_ptrs, mask=g_mask[:, None] & c_mask[None, :],
+                           other=0.0).to(tl.float32),)
+        acc = acc + (tl.zeros([BG, offs_c.shape[0]], dtype=tl.float32),)
+        box = box + (tl.zeros([BG, offs_c.shape[0]], dtype=tl.float32),)
+    hp = ghi + PH
+    first_col = gwi + PW - (KW - 1)   # output column of j = 0
+    for r in tl.static_range(KH):
+        dh = r * DH
+        row_ok = g_mask & (hp >= dh) & (hp < Ho + dh)
+        # the state row (int64) of output pixel (hp - dh, first_col); column j is j rows on
+        row_r = ((n64 * Ho + (hp - dh)) * Wo + first_col) * C
+        for j in tl.static_range(PIX_GROUP + KW - 2, -1, -1):
+            valid = row_ok & (first_col >= -j) & (first_col < Wo - j)
+            offs = (row_r + j * C)[:, None] + c64[None, :]
+            mask = valid[:, None] & c_mask[None, :]
+            h = tl.load(hn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if NEED_DX:
+                a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+            for p in tl.static_range(PIX_GROUP):
+                if p - j + KW - 1 >= 0 and p - j + KW - 1 < KW:   # tap (r, p - j + KW - 1)
+                    if NEED_DX:
+                        wv = tl.load(ws_ptr + (r * KW + p - j + KW - 1) * C + offs_c,
+                                     mask=c_mask, other=0.0)
+                        acc = acc[:p] + (acc[p] + h * wv[None, :],) + acc[p + 1:]
+                        box = box[:p] + (box[p] + a,) + box[p + 1:]
+                    if NEED_DW:
+                        w_acc = (w_acc[:r * KW + p - j + KW - 1]
+                                 + (w_acc[r * KW + p - j + KW - 1] + h * xv[p],)
+                                 + w_acc[r * KW + p - j + KW:])
+    if NEED_DX:
+        dx_row = (n64 * stride_dxn + ghi.to(tl.int64) * stride_dxh
+                  + gwi.to(tl.int64) * stride_dxw)
+        for p in tl.static_range(PIX_GROUP):
+            dx = acc[p] - xv[p] * box[p]
+            tl.store(dx_ptr + (dx_row + p * stride_dxw)[:, None] + (c64 * stride_dxc)[None, :],
+                     to_dtype_of(dx, dx_ptr, EMULATE_RTNE),
+                     mask=g_mask[:, None] & c_mask[None, :])
+    return w_acc
+
+
+@triton.jit
 def _depthwise_grad_kernel(
     hn_ptr, a_ptr, ws_ptr, x_ptr, dx_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
     n_images, C, H, W, Ho, Wo, n_tiles, TILES_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
@@ -1311,6 +1380,7 @@ def _depthwise_grad_kernel(
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_W: tl.constexpr,
+    PIX_GROUP: tl.constexpr = 1,
 ):
     """Pure depthwise dx and weight-gradient partials in one pass over the input pixels.
 
@@ -1345,6 +1415,12 @@ def _depthwise_grad_kernel(
     [3, R, C] fp32 into s_ptr (NEED_S), db_ptr (NEED_DB), dk_ptr (NEED_DK), RED_PROGRAMS =
     cdiv(C, BLOCK_RC) of them, BLOCK_R rows a step; they run the pixel loop over an empty
     range and store nothing else.
+    PIX_GROUP > 1 (stride 1, dilation 1 along the width, channels_last x, W a multiple of it,
+    up to CACHED_TAPS taps: the launcher, conv_fwd.pixel_groups_fit): a tile is BLOCK_M //
+    PIX_GROUP groups of PIX_GROUP side-by-side input pixels, and the KW output columns a row
+    of taps reads for each pixel are PIX_GROUP + KW - 1 columns for the group, each loaded
+    once (_depthwise_grad_group). dx keeps each pixel's tap order (the same bits as single
+    pixels); the weight-gradient partials sum in another order.
     Grid: (SPLIT + cdiv(RED_PROGRAMS, cdiv(C, BLOCK_C)), cdiv(C, BLOCK_C)).
     """
     split = tl.program_id(0)
@@ -1361,47 +1437,57 @@ def _depthwise_grad_kernel(
     # 32). Larger filters keep the rolled loop and that sum (25 or 49 accumulators would not
     # fit the registers).
     UNROLL: tl.constexpr = KH * KW <= CACHED_TAPS
-    w_acc = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * (KH * KW if UNROLL else 1)
+    w_acc = (tl.zeros([BLOCK_M // PIX_GROUP, BLOCK_C], dtype=tl.float32),) * (KH * KW if UNROLL
+                                                                           else 1)
     w_part = tl.zeros([TAPS, BLOCK_C], dtype=tl.float32)
     ROWS_FAST: tl.constexpr = ROW_W > 0
     cols = _dw_state_col(c64, Ho * Wo, ROW_W)
     t_start = split * TILES_PER_SPLIT
     t_end = tl.where(is_reduce, t_start, tl.minimum(t_start + TILES_PER_SPLIT, n_tiles))
     for t in range(t_start, t_end):
-        n, hi, wi, m_mask = depthwise_pixel_tile(t, n_images, H, W, ROW_W, BLOCK_M)
-        n64 = n.to(tl.int64)
-        out_mask = m_mask[:, None] & c_mask[None, :]
-        x_row = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
-        xv = load_tile(tile_ptrs(x_ptr, x_row, c64 * stride_xc, ROWS_FAST), m_mask, c_mask,
-                       ROWS_FAST).to(tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        hp = hi + PH
-        wp = wi + PW
-        # the state row of output pixel (hp, wp), which tap 0 reads at stride 1
-        row0 = _dw_state_row(n64, hp * Wo + wp, C, Ho * Wo, ROW_W)
-        pix = (hp, wp, row0, n64, m_mask)
-        if UNROLL:
-            for tap in tl.static_range(KH * KW):
-                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
-                                                  c_mask, cols, offs_c, C, Ho, Wo, KW, SH, SW,
-                                                  DH, DW, NEED_DX, ROW_W)
-                if NEED_DW:
-                    w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
+        if PIX_GROUP > 1:
+            w_acc = _depthwise_grad_group(hn_ptr, a_ptr, ws_ptr, x_ptr, dx_ptr, w_acc, t,
+                                          n_images, C, H, W, Ho, Wo, offs_c, c_mask, c64,
+                                          stride_xn, stride_xc, stride_xh, stride_xw,
+                                          stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+                                          KH, KW, PH, PW, DH, NEED_DX, NEED_DW, EMULATE_RTNE,
+                                          BLOCK_M // PIX_GROUP, PIX_GROUP)
         else:
-            for tap in range(KH * KW):
-                h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
-                                                  c_mask, cols, offs_c, C, Ho, Wo, KW, SH, SW,
-                                                  DH, DW, NEED_DX, ROW_W)
-                if NEED_DW:
-                    # this tile's sum for tap t, added into row t of the partials (others + 0)
-                    tap_sum = tl.sum(h * xv, axis=0)
-                    w_part += tl.where(tap_ids[:, None] == tap, tap_sum[None, :], 0.0)
-        if NEED_DX:
-            dx = acc - xv * box
-            dx_row = n64 * stride_dxn + hi.to(tl.int64) * stride_dxh + wi.to(tl.int64) * stride_dxw
-            tl.store(dx_ptr + dx_row[:, None] + (c64 * stride_dxc)[None, :],
-                     to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
+            n, hi, wi, m_mask = depthwise_pixel_tile(t, n_images, H, W, ROW_W, BLOCK_M)
+            n64 = n.to(tl.int64)
+            out_mask = m_mask[:, None] & c_mask[None, :]
+            x_row = n64 * stride_xn + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
+            xv = load_tile(tile_ptrs(x_ptr, x_row, c64 * stride_xc, ROWS_FAST), m_mask, c_mask,
+                           ROWS_FAST).to(tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            box = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            hp = hi + PH
+            wp = wi + PW
+            # the state row of output pixel (hp, wp), which tap 0 reads at stride 1
+            row0 = _dw_state_row(n64, hp * Wo + wp, C, Ho * Wo, ROW_W)
+            pix = (hp, wp, row0, n64, m_mask)
+            if UNROLL:
+                for tap in tl.static_range(KH * KW):
+                    h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
+                                                      c_mask, cols, offs_c, C, Ho, Wo, KW, SH, SW,
+                                                      DH, DW, NEED_DX, ROW_W)
+                    if NEED_DW:
+                        w_acc = w_acc[:tap] + (w_acc[tap] + h * xv,) + w_acc[tap + 1:]
+            else:
+                for tap in range(KH * KW):
+                    h, acc, box = _depthwise_grad_tap(hn_ptr, a_ptr, ws_ptr, tap, pix, acc, box,
+                                                      c_mask, cols, offs_c, C, Ho, Wo, KW, SH, SW,
+                                                      DH, DW, NEED_DX, ROW_W)
+                    if NEED_DW:
+                        # this tile's sum for tap t, added into row t of the partials (others + 0)
+                        tap_sum = tl.sum(h * xv, axis=0)
+                        w_part += tl.where(tap_ids[:, None] == tap, tap_sum[None, :], 0.0)
+            if NEED_DX:
+                dx = acc - xv * box
+                dx_row = (n64 * stride_dxn + hi.to(tl.int64) * stride_dxh
+                          + wi.to(tl.int64) * stride_dxw)
+                tl.store(dx_ptr + dx_row[:, None] + (c64 * stride_dxc)[None, :],
+                         to_dtype_of(dx, dx_ptr, EMULATE_RTNE), mask=out_mask)
     if NEED_DW and UNROLL:
         for tap in tl.static_range(KH * KW):
             w_part = tl.where((tap_ids == tap)[:, None], tl.sum(w_acc[tap], axis=0)[None, :],
@@ -1505,7 +1591,7 @@ def wgrad_config(cg_in: int, cg_out: int, dtype: torch.dtype, taps: int = 1) -> 
 
 
 def depthwise_config(kernel: str, interpreter: Optional[bool] = None, taps: int = 9,
-                     rows: bool = False) -> dict:
+                     rows: bool = False, pix_group: int = 1) -> dict:
     """Tiles of the pure depthwise backward kernels (``kernel`` "prep" or "grad"): elementwise
     work over [pixels x channels] tiles, channels contiguous in Hn, A and channels_last x, 4
     elements a thread. Registers and SASS (AOT compiles at several tiles, sm_90, bf16, triton
@@ -1526,13 +1612,25 @@ def depthwise_config(kernel: str, interpreter: Optional[bool] = None, taps: int 
     depthwise_pixel_tile), where a thread holds one pixel of several channels, so the channel
     tile narrows to 16 at the same 4 elements a thread: the prep pass 32 x 16 x 4 row blocks
     with 4 warps (157 registers linear, 185 sigmoid; 64 x 16 x 2 took 255 with sigmoid), the
-    grad kernel 32 x 16 with 4 warps (168 registers, three CTAs an SM as channels_last's)."""
+    grad kernel 32 x 16 with 4 warps (168 registers, three CTAs an SM as channels_last's).
+
+    ``pix_group`` (grad only; the launcher asks for 2 at stride 1 where conv_fwd.
+    pixel_groups_fit): the grad kernel takes its input pixels in groups of that many side by
+    side (_depthwise_grad_group), a tile of 16 groups x 32 channels on a GPU -- as many
+    channels and rows a thread as the single-pixel tile -- and of 32 pixels under the
+    interpreter. SASS of the tile loop an element (sm_90, bf16, 3x3 channels_last): single
+    pixels 122.8 at 148 registers, pairs 82.4 at 168 -- three CTAs an SM either way; fours
+    87.9 over 8 groups (145 registers), 66.2 over 16 but at 240 registers (two CTAs)."""
     if kernel not in ("prep", "grad"):
         raise ValueError(f"kernel must be 'prep' or 'grad', got {kernel!r}")
-    if _interpreting() if interpreter is None else interpreter:
+    interpreted = _interpreting() if interpreter is None else interpreter
+    if kernel == "grad":
+        if interpreted:
+            return dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, PIX_GROUP=pix_group)
+        return dict(BLOCK_M=(32 if rows else 16) * pix_group, BLOCK_C=16 if rows else 32,
+                    num_warps=4, PIX_GROUP=pix_group)
+    if interpreted:
         cfg = dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=2)
-    elif kernel == "grad":
-        return dict(BLOCK_M=32 if rows else 16, BLOCK_C=16 if rows else 32, num_warps=4)
     elif rows:
         cfg = dict(BLOCK_M=32, BLOCK_C=16, num_warps=4, ROW_BLOCKS=4)
     else:
@@ -1631,6 +1729,11 @@ def _launch(kernel, grid, args, **kwargs):
 
 # "auto" (the rule of _wgrad_runtime_div), or True / False to force it (bench.wgrad_probe)
 _WGRAD_RUNTIME_DIV = "auto"
+
+# The depthwise grad kernel's pairs of input pixels (depthwise_config), on unless
+# SPHEREOPS_DW_PIXEL_PAIRS=0: fewer instructions an element, more registers -- one CTA an SM
+# fewer under triton 3.6 -- and not yet timed on a GPU, so a switch for the A/B.
+DW_PIXEL_PAIRS = os.environ.get("SPHEREOPS_DW_PIXEL_PAIRS", "1") not in ("", "0")
 
 
 def _wgrad_runtime_div(c_out: int) -> bool:
@@ -2108,7 +2211,10 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
         # the state's layout is the prep's (row_w > 0: planes); the input pixels' row tiles
         # take the input's own width
         in_row_w = depthwise_row_width(x, wd) if row_w else 0
-        cfg = depthwise_config("grad", rows=row_w > 0)
+        # pairs of side-by-side input pixels at stride 1 where they fit (depthwise_config)
+        pix_group = 2 if DW_PIXEL_PAIRS and geometry["SH"] == 1 and pixel_groups_fit(
+            2, wd, geometry["SW"], geometry["DW"], in_row_w, kh * kw) else 1
+        cfg = depthwise_config("grad", rows=row_w > 0, pix_group=pix_group)
         steps = depthwise_tile_count(n, h, wd, in_row_w, cfg["BLOCK_M"])
         c_tiles = _cdiv(c, cfg["BLOCK_C"])
         # without dw every tile is its own program; with it, contiguous ranges of tiles (the
@@ -2131,7 +2237,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
                 **geometry, NEED_DX=need_dx, NEED_DW=need_dw, TAPS=_next_pow2(kh * kw),
                 EMULATE_RTNE=rtne, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_C=cfg["BLOCK_C"], ROW_W=in_row_w, num_warps=cfg["num_warps"])
+                BLOCK_C=cfg["BLOCK_C"], ROW_W=in_row_w, PIX_GROUP=cfg["PIX_GROUP"],
+                num_warps=cfg["num_warps"])
         if need_dw:
             dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
     return dx, dw, db, dk
@@ -2352,12 +2459,15 @@ def aot_specs() -> list:
         # tiles; the prep pass with the heaviest operator (sigmoid: arccos and exps per element);
         # channels_last x (flat pixel tiles) and NCHW x (row tiles, state in planes)
         w_strides = dict(stride_wc=9, stride_wh=3, stride_ww=1)
-        for layout, label, ks, st in (("cl", "3x3", 3, 1), ("cl", "3x3_s2", 3, 2),
-                                      ("cl", "5x5", 5, 1), ("nchw", "3x3", 3, 1),
-                                      ("nchw", "3x3_s2", 3, 2)):
+        # (the grad kernel's 3x3 stride-1 launch takes pairs of pixels on the 56-wide example,
+        # single pixels at odd widths: both built)
+        for layout, label, ks, st, group in (("cl", "3x3", 3, 1, 2),
+                                             ("cl", "3x3", 3, 1, 1), ("cl", "3x3_s2", 3, 2, 1),
+                                             ("cl", "5x5", 5, 1, 1), ("nchw", "3x3", 3, 1, 1),
+                                             ("nchw", "3x3_s2", 3, 2, 1)):
             rows = layout == "nchw"
             prep_cfg = depthwise_config("prep", False, ks * ks, rows=rows)
-            grad_cfg = depthwise_config("grad", False, rows=rows)
+            grad_cfg = depthwise_config("grad", False, rows=rows, pix_group=group)
             geo = dict(KH=ks, KW=ks, SH=st, SW=st, PH=ks // 2, PW=ks // 2, DH=1, DW=1)
             ho, wo = h // st, w // st
             name = f"{label}_{tag}" if layout == "cl" else f"{label}_nchw_{tag}"
@@ -2370,7 +2480,7 @@ def aot_specs() -> list:
                 dy_strides = dict(stride_dyn=ho * wo * c, stride_dyc=1, stride_dyh=wo * c,
                                   stride_dyw=c)
             dx_strides = {k.replace("_x", "_dx"): v for k, v in x_strides.items()}
-            specs.append(dict(
+            specs.extend([dict(
                 name=f"conv_bwd_depthwise_prep_sigmoid_{name}", fn=_depthwise_prep_kernel,
                 signature=_signature(_depthwise_prep_kernel,
                                      {"dy_ptr": t, "x_ptr": t, "w_ptr": t, "k_ptr": t, "hn_ptr": t,
@@ -2384,9 +2494,11 @@ def aot_specs() -> list:
                                 ROW_W=min(_next_pow2(wo), MAX_ROW_W) if rows else 0),
                 num_warps=prep_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, H=h, W=w, Ho=ho, Wo=wo, **x_strides, **w_strides,
-                                  **dy_strides)))
+                                  **dy_strides))] if group == 1 else [])
             specs.append(dict(
-                name=f"conv_bwd_depthwise_grad_{name}", fn=_depthwise_grad_kernel,
+                name=f"conv_bwd_depthwise_grad_{label}" + (f"_pg{group}" if group > 1 else "")
+                     + name[len(label):],
+                fn=_depthwise_grad_kernel,
                 signature=_signature(_depthwise_grad_kernel,
                                      {"hn_ptr": t, "a_ptr": "*fp32", "ws_ptr": "*fp32",
                                       "x_ptr": t, "dx_ptr": t, "part_ptr": "*fp32",
@@ -2394,7 +2506,7 @@ def aot_specs() -> list:
                                       "dk_ptr": t}),
                 constexprs=dict(**geo, NEED_DX=True, NEED_DW=True, TAPS=_next_pow2(ks * ks),
                                 **_FOLDED_REDUCE, BLOCK_M=grad_cfg["BLOCK_M"],
-                                BLOCK_C=grad_cfg["BLOCK_C"],
+                                BLOCK_C=grad_cfg["BLOCK_C"], PIX_GROUP=grad_cfg["PIX_GROUP"],
                                 ROW_W=min(_next_pow2(w), MAX_ROW_W) if rows else 0),
                 num_warps=grad_cfg["num_warps"], num_stages=1, dtype=dtype, gemm=False,
                 example_args=dict(C=c, H=h, W=w, Ho=ho, Wo=wo, TILES_PER_SPLIT=256, SPLIT=528,

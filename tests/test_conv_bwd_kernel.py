@@ -134,6 +134,10 @@ GRID = [
                  id="depthwise-s2-c20"),
     pytest.param(dict(operator="cosine", c_in=6, c_out=6, groups=6, kernel=(3, 2), stride=(2, 1),
                       padding=(2, 0), dilation=(2, 1), h=9, w=7), id="depthwise-rect-d2"),
+    # an even width at stride 1: the grad kernel's pairs of input pixels (padding wider than
+    # the filter reaches along the width, dilated rows)
+    pytest.param(dict(operator="sigmoid", c_in=20, c_out=20, groups=20, h=5, w=8,
+                      padding=(1, 2), dilation=(2, 1)), id="depthwise-pairs"),
     # a 5x5 depthwise filter: more taps than the kernels keep cached (the grad kernel's
     # rolled tap loop, the prep pass one tile a program)
     pytest.param(dict(operator="linear", c_in=10, c_out=10, groups=10, kernel=5, padding=2,
@@ -1012,6 +1016,34 @@ def test_depthwise_reduction_in_the_grad_launch(monkeypatch, mask):
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
     names = [k.__name__ for k, _, _ in launched]
     assert names.count("_reduce_partials_kernel") == (1 if mask[0] or mask[1] else 2), names
+
+
+@pytest.mark.parametrize("geom", [
+    dict(kernel=3, padding=1, h=5, w=8),
+    dict(kernel=(3, 2), padding=(2, 0), dilation=(2, 1), h=6, w=6),
+], ids=["3x3", "3x2-d2"])
+@pytest.mark.parametrize("mask", [ALL, (True, False, False, False), (False, True, True, True)],
+                         ids=["all", "dx", "dw-db-dk"])
+def test_depthwise_grad_pairs_of_pixels(geom, mask, monkeypatch):
+    """At stride 1 and an even width the depthwise grad kernel takes its input pixels in pairs
+    (PIX_GROUP 2: one load of each Hn / A column for both); dx sums each pixel's taps in the
+    same order as single pixels -- bitwise the single-pixel dx -- and every gradient is right
+    against float64 (the weight-gradient partials sum in another order: to rounding)."""
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", n=3, c_in=20, c_out=20,
+                            groups=20, channels_last=True, **geom)
+    _, flags = record_launches(monkeypatch, conv_bwd, "_launch")
+    pairs = _kernel(dy, inp, c, r_x, mask=mask)
+    grad_flags = [f for f in flags if "PIX_GROUP" in f]
+    assert [f["PIX_GROUP"] for f in grad_flags] == [2]
+    monkeypatch.setattr(conv_bwd, "DW_PIXEL_PAIRS", False)   # SPHEREOPS_DW_PIXEL_PAIRS=0
+    single = _kernel(dy, inp, c, r_x, mask=mask)
+    assert [f["PIX_GROUP"] for f in flags if "PIX_GROUP" in f] == [2, 1]
+    if mask[0]:
+        assert torch.equal(pairs[0], single[0]), "dx of pixel pairs differs from single pixels"
+    for name, a, b in zip(("dw", "db", "dk"), pairs[1:], single[1:]):
+        if a is not None:
+            assert_close(a, b, rtol=1e-6, atol=1e-6, name=name)
+    _check_all(pairs, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask=mask)
 
 
 @pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["dx-only", "dw-only"])
