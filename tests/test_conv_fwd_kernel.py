@@ -569,14 +569,19 @@ def test_depthwise_pixel_groups_fit():
     assert {"out_w", "conv_stride_w", "dil_w", "ROW_W", "KH", "KW"} <= set(F._DW_AUTOTUNE_KEY)
 
 
+@pytest.mark.parametrize("geom", [
+    dict(h=5, w=8, kernel=3, padding=1),
+    # rows strided and dilated (only the width must be stride and dilation 1), a 3x2 filter
+    dict(h=9, w=9, kernel=(3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)),
+], ids=["3x3", "3x2-s2x1-d2x1"])
 @pytest.mark.parametrize("operator", ["linear", "sigmoid"])
 @pytest.mark.parametrize("group", [2, 4])
-def test_depthwise_pixel_groups_give_the_same_bits(group, operator):
+def test_depthwise_pixel_groups_give_the_same_bits(group, operator, geom):
     """A tile of pixel groups sums every output's taps in the same order as single pixels
     (depthwise_window_group): y is bitwise the single-pixel tile's, and right against float64
-    -- 3 images of 5 x 8 (groups never cross a row; tiles cross images and end partial), a
-    channel tile partly masked, the padding on every side."""
-    case = dict(n=3, c_in=20, h=5, w=8, c_out=20, kernel=3, padding=1, groups=20)
+    -- 3 images (groups never cross a row; tiles cross images and end partial), a channel tile
+    partly masked, the padding on every side."""
+    case = dict(n=3, c_in=20, c_out=20, groups=20, **geom)
     inp = make_conv_inputs(**case, operator=operator, device=DEVICE, channels_last=True)
     single = triton.Config({"BLOCK_M": 16, "BLOCK_C": 16, "ROW_BLOCKS": 2, "PIX_GROUP": 1},
                            num_warps=4)
