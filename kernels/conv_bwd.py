@@ -100,10 +100,10 @@ import triton.language as tl
 
 from .angular import OPERATOR_CODES, clamp_cos, cosine_and_dg_dc, dg_dc, dg_dk
 from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, dense_plane,
-                       depthwise_filter_taps, depthwise_inv_norms, depthwise_pixel_tile,
-                       depthwise_row_width, depthwise_tile_count, depthwise_window, filter_tap,
-                       in_bounds, pixel_groups_fit, pixels_fast, stage_input_tile,
-                       staged_channels)
+                       depthwise_filter_taps, depthwise_group_tile, depthwise_inv_norms,
+                       depthwise_pixel_tile, depthwise_row_width, depthwise_tile_count,
+                       depthwise_window, filter_tap, in_bounds, pixel_groups_fit, pixels_fast,
+                       stage_input_tile, staged_channels)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_ptrs,
                        to_dtype_of)
@@ -1318,8 +1318,8 @@ def _depthwise_grad_group(hn_ptr, a_ptr, ws_ptr, x_ptr, dx_ptr, w_acc, tile, n_i
     [0, PIX_GROUP + KW - 1): each column's Hn and A are loaded once and serve every pixel
     with kw = p - j + KW - 1 in [0, KW). The columns are walked right to left, so each pixel
     still meets its taps in tap order (r, then kw), as _depthwise_grad_tap's loop."""
-    gn, ghi, gwi, g_mask = depthwise_pixel_tile(tile, n_images, H, W // PIX_GROUP, 0, BG)
-    gwi = gwi * PIX_GROUP
+    gn, ghi, gwi, g_mask = depthwise_group_tile(tile, n_images, H, W, BG * PIX_GROUP,
+                                                PIX_GROUP)
     n64 = gn.to(tl.int64)
     x_row = n64 * stride_xn + ghi.to(tl.int64) * stride_xh + gwi.to(tl.int64) * stride_xw
     xv = ()

@@ -454,6 +454,19 @@ def depthwise_pixel_tile(tile, n_images, height, width, ROW_W: tl.constexpr, BM:
     return n, h, w, mask
 
 
+@triton.jit
+def depthwise_group_tile(tile, n_images, height, width, BM: tl.constexpr,
+                         PIX_GROUP: tl.constexpr):
+    """Tile ``tile`` of BM consecutive pixels of an [n_images, height, width] grid (width a
+    multiple of PIX_GROUP; channels_last flat tiles) as BM // PIX_GROUP groups of PIX_GROUP
+    side-by-side pixels: ``(n, h, w, mask)``, each [BM // PIX_GROUP], w the group's first
+    column -- the same pixels as :func:`depthwise_pixel_tile`'s tile ``tile`` (ROW_W 0), so
+    the grid and tile count are those of single pixels."""
+    n, h, w, mask = depthwise_pixel_tile(tile, n_images, height, width // PIX_GROUP, 0,
+                                         BM // PIX_GROUP)
+    return n, h, w * PIX_GROUP, mask
+
+
 def depthwise_tile_count(n_images: int, height: int, width: int, row_w: int, bm: int) -> int:
     """How many :func:`depthwise_pixel_tile` tiles of BM pixels cover the grid (host side)."""
     if row_w == 0:
@@ -619,13 +632,10 @@ def _sphere_conv_dw_fwd_kernel(
     out_cols = offs_c.to(tl.int64)[None, :] * stride_yc
     n_images = n_pixels // (out_h * out_w)
     for rb in range(ROW_BLOCKS):
+        tile = pid_m * ROW_BLOCKS + rb
         if PIX_GROUP > 1:
-            # the tile's groups on the grid of groups (Wo / PIX_GROUP of them a row): the same
-            # BLOCK_M pixels as a tile of single pixels, so the grid is unchanged
-            n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images,
-                                                         out_h, out_w // PIX_GROUP, 0,
-                                                         BLOCK_M // PIX_GROUP)
-            wo = wo * PIX_GROUP
+            n_idx, ho, wo, mask_m = depthwise_group_tile(tile, n_images, out_h, out_w, BLOCK_M,
+                                                         PIX_GROUP)
             s_group, q_group = depthwise_window_group(
                 x_ptr, taps, n_idx, ho * conv_stride_h - pad_h, wo - pad_w, mask_m, offs_c,
                 mask_c, in_h, in_w, stride_xn, stride_xc, stride_xh, stride_xw, dil_h, KH, KW,
@@ -634,14 +644,15 @@ def _sphere_conv_dw_fwd_kernel(
             # p is pixel p of group g), so the epilogue's per-channel work is done once
             s = interleave_rows(s_group, PIX_GROUP)
             q = interleave_rows(q_group, PIX_GROUP)
-            # the rows' pixels as a tile of single pixels has them (the interleaved group
-            # coordinates would cross threads: a shared-memory round trip, 1932 -> 2000 SASS
-            # instructions a 128 x 64 bf16 tile)
-            n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images,
-                                                         out_h, out_w, 0, BLOCK_M)
+            # and the epilogue's pixels as a single-pixel tile has them, formed only now: the
+            # group coordinates interleaved would cross threads (a shared-memory round trip,
+            # 1932 -> 2000 SASS instructions a 128 x 64 bf16 tile), and this tile formed
+            # before the windows stays live through them (2955 -> 2976, 228 -> 245 registers)
+            n_idx, ho, wo, mask_m = depthwise_pixel_tile(tile, n_images, out_h, out_w, 0,
+                                                         BLOCK_M)
         else:
-            n_idx, ho, wo, mask_m = depthwise_pixel_tile(pid_m * ROW_BLOCKS + rb, n_images,
-                                                         out_h, out_w, ROW_W, BLOCK_M)
+            n_idx, ho, wo, mask_m = depthwise_pixel_tile(tile, n_images, out_h, out_w, ROW_W,
+                                                         BLOCK_M)
             s, q = depthwise_window(x_ptr, taps, n_idx, ho * conv_stride_h - pad_h,
                                     wo * conv_stride_w - pad_w, mask_m, offs_c, mask_c, in_h,
                                     in_w, stride_xn, stride_xc, stride_xh, stride_xw,
