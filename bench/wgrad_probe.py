@@ -85,7 +85,7 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
 
     captured = {}
     orig_finalize, orig_config, orig_split = CB._finalize_dw, CB.wgrad_config, CB._wgrad_split
-    orig_div = CB._WGRAD_RUNTIME_DIV
+    orig_div, orig_writes = CB._WGRAD_RUNTIME_DIV, CB.WGRAD_WRITES_DW
 
     def finalize(w_part, w_, r_w, s_sum, split, rtne):
         captured.update(w_part=w_part.clone(), r_w=r_w.clone(), s_sum=s_sum.clone(), split=split)
@@ -93,6 +93,7 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
 
     try:
         CB._finalize_dw = finalize
+        CB.WGRAD_WRITES_DW = False   # the partials go through _finalize_dw, which keeps them
         CB._WGRAD_RUNTIME_DIV = cfg["runtime_div"]
         if cfg["tile"] is not None:
             bo, bci, bm, st = cfg["tile"]
@@ -108,7 +109,7 @@ def probe(cfg: dict, seed: int = 0, device: str = "cuda") -> dict:
             torch.cuda.synchronize()
     finally:
         CB._finalize_dw, CB.wgrad_config, CB._wgrad_split = orig_finalize, orig_config, orig_split
-        CB._WGRAD_RUNTIME_DIV = orig_div
+        CB._WGRAD_RUNTIME_DIV, CB.WGRAD_WRITES_DW = orig_div, orig_writes
 
     # float64 truth from the same c and r_x
     dy64, c64s = dy.double(), c.double()

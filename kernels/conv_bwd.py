@@ -8,8 +8,8 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes of the GEMM path (in this order; 4 launches with every gradient, 5 when
-the partial sums of step 1 take two levels):
+Kernels and passes of the GEMM path (in this order; 3 launches with every gradient, 4 when
+the partial sums of step 1 take two levels, one more where the wgrad leaves dw to step 5):
 
 1. ``_prep_kernel``, one launch with two kinds of program. The filter programs (first in the
    grid; only when dx or dw is asked; ``_filter_norm_block``) compute r_w [C_out] fp32 and the
@@ -36,7 +36,8 @@ the partial sums of step 1 take two levels):
 2. ``_reduce_partials_kernel``: sums the partials of step 1 in a fixed order -> S (fp32), db, dk
    (two levels once there are more than 512 partial rows). With a wgrad the final level runs
    as extra programs of the wgrad launch instead (``_fold_reduction``; S is only read by the
-   finalize after it, db and dk by nobody here), so this kernel launches only for a first
+   finalize after it -- or by the wgrad's finishing programs, which sum it themselves --, db
+   and dk by nobody here), so this kernel launches only for a first
    level or when no wgrad is asked.
 3. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
@@ -51,8 +52,14 @@ the partial sums of step 1 take two levels):
    channels a group the flattened (tap, channel) axis, so that a first layer's 3 channels do
    not fill 3 of 16 columns and Hn is not re-read once per tap; its rows' output pixels carried
    from step to step, not divided out every step; a 1x1 filter at stride 1 over dense pixel
-   rows reads x as a plain GEMM operand); ``_dw_finalize_kernel`` sums the partials in split order and
-   applies ``/ r_w - w S / r_w^2``. No atomics anywhere: same inputs -> bitwise same gradients.
+   rows reads x as a plain GEMM operand). The split that completes a tile -- counted on an
+   int32 counter the prep launch zeroed -- sums the tile's partials in split order and applies
+   ``/ r_w - w S / r_w^2`` (``count_and_finish_wgrad_tile``; the counter decides only which
+   program does it, not the order of any sum).
+5. ``_dw_finalize_kernel``: the same for the whole dw in one launch, where the wgrad leaves it
+   (``_finish_dw_in_wgrad``: past 8 splits, int64 offsets; the channelwise prep;
+   ``SPHEREOPS_WGRAD_WRITES_DW=0``).
+No floating-point atomics anywhere: same inputs -> bitwise same gradients.
 
 Numerics: fp32 accumulation everywhere; fp32 inputs use tf32 tensor cores iff
 ``torch.backends.cudnn.allow_tf32`` (PyTorch's switch for convolutions). Pixel offsets are int64.
@@ -961,10 +968,11 @@ def _flat_input_tile(n, ho, wo, m_mask, kh, kw, k_mask, H, W, stride_xn, stride_
 
 @triton.jit
 def _wgrad_kernel(
-    hn_ptr, x_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr,
+    hn_ptr, x_ptr, part_ptr, red_ptr, s_ptr, db_ptr, dk_ptr, cnt_ptr, w_ptr, rw_ptr, dw_ptr,
     M, HoWo: tl.constexpr, Wo: tl.constexpr, H, W, C_out, CG_IN, CG_OUT, CGI_P, CGO_P, G,
     M_PER_SPLIT, SPLIT, R, RED_PROGRAMS,
     stride_xn, stride_xc, stride_xh, stride_xw, howo_rt, wo_rt,
+    stride_wo, stride_wc, stride_wh, stride_ww, stride_dwo, stride_dwc, stride_dwh, stride_dww,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
@@ -972,6 +980,7 @@ def _wgrad_kernel(
     RUNTIME_DIV: tl.constexpr, FLAT_K: tl.constexpr, DENSE_ROWS: tl.constexpr,
     EVEN_O: tl.constexpr, EVEN_CI: tl.constexpr, HN_TOP: tl.constexpr, HN_LEFT: tl.constexpr,
     NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    FINISH_DW: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -1014,6 +1023,13 @@ def _wgrad_kernel(
     S into s_ptr [C_out] fp32 (NEED_S), db into db_ptr and dk into dk_ptr [C_out] (NEED_DB /
     NEED_DK), RED_PROGRAMS = cdiv(C_out, BLOCK_RC) of them, BLOCK_R rows a step, EMULATE_RTNE
     as _reduce_partials_kernel; without them (all three flags False) none runs.
+    FINISH_DW: the finalize rides in this launch too (count_and_finish_wgrad_tile): cnt_ptr
+    [G * axis 0 * axis 1] int32, zeroed by the prep launch, counts the splits of each tile that
+    have stored their partial, and the split that completes the count writes the tile's dw
+    [C_out, CG_IN, KH, KW] (dw_ptr, strides stride_dwo..) from the partials, w_ptr (strides
+    stride_wo..), rw_ptr [C_out] fp32 and S summed from red_ptr's first plane -- so the reduce
+    programs need not write S. Without it cnt_ptr, w_ptr, rw_ptr, dw_ptr are unread (any
+    tensors) and _dw_finalize_kernel runs after this launch.
     Grid: (cdiv(CG_OUT, BLOCK_O) * cdiv(CG_IN, BLOCK_CI), KH*KW, SPLIT * G + E), or with FLAT_K
     (cdiv(CG_OUT, BLOCK_O), cdiv(KH*KW*CG_IN, BLOCK_CI), SPLIT * G + E), E = the slices the
     reduce programs need (0 without them).
@@ -1131,6 +1147,17 @@ def _wgrad_kernel(
             _reduce_column_block(red_ptr, s_ptr, s_ptr, db_ptr, dk_ptr, red, 0, 1, R, C_out,
                                  tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
                                  EMULATE_RTNE, BLOCK_R, BLOCK_RC)
+    elif FINISH_DW:
+        if FLAT_K:   # the tile's columns: flat (tap, channel) positions, or a tap's channels
+            col0 = tap * BLOCK_CI
+        else:
+            col0 = pid_ci * BLOCK_CI
+        tile = (g * tl.num_programs(0) + pid_oc) * tl.num_programs(1) + tap
+        count_and_finish_wgrad_tile(cnt_ptr, tile, part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g,
+                                    pid_o * BLOCK_O, col0, tap, C_out, CG_IN, CG_OUT, SPLIT, R,
+                                    stride_wo, stride_wc, stride_wh, stride_ww,
+                                    stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                                    KH, KW, FLAT_K, EMULATE_RTNE, BLOCK_O, BLOCK_CI)
 
 
 @triton.jit
@@ -1554,6 +1581,100 @@ def _dw_finalize_kernel(
              to_dtype_of(dw, dw_ptr, EMULATE_RTNE), mask=mask)
 
 
+@triton.jit
+def finish_wgrad_tile(part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0, col0, tap,
+                      c_out, cg_in, cg_out, n_split, R,
+                      stride_wo, stride_wc, stride_wh, stride_ww,
+                      stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                      KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+                      EMULATE_RTNE: tl.constexpr, BLOCK_O: tl.constexpr,
+                      BLOCK_CI: tl.constexpr):
+    """dw of one wgrad tile -- group g, filters o0.., and BLOCK_CI columns from col0: input
+    channels col0.. of tap ``tap``, or with FLAT_K the flat (tap, channel) positions k = col0..
+    (tap k // C_in/G, channel k % C_in/G; ``tap`` unused) -- from the n_split partials of
+    part_ptr [n_split, KH*KW, C_out, C_in/G] (summed in split order) and S = the column sums of
+    red_ptr's first [R, C_out] plane (fixed order, FIN_ROWS rows a step): dw = sum / r_w -
+    w * S / r_w^2, stored in dw's dtype (_dw_finalize_kernel's result, its sums in another
+    fixed order). FIN_COLS columns at a time (a whole 128 x 128 fp32 tile and its next partial
+    would take every register and spill: ~1 KB a thread). The loads bypass L1 (``.cg``): the
+    partials were written by other programs (:func:`count_and_finish_wgrad_tile`)."""
+    FIN_ROWS: tl.constexpr = 64
+    FIN_COLS: tl.constexpr = 32 if BLOCK_CI > 32 else BLOCK_CI
+    SPLIT_STEP: tl.constexpr = 2
+    offs_o = o0 + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < cg_out
+    filt = g * cg_out + offs_o
+    s_acc = tl.zeros((FIN_ROWS, BLOCK_O), dtype=tl.float32)
+    # the tail of a launch, once a tile: plain loops, not software-pipelined ones (the
+    # kernel's num_stages would buffer these loads too, for ~90 more registers a thread)
+    for r0 in tl.range(0, R, FIN_ROWS, num_stages=1):
+        rows = r0 + tl.arange(0, FIN_ROWS)
+        s_acc += tl.load(red_ptr + rows.to(tl.int64)[:, None] * c_out + filt[None, :],
+                         mask=(rows < R)[:, None] & o_mask[None, :], other=0.0,
+                         cache_modifier=".cg")
+    s_o = tl.sum(s_acc, axis=0)
+    inv_rw = 1.0 / tl.load(rw_ptr + filt, mask=o_mask, other=1.0)
+    corr = s_o * inv_rw * inv_rw
+    split_elems = KH * KW * c_out * cg_in   # one split's partials
+    for c in tl.range(0, BLOCK_CI // FIN_COLS, num_stages=1):
+        cols = col0 + c * FIN_COLS + tl.arange(0, FIN_COLS)
+        if FLAT_K:
+            col_tap = cols // cg_in
+            ci = cols - col_tap * cg_in
+            col_ok = cols < KH * KW * cg_in
+        else:
+            col_tap = tap + tl.zeros((FIN_COLS,), dtype=tl.int32)
+            ci = cols
+            col_ok = cols < cg_in
+        mask = o_mask[:, None] & col_ok[None, :]
+        r = col_tap // KW
+        s = col_tap - r * KW
+        acc = tl.zeros((BLOCK_O, FIN_COLS), dtype=tl.float32)
+        tile_ptrs = part_ptr + ((col_tap[None, :] * c_out + filt[:, None]).to(tl.int64) * cg_in
+                                + ci[None, :])
+        # SPLIT_STEP splits' loads in flight at once (a round trip to L2 a step, not a split),
+        # added in split order: the bits of one split at a time (past n_split: + 0)
+        for s0 in tl.range(0, n_split, SPLIT_STEP, num_stages=1):
+            for j in tl.static_range(SPLIT_STEP):
+                split = s0 + j
+                # (the split's bound as a vector: a scalar predicate in a mask trips the
+                # interpreter; uniform either way on the GPU)
+                in_split = (split + tl.zeros((FIN_COLS,), dtype=tl.int32)) < n_split
+                acc += tl.load(tile_ptrs + split.to(tl.int64) * split_elems,
+                               mask=mask & in_split[None, :], other=0.0, cache_modifier=".cg")
+        wv = tl.load(w_ptr + filt[:, None] * stride_wo + (ci * stride_wc + r * stride_wh
+                                                          + s * stride_ww)[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        dw = acc * inv_rw[:, None] - wv * corr[:, None]
+        tl.store(dw_ptr + filt[:, None] * stride_dwo + (ci * stride_dwc + r * stride_dwh
+                                                        + s * stride_dww)[None, :],
+                 to_dtype_of(dw, dw_ptr, EMULATE_RTNE), mask=mask)
+
+
+@triton.jit(noinline=True)
+def count_and_finish_wgrad_tile(cnt_ptr, tile, part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0,
+                                col0, tap, c_out, cg_in, cg_out, n_split, R,
+                                stride_wo, stride_wc, stride_wh, stride_ww,
+                                stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                                KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+                                EMULATE_RTNE: tl.constexpr, BLOCK_O: tl.constexpr,
+                                BLOCK_CI: tl.constexpr):
+    """After a wgrad program has stored its partial of tile ``tile``: count it on cnt_ptr
+    [tiles] int32 (zeroed by the prep launch), and the program whose count completes the tile's
+    n_split -- whichever split runs last -- finishes it (:func:`finish_wgrad_tile`): the
+    finalize without a launch of its own, the same bits whatever order the programs ran in.
+    The barrier puts every thread's partial store before the count; the count is a release
+    (those stores visible to whoever acquires it) and an acquire (the other splits' partials
+    visible to the finishing program), the threadfence-reduction pattern of CUDA's samples."""
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == n_split - 1:
+        finish_wgrad_tile(part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0, col0, tap,
+                          c_out, cg_in, cg_out, n_split, R,
+                          stride_wo, stride_wc, stride_wh, stride_ww,
+                          stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                          KH, KW, FLAT_K, EMULATE_RTNE, BLOCK_O, BLOCK_CI)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs (fixed per shape: no autotuning, so that results never depend on timing noise and
 # torch.compile sees plain launches)
@@ -1707,6 +1828,27 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
     return max(1, min(want, steps // 8, 256))
 
 
+def _wgrad_layout(cg_in: int, cg_out: int, groups: int, taps: int, m_out: int,
+                  dtype: torch.dtype, device: torch.device) -> dict:
+    """The implicit-GEMM wgrad's launch shape: its tile ``cfg`` (wgrad_config), the GEMM part
+    of its ``grid`` (axis 0 filter x column blocks, axis 1 taps or flat column blocks, axis 2
+    splits x groups; the launcher adds the folded reduction's slices), ``split`` ranges of
+    ``m_per_split`` output pixels (a multiple of BLOCK_M; _wgrad_split) and ``tiles`` = the
+    (group, axis 0, axis 1) tiles that each sum ``split`` partials (one counter each with
+    FINISH_DW)."""
+    cfg = wgrad_config(cg_in, cg_out, dtype, taps)
+    if cfg["FLAT_K"]:   # program axis 1: blocks of the flattened (tap, ci) axis
+        grid_ci, grid_k = 1, _cdiv(taps * cg_in, cfg["BLOCK_CI"])
+    else:
+        grid_ci, grid_k = _cdiv(cg_in, cfg["BLOCK_CI"]), taps
+    per_group = _cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci * grid_k
+    split = _wgrad_split(m_out, groups * per_group, cfg["BLOCK_M"], device)
+    m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    split = _cdiv(m_out, m_per_split)
+    return dict(cfg=cfg, grid=(per_group // grid_k, grid_k, split * groups), split=split,
+                m_per_split=m_per_split, tiles=groups * per_group)
+
+
 def _depthwise_split(steps: int, c_tiles: int, device: torch.device) -> int:
     """Pixel ranges of the depthwise grad kernel when it also sums the weight-gradient
     partials: about three programs per SM in all (as many 4-warp, 144-register programs as an
@@ -1734,6 +1876,29 @@ _WGRAD_RUNTIME_DIV = "auto"
 # SPHEREOPS_DW_PIXEL_PAIRS=0: fewer instructions an element, more registers -- one CTA an SM
 # fewer under triton 3.6 -- and not yet timed on a GPU, so a switch for the A/B.
 DW_PIXEL_PAIRS = os.environ.get("SPHEREOPS_DW_PIXEL_PAIRS", "1") not in ("", "0")
+
+# The implicit-GEMM wgrad finishes dw itself (FINISH_DW: the last split of each tile, counted
+# on counters the prep zeroes) instead of a _dw_finalize_kernel launch after it, unless
+# SPHEREOPS_WGRAD_WRITES_DW=0: one launch fewer a backward, not yet timed on a GPU, so a
+# switch for the A/B (and bench.wgrad_probe turns it off to read the partials).
+WGRAD_WRITES_DW = os.environ.get("SPHEREOPS_WGRAD_WRITES_DW", "1") not in ("", "0")
+
+
+# The most splits whose partials the finishing program of a wgrad tile sums (_finish_dw_in_wgrad)
+WGRAD_FINISH_MAX_SPLIT = 8
+
+
+def _finish_dw_in_wgrad(split: int, wide: bool) -> bool:
+    """Whether the implicit-GEMM wgrad finishes dw itself (FINISH_DW) rather than leaving it to a
+    _dw_finalize_kernel launch, given its ``split`` count and int64 offsets (``wide``). The
+    finishing program of a tile reads its ``split`` partials alone, one SM's worth of bandwidth
+    at the end of the launch: at up to WGRAD_FINISH_MAX_SPLIT splits (two a round trip to L2,
+    4 column chunks: <= 16 round trips, a few us) that tail is about what the separate launch
+    costs in device time and saves the launch's host time; a 1x1 layer with few tiles takes up
+    to 256 splits (r50.l1_reduce: 132, 4 MB a tile), where the whole-GPU finalize is the faster
+    way. Not with int64 offsets either: the finishing code's registers cost their K loop ~8%
+    more instructions (sm_90 bf16, 616 -> 664) on a wgrad whose size dwarfs a launch."""
+    return split <= WGRAD_FINISH_MAX_SPLIT and not wide
 
 
 def _wgrad_runtime_div(c_out: int) -> bool:
@@ -1979,11 +2144,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     stage_p = STAGE_CONFIG["BLOCK_P"]
     x_staged, n_stage_programs, stage_cp = None, 0, cgi_p
     x_grid, x_grid_slack, stage_grid, planes_h, planes_w = None, 0, False, 1, 1
-    # the grid wgrad's tile counters (its last program of a tile writes dw), zeroed by the prep
-    counters = (conv_bwd_grid().wgrad_tile_counters(cg_in, cg_out, groups, kh * kw, dev)
-                if grid_wgrad else None)
-    if stage_x:
-        x_staged = torch.empty((n, h, wd, groups * cgi_p), device=dev, dtype=dtype)
+    if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
+        x_staged = torch.empty((n, h, wd, groups * cgi_p), device=dev,
+                               dtype=dtype).permute(0, 3, 1, 2)
         n_stage_programs = n * _cdiv(h * wd, stage_p)
     elif grid_wgrad:   # x onto its padded grid (conv_bwd_grid.x_grid_buffer), in this launch
         x_grid, x_grid_slack, stage_grid = conv_bwd_grid().x_grid_buffer(
@@ -1992,6 +2155,25 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
             planes_h, planes_w = phase_planes((kh, kw), (sh, sw))
             n_stage_programs = _cdiv(x_grid.shape[0], stage_p)
             stage_cp = x_grid.shape[1] // groups
+    # int64 offsets in the dgrad / wgrad loops (w_hat too: the dgrad's filter offsets are int32
+    # unless wide; the wgrad's staged copy has channels x's has not)
+    wide = _needs_wide_offsets(x, max(hn.numel(), w_hat.numel()), (kh, kw), (ph, pw), (dh, dw_))
+    if stage_x:
+        wide = wide or _needs_wide_offsets(x_staged, 0, (kh, kw), (ph, pw), (dh, dw_))
+    # the implicit-GEMM wgrad's tiles and splits (step 4), decided here for its tile counters
+    wgrad = None
+    if need_dw and not grid_wgrad:
+        wgrad = _wgrad_layout(cg_in, cg_out, groups, kh * kw, m_out, dtype, dev)
+    # the wgrad's tile counters, zeroed by the prep: the grid wgrad's always, the implicit-GEMM
+    # one's when it finishes dw itself (WGRAD_WRITES_DW, _finish_dw_in_wgrad)
+    finish_dw = (wgrad is not None and cg_out > 1 and WGRAD_WRITES_DW
+                 and _finish_dw_in_wgrad(wgrad["split"], wide))
+    if grid_wgrad:
+        counters = conv_bwd_grid().wgrad_tile_counters(cg_in, cg_out, groups, kh * kw, dev)
+    elif finish_dw:
+        counters = torch.empty(wgrad["tiles"], device=dev, dtype=torch.int32)
+    else:
+        counters = None
     a_shape = (n, groups, ho, wo) if need_dx else (1,)
     a_buf = torch.empty(a_shape, device=dev, dtype=torch.float32)
     partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
@@ -2031,8 +2213,6 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 GRID_SH=sh if stage_grid else 1, GRID_SW=sw if stage_grid else 1,
                 WHAT_PADDED=what_padded,
                 BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
-    if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
-        x_staged = x_staged.permute(0, 3, 1, 2)
 
     # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4)
     fold = _fold_reduction(need_dw)
@@ -2040,10 +2220,6 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
 
     x_wgrad = x_staged if stage_x else x
-    # (w_hat too: the dgrad's filter offsets are int32 unless wide)
-    wide = _needs_wide_offsets(x, max(hn.numel(), w_hat.numel()), (kh, kw), (ph, pw), (dh, dw_))
-    if stage_x:   # the wgrad's copy has channels x's has not
-        wide = wide or _needs_wide_offsets(x_staged, 0, (kh, kw), (ph, pw), (dh, dw_))
     # 3. dgrad fused with the norm correction
     if grid_dgrad:
         dx = torch.empty_like(x)  # preserves NCHW / channels_last
@@ -2080,27 +2256,27 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
             hn, x_grid, x_grid_slack, x, w, r_w, counters, groups, (ho, wo), hn_margins,
             (sh, sw), (dh, dw_), upcast, reduction, reduction_flags)
     elif need_dw:
-        cfg = wgrad_config(cg_in, cg_out, dtype, kh * kw)
-        if cfg["FLAT_K"]:   # program axis 1: blocks of the flattened (tap, ci) axis
-            grid_ci, grid_k = 1, _cdiv(kh * kw * cg_in, cfg["BLOCK_CI"])
-        else:
-            grid_ci, grid_k = _cdiv(cg_in, cfg["BLOCK_CI"]), kh * kw
-        base = groups * _cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci * grid_k
-        split = _wgrad_split(m_out, base, cfg["BLOCK_M"], dev)
-        m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-        split = _cdiv(m_out, m_per_split)
+        cfg, grid, split, m_per_split = (wgrad[key] for key in ("cfg", "grid", "split",
+                                                                "m_per_split"))
         w_part = torch.empty((split, kh * kw, c_out, cg_in), device=dev, dtype=torch.float32)
+        dw = torch.empty_like(w) if finish_dw else None
         x_channels = cgi_p if stage_x else cg_in   # the x operand's channels a group (CGI_P)
-        grid = (_cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci, grid_k, split * groups)
         # the folded reduction: its programs in extra slices of grid axis 2
         red = REDUCE_CONFIG
         red_programs = _cdiv(c_out, red["BLOCK_C"]) if fold else 0
         grid = grid[:2] + (grid[2] + _cdiv(red_programs, grid[0] * grid[1]),)
         red_ptr, s_ptr, db_ptr, dk_ptr, _ = reduction
+        if finish_dw:   # the finishing programs sum S themselves
+            reduction_flags["NEED_S"] = False
+        # unread without FINISH_DW: stand-ins that are not op inputs written
+        finish_args = ((counters, w, r_w, dw, *w.stride(), *dw.stride()) if finish_dw
+                       else (w_part, w_part, w_part, w_part) + (0,) * 8)
         _launch(_wgrad_kernel, grid,
-                (hn, x_wgrad, w_part, red_ptr, s_ptr, db_ptr, dk_ptr, m_out, ho * wo, wo, h, wd,
-                 c_out, cg_in, cg_out, x_channels, cgo_p, groups, m_per_split,
-                 split, red_rows, red_programs, *x_wgrad.stride(), ho * wo, wo),
+                (hn, x_wgrad, w_part, red_ptr, s_ptr, db_ptr, dk_ptr) + finish_args[:4]
+                + (m_out, ho * wo, wo, h, wd,
+                   c_out, cg_in, cg_out, x_channels, cgo_p, groups, m_per_split,
+                   split, red_rows, red_programs, *x_wgrad.stride(), ho * wo, wo)
+                + finish_args[4:],
                 **geometry,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
                 RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
@@ -2109,10 +2285,11 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 EVEN_O=cgo_p % cfg["BLOCK_O"] == 0,
                 EVEN_CI=not cfg["FLAT_K"] and x_channels % cfg["BLOCK_CI"] == 0,
                 HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1], **reduction_flags,
-                BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
+                FINISH_DW=finish_dw, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
+        if not finish_dw:
+            dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
 
     return dx, dw, db, dk
 
@@ -2345,7 +2522,21 @@ def _prep_spec(name: str, operator: str, from_output: bool, t: str, dtype, c: in
 def _wgrad_pointers(t: str) -> dict:
     """_wgrad_kernel's pointer types for input-dtype pointer type ``t``."""
     return {"hn_ptr": t, "x_ptr": t, "part_ptr": "*fp32", "red_ptr": "*fp32", "s_ptr": "*fp32",
-            "db_ptr": t, "dk_ptr": t}
+            "db_ptr": t, "dk_ptr": t, "cnt_ptr": "*i32", "w_ptr": t, "rw_ptr": "*fp32",
+            "dw_ptr": t}
+
+
+def _filter_strides(cg_in: int, kh: int, kw: int) -> dict:
+    """Example strides of a contiguous w and dw [C_out, cg_in, kh, kw] (the wgrad's FINISH_DW
+    arguments)."""
+    strides = (cg_in * kh * kw, kh * kw, kw, 1)
+    return {f"stride_{name}{axis}": v for name in ("w", "dw")
+            for axis, v in zip(("o", "c", "h", "w"), strides)}
+
+
+# the wgrad specs model the default launch: it finishes dw (FINISH_DW; its finishing programs
+# sum S, the folded reduction writes db)
+_WGRAD_FINISH = dict(FINISH_DW=True, NEED_S=False)
 
 
 # the wgrad and depthwise-grad specs model the common launch: every gradient but dk, the final
@@ -2404,15 +2595,19 @@ def aot_specs() -> list:
                                     FLAT_K=cfg["FLAT_K"], DENSE_ROWS=(kk, st, pad) == (1, 1, 0),
                                     EVEN_O=True, EVEN_CI=True, BLOCK_O=cfg["BLOCK_O"],
                                     BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
-                                    HN_TOP=0, HN_LEFT=0, **_FOLDED_REDUCE),
+                                    HN_TOP=0, HN_LEFT=0,
+                                    **dict(_FOLDED_REDUCE, **_WGRAD_FINISH)),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
                                       M_PER_SPLIT=4096, R=400, RED_PROGRAMS=c // 32,
-                                      howo_rt=(h // st) * (w // st), wo_rt=w // st, **x_strides_cl)))
-                if label == "3x3_c128":   # the int64-offset builds (tensors near 2^31 elements)
-                    for spec in specs[-2:]:
+                                      howo_rt=(h // st) * (w // st), wo_rt=w // st, **x_strides_cl,
+                                      **_filter_strides(cg, kk, kk))))
+                if label == "3x3_c128":   # the int64-offset builds (tensors near 2^31 elements;
+                    # the wgrad leaves dw to the finalize there: _finish_dw_in_wgrad)
+                    for spec, finish in zip(specs[-2:], ({}, dict(FINISH_DW=False, NEED_S=True))):
                         specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_wide_"),
-                                          constexprs=dict(spec["constexprs"], WIDE_OFFSETS=True)))
+                                          constexprs=dict(spec["constexprs"], WIDE_OFFSETS=True,
+                                                          **finish)))
                     # the dgrad with its channel masks (C_out/G or C_in/G off its tile)
                     spec = next(sp for sp in specs if sp["name"] == f"conv_bwd_dgrad_{label}_{ptag}")
                     specs.append(dict(spec, name=spec["name"].replace("_3x3_c128_", "_3x3_c128_masked_"),
@@ -2449,12 +2644,13 @@ def aot_specs() -> list:
                                 WIDE_OFFSETS=False, RUNTIME_DIV=False, FLAT_K=cfg["FLAT_K"],
                                 DENSE_ROWS=False, EVEN_O=True, EVEN_CI=False,
                                 BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"],
-                                BLOCK_M=cfg["BLOCK_M"], HN_TOP=0, HN_LEFT=0, **_FOLDED_REDUCE),
+                                BLOCK_M=cfg["BLOCK_M"], HN_TOP=0, HN_LEFT=0,
+                                **dict(_FOLDED_REDUCE, **_WGRAD_FINISH)),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                 example_args=dict(C_out=64, CG_IN=3, CG_OUT=64, CGI_P=3, CGO_P=64, G=1,
                                   M_PER_SPLIT=512, R=2048, RED_PROGRAMS=0, howo_rt=32 * 32, wo_rt=32,
                                   stride_xn=32 * 32 * 3, stride_xc=1, stride_xh=32 * 3,
-                                  stride_xw=3)))
+                                  stride_xw=3, **_filter_strides(3, 5, 5))))
         # the pure depthwise kernels (elementwise, no dot): 3x3, stride 1 and 2, 5x5; GPU
         # tiles; the prep pass with the heaviest operator (sigmoid: arccos and exps per element);
         # channels_last x (flat pixel tiles) and NCHW x (row tiles, state in planes)

@@ -77,8 +77,9 @@ import triton
 import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
-from .conv_bwd import (REDUCE_CONFIG, _reduce_column_block, _wgrad_split, next_phase_step,
-                       phase_first_tap, store_dgrad_tile)
+from .conv_bwd import (REDUCE_CONFIG, _reduce_column_block, _wgrad_split,
+                       count_and_finish_wgrad_tile, next_phase_step, phase_first_tap,
+                       store_dgrad_tile)
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
 from .epilogue import to_dtype_of
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
@@ -402,7 +403,7 @@ def _wgrad_grid_kernel(
     have stored their partial; the program that brings it to n_split (whichever runs last)
     sums the tile's n_split partials in split order -- the same bits whatever the order the
     programs ran in -- and S over the R rows of red_ptr's first plane for its filters, and
-    writes dw = sum / r_w - w * S / r_w^2 (:func:`_finalize_wgrad_tile`; w_ptr, dw_ptr
+    writes dw = sum / r_w - w * S / r_w^2 (conv_bwd.count_and_finish_wgrad_tile; w_ptr, dw_ptr
     [C_out, C_in/G, KH, KW] through their strides, rw_ptr [C_out] fp32).
     Grid: (cdiv(Og, BLOCK_O) * cdiv(C_in/G, BLOCK_CI), KH*KW, n_split * G + E), E = the slices
     the reduce programs need (0 without them).
@@ -444,64 +445,12 @@ def _wgrad_grid_kernel(
                                  tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
                                  EMULATE_RTNE, BLOCK_R, BLOCK_RC)
     else:
-        # every thread's partial stored before the count goes up; the count is a release (the
-        # stores before it visible to whoever acquires it) and an acquire (the other splits'
-        # partials visible to the program that finishes the tile)
-        tl.debug_barrier()
         tile = (g * tl.num_programs(0) + pid_oc) * (KH * KW) + tap
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == n_split - 1:
-            _finalize_wgrad_tile(part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0, ci0, tap,
-                                 c_out, cg_in, cg_out, n_split, R,
-                                 stride_wo, stride_wc, stride_wh, stride_ww,
-                                 stride_dwo, stride_dwc, stride_dwh, stride_dww,
-                                 KH, KW, EMULATE_RTNE, BLOCK_O, BLOCK_CI)
-
-
-@triton.jit
-def _finalize_wgrad_tile(part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g, o0, ci0, tap,
-                         c_out, cg_in, cg_out, n_split, R,
-                         stride_wo, stride_wc, stride_wh, stride_ww,
-                         stride_dwo, stride_dwc, stride_dwh, stride_dww,
-                         KH: tl.constexpr, KW: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-                         BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """dw of one (group g, filters o0.., channels ci0.., tap) tile from the n_split partials of
-    part_ptr [n_split, KH*KW, C_out, C_in/G] (summed in split order) and S = the column sums of
-    red_ptr's first [R, C_out] plane (fixed order, FIN_ROWS rows a step): dw = sum / r_w -
-    w * S / r_w^2, stored in dw's dtype. FIN_COLS columns at a time (a whole 128 x 128 fp32
-    tile and its next partial would take every register and spill: ~1 KB a thread). The
-    loads bypass L1 (``.cg``): the partials were written by other programs."""
-    FIN_ROWS: tl.constexpr = 16
-    FIN_COLS: tl.constexpr = 32 if BLOCK_CI > 32 else BLOCK_CI
-    offs_o = o0 + tl.arange(0, BLOCK_O)
-    o_mask = offs_o < cg_out
-    filt = g * cg_out + offs_o
-    s_acc = tl.zeros((FIN_ROWS, BLOCK_O), dtype=tl.float32)
-    # the tail of a launch, once a tile: plain loops, not software-pipelined ones (the
-    # kernel's num_stages would buffer these loads too, for ~90 more registers a thread)
-    for r0 in tl.range(0, R, FIN_ROWS, num_stages=1):
-        rows = r0 + tl.arange(0, FIN_ROWS)
-        s_acc += tl.load(red_ptr + rows.to(tl.int64)[:, None] * c_out + filt[None, :],
-                         mask=(rows < R)[:, None] & o_mask[None, :], other=0.0,
-                         cache_modifier=".cg")
-    s_o = tl.sum(s_acc, axis=0)
-    inv_rw = 1.0 / tl.load(rw_ptr + filt, mask=o_mask, other=1.0)
-    corr = s_o * inv_rw * inv_rw
-    r = tap // KW
-    s = tap - r * KW
-    for c in tl.range(0, BLOCK_CI // FIN_COLS, num_stages=1):
-        offs_ci = ci0 + c * FIN_COLS + tl.arange(0, FIN_COLS)
-        mask = o_mask[:, None] & (offs_ci < cg_in)[None, :]
-        acc = tl.zeros((BLOCK_O, FIN_COLS), dtype=tl.float32)
-        for split in tl.range(0, n_split, num_stages=1):
-            src = ((split * (KH * KW) + tap) * c_out + filt).to(tl.int64)[:, None] * cg_in
-            acc += tl.load(part_ptr + src + offs_ci[None, :], mask=mask, other=0.0,
-                           cache_modifier=".cg")
-        wv = tl.load(w_ptr + filt[:, None] * stride_wo + offs_ci[None, :] * stride_wc
-                     + r * stride_wh + s * stride_ww, mask=mask, other=0.0).to(tl.float32)
-        dw = acc * inv_rw[:, None] - wv * corr[:, None]
-        tl.store(dw_ptr + filt[:, None] * stride_dwo + offs_ci[None, :] * stride_dwc
-                 + r * stride_dwh + s * stride_dww, to_dtype_of(dw, dw_ptr, EMULATE_RTNE),
-                 mask=mask)
+        count_and_finish_wgrad_tile(cnt_ptr, tile, part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g,
+                                    o0, ci0, tap, c_out, cg_in, cg_out, n_split, R,
+                                    stride_wo, stride_wc, stride_wh, stride_ww,
+                                    stride_dwo, stride_dwc, stride_dwh, stride_dww,
+                                    KH, KW, False, EMULATE_RTNE, BLOCK_O, BLOCK_CI)
 
 
 def wgrad_grid_config(cg_in: int, cg_out: int, interpreter: bool = False) -> dict:

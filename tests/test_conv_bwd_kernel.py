@@ -692,6 +692,7 @@ _P, _RED, _DG, _WG, _FIN = ("prep", "_reduce_partials_kernel", "_dgrad_kernel", 
                             "_dw_finalize_kernel")
 
 
+@pytest.mark.parametrize("writes_dw", [True, False], ids=["wgrad-writes-dw", "finalize-launch"])
 @pytest.mark.parametrize("geom", [dict(operator="sigmoid", stride=2),
                                   dict(operator="linear", c_in=8, c_out=4, groups=4, h=7, w=7)],
                          ids=["per-group", "channelwise"])
@@ -701,19 +702,23 @@ _P, _RED, _DG, _WG, _FIN = ("prep", "_reduce_partials_kernel", "_dgrad_kernel", 
     ((False, True, False, False), [_P, _WG, _FIN]),  # was 5, then 4
     ((False, False, True, True), [_P, _RED]),        # no filters, no wgrad: 2 as before
 ], ids=["all", "dx", "dw", "db-dk"])
-def test_gemm_backward_launches(monkeypatch, geom, mask, expected):
+def test_gemm_backward_launches(monkeypatch, geom, mask, expected, writes_dw):
     """The GEMM backward computes the filter norms (r_w, w_hat) in the prep launch, and with a
     wgrad a one-level reduction of the prep partials (S, db, dk) rides in the wgrad launch: 4
-    launches with every gradient. Filter programs run iff dx or dw is asked, cdiv(C_out,
-    BLOCK_O) of them ahead of the output-pixel blocks on grid axis 0; db / dk alone launch none
-    and keep the reduce kernel."""
+    launches with every gradient, 3 where the wgrad finishes dw itself (WGRAD_WRITES_DW, the
+    default, behind a per-group prep: that one zeroes the wgrad's tile counters, one a tile).
+    Filter programs run iff dx or dw is asked, cdiv(C_out, BLOCK_O) of them ahead of the
+    output-pixel blocks on grid axis 0; db / dk alone launch none and keep the reduce kernel."""
     assert not hasattr(conv_bwd, "_filter_norm_kernel")
+    monkeypatch.setattr(conv_bwd, "WGRAD_WRITES_DW", writes_dw)
     launched = _record_launches(monkeypatch)
     inp, c, r_x, dy = _case(torch.float32, **geom)
     out = _kernel(dy, inp, c, r_x, mask)
-    prep = (conv_bwd._channelwise_prep_kernel if inp.w.shape[0] == inp.groups
-            else conv_bwd._prep_kernel)
-    expected = [prep.__name__ if name == _P else name for name in expected]
+    channelwise = inp.w.shape[0] == inp.groups
+    prep = conv_bwd._channelwise_prep_kernel if channelwise else conv_bwd._prep_kernel
+    finishes = writes_dw and not channelwise and mask[1]
+    expected = [prep.__name__ if name == _P else name for name in expected
+                if not (finishes and name == _FIN)]
     assert [k.__name__ for k, _, _ in launched] == expected
     _, grid, args = _prep_launch(launched)
     c_out, cg_in, kh, kw = inp.w.shape
@@ -722,7 +727,73 @@ def test_gemm_backward_launches(monkeypatch, geom, mask, expected):
     block_o = conv_bwd.filter_norm_config(cg_in * kh * kw)["BLOCK_O"]
     n_filter = -(-c_out // block_o) if (mask[0] or mask[1]) else 0
     assert args["n_filter_programs"] == n_filter and grid[0] == n_filter + r_rows
+    if not channelwise:   # one counter a wgrad tile (o block, column block, group)
+        wgrad = [(g, a) for k, g, a in launched if k is conv_bwd._wgrad_kernel]
+        tiles = (wgrad[0][0][0] * wgrad[0][0][1] * inp.groups) if finishes else 0
+        assert args["n_counters"] == tiles
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+
+
+@pytest.mark.parametrize("geom", [
+    pytest.param(dict(operator="sigmoid", c_in=20, c_out=24, h=9, w=7, channels_last=True),
+                 id="per-tap-staged"),
+    pytest.param(dict(operator="cosine", c_in=6, c_out=36, groups=2, kernel=5, padding=2, h=8,
+                      w=7), id="flat-5x5-g2"),
+    pytest.param(dict(operator="linear", c_in=32, c_out=48, kernel=1, padding=0, stride=2, h=9,
+                      w=9), id="per-tap-1x1-s2"),
+])
+@pytest.mark.parametrize("mask", [ALL, (False, True, False, False)], ids=["all", "dw"])
+def test_wgrad_writes_dw_as_the_finalize_does(monkeypatch, geom, mask):
+    """The wgrad that finishes dw itself (WGRAD_WRITES_DW: the last split of each tile sums the
+    tile's partials in split order, S from the prep partials, and writes dw) against the
+    separate _dw_finalize_kernel launch on the same partials: per-tap and flat (C_in/G < 16)
+    column layouts, several splits (three under the interpreter), groups, dw alone; each agrees
+    with float64 and both agree to fp32 rounding (the two sum the splits and S's rows in
+    different fixed orders). The same bits run to run. With int64 offsets the wgrad leaves dw
+    to the finalize launch (its K loop would pay for the finishing code's registers)."""
+    inp, c, r_x, dy = _case(torch.float32, **geom)
+    launched = _record_launches(monkeypatch)
+    monkeypatch.setattr(conv_bwd, "WGRAD_WRITES_DW", True)
+    finished = _kernel(dy, inp, c, r_x, mask)
+    again = _kernel(dy, inp, c, r_x, mask)
+    names = [k.__name__ for k, _, _ in launched]
+    assert _FIN not in names and names.count(_WG) == 2, names
+    wgrad_args = [dict(zip(k.arg_names, a)) for k, _, a in launched if k is conv_bwd._wgrad_kernel]
+    assert all(a["SPLIT"] > 1 for a in wgrad_args), "the test shapes must take several splits"
+    monkeypatch.setattr(conv_bwd, "WGRAD_WRITES_DW", False)
+    launched.clear()
+    separate = _kernel(dy, inp, c, r_x, mask)
+    assert [k.__name__ for k, _, _ in launched][-2:] == [_WG, _FIN]
+    _check_all(finished, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+    torch.testing.assert_close(finished[1], separate[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(finished, again):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    monkeypatch.setattr(conv_bwd, "WGRAD_WRITES_DW", True)
+    monkeypatch.setattr(conv_bwd, "_needs_wide_offsets", lambda *args: True)
+    launched.clear()
+    wide = _kernel(dy, inp, c, r_x, mask)
+    assert [k.__name__ for k, _, _ in launched][-2:] == [_WG, _FIN]
+    torch.testing.assert_close(wide[1], separate[1], rtol=0, atol=0)
+
+
+def test_wgrad_leaves_many_splits_to_the_finalize(monkeypatch):
+    """Past WGRAD_FINISH_MAX_SPLIT splits (a few-tile 1x1 layer takes up to 256) the finishing
+    program's lone read of every partial would outlast the separate finalize launch: dw comes
+    from _dw_finalize_kernel again, and at the limit from the wgrad."""
+    # 4 x 24 x 24 = 2304 output pixels: 72 steps of 32 (the fp32 tile), as 8 or 9 even splits
+    inp, c, r_x, dy = _case(torch.float32, operator="linear", n=4, c_in=16, c_out=16, kernel=1,
+                            padding=0, h=24, w=24)
+    launched = _record_launches(monkeypatch)
+    limit = conv_bwd.WGRAD_FINISH_MAX_SPLIT
+    for split, finalize in ((limit, False), (limit + 1, True)):
+        monkeypatch.setattr(conv_bwd, "_wgrad_split", lambda *args, s=split: s)
+        launched.clear()
+        out = _kernel(dy, inp, c, r_x)
+        names = [k.__name__ for k, _, _ in launched]
+        assert (_FIN in names) == finalize, (split, names)
+        args = [dict(zip(k.arg_names, a)) for k, _, a in launched if k is conv_bwd._wgrad_kernel]
+        assert args[0]["SPLIT"] == split
+        _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
 
 
 # Rows the GEMM kernels cannot load aligned as they come (conv_fwd.aligned_count,
