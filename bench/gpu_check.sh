@@ -14,8 +14,8 @@
 #   gpu_tests.log, host_overhead.txt (bench.host_overhead: host time per call, cProfile),
 #   profile.txt (stdout) and profile.md (the profiler's table; its Chrome traces
 #   stay in $PROFILE_DIR, default /tmp/sphereops_profile, since they are usually too large);
-#   opt-in: kernel_breakdown.md (GPU_CHECK_BREAKDOWN; with BREAKDOWN_AB_ENV a second run under
-#   that environment appended), tile_sweep.md (GPU_CHECK_SWEEP),
+#   opt-in: kernel_breakdown.md (GPU_CHECK_BREAKDOWN; with BREAKDOWN_AB_ENV one more run under
+#   each of its ';'-separated environments appended), tile_sweep.md (GPU_CHECK_SWEEP),
 #   wgrad_probe.txt (GPU_CHECK_PROBE). A lent machine returns 8 files and the default run
 #   already writes 8 (with the profiler's two): each opt-in needs one freed --
 #   GPU_CHECK_PROFILE=0 frees two, GPU_CHECK_HOST=0 one.
@@ -167,9 +167,16 @@ rm -f "$OUT_DIR/bench_stdout.txt"
 if [ "$GPU_CHECK_BREAKDOWN" -gt 0 ]; then
   # BREAKDOWN_AB_ENV (e.g. "SPHEREOPS_STAGE_INPUT=0"): a second breakdown with that environment,
   # appended to the same file (same layers, same process setup), so one run compares a switch's
-  # two sides on the same card; each run then gets half of GPU_CHECK_BREAKDOWN.
-  breakdown_s=$GPU_CHECK_BREAKDOWN
-  [ -n "${BREAKDOWN_AB_ENV:-}" ] && breakdown_s=$(( GPU_CHECK_BREAKDOWN / 2 ))
+  # two sides on the same card. Several environments separated by ';' (e.g.
+  # "SPHEREOPS_WGRAD_WRITES_DW=0; SPHEREOPS_FWD_GRID=1"): one more run each, so that switches
+  # touching the same kernels are compared one at a time. GPU_CHECK_BREAKDOWN is shared evenly.
+  ab_envs=()
+  IFS=';' read -r -a ab_split <<< "${BREAKDOWN_AB_ENV:-}"
+  for ab in "${ab_split[@]}"; do
+    ab="$(echo "$ab" | xargs)"
+    [ -n "$ab" ] && ab_envs+=("$ab")
+  done
+  breakdown_s=$(( GPU_CHECK_BREAKDOWN / (1 + ${#ab_envs[@]}) ))
   say "python -m bench.kernel_breakdown --budget $breakdown_s ${BREAKDOWN_ARGS:-}"
   # BREAKDOWN_ARGS: e.g. "--layers sn9.conv1_x,r18.l1,edge.depthwise --iters 10"
   # shellcheck disable=SC2086
@@ -177,19 +184,19 @@ if [ "$GPU_CHECK_BREAKDOWN" -gt 0 ]; then
       --budget "$breakdown_s" --out "$OUT_DIR/kernel_breakdown.md" ${BREAKDOWN_ARGS:-} \
       > /dev/null 2>> "$LOG"
   say "kernel breakdown exit code $? (kernel_breakdown.md)"
-  if [ -n "${BREAKDOWN_AB_ENV:-}" ]; then
-    say "env $BREAKDOWN_AB_ENV python -m bench.kernel_breakdown --budget $breakdown_s ${BREAKDOWN_ARGS:-}"
+  for ab in "${ab_envs[@]}"; do
+    say "env $ab python -m bench.kernel_breakdown --budget $breakdown_s ${BREAKDOWN_ARGS:-}"
     # shellcheck disable=SC2086
-    env $BREAKDOWN_AB_ENV timeout -s INT -k 10 $(( breakdown_s + 60 )) "$PY" -m bench.kernel_breakdown \
+    env $ab timeout -s INT -k 10 $(( breakdown_s + 60 )) "$PY" -m bench.kernel_breakdown \
         --budget "$breakdown_s" --out "$OUT_DIR/kernel_breakdown_ab.md" ${BREAKDOWN_ARGS:-} \
         > /dev/null 2>> "$LOG"
-    say "kernel breakdown ($BREAKDOWN_AB_ENV) exit code $?"
+    say "kernel breakdown ($ab) exit code $?"
     if [ -f "$OUT_DIR/kernel_breakdown_ab.md" ]; then
-      { echo; echo "# The same with $BREAKDOWN_AB_ENV"; echo; cat "$OUT_DIR/kernel_breakdown_ab.md"; } \
+      { echo; echo "# The same with $ab"; echo; cat "$OUT_DIR/kernel_breakdown_ab.md"; } \
         >> "$OUT_DIR/kernel_breakdown.md"
       rm -f "$OUT_DIR/kernel_breakdown_ab.md"
     fi
-  fi
+  done
   # its summary tables into the log (the per-layer tables stay in the file)
   [ -f "$OUT_DIR/kernel_breakdown.md" ] && \
     awk '/^# The same with/ {print; next} /^## Summary/ {p = 1; print; next} /^## / {p = 0} p' \
