@@ -8,8 +8,9 @@ The math (DESIGN.md §1, ``sphereops.reference.conv2d_backward`` is the executab
     dx  = conv_transpose(G / (r_x r_w), w) - x * boxsum^T(A)
     dw  = conv_weight(x, G / (r_x r_w)) - w * S / r_w^2
 
-Kernels and passes of the GEMM path (in this order; 3 launches with every gradient, 4 when
-the partial sums of step 1 take two levels, one more where the wgrad leaves dw to step 5):
+Kernels and passes of the GEMM path (in this order; 3 launches with every gradient, one more
+where the wgrad leaves dw to step 5, and one more for the first of two reduction levels of
+step 1's partial sums when there is no dgrad or wgrad to host it):
 
 1. ``_prep_kernel``, one launch with two kinds of program. The filter programs (first in the
    grid; only when dx or dw is asked; ``_filter_norm_block``) compute r_w [C_out] fp32 and the
@@ -37,8 +38,9 @@ the partial sums of step 1 take two levels, one more where the wgrad leaves dw t
    (two levels once there are more than 512 partial rows). With a wgrad the final level runs
    as extra programs of the wgrad launch instead (``_fold_reduction``; S is only read by the
    finalize after it -- or by the wgrad's finishing programs, which sum it themselves --, db
-   and dk by nobody here), so this kernel launches only for a first
-   level or when no wgrad is asked.
+   and dk by nobody here), and a first level as extra programs of the dgrad launch when both
+   GEMMs run (``_first_level_block``), so this kernel launches only when there is no GEMM
+   launch to host a level.
 3. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
@@ -698,16 +700,19 @@ def _reduce_column_block(
 
 @triton.jit
 def _dgrad_kernel(
-    hn_ptr, what_ptr, a_ptr, x_ptr, dx_ptr,
+    hn_ptr, what_ptr, a_ptr, x_ptr, dx_ptr, red_ptr, red_out_ptr,
     N, H, W, Ho, Wo, C_out, CG_IN, CG_OUT, G, CGI_P, CGO_P, HP: tl.constexpr, WP: tl.constexpr,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    R, RED_PROGRAMS, RED_ROWS,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr, STEP_W: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr, PIXELS_FAST: tl.constexpr, PIX_RUN: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = sum_{taps, o} Hn[pixel(tap), o] * w_hat[tap, o, ci] - x * boxsum^T(A).
@@ -738,7 +743,16 @@ def _dgrad_kernel(
     EVEN_K: BLOCK_K divides CG_OUT = CGO_P (every K step's Hn columns and w_hat rows exist);
     EVEN_N: BLOCK_N divides CGI_P (every program's w_hat columns exist): the K loop's channel
     masks dropped (sm_90 bf16 3x3: 266 -> 227 SASS instructions a step).
-    Grid: (cdiv(N*HP*WP, BLOCK_M), cdiv(CG_IN, BLOCK_N), G*SH*SW).
+    The first level of the prep partials' two-level reduction rides in this launch when the
+    backward has both a dgrad and a wgrad (the wgrad's reduce programs then run the final one):
+    programs past axis 2's G*SH*SW run _reduce_partials_kernel's first level (FINAL False)
+    over red_ptr [3, R, C_out] fp32 into red_out_ptr [3, cdiv(R, RED_ROWS), C_out], program
+    ``red`` of them channel block red % cdiv(C_out, BLOCK_RC), rows red // that, RED_ROWS rows
+    a program, BLOCK_R rows a step, the planes NEED_S / NEED_DB / NEED_DK; RED_PROGRAMS of
+    them (0: none, red_ptr / red_out_ptr unread). Like the wgrad's, such a program runs the
+    GEMM code with no K step and every store masked: the GEMM code stays unbranched.
+    Grid: (cdiv(N*HP*WP, BLOCK_M), cdiv(CG_IN, BLOCK_N), G*SH*SW + E), E = the slices the
+    reduce programs need.
 
     Phase decomposition: input row hi = ph + SH*i receives output row ho from tap kh iff
     hi + PH - kh*DH = SH*ho, i.e. iff (ph + PH - kh*DH) % SH == 0, which does not depend on i.
@@ -748,6 +762,7 @@ def _dgrad_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_gp = tl.program_id(2)
+    is_reduce = pid_gp >= G * SH * SW
     g = pid_gp // (SH * SW)
     phase = pid_gp % (SH * SW)
     ph = phase // SW
@@ -768,7 +783,7 @@ def _dgrad_kernel(
     # First contributing tap of this phase in each direction, and how many (none: 0).
     kh_first, taps_h = phase_first_tap(ph + PH, KH, SH, STEP_H, DH)
     kw_first, taps_w = phase_first_tap(pw + PW, KW, SW, STEP_W, DW)
-    n_kc = tl.cdiv(CG_OUT, BLOCK_K)
+    n_kc = tl.where(is_reduce, 0, tl.cdiv(CG_OUT, BLOCK_K))   # a reduce program: no K step
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Each row's Hn row for output pixel (i, j) of its image, once: a tap moves every row by the
@@ -824,6 +839,10 @@ def _dgrad_kernel(
         acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PRECISION)
         kc, tap_w, tap_h = next_phase_step(kc, 1, n_kc, tap_w, taps_w, tap_h)
 
+    # A reduce program (no K step above) has no pixel: nothing of its tile is loaded or stored
+    # (masked after the loop: in the loop's mask the term moved the K loop's schedule, 235 ->
+    # 258 SASS a step at stride 2)
+    m_mask = m_mask & (not is_reduce)
     # The box-sum of A over the taps that reach each pixel, after the K loop and unrolled over
     # every tap a phase can have: the loads are independent, so their latencies overlap -- in
     # the loop each one stalled the next step's issue until it returned.
@@ -848,6 +867,28 @@ def _dgrad_kernel(
     store_dgrad_tile(acc, box, x_ptr, dx_ptr, x_rows, dx_rows, g * CG_IN, pid_n * BLOCK_N,
                      CG_IN, m_mask, stride_xc, stride_dxc, EMULATE_RTNE, PIXELS_FAST, BLOCK_M,
                      BLOCK_N, PIX_RUN)
+    if is_reduce:
+        red = ((pid_gp - G * SH * SW) * tl.num_programs(0) * tl.num_programs(1)
+               + pid_n * tl.num_programs(0) + pid_m)
+        if red < RED_PROGRAMS:
+            _first_level_block(red_ptr, red_out_ptr, red, R, C_out, RED_ROWS, NEED_S, NEED_DB,
+                               NEED_DK, EMULATE_RTNE, BLOCK_R, BLOCK_RC)
+
+
+@triton.jit(noinline=True)
+def _first_level_block(part_ptr, out_ptr, red, R, C_out, ROWS_PER_PROGRAM,
+                       NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+                       EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Program ``red`` of _reduce_partials_kernel's first level (its grid flattened: channel
+    block red % cdiv(C_out, BLOCK_C), rows red // that), for a GEMM kernel that hosts it: a
+    function of its own (noinline), so that its code does not move the host's K-loop schedule
+    (inlined in the dgrad: 194 -> 216 SASS a step at 64 channels, 235 -> 258 at stride 2)."""
+    c_blocks = tl.cdiv(C_out, BLOCK_C)
+    _reduce_column_block(part_ptr, out_ptr, out_ptr, out_ptr, out_ptr, red % c_blocks,
+                         red // c_blocks, tl.cdiv(R, ROWS_PER_PROGRAM), R, C_out,
+                         ROWS_PER_PROGRAM, NEED_S, NEED_DB, NEED_DK, False, EMULATE_RTNE,
+                         BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -2214,10 +2255,14 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 WHAT_PADDED=what_padded,
                 BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
 
-    # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4)
+    # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4),
+    # and a first level (big batches) in the implicit-GEMM dgrad's when there is one (step 3)
     fold = _fold_reduction(need_dw)
+    first_programs = (_first_level_programs(r_rows, c_out)
+                      if fold and need_dx and not grid_dgrad else 0)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
-        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold)
+        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold,
+        launch_first=first_programs == 0)
 
     x_wgrad = x_staged if stage_x else x
     # 3. dgrad fused with the norm correction
@@ -2232,10 +2277,19 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         cfg = dgrad_config(cg_in, cg_out, dtype)
         hp, wp = _cdiv(h, sh), _cdiv(wd, sw)
         grid = (_cdiv(n * hp * wp, cfg["BLOCK_M"]), _cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
+        # the first reduction level's programs in extra slices of grid axis 2
+        grid = grid[:2] + (grid[2] + _cdiv(first_programs, grid[0] * grid[1]),)
+        red = REDUCE_CONFIG
         _launch(_dgrad_kernel, grid,
-                (hn, w_hat, a_buf, x, dx, n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, cgi_p,
-                 cgo_p, hp, wp, *x.stride(), *dx.stride()),
+                (hn, w_hat, a_buf, x, dx, partials, red_level,
+                 n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, cgi_p,
+                 cgo_p, hp, wp, *x.stride(), *dx.stride(),
+                 r_rows, first_programs, red["ROWS_PER_PROGRAM"]),
                 **geometry,
+                NEED_S=bool(first_programs) and need_dw,
+                NEED_DB=bool(first_programs) and need_db,
+                NEED_DK=bool(first_programs) and need_dk,
+                BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
                 STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
                 PIXELS_FAST=dx_pixels_fast,
@@ -2315,13 +2369,15 @@ def _fold_reduction(need_dw: bool) -> bool:
 
 
 def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne,
-                            final=True):
+                            final=True, launch_first=True):
     """``(S [C_out] fp32, db, dk, level, rows)`` from the prep pass's partials [3, r_rows, C_out]
     with _reduce_partials_kernel: fixed-order sums, two levels above ROWS_PER_PROGRAM rows. S is
     a 1-element placeholder unless need_dw; db / dk None unless needed (w's / k's dtype).
     ``final=False``: the first level (if any) runs, the final one is left to the caller's next
     launch (the wgrad's reduce programs) over ``level`` [3, rows, C_out], and S, db, dk come
-    back unwritten."""
+    back unwritten. ``launch_first=False`` (with final=False): the first level is left to the
+    caller too (the dgrad's reduce programs, :func:`_first_level_programs`), ``level`` its
+    unwritten output."""
     c_out, dev = w.shape[0], w.device
     s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
     db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
@@ -2337,14 +2393,25 @@ def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, r
     if rows > cfg["ROWS_PER_PROGRAM"]:  # first level: split the rows over programs
         n_split = _cdiv(rows, cfg["ROWS_PER_PROGRAM"])
         nxt = torch.empty((3, n_split, c_out), device=dev, dtype=torch.float32)
-        _launch(_reduce_partials_kernel, (c_blocks, n_split),
-                (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False, **flags)
+        if launch_first:
+            _launch(_reduce_partials_kernel, (c_blocks, n_split),
+                    (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False,
+                    **flags)
         rows, level = n_split, nxt
     if final:
         _launch(_reduce_partials_kernel, (c_blocks, 1),
                 (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
                 FINAL=True, **flags)
     return s_sum, db, dk, level, rows
+
+
+def _first_level_programs(r_rows: int, c_out: int) -> int:
+    """The programs of the partials' first reduction level (_reduce_partials_kernel's grid,
+    flattened): one per (channel block, ROWS_PER_PROGRAM rows); 0 when one level suffices."""
+    cfg = REDUCE_CONFIG
+    if r_rows <= cfg["ROWS_PER_PROGRAM"]:
+        return 0
+    return _cdiv(c_out, cfg["BLOCK_C"]) * _cdiv(r_rows, cfg["ROWS_PER_PROGRAM"])
 
 
 def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne):
@@ -2534,6 +2601,12 @@ def _filter_strides(cg_in: int, kh: int, kw: int) -> dict:
             for axis, v in zip(("o", "c", "h", "w"), strides)}
 
 
+# the dgrad specs model a big batch's launch (32 x 56 x 56 pixels: 1568 prep rows of 64): the
+# first level of the prep partials' reduction (S and db) rides in it
+_DGRAD_FIRST_LEVEL = dict(NEED_S=True, NEED_DB=True, NEED_DK=False,
+                          BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"])
+
+
 # the wgrad specs model the default launch: it finishes dw (FINISH_DW; its finishing programs
 # sum S, the folded reduction writes db)
 _WGRAD_FINISH = dict(FINISH_DW=True, NEED_S=False)
@@ -2576,16 +2649,20 @@ def aot_specs() -> list:
                 specs.append(dict(
                     name=f"conv_bwd_dgrad_{label}_{ptag}", fn=_dgrad_kernel,
                     signature=_signature(_dgrad_kernel, {"hn_ptr": t, "what_ptr": t, "a_ptr": "*fp32",
-                                                         "x_ptr": t, "dx_ptr": t}),
+                                                         "x_ptr": t, "dx_ptr": t,
+                                                         "red_ptr": "*fp32",
+                                                         "red_out_ptr": "*fp32"}),
                     constexprs=dict(**geo, STEP_H=st, STEP_W=st, HP=_cdiv(h, st), WP=_cdiv(w, st), UPCAST_DOT=False,
                                     DOT_PRECISION=precision, EMULATE_RTNE=False, WIDE_OFFSETS=False,
                                     PIXELS_FAST=False, PIX_RUN=1, EVEN_K=True, EVEN_N=True,
-                                    BLOCK_M=cfg["BLOCK_M"],
+                                    **_DGRAD_FIRST_LEVEL, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, gemm=gemm,
                     example_args=dict(C_out=c, CG_IN=cg, CG_OUT=cg, CGI_P=cg, CGO_P=cg, G=c // cg,
                                       **x_strides_cl, stride_dxn=h * w * c, stride_dxc=1,
-                                      stride_dxh=w * c, stride_dxw=c)))
+                                      stride_dxh=w * c, stride_dxw=c, R=1568,
+                                      RED_PROGRAMS=(c // 32) * 4,
+                                      RED_ROWS=REDUCE_CONFIG["ROWS_PER_PROGRAM"])))
                 cfg = wgrad_config(cg, cg, dtype)
                 specs.append(dict(
                     name=f"conv_bwd_wgrad_{label}_{ptag}", fn=_wgrad_kernel,

@@ -606,6 +606,34 @@ def test_two_level_partial_reduction(monkeypatch, operator):
     assert [k.__name__ for k, _, _ in launched].count("_reduce_partials_kernel") == 2
 
 
+@pytest.mark.parametrize("mask", [ALL, (True, True, False, False)], ids=["all", "dx-dw"])
+def test_first_reduction_level_in_the_dgrad_launch(monkeypatch, mask):
+    """With a dgrad and a wgrad, a two-level reduction's first level runs as extra programs of
+    the dgrad launch (the final one in the wgrad's): 3 launches, and every gradient bitwise
+    what the first level's own launch gives (the same fixed-order sums) -- with more
+    first-level programs than one grid slice holds, and a ragged last row range."""
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_R", 2)
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "ROWS_PER_PROGRAM", 2)
+    monkeypatch.setitem(conv_bwd.REDUCE_CONFIG, "BLOCK_C", 4)   # 16 channels: 4 blocks
+    launched = _record_launches(monkeypatch)
+    inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", n=3, h=7, w=7, c_out=16)
+    hosted = _kernel(dy, inp, c, r_x, mask)
+    assert [k.__name__ for k, _, _ in launched] == ["_prep_kernel", _DG, _WG]
+    (_, grid, args), = [(k, g, a) for k, g, a in launched if k is conv_bwd._dgrad_kernel]
+    args = dict(zip(conv_bwd._dgrad_kernel.arg_names, args))
+    rows = args["R"]
+    assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows, got {rows}"
+    assert args["RED_PROGRAMS"] == 4 * -(-rows // 2) > grid[0] * grid[1]
+    assert grid[2] == inp.groups + -(-args["RED_PROGRAMS"] // (grid[0] * grid[1]))
+    _check_all(hosted, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
+    monkeypatch.setattr(conv_bwd, "_first_level_programs", lambda *args: 0)
+    launched.clear()
+    separate = _kernel(dy, inp, c, r_x, mask)
+    assert [k.__name__ for k, _, _ in launched] == ["_prep_kernel", _RED, _DG, _WG]
+    for name, a, b in zip(("dx", "dw", "db", "dk"), hosted, separate):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
 @pytest.mark.parametrize("mask", [ALL, (False, True, False, False), (True, True, True, False)],
                          ids=["all", "dw", "no-dk"])
 def test_reduction_in_the_wgrad_launch(monkeypatch, mask):
