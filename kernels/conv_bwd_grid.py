@@ -77,9 +77,9 @@ import triton
 import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
-from .conv_bwd import (REDUCE_CONFIG, _reduce_column_block, _wgrad_split,
-                       count_and_finish_wgrad_tile, next_phase_step, phase_first_tap,
-                       store_dgrad_tile)
+from .conv_bwd import (REDUCE_CONFIG, _finalize_dw, _finish_dw_in_wgrad, _reduce_column_block,
+                       _wgrad_split, count_and_finish_wgrad_tile, next_phase_step,
+                       phase_first_tap, store_dgrad_tile)
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
 from .epilogue import to_dtype_of
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
@@ -365,7 +365,7 @@ def _wgrad_grid_kernel(
     stride_wo, stride_wc, stride_wh, stride_ww, stride_dwo, stride_dwc, stride_dwh, stride_dww,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_DB: tl.constexpr, NEED_DK: tl.constexpr, FINISH_DW: tl.constexpr,
     EMULATE_RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -404,7 +404,9 @@ def _wgrad_grid_kernel(
     sums the tile's n_split partials in split order -- the same bits whatever the order the
     programs ran in -- and S over the R rows of red_ptr's first plane for its filters, and
     writes dw = sum / r_w - w * S / r_w^2 (conv_bwd.count_and_finish_wgrad_tile; w_ptr, dw_ptr
-    [C_out, C_in/G, KH, KW] through their strides, rw_ptr [C_out] fp32).
+    [C_out, C_in/G, KH, KW] through their strides, rw_ptr [C_out] fp32) -- with FINISH_DW;
+    without it (past conv_bwd.WGRAD_FINISH_MAX_SPLIT splits) conv_bwd._dw_finalize_kernel
+    does, after this launch, and cnt_ptr, w_ptr, rw_ptr, dw_ptr are unread.
     Grid: (cdiv(Og, BLOCK_O) * cdiv(C_in/G, BLOCK_CI), KH*KW, n_split * G + E), E = the slices
     the reduce programs need (0 without them).
     """
@@ -444,7 +446,7 @@ def _wgrad_grid_kernel(
             _reduce_column_block(red_ptr, s_ptr, s_ptr, db_ptr, dk_ptr, red, 0, 1, R, c_out,
                                  tl.cdiv(R, BLOCK_R) * BLOCK_R, NEED_S, NEED_DB, NEED_DK, True,
                                  EMULATE_RTNE, BLOCK_R, BLOCK_RC)
-    else:
+    elif FINISH_DW:
         tile = (g * tl.num_programs(0) + pid_oc) * (KH * KW) + tap
         count_and_finish_wgrad_tile(cnt_ptr, tile, part_ptr, red_ptr, w_ptr, rw_ptr, dw_ptr, g,
                                     o0, ci0, tap, c_out, cg_in, cg_out, n_split, R,
@@ -510,11 +512,13 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     behind ``slack`` zero rows (:func:`x_grid_buffer`), both written by conv_bwd's prep launch
     along with r_w [C_out] fp32 and the zeroed ``counters`` (:func:`wgrad_tile_counters`): one
     launch, its split-K partials [split, KH*KW, C_out, C_in/G] fp32 finished into dw by the
-    last split of each tile (:func:`_wgrad_grid_kernel`). ``reduction`` = (red_ptr, s_ptr,
-    db_ptr, dk_ptr, R) and ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, as
-    for conv_bwd._wgrad_kernel): the final level of the prep partials' sums, run by extra
-    programs of this launch -- db and dk only: the finishing programs take S from red_ptr
-    themselves.
+    last split of each tile (:func:`_wgrad_grid_kernel`) -- up to conv_bwd.
+    WGRAD_FINISH_MAX_SPLIT splits; past that (a few-tile layer's many splits: one program
+    would read each tile's partials alone at the end of the launch) by _dw_finalize_kernel
+    in a launch of its own. ``reduction`` = (red_ptr, s_ptr, db_ptr, dk_ptr, R) and
+    ``reduction_flags`` (NEED_S, NEED_DB, NEED_DK, EMULATE_RTNE, as for conv_bwd.
+    _wgrad_kernel): the final level of the prep partials' sums, run by extra programs of this
+    launch -- db and dk only when the finishing programs take S from red_ptr themselves.
     conv_bwd's launcher has validated everything and checked :func:`grid_backward_applies`."""
     n, c_in, h, wd = x.shape
     c_out, cg_in, kh, kw = w.shape
@@ -536,13 +540,16 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     rows_per_split = cdiv(cdiv(m_grid, split), bm) * bm
     split = cdiv(m_grid, rows_per_split)
     partials = torch.empty((split, kh * kw, c_out, cg_in), dtype=torch.float32, device=x.device)
-    dw = torch.empty_like(w)
     hn_desc = TensorDescriptor.from_tensor(hn, [bm, bo])
     x_desc = TensorDescriptor.from_tensor(x_grid, [bm, bci])
     red = REDUCE_CONFIG
     red_ptr, s_ptr, db_ptr, dk_ptr, red_rows = reduction
-    reduction_flags = dict(reduction_flags, NEED_S=False)
-    folded = reduction_flags["NEED_DB"] or reduction_flags["NEED_DK"]
+    finish = _finish_dw_in_wgrad(split, False)
+    # without FINISH_DW dw_ptr is unread: the partials stand in (not an op input)
+    dw = torch.empty_like(w) if finish else partials
+    if finish:   # the finishing programs sum S themselves
+        reduction_flags = dict(reduction_flags, NEED_S=False)
+    folded = any(reduction_flags[f] for f in ("NEED_S", "NEED_DB", "NEED_DK"))
     red_programs = cdiv(c_out, red["BLOCK_C"]) if folded else 0
     grid = (per_group, kh * kw, split * groups)
     grid = grid[:2] + (grid[2] + cdiv(red_programs, grid[0] * grid[1]),)
@@ -550,10 +557,12 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
            (partials, hn_desc, x_desc, red_ptr, s_ptr, db_ptr, dk_ptr, counters, w, r_w, dw,
             m_grid, wq, c_out, cg_in, cg_out, hn.shape[1] // groups, c_pad, groups, split,
             rows_per_split, top, left, slack, dilation[0], dilation[1], planes_w * m_grid,
-            m_grid, red_rows, red_programs, *w.stride(), *dw.stride()),
+            m_grid, red_rows, red_programs, *w.stride(), *(dw if finish else w).stride()),
            dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], UPCAST_DOT=upcast,
-                **reduction_flags, BLOCK_R=red["BLOCK_R"],
+                **reduction_flags, FINISH_DW=finish, BLOCK_R=red["BLOCK_R"],
                 BLOCK_RC=red["BLOCK_C"], **cfg), _WHAT)
+    if not finish:
+        return _finalize_dw(partials, w, r_w, s_ptr, split, reduction_flags["EMULATE_RTNE"])
     return dw
 
 
@@ -624,7 +633,7 @@ def aot_specs():
                          _wgrad_grid_kernel, dtype_name,
                          dict(KH=3, KW=3, STRIDE_H=stride, STRIDE_W=stride, UPCAST_DOT=False,
                               NEED_S=False, NEED_DB=True,
-                              NEED_DK=False, EMULATE_RTNE=False,
+                              NEED_DK=False, FINISH_DW=True, EMULATE_RTNE=False,
                               BLOCK_R=REDUCE_CONFIG["BLOCK_R"], BLOCK_RC=REDUCE_CONFIG["BLOCK_C"],
                               BLOCK_O=bo, BLOCK_CI=bci, BLOCK_M=bm), example, cfg["num_warps"],
                          cfg["num_stages"], gemm=True)

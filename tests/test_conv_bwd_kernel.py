@@ -1383,6 +1383,28 @@ def test_grid_backward_matches_reference(geom, layout, dtype, rtol, atol_frac, w
         assert out[0].is_contiguous(memory_format=torch.channels_last), "dx must follow x's layout"
 
 
+@pytest.mark.parametrize("mask", [ALL, (False, True, True, False)], ids=["all", "dw-db"])
+def test_grid_wgrad_leaves_many_splits_to_the_finalize(monkeypatch, mask):
+    """The grid wgrad finishes dw in its last split of each tile up to WGRAD_FINISH_MAX_SPLIT
+    splits and leaves it to _dw_finalize_kernel past that (S then from its own reduce programs):
+    both against float64, and as close to each other as two fixed summation orders."""
+    # Hn's grid: 2 x 24 x 24 = 1152 rows, 36 steps of 32 (the interpreter's tile): 8 or 9 splits
+    inp, c, r_x, dy = _case(torch.bfloat16, operator="sigmoid", c_in=16, c_out=32, n=2, h=23,
+                            w=23, channels_last=True)
+    launched = _record_launches(monkeypatch)
+    limit = conv_bwd.WGRAD_FINISH_MAX_SPLIT
+    assert limit == 8, "the test's grid is sized for 8 and 9 splits"
+    outs = []
+    for split, finalize in ((limit, False), (limit + 1, True)):
+        monkeypatch.setattr(conv_bwd_grid, "_wgrad_split", lambda *args, s=split: s)
+        launched.clear()
+        outs.append(_grid_kernel(dy, inp, c, r_x, monkeypatch, mask))
+        names = [k.__name__ for k, _, _ in launched]
+        assert (_FIN in names) == finalize, (split, names)
+        _check_all(outs[-1], dy, inp, c, r_x, torch.bfloat16, 1.5e-2, 2.0 ** -7, mask)
+    torch.testing.assert_close(outs[0][1].float(), outs[1][1].float(), rtol=1e-2, atol=1e-2)
+
+
 def _random_grid_geometry(seed: int) -> dict:
     """A strided conv the grid backward takes, drawn from a seeded RNG: kernel 1-4, stride 1-3
     a side (not both 1), padding 0-3, dilation 1-3, odd sizes, 16-24 channels a group in and
