@@ -55,6 +55,9 @@ GEOMETRIES = {
     "depthwise_s2": (32, 96, 96, 33, 3, 2, 1, 96),
     "depthwise_5x5": (16, 64, 64, 28, 5, 1, 2, 64),
     "grouped": (32, 128, 128, 32, 3, 1, 1, 4),
+    # 64 x 32 x 32 = 65536 output pixels: 1024 prep rows, the two-level partial reduction (its
+    # first level in the dgrad launch)
+    "3x3_big_batch": (64, 64, 64, 32, 3, 1, 1, 1),
 }
 
 # (operator, precision, channels_last, geometry): the covering design described above.
@@ -210,6 +213,31 @@ def test_bitwise_deterministic(precision):
         runs.append(fused)
     for name, first, second in zip(names, *runs):
         assert torch.equal(first, second), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+@pytest.mark.parametrize("geometry, splits", [("3x3", (2, 5, 8, 9)), ("3x3_big_batch", (8,))])
+def test_wgrad_finishing_dw_vs_float64_and_bitwise(geometry, splits, precision, request,
+                                                   monkeypatch):
+    """The wgrad's last split of each tile finishes dw (a counter a tile, an acq_rel atomic after
+    a barrier: conv_bwd.count_and_finish_wgrad_tile) -- the interpreter runs programs one after
+    another, so only a GPU can show a race: at 2, 5 and 8 splits (finished in the wgrad) and 9
+    (the finalize launch), dw against float64 and bitwise the same over three runs; a big batch
+    also runs its reduction's first level in the dgrad launch."""
+    from sphereops_kernels import conv_bwd
+    x, w, b, k, conv = _make_inputs("linear", torch.bfloat16, True, geometry)
+    dy = torch.randn(x.shape[0], w.shape[0], x.shape[2], x.shape[3], device=DEVICE,
+                     dtype=torch.float64)
+    rtol, atol = TOLERANCES["bf16"]
+    for split in splits:
+        monkeypatch.setattr(conv_bwd, "_wgrad_split", lambda *args, s=split: s)
+        runs = [_fused_and_reference(x, w, b, k, conv, "linear", dy=dy) for _ in range(3)]
+        names, fused, ref = runs[0]
+        for name, out, expected in zip(names, fused, ref):
+            _check(f"{request.node.name}[split={split}]", name, out, expected, rtol, atol)
+        for _, other, _ in runs[1:]:
+            for name, first, again in zip(names, fused, other):
+                assert torch.equal(first, again), f"split={split}: {name} differs between runs"
 
 
 @pytest.mark.parametrize("precision", ["bf16"], indirect=True)
