@@ -39,8 +39,8 @@ step 1's partial sums when there is no dgrad or wgrad to host it):
    as extra programs of the wgrad launch instead (``_fold_reduction``; S is only read by the
    finalize after it -- or by the wgrad's finishing programs, which sum it themselves --, db
    and dk by nobody here), and a first level as extra programs of the dgrad launch when both
-   GEMMs run (``_first_level_block``), so this kernel launches only when there is no GEMM
-   launch to host a level.
+   GEMMs run (``_first_level_block``; ``SPHEREOPS_DGRAD_REDUCES=0`` keeps its own launch), so
+   this kernel launches only when there is no GEMM launch to host a level.
 3. ``_dgrad_kernel``: implicit-GEMM transposed convolution of Hn with w_hat, fused with the
    correction ``- x * boxsum^T(A)``. Stride > 1 is decomposed by stride phase: a program owns
    the input pixels of one phase (hi % SH, wi % SW), for which the set of contributing taps
@@ -1925,6 +1925,12 @@ DW_PIXEL_PAIRS = os.environ.get("SPHEREOPS_DW_PIXEL_PAIRS", "1") not in ("", "0"
 WGRAD_WRITES_DW = os.environ.get("SPHEREOPS_WGRAD_WRITES_DW", "1") not in ("", "0")
 
 
+# A big batch's first reduction level rides in the dgrad launch (when there is a dgrad and a
+# wgrad) instead of a _reduce_partials_kernel launch of its own, unless
+# SPHEREOPS_DGRAD_REDUCES=0: one launch fewer, bitwise the same sums, not yet timed on a GPU.
+DGRAD_REDUCES = os.environ.get("SPHEREOPS_DGRAD_REDUCES", "1") not in ("", "0")
+
+
 # The most splits whose partials the finishing program of a wgrad tile sums (_finish_dw_in_wgrad)
 WGRAD_FINISH_MAX_SPLIT = 8
 
@@ -2259,7 +2265,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # and a first level (big batches) in the implicit-GEMM dgrad's when there is one (step 3)
     fold = _fold_reduction(need_dw)
     first_programs = (_first_level_programs(r_rows, c_out)
-                      if fold and need_dx and not grid_dgrad else 0)
+                      if fold and need_dx and not grid_dgrad and DGRAD_REDUCES else 0)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold,
         launch_first=first_programs == 0)

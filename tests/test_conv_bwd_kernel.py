@@ -626,7 +626,7 @@ def test_first_reduction_level_in_the_dgrad_launch(monkeypatch, mask):
     assert args["RED_PROGRAMS"] == 4 * -(-rows // 2) > grid[0] * grid[1]
     assert grid[2] == inp.groups + -(-args["RED_PROGRAMS"] // (grid[0] * grid[1]))
     _check_all(hosted, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
-    monkeypatch.setattr(conv_bwd, "_first_level_programs", lambda *args: 0)
+    monkeypatch.setattr(conv_bwd, "DGRAD_REDUCES", False)   # SPHEREOPS_DGRAD_REDUCES=0
     launched.clear()
     separate = _kernel(dy, inp, c, r_x, mask)
     assert [k.__name__ for k, _, _ in launched] == ["_prep_kernel", _RED, _DG, _WG]
