@@ -100,7 +100,6 @@ CUDA graphs / torch.compile that disappears.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -118,7 +117,8 @@ from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_pt
                        to_dtype_of)
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, launch, offsets_need_int64, pixel_run, plain_launch
+from .launch import (MAX_PIXELS, env_switch, launch, offsets_need_int64, pixel_run,
+                     plain_launch)
 from .launch import next_pow2 as _next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1869,6 +1869,14 @@ def _wgrad_split(m_out: int, base_programs: int, block_m: int, device: torch.dev
     return max(1, min(want, steps // 8, 256))
 
 
+def even_ranges(total: int, ranges: int, block: int = 1):
+    """``(ranges, per_range)``: ``total`` items cut into at most ``ranges`` contiguous ranges
+    of ``per_range`` items, a multiple of ``block`` (the last range shorter), none empty --
+    how a split reduction's programs share its rows."""
+    per_range = _cdiv(_cdiv(total, ranges), block) * block
+    return _cdiv(total, per_range), per_range
+
+
 def _wgrad_layout(cg_in: int, cg_out: int, groups: int, taps: int, m_out: int,
                   dtype: torch.dtype, device: torch.device) -> dict:
     """The implicit-GEMM wgrad's launch shape: its tile ``cfg`` (wgrad_config), the GEMM part
@@ -1883,9 +1891,9 @@ def _wgrad_layout(cg_in: int, cg_out: int, groups: int, taps: int, m_out: int,
     else:
         grid_ci, grid_k = _cdiv(cg_in, cfg["BLOCK_CI"]), taps
     per_group = _cdiv(cg_out, cfg["BLOCK_O"]) * grid_ci * grid_k
-    split = _wgrad_split(m_out, groups * per_group, cfg["BLOCK_M"], device)
-    m_per_split = _cdiv(_cdiv(m_out, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    split = _cdiv(m_out, m_per_split)
+    split, m_per_split = even_ranges(m_out, _wgrad_split(m_out, groups * per_group,
+                                                         cfg["BLOCK_M"], device),
+                                     cfg["BLOCK_M"])
     return dict(cfg=cfg, grid=(per_group // grid_k, grid_k, split * groups), split=split,
                 m_per_split=m_per_split, tiles=groups * per_group)
 
@@ -1916,19 +1924,19 @@ _WGRAD_RUNTIME_DIV = "auto"
 # The depthwise grad kernel's pairs of input pixels (depthwise_config), on unless
 # SPHEREOPS_DW_PIXEL_PAIRS=0: fewer instructions an element, more registers -- one CTA an SM
 # fewer under triton 3.6 -- and not yet timed on a GPU, so a switch for the A/B.
-DW_PIXEL_PAIRS = os.environ.get("SPHEREOPS_DW_PIXEL_PAIRS", "1") not in ("", "0")
+DW_PIXEL_PAIRS = env_switch("SPHEREOPS_DW_PIXEL_PAIRS", True)
 
 # The implicit-GEMM wgrad finishes dw itself (FINISH_DW: the last split of each tile, counted
 # on counters the prep zeroes) instead of a _dw_finalize_kernel launch after it, unless
 # SPHEREOPS_WGRAD_WRITES_DW=0: one launch fewer a backward, not yet timed on a GPU, so a
 # switch for the A/B (and bench.wgrad_probe turns it off to read the partials).
-WGRAD_WRITES_DW = os.environ.get("SPHEREOPS_WGRAD_WRITES_DW", "1") not in ("", "0")
+WGRAD_WRITES_DW = env_switch("SPHEREOPS_WGRAD_WRITES_DW", True)
 
 
 # A big batch's first reduction level rides in the dgrad launch (when there is a dgrad and a
 # wgrad) instead of a _reduce_partials_kernel launch of its own, unless
 # SPHEREOPS_DGRAD_REDUCES=0: one launch fewer, bitwise the same sums, not yet timed on a GPU.
-DGRAD_REDUCES = os.environ.get("SPHEREOPS_DGRAD_REDUCES", "1") not in ("", "0")
+DGRAD_REDUCES = env_switch("SPHEREOPS_DGRAD_REDUCES", True)
 
 
 # The most splits whose partials the finishing program of a wgrad tile sums (_finish_dw_in_wgrad)
@@ -2469,9 +2477,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
         c_tiles = _cdiv(c, cfg["BLOCK_C"])
         # without dw every tile is its own program; with it, contiguous ranges of tiles (the
         # partials grow with the number of ranges): about as many programs as fit at once
-        split = _depthwise_split(steps, c_tiles, dev) if need_dw else steps
-        tiles_per_split = _cdiv(steps, split)
-        split = _cdiv(steps, tiles_per_split)
+        split, tiles_per_split = even_ranges(
+            steps, _depthwise_split(steps, c_tiles, dev) if need_dw else steps)
         dx = torch.empty_like(x) if need_dx else None  # preserves NCHW / channels_last
         w_part = torch.empty((split, kh * kw, c, 1) if need_dw else (1,), device=dev,
                              dtype=torch.float32)

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -78,23 +77,22 @@ import triton.language as tl
 
 from .configs import dgrad_grid_configs, prune_dgrad_grid_configs
 from .conv_bwd import (REDUCE_CONFIG, _finalize_dw, _finish_dw_in_wgrad, _reduce_column_block,
-                       _wgrad_split, count_and_finish_wgrad_tile, next_phase_step,
-                       phase_first_tap, store_dgrad_tile)
+                       _wgrad_split, count_and_finish_wgrad_tile, even_ranges,
+                       next_phase_step, phase_first_tap, store_dgrad_tile)
 from .conv_fwd import _CHANNEL_CHUNK_MIN, gemm_tile_of_program
-from .epilogue import to_dtype_of
 from .conv_fwd_grid import (GRID_ALIGN, TensorDescriptor, autotune_tma_kernel, direct_grid,
                             grid_channels, grid_row_pixels, has_tma, launch_tma_kernel,
                             next_channel_chunk, phase_planes, strided_tap_row_offset,
                             tap_row_offset)
-from .launch import cdiv, interpreting, launch
+from .launch import cdiv, env_switch, interpreting, launch
 
 _INTERPRET = interpreting()
 _WHAT = "sphere_conv2d_bwd"
 
 # SPHEREOPS_DGRAD_GRID=1 / SPHEREOPS_WGRAD_GRID=1 send eligible dgrads / wgrads here
 # (grid_backward_applies); off by default until a GPU run has verified and timed them
-ENABLED = os.environ.get("SPHEREOPS_DGRAD_GRID", "0") not in ("", "0")
-WGRAD_ENABLED = os.environ.get("SPHEREOPS_WGRAD_GRID", "0") not in ("", "0")
+ENABLED = env_switch("SPHEREOPS_DGRAD_GRID", False)
+WGRAD_ENABLED = env_switch("SPHEREOPS_WGRAD_GRID", False)
 
 
 def hn_margins(kernel, padding, dilation):
@@ -536,9 +534,7 @@ def grid_wgrad(hn, x_grid, slack, x, w, r_w, counters, groups, out_hw, margins, 
     per_group, tiles = _wgrad_tiles(cfg, cg_in, cg_out, groups, kh * kw)
     if counters.numel() != tiles:
         raise AssertionError(f"{counters.numel()} tile counters, expected {tiles}")
-    split = _wgrad_split(m_grid, tiles, bm, x.device)
-    rows_per_split = cdiv(cdiv(m_grid, split), bm) * bm
-    split = cdiv(m_grid, rows_per_split)
+    split, rows_per_split = even_ranges(m_grid, _wgrad_split(m_grid, tiles, bm, x.device), bm)
     partials = torch.empty((split, kh * kw, c_out, cg_in), dtype=torch.float32, device=x.device)
     hn_desc = TensorDescriptor.from_tensor(hn, [bm, bo])
     x_desc = TensorDescriptor.from_tensor(x_grid, [bm, bci])

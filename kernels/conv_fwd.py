@@ -57,7 +57,8 @@ from .configs import (
 )
 from .epilogue import column_slices, load_tile, pixel_runs, store_sphere_tile, tile_ptrs
 from .launch import cdiv as _cdiv
-from .launch import MAX_PIXELS, interpreting, launch, offsets_need_int64, pixel_run, plain_launch
+from .launch import (MAX_PIXELS, env_switch, interpreting, launch, offsets_need_int64,
+                     pixel_run, plain_launch)
 from .launch import next_pow2 as _next_pow2
 from .launch import pow2_factor
 
@@ -895,7 +896,7 @@ def _dw_interpreter_config():
 
 # SPHEREOPS_AUTOTUNE=0 skips autotuning (one fixed config per kernel): first-call latency of
 # a few compiles instead of one per config, e.g. for test runs on a GPU.
-_AUTOTUNE = os.environ.get("SPHEREOPS_AUTOTUNE", "1") not in ("", "0")
+_AUTOTUNE = env_switch("SPHEREOPS_AUTOTUNE", True)
 
 if _INTERPRET:
     _gemm_configs, _dw_cfgs = [conv_fwd_interpreter_config()], [_dw_interpreter_config()]
@@ -984,7 +985,7 @@ def _prepass_fits(n, hw, groups, c_out):
 # preparation launch -- one extra write of x, in a pass the pre-pass norms make anyway.
 # SPHEREOPS_STAGE_INPUT=0 turns staging off (for A/B measurements).
 STAGE_ALIGN = 16
-_STAGE_INPUT = os.environ.get("SPHEREOPS_STAGE_INPUT", "1") not in ("", "0")
+_STAGE_INPUT = env_switch("SPHEREOPS_STAGE_INPUT", True)
 
 
 def aligned_count(channels):

@@ -46,7 +46,6 @@ interpreter tests cover its numerics, the AOT check its compile; see :func:`grid
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -62,7 +61,7 @@ from .conv_fwd import (
     pixels_fast,
 )
 from .epilogue import load_tile, tile_ptrs
-from .launch import cdiv, interpreting, launch, next_pow2
+from .launch import cdiv, env_switch, interpreting, launch, next_pow2
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -74,7 +73,7 @@ _WHAT = "sphere_conv2d_fwd"
 
 # SPHEREOPS_FWD_GRID=1 sends eligible convs here (grid_path_applies); off by default until a
 # GPU run has verified and timed the path
-ENABLED = os.environ.get("SPHEREOPS_FWD_GRID", "0") not in ("", "0")
+ENABLED = env_switch("SPHEREOPS_FWD_GRID", False)
 
 # the staging programs: BLOCK_P grid rows x BLOCK_C channels a step; BLOCK filter elements a step
 PREP_CONFIG = dict(BLOCK_P=64, BLOCK_C=64, BLOCK=1024, num_warps=4)
@@ -384,7 +383,7 @@ def _set_block_shapes(nargs):
 def autotune_tma_kernel(kernel, configs, key, prune, set_block_shapes):
     """``kernel`` autotuned over ``configs`` (the first alone with SPHEREOPS_AUTOTUNE=0, as
     conv_fwd), each config's pre-hook setting the descriptors' boxes to its tile."""
-    if os.environ.get("SPHEREOPS_AUTOTUNE", "1") in ("", "0"):
+    if not env_switch("SPHEREOPS_AUTOTUNE", True):
         configs = configs[:1]
     for cfg in configs:
         cfg.pre_hook = set_block_shapes

@@ -28,9 +28,15 @@ except ImportError:  # pragma: no cover - a torch without the switch: always wra
         return True
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """A switch read from the environment variable ``name``: on unless it is set to "" or
+    "0", or, when unset, ``default``."""
+    return os.environ.get(name, "1" if default else "0") not in ("", "0")
+
+
 def interpreting() -> bool:
     """Whether kernels run under the Triton interpreter (``TRITON_INTERPRET`` set, not "0")."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_switch("TRITON_INTERPRET", False)
 
 
 def launch(kernel, grid, args, kwargs, what: str) -> None:
