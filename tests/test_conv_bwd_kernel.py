@@ -619,8 +619,7 @@ def test_first_reduction_level_in_the_dgrad_launch(monkeypatch, mask):
     inp, c, r_x, dy = _case(torch.float32, operator="sigmoid", n=3, h=7, w=7, c_out=16)
     hosted = _kernel(dy, inp, c, r_x, mask)
     assert [k.__name__ for k, _, _ in launched] == ["_prep_kernel", _DG, _WG]
-    (_, grid, args), = [(k, g, a) for k, g, a in launched if k is conv_bwd._dgrad_kernel]
-    args = dict(zip(conv_bwd._dgrad_kernel.arg_names, args))
+    (grid, args), = _launches_of(launched, conv_bwd._dgrad_kernel)
     rows = args["R"]
     assert rows > 2 and rows % 2 == 1, f"test setup: want an odd number of partial rows, got {rows}"
     assert args["RED_PROGRAMS"] == 4 * -(-rows // 2) > grid[0] * grid[1]
@@ -647,8 +646,7 @@ def test_reduction_in_the_wgrad_launch(monkeypatch, mask):
     folded = _kernel(dy, inp, c, r_x, mask)
     names = [k.__name__ for k, _, _ in launched]
     assert "_reduce_partials_kernel" not in names
-    (_, grid, args), = [(k, g, a) for k, g, a in launched if k is conv_bwd._wgrad_kernel]
-    args = dict(zip(conv_bwd._wgrad_kernel.arg_names, args))
+    (grid, args), = _launches_of(launched, conv_bwd._wgrad_kernel)
     assert args["RED_PROGRAMS"] == 9 and grid[0] * grid[1] < 9
     assert grid[2] == args["SPLIT"] * inp.groups + -(-9 // (grid[0] * grid[1]))
     _check_all(folded, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
@@ -707,6 +705,11 @@ def _record_launches(monkeypatch):
     return record_launches(monkeypatch, conv_bwd, "_launch")[0]
 
 
+def _launches_of(launched, kernel):
+    """[(grid, {argument name: value})] of the launches of ``kernel`` among ``launched``."""
+    return [(grid, dict(zip(k.arg_names, args))) for k, grid, args in launched if k is kernel]
+
+
 def _prep_launch(launched):
     """The one prep launch among ``launched``: (kernel, grid, {argument name: value})."""
     preps = [(k, grid, args) for k, grid, args in launched
@@ -756,8 +759,8 @@ def test_gemm_backward_launches(monkeypatch, geom, mask, expected, writes_dw):
     n_filter = -(-c_out // block_o) if (mask[0] or mask[1]) else 0
     assert args["n_filter_programs"] == n_filter and grid[0] == n_filter + r_rows
     if not channelwise:   # one counter a wgrad tile (o block, column block, group)
-        wgrad = [(g, a) for k, g, a in launched if k is conv_bwd._wgrad_kernel]
-        tiles = (wgrad[0][0][0] * wgrad[0][0][1] * inp.groups) if finishes else 0
+        grids = [g for g, _ in _launches_of(launched, conv_bwd._wgrad_kernel)]
+        tiles = grids[0][0] * grids[0][1] * inp.groups if finishes else 0
         assert args["n_counters"] == tiles
     _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5, mask)
 
@@ -786,7 +789,7 @@ def test_wgrad_writes_dw_as_the_finalize_does(monkeypatch, geom, mask):
     again = _kernel(dy, inp, c, r_x, mask)
     names = [k.__name__ for k, _, _ in launched]
     assert _FIN not in names and names.count(_WG) == 2, names
-    wgrad_args = [dict(zip(k.arg_names, a)) for k, _, a in launched if k is conv_bwd._wgrad_kernel]
+    wgrad_args = [a for _, a in _launches_of(launched, conv_bwd._wgrad_kernel)]
     assert all(a["SPLIT"] > 1 for a in wgrad_args), "the test shapes must take several splits"
     monkeypatch.setattr(conv_bwd, "WGRAD_WRITES_DW", False)
     launched.clear()
@@ -819,8 +822,8 @@ def test_wgrad_leaves_many_splits_to_the_finalize(monkeypatch):
         out = _kernel(dy, inp, c, r_x)
         names = [k.__name__ for k, _, _ in launched]
         assert (_FIN in names) == finalize, (split, names)
-        args = [dict(zip(k.arg_names, a)) for k, _, a in launched if k is conv_bwd._wgrad_kernel]
-        assert args[0]["SPLIT"] == split
+        (_, args), = _launches_of(launched, conv_bwd._wgrad_kernel)
+        assert args["SPLIT"] == split
         _check_all(out, dy, inp, c, r_x, torch.float32, 2e-5, 2e-5)
 
 
@@ -861,8 +864,7 @@ def test_aligned_gemm_operands(geom, channels_last, dtype, rtol, atol_frac, monk
     assert not hn[..., cg_out:].any(), "Hn's padding must be zeros"
     assert prep["what_ptr"].shape == (*inp.w.shape[2:], c_out, cgi_p)
     assert not prep["what_ptr"][..., cg_in:].any(), "w_hat's padding must be zeros"
-    wgrad_x = next(dict(zip(k.arg_names, a))["x_ptr"] for k, _, a in launched
-                   if k is conv_bwd._wgrad_kernel)
+    wgrad_x = _launches_of(launched, conv_bwd._wgrad_kernel)[0][1]["x_ptr"]
     assert wgrad_x.shape == (n, groups * cgi_p, h, w)
     expected = torch.zeros(n, h, w, groups, cgi_p, dtype=dtype, device=DEVICE)
     expected[..., :cg_in] = inp.x.permute(0, 2, 3, 1).reshape(n, h, w, groups, cg_in)
