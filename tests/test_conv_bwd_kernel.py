@@ -5,7 +5,9 @@ state ``(c, r_x)`` with the *reference* forward (so these tests do not depend on
 kernel), and compares dx, dw, db, dk with
 
 * ``reference.conv2d_backward`` evaluated in float64 on the very same saved state (the
-  closed-form specification: same function, so the bound is rounding only), and
+  closed-form specification: same function, so the bound is rounding only; the pure depthwise
+  path reads no saved state, so there on the float64 recompute: ``_state_the_kernel_reads``),
+  and
 * float64 autograd through ``reference.conv2d_autograd`` (an independent derivation).
 
 Low precision uses the adaptive bound of STYLE.md: ``max|out - ref64| <= 2 * max|ref_same_dtype -
