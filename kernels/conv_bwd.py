@@ -801,12 +801,19 @@ def _dgrad_kernel(
     tap_w = 0
     kc = 0
     w_tile_offs = tl.arange(0, BLOCK_K)[:, None] * CGI_P + offs_ci[None, :]
+    TAP_BITS: tl.constexpr = KH * KW <= 31
+    if TAP_BITS:   # each row's taps that reach an output pixel, as bits (phase_tap_bits)
+        taps_inside = phase_tap_bits(i, j, m_mask, kh_first, kw_first, ph, pw, Ho, Wo, KH, KW,
+                                     SH, SW, PH, PW, DH, DW, STEP_H, STEP_W)
     for t in range(0, taps_h * taps_w * n_kc):
         kh = kh_first + tap_h * STEP_H
         kw = kw_first + tap_w * STEP_W
         dho = (ph + PH - kh * DH) // SH    # ho = i + dho, wo = j + dwo (exact divisions)
         dwo = (pw + PW - kw * DW) // SW
-        valid = m_mask & in_bounds(i + dho, Ho) & in_bounds(j + dwo, Wo)
+        if TAP_BITS:
+            valid = (taps_inside & (1 << (tap_h * KW + tap_w))) != 0
+        else:
+            valid = m_mask & in_bounds(i + dho, Ho) & in_bounds(j + dwo, Wo)
         if WIDE_OFFSETS:
             step_off = (dho.to(tl.int64) * Wo + dwo) * (G * CGO_P)
         else:
@@ -889,6 +896,30 @@ def _first_level_block(part_ptr, out_ptr, red, R, C_out, ROWS_PER_PROGRAM,
                          red // c_blocks, tl.cdiv(R, ROWS_PER_PROGRAM), R, C_out,
                          ROWS_PER_PROGRAM, NEED_S, NEED_DB, NEED_DK, False, EMULATE_RTNE,
                          BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def phase_tap_bits(i, j, m_mask, kh_first, kw_first, ph, pw, Ho, Wo, KH: tl.constexpr,
+                   KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                   PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr,
+                   STEP_W: tl.constexpr):
+    """Which of a stride phase's taps reach an output pixel from each row (i, j) of the phase
+    [BM]: int32 bits, the phase's tap (tap_h, tap_w) at bit tap_h * KW + tap_w, 0 where m_mask
+    is False; KH * KW <= 31. Bits past the phase's taps_h / taps_w hold anything (the K loop
+    never asks for them). As conv_fwd.window_tap_bits: KH + KW compares a row once instead of
+    two a row and step, the step's row mask one AND with its tap bit."""
+    rows_inside = tl.zeros_like(i)
+    for r in tl.static_range(KH):
+        dho = (ph + PH - (kh_first + r * STEP_H) * DH) // SH
+        rows_inside |= tl.where(in_bounds(i + dho, Ho), ((1 << KW) - 1) << (r * KW), 0)
+    cols_inside = tl.zeros_like(j)
+    for s in tl.static_range(KW):
+        dwo = (pw + PW - (kw_first + s * STEP_W) * DW) // SW
+        column = 0
+        for r in tl.static_range(KH):
+            column |= 1 << (r * KW + s)
+        cols_inside |= tl.where(in_bounds(j + dwo, Wo), column, 0)
+    return tl.where(m_mask, rows_inside & cols_inside, 0)
 
 
 @triton.jit
