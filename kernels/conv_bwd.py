@@ -111,7 +111,7 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
                        depthwise_filter_taps, depthwise_group_tile, depthwise_inv_norms,
                        depthwise_pixel_tile, depthwise_row_width, depthwise_tile_count,
                        depthwise_window, filter_tap, in_bounds, pixel_groups_fit, pixels_fast,
-                       stage_input_tile, staged_channels)
+                       stage_input_tile, staged_channels, window_tap_bits)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_ptrs,
                        to_dtype_of)
@@ -802,9 +802,13 @@ def _dgrad_kernel(
     kc = 0
     w_tile_offs = tl.arange(0, BLOCK_K)[:, None] * CGI_P + offs_ci[None, :]
     TAP_BITS: tl.constexpr = KH * KW <= 31
-    if TAP_BITS:   # each row's taps that reach an output pixel, as bits (phase_tap_bits)
-        taps_inside = phase_tap_bits(i, j, m_mask, kh_first, kw_first, ph, pw, Ho, Wo, KH, KW,
-                                     SH, SW, PH, PW, DH, DW, STEP_H, STEP_W)
+    if TAP_BITS:
+        # each row's phase taps that reach an output pixel, as bits (conv_fwd.window_tap_bits):
+        # the phase's tap q reaches output row i + dho_first - q * (DH * STEP_H / SH), an exact
+        # step (STEP_H = SH / gcd(SH, DH)); bits past taps_h / taps_w are never asked for
+        taps_inside = window_tap_bits(i + (ph + PH - kh_first * DH) // SH,
+                                      j + (pw + PW - kw_first * DW) // SW, m_mask, Ho, Wo,
+                                      -(DH * STEP_H // SH), -(DW * STEP_W // SW), KH, KW)
     for t in range(0, taps_h * taps_w * n_kc):
         kh = kh_first + tap_h * STEP_H
         kw = kw_first + tap_w * STEP_W
@@ -896,30 +900,6 @@ def _first_level_block(part_ptr, out_ptr, red, R, C_out, ROWS_PER_PROGRAM,
                          red // c_blocks, tl.cdiv(R, ROWS_PER_PROGRAM), R, C_out,
                          ROWS_PER_PROGRAM, NEED_S, NEED_DB, NEED_DK, False, EMULATE_RTNE,
                          BLOCK_R, BLOCK_C)
-
-
-@triton.jit
-def phase_tap_bits(i, j, m_mask, kh_first, kw_first, ph, pw, Ho, Wo, KH: tl.constexpr,
-                   KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                   PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, STEP_H: tl.constexpr,
-                   STEP_W: tl.constexpr):
-    """Which of a stride phase's taps reach an output pixel from each row (i, j) of the phase
-    [BM]: int32 bits, the phase's tap (tap_h, tap_w) at bit tap_h * KW + tap_w, 0 where m_mask
-    is False; KH * KW <= 31. Bits past the phase's taps_h / taps_w hold anything (the K loop
-    never asks for them). As conv_fwd.window_tap_bits: KH + KW compares a row once instead of
-    two a row and step, the step's row mask one AND with its tap bit."""
-    rows_inside = tl.zeros_like(i)
-    for r in tl.static_range(KH):
-        dho = (ph + PH - (kh_first + r * STEP_H) * DH) // SH
-        rows_inside |= tl.where(in_bounds(i + dho, Ho), ((1 << KW) - 1) << (r * KW), 0)
-    cols_inside = tl.zeros_like(j)
-    for s in tl.static_range(KW):
-        dwo = (pw + PW - (kw_first + s * STEP_W) * DW) // SW
-        column = 0
-        for r in tl.static_range(KH):
-            column |= 1 << (r * KW + s)
-        cols_inside |= tl.where(in_bounds(j + dwo, Wo), column, 0)
-    return tl.where(m_mask, rows_inside & cols_inside, 0)
 
 
 @triton.jit

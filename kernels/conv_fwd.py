@@ -139,7 +139,9 @@ def in_bounds(v, bound):
 def window_tap_bits(h_base, w_base, mask_m, in_h, in_w, dil_h, dil_w, KH: tl.constexpr,
                     KW: tl.constexpr):
     """Which taps of each row's KH x KW window fall inside the input: int32 bits, tap
-    t = r * KW + s at bit t, 0 for rows past the end (mask_m False); KH * KW <= 31.
+    t = r * KW + s at bit t, 0 for rows past the end (mask_m False); KH * KW <= 31. Tap (r, s)
+    reads row h_base + r * dil_h and column w_base + s * dil_w (the dgrad passes its phase's
+    first output pixel and negative steps: conv_bwd._dgrad_kernel).
 
     Formed once before a K loop as (taps of the rows inside) & (taps of the columns inside):
     KH + KW compares a row instead of two a row and step -- in the loop a step's row mask is

@@ -82,6 +82,19 @@ def make_conv_inputs(n=2, c_in=8, h=9, w=9, c_out=16, kernel=3, stride=1, paddin
 # (120 passed through the kernels when the sweep was added).
 RANDOM_CASES = int(os.environ.get("SPHEREOPS_RANDOM_CASES", "8"))
 
+# The forward's and the dgrad's K loops take each row's in-window taps as int32 bits formed
+# before the loop (conv_fwd.window_tap_bits) up to 31 taps and compare per step past that:
+# strided, dilated filters whose windows reach into the padding on every side, at 30 and 31
+# taps (the highest bit) and at 32 and 49 (the per-step compares); make_conv_inputs arguments
+# for a 16-channel channel-chunk GEMM.
+TAP_BIT_GEOMETRIES = {
+    "5x6-30-taps": dict(kernel=(5, 6), stride=(2, 1), padding=(3, 1), dilation=(1, 2), h=7, w=9),
+    "1x31-31-taps": dict(kernel=(1, 31), stride=1, padding=(0, 15), dilation=1, h=3, w=6),
+    "4x8-32-taps": dict(kernel=(4, 8), stride=(1, 2), padding=(2, 4), dilation=1, h=5, w=9),
+    "7x7-d2-49-taps": dict(kernel=7, stride=2, padding=5, dilation=2, h=8, w=7),
+}
+
+
 # Pure depthwise convs on NCHW input (the kernels' row tiles), 20 channels over 3 images of
 # 9 x 13 (make_conv_inputs arguments), with these on top: 3x3 at stride 1, stride 2 (gathered
 # state rows out of line in the backward), a rectangular dilated filter with mixed strides.

@@ -21,7 +21,8 @@ import math
 import pytest
 import torch
 
-from helpers import (DEPTHWISE_ROW_CASE, DEPTHWISE_ROW_GEOMETRIES, RANDOM_CASES, assert_close,
+from helpers import (DEPTHWISE_ROW_CASE, DEPTHWISE_ROW_GEOMETRIES, RANDOM_CASES,
+                     TAP_BIT_GEOMETRIES, assert_close,
                      assert_close_to_reference, make_conv_inputs, make_near_parallel_conv_inputs,
                      random_conv_geometry, record_launches)
 from sphereops import reference as R
@@ -171,23 +172,11 @@ GRID = [
 ]
 
 
-# The dgrad's K loop takes each phase row's reaching taps as int32 bits formed before the loop
-# (conv_bwd.phase_tap_bits) up to 31 taps and compares per step past that: strided, dilated
-# filters whose windows reach into the padding, at 30 and 31 taps (the highest bit) and at 32
-# and 49 (the per-step compares).
-TAP_GEOMS = {
-    "5x6-30-taps": dict(kernel=(5, 6), stride=(2, 1), padding=(3, 1), dilation=(1, 2), h=7, w=9),
-    "1x31-31-taps": dict(kernel=(1, 31), stride=1, padding=(0, 15), dilation=1, h=3, w=6),
-    "4x8-32-taps": dict(kernel=(4, 8), stride=(1, 2), padding=(2, 4), dilation=1, h=5, w=9),
-    "7x7-d2-49-taps": dict(kernel=7, stride=2, padding=5, dilation=2, h=8, w=7),
-}
-
-
-@pytest.mark.parametrize("case", list(TAP_GEOMS))
+@pytest.mark.parametrize("case", list(TAP_BIT_GEOMETRIES))
 @pytest.mark.parametrize("dtype,rtol,atol_frac", DTYPE_TOLS)
 def test_dgrad_taps_in_the_padding(case, dtype, rtol, atol_frac):
     inp, c, r_x, dy = _case(dtype, operator="linear", n=1, c_in=16, c_out=16, channels_last=True,
-                            **TAP_GEOMS[case])
+                            **TAP_BIT_GEOMETRIES[case])
     _check_all(_kernel(dy, inp, c, r_x), dy, inp, c, r_x, dtype, rtol, atol_frac)
 
 

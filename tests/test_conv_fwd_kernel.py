@@ -19,6 +19,7 @@ from sphereops_kernels import conv_fwd as F  # noqa: E402
 from helpers import (  # noqa: E402
     DEPTHWISE_ROW_CASE,
     DEPTHWISE_ROW_GEOMETRIES,
+    TAP_BIT_GEOMETRIES,
     assert_close,
     assert_close_to_reference,
     make_conv_inputs,
@@ -390,23 +391,11 @@ def test_forward_prepass_hard_inputs(scale):
         _check_against_reference(inp, pre, torch.float16, 2e-3, 2e-3)
 
 
-# The channel-chunk K loop takes each row's in-window taps as int32 bits formed before the loop
-# (conv_fwd.window_tap_bits) up to 31 taps, and compares per step past that: windows that
-# reach into the padding on every side, strided and dilated, at 30 and 31 taps (the highest
-# bit) and at 32 and 49 (the per-step compares).
-TAP_CASES = {
-    "5x6-30-taps": dict(kernel=(5, 6), stride=(2, 1), padding=(3, 1), dilation=(1, 2), h=7, w=9),
-    "1x31-31-taps": dict(kernel=(1, 31), stride=1, padding=(0, 15), dilation=1, h=3, w=6),
-    "4x8-32-taps": dict(kernel=(4, 8), stride=(1, 2), padding=(2, 4), dilation=1, h=5, w=9),
-    "7x7-d2-49-taps": dict(kernel=7, stride=2, padding=5, dilation=2, h=8, w=7),
-}
-
-
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
-@pytest.mark.parametrize("case", list(TAP_CASES))
+@pytest.mark.parametrize("case", list(TAP_BIT_GEOMETRIES))
 def test_channel_chunk_windows_in_the_padding(case, dtype, rtol, atol):
     inp = make_conv_inputs(n=1, c_in=16, c_out=16, operator="linear", dtype=dtype, device=DEVICE,
-                           channels_last=True, **TAP_CASES[case])
+                           channels_last=True, **TAP_BIT_GEOMETRIES[case])
     _check_against_reference(inp, _run_kernel(inp), dtype, rtol, atol)
 
 
