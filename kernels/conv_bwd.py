@@ -100,6 +100,8 @@ CUDA graphs / torch.compile that disappears.
 from __future__ import annotations
 
 import inspect
+from math import prod
+from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -120,6 +122,8 @@ from .launch import cdiv as _cdiv
 from .launch import (MAX_PIXELS, env_switch, launch, offsets_need_int64, pixel_run,
                      plain_launch)
 from .launch import next_pow2 as _next_pow2
+from .plans import PlanCache, dense_strides, meta_like, tensor_key
+from . import conv_fwd as _conv_fwd
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -2008,6 +2012,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _pair(v, name: str) -> Tuple[int, int]:
+    # fast path first (every backward passes three pairs; the generic checks cost ~2 us each)
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 2
@@ -2059,7 +2066,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         (dx, dw, db, dk): dx like x (same memory format), dw like w, db [C_out] in w's dtype,
         dk [C_out] in k's dtype (sigmoid only); a gradient not needed is None.
     """
-    from sphereops.reference import ARCCOS_DELTA, saved_state_mode  # their single sources
+    from sphereops.reference import saved_state_mode  # its single source
 
     for t, name, nd in ((dy, "dy", 4), (x, "x", 4), (w, "w", 4), (c, "c", 4), (r_x, "r_x", 4)):
         if name in ("c", "r_x") and isinstance(t, torch.Tensor) and t.numel() == 0:
@@ -2146,13 +2153,165 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
 
     upcast = interpreting and dtype != torch.float32
     rtne = interpreting
-    precision = _dot_precision(dtype)
     geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
     if depthwise:
         return _depthwise_backward(dy, x, w, k, operator, eps, (need_dx, need_dw, need_db, need_dk),
                                    ho, wo, geometry, rtne)
     r_x = r_x.contiguous()
     k_arg = k if operator == "sigmoid" else r_x  # never read unless sigmoid
+    has_bias = from_output and bias is not None
+    # the dgrad / wgrad on padded grids (conv_bwd_grid), asked for
+    if need_grads and cg_out > 1:
+        if dgrad_grid is None:
+            dgrad_grid = conv_bwd_grid().ENABLED and plain_launch(x)
+        if wgrad_grid is None:
+            wgrad_grid = conv_bwd_grid().WGRAD_ENABLED and plain_launch(x)
+        grid_asked = bool((dgrad_grid and need_dx) or (wgrad_grid and need_dw))
+    else:
+        grid_asked = False
+    need = (need_dx, need_dw, need_db, need_dk)
+    plan_args = (dy, x, w, k, c, ((sh, sw), (ph, pw), (dh, dw_)), groups, operator, float(eps),
+                 need, c_scratch, from_output, has_bias, interpreting,
+                 bool(dgrad_grid), bool(wgrad_grid))
+    if grid_asked:   # the grid paths (A/B, tests) plan afresh each call
+        p = _backward_plan(*plan_args)
+    else:
+        # every module switch and replaceable helper the plan reads is in the key
+        key = (tensor_key(dy), tensor_key(x), tensor_key(w), tensor_key(k), tensor_key(c),
+               plan_args[5:14], dtype == torch.float32 and torch.backends.cudnn.allow_tf32,
+               _conv_fwd._STAGE_INPUT, _needs_wide_offsets, _wgrad_split, wgrad_config,
+               dgrad_config, _fold_reduction, _finish_dw_in_wgrad, WGRAD_WRITES_DW,
+               WGRAD_FINISH_MAX_SPLIT, DGRAD_REDUCES, _WGRAD_RUNTIME_DIV)
+        p = _BACKWARD_PLANS.get(key, _backward_plan, *plan_args)
+
+    # 1. the prep launch: the elementwise pass over dy and c and, in the same grid, the filter
+    # norms (and the unit filters for the dgrad) when dx or dw is asked
+    if need_grads:
+        r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
+        # the grid dgrad's per-group rows padded to cgo_p: zeros there
+        w_hat = (torch.zeros if p.what_padded else torch.empty)(p.w_hat_shape, device=dev,
+                                                                dtype=dtype)
+    else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
+        r_w, w_hat = r_x, w
+    if p.grid_dgrad or p.grid_wgrad:
+        hn = conv_bwd_grid().hn_grid_buffer(n, ho, wo, p.hn_margins, groups * p.cgo_p, dtype,
+                                            dev)
+    elif p.hn_over_c:
+        hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
+    else:
+        hn = torch.empty(p.hn_shape, device=dev, dtype=dtype)
+    x_staged, x_grid, stage_grid, prep_flags = None, None, False, p.prep_flags
+    # the input tiles of the prep launch: (programs, slack, channels, planes, plane width)
+    staging = p.staging
+    if p.stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
+        x_staged = torch.empty(p.x_staged_shape, device=dev, dtype=dtype).permute(0, 3, 1, 2)
+    elif p.grid_wgrad:   # x onto its padded grid (conv_bwd_grid.x_grid_buffer), in this launch
+        x_grid, x_grid_slack, stage_grid = conv_bwd_grid().x_grid_buffer(
+            x, groups, (ho, wo), p.hn_margins, (kh, kw), (sh, sw), (ph, pw))
+        if stage_grid:
+            planes_h, planes_w = phase_planes((kh, kw), (sh, sw))
+            stage_cp = x_grid.shape[1] // groups
+            staging = (_cdiv(x_grid.shape[0], STAGE_CONFIG["BLOCK_P"]), x_grid_slack, stage_cp,
+                       planes_h * planes_w, planes_w)
+            prep_flags = dict(prep_flags, STAGE_GRID=True, GRID_SH=sh, GRID_SW=sw,
+                              BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]))
+        else:
+            x_grid_slack = 0
+    if p.grid_wgrad:
+        counters = conv_bwd_grid().wgrad_tile_counters(cg_in, cg_out, groups, kh * kw, dev)
+    elif p.finish_dw:
+        counters = torch.empty(p.wgrad["tiles"], device=dev, dtype=torch.int32)
+    else:
+        counters = None
+    a_buf = torch.empty(p.a_shape, device=dev, dtype=torch.float32)
+    partials = torch.empty(p.partials_shape, device=dev, dtype=torch.float32)
+    prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials,
+               w, r_w, w_hat)
+    if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
+        _launch(_channelwise_prep_kernel, p.prep_grid, prep_in + p.prep_scalars, **prep_flags)
+    else:
+        # the staged copy's place without staging: any output (never stored through)
+        x_out = x_staged if p.stage_x else x_grid if stage_grid else partials
+        _launch(_prep_kernel, (p.prep_grid[0] + staging[0], groups),
+                prep_in + (x, x_out) + p.prep_scalars + (staging[0], staging[1], staging[2],
+                                                         ph, pw, staging[3], staging[4],
+                                                         counters if counters is not None
+                                                         else partials,
+                                                         0 if counters is None
+                                                         else counters.numel()),
+                **prep_flags)
+
+    # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4),
+    # and a first level (big batches) in the implicit-GEMM dgrad's when there is one (step 3)
+    s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
+        partials, p.r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not p.fold,
+        launch_first=p.first_programs == 0)
+
+    x_wgrad = x_staged if p.stage_x else x
+    # 3. dgrad fused with the norm correction
+    if p.grid_dgrad:
+        dx = torch.empty_like(x)  # preserves NCHW / channels_last
+        conv_bwd_grid().grid_dgrad(hn, w_hat, a_buf, x, dx, (sh, sw), (ph, pw), (dh, dw_),
+                                   p.hn_margins, dict(UPCAST_DOT=upcast, EMULATE_RTNE=rtne,
+                                                      PIXELS_FAST=pixels_fast(dx)))
+    elif need_dx:
+        # torch.empty_like(x)'s strides (NCHW / channels_last preserved), planned
+        dx = torch.empty_strided(x.shape, p.dx_strides, device=dev, dtype=dtype)
+        _launch(_dgrad_kernel, p.dgrad_grid,
+                (hn, w_hat, a_buf, x, dx, partials, red_level) + p.dgrad_scalars,
+                **p.dgrad_flags)
+
+    # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
+    # the folded reduction's operands and switches (either wgrad launch)
+    reduction = (red_level, s_sum, db if need_db else s_sum, dk if need_dk else s_sum, red_rows)
+    if p.grid_wgrad:   # one launch: the last split of each tile writes dw
+        dw = conv_bwd_grid().grid_wgrad(
+            hn, x_grid, x_grid_slack, x, w, r_w, counters, groups, (ho, wo), p.hn_margins,
+            (sh, sw), (dh, dw_), upcast, reduction, dict(p.reduction_flags))
+    elif need_dw:
+        w_part = torch.empty(p.w_part_shape, device=dev, dtype=torch.float32)
+        dw = torch.empty_like(w) if p.finish_dw else None
+        # unread without FINISH_DW: stand-ins that are not op inputs written
+        finish_args = ((counters, w, r_w, dw, *w.stride(), *dw.stride()) if p.finish_dw
+                       else (w_part, w_part, w_part, w_part) + (0,) * 8)
+        _launch(_wgrad_kernel, p.wgrad_grid,
+                (hn, x_wgrad, w_part) + reduction[:4] + finish_args[:4] + p.wgrad_scalars
+                + (red_rows, p.wgrad_reduce_programs, *x_wgrad.stride(), ho * wo, wo)
+                + finish_args[4:],
+                **p.wgrad_flags)
+        if not p.finish_dw:
+            dw = _finalize_dw(w_part, w, r_w, s_sum, p.wgrad["split"], rtne)
+
+    return dx, dw, db, dk
+
+
+# the backward's launch plans by call signature (kernels/plans.py)
+_BACKWARD_PLANS = PlanCache("sphere_conv2d_bwd")
+
+
+def _backward_plan(dy, x, w, k, c, conv, groups, operator, eps, need, c_scratch, from_output,
+                   has_bias, interpreting, dgrad_grid, wgrad_grid):
+    """The GEMM backward's plan (kernels/plans.py) for validated arguments: which paths run, the
+    buffers' shapes, every launch's grid, constexprs and integer arguments that do not depend
+    on what is allocated when the plan runs. Reads only metadata, the options and module
+    switches (listed in the launcher's cache key)."""
+    from sphereops.reference import ARCCOS_DELTA  # its single source
+
+    (sh, sw), (ph, pw), (dh, dw_) = conv
+    need_dx, need_dw, need_db, need_dk = need
+    n, c_in, h, wd = x.shape
+    c_out, cg_in, kh, kw = w.shape
+    cg_out = c_out // groups
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw_ * (kw - 1) - 1) // sw + 1
+    m_out = n * ho * wo
+    need_grads = need_dx or need_dw
+    dtype = x.dtype
+    upcast = interpreting and dtype != torch.float32
+    rtne = interpreting
+    precision = _dot_precision(dtype)
+    geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
+    p = SimpleNamespace()
     # Aligned GEMM operands (conv_fwd.aligned_count / staged_channels): Hn's group columns and
     # w_hat's rows get cgo_p / cgi_p elements (a multiple of 16 from 16 channels up), and an
     # input not in the fast layout (NCHW, C_in/G not a multiple of 16) is staged for the wgrad
@@ -2163,214 +2322,160 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         cgo_p, cgi_p = aligned_count(cg_out), aligned_count(cg_in)
     else:
         cgo_p, cgi_p = cg_out, cg_in
+    p.cgo_p = cgo_p
     # the dgrad / wgrad on padded grids (conv_bwd_grid): Hn's rows get margins
     grid_dgrad = grid_wgrad = False
-    if need_grads and cg_out > 1:
-        if dgrad_grid is None:
-            dgrad_grid = conv_bwd_grid().ENABLED and plain_launch(x)
-        if wgrad_grid is None:
-            wgrad_grid = conv_bwd_grid().WGRAD_ENABLED and plain_launch(x)
-        if ((dgrad_grid and need_dx) or (wgrad_grid and need_dw)) and \
-                conv_bwd_grid().grid_backward_applies(x, w, (ho, wo), (sh, sw), (ph, pw),
+    if need_grads and cg_out > 1 and ((dgrad_grid and need_dx) or (wgrad_grid and need_dw)) \
+            and conv_bwd_grid().grid_backward_applies(x, w, (ho, wo), (sh, sw), (ph, pw),
                                                       (dh, dw_), cgi_p, cgo_p):
-            grid_dgrad, grid_wgrad = bool(dgrad_grid) and need_dx, bool(wgrad_grid) and need_dw
-    hn_margins = ((0, 0) if not (grid_dgrad or grid_wgrad)
-                  else conv_bwd_grid().grid_margins((h, wd), (ho, wo), (kh, kw), (sh, sw),
-                                                    (ph, pw), (dh, dw_)))
+        grid_dgrad, grid_wgrad = dgrad_grid and need_dx, wgrad_grid and need_dw
+    p.grid_dgrad, p.grid_wgrad = grid_dgrad, grid_wgrad
+    p.hn_margins = ((0, 0) if not (grid_dgrad or grid_wgrad)
+                    else conv_bwd_grid().grid_margins((h, wd), (ho, wo), (kh, kw), (sh, sw),
+                                                      (ph, pw), (dh, dw_)))
     # the grid dgrad's K boxes must stay in one group's w_hat rows: pad them to cgo_p
-    what_padded = grid_dgrad and cgo_p != cg_out
+    p.what_padded = grid_dgrad and cgo_p != cg_out
     # the wgrad's copy of an input outside the fast layout (the grid wgrad stages its own)
-    stage_x = cg_out > 1 and need_dw and not grid_wgrad and staged_channels(x, cg_in) > 0
+    p.stage_x = stage_x = (cg_out > 1 and need_dw and not grid_wgrad
+                           and staged_channels(x, cg_in) > 0)
 
-    # 1. the prep launch: the elementwise pass over dy and c and, in the same grid, the filter
-    # norms (and the unit filters for the dgrad) when dx or dw is asked
     cfg = prep_config(operator, from_output)
-    r_rows = _cdiv(m_out, cfg["BLOCK_M"])
+    p.r_rows = r_rows = _cdiv(m_out, cfg["BLOCK_M"])
     fcfg = filter_norm_config(cg_in * kh * kw)
-    if need_grads:
-        r_w = torch.empty(c_out, device=dev, dtype=torch.float32)
-        if what_padded:   # the grid dgrad's per-group rows padded to cgo_p: zeros there
-            w_hat = torch.zeros((kh, kw, groups * cgo_p, cgi_p), device=dev, dtype=dtype)
-        else:
-            w_hat = torch.empty((kh, kw, c_out, cgi_p) if need_dx else (1,), device=dev,
-                                dtype=dtype)
-        n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"])
-    else:  # no filter programs: their stores compile away (NORM_FILTERS), any input will do
-        r_w, w_hat, n_filter_programs = r_x, w, 0
+    if p.what_padded:
+        p.w_hat_shape = (kh, kw, groups * cgo_p, cgi_p)
+    else:
+        p.w_hat_shape = (kh, kw, c_out, cgi_p) if need_dx else (1,)
+    w_hat_numel = prod(p.w_hat_shape) if need_grads else w.numel()
+    n_filter_programs = _cdiv(c_out, fcfg["BLOCK_O"]) if need_grads else 0
     n_margin_programs = 0
+    p.hn_over_c = False
     if grid_dgrad or grid_wgrad:
-        hn = conv_bwd_grid().hn_grid_buffer(n, ho, wo, hn_margins, groups * cgo_p, dtype, dev)
-        n_margin_programs = _cdiv(conv_bwd_grid().hn_margin_rows(n, ho, wo, hn_margins),
+        top, left = p.hn_margins
+        hn_numel = n * (ho + top) * (wo + left) * groups * cgo_p
+        n_margin_programs = _cdiv(conv_bwd_grid().hn_margin_rows(n, ho, wo, p.hn_margins),
                                   cfg["BLOCK_M"])
     elif (need_grads and c_scratch and cgo_p == cg_out
             and c.permute(0, 2, 3, 1).is_contiguous()):
-        hn = c.permute(0, 2, 3, 1).view(m_out, c_out)
+        p.hn_over_c, hn_numel = True, m_out * c_out
     else:
-        hn = torch.empty((m_out, groups * cgo_p) if need_grads else (1,), device=dev, dtype=dtype)
+        p.hn_shape = (m_out, groups * cgo_p) if need_grads else (1,)
+        hn_numel = prod(p.hn_shape)
     stage_p = STAGE_CONFIG["BLOCK_P"]
-    x_staged, n_stage_programs, stage_cp = None, 0, cgi_p
-    x_grid, x_grid_slack, stage_grid, planes_h, planes_w = None, 0, False, 1, 1
-    if stage_x:   # [N, H, W, G*cgi_p] viewed as [N, G*cgi_p, H, W] (channels_last strides)
-        x_staged = torch.empty((n, h, wd, groups * cgi_p), device=dev,
-                               dtype=dtype).permute(0, 3, 1, 2)
-        n_stage_programs = n * _cdiv(h * wd, stage_p)
-    elif grid_wgrad:   # x onto its padded grid (conv_bwd_grid.x_grid_buffer), in this launch
-        x_grid, x_grid_slack, stage_grid = conv_bwd_grid().x_grid_buffer(
-            x, groups, (ho, wo), hn_margins, (kh, kw), (sh, sw), (ph, pw))
-        if stage_grid:
-            planes_h, planes_w = phase_planes((kh, kw), (sh, sw))
-            n_stage_programs = _cdiv(x_grid.shape[0], stage_p)
-            stage_cp = x_grid.shape[1] // groups
+    # prep's input tiles without the grid wgrad's staging (the launcher's, then)
+    p.staging = (n * _cdiv(h * wd, stage_p) if stage_x else 0, 0, cgi_p, 1, 1)
+    x_staged = None
+    if stage_x:
+        p.x_staged_shape = (n, h, wd, groups * cgi_p)
+        x_staged = meta_like(x, (n, groups * cgi_p, h, wd),
+                              dense_strides((n, groups * cgi_p, h, wd), torch.channels_last))
     # int64 offsets in the dgrad / wgrad loops (w_hat too: the dgrad's filter offsets are int32
     # unless wide; the wgrad's staged copy has channels x's has not)
-    wide = _needs_wide_offsets(x, max(hn.numel(), w_hat.numel()), (kh, kw), (ph, pw), (dh, dw_))
+    wide = _needs_wide_offsets(x, max(hn_numel, w_hat_numel), (kh, kw), (ph, pw), (dh, dw_))
     if stage_x:
         wide = wide or _needs_wide_offsets(x_staged, 0, (kh, kw), (ph, pw), (dh, dw_))
     # the implicit-GEMM wgrad's tiles and splits (step 4), decided here for its tile counters
     wgrad = None
     if need_dw and not grid_wgrad:
-        wgrad = _wgrad_layout(cg_in, cg_out, groups, kh * kw, m_out, dtype, dev)
+        wgrad = _wgrad_layout(cg_in, cg_out, groups, kh * kw, m_out, dtype, x.device)
+    p.wgrad = wgrad
     # the wgrad's tile counters, zeroed by the prep: the grid wgrad's always, the implicit-GEMM
     # one's when it finishes dw itself (WGRAD_WRITES_DW, _finish_dw_in_wgrad)
-    finish_dw = (wgrad is not None and cg_out > 1 and WGRAD_WRITES_DW
-                 and _finish_dw_in_wgrad(wgrad["split"], wide))
-    if grid_wgrad:
-        counters = conv_bwd_grid().wgrad_tile_counters(cg_in, cg_out, groups, kh * kw, dev)
-    elif finish_dw:
-        counters = torch.empty(wgrad["tiles"], device=dev, dtype=torch.int32)
-    else:
-        counters = None
-    a_shape = (n, groups, ho, wo) if need_dx else (1,)
-    a_buf = torch.empty(a_shape, device=dev, dtype=torch.float32)
-    partials = torch.empty((3, r_rows, c_out), device=dev, dtype=torch.float32)
-    has_bias = from_output and bias is not None
+    p.finish_dw = finish_dw = (wgrad is not None and cg_out > 1 and WGRAD_WRITES_DW
+                               and _finish_dw_in_wgrad(wgrad["split"], wide))
+    p.a_shape = (n, groups, ho, wo) if need_dx else (1,)
+    p.partials_shape = (3, r_rows, c_out)
     prep_flags = dict(OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
                       FROM_OUTPUT=from_output, HAS_BIAS=has_bias, STORE_HN=need_grads,
                       STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
                       NORM_FILTERS=need_grads, STORE_W_HAT=need_dx, KH=kh, KW=kw,
                       EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_O=fcfg["BLOCK_O"],
                       BLOCK_F=fcfg["BLOCK_F"], num_warps=cfg["num_warps"])
-    prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials,
-               w, r_w, w_hat)
-    filter_args = (n_filter_programs, cg_in, *w.stride(), float(eps))
-    filter_args_padded = (n_filter_programs, cg_in, cgi_p, *w.stride(), float(eps))
     k_stride = k.stride(0) if operator == "sigmoid" else 0
     if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
-        grid = (n_filter_programs + r_rows, _cdiv(c_out, cfg["BLOCK_C"]))
-        _launch(_channelwise_prep_kernel, grid,
-                prep_in + (m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(), *c.stride())
-                + filter_args,
-                BLOCK_C=cfg["BLOCK_C"], **prep_flags)
+        p.prep_grid = (n_filter_programs + r_rows, _cdiv(c_out, cfg["BLOCK_C"]))
+        p.prep_scalars = ((m_out, ho * wo, wo, c_out, r_rows, k_stride, *dy.stride(),
+                           *c.stride(), n_filter_programs, cg_in, *w.stride(), eps))
+        prep_flags.update(BLOCK_C=cfg["BLOCK_C"])
     else:
-        # the staged copy's place without staging: any output (never stored through)
-        x_out = x_staged if stage_x else x_grid if stage_grid else partials
-        _launch(_prep_kernel,
-                (n_filter_programs + r_rows + n_stage_programs + n_margin_programs, groups),
-                prep_in + (x, x_out,
-                           m_out, ho * wo, wo, c_out, cg_out, cgo_p, groups, r_rows, k_stride,
-                           *dy.stride(), *c.stride()) + filter_args_padded
-                + (_cdiv(h * wd, stage_p), h * wd, wd, *x.stride(), n_stage_programs,
-                   x_grid_slack, stage_cp, ph, pw, planes_h * planes_w, planes_w,
-                   counters if counters is not None else partials,
-                   0 if counters is None else counters.numel()),
-                BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
-                DENSE_PLANE=dense_plane(x), STAGE_GRID=stage_grid, X_PIXELS_FAST=pixels_fast(x),
-                BLOCK_P=stage_p, HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1],
-                GRID_SH=sh if stage_grid else 1, GRID_SW=sw if stage_grid else 1,
-                WHAT_PADDED=what_padded,
-                BLOCK_CX=_pow2_clamp(stage_cp, 16, STAGE_CONFIG["BLOCK_C"]), **prep_flags)
+        # axis 0 without the input tiles (the launcher adds them)
+        p.prep_grid = (n_filter_programs + r_rows + n_margin_programs,)
+        p.prep_scalars = ((m_out, ho * wo, wo, c_out, cg_out, cgo_p, groups, r_rows, k_stride,
+                           *dy.stride(), *c.stride(), n_filter_programs, cg_in, cgi_p,
+                           *w.stride(), eps, _cdiv(h * wd, stage_p), h * wd, wd, *x.stride()))
+        prep_flags.update(BLOCK_C=_pow2_clamp(cgo_p, 16, cfg["BLOCK_C"]), STAGE_X=stage_x,
+                          DENSE_PLANE=dense_plane(x), STAGE_GRID=False,
+                          X_PIXELS_FAST=pixels_fast(x), BLOCK_P=stage_p,
+                          HN_TOP=p.hn_margins[0], HN_LEFT=p.hn_margins[1], GRID_SH=1, GRID_SW=1,
+                          WHAT_PADDED=p.what_padded,
+                          BLOCK_CX=_pow2_clamp(cgi_p, 16, STAGE_CONFIG["BLOCK_C"]))
+    p.prep_flags = prep_flags
 
-    # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4),
-    # and a first level (big batches) in the implicit-GEMM dgrad's when there is one (step 3)
-    fold = _fold_reduction(need_dw)
-    first_programs = (_first_level_programs(r_rows, c_out)
-                      if fold and need_dx and not grid_dgrad and DGRAD_REDUCES else 0)
-    s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
-        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not fold,
-        launch_first=first_programs == 0)
-
-    x_wgrad = x_staged if stage_x else x
-    # 3. dgrad fused with the norm correction
-    if grid_dgrad:
-        dx = torch.empty_like(x)  # preserves NCHW / channels_last
-        conv_bwd_grid().grid_dgrad(hn, w_hat, a_buf, x, dx, (sh, sw), (ph, pw), (dh, dw_),
-                                   hn_margins, dict(UPCAST_DOT=upcast, EMULATE_RTNE=rtne,
-                                        PIXELS_FAST=pixels_fast(dx)))
-    elif need_dx:
-        dx = torch.empty_like(x)  # preserves NCHW / channels_last
-        dx_pixels_fast = pixels_fast(dx)
+    # 2. the partials' reduction: folded into the wgrad launch (its final level) and, for big
+    # batches, the dgrad's (its first level)
+    p.fold = fold = _fold_reduction(need_dw)
+    p.first_programs = first_programs = (_first_level_programs(r_rows, c_out)
+                                         if fold and need_dx and not grid_dgrad and DGRAD_REDUCES
+                                         else 0)
+    red = REDUCE_CONFIG
+    # 3. the implicit-GEMM dgrad
+    if need_dx and not grid_dgrad:
+        dx_meta = torch.empty_like(meta_like(x))
+        p.dx_strides = dx_meta.stride()
+        dx_pixels_fast = pixels_fast(dx_meta)
         cfg = dgrad_config(cg_in, cg_out, dtype)
         hp, wp = _cdiv(h, sh), _cdiv(wd, sw)
         grid = (_cdiv(n * hp * wp, cfg["BLOCK_M"]), _cdiv(cg_in, cfg["BLOCK_N"]), groups * sh * sw)
         # the first reduction level's programs in extra slices of grid axis 2
-        grid = grid[:2] + (grid[2] + _cdiv(first_programs, grid[0] * grid[1]),)
-        red = REDUCE_CONFIG
-        _launch(_dgrad_kernel, grid,
-                (hn, w_hat, a_buf, x, dx, partials, red_level,
-                 n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, cgi_p,
-                 cgo_p, hp, wp, *x.stride(), *dx.stride(),
-                 r_rows, first_programs, red["ROWS_PER_PROGRAM"]),
-                **geometry,
-                NEED_S=bool(first_programs) and need_dw,
-                NEED_DB=bool(first_programs) and need_db,
-                NEED_DK=bool(first_programs) and need_dk,
-                BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
-                STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
-                UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
-                PIXELS_FAST=dx_pixels_fast,
-                # stride 1: a tile's pixels are consecutive input pixels (at stride 2 one phase's)
-                PIX_RUN=pixel_run(x, dx) if dx_pixels_fast and sh == sw == 1 else 1,
-                EVEN_K=cg_out % cfg["BLOCK_K"] == 0 and cgo_p == cg_out,
-                EVEN_N=cgi_p % cfg["BLOCK_N"] == 0,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        p.dgrad_grid = grid[:2] + (grid[2] + _cdiv(first_programs, grid[0] * grid[1]),)
+        p.dgrad_scalars = (n, h, wd, ho, wo, c_out, cg_in, cg_out, groups, cgi_p, cgo_p, hp, wp,
+                           *x.stride(), *p.dx_strides, r_rows, first_programs,
+                           red["ROWS_PER_PROGRAM"])
+        p.dgrad_flags = dict(
+            **geometry,
+            NEED_S=bool(first_programs) and need_dw,
+            NEED_DB=bool(first_programs) and need_db,
+            NEED_DK=bool(first_programs) and need_dk,
+            BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
+            STEP_H=sh // _gcd(sh, dh), STEP_W=sw // _gcd(sw, dw_),
+            UPCAST_DOT=upcast, DOT_PRECISION=precision, EMULATE_RTNE=rtne, WIDE_OFFSETS=wide,
+            PIXELS_FAST=dx_pixels_fast,
+            # stride 1: a tile's pixels are consecutive input pixels (at stride 2 one phase's)
+            PIX_RUN=(pixel_run(x, dx_meta) if dx_pixels_fast and sh == sw == 1 else 1),
+            EVEN_K=cg_out % cfg["BLOCK_K"] == 0 and cgo_p == cg_out,
+            EVEN_N=cgi_p % cfg["BLOCK_N"] == 0,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
-    # the folded reduction's operands and switches (either wgrad launch)
-    reduction = (red_level, s_sum, db if need_db else s_sum, dk if need_dk else s_sum, red_rows)
-    reduction_flags = dict(NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
-                           EMULATE_RTNE=rtne)
-    if grid_wgrad:   # one launch: the last split of each tile writes dw
-        dw = conv_bwd_grid().grid_wgrad(
-            hn, x_grid, x_grid_slack, x, w, r_w, counters, groups, (ho, wo), hn_margins,
-            (sh, sw), (dh, dw_), upcast, reduction, reduction_flags)
-    elif need_dw:
+    # 4. wgrad: the folded reduction's switches (either wgrad launch)
+    p.reduction_flags = dict(NEED_S=fold, NEED_DB=fold and need_db, NEED_DK=fold and need_dk,
+                             EMULATE_RTNE=rtne)
+    if wgrad is not None:
         cfg, grid, split, m_per_split = (wgrad[key] for key in ("cfg", "grid", "split",
                                                                 "m_per_split"))
-        w_part = torch.empty((split, kh * kw, c_out, cg_in), device=dev, dtype=torch.float32)
-        dw = torch.empty_like(w) if finish_dw else None
+        p.w_part_shape = (split, kh * kw, c_out, cg_in)
+        x_wgrad = x_staged if stage_x else x
         x_channels = cgi_p if stage_x else cg_in   # the x operand's channels a group (CGI_P)
         # the folded reduction: its programs in extra slices of grid axis 2
-        red = REDUCE_CONFIG
-        red_programs = _cdiv(c_out, red["BLOCK_C"]) if fold else 0
-        grid = grid[:2] + (grid[2] + _cdiv(red_programs, grid[0] * grid[1]),)
-        red_ptr, s_ptr, db_ptr, dk_ptr, _ = reduction
-        if finish_dw:   # the finishing programs sum S themselves
-            reduction_flags["NEED_S"] = False
-        # unread without FINISH_DW: stand-ins that are not op inputs written
-        finish_args = ((counters, w, r_w, dw, *w.stride(), *dw.stride()) if finish_dw
-                       else (w_part, w_part, w_part, w_part) + (0,) * 8)
-        _launch(_wgrad_kernel, grid,
-                (hn, x_wgrad, w_part, red_ptr, s_ptr, db_ptr, dk_ptr) + finish_args[:4]
-                + (m_out, ho * wo, wo, h, wd,
-                   c_out, cg_in, cg_out, x_channels, cgo_p, groups, m_per_split,
-                   split, red_rows, red_programs, *x_wgrad.stride(), ho * wo, wo)
-                + finish_args[4:],
-                **geometry,
-                UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
-                RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
-                DENSE_ROWS=(not cfg["FLAT_K"] and _dense_pixel_rows(x_wgrad)
-                            and (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)),
-                EVEN_O=cgo_p % cfg["BLOCK_O"] == 0,
-                EVEN_CI=not cfg["FLAT_K"] and x_channels % cfg["BLOCK_CI"] == 0,
-                HN_TOP=hn_margins[0], HN_LEFT=hn_margins[1], **reduction_flags,
-                FINISH_DW=finish_dw, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
-                BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if not finish_dw:
-            dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
-
-    return dx, dw, db, dk
+        p.wgrad_reduce_programs = red_programs = _cdiv(c_out, red["BLOCK_C"]) if fold else 0
+        p.wgrad_grid = grid[:2] + (grid[2] + _cdiv(red_programs, grid[0] * grid[1]),)
+        p.wgrad_scalars = (m_out, ho * wo, wo, h, wd, c_out, cg_in, cg_out, x_channels, cgo_p,
+                           groups, m_per_split, split)
+        # the finishing programs sum S themselves
+        reduction_flags = dict(p.reduction_flags, NEED_S=fold and not finish_dw)
+        p.wgrad_flags = dict(
+            **geometry,
+            UPCAST_DOT=upcast, DOT_PRECISION=precision, WIDE_OFFSETS=wide,
+            RUNTIME_DIV=_wgrad_runtime_div(c_out), FLAT_K=cfg["FLAT_K"],
+            DENSE_ROWS=(not cfg["FLAT_K"] and _dense_pixel_rows(x_wgrad)
+                        and (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)),
+            EVEN_O=cgo_p % cfg["BLOCK_O"] == 0,
+            EVEN_CI=not cfg["FLAT_K"] and x_channels % cfg["BLOCK_CI"] == 0,
+            HN_TOP=p.hn_margins[0], HN_LEFT=p.hn_margins[1], **reduction_flags,
+            FINISH_DW=finish_dw, BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"],
+            BLOCK_O=cfg["BLOCK_O"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_M=cfg["BLOCK_M"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return p
 
 
 _GRID_MODULE = None

@@ -40,6 +40,7 @@ The launcher ``sphere_conv2d_fwd`` follows docs/ARCHITECTURE.md exactly.
 """
 
 import os
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -61,6 +62,7 @@ from .launch import (MAX_PIXELS, env_switch, interpreting, launch, offsets_need_
                      pixel_run, plain_launch)
 from .launch import next_pow2 as _next_pow2
 from .launch import pow2_factor
+from .plans import PlanCache, dense_strides, meta_like, tensor_key
 
 _INTERPRET = interpreting()
 
@@ -1074,6 +1076,11 @@ def _prepare_operands(x, w, groups, prepass, cg_pad=0):
     ``prepass``, else None; x_staged: x copied to [N, H, W, G, Cp] and viewed as [N, G*Cp, H,
     W] (channels_last strides) when cg_pad (:func:`staged_channels`), else None. Only the
     filter programs run when neither is asked."""
+    return _run_prepare(x, w, _prepare_plan(x, w, groups, prepass, cg_pad))
+
+
+def _prepare_plan(x, w, groups, prepass, cg_pad):
+    """What :func:`_prepare_operands` derives from the shapes (part of the forward's plan)."""
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     fits = _prepass_fits(n, h * wd, groups, c_out)
@@ -1083,28 +1090,42 @@ def _prepare_operands(x, w, groups, prepass, cg_pad=0):
                          "batch or use patch_norms='fused'")
     stage = bool(cg_pad) and fits
     cp = cg_pad if stage else c_in_g
-    packed, sqnorm, already_packed = packed_filter_buffers(w, cp)
-    q = (torch.empty((n, groups, h, wd), dtype=torch.float32, device=x.device) if prepass
-         else None)
-    staged = (torch.empty((n, h, wd, groups * cp), dtype=x.dtype, device=x.device) if stage
-              else None)
+    already_packed = cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
     # no input programs for an empty input or when neither q nor the staged input is asked
     n_sq = _prepass_programs(n, h * wd, groups) if (prepass or stage) else 0
     cfg = _PREP_CONFIG
-    # never hand the kernel a view of w (or x) as an output pointer, even an unwritten one: a
-    # torch.compile mutation analysis must not see the op's input as written
-    args = (x, q if prepass else sqnorm, staged if stage else sqnorm, w,
-            sqnorm if already_packed else packed, sqnorm,
-            n_sq, _cdiv(h * wd, cfg["BLOCK_P"]), h * wd, wd, c_in_g, cp, groups, *x.stride(),
-            *w.stride())
     flags = dict(KH=kh, KW=kw, WRITE_PACKED=not already_packed, STORE_Q=prepass,
                  STAGE_X=stage, DENSE_PLANE=dense_plane(x),
                  BLOCK=min(cfg["BLOCK"], max(16, _next_pow2(kh * kw * cp))),
                  BLOCK_P=cfg["BLOCK_P"],
                  BLOCK_C=min(cfg["BLOCK_C"], max(16, _next_pow2(cp))),
                  num_warps=cfg["num_warps"])
-    launch(_prepare_operands_kernel, (n_sq + c_out,), args, flags, _WHAT)
-    if stage:
+    scalars = (n_sq, _cdiv(h * wd, cfg["BLOCK_P"]), h * wd, wd, c_in_g, cp, groups, *x.stride(),
+               *w.stride())
+    return SimpleNamespace(prepass=prepass, stage=stage, cp=cp, already_packed=already_packed,
+                           flags=flags, scalars=scalars, programs=n_sq + c_out,
+                           q_shape=(n, groups, h, wd), staged_shape=(n, h, wd, groups * cp))
+
+
+def _run_prepare(x, w, plan):
+    """Allocate and launch what :func:`_prepare_plan` planned; returns _prepare_operands'
+    tuple."""
+    c_out, _, kh, kw = w.shape
+    if plan.already_packed:
+        packed = w.permute(0, 2, 3, 1)
+    else:
+        packed = torch.empty((c_out, kh, kw, plan.cp), dtype=w.dtype, device=w.device)
+    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
+    q = (torch.empty(plan.q_shape, dtype=torch.float32, device=x.device) if plan.prepass
+         else None)
+    staged = (torch.empty(plan.staged_shape, dtype=x.dtype, device=x.device) if plan.stage
+              else None)
+    # never hand the kernel a view of w (or x) as an output pointer, even an unwritten one: a
+    # torch.compile mutation analysis must not see the op's input as written
+    args = (x, q if plan.prepass else sqnorm, staged if plan.stage else sqnorm, w,
+            sqnorm if plan.already_packed else packed, sqnorm) + plan.scalars
+    launch(_prepare_operands_kernel, (plan.programs,), args, plan.flags, _WHAT)
+    if plan.stage:
         staged = staged.permute(0, 3, 1, 2)
     return packed, sqnorm, q, staged
 
@@ -1202,9 +1223,102 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     """The launcher; ``config`` (a triton.Config) bypasses autotuning and ``force_gemm`` sends
     depthwise shapes to the implicit-GEMM kernel (both for tests). ``grid_path``: True / False
     forces the grid path (conv_fwd_grid) on or off where it applies; None: on iff
-    SPHEREOPS_FWD_GRID=1 and the launches are plain (``launch.plain_launch``: eager, not traced)."""
-    (sh, sw), (ph, pw), (dh, dw) = _validate(x, w, bias, k, stride, padding, dilation, groups,
-                                             operator, eps)
+    SPHEREOPS_FWD_GRID=1 and the launches are plain (``launch.plain_launch``: eager, not traced).
+
+    Everything derived from the shapes is the call's plan (:func:`_forward_plan`), kept per
+    signature in ``_FORWARD_PLANS`` (kernels/plans.py); what is left here is allocating and
+    launching. The grid path and an explicit ``config`` (A/B and tests) plan afresh each call."""
+    conv = _validate(x, w, bias, k, stride, padding, dilation, groups, operator, eps)
+    if grid_path is None:
+        grid_path = conv_fwd_grid().ENABLED and plain_launch(x)
+    plan_args = (x, w, bias, k, conv, groups, operator, float(eps), force_gemm, store_c,
+                 patch_norms, bool(grid_path))
+    if config is None and not grid_path:
+        # every module switch and replaceable helper the plan reads is in the key
+        key = (tensor_key(x), tensor_key(w), tensor_key(bias), tensor_key(k), conv, groups,
+               operator, float(eps), force_gemm, store_c, patch_norms,
+               x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32,
+               _STAGE_INPUT, _PATCH_NORMS_OVERRIDE, _needs_wide_offsets, MAX_ROW_W, _INTERPRET)
+        plan = _FORWARD_PLANS.get(key, _forward_plan, *plan_args)
+    else:
+        plan = _forward_plan(*plan_args)
+    n, c_out = x.shape[0], w.shape[0]
+    y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=plan.fmt)
+    flags = plan.flags
+
+    if plan.path == "depthwise":
+        # pure depthwise: one launch, x in and y out; c and r_x are not saved, the backward
+        # recomputes them (docs/ARCHITECTURE.md, "The saved state")
+        empty_state = (x.new_empty(0), x.new_empty(0, dtype=torch.float32))
+        if plan.empty:
+            return (y,) + empty_state
+        row_w = flags["ROW_W"]
+        kernel = _sphere_conv_dw_fwd_rows_autotuned if row_w else _sphere_conv_dw_fwd_autotuned
+        if config is not None:
+            kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
+                                                          "num_warps": config.num_warps}
+        # bias_ptr / k_ptr unread without a bias / for linear and cosine: any input tensor
+        args = (x, w, bias.contiguous() if bias is not None else w,
+                k.contiguous() if operator == "sigmoid" else w, y) + plan.scalars
+        ho, wo = plan.out_shape[2:]
+
+        def dw_grid(meta):
+            return (_cdiv(depthwise_tile_count(n, ho, wo, row_w, meta["BLOCK_M"]),
+                          meta["ROW_BLOCKS"]),
+                    _cdiv(c_out, meta["BLOCK_C"]))
+
+        launch(kernel, dw_grid, args, flags, _WHAT)
+        return (y,) + empty_state
+
+    c = (torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=plan.fmt)
+         if store_c else x.new_empty(0))
+    r_x = torch.empty(plan.r_x_shape, dtype=torch.float32, device=x.device)
+    if plan.empty:
+        return y, c, r_x
+    if plan.path == "grid":
+        conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,
+                                     *conv, eps, flags, config)
+        return y, c, r_x
+    # one launch before the conv kernel: the filters in K order (kh, kw, c) -- a no-op for
+    # channels_last weights -- and their squared norms, plus the GEMM kernel's patch-norm
+    # pre-pass q unless patch_norms="fused"
+    # and, for inputs not in the kernels' fast layout, the staged input (staged_channels)
+    w_packed, w_sqnorm, q, x_staged = _run_prepare(x, w, plan.prepare)
+    if x_staged is not None:   # the GEMM reads the staged copy: Cp channels a group
+        x = x_staged
+    # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
+    # y -- an output passed twice would alias in the graph torch.compile traces
+    c_arg = c if store_c else w_sqnorm
+    bias_arg = bias.contiguous() if bias is not None else w_sqnorm
+    k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
+    kernel = _sphere_conv_fwd_autotuned
+    if config is not None:
+        kernel = _sphere_conv_fwd_kernel
+        flags = {**flags, **config.kwargs, "num_warps": config.num_warps,
+                 "num_stages": config.num_stages}
+    # q_ptr is unread without the pre-pass (NORMS_FROM_Q False): any fp32 input will do
+    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x,
+            q if q is not None else w_sqnorm) + plan.scalars
+    groups_, m_rows, n_cols = plan.gemm_grid
+
+    def grid(meta):
+        return (groups_ * _cdiv(m_rows, meta["BLOCK_M"]) * _cdiv(n_cols, meta["BLOCK_N"]),)
+
+    launch(kernel, grid, args, flags, _WHAT)
+    return y, c, r_x
+
+
+# the forward's launch plans by call signature (kernels/plans.py)
+_FORWARD_PLANS = PlanCache("sphere_conv2d_fwd")
+
+
+def _forward_plan(x, w, bias, k, conv, groups, operator, eps, force_gemm, store_c, patch_norms,
+                  grid_path):
+    """The forward's plan (kernels/plans.py): output shapes and memory format, the path
+    ("depthwise", "grid" or "gemm"), the conv kernel's constexprs and integer arguments, the
+    preparation launch's plan; ``empty``: no launch (an empty batch or no filters). Raises on
+    shapes the kernels cannot take. Reads only metadata, the options and module switches."""
+    (sh, sw), (ph, pw), (dh, dw) = conv
     n, c_in, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     # the grid path always takes its norms from its own pre-pass; it is off only when the caller
@@ -1222,7 +1336,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         raise ValueError(f"output size would be {ho}x{wo}: input {h}x{wd} is smaller than the "
                          f"dilated filter {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} plus padding")
     fmt = _output_memory_format(x)
-    y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out_shape = (n, c_out, ho, wo)
+    y_strides = dense_strides(out_shape, fmt)
     n_pixels = n * ho * wo
     if n_pixels > MAX_PIXELS:
         raise ValueError(f"N*Ho*Wo = {n_pixels} output pixels is more than the kernels' int32 "
@@ -1231,88 +1346,46 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
         raise ValueError("C_in/groups must be >= 1")
     flags = dict(KH=kh, KW=kw, OPERATOR=OPERATOR_CODES[operator], HAS_BIAS=bias is not None,
                  EMULATE_RTNE=_INTERPRET and x.dtype == torch.bfloat16)
-    geometry = (h, wd, ho, wo, *x.stride(), *y.stride())
-    conv_args = (sh, sw, ph, pw, dh, dw, float(eps))
+    conv_args = (sh, sw, ph, pw, dh, dw, eps)
+    plan = SimpleNamespace(out_shape=out_shape, fmt=fmt, r_x_shape=(n, groups, ho, wo),
+                           empty=n_pixels == 0 or c_out == 0, flags=flags)
 
     if c_in_g == 1 and c_out_g == 1 and not force_gemm:
-        # pure depthwise: one launch, x in and y out; c and r_x are not saved, the backward
-        # recomputes them (docs/ARCHITECTURE.md, "The saved state")
-        empty_state = (x.new_empty(0), x.new_empty(0, dtype=torch.float32))
-        if n_pixels == 0 or c_out == 0:
-            return (y,) + empty_state
-        row_w = depthwise_row_width(x, wo)
-        kernel = _sphere_conv_dw_fwd_rows_autotuned if row_w else _sphere_conv_dw_fwd_autotuned
-        if config is not None:
-            kernel, flags = _sphere_conv_dw_fwd_kernel, {**flags, **config.kwargs,
-                                                          "num_warps": config.num_warps}
-        # bias_ptr / k_ptr unread without a bias / for linear and cosine: any input tensor
-        args = (x, w, bias.contiguous() if bias is not None else w,
-                k.contiguous() if operator == "sigmoid" else w, y, n_pixels, c_out,
-                *geometry, w.stride(0), w.stride(2), w.stride(3), *conv_args)
-
-        flags["ROW_W"] = row_w
-
-        def dw_grid(meta):
-            return (_cdiv(depthwise_tile_count(n, ho, wo, row_w, meta["BLOCK_M"]),
-                          meta["ROW_BLOCKS"]),
-                    _cdiv(c_out, meta["BLOCK_C"]))
-
-        launch(kernel, dw_grid, args, flags, _WHAT)
-        return (y,) + empty_state
-
-    c = (torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-         if store_c else x.new_empty(0))
-    r_x = torch.empty((n, groups, ho, wo), dtype=torch.float32, device=x.device)
-    if n_pixels == 0 or c_out == 0:
-        return y, c, r_x
+        # ROW_W: rows of y's pixel grid along the lanes (NCHW), 0 for channels_last tiles
+        flags["ROW_W"] = depthwise_row_width(x, wo)
+        plan.path = "depthwise"
+        plan.scalars = ((n_pixels, c_out, h, wd, ho, wo, *x.stride(), *y_strides)
+                        + (w.stride(0), w.stride(2), w.stride(3)) + conv_args)
+        return plan
 
     prepass = patch_norms == "prepass"
     if x.dtype == torch.float32:
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     else:
         precision = "ieee"
-    out_pixels_fast = pixels_fast(y)
+    y_meta = meta_like(x, out_shape, y_strides)
+    out_pixels_fast = pixels_fast(y_meta)
     flags.update(STORE_C=store_c, DOT_PRECISION=precision, OUT_PIXELS_FAST=out_pixels_fast,
-                 OUT_RUN=pixel_run(y, *([c] if store_c else [])) if out_pixels_fast else 1,
+                 OUT_RUN=pixel_run(y_meta) if out_pixels_fast else 1,
                  UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16)
-    if grid_path is None:
-        grid_path = conv_fwd_grid().ENABLED and plain_launch(x)
     if grid_path and conv_fwd_grid().grid_path_applies(x, w, (sh, sw), (ph, pw), (dh, dw),
                                                        (ho, wo), precision, grid_norms):
-        conv_fwd_grid().grid_forward(x, w, bias, k if operator == "sigmoid" else None, y, c, r_x,
-                                     (sh, sw), (ph, pw), (dh, dw), eps, flags, config)
-        return y, c, r_x
-    # one launch before the conv kernel: the filters in K order (kh, kw, c) -- a no-op for
-    # channels_last weights -- and their squared norms, plus the GEMM kernel's patch-norm
-    # pre-pass q unless patch_norms="fused"
-    # and, for inputs not in the kernels' fast layout, the staged input (staged_channels)
-    w_packed, w_sqnorm, q, x_staged = _prepare_operands(x, w, groups, prepass,
-                                                        staged_channels(x, c_in_g))
-    if x_staged is not None:   # the GEMM reads the staged copy: Cp channels a group
-        x, c_in_g = x_staged, x_staged.shape[1] // groups
-        geometry = (h, wd, ho, wo, *x.stride(), *y.stride())
-    # without c the kernels' c_ptr gets a read-only input (never stored through: STORE_C), not
-    # y -- an output passed twice would alias in the graph torch.compile traces
-    c_arg = c if store_c else w_sqnorm
-    bias_arg = bias.contiguous() if bias is not None else w_sqnorm
-    k_arg = k.contiguous() if (operator == "sigmoid") else w_sqnorm
-    common_tail = geometry + conv_args
+        plan.path = "grid"
+        return plan
+    plan.path = "gemm"
+    plan.prepare = _prepare_plan(x, w, groups, prepass, staged_channels(x, c_in_g))
+    x_strides = x.stride()
+    if plan.prepare.stage:   # the GEMM reads the staged copy: Cp channels a group
+        c_in_g = plan.prepare.cp
+        x_strides = dense_strides((n, c_in_g * groups, h, wd), torch.channels_last)
+    x_gemm = meta_like(x, (n, c_in_g * groups, h, wd), x_strides)
     flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, NORMS_FROM_Q=prepass,
                  C_ALIGN=pow2_factor(c_in_g), N_ALIGN=pow2_factor(c_out_g),
-                 WIDE_OFFSETS=_needs_wide_offsets(x, (kh, kw), (ph, pw), (dh, dw)))
-    kernel = _sphere_conv_fwd_autotuned
-    if config is not None:
-        kernel = _sphere_conv_fwd_kernel
-        flags.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    # q_ptr is unread without the pre-pass (NORMS_FROM_Q False): any fp32 input will do
-    args = (x, w_packed, w_sqnorm, bias_arg, k_arg, y, c_arg, r_x, q if prepass else w_sqnorm,
-            n_pixels, c_out_g, c_in_g, groups) + common_tail
-
-    def grid(meta):
-        return (groups * _cdiv(n_pixels, meta["BLOCK_M"]) * _cdiv(c_out_g, meta["BLOCK_N"]),)
-
-    launch(kernel, grid, args, flags, _WHAT)
-    return y, c, r_x
+                 WIDE_OFFSETS=_needs_wide_offsets(x_gemm, (kh, kw), (ph, pw), (dh, dw)))
+    plan.scalars = ((n_pixels, c_out_g, c_in_g, groups, h, wd, ho, wo, *x_strides, *y_strides)
+                    + conv_args)
+    plan.gemm_grid = (groups, n_pixels, c_out_g)
+    return plan
 
 
 _GRID_MODULE = None

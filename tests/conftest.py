@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The same floating-point contraction on every triton version.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Every cached launch plan is rebuilt and compared on each hit (kernels/plans.py): a plan key
+# that misses a switch a test flips fails that test instead of running a stale plan.
+os.environ.setdefault("SPHEREOPS_CHECK_PLANS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
