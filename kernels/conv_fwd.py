@@ -363,18 +363,31 @@ def _sphere_conv_fwd_kernel(
                 tap_bit = tl.where(wrap, tap_bit << 1, tap_bit)
             c0 = tl.where(wrap, 0, c0)
     else:
+        if TAP_BITS:
+            taps_inside = window_tap_bits(h_base, w_base, mask_m, in_h, in_w, dil_h, dil_w, KH, KW)
+        # each column's (tap, channel), carried from step to step: dividing k by the runtime
+        # channel count every step cost triton 3.6 ~17 integer divisions a thread and step
+        cin = tl.arange(0, BLOCK_K) % c_in_per_group
+        tap = tl.arange(0, BLOCK_K) // c_in_per_group
+        step_taps = BLOCK_K // c_in_per_group
+        step_cin = BLOCK_K - step_taps * c_in_per_group
         for k0 in range(0, k_total, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_total
-            cin = offs_k % c_in_per_group
-            tap = offs_k // c_in_per_group
             r = tap // KW
             s = tap - r * KW
             dh = r * dil_h
             dw = s * dil_w
-            valid = (mask_m[:, None] & mask_k[None, :]
-                     & in_bounds(h_base[:, None] + dh[None, :], in_h)
-                     & in_bounds(w_base[:, None] + dw[None, :], in_w))
+            if TAP_BITS:
+                # each column's tap bit (none past K; the shift kept below 31 there), and an
+                # element's mask one AND with its row's bits: the per-element compares of the
+                # window bounds are per-row work before the loop
+                tap_bit = tl.where(mask_k, 1 << tl.minimum(tap, 30), 0)
+                valid = (taps_inside[:, None] & tap_bit[None, :]) != 0
+            else:
+                valid = (mask_m[:, None] & mask_k[None, :]
+                         & in_bounds(h_base[:, None] + dh[None, :], in_h)
+                         & in_bounds(w_base[:, None] + dw[None, :], in_w))
             if WIDE_OFFSETS:
                 col_off = (dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
                            + cin.to(tl.int64) * stride_xc)
@@ -385,6 +398,10 @@ def _sphere_conv_fwd_kernel(
             w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc, sumsq = _accumulate_step(acc, sumsq, x_tile, w_tile, DOT_PRECISION, UPCAST_DOT,
                                           not NORMS_FROM_Q)
+            cin += step_cin
+            wrap = cin >= c_in_per_group
+            cin = tl.where(wrap, cin - c_in_per_group, cin)
+            tap += step_taps + wrap.to(tl.int32)
 
     if NORMS_FROM_Q:
         r_x = tl.sqrt(_window_sum(q_ptr, n_idx, g, groups, h_base, w_base, mask_m, in_h, in_w,

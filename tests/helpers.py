@@ -86,7 +86,7 @@ RANDOM_CASES = int(os.environ.get("SPHEREOPS_RANDOM_CASES", "8"))
 # before the loop (conv_fwd.window_tap_bits) up to 31 taps and compare per step past that:
 # strided, dilated filters whose windows reach into the padding on every side, at 30 and 31
 # taps (the highest bit) and at 32 and 49 (the per-step compares); make_conv_inputs arguments
-# for a 16-channel channel-chunk GEMM.
+# for a GEMM of any channel count (16 for the channel-chunk loops, 3 for the forward's flat one).
 TAP_BIT_GEOMETRIES = {
     "5x6-30-taps": dict(kernel=(5, 6), stride=(2, 1), padding=(3, 1), dilation=(1, 2), h=7, w=9),
     "1x31-31-taps": dict(kernel=(1, 31), stride=1, padding=(0, 15), dilation=1, h=3, w=6),

@@ -393,9 +393,12 @@ def test_forward_prepass_hard_inputs(scale):
 
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLS)
 @pytest.mark.parametrize("case", list(TAP_BIT_GEOMETRIES))
-def test_channel_chunk_windows_in_the_padding(case, dtype, rtol, atol):
-    inp = make_conv_inputs(n=1, c_in=16, c_out=16, operator="linear", dtype=dtype, device=DEVICE,
-                           channels_last=True, **TAP_BIT_GEOMETRIES[case])
+@pytest.mark.parametrize("c_in", [16, 3], ids=["channel-chunks", "flat-k"])
+def test_windows_in_the_padding(c_in, case, dtype, rtol, atol):
+    """Both K loops' padding masks (tap bits up to 31 taps, compares past that): the
+    channel-chunk loop's a row and step, the flat loop's an element."""
+    inp = make_conv_inputs(n=1, c_in=c_in, c_out=16, operator="linear", dtype=dtype,
+                           device=DEVICE, channels_last=True, **TAP_BIT_GEOMETRIES[case])
     _check_against_reference(inp, _run_kernel(inp), dtype, rtol, atol)
 
 
