@@ -60,8 +60,12 @@ class PlanCache:
 
     def get(self, key, build, *args):
         """The plan kept for ``key``, else ``build(*args)`` (kept for next time). A build that
-        raises (invalid arguments) keeps nothing."""
-        plan = self._plans.get(key)
+        raises (invalid arguments) keeps nothing; a key that cannot be hashed -- symbolic sizes
+        while torch.compile traces with dynamic shapes -- plans afresh and keeps nothing."""
+        try:
+            plan = self._plans.get(key)
+        except TypeError:
+            return build(*args)
         if plan is None:
             plan = build(*args)
             if len(self._plans) >= MAX_PLANS:

@@ -91,6 +91,20 @@ def test_a_build_that_raises_keeps_nothing(monkeypatch):
     assert len(cache) == 0
 
 
+def test_an_unhashable_key_plans_afresh(monkeypatch):
+    """Symbolic sizes (torch.compile with dynamic shapes) cannot be hashed: such a call plans
+    afresh and keeps nothing."""
+    monkeypatch.setattr(plans, "CHECK_PLANS", False)
+    cache, built = plans.PlanCache("test"), []
+
+    def build():
+        built.append(1)
+        return SimpleNamespace()
+    for _ in range(2):
+        cache.get(("key", [1, 2]), build)
+    assert len(built) == 2 and len(cache) == 0
+
+
 def test_the_cache_starts_over_when_full(monkeypatch):
     monkeypatch.setattr(plans, "CHECK_PLANS", False)
     monkeypatch.setattr(plans, "MAX_PLANS", 3)
