@@ -62,7 +62,7 @@ from .launch import (MAX_PIXELS, env_switch, interpreting, launch, offsets_need_
                      pixel_run, plain_launch)
 from .launch import next_pow2 as _next_pow2
 from .launch import pow2_factor
-from .plans import PlanCache, dense_strides, meta_like, tensor_key
+from .plans import MAX_PLANS, PlanCache, dense_strides, meta_like, tensor_key
 
 _INTERPRET = interpreting()
 
@@ -1258,7 +1258,7 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                _STAGE_INPUT, _PATCH_NORMS_OVERRIDE, _needs_wide_offsets, MAX_ROW_W, _INTERPRET)
         plan = _FORWARD_PLANS.get(key, _forward_plan, *plan_args)
     else:
-        plan = _forward_plan(*plan_args)
+        key, plan = None, _forward_plan(*plan_args)
     n, c_out = x.shape[0], w.shape[0]
     y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=plan.fmt)
     flags = plan.flags
@@ -1284,7 +1284,11 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                           meta["ROW_BLOCKS"]),
                     _cdiv(c_out, meta["BLOCK_C"]))
 
-        launch(kernel, dw_grid, args, flags, _WHAT)
+        if config is None:
+            _launch_autotuned(kernel, _sphere_conv_dw_fwd_kernel, dw_grid, args, flags, key,
+                              prune_dw_configs)
+        else:
+            launch(kernel, dw_grid, args, flags, _WHAT)
         return (y,) + empty_state
 
     c = (torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=plan.fmt)
@@ -1321,12 +1325,48 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     def grid(meta):
         return (groups_ * _cdiv(m_rows, meta["BLOCK_M"]) * _cdiv(n_cols, meta["BLOCK_N"]),)
 
-    launch(kernel, grid, args, flags, _WHAT)
+    if config is None:
+        _launch_autotuned(kernel, _sphere_conv_fwd_kernel, grid, args, flags, key,
+                          prune_conv_fwd_configs)
+    else:
+        launch(kernel, grid, args, flags, _WHAT)
     return y, c, r_x
 
 
 # the forward's launch plans by call signature (kernels/plans.py)
 _FORWARD_PLANS = PlanCache("sphere_conv2d_fwd")
+
+# the config each autotuner picked, by (autotuner, plan key): _launch_autotuned
+_PICKED_CONFIGS = {}
+
+
+def _launch_autotuned(autotuned, kernel, grid, args, flags, key, prune):
+    """Launch ``autotuned`` (triton.autotune of the JIT function ``kernel``) for a call whose
+    plan key is ``key`` (it names everything the autotuner's key reads), or None.
+
+    The first plain launch of a key goes through the autotuner, which tunes or looks up its
+    config; the later ones go to ``kernel`` with that config. Triton's Autotuner.run rebuilds
+    its key from every argument on each call: ~23 us of host time a launch with several configs
+    against ~2 us for the kernel's own run (this project's CPU machine, triton 3.9, the launch
+    path stubbed) -- on a GPU host each forward pays it. A config that the autotuner's
+    ``prune`` would not keep for these arguments (one another thread's launch could have left
+    in ``best_config``) is not kept. Traced launches (torch.compile) keep the autotuner."""
+    if key is None or not plain_launch(args[0]):
+        launch(autotuned, grid, args, flags, _WHAT)
+        return
+    memo = (autotuned, key)
+    picked = _PICKED_CONFIGS.get(memo)
+    if picked is not None:
+        launch(kernel, grid, args, {**flags, **picked.all_kwargs()}, _WHAT)
+        return
+    launch(autotuned, grid, args, flags, _WHAT)
+    picked = getattr(autotuned, "best_config", None)
+    if picked is not None and any(
+            c.all_kwargs() == picked.all_kwargs()
+            for c in prune(autotuned.configs, dict(zip(autotuned.arg_names, args)), **flags)):
+        if len(_PICKED_CONFIGS) >= MAX_PLANS:
+            _PICKED_CONFIGS.clear()
+        _PICKED_CONFIGS[memo] = picked
 
 
 def _forward_plan(x, w, bias, k, conv, groups, operator, eps, force_gemm, store_c, patch_norms,

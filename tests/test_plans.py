@@ -31,10 +31,10 @@ def kept_plans(monkeypatch):
     empty caches; emptied again afterwards."""
     monkeypatch.setattr(plans, "CHECK_PLANS", False)
     caches = (conv_fwd._FORWARD_PLANS, conv_bwd._BACKWARD_PLANS)
-    for cache in caches:
+    for cache in caches + (conv_fwd._PICKED_CONFIGS,):
         cache.clear()
     yield caches
-    for cache in caches:
+    for cache in caches + (conv_fwd._PICKED_CONFIGS,):
         cache.clear()
 
 
@@ -289,3 +289,66 @@ def test_eager_training_steps_build_each_plan_once(kept_plans, monkeypatch):
         y = sphereops.sphere_conv2d(*leaves, padding=1, operator="linear", backend="triton")
         y.float().square().sum().backward()
     assert (len(fwd_builds), len(bwd_builds)) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward's autotuned kernels, launched past the autotuner once it has picked
+# ---------------------------------------------------------------------------------------------
+
+AUTOTUNED_CASES = [
+    pytest.param(dict(c_in=16, c_out=16), "_sphere_conv_fwd_autotuned", "_sphere_conv_fwd_kernel",
+                 id="gemm"),
+    pytest.param(dict(c_in=16, c_out=16, groups=16), "_sphere_conv_dw_fwd_autotuned",
+                 "_sphere_conv_dw_fwd_kernel", id="depthwise"),
+]
+
+
+def _conv_launches(monkeypatch):
+    """The forward's launches as (kernel, constexprs), the preparation launch left out."""
+    real, launched = conv_fwd.launch, []
+
+    def record(kernel, grid, args, kwargs, what):
+        if kernel is not conv_fwd._prepare_operands_kernel:
+            launched.append((kernel, dict(kwargs)))
+        return real(kernel, grid, args, kwargs, what)
+    monkeypatch.setattr(conv_fwd, "launch", record)
+    return launched
+
+
+@pytest.mark.parametrize("shape, autotuned, kernel", AUTOTUNED_CASES)
+def test_a_repeated_signature_launches_the_picked_config(shape, autotuned, kernel, kept_plans,
+                                                         monkeypatch):
+    """The first call goes through the autotuner; a second with the same signature straight to
+    the kernel with the config the autotuner picked: the same launch, bitwise the same
+    outputs."""
+    launched = _conv_launches(monkeypatch)
+    inp = make_conv_inputs(n=2, h=5, w=5, operator="linear", dtype=torch.bfloat16,
+                           device=DEVICE, channels_last=True, **shape)
+    first = _forward(inp)
+    second = _forward(inp)
+    (k1, flags1), (k2, flags2) = launched
+    tuner = getattr(conv_fwd, autotuned)
+    assert k1 is tuner and k2 is getattr(conv_fwd, kernel)
+    assert flags2 == {**flags1, **tuner.best_config.all_kwargs()}
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_traced_launches_and_unkept_configs_go_through_the_autotuner(kept_plans, monkeypatch):
+    """Launches while a graph is traced keep the autotuner (Inductor's to handle), and so does
+    a signature whose picked config the autotuner's pruning would not keep for it."""
+    launched = _conv_launches(monkeypatch)
+    inp = make_conv_inputs(n=2, c_in=16, c_out=16, h=5, w=5, operator="linear",
+                           dtype=torch.bfloat16, device=DEVICE, channels_last=True)
+    plain_launch = conv_fwd.plain_launch
+    monkeypatch.setattr(conv_fwd, "plain_launch", lambda first: False)
+    _forward(inp)
+    _forward(inp)
+    assert [k for k, _ in launched] == [conv_fwd._sphere_conv_fwd_autotuned] * 2
+    assert len(conv_fwd._PICKED_CONFIGS) == 0
+    monkeypatch.setattr(conv_fwd, "plain_launch", plain_launch)
+    monkeypatch.setattr(conv_fwd, "prune_conv_fwd_configs", lambda configs, named, **kw: [])
+    _forward(inp)
+    _forward(inp)
+    assert [k for k, _ in launched] == [conv_fwd._sphere_conv_fwd_autotuned] * 4
+    assert len(conv_fwd._PICKED_CONFIGS) == 0
