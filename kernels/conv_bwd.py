@@ -113,7 +113,8 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
                        depthwise_filter_taps, depthwise_group_tile, depthwise_inv_norms,
                        depthwise_pixel_tile, depthwise_row_width, depthwise_tile_count,
                        depthwise_window, filter_tap, in_bounds, pixel_groups_fit, pixels_fast,
-                       stage_input_tile, staged_channels, window_tap_bits)
+                       stage_input_tile, staged_channels, staged_input_meta,
+                       window_tap_bits)
 from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_ptrs,
                        to_dtype_of)
@@ -122,7 +123,7 @@ from .launch import cdiv as _cdiv
 from .launch import (MAX_PIXELS, env_switch, launch, offsets_need_int64, pixel_run,
                      plain_launch)
 from .launch import next_pow2 as _next_pow2
-from .plans import PlanCache, dense_strides, meta_like, tensor_key
+from .plans import PlanCache, meta_like, tensor_key
 from . import conv_fwd as _conv_fwd
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -2367,8 +2368,7 @@ def _backward_plan(dy, x, w, k, c, conv, groups, operator, eps, need, c_scratch,
     x_staged = None
     if stage_x:
         p.x_staged_shape = (n, h, wd, groups * cgi_p)
-        x_staged = meta_like(x, (n, groups * cgi_p, h, wd),
-                              dense_strides((n, groups * cgi_p, h, wd), torch.channels_last))
+        x_staged = staged_input_meta(x, groups, cgi_p)
     # int64 offsets in the dgrad / wgrad loops (w_hat too: the dgrad's filter offsets are int32
     # unless wide; the wgrad's staged copy has channels x's has not)
     wide = _needs_wide_offsets(x, max(hn_numel, w_hat_numel), (kh, kw), (ph, pw), (dh, dw_))

@@ -1069,18 +1069,36 @@ def dense_plane(x):
     return x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3)
 
 
-def packed_filter_buffers(w, cp, align=1):
-    """``(packed, sqnorm, already_packed)`` for _pack_filter: the filters [C_out, KH, KW, cp]
-    in the GEMM's K order -- a view of w when its memory order is that already (a channels_last
-    weight, cp = C_in/G) and its address a multiple of ``align`` bytes: no copy -- and the
-    [C_out] fp32 squared norms."""
-    c_out, c_in_g, kh, kw = w.shape
-    already_packed = (cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
-                      and w.data_ptr() % align == 0)
+def filters_already_packed(w, cp, align=1) -> bool:
+    """Whether w [C_out, C_in/G, KH, KW] is its own packed copy [C_out, KH, KW, cp] (a
+    channels_last weight, cp = C_in/G) at an address that is a multiple of ``align`` bytes
+    (1: any; the alignment is the one part that is not metadata)."""
+    return (cp == w.shape[1] and w.permute(0, 2, 3, 1).is_contiguous()
+            and (align == 1 or w.data_ptr() % align == 0))
+
+
+def filter_buffers(w, cp, already_packed):
+    """``(packed, sqnorm)`` for _pack_filter: the filters [C_out, KH, KW, cp] in the GEMM's K
+    order -- a view of w when ``already_packed`` (:func:`filters_already_packed`): no copy --
+    and the [C_out] fp32 squared norms."""
+    c_out, _, kh, kw = w.shape
     packed = w.permute(0, 2, 3, 1) if already_packed else torch.empty(
         (c_out, kh, kw, cp), dtype=w.dtype, device=w.device)
-    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
-    return packed, sqnorm, already_packed
+    return packed, torch.empty((c_out,), dtype=torch.float32, device=w.device)
+
+
+def packed_filter_buffers(w, cp, align=1):
+    """``(packed, sqnorm, already_packed)``: :func:`filter_buffers` for
+    :func:`filters_already_packed`."""
+    already_packed = filters_already_packed(w, cp, align)
+    return (*filter_buffers(w, cp, already_packed), already_packed)
+
+
+def staged_input_meta(x, groups, cp):
+    """A meta tensor shaped and strided as the staged input the preparation launches write,
+    [N, G*cp, H, W] with channels_last strides: what a plan inspects before the copy exists."""
+    shape = (x.shape[0], groups * cp, x.shape[2], x.shape[3])
+    return meta_like(x, shape, dense_strides(shape, torch.channels_last))
 
 
 def _prepare_operands(x, w, groups, prepass, cg_pad=0):
@@ -1107,7 +1125,7 @@ def _prepare_plan(x, w, groups, prepass, cg_pad):
                          "batch or use patch_norms='fused'")
     stage = bool(cg_pad) and fits
     cp = cg_pad if stage else c_in_g
-    already_packed = cp == c_in_g and w.permute(0, 2, 3, 1).is_contiguous()
+    already_packed = filters_already_packed(w, cp)
     # no input programs for an empty input or when neither q nor the staged input is asked
     n_sq = _prepass_programs(n, h * wd, groups) if (prepass or stage) else 0
     cfg = _PREP_CONFIG
@@ -1127,12 +1145,7 @@ def _prepare_plan(x, w, groups, prepass, cg_pad):
 def _run_prepare(x, w, plan):
     """Allocate and launch what :func:`_prepare_plan` planned; returns _prepare_operands'
     tuple."""
-    c_out, _, kh, kw = w.shape
-    if plan.already_packed:
-        packed = w.permute(0, 2, 3, 1)
-    else:
-        packed = torch.empty((c_out, kh, kw, plan.cp), dtype=w.dtype, device=w.device)
-    sqnorm = torch.empty((c_out,), dtype=torch.float32, device=w.device)
+    packed, sqnorm = filter_buffers(w, plan.cp, plan.already_packed)
     q = (torch.empty(plan.q_shape, dtype=torch.float32, device=x.device) if plan.prepass
          else None)
     staged = (torch.empty(plan.staged_shape, dtype=x.dtype, device=x.device) if plan.stage
@@ -1284,11 +1297,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
                           meta["ROW_BLOCKS"]),
                     _cdiv(c_out, meta["BLOCK_C"]))
 
-        if config is None:
-            _launch_autotuned(kernel, _sphere_conv_dw_fwd_kernel, dw_grid, args, flags, key,
-                              prune_dw_configs)
-        else:
-            launch(kernel, dw_grid, args, flags, _WHAT)
+        _launch_autotuned(kernel, _sphere_conv_dw_fwd_kernel, dw_grid, args, flags, key,
+                          prune_dw_configs)
         return (y,) + empty_state
 
     c = (torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=plan.fmt)
@@ -1325,11 +1335,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
     def grid(meta):
         return (groups_ * _cdiv(m_rows, meta["BLOCK_M"]) * _cdiv(n_cols, meta["BLOCK_N"]),)
 
-    if config is None:
-        _launch_autotuned(kernel, _sphere_conv_fwd_kernel, grid, args, flags, key,
-                          prune_conv_fwd_configs)
-    else:
-        launch(kernel, grid, args, flags, _WHAT)
+    _launch_autotuned(kernel, _sphere_conv_fwd_kernel, grid, args, flags, key,
+                      prune_conv_fwd_configs)
     return y, c, r_x
 
 
@@ -1342,7 +1349,9 @@ _PICKED_CONFIGS = {}
 
 def _launch_autotuned(autotuned, kernel, grid, args, flags, key, prune):
     """Launch ``autotuned`` (triton.autotune of the JIT function ``kernel``) for a call whose
-    plan key is ``key`` (it names everything the autotuner's key reads), or None.
+    plan key is ``key`` (it names everything the autotuner's key reads), or None: a plain
+    launch of ``autotuned`` -- also what a call with an explicit config gets, ``autotuned``
+    being the kernel itself then.
 
     The first plain launch of a key goes through the autotuner, which tunes or looks up its
     config; the later ones go to ``kernel`` with that config. Triton's Autotuner.run rebuilds
@@ -1431,11 +1440,11 @@ def _forward_plan(x, w, bias, k, conv, groups, operator, eps, force_gemm, store_
         return plan
     plan.path = "gemm"
     plan.prepare = _prepare_plan(x, w, groups, prepass, staged_channels(x, c_in_g))
-    x_strides = x.stride()
+    x_gemm = x
     if plan.prepare.stage:   # the GEMM reads the staged copy: Cp channels a group
         c_in_g = plan.prepare.cp
-        x_strides = dense_strides((n, c_in_g * groups, h, wd), torch.channels_last)
-    x_gemm = meta_like(x, (n, c_in_g * groups, h, wd), x_strides)
+        x_gemm = staged_input_meta(x, groups, c_in_g)
+    x_strides = x_gemm.stride()
     flags.update(CHANNEL_CHUNKS=c_in_g >= _CHANNEL_CHUNK_MIN, NORMS_FROM_Q=prepass,
                  C_ALIGN=pow2_factor(c_in_g), N_ALIGN=pow2_factor(c_out_g),
                  WIDE_OFFSETS=_needs_wide_offsets(x_gemm, (kh, kw), (ph, pw), (dh, dw)))

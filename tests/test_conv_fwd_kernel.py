@@ -1384,7 +1384,7 @@ def test_grid_path_is_opt_in(monkeypatch):
     from sphereops_kernels import launch as L
     monkeypatch.setattr(L, "is_graph_tracing", lambda: True)
     _check_against_reference(inp, _run_kernel(inp), torch.float16, 0.0, 1e-3)
-    assert launched[-1][0] in GEMM_FORWARD and len(grid_launches) == 6
+    assert launched[-1][0] is F._sphere_conv_fwd_autotuned and len(grid_launches) == 6
 
 
 def test_plain_launch_rule(monkeypatch):
