@@ -143,7 +143,7 @@ else
   say "SPHEREOPS_AUTOTUNE=0 python -m bench.host_overhead (timeout 40s)"
   SPHEREOPS_AUTOTUNE=0 timeout -s INT -k 5 40 "$PY" -m bench.host_overhead > "$OUT_DIR/host_overhead.txt" 2>&1
   say "host overhead exit code $? (host_overhead.txt)"
-  head -7 "$OUT_DIR/host_overhead.txt" | tee -a "$LOG"
+  head -9 "$OUT_DIR/host_overhead.txt" | tee -a "$LOG"
 fi
 
 # --- benchmark (quick suite) -------------------------------------------------------------

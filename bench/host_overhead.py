@@ -12,7 +12,15 @@ Triton backend with every kernel launch replaced by a no-op: what sphereops' own
 call (validation, tile choice, allocations, autograd) without triton's launch path or the
 kernels -- the part of the host time this package controls, measurable on any machine.
 
-    python -m bench.host_overhead [--device cuda] [--calls 200] [--top 15] [--stub-launches]
+``--stand-in-gpu`` (CPU, no GPU needed): the same layer with the kernels compiled for sm_90 and
+launched into bench.stand_in_gpu's recording launcher: triton's own launch path (argument
+binding, specialisation, the kernel-cache lookup) included, the driver's launch call not. Three
+columns, interleaved rounds: kept plans' direct launches (plans.LaunchMemo, the default),
+every launch through triton's ``JITFunction.run`` (SPHEREOPS_DIRECT_LAUNCH=0), and launches
+stubbed out. Needs TRITON_INTERPRET unset.
+
+    python -m bench.host_overhead [--device cuda] [--calls 200] [--top 15]
+                                  [--stub-launches | --stand-in-gpu]
 """
 from __future__ import annotations
 
@@ -51,7 +59,7 @@ _LAUNCHING_MODULES = ("conv_fwd", "conv_bwd", "conv_fwd_grid", "conv_bwd_grid", 
 @contextlib.contextmanager
 def stubbed_launches(counter: list):
     """Every sphereops kernel launch replaced by a no-op that counts itself in ``counter[0]``."""
-    def no_launch(kernel, grid, args, kwargs, what):
+    def no_launch(kernel, grid, args, kwargs, what, memo=None):
         counter[0] += 1
 
     modules = [importlib.import_module(f"sphereops_kernels.{name}") for name in _LAUNCHING_MODULES]
@@ -72,7 +80,14 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--stub-launches", action="store_true",
                     help="CPU: the Triton backend with every launch a no-op (sphereops' own cost)")
+    ap.add_argument("--stand-in-gpu", action="store_true",
+                    help="CPU: kernels compiled for sm_90, launches recorded (triton's launch "
+                         "path timed with and without direct launches)")
     args = ap.parse_args(argv)
+    if args.stand_in_gpu:
+        if args.stub_launches or args.device == "cuda":
+            ap.error("--stand-in-gpu runs alone, on the CPU")
+        return _report_stand_in(args.calls)
     if args.stub_launches:
         if args.device == "cuda":
             ap.error("--stub-launches runs on the CPU (--device cpu or auto)")
@@ -89,15 +104,12 @@ def main(argv=None) -> int:
     return _report(args, device, None)
 
 
-def _report(args, device: torch.device, launch_counter) -> int:
+def _layer(device, big: bool):
+    """``(shape, x, sphere_fwd(backend), sphere_fwd_bwd(backend), conv_fwd, conv_fwd_bwd)`` of
+    the measured layer: a mid-size ResNet layer in bf16 channels_last when ``big`` (the GPU's
+    and the stand-ins'), a small fp32 one otherwise (the CPU reference)."""
     import sphereops
 
-    cuda = device.type == "cuda"
-    stub = launch_counter is not None
-    backend = "triton" if stub else "auto"
-    # a mid-size ResNet layer on the GPU -- and with stubbed launches -- (bf16, channels_last);
-    # a small fp32 one through the CPU reference
-    big = cuda or stub
     n, c, hw, dtype = (32, 128, 32, torch.bfloat16) if big else (4, 16, 8, torch.float32)
     fmt = torch.channels_last if big else torch.contiguous_format
     x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -106,11 +118,11 @@ def _report(args, device: torch.device, launch_counter) -> int:
     dy = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
     leaves = [t.requires_grad_(True) for t in (x, w, b)]
 
-    def sphere_fwd():
+    def sphere_fwd(backend):
         return sphereops.sphere_conv2d(*leaves, padding=1, operator="linear", backend=backend)
 
-    def sphere_fwd_bwd():
-        return torch.autograd.grad(sphere_fwd(), leaves, dy)
+    def sphere_fwd_bwd(backend):
+        return torch.autograd.grad(sphere_fwd(backend), leaves, dy)
 
     def conv_fwd():
         return F.conv2d(*leaves, padding=1)
@@ -118,10 +130,82 @@ def _report(args, device: torch.device, launch_counter) -> int:
     def conv_fwd_bwd():
         return torch.autograd.grad(conv_fwd(), leaves, dy)
 
+    shape = (f"{n}x{c}x{hw}x{hw} -> {c}, 3x3, {str(dtype).replace('torch.', '')}"
+             + (", channels_last" if big else ""))
+    return shape, x, sphere_fwd, sphere_fwd_bwd, conv_fwd, conv_fwd_bwd
+
+
+def _report_stand_in(calls: int, rounds: int = 3) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("--stand-in-gpu needs TRITON_INTERPRET unset (compiled kernels)")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    from bench.stand_in_gpu import clear_kept_plans, stand_in_gpu
+    from sphereops_kernels import launch
+
+    with stand_in_gpu():
+        shape, _, sphere_fwd, sphere_fwd_bwd, _, _ = _layer(torch.device("cpu"), big=True)
+        cases = [("sphere_conv2d fwd", lambda: sphere_fwd("triton")),
+                 ("sphere_conv2d fwd+bwd", lambda: sphere_fwd_bwd("triton"))]
+        modes = ("direct launches", "triton's path", "launches stubbed")
+        times = {(name, mode): [] for name, _ in cases for mode in modes}
+        counter = [0]
+        for _ in range(rounds):
+            for mode in modes:
+                launch.DIRECT_LAUNCH = mode != "triton's path"
+                clear_kept_plans()
+                stub = stubbed_launches(counter) if mode == modes[2] else contextlib.nullcontext()
+                with stub:
+                    for name, fn in cases:
+                        for _ in range(3):     # compile, keep plans and memos
+                            fn()
+                        times[name, mode].append(_host_us(fn, torch.device("cpu"), calls))
+        launch.DIRECT_LAUNCH = True
+    print(f"host time to issue one call on this machine's CPU with triton's launch path: "
+          f"stand-in GPU driver (sm_90 kernels compiled, launches recorded, not run); {shape}; "
+          f"median of {calls} calls, min and max over {rounds} interleaved rounds, us:")
+    print(f"  {'':24s}" + "".join(f"{m:>22s}" for m in modes))
+    for name, _ in cases:
+        cells = "".join(f"{min(times[name, m]):>13.1f} - {max(times[name, m]):<6.1f}"
+                        for m in modes)
+        print(f"  {name:24s}{cells}")
+    return 0
+
+
+def _triton_path(fn):
+    """``fn`` with kept plans' direct launches off (SPHEREOPS_DIRECT_LAUNCH=0) while it runs."""
+    from sphereops_kernels import launch
+
+    def run():
+        launch.DIRECT_LAUNCH = False
+        try:
+            return fn()
+        finally:
+            launch.DIRECT_LAUNCH = True
+    return run
+
+
+def _report(args, device: torch.device, launch_counter) -> int:
+    cuda = device.type == "cuda"
+    stub = launch_counter is not None
+    backend = "triton" if stub else "auto"
+    # the big layer on the GPU -- and with stubbed launches --; a small one through the CPU
+    # reference
+    shape, x, sphere_fwd_b, sphere_fwd_bwd_b, conv_fwd, conv_fwd_bwd = _layer(device,
+                                                                               cuda or stub)
+
+    def sphere_fwd():
+        return sphere_fwd_b(backend)
+
+    def sphere_fwd_bwd():
+        return sphere_fwd_bwd_b(backend)
+
     cases = [("torch.empty_like(x)", lambda: torch.empty_like(x))]
     if not stub:   # (on the CPU F.conv2d would time its arithmetic, not its issue cost)
         cases += [("F.conv2d fwd", conv_fwd), ("F.conv2d fwd+bwd", conv_fwd_bwd)]
     cases += [("sphere_conv2d fwd", sphere_fwd), ("sphere_conv2d fwd+bwd", sphere_fwd_bwd)]
+    if cuda:   # A/B: every launch through triton's JITFunction.run
+        cases += [("  triton's path: fwd", _triton_path(sphere_fwd)),
+                  ("  triton's path: fwd+bwd", _triton_path(sphere_fwd_bwd))]
     for _, fn in cases:          # compile, autotune, allocator growth
         for _ in range(3):
             fn()
@@ -133,10 +217,9 @@ def _report(args, device: torch.device, launch_counter) -> int:
         sphere_fwd_bwd()
         print(f"sphereops' own host time, kernel launches stubbed out ({fwd_launches} launches "
               f"a forward, {launch_counter[0]} a forward+backward not made):")
-    print(f"host time to issue one call ({device.type}, {n}x{c}x{hw}x{hw} -> {c}, 3x3, "
-          f"{str(dtype).replace('torch.', '')}, median of {args.calls}):")
+    print(f"host time to issue one call ({device.type}, {shape}, median of {args.calls}):")
     for name, fn in cases:
-        print(f"  {name:24s} {_host_us(fn, device, args.calls):9.1f} us")
+        print(f"  {name:26s} {_host_us(fn, device, args.calls):9.1f} us")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.calls):

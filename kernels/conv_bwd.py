@@ -118,12 +118,13 @@ from .conv_fwd import (CACHED_TAPS, MAX_CACHED_TAPS, MAX_ROW_W, aligned_count, d
 from .conv_fwd_grid import phase_planes, stage_grid_rows
 from .epilogue import (column_slices, load_tile, pixel_runs, store_tile, tile_ptrs,
                        to_dtype_of)
+from . import launch as _launch_module
 from .launch import interpreting as _interpreting
 from .launch import cdiv as _cdiv
 from .launch import (MAX_PIXELS, env_switch, launch, offsets_need_int64, pixel_run,
                      plain_launch)
 from .launch import next_pow2 as _next_pow2
-from .plans import PlanCache, meta_like, tensor_key
+from .plans import LaunchMemo, PlanCache, meta_like, tensor_key
 from . import conv_fwd as _conv_fwd
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1930,8 +1931,8 @@ def _depthwise_split(steps: int, c_tiles: int, device: torch.device) -> int:
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
-def _launch(kernel, grid, args, **kwargs):
-    launch(kernel, grid, args, kwargs, "sphere_conv2d_bwd")
+def _launch(kernel, grid, args, memo=None, **kwargs):
+    launch(kernel, grid, args, kwargs, "sphere_conv2d_bwd", memo)
 
 
 # "auto" (the rule of _wgrad_runtime_div), or True / False to force it (bench.wgrad_probe)
@@ -2133,7 +2134,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     interpreting = _interpreting()
-    if x.device.type != "cuda" and not interpreting:
+    if x.device.type != "cuda" and not _launch_module.cpu_launches():
         raise ValueError("sphere_conv2d_bwd needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     m_out = n * ho * wo
     if max(m_out, n * h * wd) > MAX_PIXELS:
@@ -2229,7 +2230,8 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     prep_in = (dy, c, r_x, k_arg, bias.contiguous() if has_bias else r_x, hn, a_buf, partials,
                w, r_w, w_hat)
     if cg_out == 1:   # one channel per group: tiles across the groups (_channelwise_prep_kernel)
-        _launch(_channelwise_prep_kernel, p.prep_grid, prep_in + p.prep_scalars, **prep_flags)
+        _launch(_channelwise_prep_kernel, p.prep_grid, prep_in + p.prep_scalars, p.prep_launch,
+                **prep_flags)
     else:
         # the staged copy's place without staging: any output (never stored through)
         x_out = x_staged if p.stage_x else x_grid if stage_grid else partials
@@ -2240,7 +2242,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                                                          else partials,
                                                          0 if counters is None
                                                          else counters.numel()),
-                **prep_flags)
+                p.prep_launch, **prep_flags)
 
     # 2. deterministic sums of the partials; the final level rides in the wgrad launch (step 4),
     # and a first level (big batches) in the implicit-GEMM dgrad's when there is one (step 3)
@@ -2260,7 +2262,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
         dx = torch.empty_strided(x.shape, p.dx_strides, device=dev, dtype=dtype)
         _launch(_dgrad_kernel, p.dgrad_grid,
                 (hn, w_hat, a_buf, x, dx, partials, red_level) + p.dgrad_scalars,
-                **p.dgrad_flags)
+                p.dgrad_launch, **p.dgrad_flags)
 
     # 4. wgrad: split reduction into fp32 partials, then the ordered finalize pass
     # the folded reduction's operands and switches (either wgrad launch)
@@ -2279,9 +2281,9 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
                 (hn, x_wgrad, w_part) + reduction[:4] + finish_args[:4] + p.wgrad_scalars
                 + (red_rows, p.wgrad_reduce_programs, *x_wgrad.stride(), ho * wo, wo)
                 + finish_args[4:],
-                **p.wgrad_flags)
+                p.wgrad_launch, **p.wgrad_flags)
         if not p.finish_dw:
-            dw = _finalize_dw(w_part, w, r_w, s_sum, p.wgrad["split"], rtne)
+            dw = _finalize_dw(w_part, w, r_w, s_sum, p.wgrad["split"], rtne, p.finalize_launch)
 
     return dx, dw, db, dk
 
@@ -2312,7 +2314,9 @@ def _backward_plan(dy, x, w, k, c, conv, groups, operator, eps, need, c_scratch,
     rtne = interpreting
     precision = _dot_precision(dtype)
     geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
-    p = SimpleNamespace()
+    # the launch sites' memos (plans.LaunchMemo): kept plans call the compiled kernels directly
+    p = SimpleNamespace(prep_launch=LaunchMemo(), dgrad_launch=LaunchMemo(),
+                        wgrad_launch=LaunchMemo(), finalize_launch=LaunchMemo())
     # Aligned GEMM operands (conv_fwd.aligned_count / staged_channels): Hn's group columns and
     # w_hat's rows get cgo_p / cgi_p elements (a multiple of 16 from 16 channels up), and an
     # input not in the fast layout (NCHW, C_in/G not a multiple of 16) is staged for the wgrad
@@ -2558,6 +2562,15 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     dev, dtype = x.device, x.dtype
     m_out = n * ho * wo
     need_grads = need_dx or need_dw
+    # the launch sites' memos by call signature: the launches are derived afresh each call (a
+    # plan gained nothing measurable here), but each one through triton's JITFunction.run costs
+    # ~45 us of host time (plans.LaunchMemo); the key names what the launch arguments read
+    memos = _DEPTHWISE_LAUNCHES.get(
+        (tensor_key(dy), tensor_key(x), tensor_key(w), tensor_key(k), operator, float(eps), need,
+         tuple(geometry.items()), rtne, DW_PIXEL_PAIRS, depthwise_config, depthwise_row_width,
+         _conv_fwd.MAX_ROW_W, _depthwise_split, pixel_groups_fit, tuple(REDUCE_CONFIG.items()),
+         tuple(FINALIZE_CONFIG.items())),
+        _depthwise_launch_memos)
     # NCHW x: tiles of output rows, read along the pixels, and Hn / A in planes (ROW_W > 0)
     row_w = depthwise_row_width(x, wo)
     cfg = depthwise_config("prep", taps=kh * kw, rows=row_w > 0)
@@ -2576,7 +2589,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
             **geometry, OPERATOR=OPERATOR_CODES[operator], DELTA=float(ARCCOS_DELTA),
             STORE_HN=need_grads, STORE_A=need_dx, NEED_S=need_dw, NEED_DB=need_db,
             NEED_DK=need_dk, EMULATE_RTNE=rtne, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            ROW_BLOCKS=cfg["ROW_BLOCKS"], ROW_W=row_w, num_warps=cfg["num_warps"])
+            ROW_BLOCKS=cfg["ROW_BLOCKS"], ROW_W=row_w, num_warps=cfg["num_warps"],
+            memo=memos.prep)
     # the final level rides in the grad launch when there is one (as in the GEMM path's wgrad)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads)
@@ -2611,21 +2625,30 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
                 EMULATE_RTNE=rtne, NEED_S=need_dw, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_R=red["BLOCK_R"], BLOCK_RC=red["BLOCK_C"], BLOCK_M=cfg["BLOCK_M"],
                 BLOCK_C=cfg["BLOCK_C"], ROW_W=in_row_w, PIX_GROUP=cfg["PIX_GROUP"],
-                num_warps=cfg["num_warps"])
+                num_warps=cfg["num_warps"], memo=memos.grad)
         if need_dw:
-            dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne)
+            dw = _finalize_dw(w_part, w, r_w, s_sum, split, rtne, memos.finalize)
     return dx, dw, db, dk
 
 
-def _finalize_dw(w_part, w, r_w, s_sum, split, rtne):
-    """dw from the wgrad partials [split, KH*KW, C_out, C_in/G] (_dw_finalize_kernel)."""
+# the pure depthwise backward's launch memos by call signature (_depthwise_backward)
+_DEPTHWISE_LAUNCHES = PlanCache("depthwise backward launches")
+
+
+def _depthwise_launch_memos():
+    return SimpleNamespace(prep=LaunchMemo(), grad=LaunchMemo(), finalize=LaunchMemo())
+
+
+def _finalize_dw(w_part, w, r_w, s_sum, split, rtne, memo=None):
+    """dw from the wgrad partials [split, KH*KW, C_out, C_in/G] (_dw_finalize_kernel);
+    ``memo``: the launch site's in a kept plan (plans.LaunchMemo)."""
     c_out, cg_in, kh, kw = w.shape
     dw = torch.empty_like(w)
     cfg = FINALIZE_CONFIG
     _launch(_dw_finalize_kernel, (_cdiv(w.numel(), cfg["BLOCK"]),),
             (w_part, w, r_w, s_sum, dw, c_out, cg_in, split, *w.stride(), *dw.stride()),
             KH=kh, KW=kw, EMULATE_RTNE=rtne, BLOCK=cfg["BLOCK"], SPLIT_BLOCK=cfg["SPLIT_BLOCK"],
-            num_warps=cfg["num_warps"])
+            num_warps=cfg["num_warps"], memo=memo)
     return dw
 
 

@@ -62,7 +62,7 @@ from .launch import (MAX_PIXELS, env_switch, interpreting, launch, offsets_need_
                      pixel_run, plain_launch)
 from .launch import next_pow2 as _next_pow2
 from .launch import pow2_factor
-from .plans import MAX_PLANS, PlanCache, dense_strides, meta_like, tensor_key
+from .plans import MAX_PLANS, LaunchMemo, PlanCache, dense_strides, meta_like, tensor_key
 
 _INTERPRET = interpreting()
 
@@ -1139,7 +1139,8 @@ def _prepare_plan(x, w, groups, prepass, cg_pad):
                *w.stride())
     return SimpleNamespace(prepass=prepass, stage=stage, cp=cp, already_packed=already_packed,
                            flags=flags, scalars=scalars, programs=n_sq + c_out,
-                           q_shape=(n, groups, h, wd), staged_shape=(n, h, wd, groups * cp))
+                           q_shape=(n, groups, h, wd), staged_shape=(n, h, wd, groups * cp),
+                           launch=LaunchMemo())
 
 
 def _run_prepare(x, w, plan):
@@ -1154,7 +1155,7 @@ def _run_prepare(x, w, plan):
     # torch.compile mutation analysis must not see the op's input as written
     args = (x, q if plan.prepass else sqnorm, staged if plan.stage else sqnorm, w,
             sqnorm if plan.already_packed else packed, sqnorm) + plan.scalars
-    launch(_prepare_operands_kernel, (plan.programs,), args, plan.flags, _WHAT)
+    launch(_prepare_operands_kernel, (plan.programs,), args, plan.flags, _WHAT, plan.launch)
     if plan.stage:
         staged = staged.permute(0, 3, 1, 2)
     return packed, sqnorm, q, staged
@@ -1343,7 +1344,8 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
 # the forward's launch plans by call signature (kernels/plans.py)
 _FORWARD_PLANS = PlanCache("sphere_conv2d_fwd")
 
-# the config each autotuner picked, by (autotuner, plan key): _launch_autotuned
+# the config each autotuner picked and the launch memo of ``kernel`` with it (plans.LaunchMemo),
+# by (autotuner, plan key): _launch_autotuned
 _PICKED_CONFIGS = {}
 
 
@@ -1359,14 +1361,17 @@ def _launch_autotuned(autotuned, kernel, grid, args, flags, key, prune):
     against ~2 us for the kernel's own run (this project's CPU machine, triton 3.9, the launch
     path stubbed) -- on a GPU host each forward pays it. A config that the autotuner's
     ``prune`` would not keep for these arguments (one another thread's launch could have left
-    in ``best_config``) is not kept. Traced launches (torch.compile) keep the autotuner."""
+    in ``best_config``) is not kept. Traced launches (torch.compile) keep the autotuner. The
+    picked config's launches share a :class:`~sphereops_kernels.plans.LaunchMemo`: from the
+    plan's third call on they call the compiled kernel directly."""
     if key is None or not plain_launch(args[0]):
         launch(autotuned, grid, args, flags, _WHAT)
         return
-    memo = (autotuned, key)
-    picked = _PICKED_CONFIGS.get(memo)
-    if picked is not None:
-        launch(kernel, grid, args, {**flags, **picked.all_kwargs()}, _WHAT)
+    slot = (autotuned, key)
+    kept = _PICKED_CONFIGS.get(slot)
+    if kept is not None:
+        picked, memo = kept
+        launch(kernel, grid, args, {**flags, **picked.all_kwargs()}, _WHAT, memo)
         return
     launch(autotuned, grid, args, flags, _WHAT)
     picked = getattr(autotuned, "best_config", None)
@@ -1375,7 +1380,7 @@ def _launch_autotuned(autotuned, kernel, grid, args, flags, key, prune):
             for c in prune(autotuned.configs, dict(zip(autotuned.arg_names, args)), **flags)):
         if len(_PICKED_CONFIGS) >= MAX_PLANS:
             _PICKED_CONFIGS.clear()
-        _PICKED_CONFIGS[memo] = picked
+        _PICKED_CONFIGS[slot] = (picked, LaunchMemo())
 
 
 def _forward_plan(x, w, bias, k, conv, groups, operator, eps, force_gemm, store_c, patch_norms,

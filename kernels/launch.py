@@ -8,12 +8,17 @@ is a tensor on the launch device:
   guard. Going through ``torch.library.wrap_triton`` there would only cost time: building the
   wrapper and indexing it by the grid take ~30 us each on the host, more than a mid-size
   layer's kernels run (measured on this project's CPU machine, triton 3.9 / torch 2.13).
+  A launch site of a kept plan (``memo``, plans.LaunchMemo) goes through triton's
+  ``JITFunction.run`` once and then calls the compiled kernel it ran directly: ~40 us of
+  host time a launch less (``python -m bench.host_overhead --stand-in-gpu``).
 * CUDA, being traced (the switch on, its default: torch.compile / make_fx tracing a
   ``triton_op``): through ``wrap_triton``, so that the graph records the kernel and Inductor
   sees it.
 * CPU under ``TRITON_INTERPRET=1``: a plain launch; fake tensors (shape inference only) skip it,
   and a graph trace is refused -- wrap_triton does not wrap interpreter functions, so the traced
   graph would hold the allocations but not the kernel.
+* CPU with bench.stand_in_gpu's stand-in driver (no GPU needed): the CUDA eager path, compiled
+  kernels included, into a launcher that records instead of launching.
 """
 from __future__ import annotations
 
@@ -39,9 +44,17 @@ def interpreting() -> bool:
     return env_switch("TRITON_INTERPRET", False)
 
 
-def launch(kernel, grid, args, kwargs, what: str) -> None:
+def cpu_launches() -> bool:
+    """Whether kernels may be launched on CPU tensors: under the interpreter, or while
+    bench.stand_in_gpu's stand-in driver takes the launches."""
+    return STAND_IN_DRIVER or interpreting()
+
+
+def launch(kernel, grid, args, kwargs, what: str, memo=None) -> None:
     """Launch ``kernel`` over ``grid`` (see the module docstring); ``what`` names the op in the
-    error raised when an interpreter launch is traced."""
+    error raised when an interpreter launch is traced. ``memo``: the launch site's
+    :class:`~sphereops_kernels.plans.LaunchMemo` in a kept plan, or None -- a plain launch then
+    calls the compiled kernel its first launch ran directly (:func:`_launch_plain`)."""
     first = args[0]
     if first.is_cuda:
         device = first.device
@@ -49,11 +62,19 @@ def launch(kernel, grid, args, kwargs, what: str) -> None:
         # torch.cuda.device costs ~10-30 us of host time per launch on the H200 host
         # (bench/results/20261127-1403_*_host_overhead.txt), as much as a small kernel runs
         if device.index == _current_cuda_device():
-            _launch_cuda(kernel, grid, args, kwargs)
+            if _wrap_triton_enabled():
+                torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+            else:
+                _launch_plain(kernel, grid, args, kwargs, memo, device.index)
         else:
             with _device_guard(device):
                 _launch_cuda(kernel, grid, args, kwargs)
+    elif STAND_IN_DRIVER:
+        # CPU tensors through triton's compiled-kernel launch path (bench.stand_in_gpu)
+        _launch_plain(kernel, grid, args, kwargs, memo, 0)
     elif not _is_fake(first):
+        if memo is not None:
+            memo.check(kernel, grid, args, kwargs)
         kernel[grid](*args, **kwargs)
     elif is_graph_tracing():
         raise NotImplementedError(
@@ -127,6 +148,56 @@ def pixel_run(*tensors) -> int:
             return 1
         run = min(run, pow2_factor(h * w), pow2_factor(t.stride(1)), pow2_factor(t.stride(0)))
     return run
+
+
+# Later launches of a kept plan's launch site call the compiled kernel directly (plans.LaunchMemo);
+# SPHEREOPS_DIRECT_LAUNCH=0 sends every launch through triton's JITFunction.run (A/B runs).
+DIRECT_LAUNCH = env_switch("SPHEREOPS_DIRECT_LAUNCH", True)
+
+# Set by bench.stand_in_gpu while triton's active driver is a stand-in: kernels compile for a
+# GPU target and "launch" on CPU tensors into a recording launcher, so that triton's launch path
+# (and the direct one) can be timed and compared on a machine without a GPU.
+STAND_IN_DRIVER = False
+
+
+def _launch_plain(kernel, grid, args, kwargs, memo, device: int) -> None:
+    """A plain (eager, untraced) launch on ``device``, the current one. Without a memo, or at
+    a memo's first launch: ``kernel[grid]``, triton's JITFunction.run, which binds and
+    specialises the arguments, hashes a cache key, finds (or compiles) the kernel and launches
+    it; the memo then keeps what it ran. Later: the kept compiled kernel's own ``run``, with the
+    arguments in signature order -- what JITFunction.run would have passed it, ~40 us of host
+    time a launch sooner (see plans.LaunchMemo for why the plan fixes everything else)."""
+    if memo is None:
+        kernel[grid](*args, **kwargs)
+        return
+    memo.check(kernel, grid, args, kwargs)
+    compiled = memo.compiled
+    if (compiled is not None and DIRECT_LAUNCH and memo.device == device
+            and memo.still_specialised(args)):
+        runtime, driver = _triton_runtime()
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        # launch hooks (a profiler's) get their metadata from JITFunction.run
+        if not (getattr(enter, "calls", enter) or getattr(leave, "calls", leave)):
+            g0, g1, g2 = memo.grid
+            compiled.run(g0, g1, g2, driver.active.get_current_stream(device), compiled.function,
+                         compiled.packed_metadata, None, None, None, *args, *memo.tail)
+            return
+    ran = kernel[grid](*args, **kwargs)
+    if compiled is None and DIRECT_LAUNCH:
+        memo.keep(kernel, ran, grid, args, kwargs, device)
+
+
+_TRITON_RUNTIME = None
+
+
+def _triton_runtime():
+    """``(triton.knobs.runtime, triton.runtime.driver.driver)``, imported once."""
+    global _TRITON_RUNTIME
+    if _TRITON_RUNTIME is None:
+        from triton import knobs
+        from triton.runtime.driver import driver
+        _TRITON_RUNTIME = (knobs.runtime, driver)
+    return _TRITON_RUNTIME
 
 
 def _launch_cuda(kernel, grid, args, kwargs) -> None:

@@ -476,7 +476,7 @@ def test_inputs_past_the_prepass_limits_take_fused_norms(monkeypatch):
     more programs than a 1-D grid holds) takes the fused norms, and its preparation launch has
     only the filter programs; asking for the pre-pass raises. Meta tensors: nothing runs."""
     launched = []
-    monkeypatch.setattr(F, "launch", lambda kernel, grid, args, kwargs, what:
+    monkeypatch.setattr(F, "launch", lambda kernel, grid, args, kwargs, what, memo=None:
                         launched.append((kernel, grid, kwargs)))
     x = torch.empty(2 ** 14, 256, 2 ** 8, 2 ** 8, device="meta")    # 2^30 input pixels
     w = torch.empty(128, 2, 3, 3, device="meta")

@@ -30,7 +30,7 @@ def kept_plans(monkeypatch):
     """Plans kept and served without the rebuild of check mode (how a user's calls run), on
     empty caches; emptied again afterwards."""
     monkeypatch.setattr(plans, "CHECK_PLANS", False)
-    caches = (conv_fwd._FORWARD_PLANS, conv_bwd._BACKWARD_PLANS)
+    caches = (conv_fwd._FORWARD_PLANS, conv_bwd._BACKWARD_PLANS, conv_bwd._DEPTHWISE_LAUNCHES)
     for cache in caches + (conv_fwd._PICKED_CONFIGS,):
         cache.clear()
     yield caches
@@ -209,11 +209,11 @@ def _record_conv_flags(monkeypatch):
     """The constexprs of each forward conv-kernel launch (the preparation launch left out)."""
     real, launches, flags = conv_fwd.launch, [], []
 
-    def record(kernel, grid, args, kwargs, what):
+    def record(kernel, grid, args, kwargs, what, memo=None):
         if kernel is not conv_fwd._prepare_operands_kernel:
             launches.append(kernel)
             flags.append(dict(kwargs))
-        return real(kernel, grid, args, kwargs, what)
+        return real(kernel, grid, args, kwargs, what, memo)
     monkeypatch.setattr(conv_fwd, "launch", record)
     return launches, flags
 
@@ -307,10 +307,10 @@ def _conv_launches(monkeypatch):
     """The forward's launches as (kernel, constexprs), the preparation launch left out."""
     real, launched = conv_fwd.launch, []
 
-    def record(kernel, grid, args, kwargs, what):
+    def record(kernel, grid, args, kwargs, what, memo=None):
         if kernel is not conv_fwd._prepare_operands_kernel:
             launched.append((kernel, dict(kwargs)))
-        return real(kernel, grid, args, kwargs, what)
+        return real(kernel, grid, args, kwargs, what, memo)
     monkeypatch.setattr(conv_fwd, "launch", record)
     return launched
 
