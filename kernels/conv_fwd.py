@@ -1344,8 +1344,9 @@ def _sphere_conv2d_fwd_impl(x, w, bias, k, stride, padding, dilation, groups, op
 # the forward's launch plans by call signature (kernels/plans.py)
 _FORWARD_PLANS = PlanCache("sphere_conv2d_fwd")
 
-# the config each autotuner picked and the launch memo of ``kernel`` with it (plans.LaunchMemo),
-# by (autotuner, plan key): _launch_autotuned
+# the config each autotuner picked, the flags it was picked with, both merged into the kernel's
+# keywords, and the launch memo of ``kernel`` with them (plans.LaunchMemo), by (autotuner, plan
+# key): _launch_autotuned
 _PICKED_CONFIGS = {}
 
 
@@ -1370,8 +1371,10 @@ def _launch_autotuned(autotuned, kernel, grid, args, flags, key, prune):
     slot = (autotuned, key)
     kept = _PICKED_CONFIGS.get(slot)
     if kept is not None:
-        picked, memo = kept
-        launch(kernel, grid, args, {**flags, **picked.all_kwargs()}, _WHAT, memo)
+        picked, picked_flags, kwargs, memo = kept
+        if flags is not picked_flags:   # (a kept plan passes its one flags dict)
+            kwargs = {**flags, **picked.all_kwargs()}
+        launch(kernel, grid, args, kwargs, _WHAT, memo)
         return
     launch(autotuned, grid, args, flags, _WHAT)
     picked = getattr(autotuned, "best_config", None)
@@ -1380,7 +1383,8 @@ def _launch_autotuned(autotuned, kernel, grid, args, flags, key, prune):
             for c in prune(autotuned.configs, dict(zip(autotuned.arg_names, args)), **flags)):
         if len(_PICKED_CONFIGS) >= MAX_PLANS:
             _PICKED_CONFIGS.clear()
-        _PICKED_CONFIGS[slot] = (picked, LaunchMemo())
+        _PICKED_CONFIGS[slot] = (picked, flags, {**flags, **picked.all_kwargs()},
+                                 LaunchMemo())
 
 
 def _forward_plan(x, w, bias, k, conv, groups, operator, eps, force_gemm, store_c, patch_norms,
