@@ -154,7 +154,7 @@ def clear_kept_plans() -> None:
 # (name, N, C_in, C_out, H=W, kernel, stride, padding, groups, dtype, channels_last, operator,
 #  bias): the GEMM path's launch variants -- dense channels_last, NCHW with a staged input
 #  (C_in/G = 20), a flat K loop (3 channels), grouped stride 2 with the sigmoid's k -- and the
-#  pure depthwise path, channels_last and NCHW (row tiles)
+#  pure depthwise path, channels_last and NCHW (row tiles), and a big batch
 CHECK_LAYERS = (
     ("gemm.bf16.cl", 4, 32, 32, 8, 3, 1, 1, 1, torch.bfloat16, True, "linear", True),
     ("gemm.fp32.nchw.staged", 2, 20, 24, 7, 3, 1, 1, 1, torch.float32, False, "cosine", False),
@@ -162,6 +162,9 @@ CHECK_LAYERS = (
     ("gemm.bf16.groups.s2", 2, 32, 32, 9, 3, 2, 1, 2, torch.bfloat16, True, "sigmoid", False),
     ("depthwise.bf16", 2, 16, 16, 8, 3, 1, 1, 16, torch.bfloat16, True, "linear", True),
     ("depthwise.fp32.nchw.s2", 2, 16, 16, 9, 3, 2, 1, 16, torch.float32, False, "sigmoid", False),
+    # 160k pixels: a first level of the column-partial reduction before the grad launch
+    ("depthwise.bf16.big_batch", 40, 16, 16, 64, 3, 1, 1, 16, torch.bfloat16, True, "linear",
+     True),
 )
 
 

@@ -2248,7 +2248,7 @@ def sphere_conv2d_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: Opt
     # and a first level (big batches) in the implicit-GEMM dgrad's when there is one (step 3)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, p.r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not p.fold,
-        launch_first=p.first_programs == 0)
+        launch_first=p.first_programs == 0, memos=p.reduce_launches)
 
     x_wgrad = x_staged if p.stage_x else x
     # 3. dgrad fused with the norm correction
@@ -2316,7 +2316,8 @@ def _backward_plan(dy, x, w, k, c, conv, groups, operator, eps, need, c_scratch,
     geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw_)
     # the launch sites' memos (plans.LaunchMemo): kept plans call the compiled kernels directly
     p = SimpleNamespace(prep_launch=LaunchMemo(), dgrad_launch=LaunchMemo(),
-                        wgrad_launch=LaunchMemo(), finalize_launch=LaunchMemo())
+                        wgrad_launch=LaunchMemo(), finalize_launch=LaunchMemo(),
+                        reduce_launches=(LaunchMemo(), LaunchMemo()))
     # Aligned GEMM operands (conv_fwd.aligned_count / staged_channels): Hn's group columns and
     # w_hat's rows get cgo_p / cgi_p elements (a multiple of 16 from 16 channels up), and an
     # input not in the fast layout (NCHW, C_in/G not a multiple of 16) is staged for the wgrad
@@ -2503,7 +2504,7 @@ def _fold_reduction(need_dw: bool) -> bool:
 
 
 def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, rtne,
-                            final=True, launch_first=True):
+                            final=True, launch_first=True, memos=(None, None)):
     """``(S [C_out] fp32, db, dk, level, rows)`` from the prep pass's partials [3, r_rows, C_out]
     with _reduce_partials_kernel: fixed-order sums, two levels above ROWS_PER_PROGRAM rows. S is
     a 1-element placeholder unless need_dw; db / dk None unless needed (w's / k's dtype).
@@ -2511,7 +2512,8 @@ def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, r
     launch (the wgrad's reduce programs) over ``level`` [3, rows, C_out], and S, db, dk come
     back unwritten. ``launch_first=False`` (with final=False): the first level is left to the
     caller too (the dgrad's reduce programs, :func:`_first_level_programs`), ``level`` its
-    unwritten output."""
+    unwritten output. ``memos``: the first and final launches' in a kept plan
+    (plans.LaunchMemo)."""
     c_out, dev = w.shape[0], w.device
     s_sum = torch.empty(c_out if need_dw else 1, device=dev, dtype=torch.float32)
     db = torch.empty(c_out, device=dev, dtype=w.dtype) if need_db else None
@@ -2529,13 +2531,13 @@ def _reduce_column_partials(partials, r_rows, w, k, need_dw, need_db, need_dk, r
         nxt = torch.empty((3, n_split, c_out), device=dev, dtype=torch.float32)
         if launch_first:
             _launch(_reduce_partials_kernel, (c_blocks, n_split),
-                    (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), FINAL=False,
-                    **flags)
+                    (level, nxt, *outs, rows, c_out, cfg["ROWS_PER_PROGRAM"]), memos[0],
+                    FINAL=False, **flags)
         rows, level = n_split, nxt
     if final:
         _launch(_reduce_partials_kernel, (c_blocks, 1),
                 (level, level, *outs, rows, c_out, _cdiv(rows, cfg["BLOCK_R"]) * cfg["BLOCK_R"]),
-                FINAL=True, **flags)
+                memos[1], FINAL=True, **flags)
     return s_sum, db, dk, level, rows
 
 
@@ -2593,7 +2595,8 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
             memo=memos.prep)
     # the final level rides in the grad launch when there is one (as in the GEMM path's wgrad)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
-        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads)
+        partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads,
+        memos=memos.reduce)
     dx = dw = None
     if need_grads:
         # the state's layout is the prep's (row_w > 0: planes); the input pixels' row tiles
@@ -2636,7 +2639,8 @@ _DEPTHWISE_LAUNCHES = PlanCache("depthwise backward launches")
 
 
 def _depthwise_launch_memos():
-    return SimpleNamespace(prep=LaunchMemo(), grad=LaunchMemo(), finalize=LaunchMemo())
+    return SimpleNamespace(prep=LaunchMemo(), grad=LaunchMemo(), finalize=LaunchMemo(),
+                           reduce=(LaunchMemo(), LaunchMemo()))
 
 
 def _finalize_dw(w_part, w, r_w, s_sum, split, rtne, memo=None):

@@ -221,6 +221,53 @@ def test_bitwise_deterministic(precision):
 
 
 @pytest.mark.parametrize("precision", ["bf16"], indirect=True)
+@pytest.mark.parametrize("operator, channels_last, geometry", [
+    ("sigmoid", True, "3x3"), ("cosine", False, "3x3_s2"), ("linear", True, "depthwise")])
+def test_direct_launches_match_triton_path(operator, channels_last, geometry, precision,
+                                           request, monkeypatch):
+    """Kept plans call their compiled kernels directly from the second or third call of a
+    signature on (plans.LaunchMemo): four calls with direct launches -- the first checked
+    against float64 -- give bitwise what every launch through triton's JITFunction.run gives
+    (SPHEREOPS_DIRECT_LAUNCH=0), and the later calls do launch directly."""
+    from triton.runtime.jit import JITFunction
+
+    from sphereops_kernels import conv_bwd, conv_fwd, launch
+    jit_runs, run = [], JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        jit_runs.append(self)
+        return run(self, *args, **kwargs)
+    monkeypatch.setattr(JITFunction, "run", counted)
+    x, w, b, k, conv = _make_inputs(operator, torch.bfloat16, channels_last, geometry)
+    y_shape = sphereops.sphere_conv2d(x, w, b, operator=operator, k=k, **conv).shape
+    dy = torch.randn(y_shape, device=DEVICE, dtype=torch.float64)
+    results = {}
+    for direct in (False, True):
+        monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
+        for cache in (conv_fwd._FORWARD_PLANS, conv_bwd._BACKWARD_PLANS,
+                      conv_fwd._PICKED_CONFIGS, conv_bwd._DEPTHWISE_LAUNCHES):
+            cache.clear()
+        calls = []
+        for call in range(4):
+            del jit_runs[:]
+            names, fused, ref = _fused_and_reference(x, w, b, k, conv, operator, dy=dy,
+                                                     reference_too=call == 0 and direct)
+            calls.append((fused, len(jit_runs)))
+            if ref is not None:
+                rtol, atol = TOLERANCES["bf16"]
+                for name, o, r in zip(names, fused, ref):
+                    _check(request.node.name, name, o, r, rtol, atol)
+        results[direct] = calls
+    for call, ((direct_out, _), (plain_out, _)) in enumerate(zip(results[True],
+                                                                 results[False])):
+        for name, d, p in zip(names, direct_out, plain_out):
+            assert torch.equal(d, p), f"call {call}: {name} differs from triton's path"
+    # from the third call on every launch is direct (the forward GEMM's from its second)
+    assert [n_jit for _, n_jit in results[True][2:]] == [0, 0], results[True]
+    assert results[False][3][1] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16"], indirect=True)
 @pytest.mark.parametrize("geometry, splits", [("3x3", (2, 5, 8, 9)), ("3x3_big_batch", (8,))])
 def test_wgrad_finishing_dw_vs_float64_and_bitwise(geometry, splits, precision, request,
                                                    monkeypatch):

@@ -328,4 +328,4 @@ def test_direct_launches_hand_the_launcher_what_triton_does():
     out = subprocess.run([sys.executable, "-m", "bench.stand_in_gpu", "--check"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" ok") == 6, out.stdout
+    assert out.stdout.count(" ok") == 7, out.stdout
