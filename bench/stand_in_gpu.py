@@ -10,11 +10,12 @@ process; the test suite runs this module in one).
 * ``bench.host_overhead --stand-in-gpu`` times a call with triton's own launch path included
   (binding, specialisation, the kernel-cache lookup): the whole host cost of a call but the
   driver's launch itself, on any machine.
-* ``--check``: over a set of layers, the direct launches of kept plans (plans.LaunchMemo) hand
-  the launcher exactly what triton's ``JITFunction.run`` hands it -- the same compiled kernel
-  (told apart by its cubin), grid, stream, metadata and arguments (tensors by dtype, shape,
-  strides and storage offset, everything else by value) -- and from the third call on no
-  launch goes through ``JITFunction.run``. Prints each layer's verdict; exit status 1 on
+* ``--check``: over a set of conv and linear layers, the direct launches of kept plans
+  (plans.LaunchMemo) hand the launcher exactly what triton's ``JITFunction.run`` hands it --
+  the same compiled kernel (told apart by its cubin), grid, stream, metadata and arguments
+  (tensors by dtype, shape, strides and storage offset, everything else by value) -- and from
+  the third call on no launch goes through ``JITFunction.run``; an input with the same plan
+  key at a misaligned address goes back to it. Prints each layer's verdict; exit status 1 on
   the first difference.
 
 Autotuned kernels take their first config: the stand-in benchmarker times nothing.
@@ -145,9 +146,10 @@ def stand_in_gpu():
 
 def clear_kept_plans() -> None:
     """Forget every kept plan, picked config and launch memo."""
-    from sphereops_kernels import conv_bwd, conv_fwd
+    from sphereops_kernels import conv_bwd, conv_fwd, linear
     for cache in (conv_fwd._FORWARD_PLANS, conv_bwd._BACKWARD_PLANS, conv_fwd._PICKED_CONFIGS,
-                  conv_bwd._DEPTHWISE_LAUNCHES):
+                  conv_bwd._DEPTHWISE_LAUNCHES, linear._FORWARD_LAUNCHES,
+                  linear._BACKWARD_LAUNCHES):
         cache.clear()
 
 
@@ -165,6 +167,14 @@ CHECK_LAYERS = (
     # 160k pixels: a first level of the column-partial reduction before the grad launch
     ("depthwise.bf16.big_batch", 40, 16, 16, 64, 3, 1, 1, 16, torch.bfloat16, True, "linear",
      True),
+)
+
+
+# (name, M, in_features, out_features, dtype, operator, bias): SphereLinear's launches -- the
+# forward's two, the backward's four
+CHECK_LINEAR_LAYERS = (
+    ("linear.bf16.sigmoid", 48, 64, 40, torch.bfloat16, "sigmoid", True),
+    ("linear.fp32.cosine", 33, 20, 24, torch.float32, "cosine", False),
 )
 
 
@@ -206,6 +216,26 @@ def layer_step(spec, seed: int = 0):
     return step
 
 
+def linear_step(spec, seed: int = 0):
+    """A forward+backward closure of ``spec`` (one of CHECK_LINEAR_LAYERS), as
+    :func:`layer_step`."""
+    import sphereops
+    _, m, k_in, k_out, dtype, operator, bias = spec
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k_in, generator=gen).to(dtype).requires_grad_(True)
+    w = torch.randn(k_out, k_in, generator=gen).to(dtype).requires_grad_(True)
+    b = torch.randn(k_out, generator=gen).to(dtype).requires_grad_(True) if bias else None
+    k = torch.rand(k_out, generator=gen).add(0.5).to(dtype) if operator == "sigmoid" else None
+    x_off = misaligned_copy(x.detach()).requires_grad_(True)
+    params = [t for t in (w, b) if t is not None]
+
+    def step(misaligned=False):
+        inp = x_off if misaligned else x
+        y = sphereops.sphere_linear(inp, w, b, operator=operator, k=k, backend="triton")
+        return torch.autograd.grad(y, [inp] + params, torch.ones_like(y))
+    return step
+
+
 def _comparable(record):
     """A launch record with tensors replaced by what identifies their role and layout."""
     function, grid, stream, packed, args = record
@@ -228,11 +258,10 @@ def _count_jit_runs():
     return counter, lambda: setattr(JITFunction, "run", original)
 
 
-def check_layer(spec, log) -> str | None:
-    """None if the direct launches of ``spec``'s forward+backward match triton's path, else
-    what differs."""
+def check_layer(step, log) -> str | None:
+    """None if the direct launches of ``step`` (layer_step / linear_step) match triton's path,
+    else what differs."""
     from sphereops_kernels import launch
-    step = layer_step(spec)
     counter, restore = _count_jit_runs()
     try:
         runs = {}
@@ -276,9 +305,11 @@ def main(argv=None) -> int:
         ap.print_help()
         return 0
     with stand_in_gpu() as log:
-        for spec in CHECK_LAYERS:
-            problem = check_layer(spec, log)
-            print(f"{spec[0]:28s} {'ok' if problem is None else 'DIFFERS: ' + problem}",
+        steps = ([(spec[0], layer_step(spec)) for spec in CHECK_LAYERS]
+                 + [(spec[0], linear_step(spec)) for spec in CHECK_LINEAR_LAYERS])
+        for name, step in steps:
+            problem = check_layer(step, log)
+            print(f"{name:28s} {'ok' if problem is None else 'DIFFERS: ' + problem}",
                   flush=True)
             if problem is not None:
                 return 1

@@ -37,6 +37,7 @@ traces the ``triton_op``, plain under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -48,6 +49,7 @@ from .epilogue import store_sphere_tile, to_dtype_of
 from .launch import cdiv as _cdiv
 from .launch import interpreting as _interpreting
 from .launch import launch
+from .plans import LaunchMemo, PlanCache, tensor_key
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -350,8 +352,21 @@ _ROW_NORM_CONFIG = dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=1)
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _launch(kernel, grid, *args, **kwargs):
-    launch(kernel, grid, args, kwargs, "the SphereLinear kernels")
+def _launch(kernel, grid, *args, memo=None, **kwargs):
+    launch(kernel, grid, args, kwargs, "the SphereLinear kernels", memo)
+
+
+# The launch sites' memos by call signature (plans.LaunchMemo): the launchers derive their
+# launches afresh each call (cheap), but each launch through triton's JITFunction.run costs
+# ~45 us of host time; a kept memo calls the compiled kernel directly. The keys name what the
+# launch arguments read: the tensors' metadata, the options, the dot precision (the TF32
+# switch), the interpreter switch and the config helpers.
+_FORWARD_LAUNCHES = PlanCache("sphere_linear_fwd launches")
+_BACKWARD_LAUNCHES = PlanCache("sphere_linear_bwd launches")
+
+
+def _launch_memos(*sites):
+    return SimpleNamespace(**{site: LaunchMemo() for site in sites})
 
 
 def _arccos_delta() -> float:
@@ -414,10 +429,11 @@ def filter_norms(w: torch.Tensor, eps: float) -> torch.Tensor:
     return _row_norms(w, eps, unit=False)[0]
 
 
-def _row_norms(w: torch.Tensor, eps: float, unit: bool):
+def _row_norms(w: torch.Tensor, eps: float, unit: bool, memo=None):
     """``(r_w, w_hat)``: r_w as :func:`filter_norms` and, when ``unit``, w / r_w [out, in]
     contiguous in w's dtype (the dx GEMM's B operand: _sphere_linear_bwd_operand_kernel,
-    B_IS_UNIT), in one launch of the row-norm kernel; w_hat is None otherwise."""
+    B_IS_UNIT), in one launch of the row-norm kernel; w_hat is None otherwise. ``memo``: the
+    launch site's (plans.LaunchMemo)."""
     n, kdim = w.shape
     r_w = torch.empty(n, dtype=torch.float32, device=w.device)
     w_hat = torch.empty((n, kdim), dtype=w.dtype, device=w.device) if unit else None
@@ -430,7 +446,8 @@ def _row_norms(w: torch.Tensor, eps: float, unit: bool):
             w.stride(1), float(eps), STORE_UNIT=unit,
             EMULATE_RTNE=unit and _interpreting() and w.dtype == torch.bfloat16,
             BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            memo=memo)
     return r_w, w_hat
 
 
@@ -451,10 +468,14 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
         if m:
             r_x.copy_(torch.sqrt(x.float().pow(2).sum(1) + eps))
         return y, c, r_x
-    r_w = filter_norms(w, eps)
+    precision = _dot_precision(x.dtype)
+    memos = _FORWARD_LAUNCHES.get(
+        (tensor_key(x), tensor_key(w), tensor_key(bias), tensor_key(k), code, float(eps),
+         store_c, precision, _interpreting(), _gemm_config, tuple(_ROW_NORM_CONFIG.items())),
+        _launch_memos, "row_norms", "gemm")
+    r_w = _row_norms(w, eps, False, memos.row_norms)[0]
     bias_arg = bias.contiguous() if bias is not None else r_w
     k_arg = k.contiguous() if code == OPERATOR_CODES["sigmoid"] else r_w
-    precision = _dot_precision(x.dtype)
     cfg = _gemm_config(x.dtype, precision)
     grid = (_cdiv(m, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"]))
     _launch(_sphere_linear_fwd_kernel, grid,
@@ -465,12 +486,12 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
             OPERATOR=code, HAS_BIAS=bias is not None, DOT_PRECISION=precision,
             UPCAST_DOT=_interpreting() and x.dtype != torch.float32, STORE_C=store_c,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], memo=memos.gemm)
     return y, c, r_x
 
 
 def _launch_operand_grad(cfg, precision, upcast, g, g_strides, b, nb, a, na, part, out,
-                         i_size, j_size, k_size, b_is_unit):
+                         i_size, j_size, k_size, b_is_unit, memo):
     """One launch of _sphere_linear_bwd_operand_kernel (dx or dw, see its docstring)."""
     grid = (_cdiv(i_size, cfg["BLOCK_OUT_ROWS"]), _cdiv(k_size, cfg["BLOCK_OUT_COLS"]))
     _launch(_sphere_linear_bwd_operand_kernel, grid,
@@ -480,7 +501,7 @@ def _launch_operand_grad(cfg, precision, upcast, g, g_strides, b, nb, a, na, par
             out.stride(0), out.stride(1),
             DOT_PRECISION=precision, UPCAST_DOT=upcast, B_IS_UNIT=b_is_unit,
             BLOCK_I=cfg["BLOCK_OUT_ROWS"], BLOCK_J=cfg["BLOCK_RED"], BLOCK_K=cfg["BLOCK_OUT_COLS"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], memo=memo)
 
 
 def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
@@ -524,6 +545,13 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
         dk = torch.zeros(n, dtype=k.dtype, device=k.device) if need_dk else None
         return dx, dw, db, dk
 
+    precision = _dot_precision(x.dtype)
+    memos = _BACKWARD_LAUNCHES.get(
+        (tensor_key(dy), tensor_key(x), tensor_key(w), tensor_key(k), tensor_key(c),
+         tensor_key(r_x), tensor_key(bias), code, float(eps), need_dx, need_dw, need_db, need_dk,
+         from_output, has_bias, precision, _interpreting(), _elementwise_config,
+         _bwd_gemm_config, tuple(_ROW_NORM_CONFIG.items())),
+        _launch_memos, "grad_c", "row_norms", "dx", "dw")
     ew = _elementwise_config()
     num_m_tiles = _cdiv(m, ew["BLOCK_M"])
     num_n_tiles = _cdiv(n, ew["BLOCK_N"])
@@ -540,25 +568,24 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                 OPERATOR=code, DELTA=_arccos_delta(), FROM_OUTPUT=from_output, HAS_BIAS=has_bias,
                 NEED_GRAD_C=need_grad_c, NEED_DB=need_db, NEED_DK=need_dk,
                 BLOCK_M=ew["BLOCK_M"], BLOCK_N=ew["BLOCK_N"],
-                num_warps=ew["num_warps"], num_stages=ew["num_stages"])
+                num_warps=ew["num_warps"], num_stages=ew["num_stages"], memo=memos.grad_c)
 
     # fixed-order reductions of the weight-sized partials: deterministic run to run
     db = col_part[1].sum(dim=0).to(w.dtype) if need_db else None
     dk = col_part[2].sum(dim=0).to(k.dtype) if need_dk else None
 
     if need_grad_c:
-        r_w, w_hat = _row_norms(w, eps, unit=need_dx)
+        r_w, w_hat = _row_norms(w, eps, need_dx, memos.row_norms)
         r_x = r_x.to(torch.float32).contiguous()
-        precision = _dot_precision(x.dtype)
         cfg = _bwd_gemm_config(x.dtype, precision)
         upcast = _interpreting() and x.dtype != torch.float32
         n_stride = grad_c.stride(0)
         if need_dx:   # i = rows, j = out features
             _launch_operand_grad(cfg, precision, upcast, grad_c, (n_stride, 1), w_hat, r_w, x,
-                                 r_x, row_part, dx, m, n, kdim, b_is_unit=True)
+                                 r_x, row_part, dx, m, n, kdim, True, memos.dx)
         if need_dw:   # i = out features, j = rows: G transposed
             _launch_operand_grad(cfg, precision, upcast, grad_c, (1, n_stride), x, r_x, w, r_w,
-                                 col_part[0], dw, n, m, kdim, b_is_unit=False)
+                                 col_part[0], dw, n, m, kdim, False, memos.dw)
     return dx, dw, db, dk
 
 

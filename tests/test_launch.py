@@ -317,9 +317,10 @@ def test_memos_do_not_make_plans_differ():
 
 def test_direct_launches_hand_the_launcher_what_triton_does():
     """bench.stand_in_gpu --check in a fresh process (compiled kernels need TRITON_INTERPRET
-    unset): over GEMM and depthwise layers (layouts, staging, flat K, groups, sigmoid), kept
-    plans' direct launches give triton's CUDA launcher the same compiled kernel (sm_90 cubin),
-    grid, stream and arguments as JITFunction.run, and a misaligned input goes back to it."""
+    unset): over GEMM, depthwise and linear layers (layouts, staging, flat K, groups, sigmoid,
+    a big batch), kept plans' direct launches give triton's CUDA launcher the same compiled
+    kernel (sm_90 cubin), grid, stream and arguments as JITFunction.run, no launch goes
+    through it from the third call on, and a misaligned input goes back to it."""
     import os
     import subprocess
     import sys
@@ -328,4 +329,4 @@ def test_direct_launches_hand_the_launcher_what_triton_does():
     out = subprocess.run([sys.executable, "-m", "bench.stand_in_gpu", "--check"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" ok") == 7, out.stdout
+    assert out.stdout.count(" ok") == 9, out.stdout
