@@ -9,7 +9,7 @@ is a tensor on the launch device:
   wrapper and indexing it by the grid take ~30 us each on the host, more than a mid-size
   layer's kernels run (measured on this project's CPU machine, triton 3.9 / torch 2.13).
   A launch site of a kept plan (``memo``, plans.LaunchMemo) goes through triton's
-  ``JITFunction.run`` once and then calls the compiled kernel it ran directly: ~40 us of
+  ``JITFunction.run`` once and then calls the compiled kernel it ran directly: ~30-45 us of
   host time a launch less (``python -m bench.host_overhead --stand-in-gpu``).
 * CUDA, being traced (the switch on, its default: torch.compile / make_fx tracing a
   ``triton_op``): through ``wrap_triton``, so that the graph records the kernel and Inductor
@@ -165,7 +165,7 @@ def _launch_plain(kernel, grid, args, kwargs, memo, device: int) -> None:
     a memo's first launch: ``kernel[grid]``, triton's JITFunction.run, which binds and
     specialises the arguments, hashes a cache key, finds (or compiles) the kernel and launches
     it; the memo then keeps what it ran. Later: the kept compiled kernel's own ``run``, with the
-    arguments in signature order -- what JITFunction.run would have passed it, ~40 us of host
+    arguments in signature order -- what JITFunction.run would have passed it, ~30-45 us of host
     time a launch sooner (see plans.LaunchMemo for why the plan fixes everything else)."""
     if memo is None:
         kernel[grid](*args, **kwargs)

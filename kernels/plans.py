@@ -110,7 +110,7 @@ class LaunchMemo:
     Triton's ``JITFunction.run`` re-derives on every launch what a plan fixes: it binds the
     arguments to the signature, specialises each one (dtypes, 16-byte alignment of pointers,
     integers equal to 1 or divisible by 16), hashes a cache key and looks the compiled kernel up
-    -- ~40 us of host time a launch on this project's CPU machine (triton 3.9,
+    -- ~45-60 us of host time a launch on this project's CPU machine (triton 3.6 and 3.9,
     ``python -m bench.host_overhead --stand-in-gpu``), more than a small layer's kernel runs.
     Within a plan everything but the tensors' addresses is fixed: constexprs, launch options,
     grids and integers are derived from the key's metadata, tensors' dtypes are in the key. So
