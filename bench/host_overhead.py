@@ -104,10 +104,10 @@ def main(argv=None) -> int:
     return _report(args, device, None)
 
 
-def _layer(device, big: bool):
-    """``(shape, x, sphere_fwd(backend), sphere_fwd_bwd(backend), conv_fwd, conv_fwd_bwd)`` of
-    the measured layer: a mid-size ResNet layer in bf16 channels_last when ``big`` (the GPU's
-    and the stand-ins'), a small fp32 one otherwise (the CPU reference)."""
+def _layer(device, big: bool, backend: str):
+    """``(shape, x, sphere_fwd, sphere_fwd_bwd, conv_fwd, conv_fwd_bwd)`` of the measured
+    layer, SphereConv2d through ``backend``: a mid-size ResNet layer in bf16 channels_last when
+    ``big`` (the GPU's and the stand-ins'), a small fp32 one otherwise (the CPU reference)."""
     import sphereops
 
     n, c, hw, dtype = (32, 128, 32, torch.bfloat16) if big else (4, 16, 8, torch.float32)
@@ -118,11 +118,11 @@ def _layer(device, big: bool):
     dy = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
     leaves = [t.requires_grad_(True) for t in (x, w, b)]
 
-    def sphere_fwd(backend):
+    def sphere_fwd():
         return sphereops.sphere_conv2d(*leaves, padding=1, operator="linear", backend=backend)
 
-    def sphere_fwd_bwd(backend):
-        return torch.autograd.grad(sphere_fwd(backend), leaves, dy)
+    def sphere_fwd_bwd():
+        return torch.autograd.grad(sphere_fwd(), leaves, dy)
 
     def conv_fwd():
         return F.conv2d(*leaves, padding=1)
@@ -136,16 +136,13 @@ def _layer(device, big: bool):
 
 
 def _report_stand_in(calls: int, rounds: int = 3) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("--stand-in-gpu needs TRITON_INTERPRET unset (compiled kernels)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from bench.stand_in_gpu import clear_kept_plans, stand_in_gpu
     from sphereops_kernels import launch
 
     with stand_in_gpu():
-        shape, _, sphere_fwd, sphere_fwd_bwd, _, _ = _layer(torch.device("cpu"), big=True)
-        cases = [("sphere_conv2d fwd", lambda: sphere_fwd("triton")),
-                 ("sphere_conv2d fwd+bwd", lambda: sphere_fwd_bwd("triton"))]
+        shape, _, sphere_fwd, sphere_fwd_bwd, _, _ = _layer(torch.device("cpu"), True, "triton")
+        cases = [("sphere_conv2d fwd", sphere_fwd), ("sphere_conv2d fwd+bwd", sphere_fwd_bwd)]
         modes = ("direct launches", "triton's path", "launches stubbed")
         times = {(name, mode): [] for name, _ in cases for mode in modes}
         counter = [0]
@@ -190,14 +187,8 @@ def _report(args, device: torch.device, launch_counter) -> int:
     backend = "triton" if stub else "auto"
     # the big layer on the GPU -- and with stubbed launches --; a small one through the CPU
     # reference
-    shape, x, sphere_fwd_b, sphere_fwd_bwd_b, conv_fwd, conv_fwd_bwd = _layer(device,
-                                                                               cuda or stub)
-
-    def sphere_fwd():
-        return sphere_fwd_b(backend)
-
-    def sphere_fwd_bwd():
-        return sphere_fwd_bwd_b(backend)
+    shape, x, sphere_fwd, sphere_fwd_bwd, conv_fwd, conv_fwd_bwd = _layer(device, cuda or stub,
+                                                                           backend)
 
     cases = [("torch.empty_like(x)", lambda: torch.empty_like(x))]
     if not stub:   # (on the CPU F.conv2d would time its arithmetic, not its issue cost)

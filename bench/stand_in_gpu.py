@@ -244,8 +244,10 @@ def _comparable(record):
                   if isinstance(t, torch.Tensor) else t for t in args))
 
 
-def _count_jit_runs():
-    """Counts JITFunction.run calls in the returned list's first item while installed."""
+@contextlib.contextmanager
+def counted_jit_runs():
+    """Counts the launches through triton's JITFunction.run in the yielded list's first item
+    while the block runs."""
     from triton.runtime.jit import JITFunction
     counter = [0]
     original = JITFunction.run
@@ -255,30 +257,32 @@ def _count_jit_runs():
         return original(self, *args, **kwargs)
 
     JITFunction.run = counted
-    return counter, lambda: setattr(JITFunction, "run", original)
+    try:
+        yield counter
+    finally:
+        JITFunction.run = original
 
 
 def check_layer(step, log) -> str | None:
     """None if the direct launches of ``step`` (layer_step / linear_step) match triton's path,
     else what differs."""
     from sphereops_kernels import launch
-    counter, restore = _count_jit_runs()
+    runs = {}
     try:
-        runs = {}
-        for direct in (False, True):
-            launch.DIRECT_LAUNCH = direct
-            clear_kept_plans()
-            calls = []
-            # the first call keeps the plans (and memos), the others reuse them; the fourth's
-            # input has the same plan key but a misaligned address: triton's path again
-            for call in range(4):
-                del log[:]
-                counter[0] = 0
-                step(misaligned=call == 3)
-                calls.append(([_comparable(r) for r in log], counter[0]))
-            runs[direct] = calls
+        with counted_jit_runs() as counter:
+            for direct in (False, True):
+                launch.DIRECT_LAUNCH = direct
+                clear_kept_plans()
+                calls = []
+                # the first call keeps the plans (and memos), the others reuse them; the fourth's
+                # input has the same plan key but a misaligned address: triton's path again
+                for call in range(4):
+                    del log[:]
+                    counter[0] = 0
+                    step(misaligned=call == 3)
+                    calls.append(([_comparable(r) for r in log], counter[0]))
+                runs[direct] = calls
     finally:
-        restore()
         launch.DIRECT_LAUNCH = True
     for i, ((direct, direct_jit), (plain, plain_jit)) in enumerate(zip(runs[True],
                                                                          runs[False]), 1):

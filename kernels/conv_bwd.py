@@ -124,7 +124,7 @@ from .launch import cdiv as _cdiv
 from .launch import (MAX_PIXELS, env_switch, launch, offsets_need_int64, pixel_run,
                      plain_launch)
 from .launch import next_pow2 as _next_pow2
-from .plans import LaunchMemo, PlanCache, meta_like, tensor_key
+from .plans import LaunchMemo, PlanCache, launch_memos, meta_like, tensor_key
 from . import conv_fwd as _conv_fwd
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -2572,7 +2572,7 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
          tuple(geometry.items()), rtne, DW_PIXEL_PAIRS, depthwise_config, depthwise_row_width,
          _conv_fwd.MAX_ROW_W, _depthwise_split, pixel_groups_fit, tuple(REDUCE_CONFIG.items()),
          tuple(FINALIZE_CONFIG.items())),
-        _depthwise_launch_memos)
+        launch_memos, "prep", "grad", "finalize", "reduce_first", "reduce_final")
     # NCHW x: tiles of output rows, read along the pixels, and Hn / A in planes (ROW_W > 0)
     row_w = depthwise_row_width(x, wo)
     cfg = depthwise_config("prep", taps=kh * kw, rows=row_w > 0)
@@ -2596,7 +2596,7 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
     # the final level rides in the grad launch when there is one (as in the GEMM path's wgrad)
     s_sum, db, dk, red_level, red_rows = _reduce_column_partials(
         partials, r_rows, w, k, need_dw, need_db, need_dk, rtne, final=not need_grads,
-        memos=memos.reduce)
+        memos=(memos.reduce_first, memos.reduce_final))
     dx = dw = None
     if need_grads:
         # the state's layout is the prep's (row_w > 0: planes); the input pixels' row tiles
@@ -2636,11 +2636,6 @@ def _depthwise_backward(dy, x, w, k, operator, eps, need, ho, wo, geometry, rtne
 
 # the pure depthwise backward's launch memos by call signature (_depthwise_backward)
 _DEPTHWISE_LAUNCHES = PlanCache("depthwise backward launches")
-
-
-def _depthwise_launch_memos():
-    return SimpleNamespace(prep=LaunchMemo(), grad=LaunchMemo(), finalize=LaunchMemo(),
-                           reduce=(LaunchMemo(), LaunchMemo()))
 
 
 def _finalize_dw(w_part, w, r_w, s_sum, split, rtne, memo=None):

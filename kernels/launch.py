@@ -62,13 +62,10 @@ def launch(kernel, grid, args, kwargs, what: str, memo=None) -> None:
         # torch.cuda.device costs ~10-30 us of host time per launch on the H200 host
         # (bench/results/20261127-1403_*_host_overhead.txt), as much as a small kernel runs
         if device.index == _current_cuda_device():
-            if _wrap_triton_enabled():
-                torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-            else:
-                _launch_plain(kernel, grid, args, kwargs, memo, device.index)
+            _launch_cuda(kernel, grid, args, kwargs, memo, device.index)
         else:
             with _device_guard(device):
-                _launch_cuda(kernel, grid, args, kwargs)
+                _launch_cuda(kernel, grid, args, kwargs, memo, device.index)
     elif STAND_IN_DRIVER:
         # CPU tensors through triton's compiled-kernel launch path (bench.stand_in_gpu)
         _launch_plain(kernel, grid, args, kwargs, memo, 0)
@@ -200,11 +197,13 @@ def _triton_runtime():
     return _TRITON_RUNTIME
 
 
-def _launch_cuda(kernel, grid, args, kwargs) -> None:
+def _launch_cuda(kernel, grid, args, kwargs, memo, device: int) -> None:
+    """A launch on ``device``, the current one: through wrap_triton while a graph is traced,
+    else plain (:func:`_launch_plain`)."""
     if _wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
     else:
-        kernel[grid](*args, **kwargs)
+        _launch_plain(kernel, grid, args, kwargs, memo, device)
 
 
 def _current_cuda_device() -> int:

@@ -37,7 +37,6 @@ traces the ``triton_op``, plain under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -49,7 +48,7 @@ from .epilogue import store_sphere_tile, to_dtype_of
 from .launch import cdiv as _cdiv
 from .launch import interpreting as _interpreting
 from .launch import launch
-from .plans import LaunchMemo, PlanCache, tensor_key
+from .plans import PlanCache, launch_memos, tensor_key
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -365,10 +364,6 @@ _FORWARD_LAUNCHES = PlanCache("sphere_linear_fwd launches")
 _BACKWARD_LAUNCHES = PlanCache("sphere_linear_bwd launches")
 
 
-def _launch_memos(*sites):
-    return SimpleNamespace(**{site: LaunchMemo() for site in sites})
-
-
 def _arccos_delta() -> float:
     """The arccos-derivative bound, read from its single source (imported lazily: the launchers
     are only reached through sphereops, and importing this module must stay light)."""
@@ -424,16 +419,11 @@ def _check_inputs(x: torch.Tensor, w: torch.Tensor, operator: str, k: Optional[t
     return code
 
 
-def filter_norms(w: torch.Tensor, eps: float) -> torch.Tensor:
-    """r_w [out] = sqrt(||w_o||^2 + eps) in float32, by the row-norm kernel."""
-    return _row_norms(w, eps, unit=False)[0]
-
-
 def _row_norms(w: torch.Tensor, eps: float, unit: bool, memo=None):
-    """``(r_w, w_hat)``: r_w as :func:`filter_norms` and, when ``unit``, w / r_w [out, in]
-    contiguous in w's dtype (the dx GEMM's B operand: _sphere_linear_bwd_operand_kernel,
-    B_IS_UNIT), in one launch of the row-norm kernel; w_hat is None otherwise. ``memo``: the
-    launch site's (plans.LaunchMemo)."""
+    """``(r_w, w_hat)``: r_w [out] = sqrt(||w_o||^2 + eps) in float32 and, when ``unit``,
+    w / r_w [out, in] contiguous in w's dtype (the dx GEMM's B operand:
+    _sphere_linear_bwd_operand_kernel, B_IS_UNIT), in one launch of the row-norm kernel; w_hat
+    is None otherwise. ``memo``: the launch site's (plans.LaunchMemo)."""
     n, kdim = w.shape
     r_w = torch.empty(n, dtype=torch.float32, device=w.device)
     w_hat = torch.empty((n, kdim), dtype=w.dtype, device=w.device) if unit else None
@@ -472,7 +462,7 @@ def sphere_linear_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
     memos = _FORWARD_LAUNCHES.get(
         (tensor_key(x), tensor_key(w), tensor_key(bias), tensor_key(k), code, float(eps),
          store_c, precision, _interpreting(), _gemm_config, tuple(_ROW_NORM_CONFIG.items())),
-        _launch_memos, "row_norms", "gemm")
+        launch_memos, "row_norms", "gemm")
     r_w = _row_norms(w, eps, False, memos.row_norms)[0]
     bias_arg = bias.contiguous() if bias is not None else r_w
     k_arg = k.contiguous() if code == OPERATOR_CODES["sigmoid"] else r_w
@@ -551,7 +541,7 @@ def sphere_linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
          tensor_key(r_x), tensor_key(bias), code, float(eps), need_dx, need_dw, need_db, need_dk,
          from_output, has_bias, precision, _interpreting(), _elementwise_config,
          _bwd_gemm_config, tuple(_ROW_NORM_CONFIG.items())),
-        _launch_memos, "grad_c", "row_norms", "dx", "dw")
+        launch_memos, "grad_c", "row_norms", "dx", "dw")
     ew = _elementwise_config()
     num_m_tiles = _cdiv(m, ew["BLOCK_M"])
     num_n_tiles = _cdiv(n, ew["BLOCK_N"])

@@ -19,6 +19,8 @@ that test instead of silently running a stale plan.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from .launch import env_switch
@@ -84,6 +86,13 @@ class PlanCache:
 
     def __len__(self) -> int:
         return len(self._plans)
+
+
+def launch_memos(*sites):
+    """A namespace of fresh :class:`LaunchMemo` objects, one per launch site named: what a
+    launcher without a plan keeps per call signature (``PlanCache.get(key, launch_memos,
+    "prep", "grad")``)."""
+    return SimpleNamespace(**{site: LaunchMemo() for site in sites})
 
 
 def _aligned(t) -> bool:

@@ -18,6 +18,8 @@ bound, so a run shows the margins, not only pass/fail.
 """
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,10 @@ import sphereops
 from sphereops import reference
 
 from helpers import assert_close
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:          # `bench` is a folder of the repository, not installed
+    sys.path.insert(0, str(REPO))
 
 pytestmark = pytest.mark.gpu
 
@@ -229,35 +235,27 @@ def test_direct_launches_match_triton_path(operator, channels_last, geometry, pr
     signature on (plans.LaunchMemo): four calls with direct launches -- the first checked
     against float64 -- give bitwise what every launch through triton's JITFunction.run gives
     (SPHEREOPS_DIRECT_LAUNCH=0), and the later calls do launch directly."""
-    from triton.runtime.jit import JITFunction
-
-    from sphereops_kernels import conv_bwd, conv_fwd, launch
-    jit_runs, run = [], JITFunction.run
-
-    def counted(self, *args, **kwargs):
-        jit_runs.append(self)
-        return run(self, *args, **kwargs)
-    monkeypatch.setattr(JITFunction, "run", counted)
+    from bench.stand_in_gpu import clear_kept_plans, counted_jit_runs
+    from sphereops_kernels import launch
     x, w, b, k, conv = _make_inputs(operator, torch.bfloat16, channels_last, geometry)
     y_shape = sphereops.sphere_conv2d(x, w, b, operator=operator, k=k, **conv).shape
     dy = torch.randn(y_shape, device=DEVICE, dtype=torch.float64)
     results = {}
-    for direct in (False, True):
-        monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
-        for cache in (conv_fwd._FORWARD_PLANS, conv_bwd._BACKWARD_PLANS,
-                      conv_fwd._PICKED_CONFIGS, conv_bwd._DEPTHWISE_LAUNCHES):
-            cache.clear()
-        calls = []
-        for call in range(4):
-            del jit_runs[:]
-            names, fused, ref = _fused_and_reference(x, w, b, k, conv, operator, dy=dy,
-                                                     reference_too=call == 0 and direct)
-            calls.append((fused, len(jit_runs)))
-            if ref is not None:
-                rtol, atol = TOLERANCES["bf16"]
-                for name, o, r in zip(names, fused, ref):
-                    _check(request.node.name, name, o, r, rtol, atol)
-        results[direct] = calls
+    with counted_jit_runs() as jit_runs:
+        for direct in (False, True):
+            monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
+            clear_kept_plans()
+            calls = []
+            for call in range(4):
+                jit_runs[0] = 0
+                names, fused, ref = _fused_and_reference(x, w, b, k, conv, operator, dy=dy,
+                                                         reference_too=call == 0 and direct)
+                calls.append((fused, jit_runs[0]))
+                if ref is not None:
+                    rtol, atol = TOLERANCES["bf16"]
+                    for name, o, r in zip(names, fused, ref):
+                        _check(request.node.name, name, o, r, rtol, atol)
+            results[direct] = calls
     for call, ((direct_out, _), (plain_out, _)) in enumerate(zip(results[True],
                                                                  results[False])):
         for name, d, p in zip(names, direct_out, plain_out):
@@ -376,9 +374,6 @@ def test_cuda_graph_replay_matches_eager(precision):
     """The benchmark's device times replay the calls from a CUDA graph: a captured forward +
     backward (sigmoid: k's value check must stay off the capturing stream) replays to the eager
     results bit for bit, and ``bench.timing.measure_graph`` times it."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench import timing
 
     x, w, b, k, conv = _make_inputs("sigmoid", torch.bfloat16, True, "3x3")
